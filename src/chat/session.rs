@@ -1,0 +1,302 @@
+//! One client session, the same over TCP and QUIC: read lines, answer them
+//! through the [`ChatServer`], and clean up however the connection ends.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{ChatServer, JoinOutcome, Outbox};
+use crate::client_proto::{valid_name, Approved, Request, ServerMessage};
+use crate::lines::{LineError, LineReader};
+
+/// How long a moved-away client may keep its old connection open before the
+/// server closes it (classic clients close it themselves right after `route`).
+const MOVE_LINGER: std::time::Duration = std::time::Duration::from_secs(10);
+
+enum Phase {
+    /// Connected, no identity yet: only `newidentity` and `movejoin` are taken.
+    Handshake,
+    /// Identified, in a room of this server.
+    Active(String),
+    /// Sent `route`; the client is on its way to another server.
+    Moved,
+    /// Quit: nothing more to clean up.
+    Left,
+}
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+struct Session {
+    chat: Arc<ChatServer>,
+    outbox: Arc<Outbox>,
+    phase: Phase,
+}
+
+/// Runs a client session on any transport until the client quits, the
+/// connection drops, or `shutdown` fires. Never panics on client input.
+pub async fn run_session<R, W>(
+    chat: Arc<ChatServer>,
+    reader: R,
+    writer: W,
+    shutdown: CancellationToken,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = chat.limits().clone();
+    let outbox = Arc::new(Outbox::new(limits.outbox_bytes));
+    let writer_task = tokio::spawn({
+        let outbox = outbox.clone();
+        async move { outbox.write_to(writer).await }
+    });
+    let mut lines = LineReader::new(reader, limits.max_line_bytes);
+    let mut session = Session {
+        chat,
+        outbox: outbox.clone(),
+        phase: Phase::Handshake,
+    };
+    let handshake_deadline = Instant::now() + limits.handshake_timeout;
+    let mut moved_at = None;
+    loop {
+        let deadline = match session.phase {
+            Phase::Handshake => Some(handshake_deadline),
+            Phase::Moved => moved_at.map(|t: Instant| t + MOVE_LINGER),
+            Phase::Active(_) | Phase::Left => None,
+        };
+        let read = async {
+            match deadline {
+                Some(at) => tokio::time::timeout_at(at, lines.next_line()).await.ok(),
+                None => Some(lines.next_line().await),
+            }
+        };
+        let line = tokio::select! {
+            _ = shutdown.cancelled() => {
+                // The whole server stops: close, no goodbyes (peers purge us anyway).
+                outbox.kill();
+                break;
+            }
+            _ = outbox.dropped().cancelled() => break,
+            line = read => line,
+        };
+        let flow = match line {
+            None if matches!(session.phase, Phase::Handshake) => {
+                info!("no newidentity within the handshake timeout; closing");
+                session.reply(ServerMessage::error(format!(
+                    "no newidentity or movejoin within {} ms",
+                    limits.handshake_timeout.as_millis()
+                )));
+                Flow::Close
+            }
+            None => Flow::Close,
+            Some(Ok(Some(line))) => session.handle_line(line).await,
+            Some(Ok(None)) => break,
+            Some(Err(LineError::TooLong(max))) => {
+                warn!(max, "client line too long; closing");
+                session.reply(ServerMessage::error(format!(
+                    "line longer than {max} bytes; closing"
+                )));
+                Flow::Close
+            }
+            Some(Err(LineError::Io(e))) => {
+                debug!(error = %e, "client read failed");
+                break;
+            }
+        };
+        if matches!(session.phase, Phase::Moved) && moved_at.is_none() {
+            moved_at = Some(Instant::now());
+        }
+        if let Flow::Close = flow {
+            break;
+        }
+    }
+    // However the connection ended, an identified client leaves its room.
+    if let Phase::Active(identity) = &session.phase {
+        session.chat.leave(identity, false);
+        info!(%identity, "client disconnected");
+    }
+    outbox.finish();
+    let _ = writer_task.await;
+}
+
+impl Session {
+    fn reply(&self, message: ServerMessage) {
+        self.outbox.push(message.encode());
+    }
+
+    async fn handle_line(&mut self, line: &[u8]) -> Flow {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return Flow::Continue;
+        }
+        match Request::parse(line) {
+            Ok(request) => self.handle(request).await,
+            Err(reason) => {
+                debug!(%reason, "bad client line");
+                self.reply(ServerMessage::error(reason));
+                Flow::Continue
+            }
+        }
+    }
+
+    async fn handle(&mut self, request: Request) -> Flow {
+        let (identity, request) = match (&self.phase, request) {
+            (Phase::Handshake, Request::NewIdentity { identity }) => {
+                return self.new_identity(identity).await
+            }
+            (
+                Phase::Handshake,
+                Request::MoveJoin {
+                    former,
+                    roomid,
+                    identity,
+                },
+            ) => return self.move_join(identity, former, roomid).await,
+            (Phase::Handshake, _) => {
+                self.reply(ServerMessage::error("send newidentity first"));
+                return Flow::Continue;
+            }
+            (Phase::Moved | Phase::Left, _) => {
+                self.reply(ServerMessage::error(
+                    "this session moved to another server; connect there",
+                ));
+                return Flow::Continue;
+            }
+            (Phase::Active(_), Request::NewIdentity { .. } | Request::MoveJoin { .. }) => {
+                self.reply(ServerMessage::error("this session already has an identity"));
+                return Flow::Continue;
+            }
+            (Phase::Active(identity), request) => (identity.clone(), request),
+        };
+        let chat = &self.chat;
+        match request {
+            Request::List => chat.list(&identity),
+            Request::Who => chat.who(&identity),
+            Request::Message { content } => chat.message(&identity, content),
+            Request::CreateRoom { roomid } => self.create_room(&identity, roomid).await,
+            Request::JoinRoom { roomid } => {
+                if let JoinOutcome::Moved(remote) = chat.join_room(&identity, &roomid) {
+                    chat.directory().start_move(&identity, &remote);
+                    info!(%identity, room = %roomid, to = %remote.server, "client routed to another server");
+                    self.phase = Phase::Moved;
+                }
+            }
+            Request::DeleteRoom { roomid } => chat.delete_room(&identity, &roomid),
+            Request::Quit => {
+                chat.leave(&identity, true);
+                info!(%identity, "client quit");
+                self.phase = Phase::Left;
+                return Flow::Close;
+            }
+            Request::NewIdentity { .. } | Request::MoveJoin { .. } => {}
+        }
+        Flow::Continue
+    }
+
+    async fn new_identity(&mut self, identity: String) -> Flow {
+        let refuse = |session: &Self, why: &str| {
+            info!(%identity, reason = why, "claim_denied: identity refused");
+            session.reply(ServerMessage::NewIdentity {
+                approved: Approved(false),
+            });
+            Flow::Close
+        };
+        if !valid_name(&identity) {
+            return refuse(self, "invalid identity");
+        }
+        if let Err(why) = self
+            .claim(self.chat.directory().claim_identity(&identity))
+            .await
+        {
+            return refuse(self, &why);
+        }
+        let reply = ServerMessage::NewIdentity {
+            approved: Approved(true),
+        }
+        .encode();
+        if !self.enter(&identity, reply, "", None) {
+            return refuse(self, "identity already has a session here");
+        }
+        info!(%identity, "client identified");
+        Flow::Continue
+    }
+
+    async fn move_join(&mut self, identity: String, former: String, room: String) -> Flow {
+        let serverid = self.chat.id().to_owned();
+        let accepted = valid_name(&identity) && self.chat.directory().accept_move(&identity).await;
+        let reply = ServerMessage::ServerChange {
+            approved: Approved(accepted),
+            serverid: serverid.clone(),
+        };
+        if !accepted || !self.enter(&identity, reply.encode(), &former, Some(&room)) {
+            info!(%identity, "movejoin refused: identity is not moving to this server");
+            self.reply(ServerMessage::ServerChange {
+                approved: Approved(false),
+                serverid,
+            });
+            return Flow::Close;
+        }
+        info!(%identity, %former, room = %room, "client moved in");
+        Flow::Continue
+    }
+
+    fn enter(&mut self, identity: &str, reply: Bytes, former: &str, room: Option<&str>) -> bool {
+        let entered = self
+            .chat
+            .enter(identity, self.outbox.clone(), reply, former, room);
+        if entered {
+            self.phase = Phase::Active(identity.to_owned());
+        } else {
+            self.chat.directory().release_identity(identity);
+        }
+        entered
+    }
+
+    async fn create_room(&mut self, identity: &str, room: String) {
+        let chat = self.chat.clone();
+        let refuse = |why: &str| {
+            info!(%identity, %room, reason = why, "claim_denied: room refused");
+            self.reply(ServerMessage::CreateRoom {
+                roomid: room.clone(),
+                approved: Approved(false),
+            });
+        };
+        if !valid_name(&room) {
+            return refuse("invalid room id");
+        }
+        if chat.owns_room(identity) {
+            return refuse("client already owns a room");
+        }
+        if chat.has_room(&room) {
+            return refuse("room id in use");
+        }
+        match self
+            .claim(chat.directory().claim_room(&room, identity))
+            .await
+        {
+            Ok(()) => {
+                info!(%identity, %room, "room created");
+                chat.create_room(identity, &room);
+            }
+            Err(why) => refuse(&why),
+        }
+    }
+
+    /// Waits for a directory claim, at most the claim timeout.
+    async fn claim(&self, claim: super::BoxFuture<Result<(), String>>) -> Result<(), String> {
+        let timeout = self.chat.limits().claim_timeout;
+        tokio::time::timeout(timeout, claim)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "no answer from the leader within {} ms",
+                    timeout.as_millis()
+                ))
+            })
+    }
+}

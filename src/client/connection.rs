@@ -1,0 +1,178 @@
+//! One connection of the client to a server, over TCP or a QUIC stream, as a
+//! stream of parsed server lines.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::client_proto::{Request, ServerMessage};
+use crate::lines::LineReader;
+
+/// Longest server line the client accepts (a roomlist of a big cluster is long).
+const MAX_SERVER_LINE: usize = 4 * 1024 * 1024;
+
+/// How to reach servers.
+#[derive(Clone)]
+pub enum Transport {
+    /// Plain TCP, the classic protocol's transport.
+    Tcp,
+    /// QUIC with server certificates checked against the cluster CA.
+    Quic(quinn::ClientConfig),
+}
+
+impl Transport {
+    /// QUIC, trusting the CA certificate at `ca`.
+    pub fn quic(ca: &Path) -> Result<Transport> {
+        let crypto = crate::tls::chat_client_config(ca)?;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
+            .context("TLS config unusable for QUIC")?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        // The server drops connections idle for 30 s; ping well within that.
+        transport.keep_alive_interval(Some(Duration::from_secs(10)));
+        config.transport_config(Arc::new(transport));
+        Ok(Transport::Quic(config))
+    }
+}
+
+/// An open session transport.
+pub struct Connection {
+    transport: Transport,
+    reader: LineReader<Box<dyn AsyncRead + Unpin + Send>>,
+    writer: Box<dyn AsyncWrite + Unpin + Send>,
+    quic: Option<(quinn::Endpoint, quinn::Connection)>,
+}
+
+impl Connection {
+    /// Connects to `server` (`host:port`).
+    pub async fn open(transport: &Transport, server: &str) -> Result<Connection> {
+        let (host, port) = split_host_port(server)?;
+        let addr = crate::config::resolve_host(host, port)
+            .with_context(|| format!("cannot resolve {server}"))?;
+        match transport {
+            Transport::Tcp => {
+                let stream = TcpStream::connect(addr)
+                    .await
+                    .with_context(|| format!("cannot connect to {server} over TCP"))?;
+                stream.set_nodelay(true)?;
+                let (reader, writer) = stream.into_split();
+                Ok(Connection {
+                    transport: transport.clone(),
+                    reader: LineReader::new(Box::new(reader), MAX_SERVER_LINE),
+                    writer: Box::new(writer),
+                    quic: None,
+                })
+            }
+            Transport::Quic(config) => {
+                let bind: SocketAddr = if addr.is_ipv4() {
+                    "0.0.0.0:0".parse()?
+                } else {
+                    "[::]:0".parse()?
+                };
+                let mut endpoint = quinn::Endpoint::client(bind)?;
+                endpoint.set_default_client_config(config.clone());
+                let connection = endpoint
+                    .connect(addr, host)
+                    .with_context(|| format!("cannot connect to {server} over QUIC"))?
+                    .await
+                    .with_context(|| {
+                        format!("cannot connect to {server} over QUIC (is the server up, and is its certificate from this CA?)")
+                    })?;
+                let (send, recv) = connection.open_bi().await?;
+                Ok(Connection {
+                    transport: transport.clone(),
+                    reader: LineReader::new(Box::new(recv), MAX_SERVER_LINE),
+                    writer: Box::new(send),
+                    quic: Some((endpoint, connection)),
+                })
+            }
+        }
+    }
+
+    /// The transport this connection uses (for following a route).
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// "TCP" or "QUIC".
+    pub fn transport_name(&self) -> &'static str {
+        match self.transport {
+            Transport::Tcp => "TCP",
+            Transport::Quic(_) => "QUIC",
+        }
+    }
+
+    /// Sends one request line.
+    pub async fn send(&mut self, request: &Request) -> Result<()> {
+        self.writer
+            .write_all(&request.encode())
+            .await
+            .context("cannot send to the server")?;
+        self.writer
+            .flush()
+            .await
+            .context("cannot send to the server")
+    }
+
+    /// The next server line we understand; `None` when the server closed.
+    /// Cancel-safe.
+    pub async fn recv(&mut self) -> Result<Option<ServerMessage>> {
+        loop {
+            let line = match self.reader.next_line().await {
+                Ok(Some(line)) => line,
+                Ok(None) => return Ok(None),
+                Err(crate::lines::LineError::Io(e)) if is_closed(&e) => return Ok(None),
+                Err(e) => return Err(e).context("cannot read from the server"),
+            };
+            match ServerMessage::parse(line) {
+                Ok(message) => return Ok(Some(message)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "ignoring a server line we do not understand")
+                }
+            }
+        }
+    }
+
+    /// [`Connection::recv`] with a deadline.
+    pub async fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<ServerMessage>> {
+        tokio::time::timeout(timeout, self.recv())
+            .await
+            .map_err(|_| anyhow!("no answer from the server within {} s", timeout.as_secs()))?
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(&mut self) {
+        let _ = self.writer.shutdown().await;
+        if let Some((endpoint, connection)) = self.quic.take() {
+            connection.close(0u32.into(), b"bye");
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        }
+    }
+}
+
+fn is_closed(e: &std::io::Error) -> bool {
+    // A QUIC connection closed by the server surfaces as an error, not EOF.
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::NotConnected
+            | std::io::ErrorKind::BrokenPipe
+    ) || e.to_string().contains("closed")
+}
+
+fn split_host_port(server: &str) -> Result<(&str, u16)> {
+    let (host, port) = server
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("server {server:?} must be HOST:PORT"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = port
+        .parse()
+        .map_err(|_| anyhow!("server {server:?}: {port:?} is not a port number"))?;
+    Ok((host, port))
+}

@@ -1,0 +1,395 @@
+//! The bundled CLI client: `#list`, `#who`, `#createroom R`, `#joinroom R`,
+//! `#deleteroom R`, `#quit`, anything else is a message. QUIC by default, TCP
+//! with `--tcp`; follows `route` by itself.
+//!
+//! It reads commands from stdin one line at a time, so it can be scripted:
+//! after a command that has an answer it waits for that answer (bounded)
+//! before reading the next line, and at end of input it quits cleanly.
+
+mod connection;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::time::Instant;
+
+use crate::client_proto::{Request, ServerMessage};
+use connection::{Connection, Transport};
+
+/// How long the client waits for the answer to a command before reading on.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the client needs.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// The identity to claim.
+    pub identity: String,
+    /// `host:port` of the first server.
+    pub server: String,
+    /// Speak the classic protocol over plain TCP instead of QUIC.
+    pub tcp: bool,
+    /// CA certificate that QUIC servers must be signed by.
+    pub ca: PathBuf,
+}
+
+/// What the client is waiting for before it reads the next command.
+#[derive(Debug, Clone, PartialEq)]
+enum Awaiting {
+    Nothing,
+    RoomList,
+    RoomContents,
+    CreateRoom,
+    DeleteRoom,
+    /// A roomchange of ourselves, or a route.
+    Join,
+    /// Our own quit roomchange, or the end of the connection.
+    Quit,
+}
+
+struct Client {
+    options: ClientOptions,
+    connection: Connection,
+    room: String,
+    awaiting: Awaiting,
+    deadline: Option<Instant>,
+    interactive: bool,
+}
+
+/// Runs the client until `#quit`, end of input, or the server closing.
+pub async fn run(options: ClientOptions) -> Result<()> {
+    let transport = if options.tcp {
+        Transport::Tcp
+    } else {
+        Transport::quic(&options.ca)?
+    };
+    let mut connection = Connection::open(&transport, &options.server).await?;
+    connection
+        .send(&Request::NewIdentity {
+            identity: options.identity.clone(),
+        })
+        .await?;
+    match connection.recv_timeout(ANSWER_TIMEOUT).await? {
+        Some(ServerMessage::NewIdentity { approved }) if approved.0 => {}
+        Some(ServerMessage::NewIdentity { .. }) => bail!(
+            "identity {:?} refused: it must be 3-16 letters or digits starting with a letter, and not in use anywhere in the cluster",
+            options.identity
+        ),
+        Some(other) => bail!("unexpected answer to newidentity: {other:?}"),
+        None => bail!("{} closed the connection", options.server),
+    }
+    let interactive = std::io::stdin().is_terminal();
+    let mut client = Client {
+        options,
+        connection,
+        room: String::new(),
+        awaiting: Awaiting::Nothing,
+        deadline: None,
+        interactive,
+    };
+    client.say(&format!(
+        "connected to {} as {} over {}",
+        client.options.server,
+        client.options.identity,
+        client.connection.transport_name()
+    ));
+    client.prompt();
+    let result = client.run().await;
+    client.connection.close().await;
+    result
+}
+
+impl Client {
+    async fn run(&mut self) -> Result<()> {
+        let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+        let mut stdin_open = true;
+        loop {
+            let read_stdin = stdin_open && self.awaiting == Awaiting::Nothing;
+            let deadline = self.deadline;
+            tokio::select! {
+                line = stdin.next_line(), if read_stdin => {
+                    match line.context("cannot read stdin")? {
+                        Some(line) => self.command(&line).await?,
+                        None => {
+                            stdin_open = false;
+                            self.command("#quit").await?;
+                        }
+                    }
+                }
+                message = self.connection.recv() => {
+                    match message? {
+                        Some(message) => {
+                            if !self.event(message).await? {
+                                return Ok(());
+                            }
+                        }
+                        None => {
+                            if self.awaiting == Awaiting::Quit {
+                                return Ok(());
+                            }
+                            bail!("the server closed the connection");
+                        }
+                    }
+                }
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    if self.awaiting == Awaiting::Quit {
+                        return Ok(());
+                    }
+                    self.say(&format!("no answer from the server within {} s", ANSWER_TIMEOUT.as_secs()));
+                    self.expect(Awaiting::Nothing);
+                }
+            }
+        }
+    }
+
+    fn expect(&mut self, awaiting: Awaiting) {
+        self.deadline = (awaiting != Awaiting::Nothing).then(|| Instant::now() + ANSWER_TIMEOUT);
+        self.awaiting = awaiting;
+    }
+
+    async fn command(&mut self, line: &str) -> Result<()> {
+        let (request, awaiting) = match parse_command(line) {
+            Ok(Some(pair)) => pair,
+            Ok(None) => {
+                self.prompt();
+                return Ok(());
+            }
+            Err(usage) => {
+                self.say(&usage);
+                return Ok(());
+            }
+        };
+        self.connection.send(&request).await?;
+        self.expect(awaiting);
+        if self.awaiting == Awaiting::Nothing {
+            self.prompt();
+        }
+        Ok(())
+    }
+
+    /// Shows one server line; returns false when the session is over.
+    async fn event(&mut self, message: ServerMessage) -> Result<bool> {
+        let me = self.options.identity.clone();
+        match message {
+            ServerMessage::RoomChange {
+                identity,
+                former,
+                roomid,
+            } => {
+                let mine = identity == me;
+                if former == roomid {
+                    self.say(&format!("{identity} could not join {roomid}"));
+                } else if roomid.is_empty() {
+                    self.say(&format!("{identity} quit"));
+                } else if former.is_empty() {
+                    self.say(&format!("{identity} joins {roomid}"));
+                } else {
+                    self.say(&format!("{identity} moves from {former} to {roomid}"));
+                }
+                if mine {
+                    if roomid.is_empty() {
+                        // Our own quit: the session is over.
+                        return Ok(false);
+                    }
+                    self.room = roomid;
+                    if self.awaiting == Awaiting::Join {
+                        self.expect(Awaiting::Nothing);
+                    }
+                }
+            }
+            ServerMessage::Message { identity, content } => {
+                self.say(&format!("{identity}: {content}"));
+            }
+            ServerMessage::RoomList { rooms } => {
+                self.say(&format!("rooms: {}", rooms.join(", ")));
+                self.answered(Awaiting::RoomList);
+            }
+            ServerMessage::RoomContents {
+                roomid,
+                identities,
+                owner,
+            } => {
+                let people: Vec<String> = identities
+                    .iter()
+                    .map(|i| {
+                        if *i == owner {
+                            format!("{i} (owner)")
+                        } else {
+                            i.clone()
+                        }
+                    })
+                    .collect();
+                self.say(&format!("in {roomid}: {}", people.join(", ")));
+                self.answered(Awaiting::RoomContents);
+            }
+            ServerMessage::CreateRoom { roomid, approved } => {
+                if approved.0 {
+                    self.say(&format!("room {roomid} created"));
+                } else {
+                    self.say(&format!(
+                        "room {roomid} not created (invalid or taken id, or you already own a room)"
+                    ));
+                }
+                self.answered(Awaiting::CreateRoom);
+            }
+            ServerMessage::DeleteRoom { roomid, approved } => {
+                if approved.0 {
+                    self.say(&format!("room {roomid} deleted"));
+                } else {
+                    self.say(&format!(
+                        "room {roomid} not deleted (no such room, or not yours)"
+                    ));
+                }
+                self.answered(Awaiting::DeleteRoom);
+            }
+            ServerMessage::Route { roomid, host, port } => {
+                self.follow_route(roomid, host, port).await?;
+            }
+            ServerMessage::ServerChange { approved, serverid } => {
+                self.say(&format!(
+                    "server change to {serverid} {}",
+                    if approved.0 { "approved" } else { "refused" }
+                ));
+            }
+            ServerMessage::NewIdentity { approved } => {
+                self.say(&format!("newidentity approved: {}", approved.0));
+            }
+            ServerMessage::Error { reason } => {
+                self.say(&format!("server error: {reason}"));
+                self.expect(Awaiting::Nothing);
+            }
+        }
+        if self.awaiting == Awaiting::Nothing {
+            self.prompt();
+        }
+        Ok(true)
+    }
+}
+
+impl Client {
+    fn answered(&mut self, what: Awaiting) {
+        if self.awaiting == what {
+            self.expect(Awaiting::Nothing);
+        }
+    }
+
+    fn say(&self, text: &str) {
+        let mut out = std::io::stdout().lock();
+        if self.interactive {
+            // Clear the prompt line so events do not run into it.
+            let _ = write!(out, "\r\x1b[K");
+        }
+        let _ = writeln!(out, "{text}");
+        let _ = out.flush();
+    }
+
+    fn prompt(&self) {
+        if self.interactive {
+            let mut out = std::io::stdout().lock();
+            let _ = write!(out, "[{}] {}> ", self.room, self.options.identity);
+            let _ = out.flush();
+        }
+    }
+
+    async fn follow_route(&mut self, roomid: String, host: String, port: String) -> Result<()> {
+        let target = format!("{host}:{port}");
+        self.say(&format!("{roomid} is on {target}; moving there"));
+        let transport = self.connection.transport().clone();
+        let mut next = Connection::open(&transport, &target).await?;
+        next.send(&Request::MoveJoin {
+            former: self.room.clone(),
+            roomid: roomid.clone(),
+            identity: self.options.identity.clone(),
+        })
+        .await?;
+        match next.recv_timeout(ANSWER_TIMEOUT).await? {
+            Some(ServerMessage::ServerChange { approved, serverid }) if approved.0 => {
+                self.say(&format!("now on server {serverid}"));
+            }
+            Some(ServerMessage::ServerChange { serverid, .. }) => {
+                bail!("server {serverid} refused the move to {roomid}")
+            }
+            other => bail!("unexpected answer to movejoin from {target}: {other:?}"),
+        }
+        let mut old = std::mem::replace(&mut self.connection, next);
+        old.close().await;
+        self.options.server = target;
+        // The roomchange that follows on the new server answers the join.
+        Ok(())
+    }
+}
+
+/// Turns a typed line into a request and what answer to wait for.
+/// `Ok(None)` for an empty line; `Err(usage)` for a malformed command.
+fn parse_command(line: &str) -> Result<Option<(Request, Awaiting)>, String> {
+    let trimmed = line.trim();
+    if trimmed.is_empty() {
+        return Ok(None);
+    }
+    if !trimmed.starts_with('#') {
+        return Ok(Some((
+            Request::Message {
+                content: line.to_owned(),
+            },
+            Awaiting::Nothing,
+        )));
+    }
+    let mut words = trimmed.split_whitespace();
+    let command = words.next().unwrap_or("");
+    let argument = words.next();
+    let room = |make: fn(String) -> Request, awaiting: Awaiting| match argument {
+        Some(room) => Ok(Some((make(room.to_owned()), awaiting))),
+        None => Err(format!("usage: {command} ROOM")),
+    };
+    match command {
+        "#list" => Ok(Some((Request::List, Awaiting::RoomList))),
+        "#who" => Ok(Some((Request::Who, Awaiting::RoomContents))),
+        "#quit" => Ok(Some((Request::Quit, Awaiting::Quit))),
+        "#createroom" => room(|roomid| Request::CreateRoom { roomid }, Awaiting::CreateRoom),
+        "#joinroom" => room(|roomid| Request::JoinRoom { roomid }, Awaiting::Join),
+        "#deleteroom" => room(|roomid| Request::DeleteRoom { roomid }, Awaiting::DeleteRoom),
+        _ => Err(format!(
+            "unknown command {command}; commands: #list #who #createroom R #joinroom R #deleteroom R #quit"
+        )),
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands() {
+        let parsed = |line: &str| parse_command(line).unwrap().map(|(r, _)| r);
+        assert_eq!(parsed("#list"), Some(Request::List));
+        assert_eq!(
+            parsed("  #joinroom jokes "),
+            Some(Request::JoinRoom {
+                roomid: "jokes".into()
+            })
+        );
+        assert_eq!(
+            parsed("hello #all"),
+            Some(Request::Message {
+                content: "hello #all".into()
+            })
+        );
+        assert_eq!(parsed("   "), None);
+        assert_eq!(
+            parse_command("#createroom").unwrap_err(),
+            "usage: #createroom ROOM"
+        );
+        assert!(parse_command("#dance")
+            .unwrap_err()
+            .starts_with("unknown command #dance"));
+    }
+}

@@ -1,0 +1,380 @@
+//! The client protocol of `shared/PROTOCOL.md`: one JSON object per line, the
+//! same lines over TCP and over a QUIC stream. Booleans and ports are strings on
+//! the wire because existing clients expect exactly that.
+
+use bytes::Bytes;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A line from a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Request {
+    /// First line of a session: claim an identity.
+    NewIdentity {
+        /// The identity wanted.
+        identity: String,
+    },
+    /// Ask for every room of the cluster.
+    List,
+    /// Ask who is in the current room.
+    Who,
+    /// Create a room and move into it.
+    CreateRoom {
+        /// The room id wanted.
+        roomid: String,
+    },
+    /// Move to another room, possibly on another server.
+    JoinRoom {
+        /// The room to join.
+        roomid: String,
+    },
+    /// Delete a room this client owns.
+    DeleteRoom {
+        /// The room to delete.
+        roomid: String,
+    },
+    /// Say something to the current room.
+    Message {
+        /// Arbitrary UTF-8 text.
+        content: String,
+    },
+    /// Leave the chat.
+    Quit,
+    /// First line on a new server after a `route`.
+    MoveJoin {
+        /// The room the client left on its former server.
+        former: String,
+        /// The room it is moving into.
+        roomid: String,
+        /// Its identity (already held in the cluster).
+        identity: String,
+    },
+}
+
+impl Request {
+    /// Parses one line (without its newline). The error is the `reason` to send back.
+    pub fn parse(line: &[u8]) -> Result<Request, String> {
+        serde_json::from_slice(line).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => {
+                let msg = e.to_string();
+                // serde's wording for an unknown tag lists every variant; keep it short.
+                match msg.split_once(", expected one of") {
+                    Some((head, _)) => format!("{head} (unknown type)"),
+                    None => strip_position(&msg),
+                }
+            }
+            _ => format!("not a JSON object: {}", strip_position(&e.to_string())),
+        })
+    }
+
+    /// Encodes the request as one line, newline included.
+    pub fn encode(&self) -> Bytes {
+        encode_line(self)
+    }
+}
+
+/// serde_json appends "at line 1 column N", which only repeats the line back.
+fn strip_position(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(at) => msg[..at].to_owned(),
+        None => msg.to_owned(),
+    }
+}
+
+/// `"true"` / `"false"` on the wire: existing clients crash on JSON booleans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Approved(pub bool);
+
+impl Serialize for Approved {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0 { "true" } else { "false" })
+    }
+}
+
+impl<'de> Deserialize<'de> for Approved {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Text(String),
+            Bool(bool),
+        }
+        match Either::deserialize(d)? {
+            Either::Bool(b) => Ok(Approved(b)),
+            Either::Text(t) if t == "true" => Ok(Approved(true)),
+            Either::Text(t) if t == "false" => Ok(Approved(false)),
+            Either::Text(t) => Err(serde::de::Error::custom(format!(
+                "expected \"true\" or \"false\", found {t:?}"
+            ))),
+        }
+    }
+}
+
+/// A line from a server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ServerMessage {
+    /// Answer to `newidentity`.
+    NewIdentity {
+        /// Whether the identity is now this client's.
+        approved: Approved,
+    },
+    /// Someone moved: arrived (`former` empty), quit (`roomid` empty), or a
+    /// refused join (`former == roomid`).
+    RoomChange {
+        /// Who moved.
+        identity: String,
+        /// From where.
+        former: String,
+        /// To where.
+        roomid: String,
+    },
+    /// Answer to `list`.
+    RoomList {
+        /// Every room of the cluster.
+        rooms: Vec<String>,
+    },
+    /// Answer to `who`.
+    RoomContents {
+        /// The room asked about.
+        roomid: String,
+        /// Its members.
+        identities: Vec<String>,
+        /// Its owner, `""` for a main hall.
+        owner: String,
+    },
+    /// Answer to `createroom`.
+    CreateRoom {
+        /// The room asked for.
+        roomid: String,
+        /// Whether it was created.
+        approved: Approved,
+    },
+    /// Answer to `deleteroom`.
+    DeleteRoom {
+        /// The room asked about.
+        roomid: String,
+        /// Whether it was deleted.
+        approved: Approved,
+    },
+    /// The joined room lives on another server: reconnect there.
+    Route {
+        /// The room being joined.
+        roomid: String,
+        /// That server's client host.
+        host: String,
+        /// That server's client port, as a string.
+        port: String,
+    },
+    /// Answer to `movejoin`.
+    ServerChange {
+        /// Whether the move was accepted.
+        approved: Approved,
+        /// This server's id.
+        serverid: String,
+    },
+    /// A chat line from another member of the room.
+    Message {
+        /// The speaker.
+        identity: String,
+        /// What was said.
+        content: String,
+    },
+    /// chatmesh's answer to a line it cannot take (not part of the classic protocol).
+    Error {
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+impl ServerMessage {
+    /// Encodes the message as one line, newline included.
+    pub fn encode(&self) -> Bytes {
+        encode_line(self)
+    }
+
+    /// Parses one server line.
+    pub fn parse(line: &[u8]) -> Result<ServerMessage, serde_json::Error> {
+        serde_json::from_slice(line)
+    }
+
+    /// A `roomchange` event.
+    pub fn room_change(identity: &str, former: &str, roomid: &str) -> ServerMessage {
+        ServerMessage::RoomChange {
+            identity: identity.to_owned(),
+            former: former.to_owned(),
+            roomid: roomid.to_owned(),
+        }
+    }
+
+    /// An `error` reply.
+    pub fn error(reason: impl Into<String>) -> ServerMessage {
+        ServerMessage::Error {
+            reason: reason.into(),
+        }
+    }
+}
+
+fn encode_line<T: Serialize>(value: &T) -> Bytes {
+    let mut out = Vec::with_capacity(96);
+    // Serializing these plain enums of strings cannot fail.
+    serde_json::to_writer(&mut out, value).expect("protocol messages always serialize");
+    out.push(b'\n');
+    Bytes::from(out)
+}
+
+/// Whether `name` is a valid identity or room id: `^[A-Za-z][A-Za-z0-9]{2,15}$`.
+pub fn valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    (3..=16).contains(&bytes.len())
+        && bytes[0].is_ascii_alphabetic()
+        && bytes[1..].iter().all(u8::is_ascii_alphanumeric)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_request() {
+        let cases = [
+            (
+                r#"{"type":"newidentity","identity":"Adel"}"#,
+                Request::NewIdentity {
+                    identity: "Adel".into(),
+                },
+            ),
+            (r#"{"type":"list"}"#, Request::List),
+            (r#"{"type":"who","extra":1}"#, Request::Who),
+            (
+                r#"{"roomid":"jokes","type":"createroom"}"#,
+                Request::CreateRoom {
+                    roomid: "jokes".into(),
+                },
+            ),
+            (
+                r#"{"type":"joinroom","roomid":"jokes"}"#,
+                Request::JoinRoom {
+                    roomid: "jokes".into(),
+                },
+            ),
+            (
+                r#"{"type":"deleteroom","roomid":"jokes"}"#,
+                Request::DeleteRoom {
+                    roomid: "jokes".into(),
+                },
+            ),
+            (
+                r#"{"type":"message","content":"Hi \"there\"\n😀"}"#,
+                Request::Message {
+                    content: "Hi \"there\"\n😀".into(),
+                },
+            ),
+            (r#"{"type":"quit"}"#, Request::Quit),
+            (
+                r#"{"type":"movejoin","former":"MainHall-s1","roomid":"jokes","identity":"Adel"}"#,
+                Request::MoveJoin {
+                    former: "MainHall-s1".into(),
+                    roomid: "jokes".into(),
+                    identity: "Adel".into(),
+                },
+            ),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(
+                Request::parse(line.as_bytes()),
+                Ok(expected.clone()),
+                "{line}"
+            );
+            assert_eq!(Request::parse(&expected.encode()[..]), Ok(expected));
+        }
+    }
+
+    #[test]
+    fn bad_requests_get_reasons() {
+        let reason = |line: &str| Request::parse(line.as_bytes()).unwrap_err();
+        assert!(
+            reason("hello").starts_with("not a JSON object"),
+            "{}",
+            reason("hello")
+        );
+        assert_eq!(
+            reason(r#"{"type":"dance"}"#),
+            "unknown variant `dance` (unknown type)"
+        );
+        assert_eq!(reason(r#"{"type":"joinroom"}"#), "missing field `roomid`");
+        assert_eq!(reason(r#"{"roomid":"x"}"#), "missing field `type`");
+        assert!(reason(r#"{"type":"message","content":5}"#).starts_with("invalid type"));
+        assert!(reason("[1,2]").starts_with("invalid type"));
+    }
+
+    #[test]
+    fn booleans_and_ports_are_strings() {
+        let line = ServerMessage::NewIdentity {
+            approved: Approved(true),
+        }
+        .encode();
+        assert_eq!(
+            &line[..],
+            b"{\"type\":\"newidentity\",\"approved\":\"true\"}\n"
+        );
+        let route = ServerMessage::Route {
+            roomid: "jokes".into(),
+            host: "127.0.0.1".into(),
+            port: "4445".into(),
+        };
+        assert_eq!(
+            &route.encode()[..],
+            b"{\"type\":\"route\",\"roomid\":\"jokes\",\"host\":\"127.0.0.1\",\"port\":\"4445\"}\n"
+        );
+        let contents = ServerMessage::RoomContents {
+            roomid: "MainHall-s1".into(),
+            identities: vec!["Adel".into()],
+            owner: String::new(),
+        };
+        assert_eq!(
+            &contents.encode()[..],
+            b"{\"type\":\"roomcontents\",\"roomid\":\"MainHall-s1\",\"identities\":[\"Adel\"],\"owner\":\"\"}\n"
+        );
+        let parsed =
+            ServerMessage::parse(br#"{"type":"serverchange","approved":"false","serverid":"s2"}"#)
+                .unwrap();
+        assert_eq!(
+            parsed,
+            ServerMessage::ServerChange {
+                approved: Approved(false),
+                serverid: "s2".into()
+            }
+        );
+    }
+
+    #[test]
+    fn content_is_escaped() {
+        let msg = ServerMessage::Message {
+            identity: "Adel".into(),
+            content: "a\"b\\c\nd😀".into(),
+        };
+        let line = msg.encode();
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1, "one line");
+        assert_eq!(ServerMessage::parse(&line[..line.len() - 1]).unwrap(), msg);
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["Adel", "abc", "A234567890123456", "jokes2"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "ab",
+            "1abc",
+            "A2345678901234567",
+            "a-b",
+            "MainHall-s1",
+            "añb",
+            "ab cd",
+        ] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! The `chatmesh` binary: parses the command line, sets up logging and hands
+//! over to the library.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use chatmesh::client::ClientOptions;
+use chatmesh::up::UpOptions;
+use chatmesh::{ClusterConfig, NodeOptions};
+
+/// chatmesh: a distributed multi-server chat system that speaks the classic
+/// multi-server chat protocol over TCP and QUIC.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Log format of this process (servers log to stderr; filter with RUST_LOG).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for machines.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make a cluster CA and a certificate + key per server of the config.
+    Certs {
+        /// Cluster config (TOML, or the assignment's `id host client_port mesh_port` lines).
+        #[arg(long, default_value = "config/cluster.toml")]
+        config: PathBuf,
+        /// Directory to write ca.pem, ca.key, <id>.pem and <id>.key into.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Replace existing files (every node then needs the new set).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run one server of the config.
+    Node {
+        /// Cluster config (TOML, or the assignment's `id host client_port mesh_port` lines).
+        #[arg(long, default_value = "config/cluster.toml")]
+        config: PathBuf,
+        /// Which server of the config to run, e.g. s1.
+        #[arg(long)]
+        id: String,
+        /// Directory holding ca.pem and this server's <id>.pem / <id>.key.
+        #[arg(long, default_value = "certs")]
+        certs: PathBuf,
+    },
+    /// Run every server of the config on this machine (makes certs if missing).
+    Up {
+        /// Cluster config (TOML, or the assignment's `id host client_port mesh_port` lines).
+        #[arg(long, default_value = "config/cluster.toml")]
+        config: PathBuf,
+        /// Certificate directory; missing certificates are made here.
+        #[arg(long, default_value = "certs")]
+        certs: PathBuf,
+    },
+    /// The bundled chat client: #list, #who, #createroom R, #joinroom R,
+    /// #deleteroom R, #quit; any other line is a message. Reads stdin, so it can
+    /// be scripted with piped lines.
+    Client {
+        /// The identity to claim (3-16 letters or digits, starting with a letter).
+        #[arg(short, long)]
+        identity: String,
+        /// The server to connect to, HOST:PORT (its client port).
+        #[arg(short, long, default_value = "127.0.0.1:4444")]
+        server: String,
+        /// Use the classic plain-TCP transport instead of QUIC.
+        #[arg(long)]
+        tcp: bool,
+        /// CA certificate that QUIC servers must be signed by.
+        #[arg(long, default_value = "certs/ca.pem")]
+        ca: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let is_client = matches!(cli.command, Command::Client { .. });
+    init_tracing(cli.log_format, is_client);
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Certs { config, out, force } => {
+            let cluster = ClusterConfig::load(&config)?;
+            let written = chatmesh::tls::generate(&cluster, &out, force)?;
+            for path in written {
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
+        Command::Node { config, id, certs } => {
+            let config = ClusterConfig::load(&config)?;
+            chatmesh::node::run_until_signal(NodeOptions { config, id, certs }).await
+        }
+        Command::Up { config, certs } => {
+            let mut node_args = Vec::new();
+            if cli.log_format == LogFormat::Json {
+                node_args.extend(["--log-format".to_owned(), "json".to_owned()]);
+            }
+            chatmesh::up::run(UpOptions {
+                config_path: config,
+                certs,
+                node_args,
+            })
+            .await
+        }
+        Command::Client {
+            identity,
+            server,
+            tcp,
+            ca,
+        } => {
+            chatmesh::client::run(ClientOptions {
+                identity,
+                server,
+                tcp,
+                ca,
+            })
+            .await
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    // The client's screen is for chat; it logs only warnings unless asked.
+    let default = if quiet { "warn" } else { "info" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
