@@ -1,0 +1,221 @@
+//! Helpers shared by the integration tests: certificates in a temp dir, nodes
+//! on 127.0.0.1 port 0, and raw protocol clients over TCP and QUIC that assert
+//! exact lines.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use chatmesh::config::{ClusterConfig, Limits};
+use chatmesh::lines::LineReader;
+use chatmesh::{Node, NodeOptions};
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+/// Generous bound for anything a test waits for: CI machines are slow and noisy.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A fresh temp directory for one test.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("chatmesh-test-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// One config of `n` servers on 127.0.0.1, port 0 everywhere.
+pub fn local_config(n: usize) -> ClusterConfig {
+    let text: String = (1..=n).map(|i| format!("s{i} 127.0.0.1 0 0\n")).collect();
+    ClusterConfig::parse(&text, "test").expect("test config")
+}
+
+/// Certificates for `local_config(3)`, made once per test binary.
+pub fn certs() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = temp_dir("certs");
+        chatmesh::tls::generate(&local_config(3), &dir, true).expect("certs");
+        dir
+    })
+}
+
+/// Starts server s1 alone, with `limits`.
+pub async fn start_node_with(limits: Limits) -> Node {
+    let mut config = local_config(1);
+    config.limits = limits;
+    Node::start(NodeOptions {
+        config,
+        id: "s1".into(),
+        certs: certs().to_owned(),
+    })
+    .await
+    .expect("node starts")
+}
+
+/// Starts server s1 alone with default limits.
+pub async fn start_node() -> Node {
+    start_node_with(Limits::default()).await
+}
+
+/// Which transport a raw client uses.
+#[derive(Clone, Copy, Debug)]
+pub enum Via {
+    Tcp,
+    Quic,
+}
+
+/// A raw protocol client that asserts exact server lines.
+pub struct Raw {
+    reader: LineReader<Box<dyn AsyncRead + Unpin + Send>>,
+    writer: Box<dyn AsyncWrite + Unpin + Send>,
+    _quic: Option<(quinn::Endpoint, quinn::Connection)>,
+    pub name: String,
+}
+
+impl Raw {
+    /// Connects without sending anything.
+    pub async fn connect(via: Via, addr: SocketAddr, name: &str) -> Raw {
+        match via {
+            Via::Tcp => {
+                let stream = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .expect("tcp connect");
+                stream.set_nodelay(true).unwrap();
+                let (r, w) = stream.into_split();
+                Raw {
+                    reader: LineReader::new(Box::new(r), 1 << 22),
+                    writer: Box::new(w),
+                    _quic: None,
+                    name: name.to_owned(),
+                }
+            }
+            Via::Quic => {
+                let crypto = chatmesh::tls::chat_client_config(&certs().join("ca.pem")).unwrap();
+                let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
+                let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+                endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+                let connection = endpoint
+                    .connect(addr, "s1")
+                    .unwrap()
+                    .await
+                    .expect("quic connect");
+                let (send, recv) = connection.open_bi().await.unwrap();
+                Raw {
+                    reader: LineReader::new(Box::new(recv), 1 << 22),
+                    writer: Box::new(send),
+                    _quic: Some((endpoint, connection)),
+                    name: name.to_owned(),
+                }
+            }
+        }
+    }
+
+    /// Connects and is approved as `name`, consuming the approval and its own arrival.
+    pub async fn join(via: Via, addr: SocketAddr, name: &str, hall: &str) -> Raw {
+        let mut c = Raw::connect(via, addr, name).await;
+        c.send(&format!(r#"{{"type":"newidentity","identity":"{name}"}}"#))
+            .await;
+        c.expect(r#"{"type":"newidentity","approved":"true"}"#)
+            .await;
+        c.expect(&room_change(name, "", hall)).await;
+        c
+    }
+
+    /// Sends one line (a newline is added).
+    pub async fn send(&mut self, line: &str) {
+        self.send_raw(format!("{line}\n").as_bytes()).await;
+    }
+
+    /// Sends bytes as they are.
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).await.expect("send");
+        self.writer.flush().await.expect("flush");
+    }
+
+    /// The next line as JSON, or None if the server closed.
+    pub async fn next(&mut self) -> Option<Value> {
+        let line = tokio::time::timeout(DEADLINE, self.reader.next_line())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("{}: no line from the server within {DEADLINE:?}", self.name)
+            });
+        match line {
+            Ok(Some(line)) => Some(serde_json::from_slice(line).unwrap_or_else(|e| {
+                panic!(
+                    "{}: server sent a non-JSON line {:?}: {e}",
+                    self.name,
+                    String::from_utf8_lossy(line)
+                )
+            })),
+            Ok(None) | Err(_) => None,
+        }
+    }
+
+    /// Asserts the next line equals `expected` (as JSON: key order is free, but
+    /// values and their types must match exactly).
+    pub async fn expect(&mut self, expected: &str) {
+        let want: Value = serde_json::from_str(expected).expect("test's expected line is JSON");
+        let got = self.next().await;
+        assert_eq!(
+            got.as_ref(),
+            Some(&want),
+            "{}: expected {expected}",
+            self.name
+        );
+    }
+
+    /// Asserts the next line is an `error` reply.
+    pub async fn expect_error(&mut self) -> String {
+        let got = self
+            .next()
+            .await
+            .unwrap_or_else(|| panic!("{}: closed, expected an error", self.name));
+        assert_eq!(got["type"], "error", "{}: got {got}", self.name);
+        got["reason"]
+            .as_str()
+            .expect("reason is a string")
+            .to_owned()
+    }
+
+    /// Asserts the server closes the connection next (no further lines).
+    pub async fn expect_closed(&mut self) {
+        let got = self.next().await;
+        assert!(
+            got.is_none(),
+            "{}: expected the connection to close, got {got:?}",
+            self.name
+        );
+    }
+
+    /// Proves nothing else is queued for this client: asks `who` and asserts
+    /// that the very next line is its answer.
+    pub async fn expect_nothing_more(&mut self) {
+        self.send(r#"{"type":"who"}"#).await;
+        let got = self.next().await.expect("open");
+        assert_eq!(
+            got["type"], "roomcontents",
+            "{}: unexpected line {got}",
+            self.name
+        );
+    }
+}
+
+/// The roomchange line.
+pub fn room_change(identity: &str, former: &str, roomid: &str) -> String {
+    format!(
+        r#"{{"type":"roomchange","identity":"{identity}","former":"{former}","roomid":"{roomid}"}}"#
+    )
+}
+
+/// Polls `condition` until true or the deadline; panics with `what` on timeout.
+pub async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let start = tokio::time::Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
