@@ -145,7 +145,9 @@ async fn quic_session(
             return;
         }
         Err(_) => {
-            info!("QUIC client opened no stream within the handshake timeout");
+            // Nothing to answer on: a QUIC stream exists for the server only once
+            // the client writes to it. The connection closes as it drops.
+            info!("QUIC client opened no stream within the handshake timeout; closing");
             return;
         }
     };

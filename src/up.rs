@@ -62,11 +62,11 @@ pub async fn run(options: UpOptions) -> Result<()> {
             tokio::spawn(prefix_lines(server.id.clone(), err));
         }
         println!(
-            "up: {} serving clients on {}:{} (TCP and QUIC), pid {}",
+            "up: started {} (pid {}): clients on {}:{} over TCP and QUIC",
             server.id,
+            child.id().unwrap_or(0),
             server.host,
-            server.client_port,
-            child.id().unwrap_or(0)
+            server.client_port
         );
         children.push((server.id.clone(), child));
     }

@@ -1,0 +1,229 @@
+//! Bad input loses nothing: error replies, size and time limits, mass connects
+//! and drops, and slow readers, while the other clients keep being served.
+
+mod common;
+
+use std::time::Duration;
+
+use chatmesh::config::Limits;
+use common::{room_change, start_node, start_node_with, wait_for, Raw, Via, DEADLINE};
+
+const HALL: &str = "MainHall-s1";
+
+#[tokio::test]
+async fn garbage_unknown_type_and_missing_fields_get_errors_and_keep_the_session() {
+    let node = start_node().await;
+    let addr = node.client_addr();
+    let mut adel = Raw::join(Via::Tcp, addr, "Adel", HALL).await;
+    let mut bob = Raw::join(Via::Tcp, addr, "Bob", HALL).await;
+    adel.expect(&room_change("Bob", "", HALL)).await;
+
+    let cases = [
+        ("not json at all", "not a JSON object"),
+        ("{\"type\":", "not a JSON object"),
+        ("[1,2,3]", "invalid type"),
+        (r#"{"type":"dance"}"#, "unknown type"),
+        (r#"{"roomid":"jokes"}"#, "missing field `type`"),
+        (r#"{"type":"joinroom"}"#, "missing field `roomid`"),
+        (r#"{"type":"message","content":42}"#, "invalid type"),
+        (r#"{"type":"createroom","roomid":null}"#, "invalid type"),
+    ];
+    for (line, reason) in cases {
+        bob.send(line).await;
+        let got = bob.expect_error().await;
+        assert!(
+            got.contains(reason),
+            "{line:?}: reason {got:?} should mention {reason:?}"
+        );
+    }
+    // Invalid UTF-8 is not JSON either.
+    bob.send_raw(b"\xff\xfe{\"type\":\"list\"}\n").await;
+    bob.expect_error().await;
+
+    // Bob's session is intact and so is everyone else's.
+    bob.send(r#"{"type":"message","content":"still here"}"#)
+        .await;
+    adel.expect(r#"{"type":"message","identity":"Bob","content":"still here"}"#)
+        .await;
+    bob.expect_nothing_more().await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversize_line_closes_only_that_connection() {
+    let node = start_node_with(Limits {
+        max_line_bytes: 1024,
+        ..Limits::default()
+    })
+    .await;
+    let addr = node.client_addr();
+    let mut adel = Raw::join(Via::Tcp, addr, "Adel", HALL).await;
+    let mut bob = Raw::join(Via::Tcp, addr, "Bob", HALL).await;
+    adel.expect(&room_change("Bob", "", HALL)).await;
+
+    // Well over the limit, and no newline: the server must not wait for one.
+    bob.send_raw(&vec![b'x'; 64 * 1024]).await;
+    let reason = bob.expect_error().await;
+    assert!(reason.contains("longer than 1024"), "{reason}");
+    bob.expect_closed().await;
+    adel.expect(&room_change("Bob", HALL, "")).await;
+
+    // A line just under the limit is fine.
+    let content = "y".repeat(900);
+    adel.send(&format!(r#"{{"type":"message","content":"{content}"}}"#))
+        .await;
+    adel.expect_nothing_more().await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn no_handshake_times_out_with_an_error() {
+    let node = start_node_with(Limits {
+        handshake_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    })
+    .await;
+    let addr = node.client_addr();
+    let mut silent = Raw::connect(Via::Tcp, addr, "silent").await;
+    let reason = silent.expect_error().await;
+    assert!(reason.contains("within 300 ms"), "{reason}");
+    silent.expect_closed().await;
+    // A QUIC stream is invisible to the server until the client writes on it,
+    // so there is nothing to answer on: the connection is just closed.
+    let mut silent = Raw::connect(Via::Quic, addr, "silent").await;
+    silent.expect_closed().await;
+    // Errors do not extend the deadline: a client that only sends junk is closed too.
+    let mut junk = Raw::connect(Via::Tcp, addr, "junk").await;
+    junk.send(r#"{"type":"list"}"#).await;
+    junk.expect_error().await;
+    junk.expect_error().await;
+    junk.expect_closed().await;
+    // Identified clients are not subject to it.
+    let mut adel = Raw::join(Via::Tcp, addr, "Adel", HALL).await;
+    tokio::time::sleep(Duration::from_millis(600)).await; // longer than the handshake timeout, on purpose
+    adel.expect_nothing_more().await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn two_hundred_clients_connecting_and_dropping_at_once() {
+    let node = start_node().await;
+    let addr = node.client_addr();
+    let mut adel = Raw::join(Via::Tcp, addr, "Adel", HALL).await;
+
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        tasks.push(tokio::spawn(async move {
+            let name = format!("User{i}");
+            let via = if i % 4 == 0 { Via::Quic } else { Via::Tcp };
+            let mut c = Raw::connect(via, addr, &name).await;
+            match i % 3 {
+                // Identify and vanish.
+                0 => {
+                    c.send(&format!(r#"{{"type":"newidentity","identity":"{name}"}}"#))
+                        .await;
+                    c.expect(r#"{"type":"newidentity","approved":"true"}"#)
+                        .await;
+                }
+                // Send half a line and vanish.
+                1 => c.send_raw(b"{\"type\":\"newident").await,
+                // Connect and vanish.
+                _ => {}
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("client task");
+    }
+    // Every identified one arrived and left; drain Adel's view of it.
+    let chat = node.chat().clone();
+    wait_for("every dropped client to be gone", || {
+        chat.counts().sessions == 1
+    })
+    .await;
+    let mut arrivals = 0;
+    let mut departures = 0;
+    while arrivals < 67 || departures < 67 {
+        let line = adel.next().await.expect("Adel is still connected");
+        assert_eq!(line["type"], "roomchange", "{line}");
+        if line["former"] == "" {
+            arrivals += 1;
+        } else {
+            assert_eq!(line["roomid"], "", "{line}");
+            departures += 1;
+        }
+    }
+    assert_eq!((arrivals, departures), (67, 67));
+    adel.expect_nothing_more().await;
+    // And the server still takes new clients.
+    let _late = Raw::join(Via::Quic, addr, "Late", HALL).await;
+    adel.expect(&room_change("Late", "", HALL)).await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_reader_is_dropped_and_does_not_stall_the_room() {
+    let node = start_node_with(Limits {
+        outbox_bytes: 64 * 1024,
+        ..Limits::default()
+    })
+    .await;
+    let addr = node.client_addr();
+    let mut talker = Raw::join(Via::Tcp, addr, "Talker", HALL).await;
+    let mut listener = Raw::join(Via::Tcp, addr, "Listener", HALL).await;
+    talker.expect(&room_change("Listener", "", HALL)).await;
+    // The slow one identifies, then never reads again.
+    let mut slow = Raw::join(Via::Tcp, addr, "Slow", HALL).await;
+    talker.expect(&room_change("Slow", "", HALL)).await;
+    listener.expect(&room_change("Slow", "", HALL)).await;
+
+    // Far more than the outbox plus the kernel's socket buffers can hold.
+    let content = "z".repeat(4000);
+    let line = format!(r#"{{"type":"message","content":"{content}"}}"#);
+    let total = 4000;
+    // The talker keeps at most WINDOW messages in flight to the listener (a
+    // reader that keeps up), while the slow one falls ever further behind.
+    const WINDOW: usize = 8;
+    let window = std::sync::Arc::new(tokio::sync::Semaphore::new(WINDOW));
+    let credit = window.clone();
+    let reader = tokio::spawn(async move {
+        let mut got = 0;
+        let mut slow_left = false;
+        while got < total || !slow_left {
+            let msg = listener.next().await.expect("listener stays connected");
+            match msg["type"].as_str() {
+                Some("message") => {
+                    got += 1;
+                    credit.add_permits(1);
+                }
+                Some("roomchange") => {
+                    assert_eq!(
+                        msg,
+                        serde_json::from_str::<serde_json::Value>(&room_change("Slow", HALL, ""))
+                            .unwrap()
+                    );
+                    slow_left = true;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        got
+    });
+    for _ in 0..total {
+        window.acquire().await.expect("window open").forget();
+        talker.send(&line).await;
+    }
+    let got = tokio::time::timeout(DEADLINE * 3, reader)
+        .await
+        .expect("the listener got everything in time")
+        .expect("listener task");
+    assert_eq!(got, total);
+    let chat = node.chat().clone();
+    wait_for("the slow session to be dropped", || {
+        chat.counts().sessions == 2
+    })
+    .await;
+    drop(slow);
+    talker.expect(&room_change("Slow", HALL, "")).await;
+    node.stop().await;
+}

@@ -1,0 +1,374 @@
+//! The real `chatmesh` binary: a node process, the bundled client scripted
+//! through stdin over QUIC and TCP, graceful shutdown, `up`, and `certs`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use common::{certs, temp_dir, DEADLINE};
+
+const BIN: &str = env!("CARGO_BIN_EXE_chatmesh");
+
+/// A child process whose output lines (stdout and stderr) arrive on a channel.
+struct Proc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    /// Every line so far, for failure messages.
+    seen: Vec<String>,
+    /// Lines not yet matched by `wait_line`, so order between processes' logs
+    /// does not matter.
+    unmatched: Vec<String>,
+    name: String,
+}
+
+impl Proc {
+    fn spawn(name: &str, args: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn chatmesh");
+        let (tx, lines) = channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        for stream in [
+            Box::new(out) as Box<dyn std::io::Read + Send>,
+            Box::new(err),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Proc {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            seen: Vec::new(),
+            unmatched: Vec::new(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// Waits for an output line containing `needle` that no earlier call
+    /// matched; returns it.
+    fn wait_line(&mut self, needle: &str) -> String {
+        if let Some(at) = self.unmatched.iter().position(|l| l.contains(needle)) {
+            return self.unmatched.remove(at);
+        }
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                    self.unmatched.push(line);
+                }
+                Err(_) => panic!(
+                    "{}: no line containing {needle:?} within {DEADLINE:?}; saw:\n{}",
+                    self.name,
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn type_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").expect("write to client stdin");
+        stdin.flush().unwrap();
+    }
+
+    fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+    }
+
+    /// Waits for the exit, bounded; returns whether it succeeded.
+    fn wait_exit(&mut self) -> bool {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.success();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: did not exit within {DEADLINE:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A one-server config file on port 0 (the node logs the port it got).
+fn single_node_config() -> String {
+    let dir = temp_dir("cli");
+    let path = dir.join("cluster.txt");
+    std::fs::write(&path, "s1 127.0.0.1 0 0\n").unwrap();
+    path.display().to_string()
+}
+
+fn start_node(config: &str) -> (Proc, String) {
+    let certs = certs().display().to_string();
+    let mut node = Proc::spawn(
+        "node",
+        &["node", "--config", config, "--id", "s1", "--certs", &certs],
+    );
+    let line = node.wait_line("serving clients");
+    let addr = line
+        .split("client_addr=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("node logs its client address")
+        .to_owned();
+    (node, addr)
+}
+
+#[test]
+fn bundled_clients_chat_over_quic_and_tcp_and_the_node_stops_cleanly() {
+    let (mut node, addr) = start_node(&single_node_config());
+    let ca = certs().join("ca.pem").display().to_string();
+
+    let mut bob = Proc::spawn("bob", &["client", "-i", "Bob", "--server", &addr, "--tcp"]);
+    bob.wait_line("connected to");
+    bob.wait_line("Bob joins MainHall-s1");
+    let mut adel = Proc::spawn(
+        "adel",
+        &["client", "-i", "Adel", "--server", &addr, "--ca", &ca],
+    );
+    adel.wait_line("over QUIC");
+    bob.wait_line("Adel joins MainHall-s1");
+
+    adel.type_line("#createroom jokes");
+    adel.wait_line("room jokes created");
+    adel.wait_line("Adel moves from MainHall-s1 to jokes");
+    bob.wait_line("Adel moves from MainHall-s1 to jokes");
+
+    bob.type_line("#joinroom jokes");
+    bob.wait_line("Bob moves from MainHall-s1 to jokes");
+    adel.wait_line("Bob moves from MainHall-s1 to jokes");
+
+    adel.type_line("hello \"Bob\" \\ 😀");
+    bob.wait_line("Adel: hello \"Bob\" \\ 😀");
+    bob.type_line("#who");
+    bob.wait_line("in jokes: Adel (owner), Bob");
+    bob.type_line("#list");
+    bob.wait_line("rooms: MainHall-s1, jokes");
+    bob.type_line("#dance");
+    bob.wait_line("unknown command #dance");
+
+    // End of input is a clean quit: the owner's room goes first.
+    adel.close_stdin();
+    bob.wait_line("Adel moves from jokes to MainHall-s1");
+    bob.wait_line("Bob moves from jokes to MainHall-s1");
+    bob.wait_line("Adel quit");
+    assert!(adel.wait_exit(), "adel exits 0");
+
+    bob.type_line("#quit");
+    bob.wait_line("Bob quit");
+    assert!(bob.wait_exit(), "bob exits 0");
+
+    node.signal(libc::SIGTERM);
+    node.wait_line("stopped");
+    assert!(node.wait_exit(), "node exits 0 on SIGTERM");
+}
+
+#[test]
+fn a_refused_identity_is_a_clear_error() {
+    let (mut node, addr) = start_node(&single_node_config());
+    let mut bad = Proc::spawn("bad", &["client", "-i", "no", "--server", &addr, "--tcp"]);
+    bad.wait_line("identity \"no\" refused");
+    assert!(!bad.wait_exit(), "a refused identity exits non-zero");
+    node.signal(libc::SIGINT);
+    assert!(node.wait_exit(), "node exits 0 on SIGINT");
+}
+
+#[test]
+fn scripted_client_runs_a_whole_script_from_a_pipe() {
+    let (_node, addr) = start_node(&single_node_config());
+    let ca = certs().join("ca.pem").display().to_string();
+    let mut child = Command::new(BIN)
+        .args(["client", "-i", "Script", "--server", &addr, "--ca", &ca])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"#createroom talk\n#who\n#joinroom MainHall-s1\n#deleteroom talk\n#list\n")
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let expected = [
+        "connected to",
+        "Script joins MainHall-s1",
+        "room talk created",
+        "Script moves from MainHall-s1 to talk",
+        "in talk: Script (owner)",
+        "Script could not join MainHall-s1",
+        "room talk deleted",
+        "Script moves from talk to MainHall-s1",
+        "rooms: MainHall-s1",
+        "Script quit",
+    ];
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), expected.len(), "{stdout}");
+    for (line, want) in lines.iter().zip(expected) {
+        assert!(
+            line.contains(want),
+            "expected {want:?}, got {line:?}\n{stdout}"
+        );
+    }
+}
+
+/// Ports that were free a moment ago, for a config `up` must bind for real.
+fn free_ports(n: usize) -> Vec<u16> {
+    let sockets: Vec<_> = (0..n)
+        .map(|_| {
+            let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = tcp.local_addr().unwrap().port();
+            let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+            (tcp, udp, port)
+        })
+        .filter(|(_, udp, _)| udp.is_ok())
+        .collect();
+    sockets.iter().map(|(_, _, port)| *port).collect()
+}
+
+#[test]
+fn up_runs_every_server_and_stops_them_all() {
+    let ports = free_ports(9);
+    assert!(ports.len() >= 9, "not enough free ports");
+    let dir = temp_dir("up");
+    let config = dir.join("cluster.toml");
+    let mut text = String::new();
+    for i in 0..3 {
+        text += &format!(
+            "[[server]]\nid = \"s{}\"\nhost = \"127.0.0.1\"\nclient_port = {}\nmesh_port = {}\nadmin_port = {}\n\n",
+            i + 1,
+            ports[i * 3],
+            ports[i * 3 + 1],
+            ports[i * 3 + 2]
+        );
+    }
+    std::fs::write(&config, text).unwrap();
+    let certs_dir = dir.join("certs");
+    let mut up = Proc::spawn(
+        "up",
+        &[
+            "up",
+            "--config",
+            &config.display().to_string(),
+            "--certs",
+            &certs_dir.display().to_string(),
+        ],
+    );
+    up.wait_line("made 8 certificate file(s)");
+    for i in 0..3 {
+        up.wait_line(&format!("s{} | ", i + 1));
+    }
+    for i in 0..3 {
+        let addr = format!("127.0.0.1:{}", ports[i * 3]);
+        let name = format!("User{i}");
+        let mut client = Proc::spawn(
+            "client",
+            &["client", "-i", &name, "--server", &addr, "--tcp"],
+        );
+        client.wait_line(&format!("{name} joins MainHall-s{}", i + 1));
+        client.close_stdin();
+        assert!(client.wait_exit());
+    }
+    up.signal(libc::SIGTERM);
+    up.wait_line("stopping every node");
+    for i in 0..3 {
+        up.wait_line(&format!("node s{} exited", i + 1));
+    }
+    assert!(up.wait_exit(), "up exits 0");
+    assert!(certs_dir.join("s3.key").exists());
+}
+
+#[test]
+fn certs_refuses_to_overwrite_without_force() {
+    let dir = temp_dir("certs-cli");
+    let config = dir.join("cluster.txt");
+    std::fs::write(&config, "s1 localhost 4444 5555\ns2 localhost 4445 5556\n").unwrap();
+    let out = dir.join("certs");
+    let run = |force: bool| {
+        let mut args = vec![
+            "certs".to_owned(),
+            "--config".into(),
+            config.display().to_string(),
+        ];
+        args.extend(["--out".into(), out.display().to_string()]);
+        if force {
+            args.push("--force".into());
+        }
+        Command::new(BIN).args(&args).output().unwrap()
+    };
+    let first = run(false);
+    assert!(first.status.success());
+    assert_eq!(String::from_utf8_lossy(&first.stdout).lines().count(), 6);
+    let second = run(false);
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already exists; pass --force"));
+    assert!(run(true).status.success());
+}
+
+#[test]
+fn a_broken_config_names_line_and_field() {
+    let dir = temp_dir("badconfig");
+    let config = dir.join("cluster.txt");
+    std::fs::write(&config, "s1 localhost 4444 5555\ns2 localhost 4445\n").unwrap();
+    let output = Command::new(BIN)
+        .args([
+            "node",
+            "--id",
+            "s1",
+            "--config",
+            &config.display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(
+            "cluster.txt line 2: expected `serverid address client_port coordination_port`"
+        ),
+        "{stderr}"
+    );
+}
