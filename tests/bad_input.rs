@@ -173,7 +173,7 @@ async fn a_slow_reader_is_dropped_and_does_not_stall_the_room() {
     let mut listener = Raw::join(Via::Tcp, addr, "Listener", HALL).await;
     talker.expect(&room_change("Listener", "", HALL)).await;
     // The slow one identifies, then never reads again.
-    let mut slow = Raw::join(Via::Tcp, addr, "Slow", HALL).await;
+    let slow = Raw::join(Via::Tcp, addr, "Slow", HALL).await;
     talker.expect(&room_change("Slow", "", HALL)).await;
     listener.expect(&room_change("Slow", "", HALL)).await;
 
