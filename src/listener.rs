@@ -125,6 +125,9 @@ pub async fn serve_quic(
         );
     }
     endpoint.close(0u32.into(), b"server shutting down");
+    // Let the endpoint send the close frames before the process exits, so
+    // clients learn at once instead of by idle timeout.
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
 }
 
 async fn quic_session(

@@ -372,3 +372,23 @@ fn a_broken_config_names_line_and_field() {
         "{stderr}"
     );
 }
+
+#[test]
+fn clients_notice_a_stopping_server_at_once() {
+    let (mut node, addr) = start_node(&single_node_config());
+    let ca = certs().join("ca.pem").display().to_string();
+    let mut quic = Proc::spawn(
+        "quic",
+        &["client", "-i", "Quic", "--server", &addr, "--ca", &ca],
+    );
+    quic.wait_line("Quic joins MainHall-s1");
+    let mut tcp = Proc::spawn("tcp", &["client", "-i", "Tcp", "--server", &addr, "--tcp"]);
+    tcp.wait_line("Tcp joins MainHall-s1");
+    node.signal(libc::SIGTERM);
+    assert!(node.wait_exit());
+    // Their stdin stays open: only the server going away can end them.
+    for client in [&mut quic, &mut tcp] {
+        client.wait_line("error: the server closed the connection");
+        assert!(!client.wait_exit(), "a lost server is a non-zero exit");
+    }
+}

@@ -78,8 +78,10 @@ pub async fn run_session<R, W>(
         };
         let line = tokio::select! {
             _ = shutdown.cancelled() => {
-                // The whole server stops: close, no goodbyes (peers purge us anyway).
+                // The whole server stops: close without goodbyes to the others,
+                // who are being closed too.
                 outbox.kill();
+                session.phase = Phase::Left;
                 break;
             }
             _ = outbox.dropped().cancelled() => break,

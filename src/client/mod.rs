@@ -193,7 +193,9 @@ impl Client {
                         // Our own quit: the session is over.
                         return Ok(false);
                     }
-                    self.room = roomid;
+                    if former != roomid {
+                        self.room = roomid;
+                    }
                     if self.awaiting == Awaiting::Join {
                         self.expect(Awaiting::Nothing);
                     }
