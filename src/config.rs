@@ -398,7 +398,7 @@ fn parse_toml(text: &str, origin: &str) -> Result<ClusterConfig, ConfigError> {
                 origin,
                 None,
                 format!("quorum: expected \"majority\" or \"none\", found {other:?}"),
-            ))
+            ));
         }
     };
     let servers = raw

@@ -8,16 +8,30 @@
 //! - [`chat`]: rooms, sessions and fan-out on one server; the [`chat::Directory`]
 //!   seam to the cluster-wide namespace.
 //! - [`listener`]: the TCP and QUIC client listeners, one session logic for both.
+//! - [`detector`]: the heartbeat failure detector, a pure state machine.
+//! - [`election`]: Fast Bully leader election, a pure state machine.
+//! - [`mesh`]: QUIC links between servers (mutual TLS), heartbeat datagrams,
+//!   peer message frames ([`mesh::wire`]).
+//! - [`netsim`]: an impaired UDP socket under quinn: loss, delay, duplication,
+//!   reordering and cut links, for tests and `--impair`.
+//! - [`cluster`]: the task that drives detector and election from mesh events.
+//! - [`admin`]: loopback HTTP `/status` and `/metrics`.
 //! - [`node`]: one server wired together, with graceful shutdown.
 //! - [`up`]: `chatmesh up`, every server of a config as child processes.
 //! - [`client`]: the bundled CLI client.
 
+pub mod admin;
 pub mod chat;
 pub mod client;
 pub mod client_proto;
+pub mod cluster;
 pub mod config;
+pub mod detector;
+pub mod election;
 pub mod lines;
 pub mod listener;
+pub mod mesh;
+pub mod netsim;
 pub mod node;
 pub mod tls;
 pub mod up;

@@ -10,9 +10,9 @@ use anyhow::{Context, Result};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::chat::{run_session, ChatServer};
+use crate::chat::{ChatServer, run_session};
 
 /// Binds TCP on `addr`, then UDP on the port TCP got (so port 0 picks one
 /// number free for both). Retries a few times if that UDP port is taken.

@@ -120,7 +120,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Node { config, id, certs } => {
             let config = ClusterConfig::load(&config)?;
-            chatmesh::node::run_until_signal(NodeOptions { config, id, certs }).await
+            chatmesh::node::run_until_signal(NodeOptions::new(config, id, certs)).await
         }
         Command::Up { config, certs } => {
             let mut node_args = Vec::new();

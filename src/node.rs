@@ -6,19 +6,24 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result, anyhow};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use tokio::sync::mpsc;
+
+use crate::ServerId;
+use crate::admin::{self, AdminState};
 use crate::chat::{ChatServer, LocalDirectory};
+use crate::cluster::{self, ClusterView, SharedView};
 use crate::config::ClusterConfig;
 use crate::listener::{bind_client_ports, serve_quic, serve_tcp};
-use crate::tls::{client_facing_server_config, ServerIdentity};
-use crate::ServerId;
+use crate::mesh::Mesh;
+use crate::tls::{ServerIdentity, client_facing_server_config};
 
 /// What a node needs to start.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NodeOptions {
     /// The whole cluster's config.
     pub config: ClusterConfig,
@@ -26,12 +31,30 @@ pub struct NodeOptions {
     pub id: ServerId,
     /// Directory with `ca.pem` and this server's `<id>.pem` / `<id>.key`.
     pub certs: PathBuf,
+    /// A socket for the mesh endpoint instead of binding `mesh_port` (tests
+    /// pass pre-bound or impaired sockets).
+    pub mesh_socket: Option<Arc<dyn quinn::AsyncUdpSocket>>,
+}
+
+impl NodeOptions {
+    /// Options for server `id` of `config`, certificates in `certs`.
+    pub fn new(config: ClusterConfig, id: impl Into<ServerId>, certs: impl Into<PathBuf>) -> Self {
+        NodeOptions {
+            config,
+            id: id.into(),
+            certs: certs.into(),
+            mesh_socket: None,
+        }
+    }
 }
 
 /// A running node. Dropping it does not stop it: call [`Node::stop`].
 pub struct Node {
     chat: Arc<ChatServer>,
+    mesh: Mesh,
+    view: SharedView,
     client_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -39,7 +62,12 @@ pub struct Node {
 impl Node {
     /// Binds the node's ports and starts serving.
     pub async fn start(options: NodeOptions) -> Result<Node> {
-        let NodeOptions { config, id, certs } = options;
+        let NodeOptions {
+            config,
+            id,
+            certs,
+            mesh_socket,
+        } = options;
         let me = config
             .server(&id)
             .ok_or_else(|| {
@@ -57,10 +85,35 @@ impl Node {
         let (tcp, quic) = bind_client_ports(addr, client_crypto)?;
         let client_addr = tcp.local_addr()?;
 
+        let admin = match me.admin_port {
+            // Loopback only: the admin endpoint has no authentication.
+            Some(port) => Some(admin::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?),
+            None => None,
+        };
+
         let directory = Arc::new(LocalDirectory::new(me.main_hall()));
         let chat = ChatServer::new(id.clone(), config.limits.clone(), directory);
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let (events_tx, events_rx) = mpsc::channel(4096);
+        let mesh = Mesh::start(
+            &config,
+            &id,
+            &identity,
+            mesh_socket,
+            events_tx,
+            shutdown.clone(),
+            tasks.clone(),
+        )?;
+        let view = SharedView::default();
+        tasks.spawn(cluster::run(
+            config.clone(),
+            id.clone(),
+            mesh.clone(),
+            events_rx,
+            view.clone(),
+            shutdown.clone(),
+        ));
         tasks.spawn(serve_tcp(
             tcp,
             chat.clone(),
@@ -73,10 +126,34 @@ impl Node {
             shutdown.clone(),
             tasks.clone(),
         ));
-        info!(server = %id, %client_addr, "serving clients over TCP and QUIC");
+        let mut admin_addr = None;
+        if let Some(listener) = admin {
+            admin_addr = Some(listener.local_addr()?);
+            let state = AdminState {
+                chat: chat.clone(),
+                view: view.clone(),
+                mesh: mesh.clone(),
+            };
+            tasks.spawn(admin::serve(
+                listener,
+                state,
+                shutdown.clone(),
+                tasks.clone(),
+            ));
+        }
+        info!(
+            server = %id,
+            %client_addr,
+            mesh_addr = %mesh.local_addr()?,
+            admin_addr = ?admin_addr,
+            "serving clients over TCP and QUIC"
+        );
         Ok(Node {
             chat,
+            mesh,
+            view,
             client_addr,
+            admin_addr,
             shutdown,
             tasks,
         })
@@ -87,13 +164,41 @@ impl Node {
         self.client_addr
     }
 
+    /// The admin endpoint's address, if configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The UDP address of the mesh endpoint.
+    pub fn mesh_addr(&self) -> SocketAddr {
+        self.mesh
+            .local_addr()
+            .expect("a bound endpoint has an address")
+    }
+
     /// The node's chat state.
     pub fn chat(&self) -> &Arc<ChatServer> {
         &self.chat
     }
 
-    /// Stops accepting, closes every session and waits (bounded) for the tasks.
+    /// This node's current view of the cluster (leader, term, members).
+    pub fn view(&self) -> ClusterView {
+        self.view.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Stops like a crash: no goodbyes, peers find out by missing heartbeats.
+    /// (In-process tests; a real crash is `kill -9`.)
+    pub async fn crash(self) {
+        self.mesh.abort();
+        self.shutdown.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+    }
+
+    /// Stops accepting, tells the peers (they see this server down at once),
+    /// closes every session and waits (bounded) for the tasks.
     pub async fn stop(self) {
+        self.mesh.close().await;
         self.shutdown.cancel();
         self.tasks.close();
         if tokio::time::timeout(Duration::from_secs(5), self.tasks.wait())
@@ -117,7 +222,7 @@ pub async fn run_until_signal(options: NodeOptions) -> Result<()> {
 
 /// Resolves at the first SIGINT or SIGTERM.
 pub async fn shutdown_signal() -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
+    use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     tokio::select! {

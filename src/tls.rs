@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -49,13 +49,11 @@ pub fn generate(config: &ClusterConfig, dir: &Path, force: bool) -> Result<Vec<P
         targets.push(server_cert_path(dir, &server.id));
         targets.push(server_key_path(dir, &server.id));
     }
-    if !force {
-        if let Some(existing) = targets.iter().find(|p| p.exists()) {
-            bail!(
-                "{} already exists; pass --force to replace the whole set (every node then needs the new files)",
-                existing.display()
-            );
-        }
+    if !force && let Some(existing) = targets.iter().find(|p| p.exists()) {
+        bail!(
+            "{} already exists; pass --force to replace the whole set (every node then needs the new files)",
+            existing.display()
+        );
     }
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let issuer = new_ca(dir)?;
@@ -225,7 +223,8 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// The crypto provider of every TLS config (ring).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

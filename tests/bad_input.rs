@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use chatmesh::config::Limits;
-use common::{room_change, start_node, start_node_with, wait_for, Raw, Via, DEADLINE};
+use common::{DEADLINE, Raw, Via, room_change, start_node, start_node_with, wait_for};
 
 const HALL: &str = "MainHall-s1";
 

@@ -5,10 +5,10 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
-use common::{certs, temp_dir, DEADLINE};
+use common::{DEADLINE, certs, temp_dir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_chatmesh");
 

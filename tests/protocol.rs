@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{room_change, start_node, Raw, Via};
+use common::{Raw, Via, room_change, start_node};
 
 const HALL: &str = "MainHall-s1";
 

@@ -22,9 +22,9 @@ pub use directory::{BoxFuture, Directory, LocalDirectory, RemoteRoom};
 pub use outbox::Outbox;
 pub use session::run_session;
 
+use crate::ServerId;
 use crate::client_proto::{Approved, ServerMessage};
 use crate::config::Limits;
-use crate::ServerId;
 
 /// One server's chat state and the operations of the client protocol on it.
 pub struct ChatServer {

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{ChatServer, JoinOutcome, Outbox};
-use crate::client_proto::{valid_name, Approved, Request, ServerMessage};
+use crate::client_proto::{Approved, Request, ServerMessage, valid_name};
 use crate::lines::{LineError, LineReader};
 
 /// How long a moved-away client may keep its old connection open before the
@@ -149,7 +149,7 @@ impl Session {
     async fn handle(&mut self, request: Request) -> Flow {
         let (identity, request) = match (&self.phase, request) {
             (Phase::Handshake, Request::NewIdentity { identity }) => {
-                return self.new_identity(identity).await
+                return self.new_identity(identity).await;
             }
             (
                 Phase::Handshake,

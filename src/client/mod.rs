@@ -12,7 +12,7 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::Instant;
 
@@ -349,9 +349,15 @@ fn parse_command(line: &str) -> Result<Option<(Request, Awaiting)>, String> {
         "#list" => Ok(Some((Request::List, Awaiting::RoomList))),
         "#who" => Ok(Some((Request::Who, Awaiting::RoomContents))),
         "#quit" => Ok(Some((Request::Quit, Awaiting::Quit))),
-        "#createroom" => room(|roomid| Request::CreateRoom { roomid }, Awaiting::CreateRoom),
+        "#createroom" => room(
+            |roomid| Request::CreateRoom { roomid },
+            Awaiting::CreateRoom,
+        ),
         "#joinroom" => room(|roomid| Request::JoinRoom { roomid }, Awaiting::Join),
-        "#deleteroom" => room(|roomid| Request::DeleteRoom { roomid }, Awaiting::DeleteRoom),
+        "#deleteroom" => room(
+            |roomid| Request::DeleteRoom { roomid },
+            Awaiting::DeleteRoom,
+        ),
         _ => Err(format!(
             "unknown command {command}; commands: #list #who #createroom R #joinroom R #deleteroom R #quit"
         )),
@@ -390,8 +396,10 @@ mod tests {
             parse_command("#createroom").unwrap_err(),
             "usage: #createroom ROOM"
         );
-        assert!(parse_command("#dance")
-            .unwrap_err()
-            .starts_with("unknown command #dance"));
+        assert!(
+            parse_command("#dance")
+                .unwrap_err()
+                .starts_with("unknown command #dance")
+        );
     }
 }

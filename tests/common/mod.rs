@@ -47,13 +47,9 @@ pub fn certs() -> &'static Path {
 pub async fn start_node_with(limits: Limits) -> Node {
     let mut config = local_config(1);
     config.limits = limits;
-    Node::start(NodeOptions {
-        config,
-        id: "s1".into(),
-        certs: certs().to_owned(),
-    })
-    .await
-    .expect("node starts")
+    Node::start(NodeOptions::new(config, "s1", certs()))
+        .await
+        .expect("node starts")
 }
 
 /// Starts server s1 alone with default limits.

@@ -1,0 +1,2315 @@
+//! Fast Bully leader election (Lee & Choi, ICOIN 2002) as a pure state machine.
+//!
+//! [`Election`] never reads the clock, owns no socket and spawns no task: the driver feeds it
+//! [`Input`]s together with the current time and applies the [`Action`]s it returns (send a
+//! message, arm a timer, log a leader change). This is the shape of `quinn-proto` and `foca`,
+//! and it is what lets every branch of the algorithm be driven deterministically from a unit
+//! test with a virtual clock (see the simulator at the bottom of this file).
+//!
+//! # Priority
+//! Servers are ranked by their position in the member list handed to [`Election::new`]:
+//! later = higher priority. The highest server that is alive leads.
+//!
+//! # The algorithm
+//! - **Boot / recovery** ([`Input::Start`]): `IAmUp` to every peer; each peer replies `View`
+//!   (whom it follows, the term, whom its detector sees alive). A `View` naming a leader above
+//!   us: we follow it at once. A `View` naming a leader below us (or us, from before a crash)
+//!   while no higher server is known to be alive: we take the lead (`Coordinator` to every lower
+//!   server). No decision within T1: if no higher server is known alive we lead, otherwise we
+//!   give that server T3 to announce itself and then run an election.
+//! - **Leader failure** ([`Input::PeerDown`] of the leader): `Election` to every higher server,
+//!   wait T2 for `Answer`s. None: `Coordinator` to every lower server. Some: `Nomination` to
+//!   the highest answerer, wait T3 for its `Coordinator`; on timeout nominate the next one; none
+//!   left: start again.
+//! - **Receiving `Election`** from a lower server: reply `Answer`, then wait T4 for a
+//!   `Nomination` (we then announce `Coordinator` to every lower server) or a `Coordinator`.
+//!   T4 runs out: we start an election ourselves.
+//!
+//! # Terms (fencing)
+//! Every `Coordinator` carries a term one above any term its sender has seen. A server follows
+//! the leader of the newest *epoch* `(term, leader's rank)`: a higher term wins, and two
+//! `Coordinator`s of the same term (two servers announcing at once) are ordered by rank, so
+//! every server settles on the same one whatever order the messages arrive in. A message whose
+//! term is below the epoch of the leader we follow is ignored (that is the fencing of stale
+//! leaders), and answered with a `View` so that its sender catches up: a stale leader learns
+//! it was deposed. `IAmUp` is the one exception: a restarted server has forgotten every term.
+//!
+//! # What the driver must guarantee
+//! - Every election message received from a peer also counts as a sign of life for the
+//!   failure detector (`FailureDetector::heard_from`), and the resulting [`Input::PeerUp`] is
+//!   fed *before* the message. The algorithm only leaves a dead leader on
+//!   [`Input::PeerDown`], and a detector only reports down a peer it has seen up: a leader
+//!   that announced itself and died before its first heartbeat must still be watched.
+//! - Messages sent to a peer that restarts meanwhile may be lost; nothing else is assumed
+//!   about delivery (order between messages does not matter, duplicates are harmless).
+//!
+//! # Timers
+//! Timers belong to the state machine. Each [`ElectionTimer`] carries the *round* in which it
+//! was armed, and every phase change starts a new round, so a timer of an old round is simply
+//! ignored when it fires; the driver never has to cancel anything.
+//!
+//! # Where the paper is silent
+//! - A `Coordinator` of a newer term from a server *below a higher server we believe alive* is
+//!   accepted: detectors on different servers fire at different instants, the announcer has
+//!   already asked every higher server, and a higher server that is really alive takes the
+//!   lead back on its own (see the next points). Refusing would turn every failover into two.
+//! - Learning (by `Coordinator` or `View`) that a server *below us* leads at a newer epoch
+//!   means the bully rule is broken while we are alive: we do not follow it, we run an
+//!   election (or, while recovering and knowing no higher server alive, announce directly).
+//! - A new leader also sends a `View` to every *higher* server its detector sees alive
+//!   (normally none, so this costs nothing): a higher server cut off from the election learns
+//!   it and takes the lead back, instead of the cluster living with two leaders.
+//! - The leader itself receiving `Election` (someone suspects it wrongly) answers and at once
+//!   re-announces `Coordinator` with a fresh term: the nomination would come to it anyway
+//!   (it is the highest answerer), this saves T2 and a round trip, and the fresh term fences
+//!   the suspicious server's pending `Nomination`s.
+//! - `IAmUp` while an election is under way: answered with a `View` naming no leader; the
+//!   recovering server waits for the `Coordinator` or sorts things out after T1 + T3.
+//! - A leader stays in our `View`s as the leader we follow; a server whose detector has
+//!   already declared that leader down does not follow it from a third party's `View` but
+//!   runs an election. A `Coordinator` straight from that server is proof of life and is
+//!   followed.
+//! - A server answering an `Election` keeps following its leader until it hears otherwise
+//!   (the suspicion may be wrong); it drops the leader when its own detector declares it down.
+//! - An `Election` or `Answer` arriving while we run our own election: `Election` is answered
+//!   and our election goes on; a late `Answer` joins the list of servers to nominate.
+//! - Messages that break the protocol's direction (`Election`/`Nomination` from a higher
+//!   server, `Answer` from a lower one), from unknown servers or from ourselves are ignored and
+//!   counted: they can only come from a peer with a different cluster config.
+//! - Members are deduplicated (first occurrence wins). A server missing from its own member
+//!   list is placed lowest, so a config mistake can never make it steal the lead.
+//!
+//! # Message cost
+//! One election started by one server costs at most `(n-1)` `Election`s, `(n-2)` `Answer`s, a
+//! few `Nomination`s and `(n-1)` `Coordinator`s: O(n). A server that has answered an `Election`
+//! does not start its own when its detector fires, so in practice (detections spread over a
+//! heartbeat interval, messages take a fraction of it) one election runs per failure. The
+//! Fast Bully worst case remains: `k` servers that detect the failure within one message
+//! latency of each other each probe their higher servers, up to `n(n-1)/2` `Election`s.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ServerId;
+
+/// The four timeouts of Fast Bully, from the cluster config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ElectionTimings {
+    /// T1: how long a (re)starting server waits for `View` replies to its `IAmUp`.
+    pub t1: Duration,
+    /// T2: how long an election's initiator waits for `Answer`s.
+    pub t2: Duration,
+    /// T3: how long a nominator waits for its nominee's `Coordinator`; also how long a
+    /// recovering server that knows a higher server is alive waits for that server to announce.
+    pub t3: Duration,
+    /// T4: how long a server that answered an `Election` waits for a `Nomination` or a
+    /// `Coordinator`. Should be at least T2 + T3, or answerers give up on a live initiator.
+    pub t4: Duration,
+}
+
+impl ElectionTimings {
+    /// The duration of the timer of the given kind.
+    pub fn duration(&self, kind: TimerKind) -> Duration {
+        match kind {
+            TimerKind::Views => self.t1,
+            TimerKind::Answers => self.t2,
+            TimerKind::Coordinator | TimerKind::Leader => self.t3,
+            TimerKind::Nomination => self.t4,
+        }
+    }
+}
+
+/// An election message between servers. The sender's id comes from the authenticated mesh
+/// connection, so it is not repeated here; every message carries the sender's term.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ElectionMessage {
+    /// "The leader is gone": sent to every higher server by a server that noticed.
+    Election {
+        /// The highest term the sender has seen.
+        term: u64,
+    },
+    /// "I am alive and above you": the reply to `Election`.
+    Answer {
+        /// The highest term the sender has seen.
+        term: u64,
+    },
+    /// "You are the highest that answered: announce yourself."
+    Nomination {
+        /// The highest term the sender has seen.
+        term: u64,
+    },
+    /// "I lead from this term on": sent by the new leader to every lower server.
+    Coordinator {
+        /// One above any term the sender had seen: the new leader's term.
+        term: u64,
+    },
+    /// "I have just (re)started": sent to every server at boot.
+    IAmUp {
+        /// The highest term the sender has seen (0 after a restart: state is not persisted).
+        term: u64,
+    },
+    /// What the sender knows: the reply to `IAmUp`, and the correction sent to the sender of a
+    /// stale message.
+    View {
+        /// The leader the sender follows, if any.
+        leader: Option<ServerId>,
+        /// The term of that leader; without a leader, the highest term the sender has seen.
+        term: u64,
+        /// The servers the sender (its own id included) believes alive.
+        alive: Vec<ServerId>,
+    },
+}
+
+impl ElectionMessage {
+    /// The sender's term carried by this message.
+    pub fn term(&self) -> u64 {
+        match self {
+            ElectionMessage::Election { term }
+            | ElectionMessage::Answer { term }
+            | ElectionMessage::Nomination { term }
+            | ElectionMessage::Coordinator { term }
+            | ElectionMessage::IAmUp { term }
+            | ElectionMessage::View { term, .. } => *term,
+        }
+    }
+
+    /// A short name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ElectionMessage::Election { .. } => "election",
+            ElectionMessage::Answer { .. } => "answer",
+            ElectionMessage::Nomination { .. } => "nomination",
+            ElectionMessage::Coordinator { .. } => "coordinator",
+            ElectionMessage::IAmUp { .. } => "i_am_up",
+            ElectionMessage::View { .. } => "view",
+        }
+    }
+}
+
+/// Something that happened, handed to [`Election::handle`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// This server has booted: announce it with `IAmUp`. Inputs before `Start` only update
+    /// the alive set; messages and timers are ignored.
+    Start,
+    /// An election message from a peer (the id is the authenticated peer, not a claim).
+    Message {
+        /// The peer that sent it.
+        from: ServerId,
+        /// What it sent.
+        msg: ElectionMessage,
+    },
+    /// A timer requested by [`Action::SetTimer`] has fired.
+    Timer(ElectionTimer),
+    /// The failure detector declared this peer down.
+    PeerDown(ServerId),
+    /// The failure detector heard from this peer again (or for the first time).
+    PeerUp(ServerId),
+}
+
+/// Which wait a timer ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TimerKind {
+    /// T1: a recovering server's wait for `View`s.
+    Views,
+    /// T3 after recovery: wait for the higher server known alive to announce itself.
+    Leader,
+    /// T2: an initiator's wait for `Answer`s.
+    Answers,
+    /// T3: a nominator's wait for its nominee's `Coordinator`.
+    Coordinator,
+    /// T4: an answerer's wait for a `Nomination` or `Coordinator`.
+    Nomination,
+}
+
+/// A typed timer request. The driver holds it and hands it back in [`Input::Timer`] when it
+/// fires; it never cancels one, because a timer of an old round is ignored by the state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ElectionTimer {
+    kind: TimerKind,
+    round: u64,
+}
+
+impl ElectionTimer {
+    /// Which wait this timer ends.
+    pub fn kind(&self) -> TimerKind {
+        self.kind
+    }
+
+    /// The round in which the timer was armed; it only acts if that round is still current.
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+}
+
+/// What the driver must do after an input, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send this message to this peer (on a reliable stream; if the peer is unreachable the
+    /// message may be dropped, the algorithm copes with that through its timers).
+    Send {
+        /// The destination.
+        to: ServerId,
+        /// The message.
+        msg: ElectionMessage,
+    },
+    /// Hand `timer` back in [`Input::Timer`] once `after` has passed.
+    SetTimer {
+        /// The timer to return.
+        timer: ElectionTimer,
+        /// How long from now.
+        after: Duration,
+    },
+    /// This server has started an election (the `election_started` log event). It follows
+    /// no leader until a [`Action::LeaderElected`].
+    ElectionStarted {
+        /// The highest term this server has seen; the winner's term will be above it.
+        term: u64,
+    },
+    /// This server now follows `leader` (possibly itself) at `term` (the `leader_elected`
+    /// log event). Emitted whenever the leader or its term changes.
+    LeaderElected {
+        /// The new leader.
+        leader: ServerId,
+        /// Its term.
+        term: u64,
+    },
+    /// This server no longer follows any leader: the one it followed was declared down or an
+    /// election started. Claims should wait for the next [`Action::LeaderElected`].
+    LeaderLost {
+        /// The leader it followed until now.
+        leader: ServerId,
+        /// That leader's term.
+        term: u64,
+    },
+}
+
+/// Where a server stands in the algorithm, for status pages and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Not started yet.
+    Idle,
+    /// Sent `IAmUp`; collecting `View`s for T1.
+    Recovering,
+    /// Recovered, knows a higher server is alive; gives it T3 to announce itself.
+    AwaitingLeader,
+    /// Follows a leader (or is the leader); no timer pending.
+    Stable,
+    /// Sent `Election` to every higher server; collecting `Answer`s for T2.
+    Electing,
+    /// Nominated a server; waiting T3 for its `Coordinator`.
+    Nominating,
+    /// Answered an `Election`; waiting T4 for a `Nomination` or `Coordinator`.
+    AwaitingNomination,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ElectionStats {
+    /// Elections this server started (including restarts after every nominee failed).
+    pub elections_started: u64,
+    /// [`Action::LeaderElected`] emitted.
+    pub leader_changes: u64,
+    /// Messages this server asked to send.
+    pub messages_sent: u64,
+    /// Messages dropped because their term was older than the followed leader's.
+    pub stale_messages: u64,
+    /// Timers that fired after their round had ended.
+    pub stale_timers: u64,
+    /// Messages ignored because they break the protocol or come from an unknown server.
+    pub ignored_messages: u64,
+}
+
+/// What the detector last said about a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Liveness {
+    /// Nothing heard yet: neither alive nor proven dead.
+    Unknown,
+    Up,
+    Down,
+}
+
+/// The phase with the data only that phase needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Idle,
+    /// `higher_hint`: some message or `View` showed a server above us alive.
+    Recovering {
+        higher_hint: bool,
+    },
+    AwaitingLeader,
+    Stable,
+    /// Ranks of the higher servers that answered.
+    Electing {
+        answers: Vec<usize>,
+    },
+    /// `remaining`: answerers not tried yet, highest first.
+    Nominating {
+        nominee: usize,
+        remaining: Vec<usize>,
+    },
+    AwaitingNomination,
+}
+
+/// One server's side of the Fast Bully election. See the module docs.
+#[derive(Debug, Clone)]
+pub struct Election {
+    /// Every configured server, ascending priority; a server is known by its index ("rank").
+    members: Vec<ServerId>,
+    me: usize,
+    timings: ElectionTimings,
+    alive: Vec<Liveness>,
+    /// The leader we follow now; `None` during our own election or after it died.
+    leader: Option<usize>,
+    leader_since: Option<Instant>,
+    /// The epoch of the newest leader we followed: stays when that leader dies, because it
+    /// is what fences messages older than it.
+    term: u64,
+    term_leader: Option<usize>,
+    /// The highest term in any message accepted so far: our next `Coordinator` goes above it.
+    seen_term: u64,
+    state: State,
+    /// Bumped on every phase change; timers of other rounds are stale.
+    round: u64,
+    stats: ElectionStats,
+}
+
+impl Election {
+    /// A server `me` of a cluster of `members` (every configured server, `me` included, in
+    /// ascending election priority: later = higher). Nothing happens until [`Input::Start`].
+    pub fn new(me: ServerId, members: Vec<ServerId>, timings: ElectionTimings) -> Election {
+        let mut unique: Vec<ServerId> = Vec::with_capacity(members.len() + 1);
+        for member in members {
+            if !unique.contains(&member) {
+                unique.push(member);
+            }
+        }
+        // Lowest, so that a config mistake can never make this server take the lead.
+        let me_rank = match unique.iter().position(|m| *m == me) {
+            Some(rank) => rank,
+            None => {
+                unique.insert(0, me);
+                0
+            }
+        };
+        let mut alive = vec![Liveness::Unknown; unique.len()];
+        alive[me_rank] = Liveness::Up;
+        Election {
+            members: unique,
+            me: me_rank,
+            timings,
+            alive,
+            leader: None,
+            leader_since: None,
+            term: 0,
+            term_leader: None,
+            seen_term: 0,
+            state: State::Idle,
+            round: 0,
+            stats: ElectionStats::default(),
+        }
+    }
+
+    /// This server's id.
+    pub fn me(&self) -> &ServerId {
+        &self.members[self.me]
+    }
+
+    /// Every member, ascending priority (deduplicated, `me` included).
+    pub fn members(&self) -> &[ServerId] {
+        &self.members
+    }
+
+    /// The timings this machine was built with.
+    pub fn timings(&self) -> ElectionTimings {
+        self.timings
+    }
+
+    /// The leader this server follows (possibly itself), if any.
+    pub fn leader(&self) -> Option<&ServerId> {
+        self.leader.map(|rank| &self.members[rank])
+    }
+
+    /// Whether this server is the leader it follows.
+    pub fn is_leader(&self) -> bool {
+        self.leader == Some(self.me)
+    }
+
+    /// The term of the newest leader this server followed (it stays while an election runs,
+    /// because it is what fences older messages).
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+
+    /// The highest term seen in any accepted message; the next `Coordinator` goes above it.
+    pub fn seen_term(&self) -> u64 {
+        self.seen_term
+    }
+
+    /// When this server started following its current leader (the `now` of that input).
+    pub fn leader_since(&self) -> Option<Instant> {
+        self.leader_since
+    }
+
+    /// Where this server stands in the algorithm.
+    pub fn phase(&self) -> Phase {
+        match self.state {
+            State::Idle => Phase::Idle,
+            State::Recovering { .. } => Phase::Recovering,
+            State::AwaitingLeader => Phase::AwaitingLeader,
+            State::Stable => Phase::Stable,
+            State::Electing { .. } => Phase::Electing,
+            State::Nominating { .. } => Phase::Nominating,
+            State::AwaitingNomination => Phase::AwaitingNomination,
+        }
+    }
+
+    /// The server nominated and not yet heard from, while [`Phase::Nominating`].
+    pub fn nominee(&self) -> Option<&ServerId> {
+        match &self.state {
+            State::Nominating { nominee, .. } => Some(&self.members[*nominee]),
+            _ => None,
+        }
+    }
+
+    /// The servers this server believes alive (itself included), ascending priority.
+    pub fn alive(&self) -> Vec<ServerId> {
+        self.members
+            .iter()
+            .zip(&self.alive)
+            .filter(|(_, liveness)| **liveness == Liveness::Up)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Counters for `/metrics`.
+    pub fn stats(&self) -> ElectionStats {
+        self.stats
+    }
+
+    /// Feeds one input at time `now`; returns what the driver must do, in order.
+    /// Never panics, whatever a peer sent.
+    pub fn handle(&mut self, now: Instant, input: Input) -> Vec<Action> {
+        let mut out = Vec::new();
+        match input {
+            Input::Start => self.on_start(now, &mut out),
+            Input::Message { from, msg } => match self.rank_of(&from) {
+                Some(peer) if peer != self.me && self.state != State::Idle => {
+                    self.on_message(now, peer, msg, &mut out)
+                }
+                _ => self.stats.ignored_messages += 1,
+            },
+            Input::Timer(timer) => self.on_timer(now, timer, &mut out),
+            Input::PeerUp(id) => {
+                if let Some(peer) = self.rank_of(&id).filter(|peer| *peer != self.me) {
+                    self.on_peer_up(peer, &mut out);
+                }
+            }
+            Input::PeerDown(id) => {
+                if let Some(peer) = self.rank_of(&id).filter(|peer| *peer != self.me) {
+                    self.on_peer_down(now, peer, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    fn rank_of(&self, id: &str) -> Option<usize> {
+        self.members.iter().position(|m| m == id)
+    }
+
+    fn top(&self) -> usize {
+        self.members.len() - 1
+    }
+
+    fn on_start(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.state != State::Idle {
+            return;
+        }
+        if self.members.len() == 1 {
+            // Alone in the cluster: nobody to ask.
+            self.become_leader(now, out);
+            return;
+        }
+        self.enter(
+            State::Recovering { higher_hint: false },
+            Some(TimerKind::Views),
+            out,
+        );
+        let term = self.seen_term;
+        for peer in self.peers() {
+            self.send(peer, ElectionMessage::IAmUp { term }, out);
+        }
+    }
+
+    fn on_message(
+        &mut self,
+        now: Instant,
+        peer: usize,
+        msg: ElectionMessage,
+        out: &mut Vec<Action>,
+    ) {
+        let term = msg.term();
+        if let ElectionMessage::IAmUp { .. } = msg {
+            // Never fenced: a restarted server has forgotten every term.
+            self.on_i_am_up(peer, term, out);
+            return;
+        }
+        if term < self.term {
+            self.stats.stale_messages += 1;
+            if self.deserves_correction(peer, &msg) {
+                self.send_view(peer, out);
+            }
+            return;
+        }
+        self.seen_term = self.seen_term.max(term);
+        match msg {
+            ElectionMessage::Election { .. } => self.on_election(now, peer, out),
+            ElectionMessage::Answer { .. } => self.on_answer(now, peer, out),
+            ElectionMessage::Nomination { .. } => self.on_nomination(now, peer, out),
+            ElectionMessage::Coordinator { term } => self.on_coordinator(now, peer, term, out),
+            ElectionMessage::View {
+                leader,
+                term,
+                alive,
+            } => self.on_view(now, peer, leader, term, &alive, out),
+            ElectionMessage::IAmUp { .. } => {}
+        }
+    }
+
+    fn on_i_am_up(&mut self, peer: usize, term: u64, out: &mut Vec<Action>) {
+        self.seen_term = self.seen_term.max(term);
+        if peer > self.me {
+            if let State::Recovering { higher_hint } = &mut self.state {
+                *higher_hint = true;
+            }
+        }
+        self.send_view(peer, out);
+    }
+
+    fn on_election(&mut self, now: Instant, peer: usize, out: &mut Vec<Action>) {
+        if peer > self.me {
+            // Elections only go upwards: the sender ranks the cluster differently.
+            self.stats.ignored_messages += 1;
+            return;
+        }
+        let term = self.seen_term;
+        self.send(peer, ElectionMessage::Answer { term }, out);
+        match self.state {
+            State::Stable if self.is_leader() => self.become_leader(now, out),
+            State::Recovering { .. } | State::AwaitingLeader | State::Stable => {
+                self.enter(State::AwaitingNomination, Some(TimerKind::Nomination), out)
+            }
+            // Our own election is under way, or we already wait for a nomination: keep the
+            // running timer so that a stream of Elections cannot postpone it forever.
+            State::Electing { .. } | State::Nominating { .. } | State::AwaitingNomination => {}
+            State::Idle => {}
+        }
+    }
+
+    fn on_answer(&mut self, now: Instant, peer: usize, out: &mut Vec<Action>) {
+        if peer < self.me {
+            self.stats.ignored_messages += 1;
+            return;
+        }
+        let best_possible = self.all_down_above(peer);
+        match &mut self.state {
+            State::Electing { answers } => {
+                if !answers.contains(&peer) {
+                    answers.push(peer);
+                }
+                if best_possible {
+                    // Every server above it is known dead: no better answer can come, so
+                    // waiting out T2 would only delay the failover.
+                    let candidates = descending(answers);
+                    self.nominate_next(now, candidates, out);
+                }
+            }
+            State::Nominating { nominee, remaining } => {
+                // A late answer: one more server to try if the current nominee fails.
+                if *nominee != peer && !remaining.contains(&peer) {
+                    remaining.push(peer);
+                    *remaining = descending(remaining);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_nomination(&mut self, now: Instant, peer: usize, out: &mut Vec<Action>) {
+        if peer > self.me {
+            // Only a lower server can have sent us an Election, so only it can nominate us.
+            self.stats.ignored_messages += 1;
+            return;
+        }
+        self.become_leader(now, out);
+    }
+
+    fn on_coordinator(&mut self, now: Instant, peer: usize, term: u64, out: &mut Vec<Action>) {
+        let epoch = (term, Some(peer));
+        let current = (self.term, self.term_leader);
+        if epoch < current {
+            // Same term as ours but a lower announcer: it lost the tie, tell it.
+            self.stats.stale_messages += 1;
+            self.send_view(peer, out);
+        } else if epoch == current {
+            // Duplicate of what we already follow (or declared dead): nothing new.
+        } else if peer < self.me {
+            self.on_lower_leader(now, out);
+        } else {
+            // A Coordinator is proof of life even if our detector said otherwise.
+            self.follow(now, peer, term, out);
+        }
+    }
+
+    fn on_view(
+        &mut self,
+        now: Instant,
+        peer: usize,
+        leader: Option<ServerId>,
+        term: u64,
+        alive: &[ServerId],
+        out: &mut Vec<Action>,
+    ) {
+        let me = self.me;
+        let hints_higher = peer > me
+            || alive
+                .iter()
+                .any(|id| self.rank_of(id).is_some_and(|r| r > me));
+        if let State::Recovering { higher_hint } = &mut self.state {
+            *higher_hint |= hints_higher;
+        }
+        // A leader we do not know by name is as good as none.
+        let Some(leader) = leader.and_then(|id| self.rank_of(&id)) else {
+            return;
+        };
+        let epoch = (term, Some(leader));
+        let current = (self.term, self.term_leader);
+        if epoch < current {
+            self.stats.stale_messages += 1;
+            if leader == peer {
+                // A stale leader: tell it it was deposed.
+                self.send_view(peer, out);
+            }
+        } else if epoch == current {
+            // Nothing new.
+        } else if leader <= me {
+            self.on_lower_leader(now, out);
+        } else if self.alive[leader] == Liveness::Down && leader != peer {
+            // Our own detector saw it die after the sender last heard of it.
+            if !self.in_own_election() {
+                self.start_election(now, out);
+            }
+        } else {
+            self.follow(now, leader, term, out);
+        }
+    }
+
+    /// A server below us (or we ourselves, in an epoch we do not know: we restarted) leads a
+    /// newer epoch. The bully rule says it must not while we are alive.
+    fn on_lower_leader(&mut self, now: Instant, out: &mut Vec<Action>) {
+        match self.state {
+            State::Recovering { higher_hint } => {
+                if self.higher_known(higher_hint) {
+                    self.start_election(now, out);
+                } else {
+                    self.become_leader(now, out);
+                }
+            }
+            // Our election is already running and will end above the seen term.
+            State::Electing { .. } | State::Nominating { .. } | State::Idle => {}
+            State::AwaitingLeader | State::Stable | State::AwaitingNomination => {
+                self.start_election(now, out)
+            }
+        }
+    }
+
+    fn on_timer(&mut self, now: Instant, timer: ElectionTimer, out: &mut Vec<Action>) {
+        if timer.round != self.round {
+            self.stats.stale_timers += 1;
+            return;
+        }
+        match (&self.state, timer.kind) {
+            (State::Recovering { higher_hint }, TimerKind::Views) => {
+                if self.higher_known(*higher_hint) {
+                    self.enter(State::AwaitingLeader, Some(TimerKind::Leader), out);
+                } else {
+                    self.become_leader(now, out);
+                }
+            }
+            (State::AwaitingLeader, TimerKind::Leader) => self.start_election(now, out),
+            (State::Electing { answers }, TimerKind::Answers) => {
+                if answers.is_empty() {
+                    self.become_leader(now, out);
+                } else {
+                    let candidates = descending(answers);
+                    self.nominate_next(now, candidates, out);
+                }
+            }
+            (State::Nominating { remaining, .. }, TimerKind::Coordinator) => {
+                let remaining = remaining.clone();
+                self.nominate_next(now, remaining, out);
+            }
+            (State::AwaitingNomination, TimerKind::Nomination) => self.start_election(now, out),
+            // Cannot happen (a round has one phase), but a forged timer must not panic.
+            _ => self.stats.stale_timers += 1,
+        }
+    }
+
+    fn on_peer_up(&mut self, peer: usize, out: &mut Vec<Action>) {
+        self.alive[peer] = Liveness::Up;
+        if self.is_leader() {
+            // A peer back from a partition may follow (or be) another leader: tell it ours;
+            // the older side of the two learns and yields.
+            self.send_view(peer, out);
+        }
+    }
+
+    fn on_peer_down(&mut self, now: Instant, peer: usize, out: &mut Vec<Action>) {
+        self.alive[peer] = Liveness::Down;
+        if self.state == State::Idle {
+            return;
+        }
+        if self.leader == Some(peer) {
+            if self.state == State::Stable {
+                self.start_election(now, out);
+            } else {
+                // Answered someone's Election: that election is already running.
+                self.drop_leader(out);
+            }
+        }
+        match &mut self.state {
+            State::Electing { answers } => answers.retain(|a| *a != peer),
+            State::Nominating { nominee, remaining } => {
+                remaining.retain(|r| *r != peer);
+                if *nominee == peer {
+                    // No point waiting out T3 for a server known dead.
+                    let remaining = std::mem::take(remaining);
+                    self.nominate_next(now, remaining, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts an election: Election to every higher server, or lead at once if there is none.
+    fn start_election(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.drop_leader(out);
+        self.stats.elections_started += 1;
+        out.push(Action::ElectionStarted {
+            term: self.seen_term,
+        });
+        if self.me == self.top() {
+            self.become_leader(now, out);
+            return;
+        }
+        self.enter(
+            State::Electing {
+                answers: Vec::new(),
+            },
+            Some(TimerKind::Answers),
+            out,
+        );
+        let term = self.seen_term;
+        for higher in self.me + 1..self.members.len() {
+            // Dead ones too: the detector may lag, and the mesh drops what it cannot deliver.
+            self.send(higher, ElectionMessage::Election { term }, out);
+        }
+    }
+
+    /// Nominates the first of `candidates` (highest first); none left: starts again.
+    fn nominate_next(&mut self, now: Instant, candidates: Vec<usize>, out: &mut Vec<Action>) {
+        let Some((&nominee, rest)) = candidates.split_first() else {
+            self.start_election(now, out);
+            return;
+        };
+        let remaining = rest.to_vec();
+        self.enter(
+            State::Nominating { nominee, remaining },
+            Some(TimerKind::Coordinator),
+            out,
+        );
+        let term = self.seen_term;
+        self.send(nominee, ElectionMessage::Nomination { term }, out);
+    }
+
+    /// Takes the lead with a term above every term seen.
+    fn become_leader(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let term = self.seen_term.saturating_add(1);
+        self.follow(now, self.me, term, out);
+        for lower in 0..self.me {
+            self.send(lower, ElectionMessage::Coordinator { term }, out);
+        }
+        for higher in self.me + 1..self.members.len() {
+            if self.alive[higher] == Liveness::Up {
+                // Normally none: a higher server alive would have won. If one was cut off
+                // from the election, this tells it to take the lead back.
+                self.send_view(higher, out);
+            }
+        }
+    }
+
+    /// Follows `leader` at `term` (a newer epoch than ours, checked by the caller).
+    fn follow(&mut self, now: Instant, leader: usize, term: u64, out: &mut Vec<Action>) {
+        self.term = term;
+        self.term_leader = Some(leader);
+        self.seen_term = self.seen_term.max(term);
+        self.leader = Some(leader);
+        self.leader_since = Some(now);
+        self.stats.leader_changes += 1;
+        out.push(Action::LeaderElected {
+            leader: self.members[leader].clone(),
+            term,
+        });
+        self.enter(State::Stable, None, out);
+    }
+
+    fn drop_leader(&mut self, out: &mut Vec<Action>) {
+        if let Some(leader) = self.leader.take() {
+            self.leader_since = None;
+            out.push(Action::LeaderLost {
+                leader: self.members[leader].clone(),
+                term: self.term,
+            });
+        }
+    }
+
+    /// Moves to `state` in a new round (which silences every pending timer) and arms `timer`.
+    fn enter(&mut self, state: State, timer: Option<TimerKind>, out: &mut Vec<Action>) {
+        self.round = self.round.wrapping_add(1);
+        self.state = state;
+        if let Some(kind) = timer {
+            out.push(Action::SetTimer {
+                timer: ElectionTimer {
+                    kind,
+                    round: self.round,
+                },
+                after: self.timings.duration(kind),
+            });
+        }
+    }
+
+    fn send(&mut self, to: usize, msg: ElectionMessage, out: &mut Vec<Action>) {
+        self.stats.messages_sent += 1;
+        out.push(Action::Send {
+            to: self.members[to].clone(),
+            msg,
+        });
+    }
+
+    fn send_view(&mut self, to: usize, out: &mut Vec<Action>) {
+        let term = if self.leader.is_some() {
+            self.term
+        } else {
+            self.seen_term
+        };
+        let msg = ElectionMessage::View {
+            leader: self.leader().cloned(),
+            term,
+            alive: self.alive(),
+        };
+        self.send(to, msg, out);
+    }
+
+    /// Whether the sender of a stale message should get a `View` to catch up. A `View` only
+    /// does if it names its own sender as leader (a stale leader to depose): any other stale
+    /// `View` is a late reply to our `IAmUp` overtaken by our own `Coordinator`, and answering
+    /// those would only add traffic.
+    fn deserves_correction(&self, peer: usize, msg: &ElectionMessage) -> bool {
+        match msg {
+            ElectionMessage::View { leader, .. } => {
+                leader.as_deref().and_then(|l| self.rank_of(l)) == Some(peer)
+            }
+            _ => true,
+        }
+    }
+
+    fn peers(&self) -> Vec<usize> {
+        (0..self.members.len()).filter(|r| *r != self.me).collect()
+    }
+
+    fn in_own_election(&self) -> bool {
+        matches!(
+            self.state,
+            State::Electing { .. } | State::Nominating { .. }
+        )
+    }
+
+    /// Whether a server above us is known (or hinted by a View) to be alive.
+    fn higher_known(&self, higher_hint: bool) -> bool {
+        higher_hint || self.alive[self.me + 1..].contains(&Liveness::Up)
+    }
+
+    /// Whether every server above `rank` has been declared down by our detector.
+    fn all_down_above(&self, rank: usize) -> bool {
+        self.alive
+            .get(rank + 1..)
+            .is_none_or(|above| above.iter().all(|l| *l == Liveness::Down))
+    }
+}
+
+/// The ranks, deduplicated, highest first.
+fn descending(ranks: &[usize]) -> Vec<usize> {
+    let mut sorted = ranks.to_vec();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    sorted.dedup();
+    sorted
+}
+
+#[cfg(test)]
+mod tests {
+    //! A deterministic cluster simulator (virtual clock, message queue with delays, scripted
+    //! crashes, restarts and partitions, a modelled failure detector) and the tests over it.
+
+    use super::*;
+    use std::collections::BTreeMap;
+
+    const fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// The main crate's default timings (T4 = T2 + T3, as the paper suggests).
+    const TIMINGS: ElectionTimings = ElectionTimings {
+        t1: ms(150),
+        t2: ms(100),
+        t3: ms(150),
+        t4: ms(250),
+    };
+
+    fn id(rank: usize) -> ServerId {
+        format!("s{}", rank + 1)
+    }
+
+    fn ids(n: usize) -> Vec<ServerId> {
+        (0..n).map(id).collect()
+    }
+
+    fn rank(server: &str) -> usize {
+        server[1..]
+            .parse::<usize>()
+            .expect("test ids look like s<n>")
+            - 1
+    }
+
+    /// SplitMix64: tiny and deterministic; picks delays, victims and garbage.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            if n == 0 { 0 } else { self.next_u64() % n }
+        }
+
+        fn between(&mut self, (lo, hi): (Duration, Duration)) -> Duration {
+            if hi <= lo {
+                return lo;
+            }
+            let span = (hi - lo).as_micros() as u64;
+            lo + Duration::from_micros(self.below(span + 1))
+        }
+    }
+
+    /// What the interceptor decides for a message about to be delivered.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Fate {
+        Deliver,
+        /// The receiver crashes instead of handling it (scripted "dies at the worst moment").
+        CrashReceiver,
+    }
+
+    type Interceptor = Box<dyn FnMut(usize, usize, &ElectionMessage) -> Fate>;
+
+    enum Event {
+        Deliver {
+            from: usize,
+            to: usize,
+            incarnation: u64,
+            msg: ElectionMessage,
+        },
+        Timer {
+            node: usize,
+            incarnation: u64,
+            timer: ElectionTimer,
+        },
+        /// The observer's failure detector re-evaluates the subject (model of heartbeats).
+        Detect {
+            observer: usize,
+            subject: usize,
+        },
+        Crash(usize),
+        /// Boots a node that is down (first boot or restart).
+        Boot(usize),
+    }
+
+    struct SimNode {
+        machine: Election,
+        up: bool,
+        incarnation: u64,
+        /// What this node's detector last reported about each peer.
+        sees_up: Vec<bool>,
+        last_term: u64,
+    }
+
+    #[derive(Debug, Clone)]
+    struct Sent {
+        at: Duration,
+        from: usize,
+        to: usize,
+        msg: ElectionMessage,
+    }
+
+    #[derive(Debug, Clone)]
+    struct Logged {
+        at: Duration,
+        node: usize,
+        action: Action,
+    }
+
+    struct Sim {
+        seed: u64,
+        rng: Rng,
+        base: Instant,
+        now: Duration,
+        nodes: Vec<SimNode>,
+        queue: BTreeMap<(Duration, u64), Event>,
+        next_key: u64,
+        /// One-way delay of a message, uniform in this range (so messages reorder).
+        delay: (Duration, Duration),
+        /// How long a detector takes to notice a crash or a cut link...
+        detect: (Duration, Duration),
+        /// ...unless the observer has a fixed detection time here.
+        detect_fixed: Vec<Option<Duration>>,
+        /// How long a detector takes to notice a booted peer or a healed link.
+        notice_up: (Duration, Duration),
+        /// `cut[a][b]`: nothing passes from a to b.
+        cut: Vec<Vec<bool>>,
+        intercept: Option<Interceptor>,
+        sent: Vec<Sent>,
+        log: Vec<Logged>,
+    }
+
+    impl Sim {
+        fn new(n: usize, seed: u64) -> Sim {
+            let members = ids(n);
+            let nodes = (0..n)
+                .map(|i| SimNode {
+                    machine: Election::new(id(i), members.clone(), TIMINGS),
+                    up: false,
+                    incarnation: 0,
+                    sees_up: vec![false; n],
+                    last_term: 0,
+                })
+                .collect();
+            Sim {
+                seed,
+                rng: Rng(seed),
+                base: Instant::now(),
+                now: Duration::ZERO,
+                nodes,
+                queue: BTreeMap::new(),
+                next_key: 0,
+                delay: (ms(1), ms(5)),
+                detect: (ms(350), ms(400)),
+                detect_fixed: vec![None; n],
+                notice_up: (ms(20), ms(40)),
+                cut: vec![vec![false; n]; n],
+                intercept: None,
+                sent: Vec::new(),
+                log: Vec::new(),
+            }
+        }
+
+        fn n(&self) -> usize {
+            self.nodes.len()
+        }
+
+        fn schedule(&mut self, after: Duration, event: Event) {
+            let key = (self.now + after, self.next_key);
+            self.next_key += 1;
+            self.queue.insert(key, event);
+        }
+
+        fn boot_all(&mut self) {
+            for node in 0..self.n() {
+                self.boot(node);
+            }
+        }
+
+        /// Boots a down node with a fresh state machine (nothing survives a restart).
+        fn boot(&mut self, node: usize) {
+            if self.nodes[node].up {
+                return;
+            }
+            let n = self.n();
+            let fresh = Election::new(id(node), ids(n), TIMINGS);
+            let slot = &mut self.nodes[node];
+            slot.machine = fresh;
+            slot.up = true;
+            slot.incarnation += 1;
+            slot.sees_up = vec![false; n];
+            slot.last_term = 0;
+            self.feed(node, Input::Start);
+            for other in (0..n).filter(|o| *o != node) {
+                let after = self.rng.between(self.notice_up);
+                self.schedule(
+                    after,
+                    Event::Detect {
+                        observer: other,
+                        subject: node,
+                    },
+                );
+                let after = self.rng.between(self.notice_up);
+                self.schedule(
+                    after,
+                    Event::Detect {
+                        observer: node,
+                        subject: other,
+                    },
+                );
+            }
+        }
+
+        fn crash(&mut self, node: usize) {
+            if !self.nodes[node].up {
+                return;
+            }
+            self.nodes[node].up = false;
+            for observer in (0..self.n()).filter(|o| *o != node) {
+                let after = self.detect_delay(observer);
+                self.schedule(
+                    after,
+                    Event::Detect {
+                        observer,
+                        subject: node,
+                    },
+                );
+            }
+        }
+
+        /// Cuts every link between the two groups (both directions).
+        fn partition(&mut self, left: &[usize], right: &[usize]) {
+            for &a in left {
+                for &b in right {
+                    self.cut[a][b] = true;
+                    self.cut[b][a] = true;
+                    let after = self.detect_delay(a);
+                    self.schedule(
+                        after,
+                        Event::Detect {
+                            observer: a,
+                            subject: b,
+                        },
+                    );
+                    let after = self.detect_delay(b);
+                    self.schedule(
+                        after,
+                        Event::Detect {
+                            observer: b,
+                            subject: a,
+                        },
+                    );
+                }
+            }
+        }
+
+        fn heal(&mut self) {
+            let n = self.n();
+            self.cut = vec![vec![false; n]; n];
+            for observer in 0..n {
+                for subject in (0..n).filter(|s| *s != observer) {
+                    let after = self.rng.between(self.notice_up);
+                    self.schedule(after, Event::Detect { observer, subject });
+                }
+            }
+        }
+
+        fn detect_delay(&mut self, observer: usize) -> Duration {
+            match self.detect_fixed[observer] {
+                Some(fixed) => fixed,
+                None => self.rng.between(self.detect),
+            }
+        }
+
+        fn feed(&mut self, node: usize, input: Input) {
+            if !self.nodes[node].up {
+                return;
+            }
+            let now = self.base + self.now;
+            let slot = &mut self.nodes[node];
+            let actions = slot.machine.handle(now, input);
+            let term = slot.machine.term();
+            assert!(
+                term >= slot.last_term,
+                "seed {}: {} term went back from {} to {}",
+                self.seed,
+                id(node),
+                slot.last_term,
+                term
+            );
+            slot.last_term = term;
+            for action in actions {
+                self.apply(node, action);
+            }
+        }
+
+        fn apply(&mut self, node: usize, action: Action) {
+            match action {
+                Action::Send { to, msg } => {
+                    let to = rank(&to);
+                    assert_ne!(to, node, "seed {}: {} sent to itself", self.seed, id(node));
+                    self.sent.push(Sent {
+                        at: self.now,
+                        from: node,
+                        to,
+                        msg: msg.clone(),
+                    });
+                    let after = self.rng.between(self.delay);
+                    let incarnation = self.nodes[to].incarnation;
+                    self.schedule(
+                        after,
+                        Event::Deliver {
+                            from: node,
+                            to,
+                            incarnation,
+                            msg,
+                        },
+                    );
+                }
+                Action::SetTimer { timer, after } => {
+                    let incarnation = self.nodes[node].incarnation;
+                    self.schedule(
+                        after,
+                        Event::Timer {
+                            node,
+                            incarnation,
+                            timer,
+                        },
+                    );
+                }
+                other => self.log.push(Logged {
+                    at: self.now,
+                    node,
+                    action: other,
+                }),
+            }
+        }
+
+        /// The driver's contract: a message is a sign of life (`FailureDetector::heard_from`),
+        /// and the detector will time the sender out like any peer if nothing follows.
+        fn heard_from(&mut self, observer: usize, subject: usize) {
+            if self.nodes[observer].sees_up[subject] {
+                return;
+            }
+            self.nodes[observer].sees_up[subject] = true;
+            self.feed(observer, Input::PeerUp(id(subject)));
+            let after = self.detect_delay(observer);
+            self.schedule(after, Event::Detect { observer, subject });
+        }
+
+        fn step(&mut self) -> bool {
+            let Some((at, event)) = self.queue.pop_first().map(|((at, _), e)| (at, e)) else {
+                return false;
+            };
+            self.now = at;
+            match event {
+                Event::Deliver {
+                    from,
+                    to,
+                    incarnation,
+                    msg,
+                } => {
+                    // A restart is a new connection: what was sent to the old one is lost.
+                    let target = &self.nodes[to];
+                    if !target.up || target.incarnation != incarnation || self.cut[from][to] {
+                        return true;
+                    }
+                    let mut intercept = self.intercept.take();
+                    let fate = intercept
+                        .as_mut()
+                        .map_or(Fate::Deliver, |f| f(from, to, &msg));
+                    self.intercept = intercept;
+                    match fate {
+                        Fate::Deliver => {
+                            self.heard_from(to, from);
+                            self.feed(
+                                to,
+                                Input::Message {
+                                    from: id(from),
+                                    msg,
+                                },
+                            );
+                        }
+                        Fate::CrashReceiver => self.crash(to),
+                    }
+                }
+                Event::Timer {
+                    node,
+                    incarnation,
+                    timer,
+                } => {
+                    if self.nodes[node].incarnation == incarnation {
+                        self.feed(node, Input::Timer(timer));
+                    }
+                }
+                Event::Detect { observer, subject } => {
+                    if !self.nodes[observer].up {
+                        return true;
+                    }
+                    let truth = self.nodes[subject].up && !self.cut[subject][observer];
+                    if truth != self.nodes[observer].sees_up[subject] {
+                        self.nodes[observer].sees_up[subject] = truth;
+                        let input = if truth {
+                            Input::PeerUp(id(subject))
+                        } else {
+                            Input::PeerDown(id(subject))
+                        };
+                        self.feed(observer, input);
+                    }
+                }
+                Event::Crash(node) => self.crash(node),
+                Event::Boot(node) => self.boot(node),
+            }
+            true
+        }
+
+        fn run_until(&mut self, until: Duration) {
+            while self
+                .queue
+                .first_key_value()
+                .is_some_and(|((at, _), _)| *at <= until)
+            {
+                self.step();
+            }
+            self.now = self.now.max(until);
+        }
+
+        /// Runs until nothing is left to happen: no message in flight, no timer pending.
+        fn settle(&mut self) {
+            let limit = self.now + Duration::from_secs(120);
+            while let Some(((at, _), _)) = self.queue.first_key_value() {
+                assert!(
+                    *at <= limit,
+                    "seed {}: still busy 120 s later\n{}",
+                    self.seed,
+                    self.describe()
+                );
+                self.step();
+            }
+        }
+
+        fn live(&self) -> Vec<usize> {
+            (0..self.n()).filter(|i| self.nodes[*i].up).collect()
+        }
+
+        fn machine(&self, node: usize) -> &Election {
+            &self.nodes[node].machine
+        }
+
+        fn describe(&self) -> String {
+            let mut lines = String::new();
+            for (i, node) in self.nodes.iter().enumerate() {
+                let m = &node.machine;
+                lines.push_str(&format!(
+                    "  {} up={} phase={:?} leader={:?} term={} seen={}\n",
+                    id(i),
+                    node.up,
+                    m.phase(),
+                    m.leader(),
+                    m.term(),
+                    m.seen_term()
+                ));
+            }
+            lines
+        }
+
+        /// Every live node is stable, follows the highest live node, at the same term.
+        fn assert_agreement(&self) -> (ServerId, u64) {
+            let live = self.live();
+            let highest = *live.last().expect("a live node");
+            let term = self.machine(highest).term();
+            for &node in &live {
+                let m = self.machine(node);
+                let ok = m.phase() == Phase::Stable
+                    && m.leader() == Some(&id(highest))
+                    && m.term() == term;
+                assert!(
+                    ok,
+                    "seed {}: {} disagrees (expected leader {} term {})\n{}",
+                    self.seed,
+                    id(node),
+                    id(highest),
+                    term,
+                    self.describe()
+                );
+            }
+            (id(highest), term)
+        }
+
+        fn sent_since(&self, since: Duration) -> impl Iterator<Item = &Sent> {
+            self.sent.iter().filter(move |s| s.at >= since)
+        }
+
+        fn logged_since(&self, since: Duration) -> impl Iterator<Item = &Logged> {
+            self.log.iter().filter(move |l| l.at >= since)
+        }
+
+        fn elections_started_since(&self, since: Duration) -> Vec<(Duration, usize)> {
+            self.logged_since(since)
+                .filter(|l| matches!(l.action, Action::ElectionStarted { .. }))
+                .map(|l| (l.at, l.node))
+                .collect()
+        }
+    }
+
+    fn booted(n: usize, seed: u64) -> Sim {
+        let mut sim = Sim::new(n, seed);
+        sim.boot_all();
+        sim.settle();
+        sim.assert_agreement();
+        sim
+    }
+
+    #[test]
+    fn boot_of_3_and_5_nodes_agrees_on_the_highest() {
+        for n in [3, 5] {
+            for seed in 0..20 {
+                let mut sim = Sim::new(n, seed);
+                sim.boot_all();
+                sim.settle();
+                let (leader, term) = sim.assert_agreement();
+                assert_eq!(leader, id(n - 1), "seed {seed}");
+                assert_eq!(term, 1, "seed {seed}: one announcement at boot");
+                // IAmUp and View between every pair, then one Coordinator per lower server.
+                let messages = sim.sent.len();
+                assert!(
+                    messages <= 2 * n * (n - 1) + n,
+                    "seed {seed}: {messages} messages"
+                );
+                assert!(
+                    sim.elections_started_since(Duration::ZERO).is_empty(),
+                    "seed {seed}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn boot_in_any_order_ends_with_the_highest() {
+        for seed in 0..50 {
+            let mut rng = Rng(seed ^ 0xB007);
+            let n = 2 + rng.below(5) as usize;
+            let mut sim = Sim::new(n, seed);
+            for node in 0..n {
+                sim.schedule(ms(rng.below(2_000)), Event::Boot(node));
+            }
+            sim.settle();
+            let (leader, _) = sim.assert_agreement();
+            assert_eq!(leader, id(n - 1), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn a_lone_server_leads_at_once_and_a_server_without_views_after_t1() {
+        let now = Instant::now();
+        let mut alone = Election::new(id(0), ids(1), TIMINGS);
+        let actions = alone.handle(now, Input::Start);
+        assert_eq!(
+            actions,
+            vec![Action::LeaderElected {
+                leader: id(0),
+                term: 1
+            }]
+        );
+
+        // Two configured, the other one never answers: lead after T1.
+        let mut first = Election::new(id(0), ids(2), TIMINGS);
+        let actions = first.handle(now, Input::Start);
+        let timer = set_timer(&actions).expect("T1 armed");
+        assert_eq!(timer.kind(), TimerKind::Views);
+        let actions = first.handle(now + TIMINGS.t1, Input::Timer(timer));
+        assert!(first.is_leader());
+        assert!(actions.contains(&Action::LeaderElected {
+            leader: id(0),
+            term: 1
+        }));
+    }
+
+    #[test]
+    fn leader_crash_elects_the_next_highest_everywhere_with_one_term() {
+        for seed in 0..30 {
+            let mut sim = booted(5, seed);
+            let (_, old_term) = sim.assert_agreement();
+            let crash_at = sim.now;
+            sim.crash(4);
+            sim.settle();
+            let (leader, term) = sim.assert_agreement();
+            assert_eq!(leader, id(3), "seed {seed}");
+            assert!(term > old_term, "seed {seed}");
+            // Every survivor announced the same result, and nothing else.
+            for node in 0..4 {
+                let elected: Vec<_> = sim
+                    .logged_since(crash_at)
+                    .filter(|l| l.node == node)
+                    .filter_map(|l| match &l.action {
+                        Action::LeaderElected { leader, term } => Some((leader.clone(), *term)),
+                        _ => None,
+                    })
+                    .collect();
+                assert_eq!(elected, vec![(id(3), term)], "seed {seed}: {}", id(node));
+            }
+        }
+    }
+
+    /// Detector delays: `first` notices at 350 ms, every other observer at `others`.
+    fn one_detector_first(sim: &mut Sim, first: usize, others: Duration) {
+        let n = sim.n();
+        sim.detect_fixed = (0..n)
+            .map(|i| Some(if i == first { ms(350) } else { others }))
+            .collect();
+    }
+
+    #[test]
+    fn one_election_costs_at_most_3n_messages() {
+        for n in [3, 5, 8, 12, 20] {
+            let seed = n as u64;
+            let mut sim = booted(n, seed);
+            one_detector_first(&mut sim, 0, ms(700));
+            let crash_at = sim.now;
+            sim.crash(n - 1);
+            sim.settle();
+            let (leader, _) = sim.assert_agreement();
+            assert_eq!(leader, id(n - 2));
+            let messages = sim.sent_since(crash_at).count();
+            assert!(
+                messages <= 3 * n,
+                "seed {seed}: {messages} messages for n = {n}, expected at most {}",
+                3 * n
+            );
+            assert_eq!(
+                sim.elections_started_since(crash_at).len(),
+                1,
+                "seed {seed}"
+            );
+        }
+    }
+
+    #[test]
+    fn simultaneous_detectors_elect_one_leader() {
+        for n in [3, 5, 8] {
+            let seed = 100 + n as u64;
+            let mut sim = booted(n, seed);
+            sim.delay = (ms(2), ms(2));
+            sim.detect = (ms(350), ms(350));
+            let crash_at = sim.now;
+            sim.crash(n - 1);
+            sim.settle();
+            let (leader, _) = sim.assert_agreement();
+            assert_eq!(leader, id(n - 2), "seed {seed}");
+            // Every survivor detected at the same instant, so each ran its own election...
+            assert_eq!(
+                sim.elections_started_since(crash_at).len(),
+                n - 1,
+                "seed {seed}"
+            );
+            // ...which is the Fast Bully worst case: quadratic, and no worse.
+            let messages = sim.sent_since(crash_at).count();
+            assert!(
+                messages <= n * (n - 1) + 3 * n,
+                "seed {seed}: {messages} messages for n = {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_nominee_that_dies_before_announcing_is_replaced_by_the_next() {
+        for seed in 0..10 {
+            let mut sim = booted(5, seed);
+            // Slow detectors everywhere but s1, so that only the T3 timeout can save s1.
+            one_detector_first(&mut sim, 0, ms(2_000));
+            sim.detect_fixed[0] = Some(ms(350));
+            sim.intercept = Some(Box::new(|_, to, msg| {
+                if to == 3 && matches!(msg, ElectionMessage::Nomination { .. }) {
+                    Fate::CrashReceiver
+                } else {
+                    Fate::Deliver
+                }
+            }));
+            let crash_at = sim.now;
+            sim.crash(4);
+            sim.run_until(crash_at + ms(1_000));
+            let nominated: Vec<usize> = sim
+                .sent_since(crash_at)
+                .filter(|s| s.from == 0 && matches!(s.msg, ElectionMessage::Nomination { .. }))
+                .map(|s| s.to)
+                .collect();
+            assert_eq!(nominated, vec![3, 2], "seed {seed}: s4 first, then s3");
+            assert_eq!(sim.machine(0).leader(), Some(&id(2)), "seed {seed}");
+            // s3 got there through the nomination, not through its own T4.
+            assert!(
+                !sim.elections_started_since(crash_at)
+                    .iter()
+                    .any(|(_, node)| *node == 2),
+                "seed {seed}"
+            );
+            sim.settle();
+            let (leader, _) = sim.assert_agreement();
+            assert_eq!(leader, id(2), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn answerers_start_their_own_election_when_no_nomination_comes() {
+        for seed in 0..10 {
+            let mut sim = booted(5, seed);
+            one_detector_first(&mut sim, 0, ms(2_000));
+            // The initiator dies as soon as the first Answer reaches it.
+            sim.intercept = Some(Box::new(|_, to, msg| {
+                if to == 0 && matches!(msg, ElectionMessage::Answer { .. }) {
+                    Fate::CrashReceiver
+                } else {
+                    Fate::Deliver
+                }
+            }));
+            let crash_at = sim.now;
+            sim.crash(4);
+            sim.run_until(crash_at + ms(1_500));
+            // Before any of them detected anything (at 2 s), T4 made s2, s3, s4 elect.
+            let started = sim.elections_started_since(crash_at);
+            for node in 1..4 {
+                assert!(
+                    started
+                        .iter()
+                        .any(|(at, n)| *n == node && *at < crash_at + ms(2_000)),
+                    "seed {seed}: {} never ran its T4 election: {started:?}",
+                    id(node)
+                );
+            }
+            sim.settle();
+            let (leader, _) = sim.assert_agreement();
+            assert_eq!(leader, id(3), "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn the_highest_server_recovering_takes_the_lead_back_with_a_higher_term() {
+        for seed in 0..20 {
+            let mut sim = booted(5, seed);
+            sim.crash(4);
+            sim.settle();
+            let (leader, term) = sim.assert_agreement();
+            assert_eq!(leader, id(3), "seed {seed}");
+            let back_at = sim.now;
+            sim.boot(4);
+            sim.settle();
+            let (leader, new_term) = sim.assert_agreement();
+            assert_eq!(leader, id(4), "seed {seed}");
+            assert_eq!(new_term, term + 1, "seed {seed}");
+            // Recovery is not an election: IAmUp, Views, one Coordinator broadcast.
+            assert!(
+                sim.elections_started_since(back_at).is_empty(),
+                "seed {seed}"
+            );
+        }
+    }
+
+    pub(super) fn random_stats() {
+        let mut totals = ElectionStats::default();
+        let mut kinds = std::collections::BTreeMap::<&str, usize>::new();
+        let (mut runs_multi, mut crashes_mid) = (0, 0);
+        let seeds: u64 = std::env::var("SEEDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(400);
+        let first: u64 = std::env::var("FIRST")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        for seed in first..seeds {
+            let mut rng = Rng(seed ^ 0x5EED);
+            let n = 2 + rng.below(6) as usize;
+            let mut sim = Sim::new(n, seed);
+            sim.delay = (ms(1), ms(1 + rng.below(40)));
+            sim.detect = (ms(300), ms(300 + rng.below(400)));
+            sim.notice_up = (ms(10), ms(10 + rng.below(150)));
+            for node in 0..n {
+                sim.schedule(ms(rng.below(400)), Event::Boot(node));
+            }
+            let mut at = Duration::ZERO;
+            for _ in 0..rng.below(14) {
+                at += ms(rng.below(1_500));
+                let node = rng.below(n as u64) as usize;
+                let event = if rng.below(2) == 0 {
+                    Event::Crash(node)
+                } else {
+                    Event::Boot(node)
+                };
+                sim.schedule(at, event);
+            }
+            sim.run_until(at + ms(1));
+            if sim.live().is_empty() {
+                let node = rng.below(n as u64) as usize;
+                sim.boot(node);
+            }
+            sim.settle();
+            if std::env::var("TRACE").is_ok() {
+                println!("{}", sim.describe());
+                for s in &sim.sent {
+                    println!("{:?} {} -> {} {:?}", s.at, id(s.from), id(s.to), s.msg);
+                }
+                for l in &sim.log {
+                    println!("{:?} {} {:?}", l.at, id(l.node), l.action);
+                }
+            }
+            sim.assert_agreement();
+            if sim.live().len() > 1 {
+                runs_multi += 1;
+            }
+            for node in &sim.nodes {
+                let st = node.machine.stats();
+                totals.elections_started += st.elections_started;
+                totals.stale_messages += st.stale_messages;
+                totals.stale_timers += st.stale_timers;
+                totals.leader_changes += st.leader_changes;
+            }
+            for s in &sim.sent {
+                *kinds.entry(s.msg.name()).or_default() += 1;
+            }
+            for l in &sim.log {
+                if let Action::LeaderLost { .. } = l.action {
+                    crashes_mid += 1;
+                }
+            }
+        }
+        println!("{totals:?} multi={runs_multi} leaderlost={crashes_mid} {kinds:?}");
+    }
+
+    pub(super) fn trace_recovery() {
+        let mut sim = booted(5, 0);
+        sim.crash(4);
+        sim.settle();
+        let back_at = sim.now;
+        sim.boot(4);
+        sim.settle();
+        for s in sim.sent_since(back_at) {
+            println!("{:?} {} -> {} {:?}", s.at, id(s.from), id(s.to), s.msg);
+        }
+        for l in sim.logged_since(back_at) {
+            println!("{:?} {} {:?}", l.at, id(l.node), l.action);
+        }
+    }
+
+    #[test]
+    fn a_lower_server_recovering_adopts_the_leader() {
+        for seed in 0..20 {
+            let mut sim = booted(5, seed);
+            let (_, term) = sim.assert_agreement();
+            sim.crash(1);
+            sim.settle();
+            sim.boot(1);
+            sim.settle();
+            let (leader, new_term) = sim.assert_agreement();
+            assert_eq!(
+                (leader, new_term),
+                (id(4), term),
+                "seed {seed}: nothing changes"
+            );
+        }
+    }
+
+    #[test]
+    fn a_leader_restarting_before_anyone_notices_reannounces_with_a_new_term() {
+        let mut sim = booted(4, 3);
+        let (_, term) = sim.assert_agreement();
+        sim.detect = (ms(5_000), ms(5_000));
+        sim.crash(3);
+        sim.run_until(sim.now + ms(10));
+        sim.boot(3);
+        sim.settle();
+        let (leader, new_term) = sim.assert_agreement();
+        assert_eq!(leader, id(3));
+        assert!(
+            new_term > term,
+            "fresh term fences the previous incarnation"
+        );
+    }
+
+    #[test]
+    fn a_partitioned_leader_and_the_new_one_converge_after_the_heal() {
+        for seed in 0..20 {
+            let mut sim = booted(5, seed);
+            sim.partition(&[4], &[0, 1, 2, 3]);
+            sim.settle();
+            // The majority elected s4; s5 alone still leads itself.
+            assert_eq!(sim.machine(0).leader(), Some(&id(3)), "seed {seed}");
+            assert_eq!(sim.machine(4).leader(), Some(&id(4)), "seed {seed}");
+            let split_term = sim.machine(0).term();
+            sim.heal();
+            sim.settle();
+            let (leader, term) = sim.assert_agreement();
+            assert_eq!(leader, id(4), "seed {seed}");
+            assert!(term > split_term, "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn a_false_suspicion_of_the_leader_ends_with_the_same_leader_and_a_fresh_term() {
+        let mut sim = booted(4, 9);
+        let (_, term) = sim.assert_agreement();
+        let at = sim.now;
+        // s1's detector alone wrongly reports the leader down.
+        sim.nodes[0].sees_up[3] = false;
+        sim.feed(0, Input::PeerDown(id(3)));
+        sim.settle();
+        let (leader, new_term) = sim.assert_agreement();
+        assert_eq!(leader, id(3));
+        assert_eq!(new_term, term + 1);
+        // The leader re-announced on the Election instead of waiting for a Nomination.
+        assert!(
+            !sim.sent_since(at)
+                .any(|s| matches!(s.msg, ElectionMessage::Nomination { .. }))
+        );
+    }
+
+    fn set_timer(actions: &[Action]) -> Option<ElectionTimer> {
+        actions.iter().find_map(|a| match a {
+            Action::SetTimer { timer, .. } => Some(*timer),
+            _ => None,
+        })
+    }
+
+    fn sends(actions: &[Action]) -> Vec<(ServerId, ElectionMessage)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { to, msg } => Some((to.clone(), msg.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn view(leader: usize, term: u64) -> ElectionMessage {
+        ElectionMessage::View {
+            leader: Some(id(leader)),
+            term,
+            alive: vec![id(leader)],
+        }
+    }
+
+    fn msg(from: usize, msg: ElectionMessage) -> Input {
+        Input::Message {
+            from: id(from),
+            msg,
+        }
+    }
+
+    /// s2 of three, following s3 at term 5.
+    fn follower_of_s3_at_term_5(now: Instant) -> Election {
+        let mut s2 = Election::new(id(1), ids(3), TIMINGS);
+        s2.handle(now, Input::Start);
+        s2.handle(now, Input::PeerUp(id(2)));
+        s2.handle(now, msg(2, view(2, 5)));
+        assert_eq!((s2.leader(), s2.term()), (Some(&id(2)), 5));
+        s2
+    }
+
+    #[test]
+    fn messages_of_an_older_term_are_ignored_and_corrected() {
+        let now = Instant::now();
+        let mut s2 = follower_of_s3_at_term_5(now);
+        let correction = vec![(id(0), view(2, 5))];
+        let correction = |actions: &[Action]| {
+            let got = sends(actions);
+            assert_eq!(got.len(), 1, "{got:?}");
+            assert!(
+                matches!(&got[0].1, ElectionMessage::View { leader: Some(l), term: 5, .. } if *l == id(2)),
+                "{got:?} vs {correction:?}"
+            );
+        };
+
+        // A stale leader's Coordinator: not followed.
+        let actions = s2.handle(now, msg(0, ElectionMessage::Coordinator { term: 3 }));
+        correction(&actions);
+        // A stale Election: no Answer, no phase change.
+        let actions = s2.handle(now, msg(0, ElectionMessage::Election { term: 4 }));
+        correction(&actions);
+        // A stale Nomination: no Coordinator.
+        let actions = s2.handle(now, msg(0, ElectionMessage::Nomination { term: 2 }));
+        correction(&actions);
+        // A stale View naming another leader.
+        let actions = s2.handle(now, msg(0, view(0, 4)));
+        correction(&actions);
+        // A stale leaderless View claims nothing: silently dropped.
+        let actions = s2.handle(
+            now,
+            msg(
+                0,
+                ElectionMessage::View {
+                    leader: None,
+                    term: 1,
+                    alive: vec![],
+                },
+            ),
+        );
+        assert!(actions.is_empty());
+
+        assert_eq!(
+            (s2.leader(), s2.term(), s2.phase()),
+            (Some(&id(2)), 5, Phase::Stable)
+        );
+        assert_eq!(s2.stats().stale_messages, 5);
+
+        // IAmUp is never fenced: a restarted server starts from term 0.
+        let actions = s2.handle(now, msg(0, ElectionMessage::IAmUp { term: 0 }));
+        correction(&actions);
+    }
+
+    #[test]
+    fn equal_terms_are_ordered_by_rank() {
+        let now = Instant::now();
+        // s1 of four hears two servers announce term 3 at once, in both orders.
+        for order in [[2, 3], [3, 2]] {
+            let mut s1 = Election::new(id(0), ids(4), TIMINGS);
+            s1.handle(now, Input::Start);
+            for announcer in order {
+                s1.handle(
+                    now,
+                    msg(announcer, ElectionMessage::Coordinator { term: 3 }),
+                );
+            }
+            assert_eq!(
+                (s1.leader(), s1.term()),
+                (Some(&id(3)), 3),
+                "order {order:?}"
+            );
+        }
+        // The loser of the tie is told.
+        let mut s1 = Election::new(id(0), ids(4), TIMINGS);
+        s1.handle(now, Input::Start);
+        s1.handle(now, msg(3, ElectionMessage::Coordinator { term: 3 }));
+        let actions = s1.handle(now, msg(2, ElectionMessage::Coordinator { term: 3 }));
+        assert_eq!(
+            sends(&actions),
+            vec![(id(2), view(3, 3)).clone()]
+                .into_iter()
+                .map(|(to, _)| (
+                    to,
+                    ElectionMessage::View {
+                        leader: Some(id(3)),
+                        term: 3,
+                        alive: vec![id(0)]
+                    }
+                ))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_stale_timer_from_an_old_round_does_nothing() {
+        let now = Instant::now();
+        let mut s1 = Election::new(id(0), ids(3), TIMINGS);
+        let t1 = set_timer(&s1.handle(now, Input::Start)).expect("T1");
+        // A View settles recovery before T1 fires.
+        s1.handle(now, msg(2, view(2, 1)));
+        let before = (s1.phase(), s1.leader().cloned(), s1.term());
+        assert!(s1.handle(now + ms(150), Input::Timer(t1)).is_empty());
+        assert_eq!((s1.phase(), s1.leader().cloned(), s1.term()), before);
+
+        // The leader dies: election round with a T2 timer.
+        s1.handle(now, Input::PeerUp(id(1)));
+        let t2 = set_timer(&s1.handle(now, Input::PeerDown(id(2)))).expect("T2");
+        assert_eq!(t2.kind(), TimerKind::Answers);
+        // A Coordinator ends it before T2; then another failure starts a new round.
+        s1.handle(now, msg(1, ElectionMessage::Coordinator { term: 2 }));
+        let t2_new = set_timer(&s1.handle(now, Input::PeerDown(id(1)))).expect("new T2");
+        assert_eq!(s1.phase(), Phase::Electing);
+        // The old T2 is of the same kind and the phase matches, but its round is over:
+        // acting on it would declare victory before the new round's Answers could arrive.
+        assert!(s1.handle(now + ms(100), Input::Timer(t2)).is_empty());
+        assert_eq!(s1.phase(), Phase::Electing);
+        assert_eq!(s1.stats().stale_timers, 2);
+        // The current one acts.
+        let actions = s1.handle(now + ms(100), Input::Timer(t2_new));
+        assert!(s1.is_leader(), "{actions:?}");
+        // A forged timer of the current round but the wrong kind is ignored too.
+        let forged = ElectionTimer {
+            kind: TimerKind::Nomination,
+            round: s1.round,
+        };
+        assert!(s1.handle(now, Input::Timer(forged)).is_empty());
+        assert!(s1.is_leader());
+    }
+
+    #[test]
+    fn election_branches_step_by_step() {
+        let now = Instant::now();
+        // s2 of four: the leader s4 dies.
+        let mut s2 = Election::new(id(1), ids(4), TIMINGS);
+        s2.handle(now, Input::Start);
+        for peer in [0, 2, 3] {
+            s2.handle(now, Input::PeerUp(id(peer)));
+        }
+        s2.handle(now, msg(3, ElectionMessage::Coordinator { term: 1 }));
+        let actions = s2.handle(now, Input::PeerDown(id(3)));
+        assert_eq!(
+            actions[0],
+            Action::LeaderLost {
+                leader: id(3),
+                term: 1
+            }
+        );
+        assert_eq!(actions[1], Action::ElectionStarted { term: 1 });
+        assert_eq!(
+            sends(&actions),
+            vec![
+                (id(2), ElectionMessage::Election { term: 1 }),
+                (id(3), ElectionMessage::Election { term: 1 }),
+            ]
+        );
+        // s3 answers; s4 is known dead, so no better answer can come: nominate at once.
+        let actions = s2.handle(now, msg(2, ElectionMessage::Answer { term: 1 }));
+        assert_eq!(
+            sends(&actions),
+            vec![(id(2), ElectionMessage::Nomination { term: 1 })]
+        );
+        assert_eq!(
+            (s2.phase(), s2.nominee()),
+            (Phase::Nominating, Some(&id(2)))
+        );
+        let t3 = set_timer(&actions).expect("T3");
+        // s3 dies before announcing: nobody left, start again.
+        let actions = s2.handle(now, Input::Timer(t3));
+        assert!(actions.contains(&Action::ElectionStarted { term: 1 }));
+        let t2 = set_timer(&actions).expect("T2");
+        // Nobody answers this time: s2 leads, tells s1.
+        let actions = s2.handle(now, Input::Timer(t2));
+        assert!(s2.is_leader());
+        assert_eq!(s2.term(), 2);
+        let to_s1: Vec<_> = sends(&actions)
+            .into_iter()
+            .filter(|(to, _)| *to == id(0))
+            .collect();
+        assert_eq!(
+            to_s1,
+            vec![(id(0), ElectionMessage::Coordinator { term: 2 })]
+        );
+
+        // An Election received by the leader: Answer, then re-announce at a fresh term.
+        let actions = s2.handle(now, msg(0, ElectionMessage::Election { term: 2 }));
+        assert_eq!(
+            sends(&actions)[..2],
+            [
+                (id(0), ElectionMessage::Answer { term: 2 }),
+                (id(0), ElectionMessage::Coordinator { term: 3 }),
+            ]
+        );
+
+        // A follower answering an Election and then nominated announces itself.
+        let mut s3 = Election::new(id(2), ids(4), TIMINGS);
+        s3.handle(now, Input::Start);
+        s3.handle(now, msg(3, ElectionMessage::Coordinator { term: 1 }));
+        let actions = s3.handle(now, msg(0, ElectionMessage::Election { term: 1 }));
+        assert_eq!(
+            sends(&actions),
+            vec![(id(0), ElectionMessage::Answer { term: 1 })]
+        );
+        assert_eq!(s3.phase(), Phase::AwaitingNomination);
+        assert_eq!(
+            s3.leader(),
+            Some(&id(3)),
+            "keeps following until told otherwise"
+        );
+        let actions = s3.handle(now, msg(0, ElectionMessage::Nomination { term: 1 }));
+        assert!(s3.is_leader());
+        let coordinators: Vec<_> = sends(&actions).into_iter().map(|(to, _)| to).collect();
+        assert_eq!(coordinators, vec![id(0), id(1)], "to every lower server");
+    }
+
+    #[test]
+    fn protocol_breaking_messages_are_ignored() {
+        let now = Instant::now();
+        let mut s2 = follower_of_s3_at_term_5(now);
+        let before = (s2.phase(), s2.leader().cloned(), s2.term());
+        for input in [
+            msg(2, ElectionMessage::Election { term: 9 }),
+            msg(2, ElectionMessage::Nomination { term: 9 }),
+            msg(0, ElectionMessage::Answer { term: 9 }),
+            msg(1, ElectionMessage::Coordinator { term: 9 }),
+            Input::Message {
+                from: "stranger".into(),
+                msg: ElectionMessage::Coordinator { term: 9 },
+            },
+            Input::PeerDown("stranger".into()),
+            Input::PeerDown(id(1)),
+            Input::Start,
+        ] {
+            assert!(s2.handle(now, input.clone()).is_empty(), "{input:?}");
+        }
+        assert_eq!((s2.phase(), s2.leader().cloned(), s2.term()), before);
+    }
+
+    #[test]
+    fn a_lower_leader_is_not_followed_while_we_are_alive() {
+        let now = Instant::now();
+        let mut s2 = follower_of_s3_at_term_5(now);
+        // A View says s1 leads at term 6: s2 is above s1 and alive, so it runs an election.
+        let actions = s2.handle(now, msg(0, view(0, 6)));
+        assert!(actions.contains(&Action::ElectionStarted { term: 6 }));
+        assert_eq!(s2.phase(), Phase::Electing);
+        assert_eq!(
+            sends(&actions),
+            vec![(id(2), ElectionMessage::Election { term: 6 })]
+        );
+    }
+
+    #[test]
+    fn members_are_deduplicated_and_a_missing_self_is_lowest() {
+        let timings = TIMINGS;
+        let e = Election::new(id(1), vec![id(0), id(1), id(0), id(2)], timings);
+        assert_eq!(e.members(), &[id(0), id(1), id(2)]);
+        let e = Election::new("ghost".into(), ids(3), timings);
+        assert_eq!(e.members()[0], "ghost");
+        assert_eq!(e.me(), "ghost");
+        let e = Election::new(id(0), vec![], timings);
+        assert_eq!(e.members(), &[id(0)]);
+    }
+
+    #[test]
+    fn messages_round_trip_through_postcard() {
+        let all = [
+            ElectionMessage::Election { term: 1 },
+            ElectionMessage::Answer { term: 2 },
+            ElectionMessage::Nomination { term: 3 },
+            ElectionMessage::Coordinator { term: u64::MAX },
+            ElectionMessage::IAmUp { term: 0 },
+            ElectionMessage::View {
+                leader: Some(id(2)),
+                term: 7,
+                alive: ids(3),
+            },
+            ElectionMessage::View {
+                leader: None,
+                term: 0,
+                alive: vec![],
+            },
+        ];
+        for message in all {
+            let bytes = postcard::to_stdvec(&message).expect("encodes");
+            let back: ElectionMessage = postcard::from_bytes(&bytes).expect("decodes");
+            assert_eq!(back, message);
+        }
+    }
+
+    #[test]
+    fn garbage_inputs_never_panic_and_terms_never_go_back() {
+        let names: Vec<ServerId> = ids(6).into_iter().chain(["".to_string()]).collect();
+        for seed in 0..200 {
+            let mut rng = Rng(seed);
+            let now = Instant::now();
+            let mut e = Election::new(id(rng.below(4) as usize), ids(4), TIMINGS);
+            let mut last_term = 0;
+            for step in 0..500 {
+                let name = names[rng.below(names.len() as u64) as usize].clone();
+                let term = match rng.below(4) {
+                    0 => 0,
+                    1 => u64::MAX,
+                    _ => rng.below(20),
+                };
+                let message = match rng.below(6) {
+                    0 => ElectionMessage::Election { term },
+                    1 => ElectionMessage::Answer { term },
+                    2 => ElectionMessage::Nomination { term },
+                    3 => ElectionMessage::Coordinator { term },
+                    4 => ElectionMessage::IAmUp { term },
+                    _ => ElectionMessage::View {
+                        leader: (rng.below(3) > 0).then(|| name.clone()),
+                        term,
+                        alive: (0..rng.below(8))
+                            .map(|_| names[rng.below(names.len() as u64) as usize].clone())
+                            .collect(),
+                    },
+                };
+                let kinds = [
+                    TimerKind::Views,
+                    TimerKind::Leader,
+                    TimerKind::Answers,
+                    TimerKind::Coordinator,
+                    TimerKind::Nomination,
+                ];
+                let input = match rng.below(6) {
+                    0 => Input::Start,
+                    1 => Input::PeerUp(name),
+                    2 => Input::PeerDown(name),
+                    3 => Input::Timer(ElectionTimer {
+                        kind: kinds[rng.below(5) as usize],
+                        round: e.round.wrapping_sub(rng.below(2)),
+                    }),
+                    _ => Input::Message {
+                        from: name,
+                        msg: message,
+                    },
+                };
+                let at = now + ms(step);
+                for action in e.handle(at, input) {
+                    if let Action::Send { to, .. } = action {
+                        assert!(e.members().contains(&to), "seed {seed}");
+                        assert_ne!(&to, e.me(), "seed {seed}");
+                    }
+                }
+                assert!(e.term() >= last_term, "seed {seed}: term went back");
+                last_term = e.term();
+                assert!(e.seen_term() >= e.term(), "seed {seed}");
+            }
+        }
+    }
+
+    /// Random boots, crashes, restarts and message delays; after quiescence every live
+    /// server must follow the highest live one at one term. Terms never go back on any
+    /// server (checked on every input by the simulator).
+    #[test]
+    fn random_crashes_restarts_and_delays_converge() {
+        for seed in 0..400 {
+            let mut rng = Rng(seed ^ 0x5EED);
+            let n = 2 + rng.below(6) as usize;
+            let mut sim = Sim::new(n, seed);
+            sim.delay = (ms(1), ms(1 + rng.below(40)));
+            sim.detect = (ms(300), ms(300 + rng.below(400)));
+            sim.notice_up = (ms(10), ms(10 + rng.below(150)));
+            for node in 0..n {
+                sim.schedule(ms(rng.below(400)), Event::Boot(node));
+            }
+            let mut at = Duration::ZERO;
+            for _ in 0..rng.below(14) {
+                at += ms(rng.below(1_500));
+                let node = rng.below(n as u64) as usize;
+                let event = if rng.below(2) == 0 {
+                    Event::Crash(node)
+                } else {
+                    Event::Boot(node)
+                };
+                sim.schedule(at, event);
+            }
+            sim.run_until(at + ms(1));
+            if sim.live().is_empty() {
+                let node = rng.below(n as u64) as usize;
+                sim.boot(node);
+            }
+            sim.settle();
+            sim.assert_agreement();
+        }
+    }
+}
+#[cfg(test)]
+mod debug_tmp {
+    #[test]
+    fn trace() {
+        super::tests::random_stats();
+    }
+}
