@@ -1,6 +1,16 @@
-//! The admin endpoint, loopback HTTP: `GET /status` (JSON) and `GET /metrics`
-//! (Prometheus text). Deliberately tiny: one request per connection, bounded
-//! request size and time, no keep-alive.
+//! The admin endpoint, loopback HTTP. Deliberately tiny: one request per
+//! connection, bounded request size and time, no keep-alive.
+//!
+//! | request | does |
+//! | --- | --- |
+//! | `GET /status` | JSON: id, term, leader, members (alive, last heartbeat), counts |
+//! | `GET /metrics` | Prometheus text |
+//! | `GET /impair` | the mesh impairment in force and its counters |
+//! | `POST /impair` | body: an impairment (`loss=20%,delay=30ms,...`, see `netsim`); replaces it |
+//! | `POST /cut/<id>` | drop every mesh datagram to and from server `<id>` |
+//! | `POST /heal/<id>`, `POST /heal` | undo one cut, or every cut |
+//!
+//! The impairment calls are testing aids (partitions in process tests).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -16,9 +26,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use crate::ServerId;
 use crate::chat::ChatServer;
 use crate::cluster::{ClusterView, MemberStatus, SharedView};
 use crate::mesh::Mesh;
+use crate::netsim::{ImpairHandle, Impairment};
 
 /// Everything `/status` and `/metrics` read.
 #[derive(Clone)]
@@ -29,6 +41,10 @@ pub struct AdminState {
     pub view: SharedView,
     /// The mesh, for transport counters.
     pub mesh: Mesh,
+    /// The impairment of the mesh socket.
+    pub impair: ImpairHandle,
+    /// Mesh address of every peer, for cuts by server id.
+    pub peers: Vec<(ServerId, SocketAddr)>,
 }
 
 /// The `/status` document.
@@ -192,40 +208,45 @@ pub async fn serve(
     }
 }
 
+/// Longest request (head and body) the admin endpoint reads.
+const MAX_REQUEST: usize = 16 * 1024;
+
 async fn handle(mut stream: TcpStream, state: AdminState) {
     let mut request = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
-    // Read the request head only; bodies are not used.
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && !request.windows(2).any(|w| w == b"\n\n")
-    {
+    let head_end = loop {
+        if let Some(at) = find(&request, b"\r\n\r\n") {
+            break at + 4;
+        }
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+        if request.len() > MAX_REQUEST {
+            return;
+        }
+    };
+    let head = String::from_utf8_lossy(&request[..head_end]).into_owned();
+    let content_length = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(MAX_REQUEST);
+    while request.len() < head_end + content_length {
         match stream.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => request.extend_from_slice(&buf[..n]),
         }
-        if request.len() > 8 * 1024 {
-            break;
-        }
     }
-    let head = String::from_utf8_lossy(&request);
+    let end = request.len().min(head_end + content_length);
+    let body = String::from_utf8_lossy(&request[head_end..end])
+        .trim()
+        .to_owned();
     let mut words = head.split_whitespace();
     let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let (code, content_type, body) = match (method, path) {
-        ("GET", "/status") => {
-            let body = serde_json::to_string_pretty(&state.status()).unwrap_or_default();
-            ("200 OK", "application/json", body + "\n")
-        }
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", state.metrics()),
-        ("GET", _) => (
-            "404 Not Found",
-            "text/plain",
-            "try /status or /metrics\n".to_owned(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_owned(),
-        ),
-    };
+    let (code, content_type, body) = route(&state, method, path, &body);
     let response = format!(
         "HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -234,19 +255,94 @@ async fn handle(mut stream: TcpStream, state: AdminState) {
     let _ = stream.shutdown().await;
 }
 
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+type Response = (&'static str, &'static str, String);
+
+fn route(state: &AdminState, method: &str, path: &str, body: &str) -> Response {
+    let ok = |text: String| ("200 OK", "text/plain", text);
+    let bad = |text: String| ("400 Bad Request", "text/plain", text + "\n");
+    match (method, path) {
+        ("GET", "/status") => {
+            let body = serde_json::to_string_pretty(&state.status()).unwrap_or_default();
+            ("200 OK", "application/json", body + "\n")
+        }
+        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", state.metrics()),
+        ("GET", "/impair") => ok(format!(
+            "impairment: {}\n{}\n",
+            state.impair.impairment(),
+            state.impair.stats()
+        )),
+        ("POST", "/impair") => match body.parse::<Impairment>() {
+            Ok(impairment) => match state.impair.set(impairment) {
+                Ok(()) => {
+                    tracing::warn!(impairment = %state.impair.impairment(), "mesh impairment changed (testing aid)");
+                    ok(format!("impairment: {}\n", state.impair.impairment()))
+                }
+                Err(e) => bad(e.to_string()),
+            },
+            Err(e) => bad(e.to_string()),
+        },
+        ("POST", "/heal") => {
+            state.impair.heal_all();
+            tracing::warn!("every mesh link healed (testing aid)");
+            ok("healed every link\n".into())
+        }
+        ("POST", path) if path.starts_with("/cut/") || path.starts_with("/heal/") => {
+            let (verb, id) = path[1..].split_once('/').unwrap_or(("", ""));
+            let Some((_, addr)) = state.peers.iter().find(|(peer, _)| peer == id) else {
+                return bad(format!("no peer server {id:?}"));
+            };
+            if verb == "cut" {
+                state.impair.cut(*addr);
+            } else {
+                state.impair.heal(*addr);
+            }
+            tracing::warn!(peer = %id, action = verb, "mesh link impairment changed (testing aid)");
+            ok(format!("{verb} {id}\n"))
+        }
+        ("GET", _) | ("POST", _) => (
+            "404 Not Found",
+            "text/plain",
+            "try GET /status, /metrics, /impair or POST /impair, /cut/<id>, /heal/<id>, /heal\n"
+                .to_owned(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET or POST only\n".to_owned(),
+        ),
+    }
+}
+
+/// Sends `POST path` with `body` to an admin endpoint; returns the answer.
+pub async fn post(addr: SocketAddr, path: &str, body: &str) -> Result<String> {
+    request(addr, &format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ))
+    .await
+}
+
 /// Fetches `path` from an admin endpoint (for `chatmesh status` and tests).
 pub async fn fetch(addr: SocketAddr, path: &str) -> Result<String> {
+    request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+async fn request(addr: SocketAddr, request: &str) -> Result<String> {
     let mut stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
         .await
         .with_context(|| format!("admin endpoint {addr} did not answer"))?
         .with_context(|| {
             format!("cannot connect to the admin endpoint {addr} (is the node running?)")
         })?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
+    stream.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
         .await
@@ -257,8 +353,9 @@ pub async fn fetch(addr: SocketAddr, path: &str) -> Result<String> {
         .with_context(|| format!("admin endpoint {addr} sent no HTTP response"))?;
     if !head.starts_with("HTTP/1.1 200") {
         anyhow::bail!(
-            "admin endpoint {addr}: {}",
-            head.lines().next().unwrap_or("")
+            "admin endpoint {addr}: {}: {}",
+            head.lines().next().unwrap_or(""),
+            body.trim()
         );
     }
     Ok(body.to_owned())

@@ -115,7 +115,7 @@ impl Default for Timing {
             election_t1: Duration::from_millis(150),
             election_t2: Duration::from_millis(100),
             election_t3: Duration::from_millis(150),
-            election_t4: Duration::from_millis(250),
+            election_t4: Duration::from_millis(300),
         }
     }
 }

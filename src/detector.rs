@@ -343,3 +343,300 @@ impl FailureDetector {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// The main crate's defaults: a heartbeat every 20 ms, down after 350 ms of silence.
+    const CONFIG: DetectorConfig = DetectorConfig {
+        heartbeat_interval: ms(20),
+        failure_timeout: ms(350),
+    };
+
+    /// SplitMix64: a tiny deterministic RNG for loss patterns.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+
+        /// True with probability `percent` / 100.
+        fn lose(&mut self, percent: u64) -> bool {
+            self.next_u64() % 100 < percent
+        }
+    }
+
+    fn detector(start: Instant) -> FailureDetector {
+        FailureDetector::new("s1".into(), vec!["s1".into(), "s2".into()], CONFIG, start)
+    }
+
+    /// Drives one peer ("s2") for `ticks` heartbeat intervals: at each, the heartbeat (if
+    /// `delivered` says so) and then a tick. Returns every transition with its time.
+    fn drive(
+        fd: &mut FailureDetector,
+        start: Instant,
+        ticks: u64,
+        mut delivered: impl FnMut(u64) -> bool,
+    ) -> Vec<(Duration, Transition)> {
+        let mut seen = Vec::new();
+        for seq in 0..ticks {
+            let offset = CONFIG.heartbeat_interval * seq as u32;
+            let now = start + offset;
+            if delivered(seq)
+                && let Some(t) = fd.heartbeat(now, "s2", seq)
+            {
+                seen.push((offset, t));
+            }
+            for t in fd.tick(now) {
+                seen.push((offset, t));
+            }
+        }
+        seen
+    }
+
+    fn downs(transitions: &[(Duration, Transition)]) -> usize {
+        transitions.iter().filter(|(_, t)| !t.is_up()).count()
+    }
+
+    #[test]
+    fn a_peer_is_unknown_until_its_first_heartbeat() {
+        let start = Instant::now();
+        let mut fd = detector(start);
+        assert_eq!(fd.alive_peers(), Vec::<ServerId>::new());
+        let status = fd.status(start + ms(500));
+        assert_eq!(status.len(), 1, "me is not my own peer");
+        assert_eq!(status[0].state, PeerState::Unknown);
+        assert!(!status[0].alive);
+        assert_eq!(status[0].last_heartbeat_age, None);
+        assert_eq!(status[0].state_age, ms(500));
+        // An unknown peer is never "declared down", however long the silence.
+        assert!(fd.tick(start + ms(10_000)).is_empty());
+        assert_eq!(fd.next_deadline(), None);
+
+        let up = fd.heartbeat(start + ms(600), "s2", 0);
+        assert_eq!(up, Some(Transition::Up { peer: "s2".into() }));
+        assert!(fd.is_alive("s2"));
+        let status = fd.status(start + ms(650));
+        assert_eq!(status[0].last_heartbeat_age, Some(ms(50)));
+        assert_eq!(fd.next_deadline(), Some(start + ms(950)));
+    }
+
+    #[test]
+    fn steady_heartbeats_never_go_down() {
+        let start = Instant::now();
+        let mut fd = detector(start);
+        let seen = drive(&mut fd, start, 3_000, |_| true);
+        assert_eq!(seen.len(), 1, "only the first up: {seen:?}");
+        assert_eq!(fd.counters().heartbeats_received, 3_000);
+        assert_eq!(fd.counters().downs, 0);
+    }
+
+    #[test]
+    fn a_stop_is_detected_within_the_timeout_plus_one_interval() {
+        let start = Instant::now();
+        let mut fd = detector(start);
+        let last = 100;
+        let seen = drive(&mut fd, start, 200, |seq| seq <= last);
+        let (at, down) = seen.last().expect("a down").clone();
+        assert!(matches!(
+            down,
+            Transition::Down {
+                reason: DownReason::Timeout { .. },
+                ..
+            }
+        ));
+        let silence = at - CONFIG.heartbeat_interval * last as u32;
+        assert!(silence >= CONFIG.failure_timeout, "{silence:?}");
+        assert!(
+            silence <= CONFIG.failure_timeout + CONFIG.heartbeat_interval,
+            "{silence:?}"
+        );
+        assert_eq!(downs(&seen), 1, "declared down once, not at every tick");
+    }
+
+    #[test]
+    fn ticking_at_the_next_deadline_detects_exactly_at_the_timeout() {
+        let start = Instant::now();
+        let mut fd = detector(start);
+        fd.heartbeat(start, "s2", 1);
+        let deadline = fd.next_deadline().expect("s2 is up");
+        assert_eq!(deadline, start + CONFIG.failure_timeout);
+        assert!(fd.tick(deadline - ms(1)).is_empty());
+        let down = fd.tick(deadline);
+        assert_eq!(
+            down,
+            vec![Transition::Down {
+                peer: "s2".into(),
+                reason: DownReason::Timeout {
+                    silent_for: CONFIG.failure_timeout
+                }
+            }]
+        );
+        assert_eq!(fd.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_resumed_peer_goes_up_again() {
+        let start = Instant::now();
+        let mut fd = detector(start);
+        // Up, silent for a second (down), then heartbeats again with higher sequences.
+        let seen = drive(&mut fd, start, 200, |seq| !(50..100).contains(&seq));
+        let kinds: Vec<bool> = seen.iter().map(|(_, t)| t.is_up()).collect();
+        assert_eq!(kinds, vec![true, false, true], "{seen:?}");
+        let (at, _) = &seen[2];
+        assert_eq!(*at, CONFIG.heartbeat_interval * 100);
+        let counters = fd.counters();
+        assert_eq!(
+            (counters.ups, counters.downs, counters.state_changes),
+            (2, 1, 3)
+        );
+    }
+
+    #[test]
+    fn bursts_of_loss_shorter_than_the_timeout_never_cause_a_down() {
+        // 16 lost in a row leaves a 340 ms gap: under the 350 ms timeout.
+        let start = Instant::now();
+        let mut fd = detector(start);
+        let seen = drive(&mut fd, start, 3_000, |seq| seq % 40 == 0 || seq % 40 > 16);
+        assert_eq!(downs(&seen), 0, "{seen:?}");
+        // 18 lost (a 380 ms gap, with a tick at 360 ms) is a down at every occurrence. (17
+        // lost, 360 ms, depends on the tick's phase: here the 18th heartbeat lands first.)
+        let mut fd = detector(start);
+        let seen = drive(&mut fd, start, 3_000, |seq| seq % 40 == 0 || seq % 40 > 18);
+        assert_eq!(downs(&seen), 75, "once per burst");
+    }
+
+    #[test]
+    fn thirty_percent_random_loss_over_a_minute_gives_no_down() {
+        for seed in [7_u64, 42, 2024] {
+            let start = Instant::now();
+            let mut fd = detector(start);
+            let mut rng = Rng(seed);
+            // 60 s of heartbeats every 20 ms, each lost with probability 30 %.
+            let seen = drive(&mut fd, start, 3_000, |_| !rng.lose(30));
+            assert_eq!(downs(&seen), 0, "seed {seed}: {seen:?}");
+            assert!(fd.is_alive("s2"), "seed {seed}");
+            let received = fd.counters().heartbeats_received;
+            assert!(
+                (1_900..2_300).contains(&received),
+                "seed {seed}: {received} of 3000"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicated_and_reordered_heartbeats_are_harmless() {
+        let start = Instant::now();
+        let mut fd = detector(start);
+        let at = |n: u64| start + ms(20 * n);
+        assert!(fd.heartbeat(at(0), "s2", 0).is_some());
+        for seq in 1..=10 {
+            assert_eq!(fd.heartbeat(at(seq), "s2", seq), None);
+            // Every heartbeat arrives twice, and an old one shows up late.
+            assert_eq!(fd.heartbeat(at(seq), "s2", seq), None);
+            assert_eq!(fd.heartbeat(at(seq), "s2", seq / 2), None);
+        }
+        assert_eq!(fd.counters().heartbeats_stale, 20);
+        assert_eq!(fd.counters().state_changes, 1);
+        // The peer stops after seq 10; stale copies keep arriving: they must not keep it
+        // alive, nor revive it once it is down.
+        for n in 11..40 {
+            assert_eq!(fd.heartbeat(at(n), "s2", 3), None);
+            fd.tick(at(n));
+        }
+        assert!(
+            !fd.is_alive("s2"),
+            "stale heartbeats kept a silent peer alive"
+        );
+        assert_eq!(
+            fd.heartbeat(at(41), "s2", 10),
+            None,
+            "a duplicate revived it"
+        );
+        assert!(
+            fd.heartbeat(at(42), "s2", 11).is_some(),
+            "a fresh one revives it"
+        );
+    }
+
+    #[test]
+    fn a_closed_connection_is_down_at_once_and_the_next_one_counts_from_zero() {
+        let start = Instant::now();
+        let mut fd = detector(start);
+        fd.heartbeat(start, "s2", 500);
+        let down = fd.connection_closed(start + ms(5), "s2");
+        assert_eq!(
+            down,
+            Some(Transition::Down {
+                peer: "s2".into(),
+                reason: DownReason::ConnectionClosed
+            })
+        );
+        assert_eq!(
+            fd.connection_closed(start + ms(6), "s2"),
+            None,
+            "already down"
+        );
+        // The restarted peer counts from zero on its new connection.
+        assert!(fd.heartbeat(start + ms(100), "s2", 0).is_some());
+        assert!(fd.is_alive("s2"));
+    }
+
+    #[test]
+    fn any_message_is_a_sign_of_life() {
+        let start = Instant::now();
+        let mut fd = detector(start);
+        // A peer that never sent a heartbeat but sent an election message is watched...
+        assert_eq!(
+            fd.heard_from(start, "s2"),
+            Some(Transition::Up { peer: "s2".into() })
+        );
+        assert_eq!(fd.heard_from(start + ms(100), "s2"), None);
+        // ...and declared down when it falls silent.
+        assert!(fd.tick(start + ms(449)).is_empty());
+        assert_eq!(fd.tick(start + ms(450)).len(), 1);
+        // A message does not disturb the heartbeat sequence tracking.
+        assert!(fd.heartbeat(start + ms(460), "s2", 1).is_some());
+        assert_eq!(fd.heartbeat(start + ms(470), "s2", 1), None);
+    }
+
+    #[test]
+    fn strangers_self_and_time_going_backwards_do_not_confuse_it() {
+        let start = Instant::now() + ms(1_000);
+        let mut fd = FailureDetector::new(
+            "s1".into(),
+            vec!["s2".into(), "s2".into(), "s3".into()],
+            CONFIG,
+            start,
+        );
+        assert_eq!(fd.status(start).len(), 2, "duplicates dropped");
+        assert_eq!(fd.heartbeat(start, "s9", 1), None);
+        assert_eq!(fd.heartbeat(start, "s1", 1), None);
+        assert_eq!(fd.heard_from(start, "s9"), None);
+        assert_eq!(fd.connection_closed(start, "s9"), None);
+        assert_eq!(fd.counters().heartbeats_unknown, 2);
+        assert!(fd.heartbeat(start, "s2", u64::MAX - 1).is_some());
+        assert_eq!(fd.heartbeat(start, "s2", u64::MAX - 1), None);
+        assert_eq!(
+            fd.heartbeat(start, "s2", u64::MAX),
+            None,
+            "the latest time is kept"
+        );
+        // The driver hands an older time: nothing panics, nothing goes down.
+        assert!(fd.tick(start - ms(500)).is_empty());
+        let status = fd.status(start - ms(500));
+        assert_eq!(status[0].last_heartbeat_age, Some(Duration::ZERO));
+        assert_eq!(fd.me(), "s1");
+        assert_eq!(fd.config(), CONFIG);
+    }
+}

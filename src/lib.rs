@@ -17,6 +17,7 @@
 //! - [`cluster`]: the task that drives detector and election from mesh events.
 //! - [`admin`]: loopback HTTP `/status` and `/metrics`.
 //! - [`node`]: one server wired together, with graceful shutdown.
+//! - [`status`]: `chatmesh status`, the admin view for a person.
 //! - [`up`]: `chatmesh up`, every server of a config as child processes.
 //! - [`client`]: the bundled CLI client.
 
@@ -33,6 +34,7 @@ pub mod listener;
 pub mod mesh;
 pub mod netsim;
 pub mod node;
+pub mod status;
 pub mod tls;
 pub mod up;
 

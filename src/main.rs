@@ -56,6 +56,27 @@ enum Command {
         /// Directory holding ca.pem and this server's <id>.pem / <id>.key.
         #[arg(long, default_value = "certs")]
         certs: PathBuf,
+        /// Testing aid: impair this node's mesh datagrams, e.g.
+        /// "loss=20%,delay=30ms,jitter=10ms,dup=1%,seed=7" (also burst=P_ENTER/P_EXIT,
+        /// reorder=5%, dir=out, cut=ADDR; per peer: loss@ADDR=50%). Changeable at
+        /// run time through the admin endpoint (POST /impair, /cut/<id>, /heal).
+        #[arg(long, value_name = "SPEC")]
+        impair: Option<chatmesh::netsim::Impairment>,
+    },
+    /// Show one server's view of the cluster, from its admin endpoint.
+    Status {
+        /// The admin endpoint, HOST:PORT (loopback).
+        #[arg(long, conflicts_with = "id")]
+        admin: Option<std::net::SocketAddr>,
+        /// Cluster config, to find the admin port of --id.
+        #[arg(long, default_value = "config/cluster.toml")]
+        config: PathBuf,
+        /// Which server to ask (default: the first of the config).
+        #[arg(long)]
+        id: Option<String>,
+        /// Print the raw JSON of GET /status.
+        #[arg(long)]
+        json: bool,
     },
     /// Run every server of the config on this machine (makes certs if missing).
     Up {
@@ -118,9 +139,36 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Node { config, id, certs } => {
+        Command::Node {
+            config,
+            id,
+            certs,
+            impair,
+        } => {
             let config = ClusterConfig::load(&config)?;
-            chatmesh::node::run_until_signal(NodeOptions::new(config, id, certs)).await
+            let mut options = NodeOptions::new(config, id, certs);
+            options.impair = impair;
+            chatmesh::node::run_until_signal(options).await
+        }
+        Command::Status {
+            admin,
+            config,
+            id,
+            json,
+        } => {
+            let addr = match admin {
+                Some(addr) => addr,
+                None => {
+                    chatmesh::status::admin_addr(&ClusterConfig::load(&config)?, id.as_deref())?
+                }
+            };
+            let status = chatmesh::admin::fetch(addr, "/status").await?;
+            if json {
+                print!("{status}");
+            } else {
+                print!("{}", chatmesh::status::render(&status)?);
+            }
+            Ok(())
         }
         Command::Up { config, certs } => {
             let mut node_args = Vec::new();

@@ -20,6 +20,7 @@ use crate::cluster::{self, ClusterView, SharedView};
 use crate::config::ClusterConfig;
 use crate::listener::{bind_client_ports, serve_quic, serve_tcp};
 use crate::mesh::Mesh;
+use crate::netsim::{self, ImpairHandle, Impairment};
 use crate::tls::{ServerIdentity, client_facing_server_config};
 
 /// What a node needs to start.
@@ -32,8 +33,10 @@ pub struct NodeOptions {
     /// Directory with `ca.pem` and this server's `<id>.pem` / `<id>.key`.
     pub certs: PathBuf,
     /// A socket for the mesh endpoint instead of binding `mesh_port` (tests
-    /// pass pre-bound or impaired sockets).
-    pub mesh_socket: Option<Arc<dyn quinn::AsyncUdpSocket>>,
+    /// pass pre-bound sockets), with the handle that impairs it.
+    pub mesh_socket: Option<(Arc<dyn quinn::AsyncUdpSocket>, ImpairHandle)>,
+    /// Loss, delay and cut links applied to the mesh socket (testing aid).
+    pub impair: Option<Impairment>,
 }
 
 impl NodeOptions {
@@ -44,6 +47,7 @@ impl NodeOptions {
             id: id.into(),
             certs: certs.into(),
             mesh_socket: None,
+            impair: None,
         }
     }
 }
@@ -55,6 +59,7 @@ pub struct Node {
     view: SharedView,
     client_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    impair: ImpairHandle,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -67,6 +72,7 @@ impl Node {
             id,
             certs,
             mesh_socket,
+            impair,
         } = options;
         let me = config
             .server(&id)
@@ -91,6 +97,27 @@ impl Node {
             None => None,
         };
 
+        // The mesh socket always goes through the impairment layer (one atomic
+        // load per datagram when off), so links can be cut at run time.
+        let (socket, impair_handle) = match mesh_socket {
+            Some((socket, handle)) => {
+                if let Some(impairment) = impair {
+                    handle.set(impairment)?;
+                }
+                (socket, handle)
+            }
+            None => {
+                let addr = me
+                    .resolve(me.mesh_port)
+                    .with_context(|| format!("cannot resolve host {:?} of server {id}", me.host))?;
+                netsim::bind(addr, impair)
+                    .with_context(|| format!("cannot listen on UDP {addr} for the mesh"))?
+            }
+        };
+        if !impair_handle.impairment().is_none() {
+            warn!(impairment = %impair_handle.impairment(), "mesh datagrams are impaired (testing aid)");
+        }
+
         let directory = Arc::new(LocalDirectory::new(me.main_hall()));
         let chat = ChatServer::new(id.clone(), config.limits.clone(), directory);
         let shutdown = CancellationToken::new();
@@ -100,7 +127,7 @@ impl Node {
             &config,
             &id,
             &identity,
-            mesh_socket,
+            socket,
             events_tx,
             shutdown.clone(),
             tasks.clone(),
@@ -133,6 +160,8 @@ impl Node {
                 chat: chat.clone(),
                 view: view.clone(),
                 mesh: mesh.clone(),
+                impair: impair_handle.clone(),
+                peers: peer_mesh_addrs(&config, &id)?,
             };
             tasks.spawn(admin::serve(
                 listener,
@@ -154,9 +183,15 @@ impl Node {
             view,
             client_addr,
             admin_addr,
+            impair: impair_handle,
             shutdown,
             tasks,
         })
+    }
+
+    /// The handle that impairs this node's mesh socket (cut links, add loss).
+    pub fn impairment(&self) -> &ImpairHandle {
+        &self.impair
     }
 
     /// The address clients connect to (TCP and UDP share the port).
@@ -209,6 +244,21 @@ impl Node {
         }
         info!(server = %self.chat.id(), "stopped");
     }
+}
+
+/// The mesh address of every other server, by id (for `/cut/<id>`).
+fn peer_mesh_addrs(config: &ClusterConfig, me: &str) -> Result<Vec<(ServerId, SocketAddr)>> {
+    config
+        .servers
+        .iter()
+        .filter(|s| s.id != me)
+        .map(|s| {
+            let addr = s
+                .resolve(s.mesh_port)
+                .with_context(|| format!("cannot resolve host {:?} of server {}", s.host, s.id))?;
+            Ok((s.id.clone(), addr))
+        })
+        .collect()
 }
 
 /// Runs a node until SIGINT or SIGTERM, then shuts it down gracefully.

@@ -120,20 +120,20 @@ struct Link {
 }
 
 impl Mesh {
-    /// Binds the mesh endpoint (on `socket` if given, e.g. an impaired one;
-    /// else on the configured mesh port) and starts linking to every peer.
+    /// Starts the mesh endpoint on `socket` (bound to this server's mesh
+    /// port, possibly impaired) and starts linking to every peer.
     pub fn start(
         config: &ClusterConfig,
         me: &str,
         identity: &ServerIdentity,
-        socket: Option<Arc<dyn quinn::AsyncUdpSocket>>,
+        socket: Arc<dyn quinn::AsyncUdpSocket>,
         events: mpsc::Sender<MeshEvent>,
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) -> Result<Mesh> {
-        let mine = config
-            .server(me)
-            .ok_or_else(|| anyhow!("server {me:?} is not in the config"))?;
+        if config.server(me).is_none() {
+            return Err(anyhow!("server {me:?} is not in the config"));
+        }
         let mut addrs = HashMap::new();
         for server in config.servers.iter().filter(|s| s.id != me) {
             let addr = server.resolve(server.mesh_port).with_context(|| {
@@ -145,19 +145,12 @@ impl Mesh {
             addrs.insert(server.id.clone(), addr);
         }
         let server_config = mesh_server_config(identity)?;
-        let endpoint = match socket {
-            Some(socket) => quinn::Endpoint::new_with_abstract_socket(
-                quinn::EndpointConfig::default(),
-                Some(server_config),
-                socket,
-                Arc::new(quinn::TokioRuntime),
-            )?,
-            None => {
-                let addr = mine.resolve(mine.mesh_port)?;
-                quinn::Endpoint::server(server_config, addr)
-                    .with_context(|| format!("cannot listen on UDP {addr} for the mesh"))?
-            }
-        };
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
         let inner = Arc::new(Inner {
             me: me.to_owned(),
             rank: config
