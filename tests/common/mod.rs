@@ -3,6 +3,9 @@
 //! exact lines.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod cluster;
+pub mod process;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -214,4 +217,18 @@ pub async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
         assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Ports that were free a moment ago, for a config `up` must bind for real.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let sockets: Vec<_> = (0..n)
+        .map(|_| {
+            let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = tcp.local_addr().unwrap().port();
+            let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+            (tcp, udp, port)
+        })
+        .filter(|(_, udp, _)| udp.is_ok())
+        .collect();
+    sockets.iter().map(|(_, _, port)| *port).collect()
 }
