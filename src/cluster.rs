@@ -133,7 +133,10 @@ pub async fn run(
                             driver.transition(&mut election, transition);
                         }
                     }
-                    MeshEvent::PeerLeft(peer) => {
+                    MeshEvent::LinkDown(peer) => {
+                        // A clean stop is a down at once; after a crash the
+                        // detector has usually said so already; either way the
+                        // peer's heartbeat numbering starts over on a new link.
                         if let Some(transition) = detector.connection_closed(now, &peer) {
                             driver.transition(&mut election, transition);
                         }

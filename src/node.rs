@@ -211,6 +211,11 @@ impl Node {
             .expect("a bound endpoint has an address")
     }
 
+    /// The node's mesh.
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
+    }
+
     /// The node's chat state.
     pub fn chat(&self) -> &Arc<ChatServer> {
         &self.chat
@@ -224,6 +229,9 @@ impl Node {
     /// Stops like a crash: no goodbyes, peers find out by missing heartbeats.
     /// (In-process tests; a real crash is `kill -9`.)
     pub async fn crash(self) {
+        // Silence the socket first, so not even QUIC close frames get out.
+        let silent = Impairment::parse("loss=100%").expect("a valid impairment");
+        let _ = self.impair.set(silent);
         self.mesh.abort();
         self.shutdown.cancel();
         self.tasks.close();

@@ -3,9 +3,11 @@
 //! servers, heartbeats as unreliable datagrams and peer messages as frames on
 //! one unidirectional stream per direction.
 //!
-//! Who dials: both sides dial a peer they have no link to, with backoff. When
-//! both dial at once, the connection dialed by the lower-priority server of
-//! the pair wins on both sides. A connection from a peer that arrives while an
+//! Who dials: both sides dial a peer they have no link to, with backoff; the
+//! higher-priority server of a pair first gives the lower one a head start
+//! ([`HIGHER_DIAL_GRACE`]), so that normally only one connection is made. When
+//! both dial at once anyway, the connection dialed by the lower-priority
+//! server of the pair wins on both sides. A connection from a peer that arrives while an
 //! older link looks alive replaces it: the peer dials only when it has lost
 //! the link (it restarted, or timed the old one out).
 //!
@@ -56,17 +58,30 @@ mod close_code {
 /// peer, and the new connection replaces it.
 const SIMULTANEOUS_DIAL: Duration = Duration::from_secs(1);
 
+/// How long the higher-priority server of a pair waits for the lower one to
+/// dial before dialing itself.
+pub const HIGHER_DIAL_GRACE: Duration = Duration::from_millis(300);
+
 /// Outbound frames queued per link; beyond this the link is too slow and
 /// further messages are dropped (election and registry retry on their own).
 const LINK_QUEUE: usize = 4096;
+
+/// Frames for a peer with no link wait this long for one (a booting server's
+/// first messages go out before its links are up); older ones are dropped.
+const PENDING_MAX_AGE: Duration = Duration::from_secs(2);
+
+/// At most this many frames wait per unlinked peer.
+const PENDING_MAX: usize = 1024;
 
 /// What the mesh tells its owner.
 #[derive(Debug)]
 pub enum MeshEvent {
     /// A link to this peer is (newly) up.
     LinkUp(ServerId),
-    /// The peer closed its link on purpose (it is stopping): down at once.
-    PeerLeft(ServerId),
+    /// The link to this peer ended (not replaced by a newer one): the peer
+    /// stopped (a clean close: down at once), crashed, or restarted. Anything
+    /// sent on the link may have been lost.
+    LinkDown(ServerId),
     /// A heartbeat datagram from this peer.
     Heartbeat(ServerId, Heartbeat),
     /// A message frame from this peer (never `Hello`).
@@ -86,6 +101,8 @@ pub struct MeshCounters {
     pub messages_received: AtomicU64,
     /// Connections refused (bad certificate, version, ...).
     pub links_refused: AtomicU64,
+    /// Heartbeats the transport would not send (too large, datagrams off).
+    pub heartbeat_send_errors: AtomicU64,
 }
 
 /// Handle to a server's mesh endpoint. Cheap to clone.
@@ -103,6 +120,8 @@ struct Inner {
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
     links: Mutex<HashMap<ServerId, Link>>,
+    /// Frames for peers without a link, sent when one comes up.
+    pending: Mutex<HashMap<ServerId, std::collections::VecDeque<(Instant, Bytes)>>>,
     next_generation: AtomicU64,
     events: mpsc::Sender<MeshEvent>,
     counters: MeshCounters,
@@ -163,6 +182,7 @@ impl Mesh {
             endpoint,
             client_config: mesh_client_config(identity)?,
             links: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(1),
             events,
             counters: MeshCounters::default(),
@@ -206,12 +226,30 @@ impl Mesh {
             .collect()
     }
 
-    /// Queues a message to `to`; false if there is no link (it is dropped).
+    /// Queues a message to `to`. Without a link it waits (bounded, at most
+    /// [`PENDING_MAX_AGE`]) for one; false if it had to be dropped.
     pub fn send(&self, to: &str, message: &PeerMessage) -> bool {
         let frame = wire::encode_frame(message);
         let links = self.links();
         let Some(link) = links.get(to) else {
-            return false;
+            drop(links);
+            if !self.inner.addrs.contains_key(to) {
+                return false;
+            }
+            let mut pending = self.pending();
+            let queue = pending.entry(to.to_owned()).or_default();
+            let now = Instant::now();
+            while queue
+                .front()
+                .is_some_and(|(at, _)| now - *at > PENDING_MAX_AGE)
+            {
+                queue.pop_front();
+            }
+            if queue.len() >= PENDING_MAX {
+                return false;
+            }
+            queue.push_back((now, frame));
+            return true;
         };
         match link.outbox.try_send(frame) {
             Ok(()) => true,
@@ -222,19 +260,38 @@ impl Mesh {
         }
     }
 
+    fn pending(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<ServerId, std::collections::VecDeque<(Instant, Bytes)>>>
+    {
+        self.inner.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Sends a heartbeat datagram to `to` if linked.
     pub fn send_heartbeat(&self, to: &str, heartbeat: &Heartbeat) {
         let connection = self.links().get(to).map(|l| l.connection.clone());
-        if let Some(connection) = connection
-            && connection
-                .send_datagram(wire::encode_heartbeat(heartbeat))
-                .is_ok()
-        {
-            self.inner
+        let Some(connection) = connection else { return };
+        match connection.send_datagram(wire::encode_heartbeat(heartbeat)) {
+            Ok(()) => self
+                .inner
                 .counters
                 .heartbeats_sent
-                .fetch_add(1, Ordering::Relaxed);
-        }
+                .fetch_add(1, Ordering::Relaxed),
+            // The link just closed: the next dial takes over, nothing to count.
+            Err(quinn::SendDatagramError::ConnectionLost(_)) => 0,
+            Err(e) => {
+                warn!(peer = %to, error = %e, "heartbeat not sent");
+                self.inner
+                    .counters
+                    .heartbeat_send_errors
+                    .fetch_add(1, Ordering::Relaxed)
+            }
+        };
+    }
+
+    /// The largest datagram the link to `peer` carries now, if linked.
+    pub fn max_datagram_size(&self, peer: &str) -> Option<usize> {
+        self.live_link(peer)?.max_datagram_size()
     }
 
     /// Closes every link as a clean shutdown (peers treat this server as down
@@ -333,7 +390,9 @@ impl Mesh {
 
     async fn dial_loop(self, peer: ServerId) {
         let addr = self.inner.addrs[&peer];
+        let me_higher = self.inner.rank.get(&self.inner.me) > self.inner.rank.get(&peer);
         let mut backoff = Duration::from_millis(50);
+        let mut fresh = true;
         loop {
             if let Some(connection) = self.live_link(&peer) {
                 tokio::select! {
@@ -341,6 +400,15 @@ impl Mesh {
                     _ = connection.closed() => {}
                 }
                 backoff = Duration::from_millis(50);
+                fresh = true;
+                continue;
+            }
+            if me_higher && fresh {
+                fresh = false;
+                tokio::select! {
+                    _ = self.inner.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(HIGHER_DIAL_GRACE) => {}
+                }
                 continue;
             }
             let dial = async {
@@ -399,6 +467,16 @@ impl Mesh {
                     .close(close_code::DUPLICATE.into(), b"replaced");
                 replaced = true;
             }
+            // Frames that waited for a link go first, in order.
+            if let Some(queue) = self.pending().remove(&peer) {
+                let now = Instant::now();
+                for (_, frame) in queue
+                    .into_iter()
+                    .filter(|(at, _)| now - *at <= PENDING_MAX_AGE)
+                {
+                    let _ = tx.try_send(frame);
+                }
+            }
             links.insert(
                 peer.clone(),
                 Link {
@@ -440,7 +518,16 @@ impl Mesh {
             };
             stream.write_all(&wire::encode_frame(&hello)).await?;
             let mut batch = Vec::new();
-            while let Some(frame) = rx.recv().await {
+            loop {
+                // Ends with the connection: waiting on the queue alone would keep
+                // this task (and the mesh it holds) alive after the link is gone.
+                let frame = tokio::select! {
+                    _ = connection.closed() => break,
+                    frame = rx.recv() => match frame {
+                        Some(frame) => frame,
+                        None => break,
+                    },
+                };
                 batch.clear();
                 batch.extend_from_slice(&frame);
                 let mut count = 1;
@@ -493,16 +580,9 @@ impl Mesh {
             }
             current
         };
-        let stopping = matches!(
-            &reason,
-            quinn::ConnectionError::ApplicationClosed(close)
-                if close.error_code == close_code::SHUTDOWN.into()
-        );
         if current {
             info!(peer = %peer, reason = %reason, "mesh link down");
-            if stopping {
-                let _ = self.inner.events.send(MeshEvent::PeerLeft(peer)).await;
-            }
+            let _ = self.inner.events.send(MeshEvent::LinkDown(peer)).await;
         }
     }
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod cluster;
+pub mod inproc;
 pub mod process;
 
 use std::net::SocketAddr;
@@ -44,6 +45,13 @@ pub fn certs() -> &'static Path {
         chatmesh::tls::generate(&local_config(3), &dir, true).expect("certs");
         dir
     })
+}
+
+/// Fresh certificates for `config` in a temp dir.
+pub fn certs_for(config: &ClusterConfig) -> PathBuf {
+    let dir = temp_dir("certs-for");
+    chatmesh::tls::generate(config, &dir, true).expect("certs");
+    dir
 }
 
 /// Starts server s1 alone, with `limits`.

@@ -1,0 +1,199 @@
+//! In-process clusters: `start_cluster(n, impairment)` runs n nodes in this
+//! test's runtime on 127.0.0.1, each mesh socket behind the netsim layer, with
+//! handles to change impairment, cut links, crash and restart nodes.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use chatmesh::netsim::{self, ImpairHandle, Impairment};
+use chatmesh::{ClusterConfig, Node, NodeOptions};
+
+use super::{certs_for, free_ports};
+
+/// A running in-process cluster.
+pub struct Cluster {
+    pub config: ClusterConfig,
+    pub nodes: Vec<Option<Node>>,
+    pub mesh_addrs: Vec<SocketAddr>,
+    impairments: Vec<Option<Impairment>>,
+    certs: std::path::PathBuf,
+}
+
+/// The impairment of node `i` from a spec, with its own seed (`base_seed + i`).
+pub fn seeded(spec: &str, base_seed: u64, i: usize) -> Impairment {
+    Impairment::parse(&format!("{spec},seed={}", base_seed + i as u64)).expect("impairment spec")
+}
+
+/// Starts `n` nodes s1..sN; node i's mesh socket gets `impairment(i)`.
+pub async fn start_cluster(n: usize, impairment: impl Fn(usize) -> Option<Impairment>) -> Cluster {
+    // Mesh sockets are bound first (port 0) so the config can name their ports.
+    let mut sockets = Vec::new();
+    let mut impairments = Vec::new();
+    for i in 0..n {
+        let imp = impairment(i);
+        let (socket, handle) =
+            netsim::bind("127.0.0.1:0".parse().unwrap(), imp.clone()).expect("bind mesh");
+        impairments.push(imp);
+        sockets.push((socket, handle));
+    }
+    let mesh_addrs: Vec<SocketAddr> = sockets
+        .iter()
+        .map(|(s, _)| s.local_addr().unwrap())
+        .collect();
+    let client_ports = free_ports(n);
+    let text: String = (0..n)
+        .map(|i| {
+            format!(
+                "s{} 127.0.0.1 {} {}\n",
+                i + 1,
+                client_ports[i],
+                mesh_addrs[i].port()
+            )
+        })
+        .collect();
+    let config = ClusterConfig::parse(&text, "in-process cluster").unwrap();
+    let certs = certs_for(&config);
+    let mut nodes = Vec::new();
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let mut options = NodeOptions::new(config.clone(), format!("s{}", i + 1), certs.clone());
+        options.mesh_socket = Some(socket);
+        nodes.push(Some(Node::start(options).await.expect("node starts")));
+    }
+    Cluster {
+        config,
+        nodes,
+        mesh_addrs,
+        impairments,
+        certs,
+    }
+}
+
+impl Cluster {
+    /// Node `i` (running).
+    pub fn node(&self, i: usize) -> &Node {
+        self.nodes[i].as_ref().expect("node running")
+    }
+
+    /// The impairment handle of node `i`.
+    pub fn impair(&self, i: usize) -> &ImpairHandle {
+        self.node(i).impairment()
+    }
+
+    /// Running node indices.
+    pub fn running(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].is_some())
+            .collect()
+    }
+
+    /// Drops node `i` without goodbyes: peers notice by heartbeats only.
+    pub async fn crash(&mut self, i: usize) {
+        let node = self.nodes[i].take().expect("node running");
+        node.crash().await;
+    }
+
+    /// Restarts node `i` on its old mesh port, with its old impairment.
+    pub async fn restart(&mut self, i: usize) {
+        let addr = self.mesh_addrs[i];
+        let started = Instant::now();
+        // The crashed endpoint's socket may take a moment to be released.
+        let socket = loop {
+            match netsim::bind(addr, self.impairments[i].clone()) {
+                Ok(socket) => break socket,
+                Err(e) => {
+                    assert!(
+                        started.elapsed() < super::DEADLINE,
+                        "cannot rebind {addr}: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let mut options = NodeOptions::new(
+            self.config.clone(),
+            format!("s{}", i + 1),
+            self.certs.clone(),
+        );
+        options.mesh_socket = Some(socket);
+        self.nodes[i] = Some(Node::start(options).await.expect("node restarts"));
+    }
+
+    /// Cuts every link between the two groups (both directions, both ends).
+    pub fn partition(&self, left: &[usize], right: &[usize]) {
+        for &a in left {
+            for &b in right {
+                self.impair(a).cut(self.mesh_addrs[b]);
+                self.impair(b).cut(self.mesh_addrs[a]);
+            }
+        }
+    }
+
+    /// Heals every cut.
+    pub fn heal(&self) {
+        for i in self.running() {
+            self.impair(i).heal_all();
+        }
+    }
+
+    /// Whether every node of `group` follows server `leader` (0-based) at one
+    /// common term and sees exactly `group` alive.
+    pub fn agree(&self, group: &[usize], leader: usize) -> Option<u64> {
+        let leader_id = format!("s{}", leader + 1);
+        let mut term = None;
+        for &i in group {
+            let view = self.node(i).view();
+            if view.leader.as_deref() != Some(leader_id.as_str()) {
+                return None;
+            }
+            let members_ok = view
+                .members
+                .iter()
+                .enumerate()
+                .all(|(j, m)| m.alive == group.contains(&j));
+            if !members_ok || view.members.is_empty() {
+                return None;
+            }
+            match term {
+                None => term = Some(view.term),
+                Some(t) if t != view.term => return None,
+                _ => {}
+            }
+        }
+        term
+    }
+
+    /// Waits until [`Cluster::agree`]; returns the time it took and the term.
+    pub async fn wait_agree(
+        &self,
+        group: &[usize],
+        leader: usize,
+        within: Duration,
+    ) -> (Duration, u64) {
+        let start = Instant::now();
+        loop {
+            if let Some(term) = self.agree(group, leader) {
+                return (start.elapsed(), term);
+            }
+            if start.elapsed() > within {
+                let views: Vec<_> = group
+                    .iter()
+                    .map(|&i| (i + 1, self.node(i).view()))
+                    .collect();
+                panic!(
+                    "group {group:?} did not agree on s{} within {within:?}: {views:#?}",
+                    leader + 1
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops every running node cleanly.
+    pub async fn stop(mut self) {
+        for node in self.nodes.iter_mut() {
+            if let Some(node) = node.take() {
+                node.stop().await;
+            }
+        }
+    }
+}
