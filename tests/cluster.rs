@@ -128,3 +128,54 @@ async fn a_server_with_a_certificate_of_another_ca_never_joins() {
         .unwrap();
     assert!(refused > 0, "s1 counted refused links from s3");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_cuts_partition_a_running_cluster_and_heal_it() {
+    let mut cluster = ProcCluster::new(3, "cuts");
+    cluster.start_all();
+    cluster.wait_agreement(2, SETTLE).await;
+    // Isolate s3 (the leader) from both others, from both ends.
+    for (node, peer) in [(0, "s3"), (1, "s3"), (2, "s1"), (2, "s2")] {
+        cluster.admin_post(node, &format!("/cut/{peer}"), "").await;
+    }
+    let cut = Instant::now();
+    let start = Instant::now();
+    loop {
+        let s1 = cluster.status(0).await.unwrap();
+        let s2 = cluster.status(1).await.unwrap();
+        let s3 = cluster.status(2).await.unwrap();
+        let majority = [&s1, &s2]
+            .iter()
+            .all(|s| s["leader"] == "s2" && s["members"][2]["alive"] == false);
+        let alone = s3["leader"] == "s3"
+            && s3["members"][0]["alive"] == false
+            && s3["members"][1]["alive"] == false;
+        if majority && alone {
+            break;
+        }
+        assert!(
+            start.elapsed() < SETTLE,
+            "partition not seen: {s1} {s2} {s3}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "cut s3 off: s1+s2 follow s2, s3 alone, after {:?}",
+        cut.elapsed()
+    );
+    // A bad impairment is refused with the key named.
+    let bad = chatmesh::admin::post(
+        std::net::SocketAddr::from(([127, 0, 0, 1], cluster.admin_ports[0])),
+        "/impair",
+        "loss=150%",
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(bad.contains("400") && bad.contains("loss"), "{bad}");
+    for node in 0..3 {
+        cluster.admin_post(node, "/heal", "").await;
+    }
+    let (took, _) = cluster.wait_agreement(2, SETTLE).await;
+    println!("healed: all follow s3 again after {took:?}");
+}
