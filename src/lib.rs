@@ -14,6 +14,8 @@
 //!   peer message frames ([`mesh::wire`]).
 //! - [`netsim`]: an impaired UDP socket under quinn: loss, delay, duplication,
 //!   reordering and cut links, for tests and `--impair`.
+//! - [`registry`]: the replicated registry of identities and rooms and the
+//!   leader's claim serializer, a pure state machine (not wired in yet).
 //! - [`cluster`]: the task that drives detector and election from mesh events.
 //! - [`admin`]: loopback HTTP `/status` and `/metrics`.
 //! - [`node`]: one server wired together, with graceful shutdown.
@@ -34,6 +36,7 @@ pub mod listener;
 pub mod mesh;
 pub mod netsim;
 pub mod node;
+pub mod registry;
 pub mod status;
 pub mod tls;
 pub mod up;
