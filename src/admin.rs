@@ -80,8 +80,8 @@ impl AdminState {
             phase: view.phase,
             members: view.members,
             sessions: counts.sessions,
-            identities: counts.sessions,
-            rooms: counts.rooms,
+            identities: view.identities,
+            rooms: view.rooms,
         }
     }
 

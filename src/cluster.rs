@@ -1,24 +1,33 @@
 //! The thin task that owns a server's pure cluster state machines (the
-//! [`FailureDetector`] and the Fast Bully [`Election`]), feeds them mesh
-//! events, timers and the clock, and carries out what they ask for: messages,
-//! timers, heartbeats, log events, and the status snapshot that `/status` shows.
+//! [`FailureDetector`], the Fast Bully [`Election`] and the [`Registry`] of
+//! names), feeds them mesh events, timers, local requests and the clock, and
+//! carries out what they ask for: messages, timers, heartbeats, replies to the
+//! chat layer, evictions, log events, and the snapshots that `/status` and
+//! the chat layer read.
+//!
+//! [`ClusterDirectory`] is the chat layer's view of it: claims and moves go to
+//! the task as requests; the room list and room locations are read from a
+//! snapshot the task refreshes after every change.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
 use tracing::{info, warn};
 
 use crate::ServerId;
-use crate::config::ClusterConfig;
+use crate::chat::{BoxFuture, ChatServer, Directory, RemoteRoom};
+use crate::config::{ClusterConfig, Quorum};
 use crate::detector::{DetectorConfig, FailureDetector, Transition};
 use crate::election::{Action, Election, ElectionTimings, Input};
 use crate::mesh::wire::{Heartbeat, PeerMessage};
 use crate::mesh::{Mesh, MeshEvent};
+use crate::registry::{self, LocalRequest, Name, Refusal, Registry, RegistryConfig};
 
 /// One member as `/status` shows it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -48,10 +57,153 @@ pub struct ClusterView {
     pub leader_changes: u64,
     /// Peer up/down transitions seen.
     pub peer_state_changes: u64,
+    /// Identities in this server's replica of the registry (the whole cluster).
+    pub identities: usize,
+    /// Rooms in the replica, main halls excluded.
+    pub rooms: usize,
 }
 
 /// Shared, cheaply readable cluster view.
 pub type SharedView = Arc<Mutex<ClusterView>>;
+
+/// A request from the chat layer to the registry, with where to answer.
+type Request = (LocalRequest, Option<oneshot::Sender<Result<(), Refusal>>>);
+
+/// What the chat layer reads without asking the task.
+#[derive(Default)]
+struct Names {
+    /// Every room of the cluster, in `list` order.
+    rooms: Vec<String>,
+    /// The server of every room.
+    servers: HashMap<String, ServerId>,
+}
+
+/// The cluster-wide namespace as the chat layer uses it ([`Directory`]).
+pub struct ClusterDirectory {
+    me: ServerId,
+    requests: mpsc::Sender<Request>,
+    names: Arc<Mutex<Names>>,
+    /// Client address (host, port) of every server, for `route`.
+    clients: HashMap<ServerId, (String, u16)>,
+}
+
+impl ClusterDirectory {
+    fn ask(&self, request: LocalRequest) -> BoxFuture<Result<(), String>> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.requests.try_send((request, Some(tx)));
+        Box::pin(async move {
+            if sent.is_err() {
+                return Err("this server is too busy to ask the leader; try again".to_owned());
+            }
+            match rx.await {
+                Ok(result) => result.map_err(|refusal| refusal.to_string()),
+                Err(_) => Err("this server is shutting down".to_owned()),
+            }
+        })
+    }
+
+    fn tell(&self, request: LocalRequest) {
+        if self.requests.try_send((request, None)).is_err() {
+            warn!(
+                "registry request queue full; a release was dropped (the leader frees it when this server goes down)"
+            );
+        }
+    }
+
+    fn names(&self) -> std::sync::MutexGuard<'_, Names> {
+        self.names.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Directory for ClusterDirectory {
+    fn claim_identity(&self, identity: &str) -> BoxFuture<Result<(), String>> {
+        self.ask(LocalRequest::Claim(Name::Identity(identity.to_owned())))
+    }
+
+    fn release_identity(&self, identity: &str) {
+        self.tell(LocalRequest::Release(Name::Identity(identity.to_owned())));
+    }
+
+    fn claim_room(&self, room: &str, owner: &str) -> BoxFuture<Result<(), String>> {
+        self.ask(LocalRequest::Claim(Name::Room {
+            room: room.to_owned(),
+            owner: owner.to_owned(),
+        }))
+    }
+
+    fn release_room(&self, room: &str) {
+        self.tell(LocalRequest::Release(Name::Room {
+            room: room.to_owned(),
+            owner: String::new(),
+        }));
+    }
+
+    fn rooms(&self) -> Vec<String> {
+        self.names().rooms.clone()
+    }
+
+    fn remote_room(&self, room: &str) -> Option<RemoteRoom> {
+        let server = self.names().servers.get(room)?.clone();
+        if server == self.me {
+            return None;
+        }
+        let (host, port) = self.clients.get(&server)?.clone();
+        Some(RemoteRoom { server, host, port })
+    }
+
+    fn start_move(&self, identity: &str, to: &RemoteRoom) -> BoxFuture<Result<(), String>> {
+        self.ask(LocalRequest::StartMove {
+            identity: identity.to_owned(),
+            to: to.server.clone(),
+        })
+    }
+
+    fn accept_move(&self, identity: &str) -> BoxFuture<bool> {
+        let answer = self.ask(LocalRequest::AcceptMove {
+            identity: identity.to_owned(),
+        });
+        Box::pin(async move { answer.await.is_ok() })
+    }
+}
+
+/// The registry side of a node before its task runs: the directory for the
+/// chat server, and what the task needs to serve it.
+pub struct Namespace {
+    requests: mpsc::Receiver<Request>,
+    names: Arc<Mutex<Names>>,
+    /// Set once the chat server exists (it needs the directory first).
+    chat: Arc<OnceLock<Weak<ChatServer>>>,
+}
+
+impl Namespace {
+    /// The directory for server `me` of `config`, and its task-side half.
+    pub fn new(config: &ClusterConfig, me: &str) -> (Arc<ClusterDirectory>, Namespace) {
+        let (tx, rx) = mpsc::channel(registry::MAX_PENDING * 4);
+        let names = Arc::new(Mutex::new(Names::default()));
+        let clients = config
+            .servers
+            .iter()
+            .map(|s| (s.id.clone(), (s.host.clone(), s.client_port)))
+            .collect();
+        let directory = Arc::new(ClusterDirectory {
+            me: me.to_owned(),
+            requests: tx,
+            names: names.clone(),
+            clients,
+        });
+        let namespace = Namespace {
+            requests: rx,
+            names,
+            chat: Arc::new(OnceLock::new()),
+        };
+        (directory, namespace)
+    }
+
+    /// Connects the chat server that evictions go to.
+    pub fn set_chat(&self, chat: &Arc<ChatServer>) {
+        let _ = self.chat.set(Arc::downgrade(chat));
+    }
+}
 
 /// Runs until `shutdown`. `events` comes from the [`Mesh`].
 pub async fn run(
@@ -59,9 +211,15 @@ pub async fn run(
     me: ServerId,
     mesh: Mesh,
     mut events: mpsc::Receiver<MeshEvent>,
+    namespace: Namespace,
     view: SharedView,
     shutdown: CancellationToken,
 ) {
+    let Namespace {
+        requests: mut local_requests,
+        names,
+        chat,
+    } = namespace;
     let timing = &config.timing;
     let members = config.ids();
     let peers: Vec<ServerId> = members.iter().filter(|m| **m != me).cloned().collect();
@@ -85,12 +243,33 @@ pub async fn run(
             t4: timing.election_t4,
         },
     );
+    let incarnation = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let registry = Registry::new(
+        me.clone(),
+        members.clone(),
+        RegistryConfig {
+            require_majority: config.quorum == Quorum::Majority,
+            claim_timeout: config.limits.claim_timeout,
+            ..RegistryConfig::default()
+        },
+        incarnation,
+    );
     let mut driver = Driver {
         me,
         mesh,
         timers: DelayQueue::new(),
+        registry,
+        registry_timers: DelayQueue::new(),
+        replies: HashMap::new(),
+        next_token: 0,
+        names,
+        chat,
         heartbeat_seq: 0,
     };
+    driver.refresh_names();
     let mut ticker = tokio::time::interval(timing.heartbeat_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Boot: give the links a moment to come up so that IAmUp reaches the live
@@ -110,6 +289,7 @@ pub async fn run(
             let actions = election.handle(Instant::now().into_std(), Input::Start);
             driver.apply(actions);
         }
+        let now = Instant::now().into_std();
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {
@@ -118,11 +298,25 @@ pub async fn run(
                 for transition in detector.tick(now) {
                     driver.transition(&mut election, transition);
                 }
-                refresh(&view, &detector, &election, &members, &driver.me);
+                refresh(&view, &detector, &election, &driver.registry, &members, &driver.me);
             }
             Some(expired) = futures_util::StreamExt::next(&mut driver.timers), if !driver.timers.is_empty() => {
-                let actions = election.handle(Instant::now().into_std(), Input::Timer(expired.into_inner()));
+                let actions = election.handle(now, Input::Timer(expired.into_inner()));
                 driver.apply(actions);
+            }
+            Some(expired) = futures_util::StreamExt::next(&mut driver.registry_timers), if !driver.registry_timers.is_empty() => {
+                driver.registry(registry::Input::Timer(expired.into_inner()));
+            }
+            // Names wait until this server knows who is alive (every peer
+            // heard, or the boot deadline passed): a claim made in the first
+            // milliseconds must not be refused for "no majority".
+            Some((request, reply)) = local_requests.recv(), if started && (Instant::now() >= boot_deadline || detector.alive_peers().len() == peers.len()) => {
+                let token = driver.next_token;
+                driver.next_token += 1;
+                if let Some(reply) = reply {
+                    driver.replies.insert(token, reply);
+                }
+                driver.registry(registry::Input::Local { token, request });
             }
             event = events.recv() => {
                 let Some(event) = event else { break };
@@ -150,6 +344,12 @@ pub async fn run(
                         let actions = election.handle(now, Input::Message { from, msg });
                         driver.apply(actions);
                     }
+                    MeshEvent::Message(from, PeerMessage::Registry(msg)) => {
+                        if let Some(transition) = detector.heard_from(now, &from) {
+                            driver.transition(&mut election, transition);
+                        }
+                        driver.registry(registry::Input::Message { from, msg });
+                    }
                     MeshEvent::Message(_, PeerMessage::Hello { .. }) => {}
                 }
             }
@@ -161,6 +361,13 @@ struct Driver {
     me: ServerId,
     mesh: Mesh,
     timers: DelayQueue<crate::election::ElectionTimer>,
+    registry: Registry,
+    registry_timers: DelayQueue<registry::Timer>,
+    /// Where to answer each local request, by token.
+    replies: HashMap<u64, oneshot::Sender<Result<(), Refusal>>>,
+    next_token: u64,
+    names: Arc<Mutex<Names>>,
+    chat: Arc<OnceLock<Weak<ChatServer>>>,
     heartbeat_seq: u64,
 }
 
@@ -186,18 +393,80 @@ impl Driver {
 
     fn transition(&mut self, election: &mut Election, transition: Transition) {
         let now = Instant::now().into_std();
-        let input = match transition {
+        let (input, registry_input) = match transition {
             Transition::Up { peer } => {
                 info!(peer = %peer, "peer_up");
-                Input::PeerUp(peer)
+                (Input::PeerUp(peer.clone()), registry::Input::PeerUp(peer))
             }
             Transition::Down { peer, reason } => {
                 warn!(peer = %peer, reason = ?reason, "peer_down");
-                Input::PeerDown(peer)
+                (
+                    Input::PeerDown(peer.clone()),
+                    registry::Input::PeerDown(peer),
+                )
             }
         };
+        self.registry(registry_input);
         let actions = election.handle(now, input);
         self.apply(actions);
+    }
+
+    /// Feeds the registry one input and carries out its actions.
+    fn registry(&mut self, input: registry::Input) {
+        let now = Instant::now().into_std();
+        let actions = self.registry.handle(now, input);
+        let mut changed = false;
+        for action in actions {
+            match action {
+                registry::Action::Send { to, msg } => {
+                    self.mesh.send(&to, &PeerMessage::Registry(msg));
+                }
+                registry::Action::Broadcast { msg } => {
+                    let message = PeerMessage::Registry(msg);
+                    for peer in self.registry_peers() {
+                        self.mesh.send(&peer, &message);
+                    }
+                }
+                registry::Action::Reply { token, result } => {
+                    if let Some(reply) = self.replies.remove(&token) {
+                        let _ = reply.send(result);
+                    }
+                }
+                registry::Action::SetTimer { timer, after } => {
+                    self.registry_timers.insert(timer, after);
+                }
+                registry::Action::EvictLocal { identities, rooms } => {
+                    warn!(
+                        ?identities,
+                        ?rooms,
+                        "names_evicted: held elsewhere after a partition healed"
+                    );
+                    if let Some(chat) = self.chat.get().and_then(Weak::upgrade) {
+                        chat.evict(&identities, &rooms);
+                    }
+                }
+                registry::Action::Log(event) => log_registry_event(event),
+            }
+            changed = true;
+        }
+        if changed {
+            self.refresh_names();
+        }
+    }
+
+    fn registry_peers(&self) -> Vec<ServerId> {
+        self.mesh.linked_peers()
+    }
+
+    /// Publishes the room list and room locations for the chat layer.
+    fn refresh_names(&self) {
+        let rooms = self.registry.rooms();
+        let servers = rooms
+            .iter()
+            .filter_map(|room| Some((room.clone(), self.registry.room_server(room)?)))
+            .collect();
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        *names = Names { rooms, servers };
     }
 
     fn apply(&mut self, actions: Vec<Action>) {
@@ -213,11 +482,41 @@ impl Driver {
                 }
                 Action::ElectionStarted { term } => info!(term, "election_started"),
                 Action::LeaderElected { leader, term } => {
-                    info!(leader = %leader, term, "leader_elected")
+                    info!(leader = %leader, term, "leader_elected");
+                    self.registry(registry::Input::LeaderChanged {
+                        leader: Some(leader),
+                        term,
+                    });
                 }
-                Action::LeaderLost { leader, term } => info!(leader = %leader, term, "leader_lost"),
+                Action::LeaderLost { leader, term } => {
+                    info!(leader = %leader, term, "leader_lost");
+                    self.registry(registry::Input::LeaderChanged { leader: None, term });
+                }
             }
         }
+    }
+}
+
+fn log_registry_event(event: registry::LogEvent) {
+    use registry::LogEvent;
+    match event {
+        LogEvent::ClaimGranted { asker, name } => info!(%asker, %name, "claim_granted"),
+        LogEvent::ClaimDenied {
+            asker,
+            name,
+            reason,
+        } => {
+            info!(%asker, %name, %reason, "claim_denied")
+        }
+        LogEvent::ServerPurged {
+            server,
+            identities,
+            rooms,
+        } => warn!(%server, identities, rooms, "server_purged"),
+        LogEvent::MoveExpired { identity, from, to } => {
+            info!(%identity, %from, %to, "move_expired")
+        }
+        LogEvent::Evicted { identities, rooms } => warn!(?identities, ?rooms, "names_evicted"),
     }
 }
 
@@ -225,6 +524,7 @@ fn refresh(
     view: &SharedView,
     detector: &FailureDetector,
     election: &Election,
+    registry: &Registry,
     members: &[ServerId],
     me: &str,
 ) {
@@ -256,5 +556,7 @@ fn refresh(
         elections_started: stats.elections_started,
         leader_changes: stats.leader_changes,
         peer_state_changes: counters.state_changes,
+        identities: registry.counts().identities,
+        rooms: registry.counts().rooms,
     };
 }

@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 
 use crate::ServerId;
 use crate::admin::{self, AdminState};
-use crate::chat::{ChatServer, LocalDirectory};
-use crate::cluster::{self, ClusterView, SharedView};
+use crate::chat::ChatServer;
+use crate::cluster::{self, ClusterView, Namespace, SharedView};
 use crate::config::ClusterConfig;
 use crate::listener::{bind_client_ports, serve_quic, serve_tcp};
 use crate::mesh::Mesh;
@@ -118,8 +118,9 @@ impl Node {
             warn!(impairment = %impair_handle.impairment(), "mesh datagrams are impaired (testing aid)");
         }
 
-        let directory = Arc::new(LocalDirectory::new(me.main_hall()));
+        let (directory, namespace) = Namespace::new(&config, &id);
         let chat = ChatServer::new(id.clone(), config.limits.clone(), directory);
+        namespace.set_chat(&chat);
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (events_tx, events_rx) = mpsc::channel(4096);
@@ -138,6 +139,7 @@ impl Node {
             id.clone(),
             mesh.clone(),
             events_rx,
+            namespace,
             view.clone(),
             shutdown.clone(),
         ));

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
-pub use directory::{BoxFuture, Directory, LocalDirectory, RemoteRoom};
+pub use directory::{BoxFuture, Directory, RemoteRoom};
 pub use outbox::Outbox;
 pub use session::run_session;
 
@@ -65,8 +65,10 @@ struct Rooms {
 pub enum JoinOutcome {
     /// Joined a room of this server, or refused: events are queued.
     Done,
-    /// The room is on another server; the client was sent `route` and left its room.
-    Moved(RemoteRoom),
+    /// The room is on another server and the client may go: reserve the move
+    /// in the directory, then [`ChatServer::move_out`] (or
+    /// [`ChatServer::refuse_join`] if the directory says no).
+    Remote(RemoteRoom),
 }
 
 impl Rooms {
@@ -291,9 +293,27 @@ impl ChatServer {
             state.broadcast(room, &event, None);
             return JoinOutcome::Done;
         }
-        let Some(remote) = self.directory.remote_room(room) else {
-            return refuse(&state);
+        match self.directory.remote_room(room) {
+            Some(remote) => JoinOutcome::Remote(remote),
+            None => refuse(&state),
+        }
+    }
+
+    /// A refused `joinroom`: `roomchange(identity, room, room)` to the client only.
+    pub fn refuse_join(&self, identity: &str, room: &str) {
+        let event = ServerMessage::room_change(identity, room, room).encode();
+        self.lock().send(identity, &event);
+    }
+
+    /// Sends the client `route` to `remote` and takes it out of this server:
+    /// `roomchange(identity, former, room)` goes to the room it leaves. Its
+    /// identity stays held (moving) in the directory.
+    pub fn move_out(&self, identity: &str, room: &str, remote: &RemoteRoom) {
+        let mut state = self.lock();
+        let Some(member) = state.members.get(identity) else {
+            return;
         };
+        let former = member.room.clone();
         let route = ServerMessage::Route {
             roomid: room.to_owned(),
             host: remote.host.clone(),
@@ -302,8 +322,49 @@ impl ChatServer {
         state.send(identity, &route.encode());
         state.remove_from_room(&former, identity);
         state.members.remove(identity);
+        let event = ServerMessage::room_change(identity, &former, room).encode();
         state.broadcast(&former, &event, None);
-        JoinOutcome::Moved(remote)
+    }
+
+    /// Names this server lost to another holder (a partition healed): the
+    /// clients holding those identities are told and disconnected, those rooms
+    /// are deleted (members to the main hall). Nothing is released: the names
+    /// belong to someone else now.
+    pub fn evict(&self, identities: &[String], rooms: &[String]) {
+        let mut state = self.lock();
+        for room in rooms {
+            if room != &self.main_hall {
+                self.remove_room(&mut state, room);
+            }
+        }
+        // Rooms of evicted owners that were not evicted themselves are freed.
+        let mut orphaned = Vec::new();
+        for identity in identities {
+            let Some(owns) = state.members.get(identity).map(|m| m.owns.clone()) else {
+                continue;
+            };
+            if let Some(room) = owns {
+                self.remove_room(&mut state, &room);
+                if !rooms.contains(&room) {
+                    orphaned.push(room);
+                }
+            }
+            let Some(member) = state.members.remove(identity) else {
+                continue;
+            };
+            state.remove_from_room(&member.room, identity);
+            let event = ServerMessage::room_change(identity, &member.room, "").encode();
+            state.broadcast(&member.room, &event, None);
+            let notice = format!(
+                "identity {identity} is held by a client of another server (the network was split); disconnecting"
+            );
+            member.outbox.push(ServerMessage::error(notice).encode());
+            member.outbox.finish();
+        }
+        drop(state);
+        for room in orphaned {
+            self.directory.release_room(&room);
+        }
     }
 
     /// Answers `deleteroom`.

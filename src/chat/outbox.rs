@@ -140,6 +140,8 @@ impl Outbox {
             }
         }
         let _ = writer.shutdown().await;
+        // A session finished from outside (evicted) must stop reading too.
+        self.dropped.cancel();
     }
 }
 

@@ -182,10 +182,22 @@ impl Session {
             Request::Message { content } => chat.message(&identity, content),
             Request::CreateRoom { roomid } => self.create_room(&identity, roomid).await,
             Request::JoinRoom { roomid } => {
-                if let JoinOutcome::Moved(remote) = chat.join_room(&identity, &roomid) {
-                    chat.directory().start_move(&identity, &remote);
-                    info!(%identity, room = %roomid, to = %remote.server, "client routed to another server");
-                    self.phase = Phase::Moved;
+                if let JoinOutcome::Remote(remote) = chat.join_room(&identity, &roomid) {
+                    let chat = chat.clone();
+                    match self
+                        .claim(chat.directory().start_move(&identity, &remote))
+                        .await
+                    {
+                        Ok(()) => {
+                            chat.move_out(&identity, &roomid, &remote);
+                            info!(%identity, room = %roomid, to = %remote.server, "client routed to another server");
+                            self.phase = Phase::Moved;
+                        }
+                        Err(why) => {
+                            info!(%identity, room = %roomid, reason = %why, "move refused");
+                            chat.refuse_join(&identity, &roomid);
+                        }
+                    }
                 }
             }
             Request::DeleteRoom { roomid } => chat.delete_room(&identity, &roomid),
@@ -289,9 +301,10 @@ impl Session {
         }
     }
 
-    /// Waits for a directory claim, at most the claim timeout.
+    /// Waits for a directory claim, at most the claim timeout (the directory
+    /// enforces it too; this is the backstop).
     async fn claim(&self, claim: super::BoxFuture<Result<(), String>>) -> Result<(), String> {
-        let timeout = self.chat.limits().claim_timeout;
+        let timeout = self.chat.limits().claim_timeout + std::time::Duration::from_millis(500);
         tokio::time::timeout(timeout, claim)
             .await
             .unwrap_or_else(|_| {

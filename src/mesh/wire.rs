@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ServerId;
 use crate::election::ElectionMessage;
+use crate::registry::RegistryMessage;
 
 /// Version of every frame and datagram format below.
 pub const WIRE_VERSION: u8 = 1;
@@ -32,6 +33,8 @@ pub enum PeerMessage {
     },
     /// Fast Bully.
     Election(ElectionMessage),
+    /// The registry of identities and rooms.
+    Registry(RegistryMessage),
 }
 
 /// A heartbeat datagram.
