@@ -188,6 +188,30 @@ impl Cluster {
         }
     }
 
+    /// Waits until [`Cluster::agree`] has held, at one term, for `hold` on end
+    /// (a cluster formed under heavy loss may need a second election first).
+    pub async fn wait_stable(
+        &self,
+        group: &[usize],
+        leader: usize,
+        hold: Duration,
+        within: Duration,
+    ) -> (Duration, u64) {
+        let start = Instant::now();
+        loop {
+            let (_, term) = self
+                .wait_agree(group, leader, within.saturating_sub(start.elapsed()))
+                .await;
+            let since = Instant::now();
+            while self.agree(group, leader) == Some(term) && since.elapsed() < hold {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if since.elapsed() >= hold {
+                return (start.elapsed(), term);
+            }
+        }
+    }
+
     /// Stops every running node cleanly.
     pub async fn stop(mut self) {
         for node in self.nodes.iter_mut() {

@@ -29,8 +29,10 @@ async fn five_servers_at_30_percent_loss_keep_one_leader_for_60_s() {
     );
     let cluster = start_cluster(5, |i| Some(seeded(BAD_LAN, seed, i))).await;
     let all = [0, 1, 2, 3, 4];
-    let (took, term) = cluster.wait_agree(&all, 4, Duration::from_secs(20)).await;
-    println!("soak: agreed on s5 at term {term} after {took:?}");
+    let (took, term) = cluster
+        .wait_stable(&all, 4, Duration::from_secs(2), Duration::from_secs(30))
+        .await;
+    println!("soak: agreed on s5 at term {term}, stable for 2 s, after {took:?}");
     // At least each node saw each peer come up: 5 x 4 transitions.
     let baseline = peer_state_changes(&cluster);
     println!("soak: {baseline} peer transitions while the cluster formed (20 is the minimum)");
@@ -110,7 +112,9 @@ async fn bursty_loss_below_the_failure_timeout_causes_no_false_down() {
     );
     let cluster = start_cluster(5, |i| Some(seeded(spec, seed, i))).await;
     let all = [0, 1, 2, 3, 4];
-    let (_, term) = cluster.wait_agree(&all, 4, Duration::from_secs(20)).await;
+    let (_, term) = cluster
+        .wait_stable(&all, 4, Duration::from_secs(2), Duration::from_secs(30))
+        .await;
     let baseline = peer_state_changes(&cluster);
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(20) {
