@@ -415,7 +415,6 @@ impl Driver {
     fn registry(&mut self, input: registry::Input) {
         let now = Instant::now().into_std();
         let actions = self.registry.handle(now, input);
-        let mut changed = false;
         for action in actions {
             match action {
                 registry::Action::Send { to, msg } => {
@@ -447,11 +446,9 @@ impl Driver {
                 }
                 registry::Action::Log(event) => log_registry_event(event),
             }
-            changed = true;
         }
-        if changed {
-            self.refresh_names();
-        }
+        // Any input may change the replica (a peer down drops its rooms).
+        self.refresh_names();
     }
 
     fn registry_peers(&self) -> Vec<ServerId> {

@@ -37,21 +37,14 @@ pub fn local_config(n: usize) -> ClusterConfig {
     ClusterConfig::parse(&text, "test").expect("test config")
 }
 
-/// Certificates for `local_config(3)`, made once per test binary.
+/// Certificates for servers s1..s5 on 127.0.0.1, made once per test binary.
 pub fn certs() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = temp_dir("certs");
-        chatmesh::tls::generate(&local_config(3), &dir, true).expect("certs");
+        chatmesh::tls::generate(&local_config(5), &dir, true).expect("certs");
         dir
     })
-}
-
-/// Fresh certificates for `config` in a temp dir.
-pub fn certs_for(config: &ClusterConfig) -> PathBuf {
-    let dir = temp_dir("certs-for");
-    chatmesh::tls::generate(config, &dir, true).expect("certs");
-    dir
 }
 
 /// Starts server s1 alone, with `limits`.
@@ -106,7 +99,7 @@ impl Raw {
                 let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
                 endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
                 let connection = endpoint
-                    .connect(addr, "s1")
+                    .connect(addr, "localhost")
                     .unwrap()
                     .await
                     .expect("quic connect");

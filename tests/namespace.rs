@@ -1,0 +1,180 @@
+//! One cluster, one namespace: identities and room ids unique across servers
+//! through the leader, every room in `list`, moves between servers, and the
+//! names of a crashed server freed.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::inproc::{Cluster, start_cluster};
+use common::{Raw, Via, room_change};
+
+fn hall(i: usize) -> String {
+    format!("MainHall-s{}", i + 1)
+}
+
+async fn formed(n: usize) -> Cluster {
+    let cluster = start_cluster(n, |_| None).await;
+    let all: Vec<usize> = (0..n).collect();
+    cluster
+        .wait_agree(&all, n - 1, Duration::from_secs(10))
+        .await;
+    cluster
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_identity_claimed_on_three_servers_at_once_is_granted_once() {
+    let cluster = formed(3).await;
+    let addrs: Vec<_> = (0..3).map(|i| cluster.node(i).client_addr()).collect();
+    for round in 0..20 {
+        let name = format!("Racer{round}");
+        let mut tasks = Vec::new();
+        for (i, addr) in addrs.iter().copied().enumerate() {
+            let name = name.clone();
+            tasks.push(tokio::spawn(async move {
+                let via = if i % 2 == 0 { Via::Tcp } else { Via::Quic };
+                let mut c = Raw::connect(via, addr, &name).await;
+                c.send(&format!(r#"{{"type":"newidentity","identity":"{name}"}}"#))
+                    .await;
+                let answer = c.next().await.expect("an answer");
+                (answer["approved"] == "true", c)
+            }));
+        }
+        let mut approved = 0;
+        let mut keep = Vec::new();
+        for task in tasks {
+            let (ok, client) = task.await.unwrap();
+            approved += usize::from(ok);
+            keep.push(client);
+        }
+        assert_eq!(
+            approved, 1,
+            "round {round}: {name} approved {approved} times"
+        );
+    }
+    // Room ids too: three owners on three servers race for one id.
+    let mut owners = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        owners.push(Raw::join(Via::Tcp, *addr, &format!("Owner{i}"), &hall(i)).await);
+    }
+    let mut tasks = Vec::new();
+    for mut owner in owners {
+        tasks.push(tokio::spawn(async move {
+            owner
+                .send(r#"{"type":"createroom","roomid":"contested"}"#)
+                .await;
+            let answer = owner.next().await.expect("an answer");
+            (answer["approved"] == "true", owner)
+        }));
+    }
+    let mut approved = 0;
+    for task in tasks {
+        approved += usize::from(task.await.unwrap().0);
+    }
+    assert_eq!(approved, 1, "the room id was granted {approved} times");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_spans_the_cluster_and_joinroom_moves_a_raw_client_between_servers() {
+    let cluster = formed(3).await;
+    let (a1, a2) = (cluster.node(0).client_addr(), cluster.node(1).client_addr());
+    let mut adel = Raw::join(Via::Tcp, a1, "Adel", &hall(0)).await;
+    adel.send(r#"{"type":"createroom","roomid":"jokes"}"#).await;
+    adel.expect(r#"{"type":"createroom","roomid":"jokes","approved":"true"}"#)
+        .await;
+    adel.expect(&room_change("Adel", &hall(0), "jokes")).await;
+
+    let mut bob = Raw::join(Via::Tcp, a2, "Bob", &hall(1)).await;
+    bob.send(r#"{"type":"list"}"#).await;
+    bob.expect(
+        r#"{"type":"roomlist","rooms":["MainHall-s1","MainHall-s2","MainHall-s3","jokes"]}"#,
+    )
+    .await;
+
+    // A forged movejoin for Adel (not moving anywhere) is refused on s2.
+    let mut forger = Raw::connect(Via::Tcp, a2, "forger").await;
+    forger
+        .send(r#"{"type":"movejoin","former":"MainHall-s1","roomid":"MainHall-s2","identity":"Adel"}"#)
+        .await;
+    forger
+        .expect(r#"{"type":"serverchange","approved":"false","serverid":"s2"}"#)
+        .await;
+    forger.expect_closed().await;
+
+    // Bob joins jokes on s1: route with s1's client address, then movejoin there.
+    bob.send(r#"{"type":"joinroom","roomid":"jokes"}"#).await;
+    bob.expect(&format!(
+        r#"{{"type":"route","roomid":"jokes","host":"127.0.0.1","port":"{}"}}"#,
+        a1.port()
+    ))
+    .await;
+    drop(bob);
+    let mut bob = Raw::connect(Via::Tcp, a1, "Bob@s1").await;
+    bob.send(r#"{"type":"movejoin","former":"MainHall-s2","roomid":"jokes","identity":"Bob"}"#)
+        .await;
+    bob.expect(r#"{"type":"serverchange","approved":"true","serverid":"s1"}"#)
+        .await;
+    bob.expect(&room_change("Bob", "MainHall-s2", "jokes"))
+        .await;
+    adel.expect(&room_change("Bob", "MainHall-s2", "jokes"))
+        .await;
+    bob.send(r#"{"type":"message","content":"made it"}"#).await;
+    adel.expect(r#"{"type":"message","identity":"Bob","content":"made it"}"#)
+        .await;
+    // Bob is still Bob everywhere: nobody else can take the name.
+    let mut thief = Raw::connect(Via::Tcp, a2, "thief").await;
+    thief
+        .send(r#"{"type":"newidentity","identity":"Bob"}"#)
+        .await;
+    thief
+        .expect(r#"{"type":"newidentity","approved":"false"}"#)
+        .await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_server_names_and_rooms_are_freed_on_every_survivor() {
+    let mut cluster = formed(3).await;
+    let a1 = cluster.node(0).client_addr();
+    let a2 = cluster.node(1).client_addr();
+    let mut adel = Raw::join(Via::Tcp, a1, "Adel", &hall(0)).await;
+    adel.send(r#"{"type":"createroom","roomid":"doomed"}"#)
+        .await;
+    adel.expect(r#"{"type":"createroom","roomid":"doomed","approved":"true"}"#)
+        .await;
+    adel.expect(&room_change("Adel", &hall(0), "doomed")).await;
+    let mut watcher = Raw::join(Via::Tcp, a2, "Watcher", &hall(1)).await;
+
+    cluster.crash(0).await;
+    let crashed = Instant::now();
+    // Poll s2's list until s1's hall and room are gone.
+    loop {
+        watcher.send(r#"{"type":"list"}"#).await;
+        let list = watcher.next().await.expect("watcher connected");
+        if list["rooms"] == serde_json::json!(["MainHall-s2", "MainHall-s3"]) {
+            break;
+        }
+        assert!(
+            crashed.elapsed() < Duration::from_secs(10),
+            "s1's rooms still listed: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "s1's rooms left every list {:?} after its crash",
+        crashed.elapsed()
+    );
+    // Adel's identity and the room id are free again, on any survivor.
+    let mut again = Raw::join(Via::Tcp, a2, "Adel", &hall(1)).await;
+    watcher.expect(&room_change("Adel", "", &hall(1))).await;
+    again
+        .send(r#"{"type":"createroom","roomid":"doomed"}"#)
+        .await;
+    again
+        .expect(r#"{"type":"createroom","roomid":"doomed","approved":"true"}"#)
+        .await;
+    println!("names free {:?} after the crash", crashed.elapsed());
+    drop(adel);
+    cluster.stop().await;
+}
