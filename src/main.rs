@@ -103,6 +103,13 @@ enum Command {
         /// CA certificate that QUIC servers must be signed by.
         #[arg(long, default_value = "certs/ca.pem")]
         ca: PathBuf,
+        /// Servers to move to if the current one dies, HOST:PORT,... (default:
+        /// every server of --config, if that file exists).
+        #[arg(long, value_delimiter = ',')]
+        servers: Vec<String>,
+        /// Cluster config to take the fallback servers from.
+        #[arg(long, default_value = "config/cluster.toml")]
+        config: PathBuf,
     },
 }
 
@@ -187,12 +194,27 @@ async fn run(cli: Cli) -> Result<()> {
             server,
             tcp,
             ca,
+            servers,
+            config,
         } => {
+            let fallbacks = if !servers.is_empty() {
+                servers
+            } else if config.exists() {
+                let cluster = ClusterConfig::load(&config)?;
+                cluster
+                    .servers
+                    .iter()
+                    .map(|s| format!("{}:{}", s.host, s.client_port))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             chatmesh::client::run(ClientOptions {
                 identity,
                 server,
                 tcp,
                 ca,
+                fallbacks,
             })
             .await
         }

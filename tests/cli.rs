@@ -246,12 +246,35 @@ fn a_broken_config_names_line_and_field() {
 fn clients_notice_a_stopping_server_at_once() {
     let (mut node, addr) = start_node(&single_node_config());
     let ca = certs().join("ca.pem").display().to_string();
+    // No other server to move to: --servers names only this one.
     let mut quic = Proc::spawn(
         "quic",
-        &["client", "-i", "Quic", "--server", &addr, "--ca", &ca],
+        &[
+            "client",
+            "-i",
+            "Quic",
+            "--server",
+            &addr,
+            "--ca",
+            &ca,
+            "--servers",
+            &addr,
+        ],
     );
     quic.wait_line("Quic joins MainHall-s1");
-    let mut tcp = Proc::spawn("tcp", &["client", "-i", "Tcp", "--server", &addr, "--tcp"]);
+    let mut tcp = Proc::spawn(
+        "tcp",
+        &[
+            "client",
+            "-i",
+            "Tcp",
+            "--server",
+            &addr,
+            "--tcp",
+            "--servers",
+            &addr,
+        ],
+    );
     tcp.wait_line("Tcp joins MainHall-s1");
     node.signal(libc::SIGTERM);
     assert!(node.wait_exit());

@@ -179,3 +179,42 @@ async fn admin_cuts_partition_a_running_cluster_and_heal_it() {
     let (took, _) = cluster.wait_agreement(2, SETTLE).await;
     println!("healed: all follow s3 again after {took:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bundled_client_moves_to_another_server_when_its_own_dies() {
+    let mut cluster = ProcCluster::new(3, "roam");
+    cluster.start_all();
+    cluster.wait_agreement(2, SETTLE).await;
+    let addrs: Vec<String> = cluster
+        .client_ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let mut client = common::process::Proc::spawn(
+        "roamer",
+        &[
+            "client",
+            "-i",
+            "Roamer",
+            "--server",
+            &addrs[0],
+            "--tcp",
+            "--servers",
+            &addrs.join(","),
+        ],
+    );
+    client.wait_line("Roamer joins MainHall-s1");
+    cluster.kill9(0);
+    let killed = Instant::now();
+    client.wait_line("lost the connection to");
+    client.wait_line(&format!("reconnected to {} as Roamer", addrs[1]));
+    client.wait_line("Roamer joins MainHall-s2");
+    println!(
+        "client back as Roamer on s2 {:?} after the kill",
+        killed.elapsed()
+    );
+    client.type_line("#list");
+    client.wait_line("rooms: MainHall-s2, MainHall-s3");
+    client.close_stdin();
+    assert!(client.wait_exit());
+}

@@ -29,6 +29,8 @@ pub struct ClientOptions {
     pub identity: String,
     /// `host:port` of the first server.
     pub server: String,
+    /// Other servers (`host:port`) to move to if the current one dies.
+    pub fallbacks: Vec<String>,
     /// Speak the classic protocol over plain TCP instead of QUIC.
     pub tcp: bool,
     /// CA certificate that QUIC servers must be signed by.
@@ -65,21 +67,13 @@ pub async fn run(options: ClientOptions) -> Result<()> {
     } else {
         Transport::quic(&options.ca)?
     };
-    let mut connection = Connection::open(&transport, &options.server).await?;
-    connection
-        .send(&Request::NewIdentity {
-            identity: options.identity.clone(),
-        })
-        .await?;
-    match connection.recv_timeout(ANSWER_TIMEOUT).await? {
-        Some(ServerMessage::NewIdentity { approved }) if approved.0 => {}
-        Some(ServerMessage::NewIdentity { .. }) => bail!(
+    let connection = match identify(&transport, &options.server, &options.identity).await? {
+        Some(connection) => connection,
+        None => bail!(
             "identity {:?} refused: it must be 3-16 letters or digits starting with a letter, and not in use anywhere in the cluster",
             options.identity
         ),
-        Some(other) => bail!("unexpected answer to newidentity: {other:?}"),
-        None => bail!("{} closed the connection", options.server),
-    }
+    };
     let interactive = std::io::stdin().is_terminal();
     let mut client = Client {
         options,
@@ -101,7 +95,79 @@ pub async fn run(options: ClientOptions) -> Result<()> {
     result
 }
 
+/// How long the client keeps trying the other servers after losing its own.
+/// A dead server's names are freed within its peers' failure timeout.
+const RECONNECT_FOR: Duration = Duration::from_secs(10);
+
+/// Connects to `server` and claims `identity`: the connection if approved,
+/// `None` if refused, an error if the server cannot be reached.
+async fn identify(
+    transport: &Transport,
+    server: &str,
+    identity: &str,
+) -> Result<Option<Connection>> {
+    let mut connection = Connection::open(transport, server).await?;
+    connection
+        .send(&Request::NewIdentity {
+            identity: identity.to_owned(),
+        })
+        .await?;
+    match connection.recv_timeout(ANSWER_TIMEOUT).await? {
+        Some(ServerMessage::NewIdentity { approved }) if approved.0 => Ok(Some(connection)),
+        Some(ServerMessage::NewIdentity { .. }) => Ok(None),
+        Some(other) => bail!("unexpected answer to newidentity from {server}: {other:?}"),
+        None => bail!("{server} closed the connection"),
+    }
+}
+
 impl Client {
+    /// The server died under us: claim the identity again on another one.
+    async fn reconnect(&mut self) -> Result<()> {
+        let lost = self.options.server.clone();
+        let mut candidates: Vec<String> = self
+            .options
+            .fallbacks
+            .iter()
+            .filter(|s| **s != lost)
+            .cloned()
+            .collect();
+        if candidates.is_empty() {
+            bail!("the server closed the connection");
+        }
+        candidates.push(lost.clone());
+        self.say(&format!(
+            "lost the connection to {lost}; reconnecting to another server as {}",
+            self.options.identity
+        ));
+        let transport = self.connection.transport().clone();
+        let deadline = Instant::now() + RECONNECT_FOR;
+        while Instant::now() < deadline {
+            for server in &candidates {
+                // Refused: the dead server's hold on the name is not yet
+                // released; unreachable: try the next one.
+                if let Ok(Some(connection)) =
+                    identify(&transport, server, &self.options.identity).await
+                {
+                    self.connection = connection;
+                    self.options.server = server.clone();
+                    self.room.clear();
+                    self.expect(Awaiting::Nothing);
+                    self.say(&format!(
+                        "reconnected to {server} as {}",
+                        self.options.identity
+                    ));
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        bail!(
+            "the server closed the connection, and no other server took identity {} within {} s",
+            self.options.identity,
+            RECONNECT_FOR.as_secs()
+        )
+    }
+
     async fn run(&mut self) -> Result<()> {
         let mut stdin = BufReader::new(tokio::io::stdin()).lines();
         let mut stdin_open = true;
@@ -129,7 +195,7 @@ impl Client {
                             if self.awaiting == Awaiting::Quit {
                                 return Ok(());
                             }
-                            bail!("the server closed the connection");
+                            self.reconnect().await?;
                         }
                     }
                 }
