@@ -178,3 +178,150 @@ async fn a_crashed_server_names_and_rooms_are_freed_on_every_survivor() {
     drop(adel);
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_with_100_claims_in_flight_grants_no_name_twice() {
+    let mut cluster = formed(3).await;
+    let addrs = [cluster.node(0).client_addr(), cluster.node(1).client_addr()];
+    // 50 names, each claimed once on s1 and once on s2, while s3 (the leader) dies.
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for n in 0..50 {
+        for (i, addr) in addrs.iter().copied().enumerate() {
+            let sent = sent.clone();
+            tasks.push(tokio::spawn(async move {
+                let name = format!("Claim{n}");
+                let start = Instant::now();
+                let mut c = Raw::connect(Via::Tcp, addr, &name).await;
+                c.send(&format!(r#"{{"type":"newidentity","identity":"{name}"}}"#))
+                    .await;
+                sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let answer = c.next().await.expect("every claim is answered");
+                (name, i, answer["approved"] == "true", start.elapsed(), c)
+            }));
+        }
+    }
+    // Crash the leader once a few claims are on their way, most still to come.
+    common::wait_for("20 claims sent", || {
+        sent.load(std::sync::atomic::Ordering::SeqCst) >= 20
+    })
+    .await;
+    cluster.crash(2).await;
+    let mut granted = std::collections::HashMap::<String, usize>::new();
+    let mut slowest = Duration::ZERO;
+    let mut keep = Vec::new();
+    let mut refused = 0;
+    for task in tasks {
+        let (name, _, ok, took, client) = task.await.unwrap();
+        slowest = slowest.max(took);
+        if ok {
+            *granted.entry(name).or_default() += 1;
+            keep.push(client);
+        } else {
+            refused += 1;
+        }
+    }
+    println!(
+        "100 claims across a leader crash: {} granted, {refused} refused, slowest answer {slowest:?}",
+        granted.values().sum::<usize>()
+    );
+    assert!(
+        granted.values().all(|&n| n == 1),
+        "a name was granted twice: {granted:?}"
+    );
+    assert!(
+        slowest < Duration::from_secs(8),
+        "every claim ends within a bound"
+    );
+    // The new leader (s2) holds every granted name: claiming one again fails.
+    cluster
+        .wait_agree(&[0, 1], 1, Duration::from_secs(10))
+        .await;
+    for name in granted.keys().take(10) {
+        let mut c = Raw::connect(Via::Tcp, addrs[0], "again").await;
+        c.send(&format!(r#"{{"type":"newidentity","identity":"{name}"}}"#))
+            .await;
+        c.expect(r#"{"type":"newidentity","approved":"false"}"#)
+            .await;
+    }
+    drop(keep);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_minority_grants_nothing_and_the_majority_holder_wins_at_heal() {
+    let cluster = formed(5).await;
+    let (minority, majority) = ([0, 1], [2, 3, 4]);
+    let s1 = cluster.node(0).client_addr();
+    let s3 = cluster.node(2).client_addr();
+    let mut alice = Raw::join(Via::Tcp, s1, "Alice", &hall(0)).await;
+    let mut bob = Raw::join(Via::Tcp, s1, "Bob", &hall(0)).await;
+    alice.expect(&room_change("Bob", "", &hall(0))).await;
+
+    cluster.partition(&minority, &majority);
+    cluster
+        .wait_agree(&majority, 4, Duration::from_secs(10))
+        .await;
+    cluster
+        .wait_agree(&minority, 1, Duration::from_secs(10))
+        .await;
+
+    // The minority refuses new names but its sessions keep chatting.
+    let mut newcomer = Raw::connect(Via::Tcp, s1, "Newcomer").await;
+    newcomer
+        .send(r#"{"type":"newidentity","identity":"Newcomer"}"#)
+        .await;
+    newcomer
+        .expect(r#"{"type":"newidentity","approved":"false"}"#)
+        .await;
+    bob.send(r#"{"type":"message","content":"still talking"}"#)
+        .await;
+    alice
+        .expect(r#"{"type":"message","identity":"Bob","content":"still talking"}"#)
+        .await;
+
+    // The majority purged s1 and grants "Alice" to someone else.
+    let started = Instant::now();
+    let other = loop {
+        let mut c = Raw::connect(Via::Tcp, s3, "Alice@s3").await;
+        c.send(r#"{"type":"newidentity","identity":"Alice"}"#).await;
+        if c.next().await.is_some_and(|a| a["approved"] == "true") {
+            break c;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the majority never freed Alice"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    // Heal: the minority's Alice is told and disconnected; Bob stays.
+    cluster.heal();
+    let healed = Instant::now();
+    let mut reason = None;
+    while let Some(line) = alice.next().await {
+        if line["type"] == "error" {
+            reason = line["reason"].as_str().map(str::to_owned);
+        }
+    }
+    let reason = reason.expect("an eviction notice before the close");
+    assert!(
+        reason.contains("held by a client of another server"),
+        "{reason}"
+    );
+    println!(
+        "minority's Alice evicted {:?} after the heal",
+        healed.elapsed()
+    );
+    bob.expect(&room_change("Alice", &hall(0), "")).await;
+    cluster
+        .wait_agree(&[0, 1, 2, 3, 4], 4, Duration::from_secs(10))
+        .await;
+    // One Alice in the whole cluster: the majority's.
+    let mut c = Raw::connect(Via::Tcp, s1, "Alice again").await;
+    c.send(r#"{"type":"newidentity","identity":"Alice"}"#).await;
+    c.expect(r#"{"type":"newidentity","approved":"false"}"#)
+        .await;
+    drop(other);
+    cluster.stop().await;
+}
