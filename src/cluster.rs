@@ -293,7 +293,7 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {
-                driver.send_heartbeats(&peers, election.term());
+                driver.send_heartbeats(&peers, election.term(), election.leader().cloned());
                 let now = Instant::now().into_std();
                 for transition in detector.tick(now) {
                     driver.transition(&mut election, transition);
@@ -326,6 +326,11 @@ pub async fn run(
                         if let Some(transition) = detector.heartbeat(now, &from, heartbeat.seq) {
                             driver.transition(&mut election, transition);
                         }
+                        // A peer's view pulls this server along if it missed an
+                        // announcement (acts at most once per change).
+                        let input = Input::Heartbeat { from, term: heartbeat.term, leader: heartbeat.leader };
+                        let actions = election.handle(now, input);
+                        driver.apply(actions);
                     }
                     MeshEvent::LinkDown(peer) => {
                         // A clean stop is a down at once; after a crash the
@@ -372,7 +377,7 @@ struct Driver {
 }
 
 impl Driver {
-    fn send_heartbeats(&mut self, peers: &[ServerId], term: u64) {
+    fn send_heartbeats(&mut self, peers: &[ServerId], term: u64, leader: Option<ServerId>) {
         // Wall-clock microseconds, kept strictly increasing: a restarted
         // server's sequence stays above what its peers saw before the restart.
         let wall = SystemTime::now()
@@ -383,6 +388,7 @@ impl Driver {
         let heartbeat = Heartbeat {
             from: self.me.clone(),
             term,
+            leader,
             seq: self.heartbeat_seq,
             sent_at_ms: self.mesh.clock_ms(),
         };

@@ -24,6 +24,11 @@
 //! - **Receiving `Election`** from a lower server: reply `Answer`, then wait T4 for a
 //!   `Nomination` (we then announce `Coordinator` to every lower server) or a `Coordinator`.
 //!   T4 runs out: we start an election ourselves.
+//! - **Anti-entropy** ([`Input::Heartbeat`], not in the paper): every heartbeat datagram
+//!   carries its sender's view, `(term, leader)`. A server that missed an announcement (a
+//!   `Coordinator` lost with its connection) pulls it from the next heartbeat of any
+//!   up-to-date peer; without this, a lost `Coordinator` splits the cluster for good, since a
+//!   split in which everyone sees everyone alive sends no message that could repair it.
 //!
 //! # Terms (fencing)
 //! Every `Coordinator` carries a term one above any term its sender has seen. A server follows
@@ -50,7 +55,13 @@
 //!   the receiver restarts); a lost connection is reported on *both* ends as
 //!   [`Input::PeerDown`], then [`Input::PeerUp`] once a new one is up (which is what the
 //!   detector's `connection_closed` and the next heartbeat do). Order between messages does
-//!   not matter.
+//!   not matter. A message lost all the same (a dying connection, no link yet) is repaired
+//!   by the heartbeats, as long as the driver feeds them:
+//! - Every heartbeat carries the sender's [`Election::term`] and [`Election::leader`] at the
+//!   time it is sent, and every heartbeat received from a member is fed as
+//!   [`Input::Heartbeat`] *after* the failure detector has seen it (so its `PeerUp`, if any,
+//!   comes first). Lost, duplicated and reordered heartbeats are harmless; so is feeding the
+//!   ones the detector discards as out of order.
 //!
 //! # Timers
 //! Timers belong to the state machine. Each [`ElectionTimer`] carries the *round* in which it
@@ -94,6 +105,19 @@
 //! - A nominee that receives `Nomination` announces itself even while it runs its own
 //!   election (as the paper says); should a higher server be alive after all, that server's
 //!   T4 makes it run an election, which it wins.
+//! - Heartbeats are pulled, never answered: a server adopts the view of a peer's heartbeat
+//!   when it names a newer epoch `(term, leader)` than its own and our detector sees that
+//!   leader up, in whatever phase we are (it is the newest epoch we know, and its leader is
+//!   alive); a peer whose view is older than ours is not told anything, it pulls ours from
+//!   our heartbeats in the same way. A heartbeat's newer epoch led by a server *below* us (or
+//!   by us, before a restart) breaks the bully rule: if we are `Stable` we run an election
+//!   (every other phase ends on its own timer). The same heartbeat repeated 50 times a second
+//!   therefore acts at most once: the adoption makes the views equal, the election leaves
+//!   `Stable`. A leader our detector does not see up is ignored: it may be dead (the
+//!   sender's detector lags, and will start an election) or cut off from us, and reacting
+//!   (following it, or fighting it, or pushing `View`s at the peer) would only make a partial
+//!   partition churn through elections. A heartbeat's term also raises the seen term, so our
+//!   next `Coordinator` is not fenced by a term we heard of only that way.
 //! - Messages that break the protocol's direction (`Election`/`Nomination` from a higher
 //!   server, `Answer` from a lower one), from unknown servers or from ourselves are ignored and
 //!   counted: they can only come from a peer with a different cluster config.
@@ -109,6 +133,11 @@
 //! heartbeat interval, messages take a fraction of it) one election runs per failure. The
 //! Fast Bully worst case remains: `k` servers that detect the failure within one message
 //! latency of each other each probe their higher servers, up to `n(n-1)/2` `Election`s.
+//!
+//! Heartbeats never send a message by themselves. While views agree (the steady state), or
+//! a peer's view is older or leaderless, a heartbeat causes no action at all; adopting a
+//! newer view costs nothing; only a lower server leading a newer epoch costs an election,
+//! once, since it leaves `Stable`.
 
 use std::time::{Duration, Instant};
 
@@ -232,6 +261,20 @@ pub enum Input {
     PeerDown(ServerId),
     /// The failure detector heard from this peer again (or for the first time).
     PeerUp(ServerId),
+    /// A heartbeat datagram from a peer, with the view it carried: the sender's
+    /// [`Election::term`] and [`Election::leader`] when it sent it. Feed every heartbeat from a
+    /// member, *after* the failure detector has seen it (so that the sender is already up).
+    /// This is the anti-entropy channel: an announcement a server missed (a `Coordinator` lost
+    /// with its connection) reaches it through the next heartbeat of any up-to-date peer.
+    /// Agreeing views, older views and leaderless views cost nothing: no action at all.
+    Heartbeat {
+        /// The peer that sent it.
+        from: ServerId,
+        /// The sender's [`Election::term`].
+        term: u64,
+        /// The sender's [`Election::leader`] (`None` while it runs or waits for an election).
+        leader: Option<ServerId>,
+    },
 }
 
 /// Which wait a timer ends.
@@ -349,6 +392,11 @@ pub struct ElectionStats {
     pub stale_timers: u64,
     /// Messages ignored because they break the protocol or come from an unknown server.
     pub ignored_messages: u64,
+    /// Leaders adopted from a peer's heartbeat: each is an announcement this server missed.
+    pub heartbeat_adoptions: u64,
+    /// Elections started because a heartbeat showed a server below us (or we ourselves, in an
+    /// epoch we do not know) leading a newer epoch. Also counted in `elections_started`.
+    pub heartbeat_elections: u64,
 }
 
 /// What the detector last said about a peer.
@@ -539,6 +587,14 @@ impl Election {
             Input::PeerDown(id) => {
                 if let Some(peer) = self.rank_of(&id).filter(|peer| *peer != self.me) {
                     self.on_peer_down(now, peer, &mut out);
+                }
+            }
+            Input::Heartbeat { from, term, leader } => {
+                // Before Start the heartbeat only counted for the detector; a heartbeat from
+                // an unknown server or ourselves cannot come over an authenticated mesh.
+                let member = self.rank_of(&from).is_some_and(|peer| peer != self.me);
+                if member && self.state != State::Idle {
+                    self.on_heartbeat(now, term, leader, &mut out);
                 }
             }
         }
@@ -754,6 +810,47 @@ impl Election {
             State::AwaitingLeader | State::Stable | State::AwaitingNomination => {
                 self.start_election(now, out)
             }
+        }
+    }
+
+    /// Anti-entropy: the view a peer's heartbeat carried. Pull only: we adopt what is newer
+    /// and never answer what is older (the peer pulls from our heartbeats in turn), so a
+    /// heartbeat never sends a message by itself; only a broken bully rule starts an election.
+    fn on_heartbeat(
+        &mut self,
+        now: Instant,
+        term: u64,
+        leader: Option<ServerId>,
+        out: &mut Vec<Action>,
+    ) {
+        // Our next Coordinator must go above every term in the cluster, or it is fenced.
+        self.seen_term = self.seen_term.max(term);
+        // A peer in an election claims nothing; its election ends on its own timers.
+        let Some(leader) = leader.and_then(|id| self.rank_of(&id)) else {
+            return;
+        };
+        if (term, Some(leader)) <= (self.term, self.term_leader) {
+            // The steady state (equal), or the peer is behind and pulls from our heartbeats.
+            return;
+        }
+        // Only a leader our own detector sees alive is acted on: one we do not see may be
+        // dead (the sender's detector lags) or cut off from us, and following it or fighting
+        // it would only churn. Its own heartbeats make it up soon if it is alive.
+        let visible = leader == self.me || self.alive[leader] == Liveness::Up;
+        if !visible {
+            return;
+        }
+        if leader > self.me {
+            // An announcement we missed (or a leader that moved on while we waited): adopt it,
+            // in whatever phase; it is the newest epoch we know of and its leader is alive.
+            self.stats.heartbeat_adoptions += 1;
+            self.follow(now, leader, term, out);
+        } else if self.state == State::Stable {
+            // A server below us (or we ourselves, before a restart) leads a newer epoch while
+            // we are alive: the bully rule is broken. Every other phase ends on its own timer
+            // (and a recovering server learns the same from the Views to its IAmUp).
+            self.stats.heartbeat_elections += 1;
+            self.start_election(now, out);
         }
     }
 
@@ -1061,6 +1158,8 @@ mod tests {
         Deliver,
         /// The receiver crashes instead of handling it (scripted "dies at the worst moment").
         CrashReceiver,
+        /// The message is lost (with a dying connection, or before a link was up).
+        Drop,
     }
 
     type Interceptor = Box<dyn FnMut(usize, usize, &ElectionMessage) -> Fate>;
@@ -1089,7 +1188,48 @@ mod tests {
         Partition(u64),
         /// Restores every link.
         Heal,
+        /// The node sends a heartbeat datagram to every peer, carrying its view.
+        HeartbeatTick {
+            node: usize,
+            incarnation: u64,
+        },
+        /// A heartbeat datagram arrives (unless a link or node changed since it was sent).
+        Heartbeat {
+            from: usize,
+            to: usize,
+            incarnations: (u64, u64),
+            term: u64,
+            leader: Option<ServerId>,
+        },
     }
+
+    impl Event {
+        /// Heartbeats run forever: "nothing left to happen" ignores them.
+        fn is_background(&self) -> bool {
+            matches!(self, Event::HeartbeatTick { .. } | Event::Heartbeat { .. })
+        }
+    }
+
+    /// The heartbeat datagrams of the driver: every `interval`, each node sends each peer its
+    /// `(term, leader)`; a datagram is lost with `loss_percent`, duplicated with
+    /// `duplicate_percent`, and delayed like any message (so they reorder).
+    #[derive(Debug, Clone, Copy)]
+    struct Heartbeats {
+        interval: Duration,
+        loss_percent: u64,
+        duplicate_percent: u64,
+    }
+
+    /// How long heartbeats must change nothing before a run with heartbeats counts as settled:
+    /// at 20 ms and 30% loss, a view a peer still has to pull from ~35 heartbeats is no risk.
+    const QUIET: Duration = ms(1_000);
+
+    /// The heartbeats of the real cluster's bug report: every 20 ms, 30% lost.
+    const LOSSY_HEARTBEATS: Heartbeats = Heartbeats {
+        interval: ms(20),
+        loss_percent: 30,
+        duplicate_percent: 5,
+    };
 
     struct SimNode {
         machine: Election,
@@ -1136,6 +1276,15 @@ mod tests {
         /// neither detector declared the other down (a QUIC connection retransmits).
         cut: Vec<Vec<bool>>,
         intercept: Option<Interceptor>,
+        /// Heartbeat datagrams, if modelled (off by default: the queue then runs dry).
+        heartbeats: Option<Heartbeats>,
+        /// Per mille of election messages lost on delivery, on top of the interceptor.
+        drop_per_mille: u64,
+        /// Events in the queue that are not heartbeats.
+        busy: usize,
+        /// The last instant something other than a heartbeat happened: an event that is not a
+        /// heartbeat, or any action (a heartbeat that changed a view logs `LeaderElected`).
+        last_activity: Duration,
         sent: Vec<Sent>,
         log: Vec<Logged>,
     }
@@ -1167,6 +1316,10 @@ mod tests {
                 notice_up: (ms(20), ms(40)),
                 cut: vec![vec![false; n]; n],
                 intercept: None,
+                heartbeats: None,
+                drop_per_mille: 0,
+                busy: 0,
+                last_activity: Duration::ZERO,
                 sent: Vec::new(),
                 log: Vec::new(),
             }
@@ -1179,7 +1332,60 @@ mod tests {
         fn schedule(&mut self, after: Duration, event: Event) {
             let key = (self.now + after, self.next_key);
             self.next_key += 1;
+            if !event.is_background() {
+                self.busy += 1;
+            }
             self.queue.insert(key, event);
+        }
+
+        /// Every live node (and every node booted later) sends heartbeats from now on.
+        fn start_heartbeats(&mut self, heartbeats: Heartbeats) {
+            self.heartbeats = Some(heartbeats);
+            for node in self.live() {
+                self.schedule_first_heartbeat(node);
+            }
+        }
+
+        fn schedule_first_heartbeat(&mut self, node: usize) {
+            let Some(heartbeats) = self.heartbeats else {
+                return;
+            };
+            let after = self.rng.between((Duration::ZERO, heartbeats.interval));
+            let incarnation = self.nodes[node].incarnation;
+            self.schedule(after, Event::HeartbeatTick { node, incarnation });
+        }
+
+        /// The driver's heartbeat tick: the view (`term()`, `leader()`) to every peer.
+        fn send_heartbeats(&mut self, node: usize, heartbeats: Heartbeats) {
+            let machine = &self.nodes[node].machine;
+            let (term, leader) = (machine.term(), machine.leader().cloned());
+            for to in (0..self.n()).filter(|to| *to != node) {
+                if self.rng.below(100) < heartbeats.loss_percent {
+                    continue;
+                }
+                let copies = if self.rng.below(100) < heartbeats.duplicate_percent {
+                    2
+                } else {
+                    1
+                };
+                for _ in 0..copies {
+                    let after = self.rng.between(self.delay);
+                    let incarnations = (self.nodes[node].incarnation, self.nodes[to].incarnation);
+                    let event = Event::Heartbeat {
+                        from: node,
+                        to,
+                        incarnations,
+                        term,
+                        leader: leader.clone(),
+                    };
+                    self.schedule(after, event);
+                }
+            }
+            let incarnation = self.nodes[node].incarnation;
+            self.schedule(
+                heartbeats.interval,
+                Event::HeartbeatTick { node, incarnation },
+            );
         }
 
         fn boot_all(&mut self) {
@@ -1202,6 +1408,7 @@ mod tests {
             slot.sees_up = vec![false; n];
             slot.last_term = 0;
             self.feed(node, Input::Start);
+            self.schedule_first_heartbeat(node);
             for other in (0..n).filter(|o| *o != node) {
                 let after = self.rng.between(self.notice_up);
                 self.schedule(
@@ -1318,6 +1525,7 @@ mod tests {
         }
 
         fn apply(&mut self, node: usize, action: Action) {
+            self.last_activity = self.now;
             match action {
                 Action::Send { to, msg } => {
                     let to = rank(&to);
@@ -1376,6 +1584,10 @@ mod tests {
                 return false;
             };
             self.now = at;
+            if !event.is_background() {
+                self.busy -= 1;
+                self.last_activity = at;
+            }
             match event {
                 Event::Deliver {
                     from,
@@ -1404,6 +1616,9 @@ mod tests {
                         }
                         return true;
                     }
+                    if self.drop_per_mille > 0 && self.rng.below(1_000) < self.drop_per_mille {
+                        return true;
+                    }
                     let mut intercept = self.intercept.take();
                     let fate = intercept
                         .as_mut()
@@ -1421,6 +1636,7 @@ mod tests {
                             );
                         }
                         Fate::CrashReceiver => self.crash(to),
+                        Fate::Drop => {}
                     }
                 }
                 Event::Timer {
@@ -1455,6 +1671,38 @@ mod tests {
                     self.partition(&left, &right);
                 }
                 Event::Heal => self.heal(),
+                Event::HeartbeatTick { node, incarnation } => {
+                    let current =
+                        self.nodes[node].up && self.nodes[node].incarnation == incarnation;
+                    if let Some(heartbeats) = self.heartbeats.filter(|_| current) {
+                        self.send_heartbeats(node, heartbeats);
+                    }
+                }
+                Event::Heartbeat {
+                    from,
+                    to,
+                    incarnations,
+                    term,
+                    leader,
+                } => {
+                    // A datagram rides its QUIC connection: a restart at either end or a cut
+                    // link loses it (no retransmission).
+                    let (from_inc, to_inc) = incarnations;
+                    let delivered = self.nodes[to].up
+                        && self.nodes[from].incarnation == from_inc
+                        && self.nodes[to].incarnation == to_inc
+                        && !self.cut[from][to];
+                    if delivered {
+                        // The driver's order: the detector first, then the election.
+                        self.heard_from(to, from);
+                        let input = Input::Heartbeat {
+                            from: id(from),
+                            term,
+                            leader,
+                        };
+                        self.feed(to, input);
+                    }
+                }
             }
             true
         }
@@ -1470,10 +1718,19 @@ mod tests {
             self.now = self.now.max(until);
         }
 
-        /// Runs until nothing is left to happen: no message in flight, no timer pending.
+        /// Runs until nothing is left to happen: no message in flight, no timer pending; with
+        /// heartbeats (which never stop), until they have changed nothing for [`QUIET`] too.
         fn settle(&mut self) {
             let limit = self.now + Duration::from_secs(120);
-            while let Some(((at, _), _)) = self.queue.first_key_value() {
+            loop {
+                let quiet = self.busy == 0
+                    && (self.heartbeats.is_none() || self.now >= self.last_activity + QUIET);
+                if quiet {
+                    return;
+                }
+                let Some(((at, _), _)) = self.queue.first_key_value() else {
+                    return;
+                };
                 assert!(
                     *at <= limit,
                     "seed {}: still busy 120 s later\n{}",
@@ -1511,6 +1768,10 @@ mod tests {
 
         /// Every live node is stable, follows the highest live node, at the same term.
         fn assert_agreement(&self) -> (ServerId, u64) {
+            self.agreement().unwrap_or_else(|e| panic!("{e}"))
+        }
+
+        fn agreement(&self) -> Result<(ServerId, u64), String> {
             let live = self.live();
             let highest = *live.last().expect("a live node");
             let term = self.machine(highest).term();
@@ -1519,17 +1780,38 @@ mod tests {
                 let ok = m.phase() == Phase::Stable
                     && m.leader() == Some(&id(highest))
                     && m.term() == term;
-                assert!(
-                    ok,
-                    "seed {}: {} disagrees (expected leader {} term {})\n{}",
-                    self.seed,
-                    id(node),
-                    id(highest),
-                    term,
-                    self.describe()
-                );
+                if !ok {
+                    return Err(format!(
+                        "seed {}: {} disagrees (expected leader {} term {})\n{}",
+                        self.seed,
+                        id(node),
+                        id(highest),
+                        term,
+                        self.describe()
+                    ));
+                }
             }
-            (id(highest), term)
+            Ok((id(highest), term))
+        }
+
+        /// Steps until every live node agrees (returns when), or `deadline` passes (`None`).
+        fn run_until_agreement(&mut self, deadline: Duration) -> Option<Duration> {
+            while self.agreement().is_err() {
+                let next = self.queue.first_key_value().map(|((at, _), _)| *at);
+                if next.is_none_or(|at| at > deadline) {
+                    return None;
+                }
+                self.step();
+            }
+            Some(self.now)
+        }
+
+        /// The (term, leader) each node follows, in rank order.
+        fn views(&self) -> Vec<(u64, Option<ServerId>)> {
+            self.nodes
+                .iter()
+                .map(|n| (n.machine.term(), n.machine.leader().cloned()))
+                .collect()
         }
 
         fn sent_since(&self, since: Duration) -> impl Iterator<Item = &Sent> {
@@ -1884,6 +2166,182 @@ mod tests {
             agreed_at < Some(at + TIMINGS.t2),
             "agreed before T2, no nomination needed"
         );
+    }
+
+    /// Drops every `Coordinator` from `from` to any of `to`.
+    fn drop_coordinators(from: usize, to: &'static [usize]) -> Interceptor {
+        Box::new(move |sender, receiver, msg| {
+            let lost = sender == from
+                && to.contains(&receiver)
+                && matches!(msg, ElectionMessage::Coordinator { .. });
+            if lost { Fate::Drop } else { Fate::Deliver }
+        })
+    }
+
+    /// The bug of the real cluster: s5 crashed, s4 took over, s5 restarted and announced
+    /// itself, but its `Coordinator` to s2 and s3 was lost. Without heartbeats the split is
+    /// stable forever (the control run proves the simulator reproduces it); with heartbeats
+    /// carrying each server's view (20 ms, 30% lost, duplicated, reordered) s2 and s3 pull the
+    /// new leader from the next heartbeat of any up-to-date peer, without a single message.
+    #[test]
+    fn a_lost_coordinator_is_repaired_by_heartbeats() {
+        for seed in 0..20 {
+            for with_heartbeats in [false, true] {
+                let mut sim = booted(5, seed);
+                if with_heartbeats {
+                    sim.start_heartbeats(LOSSY_HEARTBEATS);
+                }
+                sim.crash(4);
+                sim.settle();
+                let (leader, term) = sim.assert_agreement();
+                assert_eq!(leader, id(3), "seed {seed}");
+                sim.intercept = Some(drop_coordinators(4, &[1, 2]));
+                // As in the real cluster, s5's heartbeats see its peers up before the Views to
+                // its IAmUp come back (the driver waits for its links before Start), so the new
+                // leader has no peer_up left to send a View on.
+                sim.notice_up = (ms(0), ms(1));
+                let back_at = sim.now;
+                sim.boot(4);
+                if !with_heartbeats {
+                    sim.settle();
+                    let new = (term + 1, Some(id(4)));
+                    let old = (term, Some(id(3)));
+                    assert_eq!(
+                        sim.views(),
+                        vec![new.clone(), old.clone(), old, new.clone(), new],
+                        "seed {seed}: the split of the bug report"
+                    );
+                    let everyone_sees_everyone =
+                        (0..5).all(|a| (0..5).all(|b| a == b || sim.nodes[a].sees_up[b]));
+                    assert!(everyone_sees_everyone, "seed {seed}");
+                    continue;
+                }
+                // Bounded: well within T1 of s5's boot.
+                let agreed_at = sim.run_until_agreement(back_at + ms(2_000));
+                let (leader, new_term) = sim.assert_agreement();
+                assert_eq!((leader, new_term), (id(4), term + 1), "seed {seed}");
+                let took = agreed_at.expect("converged") - back_at;
+                assert!(took < TIMINGS.t1, "seed {seed}: took {took:?}");
+                // The repair cost no message and no election: s2 and s3 adopted s5 once.
+                assert!(
+                    sim.elections_started_since(back_at).is_empty(),
+                    "seed {seed}"
+                );
+                for sent in sim.sent_since(back_at) {
+                    assert!(
+                        matches!(
+                            sent.msg,
+                            ElectionMessage::IAmUp { .. }
+                                | ElectionMessage::View { .. }
+                                | ElectionMessage::Coordinator { .. }
+                        ),
+                        "seed {seed}: {sent:?}"
+                    );
+                }
+                for node in [1, 2] {
+                    let stats = sim.machine(node).stats();
+                    assert_eq!(stats.heartbeat_adoptions, 1, "seed {seed}");
+                }
+                sim.settle();
+                assert_eq!(sim.assert_agreement(), (id(4), term + 1), "seed {seed}");
+            }
+        }
+    }
+
+    /// Drops every message to or from `node`.
+    fn isolate_messages(node: usize) -> Interceptor {
+        Box::new(move |from, to, _| {
+            if from == node || to == node {
+                Fate::Drop
+            } else {
+                Fate::Deliver
+            }
+        })
+    }
+
+    /// The leader restarts before anyone notices, and every message to or from it is lost
+    /// (its IAmUps, the Views, its Coordinators): only heartbeats get through. It still takes
+    /// the lead above the term the heartbeats named (so the others do not fence it), and they
+    /// pull it from its heartbeats: no election anywhere.
+    #[test]
+    fn a_restarted_leader_whose_messages_are_all_lost_is_followed_through_heartbeats() {
+        for seed in 0..10 {
+            let mut sim = booted(4, seed);
+            sim.start_heartbeats(LOSSY_HEARTBEATS);
+            let (_, term) = sim.assert_agreement();
+            sim.detect = (ms(5_000), ms(5_000));
+            sim.intercept = Some(isolate_messages(3));
+            sim.crash(3);
+            sim.run_until(sim.now + ms(10));
+            let back_at = sim.now;
+            sim.boot(3);
+            sim.settle();
+            let (leader, new_term) = sim.assert_agreement();
+            assert_eq!((leader, new_term), (id(3), term + 1), "seed {seed}");
+            assert!(
+                sim.elections_started_since(back_at).is_empty(),
+                "seed {seed}"
+            );
+            for node in 0..3 {
+                assert_eq!(sim.machine(node).stats().heartbeat_adoptions, 1);
+            }
+        }
+    }
+
+    /// The top server was cut off and the others elected s4; at the heal every message across
+    /// the old cut is lost (the Views a leader sends on peer_up included), only heartbeats get
+    /// through. s5 sees a lower server lead a newer epoch: it runs an election, which it wins
+    /// at once (it is the top), and the others pull it from its heartbeats.
+    #[test]
+    fn a_lower_leader_seen_in_heartbeats_makes_the_higher_server_take_over() {
+        for seed in 0..10 {
+            let mut sim = booted(5, seed);
+            sim.start_heartbeats(LOSSY_HEARTBEATS);
+            sim.partition(&[4], &[0, 1, 2, 3]);
+            sim.settle();
+            assert_eq!(sim.machine(0).leader(), Some(&id(3)), "seed {seed}");
+            assert_eq!(sim.machine(4).leader(), Some(&id(4)), "seed {seed}");
+            let split_term = sim.machine(0).term();
+            sim.intercept = Some(isolate_messages(4));
+            let heal_at = sim.now;
+            sim.heal();
+            sim.settle();
+            let (leader, term) = sim.assert_agreement();
+            assert_eq!((leader, term), (id(4), split_term + 1), "seed {seed}");
+            let electors: Vec<usize> = sim
+                .elections_started_since(heal_at)
+                .into_iter()
+                .map(|(_, node)| node)
+                .collect();
+            assert_eq!(electors, vec![4], "seed {seed}: one election, by s5");
+            assert_eq!(sim.machine(4).stats().heartbeat_elections, 1);
+        }
+    }
+
+    /// Once views agree, heartbeats (lost, duplicated, reordered by up to 120 ms) cost nothing:
+    /// not one message, not one log line, over a simulated minute.
+    #[test]
+    fn steady_state_heartbeats_send_no_message() {
+        for n in [2, 3, 5, 8] {
+            let seed = 200 + n as u64;
+            let mut sim = booted(n, seed);
+            // Some history first, so that terms and leaders are not the boot ones.
+            sim.crash(n - 1);
+            sim.settle();
+            sim.boot(n - 1);
+            sim.settle();
+            let agreed = sim.assert_agreement();
+            sim.delay = (ms(1), ms(120));
+            sim.start_heartbeats(LOSSY_HEARTBEATS);
+            let at = sim.now;
+            let stats: Vec<_> = (0..n).map(|i| sim.machine(i).stats()).collect();
+            sim.run_until(at + Duration::from_secs(60));
+            assert_eq!(sim.sent_since(at).count(), 0, "n = {n}");
+            assert_eq!(sim.logged_since(at).count(), 0, "n = {n}");
+            let after: Vec<_> = (0..n).map(|i| sim.machine(i).stats()).collect();
+            assert_eq!(after, stats, "n = {n}");
+            assert_eq!(sim.assert_agreement(), agreed, "n = {n}");
+        }
     }
 
     fn set_timer(actions: &[Action]) -> Option<ElectionTimer> {
@@ -2256,6 +2714,167 @@ mod tests {
         );
     }
 
+    fn heartbeat(from: usize, term: u64, leader: Option<usize>) -> Input {
+        Input::Heartbeat {
+            from: id(from),
+            term,
+            leader: leader.map(id),
+        }
+    }
+
+    #[test]
+    fn heartbeat_rules_step_by_step() {
+        let now = Instant::now();
+        // s2 of four, following s3 at term 5; s1 and s3 up, s4 unknown.
+        let mut s2 = Election::new(id(1), ids(4), TIMINGS);
+        s2.handle(now, Input::Start);
+        s2.handle(now, Input::PeerUp(id(0)));
+        s2.handle(now, Input::PeerUp(id(2)));
+        s2.handle(now, msg(2, ElectionMessage::Coordinator { term: 5 }));
+        let state = |e: &Election| (e.phase(), e.leader().cloned(), e.term());
+        let following_s3 = (Phase::Stable, Some(id(2)), 5);
+        assert_eq!(state(&s2), following_s3);
+
+        // The same view, an older one, a leaderless one: nothing at all.
+        for input in [
+            heartbeat(2, 5, Some(2)),
+            heartbeat(0, 5, Some(2)),
+            heartbeat(0, 4, Some(3)),
+            heartbeat(0, 5, Some(1)),
+            heartbeat(0, 9, None),
+            heartbeat(0, 9, Some(7)),
+        ] {
+            assert!(s2.handle(now, input.clone()).is_empty(), "{input:?}");
+            assert_eq!(state(&s2), following_s3, "{input:?}");
+        }
+        // A leaderless view still raises the term our next Coordinator must beat.
+        assert_eq!(s2.seen_term(), 9);
+        // Not started, unknown sender, ourselves: ignored.
+        let mut idle = Election::new(id(1), ids(4), TIMINGS);
+        idle.handle(now, Input::PeerUp(id(3)));
+        assert!(idle.handle(now, heartbeat(0, 6, Some(3))).is_empty());
+        assert_eq!(idle.phase(), Phase::Idle);
+        for from in ["stranger", "s2"] {
+            let input = Input::Heartbeat {
+                from: from.into(),
+                term: 6,
+                leader: Some(id(3)),
+            };
+            assert!(s2.handle(now, input).is_empty());
+        }
+
+        // A newer epoch led by a higher server our detector has never seen: not followed
+        // (it may be dead, or cut off from us).
+        assert!(s2.handle(now, heartbeat(0, 6, Some(3))).is_empty());
+        assert_eq!(state(&s2), following_s3);
+        // Once it is up: adopted, without a message and without a leader check.
+        s2.handle(now, Input::PeerUp(id(3)));
+        let actions = s2.handle(now, heartbeat(0, 6, Some(3)));
+        assert_eq!(
+            actions,
+            vec![Action::LeaderElected {
+                leader: id(3),
+                term: 6
+            }]
+        );
+        assert_eq!(s2.stats().heartbeat_adoptions, 1);
+        // Duplicates and the reordered older heartbeat change nothing.
+        assert!(s2.handle(now, heartbeat(0, 6, Some(3))).is_empty());
+        assert!(s2.handle(now, heartbeat(0, 5, Some(2))).is_empty());
+        // Same term, higher rank (two announcers at once): the higher one wins, as ever.
+        let mut s1 = Election::new(id(0), ids(4), TIMINGS);
+        s1.handle(now, Input::Start);
+        s1.handle(now, Input::PeerUp(id(2)));
+        s1.handle(now, Input::PeerUp(id(3)));
+        s1.handle(now, msg(2, ElectionMessage::Coordinator { term: 3 }));
+        s1.handle(now, heartbeat(3, 3, Some(3)));
+        assert_eq!((s1.leader(), s1.term()), (Some(&id(3)), 3));
+        assert!(s1.handle(now, heartbeat(2, 3, Some(2))).is_empty());
+
+        // A newer epoch led by a server below us: only once our detector sees it...
+        let mut s3 = Election::new(id(2), ids(4), TIMINGS);
+        s3.handle(now, Input::Start);
+        s3.handle(now, Input::PeerUp(id(3)));
+        s3.handle(now, msg(3, ElectionMessage::Coordinator { term: 2 }));
+        assert!(s3.handle(now, heartbeat(3, 4, Some(0))).is_empty());
+        // ...the bully rule is broken while we are alive: run an election.
+        s3.handle(now, Input::PeerUp(id(0)));
+        let actions = s3.handle(now, heartbeat(3, 4, Some(0)));
+        assert_eq!(
+            actions[..2],
+            [
+                Action::LeaderLost {
+                    leader: id(3),
+                    term: 2
+                },
+                Action::ElectionStarted { term: 4 }
+            ]
+        );
+        assert_eq!(
+            sends(&actions),
+            vec![(id(3), ElectionMessage::Election { term: 4 })]
+        );
+        assert_eq!(s3.stats().heartbeat_elections, 1);
+        // While that election runs, the same heartbeats change nothing.
+        for _ in 0..50 {
+            assert!(s3.handle(now, heartbeat(3, 4, Some(0))).is_empty());
+        }
+        assert_eq!(s3.stats().elections_started, 1);
+    }
+
+    #[test]
+    fn heartbeats_during_recovery() {
+        let now = Instant::now();
+        // s2 of three restarts; s3 is up and leads at term 4.
+        let mut s2 = Election::new(id(1), ids(3), TIMINGS);
+        s2.handle(now, Input::PeerUp(id(0)));
+        s2.handle(now, Input::PeerUp(id(2)));
+        let t1 = set_timer(&s2.handle(now, Input::Start)).expect("T1");
+        // A heartbeat naming a lower leader: recovery goes on (the Views decide), but the
+        // term is remembered.
+        assert!(s2.handle(now, heartbeat(0, 3, Some(0))).is_empty());
+        assert_eq!(s2.phase(), Phase::Recovering);
+        // A heartbeat naming s3: followed before any View comes.
+        let actions = s2.handle(now, heartbeat(0, 4, Some(2)));
+        assert_eq!(
+            actions,
+            vec![Action::LeaderElected {
+                leader: id(2),
+                term: 4
+            }]
+        );
+        assert!(s2.handle(now + TIMINGS.t1, Input::Timer(t1)).is_empty());
+
+        // The top server restarts before anyone noticed: its peers' heartbeats name it at
+        // term 4. Its Views are lost; after T1 it leads above term 4, or nobody would follow.
+        let mut s3 = Election::new(id(2), ids(3), TIMINGS);
+        s3.handle(now, Input::PeerUp(id(0)));
+        let t1 = set_timer(&s3.handle(now, Input::Start)).expect("T1");
+        assert!(s3.handle(now, heartbeat(0, 4, Some(2))).is_empty());
+        assert_eq!(s3.phase(), Phase::Recovering);
+        let actions = s3.handle(now + TIMINGS.t1, Input::Timer(t1));
+        assert_eq!(
+            sends(&actions),
+            vec![
+                (id(0), ElectionMessage::Coordinator { term: 5 }),
+                (id(1), ElectionMessage::Coordinator { term: 5 }),
+            ]
+        );
+        // Had it led at a stale term anyway, its peers' heartbeats would name it at a newer
+        // one: it takes the lead again above it.
+        let mut stale = Election::new(id(2), ids(3), TIMINGS);
+        stale.handle(now, Input::PeerUp(id(0)));
+        let t1 = set_timer(&stale.handle(now, Input::Start)).expect("T1");
+        stale.handle(now + TIMINGS.t1, Input::Timer(t1));
+        assert_eq!((stale.leader(), stale.term()), (Some(&id(2)), 1));
+        let actions = stale.handle(now, heartbeat(0, 4, Some(2)));
+        assert!(actions.contains(&Action::ElectionStarted { term: 4 }));
+        assert!(actions.contains(&Action::LeaderElected {
+            leader: id(2),
+            term: 5
+        }));
+    }
+
     #[test]
     fn members_are_deduplicated_and_a_missing_self_is_lowest() {
         let timings = TIMINGS;
@@ -2331,7 +2950,7 @@ mod tests {
                     TimerKind::Nomination,
                     TimerKind::LeaderCheck,
                 ];
-                let input = match rng.below(6) {
+                let input = match rng.below(7) {
                     0 => Input::Start,
                     1 => Input::PeerUp(name),
                     2 => Input::PeerDown(name),
@@ -2339,6 +2958,12 @@ mod tests {
                         kind: kinds[rng.below(kinds.len() as u64) as usize],
                         round: e.round.wrapping_sub(rng.below(2)),
                     }),
+                    4 => Input::Heartbeat {
+                        from: name,
+                        term,
+                        leader: (rng.below(3) > 0)
+                            .then(|| names[rng.below(names.len() as u64) as usize].clone()),
+                    },
                     _ => Input::Message {
                         from: name,
                         msg: message,
@@ -2369,8 +2994,10 @@ mod tests {
 
     /// One random scenario: boots at random instants, then crashes, restarts and (if
     /// `harsh`) partitions and heals at random; every link healed at the end, then run to
-    /// quiescence.
-    fn random_run(seed: u64, harsh: bool) -> Sim {
+    /// quiescence. If `lossy`, heartbeats run throughout (up to half of them lost, some
+    /// duplicated, reordered like messages) and up to 20% of the election messages are lost
+    /// as well, until the end: messages the algorithm's contract says are reliable.
+    fn random_run(seed: u64, harsh: bool, lossy: bool) -> Sim {
         let mut rng = Rng(seed ^ 0x5EED);
         let (max_n, max_delay, events) = if harsh { (10, 120, 30) } else { (7, 40, 14) };
         let n = 2 + rng.below(max_n - 1) as usize;
@@ -2378,6 +3005,16 @@ mod tests {
         sim.delay = (ms(1), ms(1 + rng.below(max_delay)));
         sim.detect = (ms(300), ms(300 + rng.below(400)));
         sim.notice_up = (ms(10), ms(10 + rng.below(150)));
+        if lossy {
+            // A separate stream, so that the scenarios stay those of the reliable runs.
+            let mut loss = Rng(seed ^ 0x1055);
+            sim.drop_per_mille = loss.below(201);
+            sim.start_heartbeats(Heartbeats {
+                interval: ms(20),
+                loss_percent: loss.below(51),
+                duplicate_percent: loss.below(11),
+            });
+        }
         for node in 0..n {
             sim.schedule(ms(rng.below(400)), Event::Boot(node));
         }
@@ -2463,7 +3100,7 @@ mod tests {
         let runs = seed_count(400);
         let mut coverage = Coverage::default();
         for seed in 0..runs {
-            let sim = random_run(seed, false);
+            let sim = random_run(seed, false, false);
             sim.assert_agreement();
             coverage.add(&sim);
         }
@@ -2477,10 +3114,84 @@ mod tests {
         let runs = seed_count(300);
         let mut coverage = Coverage::default();
         for seed in 0..runs {
-            let sim = random_run(seed, true);
+            let sim = random_run(seed, true, false);
             sim.assert_agreement();
             coverage.add(&sim);
         }
         coverage.assert_reached_every_path(runs);
+    }
+
+    /// After a lossy run has settled: every live server agrees, and the heartbeats that keep
+    /// flowing change nothing and send nothing for two more seconds.
+    fn assert_converged_and_quiet(sim: &mut Sim) {
+        let agreed = sim.assert_agreement();
+        let at = sim.now;
+        sim.run_until(at + ms(2_000));
+        assert_eq!(sim.sent_since(at).count(), 0, "seed {}", sim.seed);
+        assert_eq!(sim.logged_since(at).count(), 0, "seed {}", sim.seed);
+        assert_eq!(sim.assert_agreement(), agreed, "seed {}", sim.seed);
+    }
+
+    /// What heartbeats repaired over lossy runs, to prove the lost messages mattered.
+    #[derive(Default, Debug)]
+    struct Repairs {
+        adoptions: u64,
+        elections: u64,
+        runs_repaired: u64,
+    }
+
+    impl Repairs {
+        fn add(&mut self, sim: &Sim) {
+            let mut repaired = false;
+            for node in &sim.nodes {
+                let stats = node.machine.stats();
+                self.adoptions += stats.heartbeat_adoptions;
+                self.elections += stats.heartbeat_elections;
+                repaired |= stats.heartbeat_adoptions + stats.heartbeat_elections > 0;
+            }
+            self.runs_repaired += u64::from(repaired);
+        }
+
+        fn assert_repaired_often(&self, runs: u64, elections: bool) {
+            eprintln!("{self:?} over {runs} runs");
+            assert!(
+                self.runs_repaired >= runs / 4 && (!elections || self.elections >= runs / 50),
+                "too tame: {self:?} over {runs} runs"
+            );
+        }
+    }
+
+    /// Random boots, crashes and restarts as above, with lossy heartbeats and up to 20% of the
+    /// election messages lost: every live server still ends up following the highest live one
+    /// at one term, and then heartbeats alone cost nothing.
+    #[test]
+    fn random_message_loss_with_heartbeats_converges() {
+        let runs = seed_count(150);
+        let mut coverage = Coverage::default();
+        let mut repairs = Repairs::default();
+        for seed in 0..runs {
+            let mut sim = random_run(seed, false, true);
+            assert_converged_and_quiet(&mut sim);
+            coverage.add(&sim);
+            repairs.add(&sim);
+        }
+        coverage.assert_reached_every_path(runs);
+        repairs.assert_repaired_often(runs, false);
+    }
+
+    /// The same with up to ten servers, slow links and random partitions that heal.
+    #[test]
+    fn random_message_loss_partitions_and_heartbeats_converge() {
+        let runs = seed_count(100);
+        let mut coverage = Coverage::default();
+        let mut repairs = Repairs::default();
+        for seed in 0..runs {
+            let mut sim = random_run(seed, true, true);
+            assert_converged_and_quiet(&mut sim);
+            coverage.add(&sim);
+            repairs.add(&sim);
+        }
+        coverage.assert_reached_every_path(runs);
+        repairs.assert_repaired_often(runs, true);
     }
 }

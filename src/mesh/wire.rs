@@ -44,6 +44,9 @@ pub struct Heartbeat {
     pub from: ServerId,
     /// The sender's current leader term.
     pub term: u64,
+    /// The leader the sender follows (`None` during an election): lets a
+    /// server that missed an announcement catch up (election anti-entropy).
+    pub leader: Option<ServerId>,
     /// Strictly increasing per sender, across its restarts too, so that
     /// duplicated or reordered heartbeats can be told apart from fresh ones.
     pub seq: u64,
@@ -150,12 +153,13 @@ mod tests {
         let hb = Heartbeat {
             from: "server-with-a-long-id-32-chars-x".into(),
             term: u64::MAX,
+            leader: Some("server-with-a-long-id-32-chars-y".into()),
             seq: u64::MAX,
             sent_at_ms: u64::MAX,
         };
         let datagram = encode_heartbeat(&hb);
         // Far below any QUIC max_datagram_size (about 1200 bytes at worst).
-        assert!(datagram.len() <= 80, "{}", datagram.len());
+        assert!(datagram.len() <= 120, "{}", datagram.len());
         assert_eq!(decode_heartbeat(&datagram).unwrap(), hb);
     }
 }

@@ -178,6 +178,7 @@ async fn heartbeats_fit_in_one_datagram() {
     let heartbeat = chatmesh::mesh::wire::encode_heartbeat(&chatmesh::mesh::wire::Heartbeat {
         from: "s".repeat(32),
         term: u64::MAX,
+        leader: Some("s".repeat(32)),
         seq: u64::MAX,
         sent_at_ms: u64::MAX,
     });
