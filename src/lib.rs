@@ -22,8 +22,10 @@
 //! - [`status`]: `chatmesh status`, the admin view for a person.
 //! - [`up`]: `chatmesh up`, every server of a config as child processes.
 //! - [`client`]: the bundled CLI client.
+//! - [`bench`]: `chatmesh bench`, chatmesh measured beside ngircd and nats-server.
 
 pub mod admin;
+pub mod bench;
 pub mod chat;
 pub mod client;
 pub mod client_proto;

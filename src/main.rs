@@ -111,6 +111,9 @@ enum Command {
         #[arg(long, default_value = "config/cluster.toml")]
         config: PathBuf,
     },
+    /// Measure chatmesh beside ngircd and nats-server (started, and installed
+    /// if missing, by the bench): a table on stdout, JSON and SVG in --out.
+    Bench(chatmesh::bench::BenchOptions),
 }
 
 fn main() -> ExitCode {
@@ -218,6 +221,7 @@ async fn run(cli: Cli) -> Result<()> {
             })
             .await
         }
+        Command::Bench(options) => chatmesh::bench::run(options).await,
     }
 }
 

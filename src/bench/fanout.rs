@@ -1,0 +1,999 @@
+//! `bench fanout`: R rooms of M members; every member sends K messages of S
+//! bytes with at most W of its own not yet delivered to every other member
+//! (a closed loop). A message counts as delivered once every OTHER member of
+//! its room has it. Latency is per recipient, from the send time written in
+//! the content to its arrival.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use tokio::sync::{Mutex, Semaphore};
+
+use super::procs::{self, ChatCluster, Server, TempDir};
+use super::report::{Plot, Report};
+use super::wire::{self, Reader, Transport, Writer};
+use super::{BenchOptions, progress};
+
+/// One workload: rooms x members x messages.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Workload {
+    /// "a" or "b".
+    pub name: &'static str,
+    /// Rooms.
+    pub rooms: usize,
+    /// Members per room.
+    pub members: usize,
+    /// Messages each member sends.
+    pub messages: usize,
+}
+
+impl Workload {
+    fn parse(name: &'static str, spec: &str) -> Result<Workload> {
+        let parts: Vec<usize> = spec
+            .split('x')
+            .map(|p| p.trim().parse::<usize>())
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("workload {name} {spec:?} is not ROOMSxMEMBERSxMESSAGES"))?;
+        match parts[..] {
+            [rooms, members, messages] if rooms > 0 && members > 1 && messages > 0 => {
+                Ok(Workload {
+                    name,
+                    rooms,
+                    members,
+                    messages,
+                })
+            }
+            _ => bail!(
+                "workload {name} {spec:?}: need ROOMSxMEMBERSxMESSAGES with at least 1 room, 2 members, 1 message"
+            ),
+        }
+    }
+
+    fn label(&self) -> String {
+        format!(
+            "({}) {}x{}x{}",
+            self.name, self.rooms, self.members, self.messages
+        )
+    }
+}
+
+/// The protocol a system speaks.
+#[derive(Clone)]
+enum Proto {
+    /// chatmesh JSON lines.
+    Chat(Transport),
+    /// IRC.
+    Irc,
+    /// NATS.
+    Nats,
+}
+
+/// One measured run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    /// Messages delivered to every other member, per second.
+    pub msgs_per_s: f64,
+    /// Single deliveries (one message to one member) per second.
+    pub deliveries_per_s: f64,
+    /// Latency percentiles over every delivery, milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Maximum.
+    pub max_ms: f64,
+    /// Wall time of the load.
+    pub elapsed_s: f64,
+    /// CPU seconds of the load generator (this process) during the run.
+    pub bench_cpu_s: f64,
+    /// CPU seconds of the servers during the run.
+    pub server_cpu_s: f64,
+}
+
+/// The median run of one system on one workload.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    /// System name ("chatmesh-tcp", "ngircd-3", ...).
+    pub system: String,
+    /// Workload name.
+    pub workload: String,
+    /// The median run by msgs/s (None if every run failed).
+    pub median: Option<RunResult>,
+    /// Every run.
+    pub runs: Vec<RunResult>,
+    /// Why runs failed, if any did.
+    pub errors: Vec<String>,
+}
+
+/// Runs the scenario over every system.
+pub async fn run(options: &BenchOptions) -> Result<Report> {
+    if options.size < 40 {
+        bail!(
+            "--size {} is too small: the content carries a 40-byte header",
+            options.size
+        );
+    }
+    if options.window == 0 {
+        bail!("--window must be at least 1");
+    }
+    let (a, b) = if options.quick {
+        ("2x5x20", "1x20x10")
+    } else {
+        ("10x10x200", "1x100x50")
+    };
+    let workloads = [
+        Workload::parse("a", options.workload_a.as_deref().unwrap_or(a))?,
+        Workload::parse("b", options.workload_b.as_deref().unwrap_or(b))?,
+    ];
+    let mut cells = Vec::new();
+    let mut notes = vec![
+        "msgs/s: messages delivered to every other member of the room, per second; latency per delivery".to_owned(),
+        "chatmesh: 3 nodes, each room and all its members on one server (rooms are server-local until the registry lands)".to_owned(),
+    ];
+
+    // chatmesh over TCP, then over QUIC, on one 3-node cluster.
+    {
+        let mut cluster = ChatCluster::new(3, "fanout", None)?;
+        progress("starting a 3-node chatmesh cluster");
+        cluster.start_all().await?;
+        let ports = cluster.client_ports.clone();
+        let pids = cluster.pids();
+        for transport in [Transport::Tcp, Transport::quic(&cluster.ca())?] {
+            let system = format!("chatmesh-{}", transport.name());
+            for workload in &workloads {
+                cells.push(
+                    measure(
+                        options,
+                        &system,
+                        &Proto::Chat(transport.clone()),
+                        workload,
+                        &ports,
+                        &pids,
+                        true,
+                    )
+                    .await,
+                );
+            }
+        }
+    }
+
+    if options.no_peers {
+        notes.push("peers skipped (--no-peers)".to_owned());
+    } else {
+        let (ngircd, nats) = procs::ensure_peers(!options.no_install);
+        match ngircd {
+            Some(program) => {
+                for n in [1, 3] {
+                    let dir = TempDir::new(&format!("ngircd{n}"))?;
+                    progress(format!("starting {n} ngircd"));
+                    let (servers, ports) = procs::start_ngircd(&program, n, &dir.0).await?;
+                    let pids: Vec<u32> = servers.iter().map(Server::pid).collect();
+                    for workload in &workloads {
+                        cells.push(
+                            measure(
+                                options,
+                                &format!("ngircd-{n}"),
+                                &Proto::Irc,
+                                workload,
+                                &ports,
+                                &pids,
+                                false,
+                            )
+                            .await,
+                        );
+                    }
+                    drop(servers);
+                }
+                notes.push("ngircd does not set TCP_NODELAY: its latency includes the ~40 ms delayed-ACK floor ordinary clients see".to_owned());
+            }
+            None => notes.push("ngircd not installed: skipped".to_owned()),
+        }
+        match nats {
+            Some(program) => {
+                let dir = TempDir::new("nats")?;
+                progress("starting nats-server");
+                let (server, port) = procs::start_nats(&program, &dir.0).await?;
+                for workload in &workloads {
+                    cells.push(
+                        measure(
+                            options,
+                            "nats-server",
+                            &Proto::Nats,
+                            workload,
+                            &[port],
+                            &[server.pid()],
+                            false,
+                        )
+                        .await,
+                    );
+                }
+                drop(server);
+            }
+            None => notes.push("nats-server not installed: skipped".to_owned()),
+        }
+    }
+    Ok(build_report(options, &workloads, cells, notes))
+}
+
+/// Runs one system on one workload `runs` times; keeps the median.
+async fn measure(
+    options: &BenchOptions,
+    system: &str,
+    proto: &Proto,
+    workload: &Workload,
+    ports: &[u16],
+    server_pids: &[u32],
+    room_per_server: bool,
+) -> Cell {
+    let mut runs = Vec::new();
+    let mut errors = Vec::new();
+    for run in 0..options.runs() {
+        progress(format!(
+            "fanout {system} workload {} run {}/{}",
+            workload.label(),
+            run + 1,
+            options.runs()
+        ));
+        // Names differ between systems and runs: a server may still be
+        // tidying up the sessions of the previous run.
+        let tag = format!("{}{}{run}", &system[system.len() - 1..], workload.name);
+        match one_run(
+            options,
+            proto,
+            workload,
+            ports,
+            server_pids,
+            room_per_server,
+            &tag,
+        )
+        .await
+        {
+            Ok(result) => {
+                progress(format!(
+                    "  {:.0} msgs/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, {:.2} s; CPU bench {:.2} s, servers {:.2} s",
+                    result.msgs_per_s,
+                    result.p50_ms,
+                    result.p99_ms,
+                    result.max_ms,
+                    result.elapsed_s,
+                    result.bench_cpu_s,
+                    result.server_cpu_s
+                ));
+                runs.push(result);
+            }
+            Err(e) => {
+                progress(format!("  failed: {e:#}"));
+                errors.push(format!("{e:#}"));
+            }
+        }
+    }
+    let mut sorted = runs.clone();
+    sorted.sort_by(|x, y| x.msgs_per_s.total_cmp(&y.msgs_per_s));
+    Cell {
+        system: system.to_owned(),
+        workload: workload.name.to_owned(),
+        median: sorted.get(sorted.len() / 2).cloned(),
+        runs,
+        errors,
+    }
+}
+
+/// What every reader and sender of one run shares.
+struct Shared {
+    /// Base of the timestamps in the content.
+    base: Instant,
+    /// Per room, per (sender, seq): how many members have it.
+    counts: Vec<Vec<AtomicU32>>,
+    /// Per room, per member: the sender's window.
+    windows: Vec<Vec<Arc<Semaphore>>>,
+    /// Messages delivered to every other member.
+    delivered: AtomicU64,
+    members: usize,
+    messages: usize,
+}
+
+impl Shared {
+    /// The first few messages not yet delivered to every other member, as
+    /// "room/sender/seq had N of M", for error messages.
+    fn undelivered(&self) -> String {
+        let mut out = Vec::new();
+        for (room, counts) in self.counts.iter().enumerate() {
+            for (slot, count) in counts.iter().enumerate() {
+                let count = count.load(Ordering::Relaxed);
+                if count + 1 < self.members as u32 && out.len() < 8 {
+                    out.push(format!(
+                        "room {room} member {} seq {} reached {count} of {}",
+                        slot / self.messages,
+                        slot % self.messages,
+                        self.members - 1
+                    ));
+                }
+            }
+        }
+        out.join("; ")
+    }
+}
+
+/// A member connected and in its room.
+struct Member {
+    room: usize,
+    index: usize,
+    reader: Reader,
+    writer: Arc<Mutex<Writer>>,
+}
+
+async fn one_run(
+    options: &BenchOptions,
+    proto: &Proto,
+    workload: &Workload,
+    ports: &[u16],
+    server_pids: &[u32],
+    room_per_server: bool,
+    tag: &str,
+) -> Result<RunResult> {
+    let deadline = Duration::from_secs(options.run_timeout_s);
+    let members = tokio::time::timeout(
+        deadline,
+        join_all(proto, workload, ports, room_per_server, tag),
+    )
+    .await
+    .with_context(|| format!("members not all in their rooms within {deadline:?}"))??;
+
+    let shared = Arc::new(Shared {
+        base: Instant::now(),
+        counts: (0..workload.rooms)
+            .map(|_| {
+                (0..workload.members * workload.messages)
+                    .map(|_| AtomicU32::new(0))
+                    .collect()
+            })
+            .collect(),
+        windows: (0..workload.rooms)
+            .map(|_| {
+                (0..workload.members)
+                    .map(|_| Arc::new(Semaphore::new(options.window)))
+                    .collect()
+            })
+            .collect(),
+        delivered: AtomicU64::new(0),
+        members: workload.members,
+        messages: workload.messages,
+    });
+    let total = (workload.rooms * workload.members * workload.messages) as u64;
+
+    let cpu_before = procs::self_cpu_seconds();
+    let servers_before: f64 = server_pids
+        .iter()
+        .filter_map(|&p| procs::proc_cpu_seconds(p))
+        .sum();
+    let start = Instant::now();
+    let mut readers = tokio::task::JoinSet::new();
+    let mut senders = tokio::task::JoinSet::new();
+    for member in members {
+        let expected = (workload.members - 1) * workload.messages;
+        let shared2 = shared.clone();
+        let proto2 = proto.clone();
+        let writer = member.writer.clone();
+        readers.spawn(read_loop(
+            proto2,
+            member.reader,
+            writer,
+            shared2,
+            member.room,
+            expected,
+        ));
+        let shared2 = shared.clone();
+        let line_for = sender_encoder(proto, member.room, tag);
+        senders.spawn(send_loop(
+            member.writer,
+            shared2,
+            member.room,
+            member.index,
+            options.size,
+            line_for,
+        ));
+    }
+    let progress_task = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                progress(format!(
+                    "  ... {}/{total} messages delivered",
+                    shared.delivered.load(Ordering::Relaxed)
+                ));
+            }
+        })
+    };
+    let collect = async {
+        let mut latencies: Vec<u32> = Vec::new();
+        while let Some(joined) = readers.join_next().await {
+            latencies.extend(joined.context("a reader task failed")??);
+        }
+        while let Some(joined) = senders.join_next().await {
+            joined.context("a sender task failed")??;
+        }
+        anyhow::Ok(latencies)
+    };
+    let outcome = tokio::time::timeout(deadline, collect).await;
+    progress_task.abort();
+    let elapsed = start.elapsed().as_secs_f64();
+    let bench_cpu_s = procs::self_cpu_seconds() - cpu_before;
+    let servers_after: f64 = server_pids
+        .iter()
+        .filter_map(|&p| procs::proc_cpu_seconds(p))
+        .sum();
+    let mut latencies = match outcome {
+        Ok(result) => result?,
+        Err(_) => bail!(
+            "timed out after {deadline:?} with {}/{total} messages delivered; short: {}",
+            shared.delivered.load(Ordering::Relaxed),
+            shared.undelivered()
+        ),
+    };
+    // Dropping the tasks' connections (already ended) closes every session.
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        let at = ((latencies.len() as f64 - 1.0) * p).round() as usize;
+        latencies.get(at).copied().unwrap_or(0) as f64 / 1000.0
+    };
+    let deliveries = latencies.len() as f64;
+    Ok(RunResult {
+        msgs_per_s: total as f64 / elapsed,
+        deliveries_per_s: deliveries / elapsed,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        max_ms: pct(1.0),
+        elapsed_s: elapsed,
+        bench_cpu_s,
+        server_cpu_s: servers_after - servers_before,
+    })
+}
+
+/// Builds the line one member sends, from its content.
+type Encoder = Arc<dyn Fn(&str) -> Vec<u8> + Send + Sync>;
+
+fn room_name(room: usize, tag: &str) -> String {
+    format!("r{tag}x{room}")
+}
+
+fn member_name(room: usize, index: usize, tag: &str) -> String {
+    format!("u{tag}r{room}m{index}")
+}
+
+fn sender_encoder(proto: &Proto, room: usize, tag: &str) -> Encoder {
+    let room = room_name(room, tag);
+    match proto {
+        Proto::Chat(_) => Arc::new(|content| {
+            format!("{{\"type\":\"message\",\"content\":\"{content}\"}}\n").into_bytes()
+        }),
+        Proto::Irc => {
+            Arc::new(move |content| format!("PRIVMSG #{room} :{content}\r\n").into_bytes())
+        }
+        Proto::Nats => Arc::new(move |content| {
+            format!("PUB {room} {}\r\n{content}\r\n", content.len()).into_bytes()
+        }),
+    }
+}
+
+async fn send_loop(
+    writer: Arc<Mutex<Writer>>,
+    shared: Arc<Shared>,
+    room: usize,
+    index: usize,
+    size: usize,
+    encode: Encoder,
+) -> Result<()> {
+    let window = shared.windows[room][index].clone();
+    for seq in 0..shared.messages {
+        window.acquire().await.context("window closed")?.forget();
+        let micros = shared.base.elapsed().as_micros() as u64;
+        let mut content = format!("{index}:{seq}:{micros}:");
+        while content.len() < size {
+            content.push('x');
+        }
+        let line = encode(&content);
+        writer.lock().await.send(&line).await?;
+    }
+    Ok(())
+}
+
+/// Reads until `expected` messages arrived; returns their latencies (µs).
+async fn read_loop(
+    proto: Proto,
+    mut reader: Reader,
+    writer: Arc<Mutex<Writer>>,
+    shared: Arc<Shared>,
+    room: usize,
+    expected: usize,
+) -> Result<Vec<u32>> {
+    let mut latencies = Vec::with_capacity(expected);
+    let mut nats_payload_next = false;
+    while latencies.len() < expected {
+        let line = match reader.next_line().await {
+            Ok(Some(line)) => line,
+            Ok(None) => bail!(
+                "the server closed a member's connection after {} of {expected} messages",
+                latencies.len()
+            ),
+            Err(e) => return Err(e).context("cannot read a member's messages"),
+        };
+        let content: Option<&[u8]> = match proto {
+            Proto::Chat(_) => chat_content(line),
+            Proto::Irc => {
+                if line.starts_with(b"PING") {
+                    let mut pong = b"PONG".to_vec();
+                    pong.extend_from_slice(&line[4..]);
+                    pong.extend_from_slice(b"\r\n");
+                    writer.lock().await.send(&pong).await?;
+                    None
+                } else {
+                    irc_privmsg(line)
+                }
+            }
+            Proto::Nats => {
+                if nats_payload_next {
+                    nats_payload_next = false;
+                    Some(line)
+                } else if line.starts_with(b"MSG ") {
+                    nats_payload_next = true;
+                    None
+                } else if line == b"PING" {
+                    writer.lock().await.send(b"PONG\r\n").await?;
+                    None
+                } else {
+                    None
+                }
+            }
+        };
+        let Some(content) = content else { continue };
+        let Some((sender, seq, micros)) = parse_content(content) else {
+            bail!(
+                "a message whose content is not the bench's: {:?}",
+                String::from_utf8_lossy(content)
+            );
+        };
+        if sender >= shared.members || seq >= shared.messages {
+            bail!("a message from member {sender} seq {seq}, outside the workload");
+        }
+        let now = shared.base.elapsed().as_micros() as u64;
+        latencies.push(now.saturating_sub(micros).min(u32::MAX as u64) as u32);
+        let slot = &shared.counts[room][sender * shared.messages + seq];
+        if slot.fetch_add(1, Ordering::AcqRel) + 1 == (shared.members - 1) as u32 {
+            shared.windows[room][sender].add_permits(1);
+            shared.delivered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(latencies)
+}
+
+/// The content of a chatmesh `message` line.
+fn chat_content(line: &[u8]) -> Option<&[u8]> {
+    #[derive(serde::Deserialize)]
+    struct Line<'a> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        #[serde(borrow)]
+        content: Option<&'a str>,
+    }
+    let parsed: Line = serde_json::from_slice(line).ok()?;
+    if parsed.kind != "message" {
+        return None;
+    }
+    parsed.content.map(str::as_bytes)
+}
+
+/// The text of `:nick!user@host PRIVMSG #chan :text`.
+fn irc_privmsg(line: &[u8]) -> Option<&[u8]> {
+    let text = std::str::from_utf8(line).ok()?;
+    let mut parts = text.splitn(4, ' ');
+    let _prefix = parts.next()?;
+    if parts.next()? != "PRIVMSG" {
+        return None;
+    }
+    let _target = parts.next()?;
+    Some(parts.next()?.strip_prefix(':')?.as_bytes())
+}
+
+/// `sender:seq:micros:padding`.
+fn parse_content(content: &[u8]) -> Option<(usize, usize, u64)> {
+    let text = std::str::from_utf8(content).ok()?;
+    let mut parts = text.splitn(4, ':');
+    Some((
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    ))
+}
+
+/// Connects every member and puts it in its room; returns once everyone can
+/// hear everyone.
+async fn join_all(
+    proto: &Proto,
+    workload: &Workload,
+    ports: &[u16],
+    room_per_server: bool,
+    tag: &str,
+) -> Result<Vec<Member>> {
+    let port_of = |room: usize, index: usize| {
+        if room_per_server {
+            ports[room % ports.len()]
+        } else {
+            ports[(room * workload.members + index) % ports.len()]
+        }
+    };
+    // Room owners first (chatmesh rooms must exist before anyone joins).
+    let mut members = Vec::new();
+    for index_group in [0..1, 1..workload.members] {
+        let mut joins = tokio::task::JoinSet::new();
+        for room in 0..workload.rooms {
+            for index in index_group.clone() {
+                let proto = proto.clone();
+                let port = port_of(room, index);
+                let tag = tag.to_owned();
+                joins.spawn(async move {
+                    join_one(&proto, port, room, index, &tag)
+                        .await
+                        .with_context(|| format!("member {index} of room {room} on port {port}"))
+                });
+            }
+        }
+        while let Some(joined) = joins.join_next().await {
+            members.push(joined.context("a join task failed")??);
+        }
+    }
+    if let Proto::Irc = proto {
+        // Linked servers learn of joins a moment later: wait until every
+        // member has seen every other in its channel.
+        let mut waits = tokio::task::JoinSet::new();
+        for mut member in members {
+            let want = workload.members;
+            let tag = tag.to_owned();
+            waits.spawn(async move {
+                irc_wait_members(&mut member, want, &tag).await?;
+                anyhow::Ok(member)
+            });
+        }
+        let mut ready = Vec::new();
+        while let Some(joined) = waits.join_next().await {
+            ready.push(joined.context("a wait task failed")??);
+        }
+        members = ready;
+    }
+    Ok(members)
+}
+
+async fn join_one(
+    proto: &Proto,
+    port: u16,
+    room: usize,
+    index: usize,
+    tag: &str,
+) -> Result<Member> {
+    let name = member_name(room, index, tag);
+    let room_id = room_name(room, tag);
+    let transport = match proto {
+        Proto::Chat(t) => t.clone(),
+        _ => Transport::Tcp,
+    };
+    let (mut reader, mut writer) = wire::connect(&transport, port).await?;
+    match proto {
+        Proto::Chat(_) => {
+            writer
+                .send(format!("{{\"type\":\"newidentity\",\"identity\":\"{name}\"}}\n").as_bytes())
+                .await?;
+            loop {
+                let line = wire::next_line(&mut reader, "claiming an identity").await?;
+                let v: serde_json::Value = serde_json::from_str(&line)
+                    .with_context(|| format!("not JSON from chatmesh: {line:?}"))?;
+                if v["type"] == "newidentity" {
+                    if v["approved"] != "true" {
+                        bail!("identity {name} refused: {line}");
+                    }
+                    break;
+                }
+            }
+            let request = if index == 0 {
+                format!("{{\"type\":\"createroom\",\"roomid\":\"{room_id}\"}}\n")
+            } else {
+                format!("{{\"type\":\"joinroom\",\"roomid\":\"{room_id}\"}}\n")
+            };
+            writer.send(request.as_bytes()).await?;
+            loop {
+                let line = wire::next_line(&mut reader, "entering the room").await?;
+                let v: serde_json::Value = serde_json::from_str(&line)
+                    .with_context(|| format!("not JSON from chatmesh: {line:?}"))?;
+                if v["type"] == "createroom" && v["approved"] != "true" {
+                    bail!("room {room_id} refused: {line}");
+                }
+                if v["type"] == "roomchange" && v["identity"] == name.as_str() {
+                    if v["roomid"] == room_id.as_str() && v["former"] != room_id.as_str() {
+                        break;
+                    }
+                    if v["roomid"] == v["former"] {
+                        bail!("{name} could not join {room_id}: {line}");
+                    }
+                }
+            }
+        }
+        Proto::Irc => {
+            writer
+                .send(format!("NICK {name}\r\nUSER {name} 0 * :{name}\r\n").as_bytes())
+                .await?;
+            loop {
+                let line = wire::next_line(&mut reader, "registering with IRC").await?;
+                if let Some(rest) = line.strip_prefix("PING") {
+                    writer.send(format!("PONG{rest}\r\n").as_bytes()).await?;
+                } else if line.split(' ').nth(1) == Some("001") {
+                    break;
+                } else if line.starts_with("ERROR") || line.split(' ').nth(1) == Some("433") {
+                    bail!("IRC refused {name}: {line}");
+                }
+            }
+            writer
+                .send(format!("JOIN #{room_id}\r\n").as_bytes())
+                .await?;
+        }
+        Proto::Nats => {
+            let info = wire::next_line(&mut reader, "waiting for INFO").await?;
+            if !info.starts_with("INFO") {
+                bail!("nats-server did not start with INFO: {info:?}");
+            }
+            writer
+                .send(
+                    format!(
+                        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"echo\":false,\"name\":\"{name}\"}}\r\nSUB {room_id} 1\r\nPING\r\n"
+                    )
+                    .as_bytes(),
+                )
+                .await?;
+            loop {
+                let line = wire::next_line(&mut reader, "subscribing").await?;
+                if line == "PONG" {
+                    break;
+                }
+                if line.starts_with("-ERR") {
+                    bail!("nats-server refused: {line}");
+                }
+            }
+        }
+    }
+    Ok(Member {
+        room,
+        index,
+        reader,
+        writer: Arc::new(Mutex::new(writer)),
+    })
+}
+
+/// Reads NAMES and JOIN lines until `want` members are in the channel.
+async fn irc_wait_members(member: &mut Member, want: usize, tag: &str) -> Result<()> {
+    let channel = format!("#{}", room_name(member.room, tag));
+    let mut names: HashSet<String> = HashSet::new();
+    while names.len() < want {
+        let line = wire::next_line(
+            &mut member.reader,
+            &format!(
+                "waiting for {want} members in {channel} (have {})",
+                names.len()
+            ),
+        )
+        .await?;
+        let words: Vec<&str> = line.split(' ').collect();
+        match words.get(1).copied() {
+            Some("353") => {
+                if let Some(at) = line[1..].find(" :") {
+                    for name in line[at + 3..].split(' ') {
+                        let name = name.trim_start_matches(['@', '+']);
+                        if !name.is_empty() {
+                            names.insert(name.to_owned());
+                        }
+                    }
+                }
+            }
+            Some("JOIN") => {
+                let nick = words[0]
+                    .trim_start_matches(':')
+                    .split('!')
+                    .next()
+                    .unwrap_or_default();
+                names.insert(nick.to_owned());
+            }
+            _ if line.starts_with("PING") => {
+                member
+                    .writer
+                    .lock()
+                    .await
+                    .send(format!("PONG{}\r\n", &line[4..]).as_bytes())
+                    .await?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn build_report(
+    options: &BenchOptions,
+    workloads: &[Workload],
+    cells: Vec<Cell>,
+    notes: Vec<String>,
+) -> Report {
+    let find = |system: &str, workload: &str| {
+        cells
+            .iter()
+            .find(|c| c.system == system && c.workload == workload)
+            .and_then(|c| c.median.clone())
+    };
+    let header = [
+        "workload",
+        "system",
+        "msgs/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "CPU bench",
+        "CPU servers",
+        "tcp/this msgs",
+        "this/tcp p99",
+        "quic/this msgs",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let mut rows = Vec::new();
+    let mut bars = Vec::new();
+    let ratio = |x: f64, y: f64| {
+        if y > 0.0 {
+            format!("{:.2}x", x / y)
+        } else {
+            "-".to_owned()
+        }
+    };
+    for workload in workloads {
+        let tcp = find("chatmesh-tcp", workload.name);
+        let quic = find("chatmesh-quic", workload.name);
+        for cell in cells.iter().filter(|c| c.workload == workload.name) {
+            let label = workload.label();
+            match &cell.median {
+                Some(r) => {
+                    let peer = !cell.system.starts_with("chatmesh");
+                    rows.push(vec![
+                        label,
+                        cell.system.clone(),
+                        format!("{:.0}", r.msgs_per_s),
+                        format!("{:.2}", r.p50_ms),
+                        format!("{:.2}", r.p99_ms),
+                        format!("{:.1}", r.max_ms),
+                        format!("{:.2} s", r.bench_cpu_s),
+                        format!("{:.2} s", r.server_cpu_s),
+                        match (&tcp, peer) {
+                            (Some(t), true) => ratio(t.msgs_per_s, r.msgs_per_s),
+                            _ => "".to_owned(),
+                        },
+                        match (&tcp, peer) {
+                            (Some(t), true) => ratio(r.p99_ms, t.p99_ms),
+                            _ => "".to_owned(),
+                        },
+                        match (&quic, peer) {
+                            (Some(q), true) => ratio(q.msgs_per_s, r.msgs_per_s),
+                            _ => "".to_owned(),
+                        },
+                    ]);
+                    bars.push((format!("{} {}", workload.name, cell.system), r.msgs_per_s));
+                }
+                None => rows.push(vec![
+                    label,
+                    cell.system.clone(),
+                    format!(
+                        "failed: {}",
+                        cell.errors.first().cloned().unwrap_or_default()
+                    ),
+                ]),
+            }
+        }
+    }
+    let targets = fanout_targets(&cells, workloads);
+    let json = serde_json::json!({
+        "scenario": "fanout",
+        "quick": options.quick,
+        "runs_per_cell": options.runs(),
+        "size_bytes": options.size,
+        "window": options.window,
+        "workloads": workloads,
+        "cells": cells,
+        "targets": targets,
+        "notes": notes,
+        "duplicates": 0,
+    });
+    let mut all_notes = notes;
+    all_notes.extend(targets.iter().map(|t| {
+        format!(
+            "target {}: {}",
+            t["target"].as_str().unwrap_or_default(),
+            t["verdict"].as_str().unwrap_or_default()
+        )
+    }));
+    Report {
+        scenario: "fanout".to_owned(),
+        header,
+        rows,
+        notes: all_notes,
+        json,
+        plot: Plot {
+            title: "fanout: messages delivered to every other member per second (median)"
+                .to_owned(),
+            unit: "msgs/s".to_owned(),
+            bars,
+        },
+    }
+}
+
+/// The issue's targets, checked against the medians.
+fn fanout_targets(cells: &[Cell], workloads: &[Workload]) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for workload in workloads {
+        let get = |s: &str| {
+            cells
+                .iter()
+                .find(|c| c.system == s && c.workload == workload.name)
+                .and_then(|c| c.median.clone())
+        };
+        let Some(tcp) = get("chatmesh-tcp") else {
+            continue;
+        };
+        for peer in ["ngircd-1", "ngircd-3"] {
+            if let Some(p) = get(peer) {
+                let ok = tcp.msgs_per_s >= 2.0 * p.msgs_per_s && tcp.p99_ms * 2.0 <= p.p99_ms;
+                out.push(serde_json::json!({
+                    "target": format!("({}) chatmesh-tcp at least 2x {peer} (msgs/s and p99)", workload.name),
+                    "met": ok,
+                    "verdict": format!("{} ({:.2}x msgs/s, {:.2}x p99)", if ok {"met"} else {"NOT met"},
+                        tcp.msgs_per_s / p.msgs_per_s.max(1e-9), p.p99_ms / tcp.p99_ms.max(1e-9)),
+                }));
+            }
+        }
+        if let Some(p) = get("nats-server") {
+            let ok = tcp.msgs_per_s >= p.msgs_per_s;
+            out.push(serde_json::json!({
+                "target": format!("({}) chatmesh-tcp at least 1x nats-server msgs/s", workload.name),
+                "met": ok,
+                "verdict": format!("{} ({:.2}x)", if ok {"met"} else {"NOT met"}, tcp.msgs_per_s / p.msgs_per_s.max(1e-9)),
+            }));
+        }
+        if workload.name == "a" {
+            let ok = tcp.p99_ms < 10.0;
+            out.push(serde_json::json!({
+                "target": "(a) chatmesh-tcp p99 under 10 ms",
+                "met": ok,
+                "verdict": format!("{} (p99 {:.2} ms)", if ok {"met"} else {"NOT met"}, tcp.p99_ms),
+            }));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_workloads_and_contents() {
+        let w = Workload::parse("a", "10x10x200").unwrap();
+        assert_eq!((w.rooms, w.members, w.messages), (10, 10, 200));
+        assert!(Workload::parse("a", "10x1x200").is_err());
+        assert!(Workload::parse("a", "10x10").is_err());
+        assert_eq!(parse_content(b"3:17:123456:xxxx"), Some((3, 17, 123456)));
+        assert_eq!(parse_content(b"garbage"), None);
+        assert_eq!(
+            irc_privmsg(b":a!b@c PRIVMSG #r :1:2:3:x x"),
+            Some(&b"1:2:3:x x"[..])
+        );
+        assert_eq!(
+            chat_content(br#"{"type":"message","identity":"a","content":"1:2:3:x"}"#),
+            Some(&b"1:2:3:x"[..])
+        );
+    }
+}

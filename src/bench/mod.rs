@@ -1,0 +1,113 @@
+//! `chatmesh bench <scenario>`: chatmesh measured side by side with what a user
+//! would pick instead (ngircd, alone and as a linked network, and nats-server),
+//! in one run, as ratios.
+//!
+//! Where things are:
+//! - [`procs`]: the processes the bench starts (our nodes, ngircd, nats-server),
+//!   free ports, CPU time and resident memory from `/proc`.
+//! - [`wire`]: raw protocol clients (chatmesh JSON lines over TCP and QUIC,
+//!   IRC, NATS) split into a reader and a writer.
+//! - [`fanout`], [`failover`]: the scenarios.
+//! - [`report`]: the table, the JSON report and the SVG plot.
+//!
+//! Every load is bounded in count and in time; everything started is stopped
+//! (child processes are killed on drop). Progress goes to stderr, the table to
+//! stdout.
+
+pub mod failover;
+pub mod fanout;
+pub mod procs;
+pub mod report;
+pub mod wire;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+/// Which measurement to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Rooms of members sending to each other in a closed loop: messages/s and latency.
+    Fanout,
+    /// Kill -9 of the leader of 5 servers, repeatedly: time to a new agreed leader.
+    Failover,
+}
+
+impl Scenario {
+    /// The name used in file names and the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Fanout => "fanout",
+            Scenario::Failover => "failover",
+        }
+    }
+}
+
+/// Flags shared by every scenario, and each scenario's own.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchOptions {
+    /// What to measure.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Run small (seconds): fewer rooms, members, messages, repetitions and kills.
+    #[arg(long)]
+    pub quick: bool,
+    /// Measure chatmesh alone: do not start (or install) ngircd and nats-server.
+    #[arg(long)]
+    pub no_peers: bool,
+    /// Do not install missing peers with apt-get; print the command instead and skip them.
+    #[arg(long)]
+    pub no_install: bool,
+    /// Directory for the JSON report and the SVG plot.
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+    /// Repetitions of each measurement; the median is reported (default 3, 1 with --quick).
+    #[arg(long)]
+    pub runs: Option<usize>,
+    /// Upper bound on one run of one workload on one system, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub run_timeout_s: u64,
+    /// fanout: message size in bytes (the content, timestamp included; at least 40).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// fanout: at most this many of a member's own messages not yet delivered to every other member.
+    #[arg(long, default_value_t = 4)]
+    pub window: usize,
+    /// fanout: workload (a) as ROOMSxMEMBERSxMESSAGES (default 10x10x200; 2x5x20 with --quick).
+    #[arg(long, value_name = "RxMxK")]
+    pub workload_a: Option<String>,
+    /// fanout: workload (b) as ROOMSxMEMBERSxMESSAGES (default 1x100x50; 1x20x10 with --quick).
+    #[arg(long, value_name = "RxMxK")]
+    pub workload_b: Option<String>,
+    /// failover: how many times the leader is killed (default 20, 3 with --quick).
+    #[arg(long)]
+    pub kills: Option<usize>,
+    /// failover: impairment passed to every node's --impair, e.g. "loss=5%,delay=2ms".
+    #[arg(long, value_name = "SPEC")]
+    pub impair: Option<String>,
+}
+
+impl BenchOptions {
+    /// Repetitions per measurement.
+    pub fn runs(&self) -> usize {
+        self.runs.unwrap_or(if self.quick { 1 } else { 3 }).max(1)
+    }
+}
+
+/// Runs one scenario: starts what it measures, prints progress on stderr and
+/// the table on stdout, writes `<out>/<scenario>.json` and `.svg`.
+pub async fn run(options: BenchOptions) -> Result<()> {
+    let report = match options.scenario {
+        Scenario::Fanout => fanout::run(&options).await?,
+        Scenario::Failover => failover::run(&options).await?,
+    };
+    print!("{}", report.table());
+    let (json, svg) = report.write(&options.out)?;
+    println!("wrote {} and {}", json.display(), svg.display());
+    Ok(())
+}
+
+/// One progress line on stderr.
+pub(crate) fn progress(line: impl std::fmt::Display) {
+    eprintln!("bench: {line}");
+}

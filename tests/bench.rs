@@ -1,0 +1,128 @@
+//! `chatmesh bench <scenario> --quick`: the real binary runs each scenario
+//! small and writes a well-formed JSON report with no duplicates. Without the
+//! peers always (`--no-peers`); with them too when ngircd and nats-server are
+//! installed (skipped with a note otherwise: CI must not depend on them).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_chatmesh");
+
+fn out_dir(tag: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("chatmesh-test-bench-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Runs `chatmesh bench <args>` (bounded by the bench's own run timeout) and
+/// returns the parsed `<out>/<scenario>.json`.
+fn bench(scenario: &str, extra: &[&str], out: &Path) -> Value {
+    let output = Command::new(BIN)
+        .args([
+            "bench",
+            scenario,
+            "--quick",
+            "--run-timeout-s",
+            "20",
+            "--out",
+        ])
+        .arg(out)
+        .args(extra)
+        .output()
+        .expect("run chatmesh bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "bench {scenario} {extra:?} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    println!("{stdout}");
+    let path = out.join(format!("{scenario}.json"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{} not written: {e}\n{stdout}\n{stderr}", path.display()));
+    let report: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{} is not JSON: {e}\n{text}", path.display()));
+    assert_eq!(report["scenario"], scenario, "{text}");
+    assert_eq!(report["duplicates"], 0, "duplicates in {text}");
+    let svg = std::fs::read_to_string(out.join(format!("{scenario}.svg"))).expect("svg written");
+    assert!(
+        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+        "{svg}"
+    );
+    report
+}
+
+fn peers_installed() -> bool {
+    ["ngircd", "nats-server"]
+        .iter()
+        .all(|p| chatmesh::bench::procs::find_program(p).is_some())
+}
+
+/// Every chatmesh cell of a fanout report has a median with traffic in it.
+fn check_fanout(report: &Value, want_peers: bool) {
+    let cells = report["cells"].as_array().expect("cells array");
+    for cell in cells {
+        let system = cell["system"].as_str().expect("system name");
+        if system.starts_with("chatmesh") || want_peers {
+            let median = &cell["median"];
+            assert!(
+                median["msgs_per_s"].as_f64().is_some_and(|v| v > 0.0),
+                "{system} workload {} has no result: {cell}",
+                cell["workload"]
+            );
+            assert!(
+                median["p99_ms"]
+                    .as_f64()
+                    .is_some_and(|v| v >= median["p50_ms"].as_f64().unwrap_or(0.0))
+            );
+        }
+    }
+    let systems: Vec<&str> = cells.iter().filter_map(|c| c["system"].as_str()).collect();
+    assert!(
+        systems.contains(&"chatmesh-tcp") && systems.contains(&"chatmesh-quic"),
+        "{systems:?}"
+    );
+    if want_peers {
+        for peer in ["ngircd-1", "ngircd-3", "nats-server"] {
+            assert!(systems.contains(&peer), "{peer} missing from {systems:?}");
+        }
+    }
+}
+
+#[test]
+fn fanout_quick_without_peers() {
+    let out = out_dir("fanout");
+    let report = bench("fanout", &["--no-peers"], &out);
+    check_fanout(&report, false);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn fanout_quick_with_peers_when_installed() {
+    if !peers_installed() {
+        println!(
+            "note: ngircd or nats-server not installed; skipping the bench with peers (apt-get install -y ngircd nats-server)"
+        );
+        return;
+    }
+    let out = out_dir("fanout-peers");
+    let report = bench("fanout", &["--no-install"], &out);
+    check_fanout(&report, true);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn failover_quick() {
+    let out = out_dir("failover");
+    let report = bench("failover", &["--no-peers", "--kills", "2"], &out);
+    let samples = report["samples_ms"].as_array().expect("samples");
+    assert_eq!(samples.len(), 2, "{report}");
+    assert!(
+        report["p99_ms"].as_f64().is_some_and(|v| v > 0.0),
+        "{report}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
