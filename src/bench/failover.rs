@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 
 use super::procs::ChatCluster;
 use super::report::{Plot, Report, quantile};
+use super::wire::{self, Reader, Transport, Writer};
 use super::{BenchOptions, progress};
 
 /// Servers in the cluster.
@@ -34,23 +35,43 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
         .context("the cluster never agreed on its first leader")?;
 
     let mut samples = Vec::new();
+    let mut frees = Vec::new();
     for kill in 0..kills {
+        // A client of the leader holds an identity and a room when it dies.
+        let (identity, room) = (format!("held{kill}"), format!("room{kill}"));
+        let holder = hold(cluster.client_ports[top], &identity, &room)
+            .await
+            .with_context(|| format!("kill {}: cannot claim names on the leader", kill + 1))?;
         let node = cluster.nodes[top]
             .as_mut()
             .context("the leader is not running")?;
         let killed_at = Instant::now();
         node.kill9().await?;
         cluster.nodes[top] = None;
+        drop(holder);
         let survivors: Vec<usize> = (0..top).collect();
-        agreement(&cluster, &survivors, top - 1, deadline)
-            .await
-            .with_context(|| format!("kill {}: survivors did not agree", kill + 1))?;
-        let took = killed_at.elapsed();
-        samples.push(took.as_secs_f64() * 1000.0);
+        let (agreed, freed) = tokio::join!(
+            async {
+                agreement(&cluster, &survivors, top - 1, deadline).await?;
+                anyhow::Ok(killed_at.elapsed())
+            },
+            async {
+                free_again(cluster.client_ports[0], &identity, &room, deadline).await?;
+                anyhow::Ok(killed_at.elapsed())
+            }
+        );
+        let agreed =
+            agreed.with_context(|| format!("kill {}: survivors did not agree", kill + 1))?;
+        let freed = freed.with_context(|| {
+            format!("kill {}: the dead leader's names were not freed", kill + 1)
+        })?;
+        samples.push(agreed.as_secs_f64() * 1000.0);
+        frees.push(freed.as_secs_f64() * 1000.0);
         progress(format!(
-            "failover kill {}/{kills}: new leader agreed after {:.0} ms",
+            "failover kill {}/{kills}: new leader agreed after {:.0} ms, names free after {:.0} ms",
             kill + 1,
-            took.as_secs_f64() * 1000.0
+            agreed.as_secs_f64() * 1000.0,
+            freed.as_secs_f64() * 1000.0,
         ));
         cluster.start(top).await?;
         agreement(&cluster, &all, top, deadline)
@@ -61,13 +82,8 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
     }
     drop(cluster);
 
-    let mut sorted = samples.clone();
-    sorted.sort_by(f64::total_cmp);
-    let (p50, p99, max) = (
-        quantile(&sorted, 0.5),
-        quantile(&sorted, 0.99),
-        quantile(&sorted, 1.0),
-    );
+    let [p50, p99, max] = summary(&samples);
+    let [free_p50, free_p99, free_max] = summary(&frees);
     let met = p99 < 1000.0;
     let impair = options.impair.clone().unwrap_or_else(|| "none".to_owned());
     let notes = vec![
@@ -78,8 +94,9 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
             "target p99 under 1 s: {} (p99 {p99:.0} ms)",
             if met { "met" } else { "NOT met" }
         ),
-        "names free again after the kill: n/a (needs the cluster-wide registry, not built yet)"
-            .to_owned(),
+        format!(
+            "names free: from the kill to a survivor granting the identity and then the room a client of the dead leader held: median {free_p50:.0} ms, p99 {free_p99:.0} ms, max {free_max:.0} ms"
+        ),
         "peers: none (ngircd and nats-server have no leader to fail over)".to_owned(),
     ];
     let json = serde_json::json!({
@@ -92,7 +109,10 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
         "median_ms": p50,
         "p99_ms": p99,
         "max_ms": max,
-        "names_free_ms": null,
+        "names_free_samples_ms": frees,
+        "names_free_median_ms": free_p50,
+        "names_free_p99_ms": free_p99,
+        "names_free_max_ms": free_max,
         "targets": [{"target": "failover p99 under 1 s", "met": met}],
         "duplicates": 0,
     });
@@ -104,7 +124,7 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
             "median ms",
             "p99 ms",
             "max ms",
-            "names free",
+            "names free median/p99/max ms",
         ]
         .map(str::to_owned)
         .to_vec(),
@@ -114,7 +134,7 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
             format!("{p50:.0}"),
             format!("{p99:.0}"),
             format!("{max:.0}"),
-            "n/a".to_owned(),
+            format!("{free_p50:.0} / {free_p99:.0} / {free_max:.0}"),
         ]],
         notes,
         json,
@@ -128,6 +148,85 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
             ],
         },
     })
+}
+
+/// Median, p99 and max of `samples`.
+fn summary(samples: &[f64]) -> [f64; 3] {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    [0.5, 0.99, 1.0].map(|q| quantile(&sorted, q))
+}
+
+/// Claims `identity` on the server at `port`, then `room` with it; the
+/// connection returned keeps both.
+async fn hold(port: u16, identity: &str, room: &str) -> Result<(Reader, Writer)> {
+    let (mut reader, mut writer) = wire::connect(&Transport::Tcp, port).await?;
+    if !claim(
+        &mut reader,
+        &mut writer,
+        "newidentity",
+        "identity",
+        identity,
+    )
+    .await?
+    {
+        bail!("identity {identity} refused");
+    }
+    if !claim(&mut reader, &mut writer, "createroom", "roomid", room).await? {
+        bail!("room {room} refused");
+    }
+    Ok((reader, writer))
+}
+
+/// Polls the server at `port` until it grants `identity`, then `room`.
+async fn free_again(port: u16, identity: &str, room: &str, within: Duration) -> Result<()> {
+    let start = Instant::now();
+    let retry = || async {
+        if start.elapsed() > within {
+            bail!("still held after {within:?}");
+        }
+        tokio::time::sleep(POLL).await;
+        Ok(())
+    };
+    let (mut reader, mut writer) = loop {
+        let (mut reader, mut writer) = wire::connect(&Transport::Tcp, port).await?;
+        if claim(
+            &mut reader,
+            &mut writer,
+            "newidentity",
+            "identity",
+            identity,
+        )
+        .await?
+        {
+            break (reader, writer);
+        }
+        retry().await?;
+    };
+    while !claim(&mut reader, &mut writer, "createroom", "roomid", room).await? {
+        retry().await?;
+    }
+    writer.send(b"{\"type\":\"quit\"}\n").await
+}
+
+/// Sends `{"type":kind, field:name}` and returns whether it was approved.
+async fn claim(
+    reader: &mut Reader,
+    writer: &mut Writer,
+    kind: &str,
+    field: &str,
+    name: &str,
+) -> Result<bool> {
+    let request = serde_json::json!({ "type": kind, field: name });
+    writer.send(format!("{request}\n").as_bytes()).await?;
+    loop {
+        let line = wire::next_line(reader, &format!("waiting for the answer to {kind}")).await?;
+        let reply: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("not JSON from the server: {line:?}"))?;
+        if reply["type"] == kind {
+            return Ok(reply["approved"] == "true");
+        }
+    }
 }
 
 /// Polls until every node in `nodes` follows `leader` at one term and sees
