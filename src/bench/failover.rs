@@ -84,14 +84,16 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
 
     let [p50, p99, max] = summary(&samples);
     let [free_p50, free_p99, free_max] = summary(&frees);
-    let met = p99 < 1000.0;
+    // The targets: 1 s on a clean network, 2 s under loss.
+    let bound_s = if options.impair.is_some() { 2 } else { 1 };
+    let met = p99 < f64::from(bound_s) * 1000.0;
     let impair = options.impair.clone().unwrap_or_else(|| "none".to_owned());
     let notes = vec![
         format!(
             "time from kill -9 of the leader to every survivor agreeing on the new leader; impairment: {impair}"
         ),
         format!(
-            "target p99 under 1 s: {} (p99 {p99:.0} ms)",
+            "target p99 under {bound_s} s: {} (p99 {p99:.0} ms)",
             if met { "met" } else { "NOT met" }
         ),
         format!(
@@ -113,7 +115,7 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
         "names_free_median_ms": free_p50,
         "names_free_p99_ms": free_p99,
         "names_free_max_ms": free_max,
-        "targets": [{"target": "failover p99 under 1 s", "met": met}],
+        "targets": [{"target": format!("failover p99 under {bound_s} s"), "met": met}],
         "duplicates": 0,
     });
     Ok(Report {
