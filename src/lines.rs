@@ -1,7 +1,14 @@
 //! Newline framing with a size limit, checked before the line is buffered, so a
 //! client can never make the server hold more than `max` bytes of one line.
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, ReadBuf};
+
+/// Bytes asked of the transport per read.
+const READ_CHUNK: usize = 4 * 1024;
 
 /// Why no line came.
 #[derive(Debug, thiserror::Error)]
@@ -18,10 +25,16 @@ pub enum LineError {
 ///
 /// Cancel-safe: bytes taken from the transport are kept in `self` until their
 /// line is complete, so dropping a pending `next_line` loses nothing.
+///
+/// An idle reader holds no buffer: the read buffer is given back whenever the
+/// transport has nothing to read and no partial line is pending, so ten
+/// thousand quiet connections cost no read memory.
 pub struct LineReader<R> {
-    inner: BufReader<R>,
-    line: Vec<u8>,
-    complete: bool,
+    inner: R,
+    /// Bytes read; `buf[pos..]` is not yet returned as a line.
+    buf: Vec<u8>,
+    pos: usize,
+    eof: bool,
     max: usize,
 }
 
@@ -29,50 +42,69 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
     /// Wraps a transport.
     pub fn new(inner: R, max: usize) -> Self {
         LineReader {
-            inner: BufReader::with_capacity(8 * 1024, inner),
-            line: Vec::new(),
-            complete: false,
+            inner,
+            buf: Vec::new(),
+            pos: 0,
+            eof: false,
             max,
         }
     }
 
-    /// The next line without its terminator, or `None` at end of stream. A final
-    /// line without a newline still counts as a line.
+    /// The next line without its terminator; `None` at end of stream (a last
+    /// line without a newline is still returned first).
     pub async fn next_line(&mut self) -> Result<Option<&[u8]>, LineError> {
-        if self.complete {
-            self.line.clear();
-            self.complete = false;
-            // Give back memory a past long line took.
-            if self.line.capacity() > 16 * 1024 {
-                self.line.shrink_to(1024);
-            }
-        }
         loop {
-            let available = self.inner.fill_buf().await?;
-            if available.is_empty() {
-                if self.line.is_empty() {
-                    return Ok(None);
-                }
-                break;
-            }
-            let (chunk, consumed, done) = match available.iter().position(|&b| b == b'\n') {
-                Some(at) => (&available[..at], at + 1, true),
-                None => (available, available.len(), false),
+            let pending = &self.buf[self.pos..];
+            let (len, consumed) = match pending.iter().position(|&b| b == b'\n') {
+                Some(at) => (at, at + 1),
+                None if self.eof && !pending.is_empty() => (pending.len(), pending.len()),
+                None if self.eof => return Ok(None),
+                None => (pending.len(), 0),
             };
-            if self.line.len() + chunk.len() > self.max {
+            if len > self.max {
                 return Err(LineError::TooLong(self.max));
             }
-            self.line.extend_from_slice(chunk);
-            self.inner.consume(consumed);
-            if done {
-                break;
+            if consumed > 0 {
+                let start = self.pos;
+                self.pos += consumed;
+                let mut line = &self.buf[start..start + len];
+                if let Some(stripped) = line.strip_suffix(b"\r") {
+                    line = stripped;
+                }
+                return Ok(Some(line));
             }
+            self.fill().await?;
         }
-        if self.line.last() == Some(&b'\r') {
-            self.line.pop();
-        }
-        self.complete = true;
-        Ok(Some(&self.line))
+    }
+
+    /// Reads more bytes after the pending partial line, or notes the end.
+    async fn fill(&mut self) -> std::io::Result<()> {
+        // Keep only the partial line, at the front.
+        self.buf.drain(..self.pos);
+        self.pos = 0;
+        let filled = self.buf.len();
+        poll_fn(|cx| {
+            self.buf.resize(filled + READ_CHUNK, 0);
+            let mut read = ReadBuf::new(&mut self.buf[filled..]);
+            let polled = Pin::new(&mut self.inner).poll_read(cx, &mut read);
+            let got = read.filled().len();
+            self.buf.truncate(filled + got);
+            match polled {
+                Poll::Ready(Ok(())) => {
+                    self.eof = got == 0;
+                    Poll::Ready(Ok(()))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    if self.buf.is_empty() {
+                        // Idle: give the buffer back until bytes arrive.
+                        self.buf = Vec::new();
+                    }
+                    Poll::Pending
+                }
+            }
+        })
+        .await
     }
 }
 
@@ -99,5 +131,33 @@ mod tests {
         let exact: &[u8] = b"0123456789\n";
         let mut reader = LineReader::new(exact, 10);
         assert_eq!(reader.next_line().await.unwrap(), Some(&b"0123456789"[..]));
+    }
+
+    #[tokio::test]
+    async fn lines_split_across_reads_and_an_idle_reader_holds_no_buffer() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut reader = LineReader::new(server, 100);
+        use tokio::io::AsyncWriteExt;
+        client.write_all(b"hel").await.unwrap();
+        let pending =
+            tokio::time::timeout(std::time::Duration::from_millis(50), reader.next_line());
+        assert!(pending.await.is_err(), "no line yet");
+        assert_eq!(
+            reader.buf, b"hel",
+            "the partial line is kept across a cancelled read"
+        );
+        client.write_all(b"lo\r\nwor").await.unwrap();
+        assert_eq!(reader.next_line().await.unwrap(), Some(&b"hello"[..]));
+        client.write_all(b"ld\n").await.unwrap();
+        assert_eq!(reader.next_line().await.unwrap(), Some(&b"world"[..]));
+        let idle = tokio::time::timeout(std::time::Duration::from_millis(50), reader.next_line());
+        assert!(idle.await.is_err());
+        assert_eq!(
+            reader.buf.capacity(),
+            0,
+            "idle readers give their buffer back"
+        );
+        drop(client);
+        assert!(reader.next_line().await.unwrap().is_none());
     }
 }

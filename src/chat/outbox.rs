@@ -94,24 +94,30 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits for queued lines and appends them all to `out`. Returns false when
-    /// the writer should stop (finished and drained, or dead).
-    async fn next_batch(&self, out: &mut Vec<u8>) -> bool {
+    /// Waits for queued lines and returns them as one buffer (a lone line as
+    /// it is, shared with the other recipients); `None` when the writer should
+    /// stop (finished and drained, or dead).
+    async fn next_batch(&self) -> Option<Bytes> {
         loop {
             {
                 let mut state = self.lock();
                 if state.dead {
-                    return false;
+                    return None;
+                }
+                if state.queue.len() == 1 {
+                    state.bytes = 0;
+                    return state.queue.pop_front();
                 }
                 if !state.queue.is_empty() {
+                    let mut batch = Vec::with_capacity(state.bytes);
                     for line in state.queue.drain(..) {
-                        out.extend_from_slice(&line);
+                        batch.extend_from_slice(&line);
                     }
                     state.bytes = 0;
-                    return true;
+                    return Some(batch.into());
                 }
                 if state.finishing {
-                    return false;
+                    return None;
                 }
             }
             // notify_one keeps a permit when nobody waits, so a push between
@@ -123,20 +129,17 @@ impl Outbox {
     /// The writer task of a session: drains the outbox into the transport in
     /// batches (one write per batch) until finished or dropped.
     pub async fn write_to<W: AsyncWrite + Unpin>(&self, mut writer: W) {
-        let mut buf = Vec::with_capacity(4 * 1024);
-        while self.next_batch(&mut buf).await {
+        // Each batch is its own exact buffer, freed once written: an idle
+        // session holds no write buffer.
+        while let Some(batch) = self.next_batch().await {
             let written = async {
-                writer.write_all(&buf).await?;
+                writer.write_all(&batch).await?;
                 writer.flush().await
             };
             if let Err(e) = written.await {
                 tracing::debug!(error = %e, "client write failed");
                 self.kill();
                 return;
-            }
-            buf.clear();
-            if buf.capacity() > 256 * 1024 {
-                buf.shrink_to(4 * 1024);
             }
         }
         let _ = writer.shutdown().await;
