@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
+use tokio::task::JoinSet;
 
 use crate::config::ClusterConfig;
 
@@ -35,7 +36,9 @@ pub async fn run(options: UpOptions) -> Result<()> {
         );
     }
     let exe = std::env::current_exe().context("cannot find the chatmesh executable")?;
-    let mut children = Vec::new();
+    // One task per node waits for it and says when it exits, as it happens.
+    let mut running = JoinSet::new();
+    let mut pids = Vec::new();
     for server in &config.servers {
         let mut command = Command::new(&exe);
         command
@@ -61,47 +64,48 @@ pub async fn run(options: UpOptions) -> Result<()> {
         if let Some(err) = child.stderr.take() {
             tokio::spawn(prefix_lines(server.id.clone(), err));
         }
+        let pid = child.id().unwrap_or(0);
         println!(
-            "up: started {} (pid {}): clients on {}:{} over TCP and QUIC",
-            server.id,
-            child.id().unwrap_or(0),
-            server.host,
-            server.client_port
+            "up: started {} (pid {pid}): clients on {}:{} over TCP and QUIC",
+            server.id, server.host, server.client_port
         );
-        children.push((server.id.clone(), child));
-    }
-    println!(
-        "up: {} nodes running; Ctrl-C stops them all",
-        children.len()
-    );
-
-    let all_exited = async {
-        for (id, child) in children.iter_mut() {
+        pids.push((server.id.clone(), pid));
+        let id = server.id.clone();
+        running.spawn(async move {
             let status = child.wait().await;
             println!("up: node {id} exited: {}", describe(status));
-        }
-    };
+            id
+        });
+    }
+    println!("up: {} nodes running; Ctrl-C stops them all", pids.len());
+
     tokio::select! {
         signal = crate::node::shutdown_signal() => signal?,
-        _ = all_exited => return Ok(()),
+        _ = wait_all(&mut running, &mut pids) => return Ok(()),
     }
     println!("up: stopping every node");
-    for (_, child) in &children {
-        if let Some(pid) = child.id() {
-            // SAFETY: kill(2) with a pid we spawned and still hold the handle of.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-        }
+    for (_, pid) in &pids {
+        // SAFETY: kill(2) of a child we spawned and have not yet reaped.
+        unsafe { libc::kill(*pid as libc::pid_t, libc::SIGTERM) };
     }
-    for (id, child) in children.iter_mut() {
-        match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
-            Ok(status) => println!("up: node {id} exited: {}", describe(status)),
-            Err(_) => {
-                println!("up: node {id} did not stop within 10 s; killing it");
-                let _ = child.kill().await;
-            }
+    let stopped = tokio::time::timeout(Duration::from_secs(10), wait_all(&mut running, &mut pids));
+    if stopped.await.is_err() {
+        for (id, _) in &pids {
+            println!("up: node {id} did not stop within 10 s; killing it");
         }
+        // Dropping a waiting task drops its child, which kills it.
+        running.shutdown().await;
     }
     Ok(())
+}
+
+/// Waits for every node to exit, crossing each off `pids` as it goes.
+async fn wait_all(running: &mut JoinSet<String>, pids: &mut Vec<(String, u32)>) {
+    while let Some(exited) = running.join_next().await {
+        if let Ok(id) = exited {
+            pids.retain(|(running, _)| *running != id);
+        }
+    }
 }
 
 fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
