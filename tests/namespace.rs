@@ -72,7 +72,11 @@ async fn the_same_identity_claimed_on_three_servers_at_once_is_granted_once() {
         approved += usize::from(task.await.unwrap().0);
     }
     assert_eq!(approved, 1, "the room id was granted {approved} times");
-    cluster.stop().await;
+    // The journal saw every name granted: 20 racers, 3 owners, one room (a
+    // journal that recorded nothing would pass its check vacuously).
+    let summary = cluster.stop().await;
+    assert_eq!(summary.names, 24, "{summary}");
+    assert!(summary.events >= 24, "{summary}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
