@@ -17,6 +17,8 @@
 //! - [`registry`]: the replicated registry of identities and rooms and the
 //!   leader's claim serializer, a pure state machine (not wired in yet).
 //! - [`cluster`]: the task that drives detector and election from mesh events.
+//! - [`journal`]: a log of which server holds which name when, and the check
+//!   that no name is ever held twice (every in-process cluster test runs it).
 //! - [`admin`]: loopback HTTP `/status` and `/metrics`.
 //! - [`node`]: one server wired together, with graceful shutdown.
 //! - [`status`]: `chatmesh status`, the admin view for a person.
@@ -33,6 +35,7 @@ pub mod cluster;
 pub mod config;
 pub mod detector;
 pub mod election;
+pub mod journal;
 pub mod lines;
 pub mod listener;
 pub mod mesh;

@@ -18,6 +18,7 @@ use crate::admin::{self, AdminState};
 use crate::chat::ChatServer;
 use crate::cluster::{self, ClusterView, Namespace, SharedView};
 use crate::config::ClusterConfig;
+use crate::journal::NameJournal;
 use crate::listener::{bind_client_ports, serve_quic, serve_tcp};
 use crate::mesh::Mesh;
 use crate::netsim::{self, ImpairHandle, Impairment};
@@ -37,6 +38,9 @@ pub struct NodeOptions {
     pub mesh_socket: Option<(Arc<dyn quinn::AsyncUdpSocket>, ImpairHandle)>,
     /// Loss, delay and cut links applied to the mesh socket (testing aid).
     pub impair: Option<Impairment>,
+    /// Where the chat layer records every hold and release of a name (tests
+    /// check the cluster-wide log for names held twice).
+    pub journal: Option<NameJournal>,
 }
 
 impl NodeOptions {
@@ -48,6 +52,7 @@ impl NodeOptions {
             certs: certs.into(),
             mesh_socket: None,
             impair: None,
+            journal: None,
         }
     }
 }
@@ -73,6 +78,7 @@ impl Node {
             certs,
             mesh_socket,
             impair,
+            journal,
         } = options;
         let me = config
             .server(&id)
@@ -119,7 +125,7 @@ impl Node {
         }
 
         let (directory, namespace) = Namespace::new(&config, &id);
-        let chat = ChatServer::new(id.clone(), config.limits.clone(), directory);
+        let chat = ChatServer::new(id.clone(), config.limits.clone(), directory, journal);
         namespace.set_chat(&chat);
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();

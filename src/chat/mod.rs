@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
+use tracing::debug;
 
 pub use directory::{BoxFuture, Directory, RemoteRoom};
 pub use outbox::Outbox;
@@ -25,6 +26,7 @@ pub use session::run_session;
 use crate::ServerId;
 use crate::client_proto::{Approved, ServerMessage};
 use crate::config::Limits;
+use crate::journal::{NameJournal, NameKind};
 
 /// One server's chat state and the operations of the client protocol on it.
 pub struct ChatServer {
@@ -32,6 +34,8 @@ pub struct ChatServer {
     main_hall: String,
     limits: Limits,
     directory: Arc<dyn Directory>,
+    /// Where holds and releases of names are recorded (tests).
+    journal: Option<NameJournal>,
     state: Mutex<Rooms>,
 }
 
@@ -106,8 +110,14 @@ impl Rooms {
 }
 
 impl ChatServer {
-    /// A server with only its main hall.
-    pub fn new(id: ServerId, limits: Limits, directory: Arc<dyn Directory>) -> Arc<Self> {
+    /// A server with only its main hall, recording holds and releases of
+    /// names in `journal` if given.
+    pub fn new(
+        id: ServerId,
+        limits: Limits,
+        directory: Arc<dyn Directory>,
+        journal: Option<NameJournal>,
+    ) -> Arc<Self> {
         let main_hall = crate::config::main_hall_of(&id);
         let mut rooms = HashMap::new();
         rooms.insert(
@@ -122,6 +132,7 @@ impl ChatServer {
             main_hall,
             limits,
             directory,
+            journal,
             state: Mutex::new(Rooms {
                 rooms,
                 members: HashMap::new(),
@@ -158,6 +169,16 @@ impl ChatServer {
         }
     }
 
+    /// Notes that this server now holds (`held`) or no longer holds a name.
+    /// Called with the state lock held, so the journal orders this server's
+    /// changes as the lock did.
+    fn record(&self, kind: NameKind, name: &str, held: bool) {
+        debug!(server = %self.id, %kind, %name, held, "name_holding");
+        if let Some(journal) = &self.journal {
+            journal.record(&self.id, kind, name, held);
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Rooms> {
         // Every mutation below leaves the maps consistent at each step that can
         // panic (none should), so a poisoned lock is still usable.
@@ -180,6 +201,7 @@ impl ChatServer {
         if state.members.contains_key(identity) {
             return false;
         }
+        self.record(NameKind::Identity, identity, true);
         let room = match room {
             Some(r) if state.rooms.contains_key(r) => r.to_owned(),
             _ => self.main_hall.clone(),
@@ -250,6 +272,7 @@ impl ChatServer {
         };
         member.owns = Some(room.to_owned());
         let former = member.room.clone();
+        self.record(NameKind::Room, room, true);
         state.rooms.insert(
             room.to_owned(),
             Room {
@@ -314,6 +337,9 @@ impl ChatServer {
             return;
         };
         let former = member.room.clone();
+        // Released before `route` is queued: from then on the client may
+        // arrive at the other server and be held there.
+        self.record(NameKind::Identity, identity, false);
         let route = ServerMessage::Route {
             roomid: room.to_owned(),
             host: remote.host.clone(),
@@ -352,6 +378,7 @@ impl ChatServer {
             let Some(member) = state.members.remove(identity) else {
                 continue;
             };
+            self.record(NameKind::Identity, identity, false);
             state.remove_from_room(&member.room, identity);
             let event = ServerMessage::room_change(identity, &member.room, "").encode();
             state.broadcast(&member.room, &event, None);
@@ -392,6 +419,7 @@ impl ChatServer {
         let Some(removed) = state.rooms.remove(room) else {
             return;
         };
+        self.record(NameKind::Room, room, false);
         if let Some(owner) = state.members.get_mut(&removed.owner) {
             owner.owns = None;
         }
@@ -450,6 +478,7 @@ impl ChatServer {
             state.send(identity, &event);
         }
         state.members.remove(identity);
+        self.record(NameKind::Identity, identity, false);
         drop(state);
         if let Some(room) = &owns {
             self.directory.release_room(room);

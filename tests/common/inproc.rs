@@ -1,22 +1,35 @@
 //! In-process clusters: `start_cluster(n, impairment)` runs n nodes in this
 //! test's runtime on 127.0.0.1, each mesh socket behind the netsim layer, with
 //! handles to change impairment, cut links, crash and restart nodes.
+//!
+//! Every node records the names it holds in one [`NameJournal`], with the
+//! crashes, stops, cuts and heals marked; [`Cluster::stop`] checks that no
+//! name was ever held twice.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use chatmesh::journal::{NameJournal, Summary};
 use chatmesh::netsim::{self, ImpairHandle, Impairment};
-use chatmesh::{ClusterConfig, Node, NodeOptions};
+use chatmesh::{ClusterConfig, Node, NodeOptions, ServerId};
 
 use super::{certs, free_ports};
 
-/// A running in-process cluster.
+/// How long after the failure timeout a heal may leave a name held on both
+/// sides of a healed cut: links come back and holdings merge on a noisy machine.
+const HEAL_MARGIN: Duration = Duration::from_secs(2);
+
+/// A running in-process cluster. End it with [`Cluster::stop`], which checks
+/// its name journal; dropping it unstopped panics.
 pub struct Cluster {
     pub config: ClusterConfig,
-    pub nodes: Vec<Option<Node>>,
+    /// Private: a node ends only through `crash` or `stop`, which journal it.
+    nodes: Vec<Option<Node>>,
     pub mesh_addrs: Vec<SocketAddr>,
     impairments: Vec<Option<Impairment>>,
     certs: std::path::PathBuf,
+    journal: NameJournal,
+    stopped: bool,
 }
 
 /// The impairment of node `i` from a spec, with its own seed (`base_seed + i`).
@@ -56,10 +69,12 @@ pub async fn start_cluster(n: usize, impairment: impl Fn(usize) -> Option<Impair
     // s1..s5 on 127.0.0.1 (and raw QUIC clients trust its CA).
     assert!(n <= 5, "certs() covers s1..s5");
     let certs = certs().to_owned();
+    let journal = NameJournal::new();
     let mut nodes = Vec::new();
     for (i, socket) in sockets.into_iter().enumerate() {
-        let mut options = NodeOptions::new(config.clone(), format!("s{}", i + 1), certs.clone());
+        let mut options = NodeOptions::new(config.clone(), server_id(i), certs.clone());
         options.mesh_socket = Some(socket);
+        options.journal = Some(journal.clone());
         nodes.push(Some(Node::start(options).await.expect("node starts")));
     }
     Cluster {
@@ -68,7 +83,14 @@ pub async fn start_cluster(n: usize, impairment: impl Fn(usize) -> Option<Impair
         mesh_addrs,
         impairments,
         certs,
+        journal,
+        stopped: false,
     }
+}
+
+/// The id of node `i` (0-based): "s1" for 0.
+fn server_id(i: usize) -> ServerId {
+    format!("s{}", i + 1)
 }
 
 impl Cluster {
@@ -93,6 +115,9 @@ impl Cluster {
     pub async fn crash(&mut self, i: usize) {
         let node = self.nodes[i].take().expect("node running");
         node.crash().await;
+        // Its names end once it can no longer serve them, which is now: its
+        // sessions are gone, and survivors regrant only after detecting it.
+        self.journal.server_gone(&server_id(i));
     }
 
     /// Restarts node `i` on its old mesh port, with its old impairment.
@@ -112,17 +137,17 @@ impl Cluster {
                 }
             }
         };
-        let mut options = NodeOptions::new(
-            self.config.clone(),
-            format!("s{}", i + 1),
-            self.certs.clone(),
-        );
+        let mut options = NodeOptions::new(self.config.clone(), server_id(i), self.certs.clone());
         options.mesh_socket = Some(socket);
+        options.journal = Some(self.journal.clone());
         self.nodes[i] = Some(Node::start(options).await.expect("node restarts"));
     }
 
     /// Cuts every link between the two groups (both directions, both ends).
     pub fn partition(&self, left: &[usize], right: &[usize]) {
+        // Journaled first: names may be held on both sides from the cut on.
+        let ids = |group: &[usize]| group.iter().map(|&i| server_id(i)).collect::<Vec<_>>();
+        self.journal.cut(&ids(left), &ids(right));
         for &a in left {
             for &b in right {
                 self.impair(a).cut(self.mesh_addrs[b]);
@@ -136,12 +161,14 @@ impl Cluster {
         for i in self.running() {
             self.impair(i).heal_all();
         }
+        // Journaled once every link is back: the grace to converge starts now.
+        self.journal.healed();
     }
 
     /// Whether every node of `group` follows server `leader` (0-based) at one
     /// common term and sees exactly `group` alive.
     pub fn agree(&self, group: &[usize], leader: usize) -> Option<u64> {
-        let leader_id = format!("s{}", leader + 1);
+        let leader_id = server_id(leader);
         let mut term = None;
         for &i in group {
             let view = self.node(i).view();
@@ -215,12 +242,41 @@ impl Cluster {
         }
     }
 
-    /// Stops every running node cleanly.
-    pub async fn stop(mut self) {
-        for node in self.nodes.iter_mut() {
-            if let Some(node) = node.take() {
-                node.stop().await;
+    /// Stops every running node cleanly, then checks the name journal of the
+    /// whole run: panics if a name was ever held twice beyond what a cut
+    /// excuses, otherwise prints and returns the journal's summary.
+    pub async fn stop(mut self) -> Summary {
+        for i in self.running() {
+            let node = self.nodes[i].take().expect("node running");
+            node.stop().await;
+            self.journal.server_gone(&server_id(i));
+        }
+        self.stopped = true;
+        let grace = self.config.timing.failure_timeout + HEAL_MARGIN;
+        match self.journal.check(grace) {
+            Ok(summary) => {
+                println!("name journal: {summary}");
+                summary
             }
+            Err(violations) => {
+                let list: Vec<String> = violations.iter().map(|v| format!("  - {v}")).collect();
+                panic!(
+                    "the name journal check failed (grace after a heal {grace:?}):\n{}",
+                    list.join("\n")
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // A test that fails already says why; one that forgot `stop` would
+        // skip the journal check without a word.
+        if !self.stopped && !std::thread::panicking() {
+            panic!(
+                "a Cluster was dropped without Cluster::stop, so its name journal was never checked"
+            );
         }
     }
 }

@@ -222,14 +222,18 @@ pub async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
 
 /// Ports that were free a moment ago, for a config `up` must bind for real.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let sockets: Vec<_> = (0..n)
-        .map(|_| {
-            let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let port = tcp.local_addr().unwrap().port();
-            let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
-            (tcp, udp, port)
-        })
-        .filter(|(_, udp, _)| udp.is_ok())
-        .collect();
-    sockets.iter().map(|(_, _, port)| *port).collect()
+    // Every port tried stays bound until n are found, so none comes up twice;
+    // one whose UDP twin is taken (a mesh socket, say) is skipped, not counted.
+    let mut tried = Vec::new();
+    let mut free = Vec::new();
+    while free.len() < n {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if udp.is_ok() {
+            free.push(port);
+        }
+        tried.push((tcp, udp));
+    }
+    free
 }
