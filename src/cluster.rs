@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
@@ -81,7 +81,11 @@ struct Names {
 /// The cluster-wide namespace as the chat layer uses it ([`Directory`]).
 pub struct ClusterDirectory {
     me: ServerId,
-    requests: mpsc::Sender<Request>,
+    /// Unbounded so that a release is never lost (releases are bounded by the
+    /// names this server holds); claims are bounded by `claim_slots`.
+    requests: mpsc::UnboundedSender<Request>,
+    /// One per claim not yet answered.
+    claim_slots: Arc<Semaphore>,
     names: Arc<Mutex<Names>>,
     /// Client address (host, port) of every server, for `route`.
     clients: HashMap<ServerId, (String, u16)>,
@@ -90,10 +94,16 @@ pub struct ClusterDirectory {
 impl ClusterDirectory {
     fn ask(&self, request: LocalRequest) -> BoxFuture<Result<(), String>> {
         let (tx, rx) = oneshot::channel();
-        let sent = self.requests.try_send((request, Some(tx)));
+        let slot = self.claim_slots.clone().try_acquire_owned().ok();
+        let sent = slot.is_some() && self.requests.send((request, Some(tx))).is_ok();
         Box::pin(async move {
-            if sent.is_err() {
+            if slot.is_none() {
                 return Err("this server is too busy to ask the leader; try again".to_owned());
+            }
+            // The slot is held until the answer comes.
+            let _slot = slot;
+            if !sent {
+                return Err("this server is shutting down".to_owned());
             }
             match rx.await {
                 Ok(result) => result.map_err(|refusal| refusal.to_string()),
@@ -103,11 +113,8 @@ impl ClusterDirectory {
     }
 
     fn tell(&self, request: LocalRequest) {
-        if self.requests.try_send((request, None)).is_err() {
-            warn!(
-                "registry request queue full; a release was dropped (the leader frees it when this server goes down)"
-            );
-        }
+        // Fails only once the cluster task is gone (the server is stopping).
+        let _ = self.requests.send((request, None));
     }
 
     fn names(&self) -> std::sync::MutexGuard<'_, Names> {
@@ -169,7 +176,7 @@ impl Directory for ClusterDirectory {
 /// The registry side of a node before its task runs: the directory for the
 /// chat server, and what the task needs to serve it.
 pub struct Namespace {
-    requests: mpsc::Receiver<Request>,
+    requests: mpsc::UnboundedReceiver<Request>,
     names: Arc<Mutex<Names>>,
     /// Set once the chat server exists (it needs the directory first).
     chat: Arc<OnceLock<Weak<ChatServer>>>,
@@ -178,7 +185,7 @@ pub struct Namespace {
 impl Namespace {
     /// The directory for server `me` of `config`, and its task-side half.
     pub fn new(config: &ClusterConfig, me: &str) -> (Arc<ClusterDirectory>, Namespace) {
-        let (tx, rx) = mpsc::channel(registry::MAX_PENDING * 4);
+        let (tx, rx) = mpsc::unbounded_channel();
         let names = Arc::new(Mutex::new(Names::default()));
         let clients = config
             .servers
@@ -188,6 +195,7 @@ impl Namespace {
         let directory = Arc::new(ClusterDirectory {
             me: me.to_owned(),
             requests: tx,
+            claim_slots: Arc::new(Semaphore::new(registry::MAX_PENDING * 4)),
             names: names.clone(),
             clients,
         });

@@ -15,8 +15,9 @@
 //! - [`netsim`]: an impaired UDP socket under quinn: loss, delay, duplication,
 //!   reordering and cut links, for tests and `--impair`.
 //! - [`registry`]: the replicated registry of identities and rooms and the
-//!   leader's claim serializer, a pure state machine (not wired in yet).
-//! - [`cluster`]: the task that drives detector and election from mesh events.
+//!   leader's claim serializer, a pure state machine.
+//! - [`cluster`]: the task that drives detector, election and registry from mesh
+//!   events, and [`cluster::ClusterDirectory`], the chat layer's side of it.
 //! - [`journal`]: a log of which server holds which name when, and the check
 //!   that no name is ever held twice (every in-process cluster test runs it).
 //! - [`admin`]: loopback HTTP `/status` and `/metrics`.
