@@ -261,6 +261,7 @@ pub async fn run(
         RegistryConfig {
             require_majority: config.quorum == Quorum::Majority,
             claim_timeout: config.limits.claim_timeout,
+            move_timeout: config.limits.move_timeout,
             ..RegistryConfig::default()
         },
         incarnation,

@@ -131,6 +131,9 @@ pub struct Limits {
     pub outbox_bytes: usize,
     /// How long a client's name claim may wait for the leader before it is refused.
     pub claim_timeout: Duration,
+    /// How long an identity routed to another server stays reserved for its
+    /// `movejoin` there before it is released.
+    pub move_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -140,6 +143,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             outbox_bytes: 1024 * 1024,
             claim_timeout: Duration::from_millis(2000),
+            move_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -288,6 +292,7 @@ struct RawLimits {
     handshake_timeout_ms: Option<u64>,
     outbox_bytes: Option<usize>,
     claim_timeout_ms: Option<u64>,
+    move_timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -379,6 +384,11 @@ fn parse_toml(text: &str, origin: &str) -> Result<ClusterConfig, ConfigError> {
         "limits.claim_timeout_ms",
         raw.limits.claim_timeout_ms,
         &mut limits.claim_timeout,
+    )?;
+    ms(
+        "limits.move_timeout_ms",
+        raw.limits.move_timeout_ms,
+        &mut limits.move_timeout,
     )?;
     if let Some(v) = raw.limits.outbox_bytes {
         if v < 4096 {

@@ -7,7 +7,8 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::inproc::{Cluster, start_cluster};
+use chatmesh::config::Quorum;
+use common::inproc::{Cluster, start_cluster, start_cluster_with};
 use common::{Raw, Via, room_change};
 use tokio::task::JoinHandle;
 
@@ -346,4 +347,90 @@ async fn a_partition_minority_grants_nothing_and_the_majority_holder_wins_at_hea
         .await;
     drop(other);
     cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_that_never_arrives_releases_the_identity_after_the_move_timeout() {
+    let move_timeout = Duration::from_millis(1000);
+    let cluster = start_cluster_with(
+        3,
+        |_| None,
+        |config| {
+            config.limits.move_timeout = move_timeout;
+        },
+    )
+    .await;
+    cluster
+        .wait_agree(&[0, 1, 2], 2, Duration::from_secs(10))
+        .await;
+    let (a1, a2, a3) = (
+        cluster.node(0).client_addr(),
+        cluster.node(1).client_addr(),
+        cluster.node(2).client_addr(),
+    );
+    let mut adel = Raw::join(Via::Tcp, a1, "Adel", &hall(0)).await;
+    adel.send(r#"{"type":"createroom","roomid":"jokes"}"#).await;
+    adel.expect(r#"{"type":"createroom","roomid":"jokes","approved":"true"}"#)
+        .await;
+    adel.expect(&room_change("Adel", &hall(0), "jokes")).await;
+    let mut bob = Raw::join(Via::Tcp, a2, "Bob", &hall(1)).await;
+    bob.send(r#"{"type":"joinroom","roomid":"jokes"}"#).await;
+    bob.expect(&format!(
+        r#"{{"type":"route","roomid":"jokes","host":"127.0.0.1","port":"{}"}}"#,
+        a1.port()
+    ))
+    .await;
+    let routed = Instant::now();
+    // Bob leaves s2 and never arrives on s1: his identity is reserved for the move...
+    drop(bob);
+    let mut thief = Raw::connect(Via::Tcp, a3, "thief").await;
+    thief
+        .send(r#"{"type":"newidentity","identity":"Bob"}"#)
+        .await;
+    thief
+        .expect(r#"{"type":"newidentity","approved":"false"}"#)
+        .await;
+    // ...and free once the move timeout has passed.
+    let _bob2 = claim_until_granted(a3, "Bob", "second Bob").await;
+    let freed = routed.elapsed();
+    println!(
+        "an abandoned move freed its identity {freed:?} after the route (move timeout {move_timeout:?})"
+    );
+    assert!(
+        freed >= move_timeout - Duration::from_millis(200),
+        "Bob was free after {freed:?}, before the move timeout {move_timeout:?}"
+    );
+    cluster.stop().await;
+}
+
+/// A lone survivor of two servers: refuses new names under the default
+/// majority quorum, grants them with `quorum = "none"`; names it already
+/// holds keep working either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_none_lets_a_lone_server_of_two_grant_names() {
+    for (quorum, grants) in [(Quorum::Majority, false), (Quorum::None, true)] {
+        let mut cluster = start_cluster_with(2, |_| None, |config| config.quorum = quorum).await;
+        cluster
+            .wait_agree(&[0, 1], 1, Duration::from_secs(10))
+            .await;
+        let a1 = cluster.node(0).client_addr();
+        let mut adel = Raw::join(Via::Tcp, a1, "Adel", &hall(0)).await;
+        cluster.crash(1).await;
+        cluster.wait_agree(&[0], 0, Duration::from_secs(10)).await;
+        let mut late = Raw::connect(Via::Tcp, a1, "late").await;
+        late.send(r#"{"type":"newidentity","identity":"Late"}"#)
+            .await;
+        late.expect(&format!(
+            r#"{{"type":"newidentity","approved":"{grants}"}}"#
+        ))
+        .await;
+        if grants {
+            adel.expect(&room_change("Late", "", &hall(0))).await;
+        }
+        // Adel, granted before the crash, chats on regardless.
+        adel.send(r#"{"type":"who"}"#).await;
+        let who = adel.next().await.expect("Adel still connected");
+        assert_eq!(who["type"], "roomcontents", "{quorum:?}: {who}");
+        cluster.stop().await;
+    }
 }

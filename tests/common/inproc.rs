@@ -39,6 +39,15 @@ pub fn seeded(spec: &str, base_seed: u64, i: usize) -> Impairment {
 
 /// Starts `n` nodes s1..sN; node i's mesh socket gets `impairment(i)`.
 pub async fn start_cluster(n: usize, impairment: impl Fn(usize) -> Option<Impairment>) -> Cluster {
+    start_cluster_with(n, impairment, |_| {}).await
+}
+
+/// [`start_cluster`] with the config changed by `tweak` first (limits, quorum).
+pub async fn start_cluster_with(
+    n: usize,
+    impairment: impl Fn(usize) -> Option<Impairment>,
+    tweak: impl FnOnce(&mut ClusterConfig),
+) -> Cluster {
     // Mesh sockets are bound first (port 0) so the config can name their ports.
     let mut sockets = Vec::new();
     let mut impairments = Vec::new();
@@ -64,7 +73,8 @@ pub async fn start_cluster(n: usize, impairment: impl Fn(usize) -> Option<Impair
             )
         })
         .collect();
-    let config = ClusterConfig::parse(&text, "in-process cluster").unwrap();
+    let mut config = ClusterConfig::parse(&text, "in-process cluster").unwrap();
+    tweak(&mut config);
     // Certificates name the id and host only, so one set serves any cluster of
     // s1..s5 on 127.0.0.1 (and raw QUIC clients trust its CA).
     assert!(n <= 5, "certs() covers s1..s5");
