@@ -52,6 +52,19 @@ async fn claim_until_granted(addr: SocketAddr, identity: &str, client: &str) -> 
     }
 }
 
+/// A newcomer on `addr` asking for `identity` is refused.
+async fn assert_taken(addr: SocketAddr, identity: &str) {
+    let mut thief = Raw::connect(Via::Tcp, addr, "thief").await;
+    thief
+        .send(&format!(
+            r#"{{"type":"newidentity","identity":"{identity}"}}"#
+        ))
+        .await;
+    thief
+        .expect(r#"{"type":"newidentity","approved":"false"}"#)
+        .await;
+}
+
 async fn formed(n: usize) -> Cluster {
     let cluster = start_cluster(n, |_| None).await;
     let all: Vec<usize> = (0..n).collect();
@@ -157,13 +170,7 @@ async fn list_spans_the_cluster_and_joinroom_moves_a_raw_client_between_servers(
     adel.expect(r#"{"type":"message","identity":"Bob","content":"made it"}"#)
         .await;
     // Bob is still Bob everywhere: nobody else can take the name.
-    let mut thief = Raw::connect(Via::Tcp, a2, "thief").await;
-    thief
-        .send(r#"{"type":"newidentity","identity":"Bob"}"#)
-        .await;
-    thief
-        .expect(r#"{"type":"newidentity","approved":"false"}"#)
-        .await;
+    assert_taken(a2, "Bob").await;
     cluster.stop().await;
 }
 
@@ -383,13 +390,7 @@ async fn a_move_that_never_arrives_releases_the_identity_after_the_move_timeout(
     let routed = Instant::now();
     // Bob leaves s2 and never arrives on s1: his identity is reserved for the move...
     drop(bob);
-    let mut thief = Raw::connect(Via::Tcp, a3, "thief").await;
-    thief
-        .send(r#"{"type":"newidentity","identity":"Bob"}"#)
-        .await;
-    thief
-        .expect(r#"{"type":"newidentity","approved":"false"}"#)
-        .await;
+    assert_taken(a3, "Bob").await;
     // ...and free once the move timeout has passed.
     let _bob2 = claim_until_granted(a3, "Bob", "second Bob").await;
     let freed = routed.elapsed();
