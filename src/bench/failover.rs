@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use super::procs::ChatCluster;
 use super::report::{Plot, Report, quantile};
@@ -14,8 +14,6 @@ use super::{BenchOptions, progress};
 
 /// Servers in the cluster.
 const SERVERS: usize = 5;
-/// Poll interval of `/status`.
-const POLL: Duration = Duration::from_millis(5);
 
 /// Runs the scenario (chatmesh only: the peers have no leader to kill).
 pub async fn run(options: &BenchOptions) -> Result<Report> {
@@ -29,7 +27,8 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
     cluster.start_all().await?;
     let top = SERVERS - 1;
     let all: Vec<usize> = (0..SERVERS).collect();
-    agreement(&cluster, &all, top, deadline)
+    cluster
+        .agreement(&all, top, deadline)
         .await
         .context("the cluster never agreed on its first leader")?;
 
@@ -42,7 +41,8 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
         node.kill9().await?;
         cluster.nodes[top] = None;
         let survivors: Vec<usize> = (0..top).collect();
-        agreement(&cluster, &survivors, top - 1, deadline)
+        cluster
+            .agreement(&survivors, top - 1, deadline)
             .await
             .with_context(|| format!("kill {}: survivors did not agree", kill + 1))?;
         let took = killed_at.elapsed();
@@ -53,7 +53,8 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
             took.as_secs_f64() * 1000.0
         ));
         cluster.start(top).await?;
-        agreement(&cluster, &all, top, deadline)
+        cluster
+            .agreement(&all, top, deadline)
             .await
             .with_context(|| {
                 format!("kill {}: the restarted server did not lead again", kill + 1)
@@ -128,54 +129,4 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
             ],
         },
     })
-}
-
-/// Polls until every node in `nodes` follows `leader` at one term and sees
-/// exactly `nodes` alive; returns the time it took.
-async fn agreement(
-    cluster: &ChatCluster,
-    nodes: &[usize],
-    leader: usize,
-    within: Duration,
-) -> Result<Duration> {
-    let start = Instant::now();
-    let want = cluster.ids[leader].as_str();
-    loop {
-        let mut terms = Vec::new();
-        let mut last = String::new();
-        for &i in nodes {
-            let status = chatmesh_status(cluster, i).await;
-            match status {
-                Ok(s) => {
-                    let alive_ok = s["members"].as_array().is_some_and(|members| {
-                        members.len() == cluster.ids.len()
-                            && members
-                                .iter()
-                                .enumerate()
-                                .all(|(j, m)| m["alive"] == nodes.contains(&j))
-                    });
-                    if s["leader"] == want && alive_ok {
-                        if let Some(term) = s["term"].as_u64() {
-                            terms.push(term);
-                        }
-                    } else {
-                        last = format!("{}: {s}", cluster.ids[i]);
-                    }
-                }
-                Err(e) => last = format!("{}: {e:#}", cluster.ids[i]),
-            }
-        }
-        if terms.len() == nodes.len() && terms.windows(2).all(|w| w[0] == w[1]) {
-            return Ok(start.elapsed());
-        }
-        if start.elapsed() > within {
-            bail!("no agreement on leader {want} within {within:?}; last disagreeing view: {last}");
-        }
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-async fn chatmesh_status(cluster: &ChatCluster, i: usize) -> Result<serde_json::Value> {
-    let body = crate::admin::fetch(cluster.admin(i), "/status").await?;
-    serde_json::from_str(&body).with_context(|| format!("/status is not JSON: {body:?}"))
 }

@@ -111,3 +111,57 @@ pub async fn run(options: BenchOptions) -> Result<()> {
 pub(crate) fn progress(line: impl std::fmt::Display) {
     eprintln!("bench: {line}");
 }
+
+/// Prints `line()` on stderr every second until the returned task is aborted.
+pub(crate) fn ticker(line: impl Fn() -> String + Send + 'static) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            progress(line());
+        }
+    })
+}
+
+/// The repetitions of one measurement: what each run gave, and why the
+/// others failed.
+pub(crate) struct Runs<T> {
+    /// The runs that finished.
+    pub ok: Vec<T>,
+    /// Why the others failed.
+    pub errors: Vec<String>,
+}
+
+impl<T: Clone> Runs<T> {
+    /// Runs `one(run)` for run 0..`count`, printing each result as
+    /// `describe` writes it, or why it failed.
+    pub async fn collect<F, Fut>(count: usize, mut one: F, describe: impl Fn(&T) -> String) -> Self
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut runs = Runs {
+            ok: Vec::new(),
+            errors: Vec::new(),
+        };
+        for run in 0..count {
+            match one(run).await {
+                Ok(result) => {
+                    progress(format!("  {}", describe(&result)));
+                    runs.ok.push(result);
+                }
+                Err(e) => {
+                    progress(format!("  failed: {e:#}"));
+                    runs.errors.push(format!("{e:#}"));
+                }
+            }
+        }
+        runs
+    }
+
+    /// The median run by `key` (None if every run failed).
+    pub fn median(&self, key: impl Fn(&T) -> f64) -> Option<T> {
+        let mut sorted = self.ok.clone();
+        sorted.sort_by(|x, y| key(x).total_cmp(&key(y)));
+        sorted.get(sorted.len() / 2).cloned()
+    }
+}
