@@ -338,6 +338,11 @@ async fn one_run(
     });
     let total = (workload.rooms * workload.members * workload.messages) as u64;
 
+    // Every connection stays open until the whole room has everything: a
+    // member whose reader and sender are done may still have its last
+    // messages in a QUIC send buffer, and dropping the connection discards
+    // them (TCP would still deliver them after close).
+    let open: Vec<Arc<Mutex<Writer>>> = members.iter().map(|m| m.writer.clone()).collect();
     let cpu = CpuMeter::start(server_pids);
     let start = Instant::now();
     let mut readers = tokio::task::JoinSet::new();
@@ -397,7 +402,8 @@ async fn one_run(
             shared.undelivered()
         ),
     };
-    // Dropping the tasks' connections (already ended) closes every session.
+    // Dropping the connections closes every session.
+    drop(open);
     let (p50_ms, p99_ms, max_ms) = report::latency_ms(&latencies);
     let deliveries = latencies.len() as f64;
     Ok(RunResult {
