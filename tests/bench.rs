@@ -135,3 +135,13 @@ fn failover_quick() {
     assert_eq!(samples.len(), 2, "{report}");
     positive(&report, "/p99_ms");
 }
+
+#[test]
+fn claims_quick() {
+    let report = bench("claims", "claims", &["--no-peers"]);
+    positive(&report, "/granted");
+    let (p50, p99) = (positive(&report, "/p50_ms"), positive(&report, "/p99_ms"));
+    assert!(p99 >= p50, "p50 {p50} p99 {p99}: {report}");
+    // Duplicates are looked for only among contested names.
+    positive(&report, "/contested_names");
+}

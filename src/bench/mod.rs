@@ -7,13 +7,14 @@
 //!   free ports, CPU time and resident memory from `/proc`.
 //! - [`wire`]: raw protocol clients (chatmesh JSON lines over TCP and QUIC,
 //!   IRC, NATS) split into a reader and a writer.
-//! - [`fanout`], [`failover`]: the scenarios.
+//! - [`fanout`], [`failover`], [`claims`]: the scenarios.
 //! - [`report`]: the table, the JSON report and the SVG plot.
 //!
 //! Every load is bounded in count and in time; everything started is stopped
 //! (child processes are killed on drop). Progress goes to stderr, the table to
 //! stdout.
 
+pub mod claims;
 pub mod failover;
 pub mod fanout;
 pub mod procs;
@@ -31,6 +32,9 @@ pub enum Scenario {
     Fanout,
     /// Kill -9 of the leader of 5 servers, repeatedly: time to a new agreed leader.
     Failover,
+    /// Clients on all 3 servers claiming identities and room ids at once:
+    /// granted claims/s, claim latency, and duplicates (must be 0).
+    Claims,
 }
 
 impl Scenario {
@@ -39,6 +43,7 @@ impl Scenario {
         match self {
             Scenario::Fanout => "fanout",
             Scenario::Failover => "failover",
+            Scenario::Claims => "claims",
         }
     }
 }
@@ -85,6 +90,18 @@ pub struct BenchOptions {
     /// failover: impairment passed to every node's --impair, e.g. "loss=5%,delay=2ms".
     #[arg(long, value_name = "SPEC")]
     pub impair: Option<String>,
+    /// claims: clients claiming at once, spread evenly over the 3 servers
+    /// (rounded up to a multiple of 3; default 192, 24 with --quick).
+    #[arg(long)]
+    pub clients: Option<usize>,
+    /// claims: identities each client claims one after the other, each on a
+    /// fresh connection and followed by one room id (default 100, 10 with --quick).
+    #[arg(long)]
+    pub claims: Option<usize>,
+    /// claims: fraction of rounds in which one client on each server claims
+    /// the same name at once (alternately an identity and a room id).
+    #[arg(long, default_value_t = 0.1)]
+    pub contested: f64,
 }
 
 impl BenchOptions {
@@ -100,6 +117,7 @@ pub async fn run(options: BenchOptions) -> Result<()> {
     let report = match options.scenario {
         Scenario::Fanout => fanout::run(&options).await?,
         Scenario::Failover => failover::run(&options).await?,
+        Scenario::Claims => claims::run(&options).await?,
     };
     print!("{}", report.table());
     let (json, svg) = report.write(&options.out)?;
