@@ -145,3 +145,16 @@ fn claims_quick() {
     // Duplicates are looked for only among contested names.
     positive(&report, "/contested_names");
 }
+
+#[test]
+fn conns_quick() {
+    // The peers too when installed (never installed from a test).
+    let report = bench("conns", "conns", &["--no-install"]);
+    let mut systems = vec!["tcp", "quic"];
+    if peers_installed() {
+        systems.extend(["ngircd", "nats-server"]);
+    }
+    for system in systems {
+        positive(&report, &format!("/kib_per_conn/{system}"));
+    }
+}

@@ -7,7 +7,7 @@
 //!   free ports, CPU time and resident memory from `/proc`.
 //! - [`wire`]: raw protocol clients (chatmesh JSON lines over TCP and QUIC,
 //!   IRC, NATS) split into a reader and a writer.
-//! - [`fanout`], [`failover`], [`claims`]: the scenarios.
+//! - [`fanout`], [`failover`], [`claims`], [`conns`]: the scenarios.
 //! - [`report`]: the table, the JSON report and the SVG plot.
 //!
 //! Every load is bounded in count and in time; everything started is stopped
@@ -15,6 +15,7 @@
 //! stdout.
 
 pub mod claims;
+pub mod conns;
 pub mod failover;
 pub mod fanout;
 pub mod procs;
@@ -35,6 +36,8 @@ pub enum Scenario {
     /// Clients on all 3 servers claiming identities and room ids at once:
     /// granted claims/s, claim latency, and duplicates (must be 0).
     Claims,
+    /// Idle identified clients on one server: resident memory per connection.
+    Conns,
 }
 
 impl Scenario {
@@ -44,6 +47,7 @@ impl Scenario {
             Scenario::Fanout => "fanout",
             Scenario::Failover => "failover",
             Scenario::Claims => "claims",
+            Scenario::Conns => "conns",
         }
     }
 }
@@ -66,10 +70,12 @@ pub struct BenchOptions {
     /// Directory for the JSON report and the SVG plot.
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
-    /// Repetitions of each measurement; the median is reported (default 3, 1 with --quick).
+    /// Repetitions of each measurement; the median is reported (default 3, 1 with
+    /// --quick; conns: 1).
     #[arg(long)]
     pub runs: Option<usize>,
-    /// Upper bound on one run of one workload on one system, in seconds.
+    /// Upper bound on one run of one workload on one system, in seconds
+    /// (conns: plus 10 ms per client).
     #[arg(long, default_value_t = 60)]
     pub run_timeout_s: u64,
     /// fanout: message size in bytes (the content, timestamp included; at least 40).
@@ -102,6 +108,9 @@ pub struct BenchOptions {
     /// the same name at once (alternately an identity and a room id).
     #[arg(long, default_value_t = 0.1)]
     pub contested: f64,
+    /// conns: idle connections per system (default 10000, 200 with --quick).
+    #[arg(long)]
+    pub conns: Option<usize>,
 }
 
 impl BenchOptions {
@@ -118,6 +127,7 @@ pub async fn run(options: BenchOptions) -> Result<()> {
         Scenario::Fanout => fanout::run(&options).await?,
         Scenario::Failover => failover::run(&options).await?,
         Scenario::Claims => claims::run(&options).await?,
+        Scenario::Conns => conns::run(&options).await?,
     };
     print!("{}", report.table());
     let (json, svg) = report.write(&options.out)?;
