@@ -17,9 +17,17 @@ fn out_dir(tag: &str) -> PathBuf {
     dir
 }
 
-/// Runs `chatmesh bench <args>` (bounded by the bench's own run timeout) and
-/// returns the parsed `<out>/<scenario>.json`.
-fn bench(scenario: &str, extra: &[&str], out: &Path) -> Value {
+/// Runs `chatmesh bench <scenario> --quick <extra>` (bounded by the bench's
+/// own run timeout) into a fresh output dir named after `tag`, checks what
+/// every report has, and returns the parsed `<scenario>.json`.
+fn bench(tag: &str, scenario: &str, extra: &[&str]) -> Value {
+    let out = out_dir(tag);
+    let report = run_bench(scenario, extra, &out);
+    let _ = std::fs::remove_dir_all(&out);
+    report
+}
+
+fn run_bench(scenario: &str, extra: &[&str], out: &Path) -> Value {
     let output = Command::new(BIN)
         .args([
             "bench",
@@ -53,6 +61,16 @@ fn bench(scenario: &str, extra: &[&str], out: &Path) -> Value {
         "{svg}"
     );
     report
+}
+
+/// The number at `pointer` (a JSON pointer) in `report`, which must be positive.
+fn positive(report: &Value, pointer: &str) -> f64 {
+    let value = report.pointer(pointer).and_then(Value::as_f64);
+    assert!(
+        value.is_some_and(|v| v > 0.0),
+        "{pointer} is not a positive number in {report}"
+    );
+    value.unwrap_or_default()
 }
 
 fn peers_installed() -> bool {
@@ -94,10 +112,8 @@ fn check_fanout(report: &Value, want_peers: bool) {
 
 #[test]
 fn fanout_quick_without_peers() {
-    let out = out_dir("fanout");
-    let report = bench("fanout", &["--no-peers"], &out);
+    let report = bench("fanout", "fanout", &["--no-peers"]);
     check_fanout(&report, false);
-    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
@@ -108,21 +124,37 @@ fn fanout_quick_with_peers_when_installed() {
         );
         return;
     }
-    let out = out_dir("fanout-peers");
-    let report = bench("fanout", &["--no-install"], &out);
+    let report = bench("fanout-peers", "fanout", &["--no-install"]);
     check_fanout(&report, true);
-    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
 fn failover_quick() {
-    let out = out_dir("failover");
-    let report = bench("failover", &["--no-peers", "--kills", "2"], &out);
+    let report = bench("failover", "failover", &["--no-peers", "--kills", "2"]);
     let samples = report["samples_ms"].as_array().expect("samples");
     assert_eq!(samples.len(), 2, "{report}");
-    assert!(
-        report["p99_ms"].as_f64().is_some_and(|v| v > 0.0),
-        "{report}"
-    );
-    let _ = std::fs::remove_dir_all(&out);
+    positive(&report, "/p99_ms");
+}
+
+#[test]
+fn claims_quick() {
+    let report = bench("claims", "claims", &["--no-peers"]);
+    positive(&report, "/granted");
+    let (p50, p99) = (positive(&report, "/p50_ms"), positive(&report, "/p99_ms"));
+    assert!(p99 >= p50, "p50 {p50} p99 {p99}: {report}");
+    // Duplicates are looked for only among contested names.
+    positive(&report, "/contested_names");
+}
+
+#[test]
+fn conns_quick() {
+    // The peers too when installed (never installed from a test).
+    let report = bench("conns", "conns", &["--no-install"]);
+    let mut systems = vec!["tcp", "quic"];
+    if peers_installed() {
+        systems.extend(["ngircd", "nats-server"]);
+    }
+    for system in systems {
+        positive(&report, &format!("/kib_per_conn/{system}"));
+    }
 }

@@ -15,8 +15,6 @@ use super::{BenchOptions, progress};
 
 /// Servers in the cluster.
 const SERVERS: usize = 5;
-/// Poll interval of `/status`.
-const POLL: Duration = Duration::from_millis(5);
 
 /// Runs the scenario (chatmesh only: the peers have no leader to kill).
 pub async fn run(options: &BenchOptions) -> Result<Report> {
@@ -30,7 +28,8 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
     cluster.start_all().await?;
     let top = SERVERS - 1;
     let all: Vec<usize> = (0..SERVERS).collect();
-    agreement(&cluster, &all, top, deadline)
+    cluster
+        .agreement(&all, top, deadline)
         .await
         .context("the cluster never agreed on its first leader")?;
 
@@ -52,7 +51,7 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
         let survivors: Vec<usize> = (0..top).collect();
         let (agreed, freed) = tokio::join!(
             async {
-                agreement(&cluster, &survivors, top - 1, deadline).await?;
+                cluster.agreement(&survivors, top - 1, deadline).await?;
                 anyhow::Ok(killed_at.elapsed())
             },
             async {
@@ -74,7 +73,8 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
             freed.as_secs_f64() * 1000.0,
         ));
         cluster.start(top).await?;
-        agreement(&cluster, &all, top, deadline)
+        cluster
+            .agreement(&all, top, deadline)
             .await
             .with_context(|| {
                 format!("kill {}: the restarted server did not lead again", kill + 1)
@@ -151,7 +151,6 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
         },
     })
 }
-
 /// Median, p99 and max of `samples`.
 fn summary(samples: &[f64]) -> [f64; 3] {
     let mut sorted = samples.to_vec();
@@ -182,6 +181,7 @@ async fn hold(port: u16, identity: &str, room: &str) -> Result<(Reader, Writer)>
 
 /// Polls the server at `port` until it grants `identity`, then `room`.
 async fn free_again(port: u16, identity: &str, room: &str, within: Duration) -> Result<()> {
+    const POLL: Duration = Duration::from_millis(5);
     let start = Instant::now();
     let retry = || async {
         if start.elapsed() > within {
@@ -219,64 +219,8 @@ async fn claim(
     field: &str,
     name: &str,
 ) -> Result<bool> {
-    let request = serde_json::json!({ "type": kind, field: name });
-    writer.send(format!("{request}\n").as_bytes()).await?;
-    loop {
-        let line = wire::next_line(reader, &format!("waiting for the answer to {kind}")).await?;
-        let reply: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("not JSON from the server: {line:?}"))?;
-        if reply["type"] == kind {
-            return Ok(reply["approved"] == "true");
-        }
-    }
-}
-
-/// Polls until every node in `nodes` follows `leader` at one term and sees
-/// exactly `nodes` alive; returns the time it took.
-async fn agreement(
-    cluster: &ChatCluster,
-    nodes: &[usize],
-    leader: usize,
-    within: Duration,
-) -> Result<Duration> {
-    let start = Instant::now();
-    let want = cluster.ids[leader].as_str();
-    loop {
-        let mut terms = Vec::new();
-        let mut last = String::new();
-        for &i in nodes {
-            let status = chatmesh_status(cluster, i).await;
-            match status {
-                Ok(s) => {
-                    let alive_ok = s["members"].as_array().is_some_and(|members| {
-                        members.len() == cluster.ids.len()
-                            && members
-                                .iter()
-                                .enumerate()
-                                .all(|(j, m)| m["alive"] == nodes.contains(&j))
-                    });
-                    if s["leader"] == want && alive_ok {
-                        if let Some(term) = s["term"].as_u64() {
-                            terms.push(term);
-                        }
-                    } else {
-                        last = format!("{}: {s}", cluster.ids[i]);
-                    }
-                }
-                Err(e) => last = format!("{}: {e:#}", cluster.ids[i]),
-            }
-        }
-        if terms.len() == nodes.len() && terms.windows(2).all(|w| w[0] == w[1]) {
-            return Ok(start.elapsed());
-        }
-        if start.elapsed() > within {
-            bail!("no agreement on leader {want} within {within:?}; last disagreeing view: {last}");
-        }
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-async fn chatmesh_status(cluster: &ChatCluster, i: usize) -> Result<serde_json::Value> {
-    let body = crate::admin::fetch(cluster.admin(i), "/status").await?;
-    serde_json::from_str(&body).with_context(|| format!("/status is not JSON: {body:?}"))
+    writer.send(&wire::chat_request(kind, field, name)).await?;
+    let reply =
+        wire::chat_reply(reader, kind, &format!("waiting for the answer to {kind}")).await?;
+    Ok(wire::approved(&reply))
 }

@@ -13,10 +13,10 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use tokio::sync::{Mutex, Semaphore};
 
-use super::procs::{self, ChatCluster, Server, TempDir};
-use super::report::{Plot, Report};
-use super::wire::{self, Reader, Transport, Writer};
-use super::{BenchOptions, progress};
+use super::procs::{self, ChatCluster, CpuMeter, Peers, Server, TempDir};
+use super::report::{self, Plot, Report};
+use super::wire::{self, Proto, Reader, Transport, Writer};
+use super::{BenchOptions, Runs, progress, ticker};
 
 /// One workload: rooms x members x messages.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -59,17 +59,6 @@ impl Workload {
             self.name, self.rooms, self.members, self.messages
         )
     }
-}
-
-/// The protocol a system speaks.
-#[derive(Clone)]
-enum Proto {
-    /// chatmesh JSON lines.
-    Chat(Transport),
-    /// IRC.
-    Irc,
-    /// NATS.
-    Nats,
 }
 
 /// One measured run.
@@ -160,60 +149,50 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
         }
     }
 
-    if options.no_peers {
-        notes.push("peers skipped (--no-peers)".to_owned());
-    } else {
-        let (ngircd, nats) = procs::ensure_peers(!options.no_install);
-        match ngircd {
-            Some(program) => {
-                for n in [1, 3] {
-                    let dir = TempDir::new(&format!("ngircd{n}"))?;
-                    progress(format!("starting {n} ngircd"));
-                    let (servers, ports) = procs::start_ngircd(&program, n, &dir.0).await?;
-                    let pids: Vec<u32> = servers.iter().map(Server::pid).collect();
-                    for workload in &workloads {
-                        cells.push(
-                            measure(
-                                options,
-                                &format!("ngircd-{n}"),
-                                &Proto::Irc,
-                                workload,
-                                &ports,
-                                &pids,
-                                false,
-                            )
-                            .await,
-                        );
-                    }
-                    drop(servers);
-                }
-                notes.push("ngircd does not set TCP_NODELAY: its latency includes the ~40 ms delayed-ACK floor ordinary clients see".to_owned());
+    let peers = Peers::find(options, &mut notes);
+    if let Some(program) = peers.ngircd {
+        for n in [1, 3] {
+            let dir = TempDir::new(&format!("ngircd{n}"))?;
+            progress(format!("starting {n} ngircd"));
+            let (servers, ports) = procs::start_ngircd(&program, n, &dir.0).await?;
+            let pids: Vec<u32> = servers.iter().map(Server::pid).collect();
+            for workload in &workloads {
+                cells.push(
+                    measure(
+                        options,
+                        &format!("ngircd-{n}"),
+                        &Proto::Irc,
+                        workload,
+                        &ports,
+                        &pids,
+                        false,
+                    )
+                    .await,
+                );
             }
-            None => notes.push("ngircd not installed: skipped".to_owned()),
+            drop(servers);
         }
-        match nats {
-            Some(program) => {
-                let dir = TempDir::new("nats")?;
-                progress("starting nats-server");
-                let (server, port) = procs::start_nats(&program, &dir.0).await?;
-                for workload in &workloads {
-                    cells.push(
-                        measure(
-                            options,
-                            "nats-server",
-                            &Proto::Nats,
-                            workload,
-                            &[port],
-                            &[server.pid()],
-                            false,
-                        )
-                        .await,
-                    );
-                }
-                drop(server);
-            }
-            None => notes.push("nats-server not installed: skipped".to_owned()),
+        notes.push("ngircd does not set TCP_NODELAY: its latency includes the ~40 ms delayed-ACK floor ordinary clients see".to_owned());
+    }
+    if let Some(program) = peers.nats {
+        let dir = TempDir::new("nats")?;
+        progress("starting nats-server");
+        let (server, port) = procs::start_nats(&program, &dir.0).await?;
+        for workload in &workloads {
+            cells.push(
+                measure(
+                    options,
+                    "nats-server",
+                    &Proto::Nats,
+                    workload,
+                    &[port],
+                    &[server.pid()],
+                    false,
+                )
+                .await,
+            );
         }
+        drop(server);
     }
     Ok(build_report(options, &workloads, cells, notes))
 }
@@ -228,56 +207,51 @@ async fn measure(
     server_pids: &[u32],
     room_per_server: bool,
 ) -> Cell {
-    let mut runs = Vec::new();
-    let mut errors = Vec::new();
-    for run in 0..options.runs() {
-        progress(format!(
-            "fanout {system} workload {} run {}/{}",
-            workload.label(),
-            run + 1,
-            options.runs()
-        ));
-        // Names differ between systems and runs: a server may still be
-        // tidying up the sessions of the previous run.
-        let tag = format!("{}{}{run}", &system[system.len() - 1..], workload.name);
-        match one_run(
-            options,
-            proto,
-            workload,
-            ports,
-            server_pids,
-            room_per_server,
-            &tag,
-        )
-        .await
-        {
-            Ok(result) => {
-                progress(format!(
-                    "  {:.0} msgs/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, {:.2} s; CPU bench {:.2} s, servers {:.2} s",
-                    result.msgs_per_s,
-                    result.p50_ms,
-                    result.p99_ms,
-                    result.max_ms,
-                    result.elapsed_s,
-                    result.bench_cpu_s,
-                    result.server_cpu_s
-                ));
-                runs.push(result);
+    let runs = Runs::collect(
+        options.runs(),
+        |run| {
+            progress(format!(
+                "fanout {system} workload {} run {}/{}",
+                workload.label(),
+                run + 1,
+                options.runs()
+            ));
+            // Names differ between systems and runs: a server may still be
+            // tidying up the sessions of the previous run.
+            let tag = format!("{}{}{run}", &system[system.len() - 1..], workload.name);
+            async move {
+                one_run(
+                    options,
+                    proto,
+                    workload,
+                    ports,
+                    server_pids,
+                    room_per_server,
+                    &tag,
+                )
+                .await
             }
-            Err(e) => {
-                progress(format!("  failed: {e:#}"));
-                errors.push(format!("{e:#}"));
-            }
-        }
-    }
-    let mut sorted = runs.clone();
-    sorted.sort_by(|x, y| x.msgs_per_s.total_cmp(&y.msgs_per_s));
+        },
+        |r| {
+            format!(
+                "{:.0} msgs/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, {:.2} s; CPU bench {:.2} s, servers {:.2} s",
+                r.msgs_per_s,
+                r.p50_ms,
+                r.p99_ms,
+                r.max_ms,
+                r.elapsed_s,
+                r.bench_cpu_s,
+                r.server_cpu_s
+            )
+        },
+    )
+    .await;
     Cell {
         system: system.to_owned(),
         workload: workload.name.to_owned(),
-        median: sorted.get(sorted.len() / 2).cloned(),
-        runs,
-        errors,
+        median: runs.median(|r| r.msgs_per_s),
+        runs: runs.ok,
+        errors: runs.errors,
     }
 }
 
@@ -364,18 +338,15 @@ async fn one_run(
     });
     let total = (workload.rooms * workload.members * workload.messages) as u64;
 
-    let cpu_before = procs::self_cpu_seconds();
-    let servers_before: f64 = server_pids
-        .iter()
-        .filter_map(|&p| procs::proc_cpu_seconds(p))
-        .sum();
+    // Every connection stays open until the whole room has everything: a
+    // member whose reader and sender are done may still have its last
+    // messages in a QUIC send buffer, and dropping the connection discards
+    // them (TCP would still deliver them after close).
+    let open: Vec<Arc<Mutex<Writer>>> = members.iter().map(|m| m.writer.clone()).collect();
+    let cpu = CpuMeter::start(server_pids);
     let start = Instant::now();
     let mut readers = tokio::task::JoinSet::new();
     let mut senders = tokio::task::JoinSet::new();
-    // A member whose tasks are done would drop its connection, and a QUIC
-    // connection dropped closes at once, discarding what it has not yet sent:
-    // every connection stays open until the whole run is delivered.
-    let _connections: Vec<Arc<Mutex<Writer>>> = members.iter().map(|m| m.writer.clone()).collect();
     for member in members {
         let expected = (workload.members - 1) * workload.messages;
         let shared2 = shared.clone();
@@ -402,14 +373,11 @@ async fn one_run(
     }
     let progress_task = {
         let shared = shared.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                progress(format!(
-                    "  ... {}/{total} messages delivered",
-                    shared.delivered.load(Ordering::Relaxed)
-                ));
-            }
+        ticker(move || {
+            format!(
+                "  ... {}/{total} messages delivered",
+                shared.delivered.load(Ordering::Relaxed)
+            )
         })
     };
     let collect = async {
@@ -425,12 +393,8 @@ async fn one_run(
     let outcome = tokio::time::timeout(deadline, collect).await;
     progress_task.abort();
     let elapsed = start.elapsed().as_secs_f64();
-    let bench_cpu_s = procs::self_cpu_seconds() - cpu_before;
-    let servers_after: f64 = server_pids
-        .iter()
-        .filter_map(|&p| procs::proc_cpu_seconds(p))
-        .sum();
-    let mut latencies = match outcome {
+    let (bench_cpu_s, server_cpu_s) = cpu.read();
+    let latencies = match outcome {
         Ok(result) => result?,
         Err(_) => bail!(
             "timed out after {deadline:?} with {}/{total} messages delivered; short: {}",
@@ -438,22 +402,19 @@ async fn one_run(
             shared.undelivered()
         ),
     };
-    // Dropping the tasks' connections (already ended) closes every session.
-    latencies.sort_unstable();
-    let pct = |p: f64| {
-        let at = ((latencies.len() as f64 - 1.0) * p).round() as usize;
-        latencies.get(at).copied().unwrap_or(0) as f64 / 1000.0
-    };
+    // Dropping the connections closes every session.
+    drop(open);
+    let (p50_ms, p99_ms, max_ms) = report::latency_ms(&latencies);
     let deliveries = latencies.len() as f64;
     Ok(RunResult {
         msgs_per_s: total as f64 / elapsed,
         deliveries_per_s: deliveries / elapsed,
-        p50_ms: pct(0.5),
-        p99_ms: pct(0.99),
-        max_ms: pct(1.0),
+        p50_ms,
+        p99_ms,
+        max_ms,
         elapsed_s: elapsed,
         bench_cpu_s,
-        server_cpu_s: servers_after - servers_before,
+        server_cpu_s,
     })
 }
 
@@ -525,30 +486,19 @@ async fn read_loop(
             ),
             Err(e) => return Err(e).context("cannot read a member's messages"),
         };
+        if let Some(pong) = proto.pong(line) {
+            writer.lock().await.send(&pong).await?;
+            continue;
+        }
         let content: Option<&[u8]> = match proto {
             Proto::Chat(_) => chat_content(line),
-            Proto::Irc => {
-                if line.starts_with(b"PING") {
-                    let mut pong = b"PONG".to_vec();
-                    pong.extend_from_slice(&line[4..]);
-                    pong.extend_from_slice(b"\r\n");
-                    writer.lock().await.send(&pong).await?;
-                    None
-                } else {
-                    irc_privmsg(line)
-                }
-            }
+            Proto::Irc => irc_privmsg(line),
             Proto::Nats => {
                 if nats_payload_next {
                     nats_payload_next = false;
                     Some(line)
-                } else if line.starts_with(b"MSG ") {
-                    nats_payload_next = true;
-                    None
-                } else if line == b"PING" {
-                    writer.lock().await.send(b"PONG\r\n").await?;
-                    None
                 } else {
+                    nats_payload_next = line.starts_with(b"MSG ");
                     None
                 }
             }
@@ -678,91 +628,19 @@ async fn join_one(
 ) -> Result<Member> {
     let name = member_name(room, index, tag);
     let room_id = room_name(room, tag);
-    let transport = match proto {
-        Proto::Chat(t) => t.clone(),
-        _ => Transport::Tcp,
-    };
-    let (mut reader, mut writer) = wire::connect(&transport, port).await?;
+    let subjects = [room_id.clone()];
+    let (mut reader, mut writer) = proto.login(port, &name, &subjects).await?;
     match proto {
         Proto::Chat(_) => {
-            writer
-                .send(format!("{{\"type\":\"newidentity\",\"identity\":\"{name}\"}}\n").as_bytes())
-                .await?;
-            loop {
-                let line = wire::next_line(&mut reader, "claiming an identity").await?;
-                let v: serde_json::Value = serde_json::from_str(&line)
-                    .with_context(|| format!("not JSON from chatmesh: {line:?}"))?;
-                if v["type"] == "newidentity" {
-                    if v["approved"] != "true" {
-                        bail!("identity {name} refused: {line}");
-                    }
-                    break;
-                }
-            }
-            let request = if index == 0 {
-                format!("{{\"type\":\"createroom\",\"roomid\":\"{room_id}\"}}\n")
-            } else {
-                format!("{{\"type\":\"joinroom\",\"roomid\":\"{room_id}\"}}\n")
-            };
-            writer.send(request.as_bytes()).await?;
-            loop {
-                let line = wire::next_line(&mut reader, "entering the room").await?;
-                let v: serde_json::Value = serde_json::from_str(&line)
-                    .with_context(|| format!("not JSON from chatmesh: {line:?}"))?;
-                if v["type"] == "createroom" && v["approved"] != "true" {
-                    bail!("room {room_id} refused: {line}");
-                }
-                if v["type"] == "roomchange" && v["identity"] == name.as_str() {
-                    if v["roomid"] == room_id.as_str() && v["former"] != room_id.as_str() {
-                        break;
-                    }
-                    if v["roomid"] == v["former"] {
-                        bail!("{name} could not join {room_id}: {line}");
-                    }
-                }
-            }
+            wire::chat_enter_room(&mut reader, &mut writer, &name, &room_id, index == 0).await?;
         }
         Proto::Irc => {
-            writer
-                .send(format!("NICK {name}\r\nUSER {name} 0 * :{name}\r\n").as_bytes())
-                .await?;
-            loop {
-                let line = wire::next_line(&mut reader, "registering with IRC").await?;
-                if let Some(rest) = line.strip_prefix("PING") {
-                    writer.send(format!("PONG{rest}\r\n").as_bytes()).await?;
-                } else if line.split(' ').nth(1) == Some("001") {
-                    break;
-                } else if line.starts_with("ERROR") || line.split(' ').nth(1) == Some("433") {
-                    bail!("IRC refused {name}: {line}");
-                }
-            }
             writer
                 .send(format!("JOIN #{room_id}\r\n").as_bytes())
                 .await?;
         }
-        Proto::Nats => {
-            let info = wire::next_line(&mut reader, "waiting for INFO").await?;
-            if !info.starts_with("INFO") {
-                bail!("nats-server did not start with INFO: {info:?}");
-            }
-            writer
-                .send(
-                    format!(
-                        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"echo\":false,\"name\":\"{name}\"}}\r\nSUB {room_id} 1\r\nPING\r\n"
-                    )
-                    .as_bytes(),
-                )
-                .await?;
-            loop {
-                let line = wire::next_line(&mut reader, "subscribing").await?;
-                if line == "PONG" {
-                    break;
-                }
-                if line.starts_with("-ERR") {
-                    bail!("nats-server refused: {line}");
-                }
-            }
-        }
+        // Subscribed at login.
+        Proto::Nats => {}
     }
     Ok(Member {
         room,
@@ -806,12 +684,9 @@ async fn irc_wait_members(member: &mut Member, want: usize, tag: &str) -> Result
                 names.insert(nick.to_owned());
             }
             _ if line.starts_with("PING") => {
-                member
-                    .writer
-                    .lock()
-                    .await
-                    .send(format!("PONG{}\r\n", &line[4..]).as_bytes())
-                    .await?;
+                if let Some(pong) = Proto::Irc.pong(line.as_bytes()) {
+                    member.writer.lock().await.send(&pong).await?;
+                }
             }
             _ => {}
         }
@@ -849,13 +724,7 @@ fn build_report(
     .to_vec();
     let mut rows = Vec::new();
     let mut bars = Vec::new();
-    let ratio = |x: f64, y: f64| {
-        if y > 0.0 {
-            format!("{:.2}x", x / y)
-        } else {
-            "-".to_owned()
-        }
-    };
+    let ratio = report::ratio;
     for workload in workloads {
         let tcp = find("chatmesh-tcp", workload.name);
         let quic = find("chatmesh-quic", workload.name);
@@ -914,13 +783,7 @@ fn build_report(
         "duplicates": 0,
     });
     let mut all_notes = notes;
-    all_notes.extend(targets.iter().map(|t| {
-        format!(
-            "target {}: {}",
-            t["target"].as_str().unwrap_or_default(),
-            t["verdict"].as_str().unwrap_or_default()
-        )
-    }));
+    all_notes.extend(report::target_notes(&targets));
     Report {
         scenario: "fanout".to_owned(),
         header,
@@ -952,21 +815,30 @@ fn fanout_targets(cells: &[Cell], workloads: &[Workload]) -> Vec<serde_json::Val
         for peer in ["ngircd-1", "ngircd-3"] {
             if let Some(p) = get(peer) {
                 let ok = tcp.msgs_per_s >= 2.0 * p.msgs_per_s && tcp.p99_ms * 2.0 <= p.p99_ms;
-                out.push(serde_json::json!({
-                    "target": format!("({}) chatmesh-tcp at least 2x {peer} (msgs/s and p99)", workload.name),
-                    "met": ok,
-                    "verdict": format!("{} ({:.2}x msgs/s, {:.2}x p99)", if ok {"met"} else {"NOT met"},
-                        tcp.msgs_per_s / p.msgs_per_s.max(1e-9), p.p99_ms / tcp.p99_ms.max(1e-9)),
-                }));
+                out.push(report::target(
+                    format!(
+                        "({}) chatmesh-tcp at least 2x {peer} (msgs/s and p99)",
+                        workload.name
+                    ),
+                    ok,
+                    format!(
+                        "{:.2}x msgs/s, {:.2}x p99",
+                        tcp.msgs_per_s / p.msgs_per_s.max(1e-9),
+                        p.p99_ms / tcp.p99_ms.max(1e-9)
+                    ),
+                ));
             }
         }
         if let Some(p) = get("nats-server") {
             let ok = tcp.msgs_per_s >= p.msgs_per_s;
-            out.push(serde_json::json!({
-                "target": format!("({}) chatmesh-tcp at least 1x nats-server msgs/s", workload.name),
-                "met": ok,
-                "verdict": format!("{} ({:.2}x)", if ok {"met"} else {"NOT met"}, tcp.msgs_per_s / p.msgs_per_s.max(1e-9)),
-            }));
+            out.push(report::target(
+                format!(
+                    "({}) chatmesh-tcp at least 1x nats-server msgs/s",
+                    workload.name
+                ),
+                ok,
+                format!("{:.2}x", tcp.msgs_per_s / p.msgs_per_s.max(1e-9)),
+            ));
         }
         if workload.name == "b" {
             let peers: Vec<(String, f64)> = ["ngircd-1", "ngircd-3", "nats-server"]
@@ -988,11 +860,11 @@ fn fanout_targets(cells: &[Cell], workloads: &[Workload]) -> Vec<serde_json::Val
         }
         if workload.name == "a" {
             let ok = tcp.p99_ms < 10.0;
-            out.push(serde_json::json!({
-                "target": "(a) chatmesh-tcp p99 under 10 ms",
-                "met": ok,
-                "verdict": format!("{} (p99 {:.2} ms)", if ok {"met"} else {"NOT met"}, tcp.p99_ms),
-            }));
+            out.push(report::target(
+                "(a) chatmesh-tcp p99 under 10 ms",
+                ok,
+                format!("p99 {:.2} ms", tcp.p99_ms),
+            ));
         }
     }
     out

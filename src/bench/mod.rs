@@ -7,13 +7,15 @@
 //!   free ports, CPU time and resident memory from `/proc`.
 //! - [`wire`]: raw protocol clients (chatmesh JSON lines over TCP and QUIC,
 //!   IRC, NATS) split into a reader and a writer.
-//! - [`fanout`], [`failover`]: the scenarios.
+//! - [`fanout`], [`failover`], [`claims`], [`conns`]: the scenarios.
 //! - [`report`]: the table, the JSON report and the SVG plot.
 //!
 //! Every load is bounded in count and in time; everything started is stopped
 //! (child processes are killed on drop). Progress goes to stderr, the table to
 //! stdout.
 
+pub mod claims;
+pub mod conns;
 pub mod failover;
 pub mod fanout;
 pub mod procs;
@@ -31,6 +33,11 @@ pub enum Scenario {
     Fanout,
     /// Kill -9 of the leader of 5 servers, repeatedly: time to a new agreed leader.
     Failover,
+    /// Clients on all 3 servers claiming identities and room ids at once:
+    /// granted claims/s, claim latency, and duplicates (must be 0).
+    Claims,
+    /// Idle identified clients on one server: resident memory per connection.
+    Conns,
 }
 
 impl Scenario {
@@ -39,6 +46,8 @@ impl Scenario {
         match self {
             Scenario::Fanout => "fanout",
             Scenario::Failover => "failover",
+            Scenario::Claims => "claims",
+            Scenario::Conns => "conns",
         }
     }
 }
@@ -61,10 +70,12 @@ pub struct BenchOptions {
     /// Directory for the JSON report and the SVG plot.
     #[arg(long, default_value = "bench-results")]
     pub out: PathBuf,
-    /// Repetitions of each measurement; the median is reported (default 3, 1 with --quick).
+    /// Repetitions of each measurement; the median is reported (default 3, 1 with
+    /// --quick; conns: 1).
     #[arg(long)]
     pub runs: Option<usize>,
-    /// Upper bound on one run of one workload on one system, in seconds.
+    /// Upper bound on one run of one workload on one system, in seconds
+    /// (conns: plus 10 ms per client).
     #[arg(long, default_value_t = 60)]
     pub run_timeout_s: u64,
     /// fanout: message size in bytes (the content, timestamp included; at least 40).
@@ -85,6 +96,21 @@ pub struct BenchOptions {
     /// failover: impairment passed to every node's --impair, e.g. "loss=5%,delay=2ms".
     #[arg(long, value_name = "SPEC")]
     pub impair: Option<String>,
+    /// claims: clients claiming at once, spread evenly over the 3 servers
+    /// (rounded up to a multiple of 3; default 192, 24 with --quick).
+    #[arg(long)]
+    pub clients: Option<usize>,
+    /// claims: identities each client claims one after the other, each on a
+    /// fresh connection and followed by one room id (default 100, 10 with --quick).
+    #[arg(long)]
+    pub claims: Option<usize>,
+    /// claims: fraction of rounds in which one client on each server claims
+    /// the same name at once (alternately an identity and a room id).
+    #[arg(long, default_value_t = 0.1)]
+    pub contested: f64,
+    /// conns: idle connections per system (default 10000, 200 with --quick).
+    #[arg(long)]
+    pub conns: Option<usize>,
 }
 
 impl BenchOptions {
@@ -100,6 +126,8 @@ pub async fn run(options: BenchOptions) -> Result<()> {
     let report = match options.scenario {
         Scenario::Fanout => fanout::run(&options).await?,
         Scenario::Failover => failover::run(&options).await?,
+        Scenario::Claims => claims::run(&options).await?,
+        Scenario::Conns => conns::run(&options).await?,
     };
     print!("{}", report.table());
     let (json, svg) = report.write(&options.out)?;
@@ -110,4 +138,58 @@ pub async fn run(options: BenchOptions) -> Result<()> {
 /// One progress line on stderr.
 pub(crate) fn progress(line: impl std::fmt::Display) {
     eprintln!("bench: {line}");
+}
+
+/// Prints `line()` on stderr every second until the returned task is aborted.
+pub(crate) fn ticker(line: impl Fn() -> String + Send + 'static) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            progress(line());
+        }
+    })
+}
+
+/// The repetitions of one measurement: what each run gave, and why the
+/// others failed.
+pub(crate) struct Runs<T> {
+    /// The runs that finished.
+    pub ok: Vec<T>,
+    /// Why the others failed.
+    pub errors: Vec<String>,
+}
+
+impl<T: Clone> Runs<T> {
+    /// Runs `one(run)` for run 0..`count`, printing each result as
+    /// `describe` writes it, or why it failed.
+    pub async fn collect<F, Fut>(count: usize, mut one: F, describe: impl Fn(&T) -> String) -> Self
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut runs = Runs {
+            ok: Vec::new(),
+            errors: Vec::new(),
+        };
+        for run in 0..count {
+            match one(run).await {
+                Ok(result) => {
+                    progress(format!("  {}", describe(&result)));
+                    runs.ok.push(result);
+                }
+                Err(e) => {
+                    progress(format!("  failed: {e:#}"));
+                    runs.errors.push(format!("{e:#}"));
+                }
+            }
+        }
+        runs
+    }
+
+    /// The median run by `key` (None if every run failed).
+    pub fn median(&self, key: impl Fn(&T) -> f64) -> Option<T> {
+        let mut sorted = self.ok.clone();
+        sorted.sort_by(|x, y| key(x).total_cmp(&key(y)));
+        sorted.get(sorted.len() / 2).cloned()
+    }
 }

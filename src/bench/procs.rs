@@ -406,3 +406,153 @@ pub async fn start_nats(program: &Path, dir: &Path) -> Result<(Server, u16)> {
     server.wait_port(port).await?;
     Ok((server, port))
 }
+
+/// CPU time of the load generator (this process) and of the servers over an
+/// interval, so a table can show the load generator was not the bottleneck.
+pub struct CpuMeter {
+    bench: f64,
+    /// (pid, CPU seconds at the start) of each server.
+    servers: Vec<(u32, f64)>,
+}
+
+impl CpuMeter {
+    /// Starts counting for this process and `server_pids`.
+    pub fn start(server_pids: &[u32]) -> CpuMeter {
+        CpuMeter {
+            bench: self_cpu_seconds(),
+            servers: server_pids
+                .iter()
+                .map(|&pid| (pid, proc_cpu_seconds(pid).unwrap_or(0.0)))
+                .collect(),
+        }
+    }
+
+    /// CPU seconds (bench, all servers) since [`CpuMeter::start`].
+    pub fn read(&self) -> (f64, f64) {
+        (
+            self_cpu_seconds() - self.bench,
+            self.per_server().iter().sum(),
+        )
+    }
+
+    /// CPU seconds of each server since [`CpuMeter::start`], in the order given.
+    pub fn per_server(&self) -> Vec<f64> {
+        self.servers
+            .iter()
+            .map(|&(pid, start)| proc_cpu_seconds(pid).map_or(0.0, |now| now - start))
+            .collect()
+    }
+}
+
+/// Raises this process's soft limit on open files to its hard limit, so that
+/// it and the children it starts afterwards (who inherit it) can hold many
+/// connections. Returns the new soft limit.
+pub fn raise_fd_limit() -> Result<u64> {
+    // SAFETY: getrlimit and setrlimit only read and write the struct we pass.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
+        }
+    }
+    Ok(limit.rlim_cur as u64)
+}
+
+/// How many local ports the kernel hands out to outgoing connections
+/// (`net.ipv4.ip_local_port_range`), if readable.
+pub fn local_port_range() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut bounds = text.split_whitespace().map(|b| b.parse::<u64>());
+    let (low, high) = (bounds.next()?.ok()?, bounds.next()?.ok()?);
+    Some(high.saturating_sub(low) + 1)
+}
+
+/// The peers a scenario may measure beside chatmesh.
+pub struct Peers {
+    /// ngircd, if it is to be measured.
+    pub ngircd: Option<PathBuf>,
+    /// nats-server, if it is to be measured.
+    pub nats: Option<PathBuf>,
+}
+
+impl Peers {
+    /// The peers to measure (none with `--no-peers`; installed if missing
+    /// unless `--no-install`), with a note for each one skipped and why.
+    pub fn find(options: &super::BenchOptions, notes: &mut Vec<String>) -> Peers {
+        if options.no_peers {
+            notes.push("peers skipped (--no-peers)".to_owned());
+            return Peers {
+                ngircd: None,
+                nats: None,
+            };
+        }
+        let (ngircd, nats) = ensure_peers(!options.no_install);
+        for (name, found) in [("ngircd", &ngircd), ("nats-server", &nats)] {
+            if found.is_none() {
+                notes.push(format!("{name} not installed: skipped"));
+            }
+        }
+        Peers { ngircd, nats }
+    }
+}
+
+impl ChatCluster {
+    /// Polls each node's admin `/status` until every node in `nodes` follows
+    /// `leader` at one term and sees exactly `nodes` alive; returns the time
+    /// it took.
+    pub async fn agreement(
+        &self,
+        nodes: &[usize],
+        leader: usize,
+        within: Duration,
+    ) -> Result<Duration> {
+        /// Poll interval of `/status`.
+        const POLL: Duration = Duration::from_millis(5);
+        let start = Instant::now();
+        let want = self.ids[leader].as_str();
+        loop {
+            let mut terms = Vec::new();
+            let mut last = String::new();
+            for &i in nodes {
+                match self.status(i).await {
+                    Ok(s) => {
+                        let alive_ok = s["members"].as_array().is_some_and(|members| {
+                            members.len() == self.ids.len()
+                                && members
+                                    .iter()
+                                    .enumerate()
+                                    .all(|(j, m)| m["alive"] == nodes.contains(&j))
+                        });
+                        if s["leader"] == want && alive_ok {
+                            if let Some(term) = s["term"].as_u64() {
+                                terms.push(term);
+                            }
+                        } else {
+                            last = format!("{}: {s}", self.ids[i]);
+                        }
+                    }
+                    Err(e) => last = format!("{}: {e:#}", self.ids[i]),
+                }
+            }
+            if terms.len() == nodes.len() && terms.windows(2).all(|w| w[0] == w[1]) {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > within {
+                bail!(
+                    "no agreement on leader {want} within {within:?}; last disagreeing view: {last}"
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Node `i`'s admin `GET /status`, parsed.
+    pub async fn status(&self, i: usize) -> Result<serde_json::Value> {
+        let body = crate::admin::fetch(self.admin(i), "/status").await?;
+        serde_json::from_str(&body).with_context(|| format!("/status is not JSON: {body:?}"))
+    }
+}

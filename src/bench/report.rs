@@ -135,3 +135,48 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     let at = ((sorted.len() as f64 - 1.0) * q).round() as usize;
     sorted[at.min(sorted.len() - 1)]
 }
+
+/// p50, p99 and max of latencies given in microseconds, in milliseconds
+/// (zeros if there are none).
+pub fn latency_ms(micros: &[u32]) -> (f64, f64, f64) {
+    let mut ms: Vec<f64> = micros.iter().map(|&m| f64::from(m) / 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
+    (quantile(&ms, 0.5), quantile(&ms, 0.99), quantile(&ms, 1.0))
+}
+
+/// `x / y` as "1.23x", or "-" when `y` is not positive.
+pub fn ratio(x: f64, y: f64) -> String {
+    if y > 0.0 {
+        format!("{:.2}x", x / y)
+    } else {
+        "-".to_owned()
+    }
+}
+
+/// One of the targets, checked: `{"target", "met", "verdict"}`, the
+/// verdict reading "met (detail)" or "NOT met (detail)".
+pub fn target(
+    name: impl Into<String>,
+    met: bool,
+    detail: impl std::fmt::Display,
+) -> serde_json::Value {
+    serde_json::json!({
+        "target": name.into(),
+        "met": met,
+        "verdict": format!("{} ({detail})", if met { "met" } else { "NOT met" }),
+    })
+}
+
+/// The line under the table for each of `targets` (made by [`target`]).
+pub fn target_notes(targets: &[serde_json::Value]) -> Vec<String> {
+    targets
+        .iter()
+        .map(|t| {
+            format!(
+                "target {}: {}",
+                t["target"].as_str().unwrap_or_default(),
+                t["verdict"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}

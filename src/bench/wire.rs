@@ -1,10 +1,13 @@
 //! Raw protocol connections for the load generator: a line reader and a
 //! writer over TCP (TCP_NODELAY, as a chat client would) or one QUIC
-//! bidirectional stream, so a member can send and receive from two tasks.
+//! bidirectional stream, so a member can send and receive from two tasks;
+//! and the logins of each protocol (chatmesh `newidentity`, IRC registration,
+//! NATS `CONNECT`).
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -47,11 +50,21 @@ pub enum Transport {
     /// Plain TCP.
     Tcp,
     /// QUIC, checking the server against the cluster CA.
-    Quic(quinn::ClientConfig),
+    Quic(QuicClient),
+}
+
+/// A QUIC client config and where its connections come from.
+#[derive(Clone)]
+pub struct QuicClient {
+    config: quinn::ClientConfig,
+    /// Endpoints shared round-robin by every connection, or None: one
+    /// endpoint (one UDP socket) per connection, as separate clients have.
+    shared: Option<Arc<(Vec<quinn::Endpoint>, AtomicUsize)>>,
 }
 
 impl Transport {
-    /// QUIC trusting the CA certificate at `ca`, as the bundled client does.
+    /// QUIC trusting the CA certificate at `ca`, as the bundled client does;
+    /// each connection on its own endpoint.
     pub fn quic(ca: &Path) -> Result<Transport> {
         let crypto = crate::tls::chat_client_config(ca)?;
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
@@ -61,7 +74,24 @@ impl Transport {
         // The server drops connections idle for 30 s; ping well within that.
         transport.keep_alive_interval(Some(Duration::from_secs(10)));
         config.transport_config(Arc::new(transport));
-        Ok(Transport::Quic(config))
+        Ok(Transport::Quic(QuicClient {
+            config,
+            shared: None,
+        }))
+    }
+
+    /// QUIC as [`Transport::quic`], every connection on one of `endpoints`
+    /// shared endpoints: thousands of clients without thousands of sockets.
+    pub fn quic_shared(ca: &Path, endpoints: usize) -> Result<Transport> {
+        let Transport::Quic(mut client) = Transport::quic(ca)? else {
+            unreachable!("Transport::quic makes a QUIC transport");
+        };
+        let mut opened = Vec::new();
+        for _ in 0..endpoints.max(1) {
+            opened.push(new_endpoint(&client.config)?);
+        }
+        client.shared = Some(Arc::new((opened, AtomicUsize::new(0))));
+        Ok(Transport::Quic(client))
     }
 
     /// "tcp" or "quic".
@@ -71,6 +101,13 @@ impl Transport {
             Transport::Quic(_) => "quic",
         }
     }
+}
+
+fn new_endpoint(config: &quinn::ClientConfig) -> Result<quinn::Endpoint> {
+    let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .context("cannot open a QUIC endpoint")?;
+    endpoint.set_default_client_config(config.clone());
+    Ok(endpoint)
 }
 
 /// Connects to 127.0.0.1:`port`.
@@ -92,10 +129,14 @@ pub async fn connect(transport: &Transport, port: u16) -> Result<(Reader, Writer
                 },
             ))
         }
-        Transport::Quic(config) => {
-            let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))
-                .context("cannot open a QUIC endpoint")?;
-            endpoint.set_default_client_config(config.clone());
+        Transport::Quic(client) => {
+            let endpoint = match &client.shared {
+                Some(shared) => {
+                    let (endpoints, next) = &**shared;
+                    endpoints[next.fetch_add(1, Ordering::Relaxed) % endpoints.len()].clone()
+                }
+                None => new_endpoint(&client.config)?,
+            };
             let connecting = endpoint
                 .connect(addr, "localhost")
                 .with_context(|| format!("cannot connect to {addr} over QUIC"))?;
@@ -125,5 +166,152 @@ pub async fn next_line(reader: &mut Reader, what: &str) -> Result<String> {
         Ok(Err(e)) => Err(e).with_context(|| format!("cannot read while {what}")),
         Ok(Ok(None)) => bail!("the server closed the connection while {what}"),
         Ok(Ok(Some(line))) => Ok(String::from_utf8_lossy(line).into_owned()),
+    }
+}
+
+/// A chatmesh request line `{"type":kind,"field":value}` (values the bench
+/// makes need no escaping).
+pub fn chat_request(kind: &str, field: &str, value: &str) -> Vec<u8> {
+    format!("{{\"type\":\"{kind}\",\"{field}\":\"{value}\"}}\n").into_bytes()
+}
+
+/// Reads chatmesh lines until one of type `kind` (skipping events such as
+/// `roomchange`) and returns it parsed.
+pub async fn chat_reply(reader: &mut Reader, kind: &str, what: &str) -> Result<serde_json::Value> {
+    loop {
+        let line = next_line(reader, what).await?;
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("not JSON from chatmesh: {line:?}"))?;
+        if v["type"] == kind {
+            return Ok(v);
+        }
+    }
+}
+
+/// Creates (when `create`) or joins chatmesh room `room` as `identity`;
+/// returns once the server has moved the client into it.
+pub async fn chat_enter_room(
+    reader: &mut Reader,
+    writer: &mut Writer,
+    identity: &str,
+    room: &str,
+    create: bool,
+) -> Result<()> {
+    let kind = if create { "createroom" } else { "joinroom" };
+    writer.send(&chat_request(kind, "roomid", room)).await?;
+    loop {
+        let line = next_line(reader, "entering a room").await?;
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("not JSON from chatmesh: {line:?}"))?;
+        if v["type"] == "createroom" && !approved(&v) {
+            bail!("room {room} refused: {line}");
+        }
+        if v["type"] == "roomchange" && v["identity"] == identity {
+            if v["roomid"] == room && v["former"] != room {
+                return Ok(());
+            }
+            if v["roomid"] == v["former"] {
+                bail!("{identity} could not join {room}: {line}");
+            }
+        }
+    }
+}
+
+/// Whether a chatmesh reply says `"approved":"true"`.
+pub fn approved(reply: &serde_json::Value) -> bool {
+    reply["approved"] == "true"
+}
+
+/// The protocol a system speaks.
+#[derive(Clone)]
+pub enum Proto {
+    /// chatmesh JSON lines.
+    Chat(Transport),
+    /// IRC.
+    Irc,
+    /// NATS.
+    Nats,
+}
+
+impl Proto {
+    /// Connects to `port` and logs in as `name`: a chatmesh identity approved,
+    /// an IRC registration welcomed (001), or a NATS `CONNECT` (with a
+    /// subscription to each of `nats_subjects`) answered by `PONG`.
+    pub async fn login(
+        &self,
+        port: u16,
+        name: &str,
+        nats_subjects: &[String],
+    ) -> Result<(Reader, Writer)> {
+        let transport = match self {
+            Proto::Chat(t) => t.clone(),
+            _ => Transport::Tcp,
+        };
+        let (mut reader, mut writer) = connect(&transport, port).await?;
+        match self {
+            Proto::Chat(_) => {
+                writer
+                    .send(&chat_request("newidentity", "identity", name))
+                    .await?;
+                let reply = chat_reply(&mut reader, "newidentity", "claiming an identity").await?;
+                if !approved(&reply) {
+                    bail!("identity {name} refused: {reply}");
+                }
+            }
+            Proto::Irc => {
+                writer
+                    .send(format!("NICK {name}\r\nUSER {name} 0 * :{name}\r\n").as_bytes())
+                    .await?;
+                loop {
+                    let line = next_line(&mut reader, "registering with IRC").await?;
+                    if let Some(pong) = self.pong(line.as_bytes()) {
+                        writer.send(&pong).await?;
+                    } else if line.split(' ').nth(1) == Some("001") {
+                        break;
+                    } else if line.starts_with("ERROR") || line.split(' ').nth(1) == Some("433") {
+                        bail!("IRC refused {name}: {line}");
+                    }
+                }
+            }
+            Proto::Nats => {
+                let info = next_line(&mut reader, "waiting for INFO").await?;
+                if !info.starts_with("INFO") {
+                    bail!("nats-server did not start with INFO: {info:?}");
+                }
+                let mut hello = format!(
+                    "CONNECT {{\"verbose\":false,\"pedantic\":false,\"echo\":false,\"name\":\"{name}\"}}\r\n"
+                );
+                for (sid, subject) in nats_subjects.iter().enumerate() {
+                    hello += &format!("SUB {subject} {}\r\n", sid + 1);
+                }
+                hello += "PING\r\n";
+                writer.send(hello.as_bytes()).await?;
+                loop {
+                    let line = next_line(&mut reader, "connecting to NATS").await?;
+                    if line == "PONG" {
+                        break;
+                    }
+                    if line.starts_with("-ERR") {
+                        bail!("nats-server refused: {line}");
+                    }
+                }
+            }
+        }
+        Ok((reader, writer))
+    }
+
+    /// The answer to a server's keep-alive `line`, if it is one (IRC and
+    /// NATS servers drop clients that do not answer their PINGs).
+    pub fn pong(&self, line: &[u8]) -> Option<Vec<u8>> {
+        match self {
+            Proto::Chat(_) => None,
+            Proto::Irc => line.strip_prefix(b"PING").map(|rest| {
+                let mut pong = b"PONG".to_vec();
+                pong.extend_from_slice(rest);
+                pong.extend_from_slice(b"\r\n");
+                pong
+            }),
+            Proto::Nats => (line == b"PING").then(|| b"PONG\r\n".to_vec()),
+        }
     }
 }
