@@ -275,6 +275,7 @@ pub async fn run(
         replies: HashMap::new(),
         next_token: 0,
         names,
+        names_version: None,
         chat,
         heartbeat_seq: 0,
     };
@@ -381,6 +382,8 @@ struct Driver {
     replies: HashMap<u64, oneshot::Sender<Result<(), Refusal>>>,
     next_token: u64,
     names: Arc<Mutex<Names>>,
+    /// The registry's rooms version `names` was built from.
+    names_version: Option<(u64, u64, u64)>,
     chat: Arc<OnceLock<Weak<ChatServer>>>,
     heartbeat_seq: u64,
 }
@@ -462,7 +465,7 @@ impl Driver {
                 registry::Action::Log(event) => log_registry_event(event),
             }
         }
-        // Any input may change the replica (a peer down drops its rooms).
+        // Many inputs change the rooms (a peer down drops its rooms).
         self.refresh_names();
     }
 
@@ -470,8 +473,14 @@ impl Driver {
         self.mesh.linked_peers()
     }
 
-    /// Publishes the room list and room locations for the chat layer.
-    fn refresh_names(&self) {
+    /// Publishes the room list and room locations for the chat layer, when
+    /// they may have changed since the last time.
+    fn refresh_names(&mut self) {
+        let version = Some(self.registry.rooms_version());
+        if version == self.names_version {
+            return;
+        }
+        self.names_version = version;
         let rooms = self.registry.rooms();
         let servers = rooms
             .iter()

@@ -720,6 +720,9 @@ struct Table {
     rooms: BTreeMap<String, RoomEntry>,
     /// owner -> number of rooms it owns, for the one-room-per-owner rule.
     room_owners: HashMap<String, usize>,
+    /// Counts every change to `rooms` (never reset): readers rebuild what
+    /// they derive from the rooms only when it moved.
+    room_changes: u64,
 }
 
 impl Table {
@@ -733,12 +736,14 @@ impl Table {
 
     fn set_room(&mut self, entry: RoomEntry) {
         self.remove_room(&entry.room);
+        self.room_changes += 1;
         *self.room_owners.entry(entry.owner.clone()).or_default() += 1;
         self.rooms.insert(entry.room.clone(), entry);
     }
 
     fn remove_room(&mut self, room: &str) -> Option<RoomEntry> {
         let entry = self.rooms.remove(room)?;
+        self.room_changes += 1;
         if let Some(count) = self.room_owners.get_mut(&entry.owner) {
             *count = count.saturating_sub(1);
             if *count == 0 {
@@ -772,7 +777,10 @@ impl Table {
     }
 
     fn clear(&mut self) {
-        *self = Table::default();
+        *self = Table {
+            room_changes: self.room_changes + 1,
+            ..Table::default()
+        };
     }
 
     fn apply(&mut self, change: &Change) {
@@ -898,6 +906,8 @@ pub struct Registry {
     incarnation: u64,
     /// Peers the failure detector sees alive (never this server).
     live: BTreeSet<ServerId>,
+    /// Counts changes to `live` (never reset), for [`Registry::rooms_version`].
+    live_changes: u64,
     leader: Option<ServerId>,
     term: u64,
     /// Newest epoch of a leader this server reported its holdings to (or
@@ -958,6 +968,7 @@ impl Registry {
             config,
             incarnation,
             live: BTreeSet::new(),
+            live_changes: 0,
             leader: None,
             term: 0,
             fence: (0, 0),
@@ -1034,6 +1045,17 @@ impl Registry {
     /// Whether `server` is this one or a peer seen alive.
     pub fn is_live(&self, server: &str) -> bool {
         server == self.id || self.live.contains(server)
+    }
+
+    /// Changes whenever [`Registry::rooms`] or [`Registry::room`] may answer
+    /// differently (a room added or removed, a server up or down), so that a
+    /// reader rebuilds what it derives from them only then.
+    pub fn rooms_version(&self) -> (u64, u64, u64) {
+        (
+            self.own.room_changes,
+            self.replica.room_changes,
+            self.live_changes,
+        )
     }
 
     /// Every room of the cluster for `list`: the main halls of live servers
@@ -1432,6 +1454,7 @@ impl Registry {
         if peer == self.id || !self.servers.contains(&peer) || !self.live.insert(peer.clone()) {
             return;
         }
+        self.live_changes += 1;
         if self.is_leader() {
             // A server coming back re-registers what it still holds; new
             // grants wait briefly so it is not robbed of a name it kept.
@@ -1458,6 +1481,7 @@ impl Registry {
         if peer == self.id || !self.live.remove(&peer) {
             return;
         }
+        self.live_changes += 1;
         if self.is_leader() {
             self.with_leader(|reg, lead| reg.lead_purge(lead, now, &peer, out));
         }
@@ -4510,6 +4534,31 @@ mod tests {
         let token = pair.claim(0, ident("Adel"));
         pair.run_for(ms(10));
         assert_eq!(pair.result(token), Some(&Ok(())));
+    }
+
+    #[test]
+    fn rooms_version_moves_with_rooms_and_liveness_only() {
+        let mut sim = Sim::new(3, 7, true);
+        sim.claim(0, ident("Adel"));
+        sim.run_for(ms(100));
+        let before: Vec<_> = (0..3).map(|i| sim.node(i).rooms_version()).collect();
+        // An identity changes no room list.
+        sim.claim(1, ident("Bob"));
+        sim.run_for(ms(100));
+        let after: Vec<_> = (0..3).map(|i| sim.node(i).rooms_version()).collect();
+        assert_eq!(before, after);
+        // A room does, on every server; and so does a server going down.
+        sim.claim(0, room("jokes", "Adel"));
+        sim.run_for(ms(100));
+        for (i, old) in after.iter().enumerate() {
+            assert_ne!(sim.node(i).rooms_version(), *old, "s{}", i + 1);
+            assert!(sim.node(i).rooms().contains(&"jokes".to_owned()));
+        }
+        let with_room = sim.node(1).rooms_version();
+        sim.crash(0);
+        sim.run_for(DETECT + ms(30));
+        assert_ne!(sim.node(1).rooms_version(), with_room);
+        assert!(!sim.node(1).rooms().contains(&"jokes".to_owned()));
     }
 
     #[test]
