@@ -9,7 +9,7 @@
 //! the task as requests; the room list and room locations are read from a
 //! snapshot the task refreshes after every change.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -22,12 +22,13 @@ use tracing::{info, warn};
 
 use crate::ServerId;
 use crate::chat::{BoxFuture, ChatServer, Directory, RemoteRoom};
+use crate::config::MAIN_HALL_PREFIX;
 use crate::config::{ClusterConfig, Quorum};
 use crate::detector::{DetectorConfig, FailureDetector, Transition};
 use crate::election::{Action, Election, ElectionTimings, Input};
 use crate::mesh::wire::{Heartbeat, PeerMessage};
 use crate::mesh::{Mesh, MeshEvent};
-use crate::registry::{self, LocalRequest, Name, Refusal, Registry, RegistryConfig};
+use crate::registry::{self, LocalRequest, Name, Refusal, Registry, RegistryConfig, RoomChanges};
 
 /// One member as `/status` shows it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -69,13 +70,28 @@ pub type SharedView = Arc<Mutex<ClusterView>>;
 /// A request from the chat layer to the registry, with where to answer.
 type Request = (LocalRequest, Option<oneshot::Sender<Result<(), Refusal>>>);
 
-/// What the chat layer reads without asking the task.
+/// What the chat layer reads without asking the task: every room of a live
+/// server and where it is, kept up to date room by room.
 #[derive(Default)]
 struct Names {
-    /// Every room of the cluster, in `list` order.
-    rooms: Vec<String>,
-    /// The server of every room.
-    servers: HashMap<String, ServerId>,
+    /// Main halls of live servers in config order, with their servers.
+    halls: Vec<(String, ServerId)>,
+    /// Every other room, sorted by id (the `list` order), and its server.
+    rooms: BTreeMap<String, ServerId>,
+}
+
+impl Names {
+    fn list(&self) -> Vec<String> {
+        let halls = self.halls.iter().map(|(hall, _)| hall);
+        halls.chain(self.rooms.keys()).cloned().collect()
+    }
+
+    fn server(&self, room: &str) -> Option<&ServerId> {
+        self.rooms.get(room).or_else(|| {
+            let (_, server) = self.halls.iter().find(|(hall, _)| hall == room)?;
+            Some(server)
+        })
+    }
 }
 
 /// The cluster-wide namespace as the chat layer uses it ([`Directory`]).
@@ -146,11 +162,11 @@ impl Directory for ClusterDirectory {
     }
 
     fn rooms(&self) -> Vec<String> {
-        self.names().rooms.clone()
+        self.names().list()
     }
 
     fn remote_room(&self, room: &str) -> Option<RemoteRoom> {
-        let server = self.names().servers.get(room)?.clone();
+        let server = self.names().server(room)?.clone();
         if server == self.me {
             return None;
         }
@@ -275,11 +291,10 @@ pub async fn run(
         replies: HashMap::new(),
         next_token: 0,
         names,
-        names_version: None,
         chat,
         heartbeat_seq: 0,
     };
-    driver.refresh_names();
+    driver.rebuild_names();
     let mut ticker = tokio::time::interval(timing.heartbeat_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Boot: give the links a moment to come up so that IAmUp reaches the live
@@ -382,8 +397,6 @@ struct Driver {
     replies: HashMap<u64, oneshot::Sender<Result<(), Refusal>>>,
     next_token: u64,
     names: Arc<Mutex<Names>>,
-    /// The registry's rooms version `names` was built from.
-    names_version: Option<(u64, u64, u64)>,
     chat: Arc<OnceLock<Weak<ChatServer>>>,
     heartbeat_seq: u64,
 }
@@ -473,21 +486,38 @@ impl Driver {
         self.mesh.linked_peers()
     }
 
-    /// Publishes the room list and room locations for the chat layer, when
-    /// they may have changed since the last time.
+    /// Brings the chat layer's room list and room locations up to date with
+    /// the registry: the rooms it names, or everything when liveness changed.
     fn refresh_names(&mut self) {
-        let version = Some(self.registry.rooms_version());
-        if version == self.names_version {
-            return;
+        match self.registry.take_room_changes() {
+            RoomChanges::Rooms(rooms) if rooms.is_empty() => {}
+            RoomChanges::Rooms(rooms) => {
+                let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+                for room in rooms {
+                    match self.registry.room_server(&room) {
+                        Some(server) => names.rooms.insert(room, server),
+                        None => names.rooms.remove(&room),
+                    };
+                }
+            }
+            RoomChanges::All => self.rebuild_names(),
         }
-        self.names_version = version;
-        let rooms = self.registry.rooms();
-        let servers = rooms
-            .iter()
-            .filter_map(|room| Some((room.clone(), self.registry.room_server(room)?)))
-            .collect();
-        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
-        *names = Names { rooms, servers };
+    }
+
+    /// Rebuilds the chat layer's room list and room locations from scratch.
+    fn rebuild_names(&self) {
+        let mut names = Names::default();
+        for room in self.registry.rooms() {
+            let Some(server) = self.registry.room_server(&room) else {
+                continue;
+            };
+            if room.starts_with(MAIN_HALL_PREFIX) {
+                names.halls.push((room, server));
+            } else {
+                names.rooms.insert(room, server);
+            }
+        }
+        *self.names.lock().unwrap_or_else(|e| e.into_inner()) = names;
     }
 
     fn apply(&mut self, actions: Vec<Action>) {

@@ -65,9 +65,12 @@ impl ServerConfig {
     }
 }
 
+/// What every main hall id starts with (client room ids cannot hold a `-`).
+pub const MAIN_HALL_PREFIX: &str = "MainHall-";
+
 /// The main hall id of a server id.
 pub fn main_hall_of(id: &str) -> String {
-    format!("MainHall-{id}")
+    format!("{MAIN_HALL_PREFIX}{id}")
 }
 
 /// Resolves a host (name or IP literal) to one address, preferring IPv4 so that

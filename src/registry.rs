@@ -698,6 +698,15 @@ pub struct RoomInfo {
     pub owner: String,
 }
 
+/// Rooms whose answer from [`Registry::room`] may have changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoomChanges {
+    /// Just these (main halls never: they follow liveness, which is `All`).
+    Rooms(Vec<String>),
+    /// Any room, main halls included.
+    All,
+}
+
 /// Sizes, for `/status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RegistryCounts {
@@ -720,9 +729,10 @@ struct Table {
     rooms: BTreeMap<String, RoomEntry>,
     /// owner -> number of rooms it owns, for the one-room-per-owner rule.
     room_owners: HashMap<String, usize>,
-    /// Counts every change to `rooms` (never reset): readers rebuild what
-    /// they derive from the rooms only when it moved.
-    room_changes: u64,
+    /// Room ids changed since the last [`Registry::take_room_changes`].
+    touched: Vec<String>,
+    /// Too many to list, or the whole table replaced.
+    touched_all: bool,
 }
 
 impl Table {
@@ -736,14 +746,14 @@ impl Table {
 
     fn set_room(&mut self, entry: RoomEntry) {
         self.remove_room(&entry.room);
-        self.room_changes += 1;
+        self.touch(&entry.room);
         *self.room_owners.entry(entry.owner.clone()).or_default() += 1;
         self.rooms.insert(entry.room.clone(), entry);
     }
 
     fn remove_room(&mut self, room: &str) -> Option<RoomEntry> {
         let entry = self.rooms.remove(room)?;
-        self.room_changes += 1;
+        self.touch(room);
         if let Some(count) = self.room_owners.get_mut(&entry.owner) {
             *count = count.saturating_sub(1);
             if *count == 0 {
@@ -778,9 +788,18 @@ impl Table {
 
     fn clear(&mut self) {
         *self = Table {
-            room_changes: self.room_changes + 1,
+            touched_all: true,
             ..Table::default()
         };
+    }
+
+    fn touch(&mut self, room: &str) {
+        // Bounded: past this, a reader rebuilds everything instead.
+        if self.touched.len() < 1024 {
+            self.touched.push(room.to_owned());
+        } else {
+            self.touched_all = true;
+        }
     }
 
     fn apply(&mut self, change: &Change) {
@@ -906,8 +925,8 @@ pub struct Registry {
     incarnation: u64,
     /// Peers the failure detector sees alive (never this server).
     live: BTreeSet<ServerId>,
-    /// Counts changes to `live` (never reset), for [`Registry::rooms_version`].
-    live_changes: u64,
+    /// `live` changed since the last [`Registry::take_room_changes`].
+    live_touched: bool,
     leader: Option<ServerId>,
     term: u64,
     /// Newest epoch of a leader this server reported its holdings to (or
@@ -968,7 +987,7 @@ impl Registry {
             config,
             incarnation,
             live: BTreeSet::new(),
-            live_changes: 0,
+            live_touched: false,
             leader: None,
             term: 0,
             fence: (0, 0),
@@ -1047,15 +1066,21 @@ impl Registry {
         server == self.id || self.live.contains(server)
     }
 
-    /// Changes whenever [`Registry::rooms`] or [`Registry::room`] may answer
-    /// differently (a room added or removed, a server up or down), so that a
-    /// reader rebuilds what it derives from them only then.
-    pub fn rooms_version(&self) -> (u64, u64, u64) {
-        (
-            self.own.room_changes,
-            self.replica.room_changes,
-            self.live_changes,
-        )
+    /// What may answer differently in [`Registry::rooms`] and
+    /// [`Registry::room`] since the last call: so that a reader keeping a
+    /// copy updates just those rooms instead of rebuilding it after every input.
+    pub fn take_room_changes(&mut self) -> RoomChanges {
+        let all = self.own.touched_all || self.replica.touched_all || self.live_touched;
+        self.own.touched_all = false;
+        self.replica.touched_all = false;
+        self.live_touched = false;
+        let mut rooms = std::mem::take(&mut self.own.touched);
+        rooms.append(&mut self.replica.touched);
+        if all {
+            RoomChanges::All
+        } else {
+            RoomChanges::Rooms(rooms)
+        }
     }
 
     /// Every room of the cluster for `list`: the main halls of live servers
@@ -1454,7 +1479,7 @@ impl Registry {
         if peer == self.id || !self.servers.contains(&peer) || !self.live.insert(peer.clone()) {
             return;
         }
-        self.live_changes += 1;
+        self.live_touched = true;
         if self.is_leader() {
             // A server coming back re-registers what it still holds; new
             // grants wait briefly so it is not robbed of a name it kept.
@@ -1481,7 +1506,7 @@ impl Registry {
         if peer == self.id || !self.live.remove(&peer) {
             return;
         }
-        self.live_changes += 1;
+        self.live_touched = true;
         if self.is_leader() {
             self.with_leader(|reg, lead| reg.lead_purge(lead, now, &peer, out));
         }
@@ -4537,27 +4562,39 @@ mod tests {
     }
 
     #[test]
-    fn rooms_version_moves_with_rooms_and_liveness_only() {
+    fn room_changes_name_the_rooms_and_liveness_changes_everything() {
         let mut sim = Sim::new(3, 7, true);
         sim.claim(0, ident("Adel"));
         sim.run_for(ms(100));
-        let before: Vec<_> = (0..3).map(|i| sim.node(i).rooms_version()).collect();
-        // An identity changes no room list.
+        let take = |sim: &mut Sim, i: usize| {
+            sim.nodes[i]
+                .as_mut()
+                .expect("node is alive")
+                .take_room_changes()
+        };
+        for i in 0..3 {
+            take(&mut sim, i);
+        }
+        // An identity changes no room.
         sim.claim(1, ident("Bob"));
         sim.run_for(ms(100));
-        let after: Vec<_> = (0..3).map(|i| sim.node(i).rooms_version()).collect();
-        assert_eq!(before, after);
-        // A room does, on every server; and so does a server going down.
+        for i in 0..3 {
+            assert_eq!(take(&mut sim, i), RoomChanges::Rooms(vec![]), "s{}", i + 1);
+        }
+        // A room is named on every server, once taken.
         sim.claim(0, room("jokes", "Adel"));
         sim.run_for(ms(100));
-        for (i, old) in after.iter().enumerate() {
-            assert_ne!(sim.node(i).rooms_version(), *old, "s{}", i + 1);
-            assert!(sim.node(i).rooms().contains(&"jokes".to_owned()));
+        for i in 0..3 {
+            let RoomChanges::Rooms(rooms) = take(&mut sim, i) else {
+                panic!("s{}: a room grant changed everything", i + 1);
+            };
+            assert!(rooms.contains(&"jokes".to_owned()), "s{}: {rooms:?}", i + 1);
+            assert_eq!(take(&mut sim, i), RoomChanges::Rooms(vec![]));
         }
-        let with_room = sim.node(1).rooms_version();
+        // A server going down changes everything (its hall and rooms go).
         sim.crash(0);
         sim.run_for(DETECT + ms(30));
-        assert_ne!(sim.node(1).rooms_version(), with_room);
+        assert_eq!(take(&mut sim, 1), RoomChanges::All);
         assert!(!sim.node(1).rooms().contains(&"jokes".to_owned()));
     }
 
