@@ -18,7 +18,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::ServerId;
 use crate::chat::{BoxFuture, ChatServer, Directory, RemoteRoom};
@@ -551,7 +551,7 @@ impl Driver {
 fn log_registry_event(event: registry::LogEvent) {
     use registry::LogEvent;
     match event {
-        LogEvent::ClaimGranted { asker, name } => info!(%asker, %name, "claim_granted"),
+        LogEvent::ClaimGranted { asker, name } => debug!(%asker, %name, "claim_granted"),
         LogEvent::ClaimDenied {
             asker,
             name,
