@@ -120,7 +120,12 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
     let mut cells = Vec::new();
     let mut notes = vec![
         "msgs/s: messages delivered to every other member of the room, per second; deliveries/s: one message to one member; latency per delivery".to_owned(),
-        "chatmesh: 3 nodes, each room and all its members on one server".to_owned(),
+        if options.spread {
+            "chatmesh: a 3-node cluster, room i and all its members on server i mod 3 (--spread)"
+        } else {
+            "chatmesh: a 3-node cluster, every room and its members on s1 (--spread spreads them; on 2 cores the extra busy processes cost context switches the single-process peers do not pay); CPU counts all 3 nodes"
+        }
+        .to_owned(),
     ];
 
     // chatmesh over TCP, then over QUIC, on one 3-node cluster.
@@ -128,7 +133,11 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
         let mut cluster = ChatCluster::new(3, "fanout", None)?;
         progress("starting a 3-node chatmesh cluster");
         cluster.start_all().await?;
-        let ports = cluster.client_ports.clone();
+        let ports = if options.spread {
+            cluster.client_ports.clone()
+        } else {
+            cluster.client_ports[..1].to_vec()
+        };
         let pids = cluster.pids();
         for transport in [Transport::Tcp, Transport::quic(&cluster.ca())?] {
             let system = format!("chatmesh-{}", transport.name());

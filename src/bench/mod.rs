@@ -84,6 +84,9 @@ pub struct BenchOptions {
     /// fanout: at most this many of a member's own messages not yet delivered to every other member.
     #[arg(long, default_value_t = 4)]
     pub window: usize,
+    /// fanout: spread chatmesh's rooms over its 3 servers (room i on server i mod 3) instead of all on s1.
+    #[arg(long)]
+    pub spread: bool,
     /// fanout: workload (a) as ROOMSxMEMBERSxMESSAGES (default 10x10x200; 2x5x20 with --quick).
     #[arg(long, value_name = "RxMxK")]
     pub workload_a: Option<String>,
