@@ -135,7 +135,9 @@ fn failover_quick() {
     assert_eq!(samples.len(), 2, "{report}");
     positive(&report, "/p99_ms");
     // The dead leader's identity and room were granted again on a survivor.
-    let frees = report["names_free_samples_ms"].as_array().expect("names free");
+    let frees = report["names_free_samples_ms"]
+        .as_array()
+        .expect("names free");
     assert_eq!(frees.len(), 2, "{report}");
     positive(&report, "/names_free_p99_ms");
 }

@@ -181,8 +181,20 @@ async fn admin_cuts_partition_a_running_cluster_and_heal_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_bundled_client_moves_to_another_server_when_its_own_dies() {
-    let mut cluster = ProcCluster::new(3, "roam");
+async fn the_bundled_client_moves_to_another_server_when_its_own_dies_tcp() {
+    client_roams(true).await;
+}
+
+/// Over QUIC a killed server sends nothing at all: the client's short idle
+/// timeout is what notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bundled_client_moves_to_another_server_when_its_own_dies_quic() {
+    client_roams(false).await;
+}
+
+async fn client_roams(tcp: bool) {
+    let transport = if tcp { "tcp" } else { "quic" };
+    let mut cluster = ProcCluster::new(3, &format!("roam-{transport}"));
     cluster.start_all();
     cluster.wait_agreement(2, SETTLE).await;
     let addrs: Vec<String> = cluster
@@ -190,19 +202,23 @@ async fn the_bundled_client_moves_to_another_server_when_its_own_dies() {
         .iter()
         .map(|p| format!("127.0.0.1:{p}"))
         .collect();
-    let mut client = common::process::Proc::spawn(
-        "roamer",
-        &[
-            "client",
-            "-i",
-            "Roamer",
-            "--server",
-            &addrs[0],
-            "--tcp",
-            "--servers",
-            &addrs.join(","),
-        ],
-    );
+    let ca = cluster.certs.join("ca.pem").display().to_string();
+    let servers = addrs.join(",");
+    let mut args = vec![
+        "client",
+        "-i",
+        "Roamer",
+        "--server",
+        &addrs[0],
+        "--servers",
+        &servers,
+        "--ca",
+        &ca,
+    ];
+    if tcp {
+        args.push("--tcp");
+    }
+    let mut client = common::process::Proc::spawn(&format!("roamer-{transport}"), &args);
     client.wait_line("Roamer joins MainHall-s1");
     cluster.kill9(0);
     let killed = Instant::now();
@@ -210,7 +226,7 @@ async fn the_bundled_client_moves_to_another_server_when_its_own_dies() {
     client.wait_line(&format!("reconnected to {} as Roamer", addrs[1]));
     client.wait_line("Roamer joins MainHall-s2");
     println!(
-        "client back as Roamer on s2 {:?} after the kill",
+        "{transport}: client back as Roamer on s2 {:?} after the kill",
         killed.elapsed()
     );
     client.type_line("#list");

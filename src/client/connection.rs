@@ -25,6 +25,11 @@ pub enum Transport {
     Quic(quinn::ClientConfig),
 }
 
+/// How often a quiet QUIC client pings its server.
+const KEEP_ALIVE: Duration = Duration::from_millis(500);
+/// How long a QUIC client waits for any packet before it takes its server for dead.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl Transport {
     /// QUIC, trusting the CA certificate at `ca`.
     pub fn quic(ca: &Path) -> Result<Transport> {
@@ -33,8 +38,16 @@ impl Transport {
             .context("TLS config unusable for QUIC")?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
-        // The server drops connections idle for 30 s; ping well within that.
-        transport.keep_alive_interval(Some(Duration::from_secs(10)));
+        // A server killed outright sends nothing: without a short idle timeout
+        // the client would learn of it only after the server's 30 s. Pings
+        // every 500 ms, and 2 s without an answer ends the connection (the
+        // client then moves to another server).
+        transport.keep_alive_interval(Some(KEEP_ALIVE));
+        transport.max_idle_timeout(Some(
+            IDLE_TIMEOUT
+                .try_into()
+                .expect("2 s is a valid idle timeout"),
+        ));
         config.transport_config(Arc::new(transport));
         Ok(Transport::Quic(config))
     }
