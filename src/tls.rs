@@ -239,6 +239,28 @@ pub fn client_facing_server_config(identity: &ServerIdentity) -> Result<rustls::
     Ok(config)
 }
 
+/// A QUIC client config for the chat port, trusting the CA at `ca_path`:
+/// pings every `keep_alive`, and takes the server for dead after
+/// `idle_timeout` without a packet (quinn's default when `None`).
+pub fn quic_chat_client_config(
+    ca_path: &Path,
+    keep_alive: std::time::Duration,
+    idle_timeout: Option<std::time::Duration>,
+) -> Result<quinn::ClientConfig> {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(chat_client_config(ca_path)?)
+        .context("TLS config unusable for QUIC")?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(keep_alive));
+    if let Some(idle) = idle_timeout {
+        transport.max_idle_timeout(Some(
+            idle.try_into().context("idle timeout too long for QUIC")?,
+        ));
+    }
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
 /// The rustls client config of a chat client: trusts only the cluster CA.
 pub fn chat_client_config(ca_path: &Path) -> Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();

@@ -66,14 +66,9 @@ impl Transport {
     /// QUIC trusting the CA certificate at `ca`, as the bundled client does;
     /// each connection on its own endpoint.
     pub fn quic(ca: &Path) -> Result<Transport> {
-        let crypto = crate::tls::chat_client_config(ca)?;
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
-            .context("TLS config unusable for QUIC")?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        let mut transport = quinn::TransportConfig::default();
-        // The server drops connections idle for 30 s; ping well within that.
-        transport.keep_alive_interval(Some(Duration::from_secs(10)));
-        config.transport_config(Arc::new(transport));
+        // Rare pings: 10,000 idle clients must stay idle (the server drops
+        // connections silent for 30 s).
+        let config = crate::tls::quic_chat_client_config(ca, Duration::from_secs(10), None)?;
         Ok(Transport::Quic(QuicClient {
             config,
             shared: None,

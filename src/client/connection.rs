@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
@@ -33,22 +32,11 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 impl Transport {
     /// QUIC, trusting the CA certificate at `ca`.
     pub fn quic(ca: &Path) -> Result<Transport> {
-        let crypto = crate::tls::chat_client_config(ca)?;
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
-            .context("TLS config unusable for QUIC")?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        let mut transport = quinn::TransportConfig::default();
         // A server killed outright sends nothing: without a short idle timeout
         // the client would learn of it only after the server's 30 s. Pings
         // every 500 ms, and 2 s without an answer ends the connection (the
         // client then moves to another server).
-        transport.keep_alive_interval(Some(KEEP_ALIVE));
-        transport.max_idle_timeout(Some(
-            IDLE_TIMEOUT
-                .try_into()
-                .expect("2 s is a valid idle timeout"),
-        ));
-        config.transport_config(Arc::new(transport));
+        let config = crate::tls::quic_chat_client_config(ca, KEEP_ALIVE, Some(IDLE_TIMEOUT))?;
         Ok(Transport::Quic(config))
     }
 }
