@@ -22,8 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::ServerId;
 use crate::chat::{BoxFuture, ChatServer, Directory, RemoteRoom};
-use crate::config::MAIN_HALL_PREFIX;
-use crate::config::{ClusterConfig, Quorum};
+use crate::config::{ClusterConfig, MAIN_HALL_PREFIX, Quorum};
 use crate::detector::{DetectorConfig, FailureDetector, Transition};
 use crate::election::{Action, Election, ElectionTimings, Input};
 use crate::mesh::wire::{Heartbeat, PeerMessage};
