@@ -65,6 +65,25 @@ impl ServerConfig {
     }
 }
 
+/// The TOML of a cluster of `ports.len() / 3` servers s1, s2, ... on
+/// 127.0.0.1, each taking three ports in turn: client, mesh, admin (benches
+/// and tests run such clusters).
+pub fn loopback_cluster_toml(ports: &[u16]) -> String {
+    ports
+        .chunks_exact(3)
+        .enumerate()
+        .map(|(i, p)| {
+            format!(
+                "[[server]]\nid = \"s{}\"\nhost = \"127.0.0.1\"\nclient_port = {}\nmesh_port = {}\nadmin_port = {}\n\n",
+                i + 1,
+                p[0],
+                p[1],
+                p[2]
+            )
+        })
+        .collect()
+}
+
 /// What every main hall id starts with (client room ids cannot hold a `-`).
 pub const MAIN_HALL_PREFIX: &str = "MainHall-";
 
@@ -519,6 +538,24 @@ fn valid_server_id(id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_cluster_toml_names_each_server_and_its_three_ports() {
+        let text = loopback_cluster_toml(&[4001, 5001, 7001, 4002, 5002, 7002]);
+        let config = ClusterConfig::parse(&text, "loopback").unwrap();
+        let got: Vec<_> = config
+            .servers
+            .iter()
+            .map(|s| (s.id.as_str(), s.client_port, s.mesh_port, s.admin_port))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("s1", 4001, 5001, Some(7001)),
+                ("s2", 4002, 5002, Some(7002))
+            ]
+        );
+    }
 
     #[test]
     fn shipped_toml_loads() {

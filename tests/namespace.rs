@@ -52,8 +52,8 @@ async fn claim_until_granted(addr: SocketAddr, identity: &str, client: &str) -> 
     }
 }
 
-/// A newcomer on `addr` asking for `identity` is refused.
-async fn assert_taken(addr: SocketAddr, identity: &str) {
+/// A newcomer on `addr` asking for `identity` is refused (taken, or no majority).
+async fn assert_refused(addr: SocketAddr, identity: &str) {
     let mut thief = Raw::connect(Via::Tcp, addr, "thief").await;
     thief
         .send(&format!(
@@ -170,7 +170,7 @@ async fn list_spans_the_cluster_and_joinroom_moves_a_raw_client_between_servers(
     adel.expect(r#"{"type":"message","identity":"Bob","content":"made it"}"#)
         .await;
     // Bob is still Bob everywhere: nobody else can take the name.
-    assert_taken(a2, "Bob").await;
+    assert_refused(a2, "Bob").await;
     cluster.stop().await;
 }
 
@@ -280,11 +280,7 @@ async fn killing_the_leader_with_100_claims_in_flight_grants_no_name_twice() {
         .wait_agree(&[0, 1], 1, Duration::from_secs(10))
         .await;
     for name in granted.keys().take(10) {
-        let mut c = Raw::connect(Via::Tcp, addrs[0], "again").await;
-        c.send(&format!(r#"{{"type":"newidentity","identity":"{name}"}}"#))
-            .await;
-        c.expect(r#"{"type":"newidentity","approved":"false"}"#)
-            .await;
+        assert_refused(addrs[0], name).await;
     }
     drop(keep);
     cluster.stop().await;
@@ -309,13 +305,7 @@ async fn a_partition_minority_grants_nothing_and_the_majority_holder_wins_at_hea
         .await;
 
     // The minority refuses new names but its sessions keep chatting.
-    let mut newcomer = Raw::connect(Via::Tcp, s1, "Newcomer").await;
-    newcomer
-        .send(r#"{"type":"newidentity","identity":"Newcomer"}"#)
-        .await;
-    newcomer
-        .expect(r#"{"type":"newidentity","approved":"false"}"#)
-        .await;
+    assert_refused(s1, "Newcomer").await;
     bob.send(r#"{"type":"message","content":"still talking"}"#)
         .await;
     alice
@@ -348,10 +338,7 @@ async fn a_partition_minority_grants_nothing_and_the_majority_holder_wins_at_hea
         .wait_agree(&[0, 1, 2, 3, 4], 4, Duration::from_secs(10))
         .await;
     // One Alice in the whole cluster: the majority's.
-    let mut c = Raw::connect(Via::Tcp, s1, "Alice again").await;
-    c.send(r#"{"type":"newidentity","identity":"Alice"}"#).await;
-    c.expect(r#"{"type":"newidentity","approved":"false"}"#)
-        .await;
+    assert_refused(s1, "Alice").await;
     drop(other);
     cluster.stop().await;
 }
@@ -390,7 +377,7 @@ async fn a_move_that_never_arrives_releases_the_identity_after_the_move_timeout(
     let routed = Instant::now();
     // Bob leaves s2 and never arrives on s1: his identity is reserved for the move...
     drop(bob);
-    assert_taken(a3, "Bob").await;
+    assert_refused(a3, "Bob").await;
     // ...and free once the move timeout has passed.
     let _bob2 = claim_until_granted(a3, "Bob", "second Bob").await;
     let freed = routed.elapsed();

@@ -248,11 +248,7 @@ async fn until_granted(port: u16, server: usize, within: Duration) -> Result<()>
     for attempt in 0.. {
         let (mut reader, mut writer) = wire::connect(&Transport::Tcp, port).await?;
         let name = format!("probe{server}x{attempt}");
-        writer
-            .send(&wire::chat_request("newidentity", "identity", &name))
-            .await?;
-        let reply = wire::chat_reply(&mut reader, "newidentity", "probing the registry").await?;
-        if wire::approved(&reply) {
+        if wire::chat_claim(&mut reader, &mut writer, "newidentity", "identity", &name).await? {
             return Ok(());
         }
         if start.elapsed() > within {

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 
 use super::procs::ChatCluster;
 use super::report::{Plot, Report, quantile};
-use super::wire::{self, Reader, Transport, Writer};
+use super::wire::{self, Proto, Reader, Transport, Writer};
 use super::{BenchOptions, progress};
 
 /// Servers in the cluster.
@@ -161,19 +161,10 @@ fn summary(samples: &[f64]) -> [f64; 3] {
 /// Claims `identity` on the server at `port`, then `room` with it; the
 /// connection returned keeps both.
 async fn hold(port: u16, identity: &str, room: &str) -> Result<(Reader, Writer)> {
-    let (mut reader, mut writer) = wire::connect(&Transport::Tcp, port).await?;
-    if !claim(
-        &mut reader,
-        &mut writer,
-        "newidentity",
-        "identity",
-        identity,
-    )
-    .await?
-    {
-        bail!("identity {identity} refused");
-    }
-    if !claim(&mut reader, &mut writer, "createroom", "roomid", room).await? {
+    let (mut reader, mut writer) = Proto::Chat(Transport::Tcp)
+        .login(port, identity, &[])
+        .await?;
+    if !wire::chat_claim(&mut reader, &mut writer, "createroom", "roomid", room).await? {
         bail!("room {room} refused");
     }
     Ok((reader, writer))
@@ -192,7 +183,7 @@ async fn free_again(port: u16, identity: &str, room: &str, within: Duration) -> 
     };
     let (mut reader, mut writer) = loop {
         let (mut reader, mut writer) = wire::connect(&Transport::Tcp, port).await?;
-        if claim(
+        if wire::chat_claim(
             &mut reader,
             &mut writer,
             "newidentity",
@@ -205,22 +196,8 @@ async fn free_again(port: u16, identity: &str, room: &str, within: Duration) -> 
         }
         retry().await?;
     };
-    while !claim(&mut reader, &mut writer, "createroom", "roomid", room).await? {
+    while !wire::chat_claim(&mut reader, &mut writer, "createroom", "roomid", room).await? {
         retry().await?;
     }
     writer.send(b"{\"type\":\"quit\"}\n").await
-}
-
-/// Sends `{"type":kind, field:name}` and returns whether it was approved.
-async fn claim(
-    reader: &mut Reader,
-    writer: &mut Writer,
-    kind: &str,
-    field: &str,
-    name: &str,
-) -> Result<bool> {
-    writer.send(&wire::chat_request(kind, field, name)).await?;
-    let reply =
-        wire::chat_reply(reader, kind, &format!("waiting for the answer to {kind}")).await?;
-    Ok(wire::approved(&reply))
 }

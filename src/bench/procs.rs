@@ -237,17 +237,9 @@ impl ChatCluster {
         let dir = TempDir::new(tag)?;
         let ports = free_ports(3 * n)?;
         let ids: Vec<String> = (1..=n).map(|i| format!("s{i}")).collect();
-        let mut text = String::new();
-        for (i, id) in ids.iter().enumerate() {
-            text += &format!(
-                "[[server]]\nid = \"{id}\"\nhost = \"127.0.0.1\"\nclient_port = {}\nmesh_port = {}\nadmin_port = {}\n\n",
-                ports[3 * i],
-                ports[3 * i + 1],
-                ports[3 * i + 2]
-            );
-        }
         let config = dir.0.join("cluster.toml");
-        std::fs::write(&config, text).context("cannot write the bench config")?;
+        std::fs::write(&config, crate::config::loopback_cluster_toml(&ports))
+            .context("cannot write the bench config")?;
         let certs = dir.0.join("certs");
         let parsed = crate::ClusterConfig::load(&config)?;
         crate::tls::generate(&parsed, &certs, true)?;

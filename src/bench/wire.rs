@@ -212,6 +212,25 @@ pub async fn chat_enter_room(
     }
 }
 
+/// Sends the chatmesh claim `{"type":kind,field:name}` (`newidentity`,
+/// `createroom`) and returns whether it was approved.
+pub async fn chat_claim(
+    reader: &mut Reader,
+    writer: &mut Writer,
+    kind: &str,
+    field: &str,
+    name: &str,
+) -> Result<bool> {
+    writer.send(&chat_request(kind, field, name)).await?;
+    let reply = chat_reply(
+        reader,
+        kind,
+        &format!("waiting for the answer to {kind} {name}"),
+    )
+    .await?;
+    Ok(approved(&reply))
+}
+
 /// Whether a chatmesh reply says `"approved":"true"`.
 pub fn approved(reply: &serde_json::Value) -> bool {
     reply["approved"] == "true"
@@ -245,12 +264,8 @@ impl Proto {
         let (mut reader, mut writer) = connect(&transport, port).await?;
         match self {
             Proto::Chat(_) => {
-                writer
-                    .send(&chat_request("newidentity", "identity", name))
-                    .await?;
-                let reply = chat_reply(&mut reader, "newidentity", "claiming an identity").await?;
-                if !approved(&reply) {
-                    bail!("identity {name} refused: {reply}");
+                if !chat_claim(&mut reader, &mut writer, "newidentity", "identity", name).await? {
+                    bail!("identity {name} refused");
                 }
             }
             Proto::Irc => {

@@ -28,18 +28,9 @@ impl ProcCluster {
         let ports = free_ports(3 * n);
         assert_eq!(ports.len(), 3 * n, "not enough free ports");
         let dir = temp_dir(tag);
-        let mut text = String::new();
         let ids: Vec<String> = (1..=n).map(|i| format!("s{i}")).collect();
-        for (i, id) in ids.iter().enumerate() {
-            text += &format!(
-                "[[server]]\nid = \"{id}\"\nhost = \"127.0.0.1\"\nclient_port = {}\nmesh_port = {}\nadmin_port = {}\n\n",
-                ports[3 * i],
-                ports[3 * i + 1],
-                ports[3 * i + 2]
-            );
-        }
         let config = dir.join("cluster.toml");
-        std::fs::write(&config, text).unwrap();
+        std::fs::write(&config, chatmesh::config::loopback_cluster_toml(&ports)).unwrap();
         let certs = dir.join("certs");
         let parsed = chatmesh::ClusterConfig::load(&config).unwrap();
         chatmesh::tls::generate(&parsed, &certs, false).unwrap();
