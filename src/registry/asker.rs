@@ -1,0 +1,263 @@
+//! The asker side: this server's requests to the leader (claims, releases,
+//! moves), their retries, deadlines and answers.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use super::*;
+
+/// A request of this server's that the leader has not answered yet.
+#[derive(Debug, Clone)]
+pub(super) struct Pending {
+    pub(super) op: Op,
+    /// `None` for releases and cancels nobody waits for.
+    pub(super) token: Option<u64>,
+    /// `None`: retried until acknowledged (releases, cancels).
+    pub(super) deadline: Option<Instant>,
+    pub(super) last_sent: Option<Instant>,
+    /// The chat layer released the name meanwhile: release it again if granted.
+    pub(super) abandoned: bool,
+}
+
+impl Registry {
+    pub(super) fn own_has(&self, key: &NameKey) -> bool {
+        match key {
+            NameKey::Identity(identity) => self.own.identities.contains_key(identity),
+            NameKey::Room(room) => self.own.rooms.contains_key(room),
+        }
+    }
+
+    pub(super) fn claim_pending_for(&self, key: &NameKey) -> bool {
+        self.pending.values().any(|p| {
+            matches!(p.op, Op::Claim(_) | Op::MoveDone { .. }) && !p.abandoned && p.op.key() == *key
+        })
+    }
+
+    pub(super) fn submit(
+        &mut self,
+        now: Instant,
+        op: Op,
+        token: Option<u64>,
+        out: &mut Vec<Action>,
+    ) {
+        let id = self.next_id;
+        self.next_id += 1;
+        // Releases and cancels must reach the leader eventually, so they never
+        // give up; everything a client waits for does.
+        let deadline = match op {
+            Op::Release(_) | Op::MoveCancel { .. } => None,
+            _ => {
+                out.push(Action::SetTimer {
+                    timer: Timer::RequestDeadline { id },
+                    after: self.config.claim_timeout,
+                });
+                Some(later(now, self.config.claim_timeout))
+            }
+        };
+        self.pending.insert(
+            id,
+            Pending {
+                op,
+                token,
+                deadline,
+                last_sent: None,
+                abandoned: false,
+            },
+        );
+        self.send_pending(now, false, out);
+    }
+
+    /// Sends every pending request that is due (or all, if `force`) to the
+    /// leader. A claim waits while a release of the same name from this
+    /// server is unacknowledged, so the leader sees them in order.
+    pub(super) fn send_pending(&mut self, now: Instant, force: bool, out: &mut Vec<Action>) {
+        let Some(leader) = self.reachable_leader() else {
+            return;
+        };
+        let resolved_below = self.pending.keys().next().copied().unwrap_or(self.next_id);
+        let mut first_release: HashMap<NameKey, u64> = HashMap::new();
+        for (id, p) in &self.pending {
+            if let Op::Release(name) = &p.op {
+                first_release.entry(name.key()).or_insert(*id);
+            }
+        }
+        let interval = self.config.retry_interval;
+        let mut messages = Vec::new();
+        for (id, p) in self.pending.iter_mut() {
+            let waits = matches!(p.op, Op::Claim(_) | Op::MoveDone { .. })
+                && first_release.get(&p.op.key()).is_some_and(|r| r < id);
+            let due = force
+                || p.last_sent
+                    .is_none_or(|t| now.saturating_duration_since(t) >= interval);
+            if waits || !due {
+                continue;
+            }
+            p.last_sent = Some(now);
+            messages.push(RegistryMessage::Request {
+                term: self.term,
+                ticket: Ticket {
+                    incarnation: self.incarnation,
+                    id: *id,
+                    resolved_below,
+                },
+                op: p.op.clone(),
+            });
+        }
+        for msg in messages {
+            self.send(&leader, msg, out);
+        }
+    }
+
+    pub(super) fn request_sync(&mut self, now: Instant, force: bool, out: &mut Vec<Action>) {
+        let Some(leader) = self.reachable_leader() else {
+            return;
+        };
+        if leader == self.id {
+            return;
+        }
+        let due = force
+            || self
+                .sync_sent_at
+                .is_none_or(|t| now.saturating_duration_since(t) >= self.config.retry_interval);
+        if due {
+            self.sync_sent_at = Some(now);
+            let msg = RegistryMessage::Holdings {
+                term: self.term,
+                report: self.report(),
+            };
+            self.send(&leader, msg, out);
+        }
+    }
+
+    pub(super) fn give_up(&mut self, now: Instant, id: u64, out: &mut Vec<Action>) {
+        let due = self
+            .pending
+            .get(&id)
+            .is_some_and(|p| p.deadline.is_some_and(|d| now >= d));
+        if !due {
+            return;
+        }
+        let Some(p) = self.pending.remove(&id) else {
+            return;
+        };
+        if let Some(token) = p.token {
+            let reason = if self.reachable_leader().is_some() {
+                Refusal::LeaderTimeout
+            } else {
+                Refusal::NoLeader
+            };
+            Self::reply(out, token, Err(reason));
+        }
+        // The leader may have granted it anyway: undo, so nothing leaks. (An
+        // abandoned move stays reserved until its cancel is acknowledged:
+        // the target may have taken the identity meanwhile.)
+        let undo = match p.op {
+            Op::Claim(name) => Some(Op::Release(name)),
+            Op::MoveDone { identity } => Some(Op::Release(Name::Identity(identity))),
+            Op::MoveStart { identity, .. } => Some(Op::MoveCancel { identity }),
+            Op::Release(_) | Op::MoveCancel { .. } => None,
+        };
+        if let Some(op) = undo {
+            self.submit(now, op, None, out);
+        }
+    }
+
+    pub(super) fn on_answer(
+        &mut self,
+        now: Instant,
+        id: u64,
+        seq: u64,
+        verdict: Verdict,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(p) = self.pending.remove(&id) else {
+            return;
+        };
+        let key = p.op.key();
+        let sets_state = matches!(verdict, Verdict::Granted { .. })
+            && !p.abandoned
+            && !matches!(p.op, Op::Release(_));
+        match (p.op, verdict) {
+            (Op::Claim(name), Verdict::Granted { stamp }) => {
+                if p.abandoned {
+                    self.submit(now, Op::Release(name), None, out);
+                } else {
+                    match name {
+                        Name::Identity(identity) => self.own.set_identity(IdentityEntry {
+                            identity,
+                            server: self.id.clone(),
+                            moving_to: None,
+                            stamp,
+                        }),
+                        Name::Room { room, owner } => self.own.set_room(RoomEntry {
+                            room,
+                            server: self.id.clone(),
+                            owner,
+                            stamp,
+                        }),
+                    }
+                    if let Some(token) = p.token {
+                        Self::reply(out, token, Ok(()));
+                    }
+                }
+            }
+            (Op::MoveDone { identity }, Verdict::Granted { stamp }) => {
+                if p.abandoned {
+                    self.submit(now, Op::Release(Name::Identity(identity)), None, out);
+                } else {
+                    self.replica.remove_identity(&identity);
+                    self.own.set_identity(IdentityEntry {
+                        identity,
+                        server: self.id.clone(),
+                        moving_to: None,
+                        stamp,
+                    });
+                    if let Some(token) = p.token {
+                        Self::reply(out, token, Ok(()));
+                    }
+                }
+            }
+            (Op::MoveStart { identity, to }, Verdict::Granted { .. }) => {
+                let result = match self.own.identities.get_mut(&identity) {
+                    Some(entry) => {
+                        entry.moving_to = Some(to);
+                        Ok(())
+                    }
+                    // Released or evicted meanwhile; the leader's move expires.
+                    None => Err(Refusal::NotOwner),
+                };
+                if let Some(token) = p.token {
+                    Self::reply(out, token, result);
+                }
+            }
+            (Op::Release(_), _) => {}
+            (Op::MoveCancel { identity }, Verdict::Granted { .. }) => {
+                if let Some(entry) = self.own.identities.get_mut(&identity) {
+                    entry.moving_to = None;
+                }
+            }
+            (Op::MoveCancel { identity }, Verdict::Refused { reason }) => {
+                self.move_refused(now, &identity, None, &reason, out);
+            }
+            (Op::MoveStart { identity, to }, Verdict::Refused { reason }) => {
+                self.move_refused(now, &identity, Some(&to), &reason, out);
+                if let Some(token) = p.token {
+                    Self::reply(out, token, Err(reason));
+                }
+            }
+            (_, Verdict::Refused { reason }) => {
+                if let Some(token) = p.token {
+                    Self::reply(out, token, Err(reason));
+                }
+            }
+        }
+        // Marks only matter (and only stay) while the name is held here.
+        if !self.own_has(&key) {
+            self.marks.remove(&key);
+        } else if sets_state {
+            self.marks.insert(key, (self.term, seq));
+        }
+        // An acknowledged release may unblock a claim of the same name.
+        self.send_pending(now, false, out);
+    }
+}

@@ -1,0 +1,834 @@
+//! The cluster-wide registry of identities and rooms, and the leader's claim
+//! serializer, as one pure state machine per server.
+//!
+//! # Model
+//! Every server runs one [`Registry`]. It holds:
+//! - its **own holdings**: the identities of its connected clients and the rooms
+//!   it hosts. A server is the source of truth for what it owns.
+//! - a **replica** of everybody else's holdings, fed by the leader, so `list`,
+//!   `joinroom` routing and friends are answered locally.
+//! - the **asker** side: the claims, releases and moves it has asked the leader
+//!   for and not yet heard back about.
+//! - while it leads, the **leader** side: the authoritative registry, the
+//!   per-asker answer cache (idempotency) and the sync state of its followers.
+//!
+//! Main halls are not stored: `MainHall-<id>` exists for every configured
+//! server this server sees alive.
+//!
+//! # Driving it
+//! Like `caio/foca` or `quinn-proto`, the registry never reads the clock and
+//! never does I/O: the runtime calls [`Registry::handle`] with the current time
+//! and one [`Input`] (a peer message, a chat-layer request, a failure-detector
+//! transition, an election result or a timer) and applies the returned
+//! [`Action`]s in order. Timers are never cancelled: every timer re-checks its
+//! deadline when it fires, so a late or stale timer is a harmless no-op.
+//!
+//! # Flows
+//! - **Claim** (`newidentity`, `createroom`): the asker sends
+//!   [`RegistryMessage::Request`] with [`Op::Claim`] to the leader. The leader
+//!   checks the name against its registry, records it with a fresh [`Stamp`],
+//!   answers ([`RegistryMessage::Answer`]) and broadcasts the change
+//!   ([`RegistryMessage::Announce`]). Only on the answer does the asker own it.
+//! - **Release** (`quit`, disconnect, `deleteroom`): the asker drops the name
+//!   from its holdings at once (it is the source of truth) and tells the
+//!   leader, retrying until acknowledged. A later claim of the same name from
+//!   the same server waits until that release is acknowledged, so the two can
+//!   never be reordered.
+//! - **Move** (`joinroom` to a room on another server): the origin A asks
+//!   [`Op::MoveStart`] and from then on counts the identity as reserved, not
+//!   held; the chat layer sends `route` once that is granted. When the client
+//!   sends `movejoin` to B, B asks [`Op::MoveDone`], which the leader grants
+//!   only if the identity is moving to B (a forged `movejoin` is refused).
+//!   The identity is re-homed to B with its original stamp. A move that does
+//!   not arrive within [`RegistryConfig::move_timeout`] is released by the
+//!   **leader**: it is the one place that sees both the start and the
+//!   arrival, so it decides atomically which came first. A move the origin
+//!   gives up on is cancelled ([`Op::MoveCancel`]).
+//! - **Leader change**: the new leader starts from an empty registry, asks
+//!   every live server for its holdings ([`RegistryMessage::HoldingsRequest`] /
+//!   [`RegistryMessage::Holdings`]) and grants nothing new until each live
+//!   server answered or [`RegistryConfig::sync_timeout`] passed; requests
+//!   that arrive meanwhile wait in a bounded queue. Followers also send their
+//!   holdings unasked when they learn of a new leader. The leader answers
+//!   every merged report with a full [`RegistryMessage::Snapshot`]; after
+//!   that, numbered announcements keep the replica current, and a gap in the
+//!   numbers makes the follower re-sync.
+//! - **Server down**: the leader removes everything the server held and
+//!   announces [`Change::PurgeServer`].
+//! - **Heal / restart**: when a server comes back, the leader merges its
+//!   holdings. Two holders of one name are resolved by [`Stamp`]: the later
+//!   grant wins (under a majority quorum, the later grant is the one the
+//!   majority made while the other holder was cut off), and the loser is told
+//!   with [`RegistryMessage::Evict`], which surfaces as [`Action::EvictLocal`].
+//!   The loser also evicts itself when an announcement or snapshot shows the
+//!   name on another server under a later stamp, so a lost `Evict` is harmless.
+//!
+//! # Safety argument, in short
+//! - One leader per connected group serializes all new names; with a majority
+//!   quorum at most one group can grant.
+//! - Request ids are `(incarnation, id)`; the leader caches its answers per
+//!   asker, so a retried request gets the same answer. Across leaders, the new
+//!   registry is built only from what servers actually hold, and an asker
+//!   accepts answers only from its current leader and term; a claim granted by
+//!   an old leader but never received is decided afresh.
+//! - A server that reports its holdings to a leader of a newer epoch (term,
+//!   then rank, as the election orders leaders) fences itself: it ignores
+//!   older leaders from then on, so nothing the new leader did not see can
+//!   slip into its holdings; the leader merges only reports made at its own
+//!   term.
+//! - Reports are versioned, and the leader discards a report that is older
+//!   than one it merged, than a request it decided, or than a holding it took
+//!   from that server (evicted, moved away, expired): a late report can
+//!   neither resurrect nor drop a name.
+//! - Answers carry the announcement number they were decided at, and an
+//!   announcement older than the answer that set an own name never touches
+//!   it: the two travel separately and may overtake each other.
+//! - An asker that gives up on a claim releases the name, so a grant that
+//!   arrives too late does not leak.
+//!
+//! # What the runtime must provide
+//! - Registry messages between two live servers are delivered (QUIC streams),
+//!   in any order; a message may be lost only when the link breaks, which the
+//!   failure detector reports ([`Input::PeerDown`] / [`Input::PeerUp`]).
+//! - [`Input::LeaderChanged`] never goes back in epoch (Fast Bully ignores
+//!   older `Coordinator`s); a late, older one is ignored here too.
+//! - Every peer starts down: feed [`Input::PeerUp`] when the detector first
+//!   hears it.
+//! - The incarnation passed to [`Registry::new`] grows across restarts.
+//! - The chat layer sends `route` only after [`LocalRequest::StartMove`] is
+//!   granted, keeps the client on a refusal, and disconnects the clients
+//!   (deletes the rooms) named by [`Action::EvictLocal`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::ServerId;
+
+/// Most requests (claims, moves, releases) one server keeps in flight; more
+/// claims are refused with [`Refusal::Busy`] so memory stays bounded.
+pub const MAX_PENDING: usize = 1024;
+
+/// Most cached answers the leader keeps per asking server. Larger than
+/// [`MAX_PENDING`] so that a well-behaved asker never loses a cached answer.
+pub const DEDUP_PER_ASKER: usize = 2 * MAX_PENDING;
+
+/// Most requests the leader parks while it waits for followers' holdings.
+pub const LEADER_QUEUE: usize = 4096;
+
+/// Messages a server may send to itself while handling one input; a guard
+/// against a logic loop, far above anything a real input causes.
+const LOOPBACK_BUDGET: usize = 100_000;
+
+/// The main hall of a server: `MainHall-<id>`.
+pub fn main_hall(server: &str) -> String {
+    format!("MainHall-{server}")
+}
+
+/// A leader's epoch: its term, then its election rank (position in the
+/// configured server list), which orders two leaders that announced the same
+/// term at once, as the election does.
+type Epoch = (u64, usize);
+
+/// `now + after`, saturating: an absurd configured duration must not panic
+/// (it only makes the deadline come early).
+fn later(now: Instant, after: Duration) -> Instant {
+    now.checked_add(after).unwrap_or(now)
+}
+
+/// Whether `name` is a valid identity or room id: `^[A-Za-z][A-Za-z0-9]{2,15}$`.
+pub fn is_valid_name(name: &str) -> bool {
+    (3..=16).contains(&name.len())
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && name.chars().all(|c| c.is_ascii_alphanumeric())
+}
+
+mod asker;
+mod leader;
+mod messages;
+mod replica;
+mod table;
+#[cfg(test)]
+mod tests;
+
+use asker::Pending;
+use leader::LeaderState;
+pub use messages::*;
+use table::Table;
+
+/// One server's registry: replica, own holdings, asker side and (while it
+/// leads) the leader side. See the module docs.
+#[derive(Debug)]
+pub struct Registry {
+    id: ServerId,
+    /// Configured servers in config order (this one included).
+    servers: Vec<ServerId>,
+    config: RegistryConfig,
+    incarnation: u64,
+    /// Peers the failure detector sees alive (never this server).
+    live: BTreeSet<ServerId>,
+    /// `live` changed since the last [`Registry::take_room_changes`].
+    live_touched: bool,
+    leader: Option<ServerId>,
+    term: u64,
+    /// Newest epoch of a leader this server reported its holdings to (or
+    /// follows); while it is above the followed leader's epoch, that leader
+    /// is ignored (see module docs).
+    fence: Epoch,
+    own: Table,
+    /// Other servers' holdings as last announced by the leader.
+    replica: Table,
+    /// Last announcement applied in this term; `None`: waiting for a snapshot.
+    last_seq: Option<u64>,
+    /// Highest announcement number seen in this term, applied or not: a
+    /// snapshot older than it leaves this server behind.
+    announced: u64,
+    sync_sent_at: Option<Instant>,
+    pending: BTreeMap<u64, Pending>,
+    next_id: u64,
+    /// For own names set by an answer: (term, announcement number) of that
+    /// answer. Announcements and snapshots older than it do not touch the
+    /// name, as they may overtake or trail the answer on the network.
+    marks: HashMap<NameKey, (u64, u64)>,
+    /// Holdings reports made so far (their version numbers).
+    reports: u64,
+    leading: Option<Box<LeaderState>>,
+    retry_at: Option<Instant>,
+    /// Messages to this server itself (the leader asking itself), handled
+    /// before `handle` returns.
+    loopback: VecDeque<RegistryMessage>,
+}
+
+impl Registry {
+    /// A registry for server `id` of a cluster whose servers are `servers`,
+    /// in ascending election priority as `ClusterConfig::ids` gives them: a
+    /// server's position is its rank, which orders two leaders of the same
+    /// term exactly as the election does (`id` is added if missing). The
+    /// order is also the order of the main halls in [`Registry::rooms`].
+    /// `incarnation` must grow across restarts of this server (boot time in
+    /// ms will do). Every peer starts down and there is no leader until the
+    /// runtime says otherwise.
+    pub fn new(
+        id: ServerId,
+        servers: Vec<ServerId>,
+        config: RegistryConfig,
+        incarnation: u64,
+    ) -> Self {
+        let mut unique: Vec<ServerId> = Vec::with_capacity(servers.len() + 1);
+        for server in servers {
+            if !unique.contains(&server) {
+                unique.push(server);
+            }
+        }
+        if !unique.contains(&id) {
+            unique.push(id.clone());
+        }
+        Registry {
+            id,
+            servers: unique,
+            config,
+            incarnation,
+            live: BTreeSet::new(),
+            live_touched: false,
+            leader: None,
+            term: 0,
+            fence: (0, 0),
+            own: Table::default(),
+            replica: Table::default(),
+            last_seq: None,
+            announced: 0,
+            sync_sent_at: None,
+            pending: BTreeMap::new(),
+            next_id: 1,
+            marks: HashMap::new(),
+            reports: 0,
+            leading: None,
+            retry_at: None,
+            loopback: VecDeque::new(),
+        }
+    }
+
+    /// Feeds one input; returns what the runtime must do, in order.
+    pub fn handle(&mut self, now: Instant, input: Input) -> Vec<Action> {
+        let mut out = Vec::new();
+        match input {
+            Input::Message { from, msg } => self.on_message(now, from, msg, &mut out),
+            Input::Local { token, request } => self.on_local(now, token, request, &mut out),
+            Input::PeerUp(peer) => self.on_peer_up(now, peer, &mut out),
+            Input::PeerDown(peer) => self.on_peer_down(now, peer, &mut out),
+            Input::LeaderChanged { leader, term } => {
+                self.on_leader_changed(now, leader, term, &mut out)
+            }
+            Input::Timer(timer) => self.on_timer(now, timer, &mut out),
+        }
+        let mut budget = LOOPBACK_BUDGET;
+        while let Some(msg) = self.loopback.pop_front() {
+            if budget == 0 {
+                self.loopback.clear();
+                break;
+            }
+            budget -= 1;
+            let from = self.id.clone();
+            self.on_message(now, from, msg, &mut out);
+        }
+        self.arm_retry(now, &mut out);
+        out
+    }
+
+    // ----- read side -------------------------------------------------------
+
+    /// This server's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The current leader, if any.
+    pub fn leader(&self) -> Option<&str> {
+        self.leader.as_deref()
+    }
+
+    /// The current leader's term.
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+
+    /// Whether this server currently leads (and has not been fenced off by a
+    /// newer leader).
+    pub fn is_leader(&self) -> bool {
+        self.leading.is_some() && self.epoch() >= self.fence
+    }
+
+    /// Whether this server sees a majority of the configured servers.
+    pub fn has_majority(&self) -> bool {
+        self.reachable_count() * 2 > self.servers.len()
+    }
+
+    /// Whether `server` is this one or a peer seen alive.
+    pub fn is_live(&self, server: &str) -> bool {
+        server == self.id || self.live.contains(server)
+    }
+
+    /// What may answer differently in [`Registry::rooms`] and
+    /// [`Registry::room`] since the last call: so that a reader keeping a
+    /// copy updates just those rooms instead of rebuilding it after every input.
+    pub fn take_room_changes(&mut self) -> RoomChanges {
+        let all = self.own.touched_all || self.replica.touched_all || self.live_touched;
+        self.own.touched_all = false;
+        self.replica.touched_all = false;
+        self.live_touched = false;
+        let mut rooms = std::mem::take(&mut self.own.touched);
+        rooms.append(&mut self.replica.touched);
+        if all {
+            RoomChanges::All
+        } else {
+            RoomChanges::Rooms(rooms)
+        }
+    }
+
+    /// Every room of the cluster for `list`: the main halls of live servers
+    /// in config order, then the other rooms sorted by id.
+    pub fn rooms(&self) -> Vec<String> {
+        let mut rooms: Vec<String> = self
+            .servers
+            .iter()
+            .filter(|s| self.is_live(s))
+            .map(|s| main_hall(s))
+            .collect();
+        let others: BTreeSet<&String> = self
+            .own
+            .rooms
+            .keys()
+            .chain(
+                self.replica
+                    .rooms
+                    .values()
+                    .filter(|r| self.is_live(&r.server))
+                    .map(|r| &r.room),
+            )
+            .collect();
+        rooms.extend(others.into_iter().cloned());
+        rooms
+    }
+
+    /// Where `room` lives and who owns it (main halls included).
+    pub fn room(&self, room: &str) -> Option<RoomInfo> {
+        if let Some(server) = room.strip_prefix("MainHall-") {
+            return self
+                .servers
+                .iter()
+                .find(|s| s.as_str() == server && self.is_live(s))
+                .map(|s| RoomInfo {
+                    server: s.clone(),
+                    owner: String::new(),
+                });
+        }
+        self.own
+            .rooms
+            .get(room)
+            .or_else(|| {
+                self.replica
+                    .rooms
+                    .get(room)
+                    .filter(|r| self.is_live(&r.server))
+            })
+            .map(|r| RoomInfo {
+                server: r.server.clone(),
+                owner: r.owner.clone(),
+            })
+    }
+
+    /// The server hosting `room`, main halls included.
+    pub fn room_server(&self, room: &str) -> Option<ServerId> {
+        self.room(room).map(|info| info.server)
+    }
+
+    /// The server an identity's client is on (a moving identity is still on
+    /// its origin server).
+    pub fn identity_server(&self, identity: &str) -> Option<ServerId> {
+        self.view_identity(identity).map(|e| e.server.clone())
+    }
+
+    /// Whether `identity` is moving to `server`, as far as this server knows.
+    /// A hint only: [`LocalRequest::AcceptMove`] asks the leader.
+    pub fn is_moving_to(&self, identity: &str, server: &str) -> bool {
+        self.view_identity(identity)
+            .is_some_and(|e| e.moving_to.as_deref() == Some(server))
+    }
+
+    /// Whether this server holds `name` itself (a moving identity does not count).
+    pub fn holds(&self, name: &Name) -> bool {
+        match name {
+            Name::Identity(identity) => self
+                .own
+                .identities
+                .get(identity)
+                .is_some_and(|e| e.moving_to.is_none()),
+            Name::Room { room, .. } => self.own.rooms.contains_key(room),
+        }
+    }
+
+    /// Sizes of this server's view, for `/status`.
+    pub fn counts(&self) -> RegistryCounts {
+        let identities = self.own.identities.len()
+            + self
+                .replica
+                .identities
+                .values()
+                .filter(|e| {
+                    self.is_live(&e.server) && !self.own.identities.contains_key(&e.identity)
+                })
+                .count();
+        let rooms = self.own.rooms.len()
+            + self
+                .replica
+                .rooms
+                .values()
+                .filter(|r| self.is_live(&r.server) && !self.own.rooms.contains_key(&r.room))
+                .count();
+        RegistryCounts {
+            identities,
+            rooms,
+            own_identities: self.own.identities.len(),
+            own_rooms: self.own.rooms.len(),
+            pending: self.pending.len(),
+        }
+    }
+
+    fn view_identity(&self, identity: &str) -> Option<&IdentityEntry> {
+        self.own.identities.get(identity).or_else(|| {
+            self.replica
+                .identities
+                .get(identity)
+                .filter(|e| self.is_live(&e.server))
+        })
+    }
+
+    fn reachable_count(&self) -> usize {
+        1 + self.live.len()
+    }
+
+    fn no_majority(&self) -> Refusal {
+        Refusal::NoMajority {
+            reachable: u32::try_from(self.reachable_count()).unwrap_or(u32::MAX),
+            configured: u32::try_from(self.servers.len()).unwrap_or(u32::MAX),
+        }
+    }
+
+    // ----- plumbing --------------------------------------------------------
+
+    fn send(&mut self, to: &str, msg: RegistryMessage, out: &mut Vec<Action>) {
+        if to == self.id {
+            self.loopback.push_back(msg);
+        } else {
+            out.push(Action::Send {
+                to: to.to_string(),
+                msg,
+            });
+        }
+    }
+
+    fn reply(out: &mut Vec<Action>, token: u64, result: Result<(), Refusal>) {
+        out.push(Action::Reply { token, result });
+    }
+
+    /// The leader, if this server can talk to it and it is not fenced off.
+    fn reachable_leader(&self) -> Option<ServerId> {
+        let leader = self.leader.as_ref()?;
+        (self.is_live(leader) && self.epoch() >= self.fence).then(|| leader.clone())
+    }
+
+    /// A server's election rank: its position in the configured list.
+    fn rank(&self, server: &str) -> usize {
+        self.servers.iter().position(|s| s == server).unwrap_or(0)
+    }
+
+    /// The epoch of the leader this server follows.
+    fn epoch(&self) -> Epoch {
+        (
+            self.term,
+            self.leader.as_deref().map_or(0, |l| self.rank(l)),
+        )
+    }
+
+    fn sent_by_leader(&self, from: &str, term: u64) -> bool {
+        self.leader.as_deref() == Some(from) && term == self.term && self.epoch() >= self.fence
+    }
+
+    fn report(&mut self) -> HoldingsReport {
+        self.reports += 1;
+        HoldingsReport {
+            incarnation: self.incarnation,
+            version: self.reports,
+            issued_below: self.next_id,
+            identities: self.own.identities.values().cloned().collect(),
+            rooms: self.own.rooms.values().cloned().collect(),
+            pending: self
+                .pending
+                .values()
+                .filter_map(|p| match &p.op {
+                    Op::Claim(name) => Some(name.clone()),
+                    Op::MoveDone { identity } => Some(Name::Identity(identity.clone())),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+
+    fn arm_retry(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let interval = self.config.retry_interval;
+        if let Some(at) = self.retry_at {
+            // A lost timer must not stall retries for ever.
+            if now.saturating_duration_since(at) < interval {
+                return;
+            }
+        }
+        let follower_unsynced =
+            self.last_seq.is_none() && self.reachable_leader().is_some_and(|l| l != self.id);
+        let leader_unsynced = self
+            .leading
+            .as_ref()
+            .is_some_and(|l| !l.unsynced.is_empty());
+        if !self.pending.is_empty() || follower_unsynced || leader_unsynced {
+            self.retry_at = Some(later(now, interval));
+            out.push(Action::SetTimer {
+                timer: Timer::Retry,
+                after: interval,
+            });
+        } else {
+            self.retry_at = None;
+        }
+    }
+
+    // ----- inputs ----------------------------------------------------------
+
+    fn on_message(
+        &mut self,
+        now: Instant,
+        from: ServerId,
+        msg: RegistryMessage,
+        out: &mut Vec<Action>,
+    ) {
+        if !self.servers.contains(&from) {
+            return;
+        }
+        match msg {
+            RegistryMessage::Request { term, ticket, op } => {
+                if self.is_leader() && term <= self.term {
+                    self.with_leader(|reg, lead| {
+                        reg.lead_request(lead, now, from, ticket, op, out)
+                    });
+                }
+            }
+            RegistryMessage::Holdings { term, report } => {
+                if self.is_leader() && term == self.term {
+                    self.with_leader(|reg, lead| reg.lead_holdings(lead, now, from, report, out));
+                } else if self.is_leader() && term < self.term && from != self.id {
+                    // Made before the sender was fenced at this term: an
+                    // older leader may still have changed its holdings since.
+                    let msg = RegistryMessage::HoldingsRequest { term: self.term };
+                    self.send(&from, msg, out);
+                }
+            }
+            RegistryMessage::HoldingsRequest { term } => {
+                // Holdings are facts: answering any leader that is not stale
+                // is harmless. Answering a newer one fences older ones off:
+                // from now on no answer of an older epoch changes what this
+                // report says.
+                let epoch = (term, self.rank(&from));
+                if epoch >= self.epoch() && from != self.id {
+                    self.fence = self.fence.max(epoch);
+                    let msg = RegistryMessage::Holdings {
+                        term,
+                        report: self.report(),
+                    };
+                    self.send(&from, msg, out);
+                }
+            }
+            RegistryMessage::Answer {
+                term,
+                incarnation,
+                id,
+                seq,
+                verdict,
+            } => {
+                if self.sent_by_leader(&from, term) && incarnation == self.incarnation {
+                    self.on_answer(now, id, seq, verdict, out);
+                }
+            }
+            RegistryMessage::Announce { term, seq, changes } => {
+                if self.sent_by_leader(&from, term) && from != self.id {
+                    self.on_announce(now, seq, &changes, out);
+                }
+            }
+            RegistryMessage::Snapshot {
+                term,
+                seq,
+                identities,
+                rooms,
+            } => {
+                if self.sent_by_leader(&from, term) && from != self.id {
+                    self.on_snapshot(now, seq, identities, rooms, out);
+                }
+            }
+            RegistryMessage::Evict {
+                term,
+                seq,
+                identities,
+                rooms,
+            } => {
+                // An eviction follows from the stamps alone (any leader would
+                // decide the same), so a leader newer than the one this
+                // server knows is obeyed too: one this server already
+                // reported its holdings to may evict before the election
+                // result arrives here.
+                let epoch = (term, self.rank(&from));
+                let newer = epoch > self.epoch() && epoch >= self.fence;
+                if self.sent_by_leader(&from, term) || newer {
+                    self.on_evict((term, seq), identities, rooms, out);
+                }
+            }
+        }
+    }
+
+    fn on_local(&mut self, now: Instant, token: u64, request: LocalRequest, out: &mut Vec<Action>) {
+        match request {
+            LocalRequest::Claim(name) => {
+                let key = name.key();
+                let refusal = if !name.is_valid() {
+                    Some(Refusal::Invalid)
+                } else if self.own_has(&key) || self.claim_pending_for(&key) {
+                    Some(Refusal::Taken)
+                } else if self.config.require_majority && !self.has_majority() {
+                    Some(self.no_majority())
+                } else if self.pending.len() >= MAX_PENDING {
+                    Some(Refusal::Busy)
+                } else {
+                    None
+                };
+                match refusal {
+                    Some(reason) => Self::reply(out, token, Err(reason)),
+                    None => self.submit(now, Op::Claim(name), Some(token), out),
+                }
+            }
+            LocalRequest::StartMove { identity, to } => {
+                let refusal = match self.own.identities.get(&identity) {
+                    None => Some(Refusal::NotOwner),
+                    Some(e) if e.moving_to.is_some() => Some(Refusal::AlreadyMoving),
+                    Some(_) if to == self.id || !self.servers.contains(&to) => {
+                        Some(Refusal::Invalid)
+                    }
+                    Some(_) if !self.live.contains(&to) => Some(Refusal::TargetDown),
+                    Some(_) if self.pending.len() >= MAX_PENDING => Some(Refusal::Busy),
+                    Some(_) => None,
+                };
+                match refusal {
+                    Some(reason) => Self::reply(out, token, Err(reason)),
+                    None => {
+                        // Reserved for the move from now on: the leader may
+                        // grant the arrival before its answer gets here.
+                        if let Some(entry) = self.own.identities.get_mut(&identity) {
+                            entry.moving_to = Some(to.clone());
+                        }
+                        self.submit(now, Op::MoveStart { identity, to }, Some(token), out)
+                    }
+                }
+            }
+            LocalRequest::AcceptMove { identity } => {
+                // A client connected here refuses it; an identity merely
+                // reserved here (its client moved away and may be coming
+                // back) is for the leader to decide.
+                let key = NameKey::Identity(identity.clone());
+                let refusal = if !is_valid_name(&identity)
+                    || self.holds(&Name::Identity(identity.clone()))
+                    || self.claim_pending_for(&key)
+                {
+                    Some(Refusal::NotMoving)
+                } else if self.pending.len() >= MAX_PENDING {
+                    Some(Refusal::Busy)
+                } else {
+                    None
+                };
+                match refusal {
+                    Some(reason) => Self::reply(out, token, Err(reason)),
+                    None => self.submit(now, Op::MoveDone { identity }, Some(token), out),
+                }
+            }
+            LocalRequest::Release(name) => {
+                Self::reply(out, token, Ok(()));
+                let key = name.key();
+                // A claim still in flight for this name: its client is gone.
+                for p in self.pending.values_mut() {
+                    let claims = matches!(p.op, Op::Claim(_) | Op::MoveDone { .. });
+                    if claims && !p.abandoned && p.op.key() == key {
+                        p.abandoned = true;
+                        if let Some(t) = p.token.take() {
+                            Self::reply(out, t, Err(Refusal::Cancelled));
+                        }
+                    }
+                }
+                let held = match &key {
+                    NameKey::Identity(identity) => self.drop_own_identity(identity).is_some(),
+                    NameKey::Room(room) => self.drop_own_room(room).is_some(),
+                };
+                if held {
+                    self.submit(now, Op::Release(name), None, out);
+                }
+            }
+        }
+    }
+
+    fn on_peer_up(&mut self, now: Instant, peer: ServerId, out: &mut Vec<Action>) {
+        if peer == self.id || !self.servers.contains(&peer) || !self.live.insert(peer.clone()) {
+            return;
+        }
+        self.live_touched = true;
+        if self.is_leader() {
+            // A server coming back re-registers what it still holds; new
+            // grants wait briefly so it is not robbed of a name it kept.
+            let deadline = later(now, self.config.sync_timeout);
+            if let Some(lead) = self.leading.as_mut() {
+                lead.unsynced.insert(peer.clone(), deadline);
+            }
+            let msg = RegistryMessage::HoldingsRequest { term: self.term };
+            self.send(&peer, msg, out);
+            out.push(Action::SetTimer {
+                timer: Timer::SyncDeadline,
+                after: self.config.sync_timeout,
+            });
+        }
+        if self.leader.as_ref() == Some(&peer) {
+            self.send_pending(now, true, out);
+            if self.last_seq.is_none() {
+                self.request_sync(now, true, out);
+            }
+        }
+    }
+
+    fn on_peer_down(&mut self, now: Instant, peer: ServerId, out: &mut Vec<Action>) {
+        if peer == self.id || !self.live.remove(&peer) {
+            return;
+        }
+        self.live_touched = true;
+        if self.is_leader() {
+            self.with_leader(|reg, lead| reg.lead_purge(lead, now, &peer, out));
+        }
+    }
+
+    fn on_leader_changed(
+        &mut self,
+        now: Instant,
+        leader: Option<ServerId>,
+        term: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let leader = leader.filter(|l| self.servers.contains(l));
+        // Epochs never go back (Fast Bully ignores older Coordinators); a
+        // late notification of an older election is stale. `None` (leader
+        // lost) keeps the term.
+        let epoch = (term, leader.as_deref().map_or(0, |l| self.rank(l)));
+        let older = term < self.term || (leader.is_some() && epoch < self.epoch());
+        if (leader == self.leader && term == self.term) || older {
+            return;
+        }
+        self.leader = leader.clone();
+        self.term = term;
+        if leader.is_some() {
+            self.fence = self.fence.max(epoch);
+        }
+        self.leading = None;
+        self.last_seq = None;
+        self.announced = 0;
+        self.sync_sent_at = None;
+        match leader {
+            Some(l) if l == self.id => self.start_leading(now, out),
+            Some(_) => self.request_sync(now, true, out),
+            None => {}
+        }
+        self.send_pending(now, true, out);
+    }
+
+    fn on_timer(&mut self, now: Instant, timer: Timer, out: &mut Vec<Action>) {
+        match timer {
+            Timer::Retry => {
+                if self.retry_at.is_some_and(|at| now < at) {
+                    return;
+                }
+                self.retry_at = None;
+                self.send_pending(now, false, out);
+                if self.last_seq.is_none() {
+                    self.request_sync(now, false, out);
+                }
+                if self.is_leader() {
+                    let unsynced: Vec<ServerId> = self
+                        .leading
+                        .as_ref()
+                        .map(|l| l.unsynced.keys().cloned().collect())
+                        .unwrap_or_default();
+                    for server in unsynced {
+                        if server == self.id {
+                            let report = self.report();
+                            let msg = RegistryMessage::Holdings {
+                                term: self.term,
+                                report,
+                            };
+                            self.loopback.push_back(msg);
+                        } else if self.live.contains(&server) {
+                            let msg = RegistryMessage::HoldingsRequest { term: self.term };
+                            self.send(&server, msg, out);
+                        }
+                    }
+                }
+            }
+            Timer::RequestDeadline { id } => self.give_up(now, id, out),
+            Timer::MoveExpiry { identity } => {
+                if self.is_leader() {
+                    self.with_leader(|reg, lead| reg.lead_move_expiry(lead, now, &identity, out));
+                }
+            }
+            Timer::SyncDeadline => {
+                if self.is_leader() {
+                    self.with_leader(|reg, lead| reg.flush_queue(lead, now, out));
+                }
+            }
+        }
+    }
+}

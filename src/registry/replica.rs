@@ -1,0 +1,331 @@
+//! The follower side: the replica of other servers' holdings, fed by the
+//! leader's announcements, snapshots and evictions, and what they mean for
+//! this server's own names.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use super::*;
+
+impl Registry {
+    /// Whether news as of `at` (term, announcement number) may change the
+    /// own name `key`: it must not be older than the answer that set it.
+    pub(super) fn fresh(&self, key: &NameKey, at: (u64, u64)) -> bool {
+        self.marks.get(key).is_none_or(|mark| at >= *mark)
+    }
+
+    /// The leader refused a move or its cancel. `Taken`: another server has
+    /// the identity now, so it is lost here. Otherwise the move did not
+    /// happen: the client stays (and if the leader did not know the
+    /// identity at all, this server re-registers).
+    pub(super) fn move_refused(
+        &mut self,
+        now: Instant,
+        identity: &str,
+        to: Option<&str>,
+        reason: &Refusal,
+        out: &mut Vec<Action>,
+    ) {
+        let cancel_pending = self
+            .pending
+            .values()
+            .any(|p| matches!(&p.op, Op::MoveCancel { identity: i } if i == identity));
+        match reason {
+            Refusal::Taken => {
+                if self.drop_own_identity(identity).is_some() {
+                    Self::evict_local(vec![identity.to_string()], vec![], out);
+                }
+            }
+            _ if cancel_pending => {}
+            _ => {
+                if let Some(entry) = self.own.identities.get_mut(identity)
+                    && (to.is_none() || entry.moving_to.as_deref() == to)
+                {
+                    entry.moving_to = None;
+                }
+                if *reason == Refusal::NotOwner {
+                    self.last_seq = None;
+                    self.request_sync(now, true, out);
+                }
+            }
+        }
+    }
+
+    /// The leader (as of `at`) has `entry` on another server. With the same
+    /// stamp, this server's client moved there; with a later stamp, this
+    /// server lost a heal conflict (the leader's `Evict` says the same, but
+    /// the registry does not depend on it arriving).
+    pub(super) fn check_identity(
+        &mut self,
+        entry: &IdentityEntry,
+        at: (u64, u64),
+        out: &mut Vec<Action>,
+    ) {
+        let key = NameKey::Identity(entry.identity.clone());
+        let lost = self
+            .own
+            .identities
+            .get(&entry.identity)
+            .is_some_and(|own| own.stamp <= entry.stamp);
+        if lost && self.fresh(&key, at) {
+            self.lose_identity(&entry.identity, out);
+        }
+    }
+
+    /// Like [`Registry::check_identity`] for rooms (which never move).
+    pub(super) fn check_room(&mut self, entry: &RoomEntry, at: (u64, u64), out: &mut Vec<Action>) {
+        let key = NameKey::Room(entry.room.clone());
+        let lost = self
+            .own
+            .rooms
+            .get(&entry.room)
+            .is_some_and(|own| own.stamp <= entry.stamp);
+        if lost && self.fresh(&key, at) && self.drop_own_room(&entry.room).is_some() {
+            Self::evict_local(vec![], vec![entry.room.clone()], out);
+        }
+    }
+
+    /// Whether this server's chat layer still has a client for `identity`:
+    /// it holds it, or the client has not been routed away yet (its move
+    /// is still being asked for, or was given up and is being cancelled).
+    pub(super) fn client_here(&self, identity: &str) -> bool {
+        self.own
+            .identities
+            .get(identity)
+            .is_some_and(|e| e.moving_to.is_none())
+            || self.pending.values().any(|p| match &p.op {
+                Op::MoveStart { identity: i, .. } | Op::MoveCancel { identity: i } => i == identity,
+                _ => false,
+            })
+    }
+
+    /// Drops an own identity the leader re-homed elsewhere or released. If
+    /// the chat layer still has its client (a move given up on completed
+    /// anyway), that client must be disconnected.
+    pub(super) fn lose_identity(&mut self, identity: &str, out: &mut Vec<Action>) {
+        let here = self.client_here(identity);
+        if self.drop_own_identity(identity).is_some() && here {
+            Self::evict_local(vec![identity.to_string()], vec![], out);
+        }
+    }
+
+    pub(super) fn evict_local(identities: Vec<String>, rooms: Vec<String>, out: &mut Vec<Action>) {
+        out.push(Action::Log(LogEvent::Evicted {
+            identities: identities.clone(),
+            rooms: rooms.clone(),
+        }));
+        out.push(Action::EvictLocal { identities, rooms });
+    }
+
+    pub(super) fn drop_own_identity(&mut self, identity: &str) -> Option<IdentityEntry> {
+        self.marks.remove(&NameKey::Identity(identity.to_string()));
+        self.own.remove_identity(identity)
+    }
+
+    pub(super) fn drop_own_room(&mut self, room: &str) -> Option<RoomEntry> {
+        self.marks.remove(&NameKey::Room(room.to_string()));
+        self.own.remove_room(room)
+    }
+
+    /// Applies one announced change (as of `at`: term, announcement number)
+    /// to the replica and, where it concerns this server's own names, to its
+    /// holdings. Returns whether this server must re-register (the leader
+    /// dropped a name this server still holds, or purged this server).
+    pub(super) fn apply_change(
+        &mut self,
+        change: &Change,
+        at: (u64, u64),
+        out: &mut Vec<Action>,
+    ) -> bool {
+        match change {
+            Change::SetIdentity(entry) => {
+                if entry.server == self.id {
+                    self.replica.remove_identity(&entry.identity);
+                } else {
+                    self.check_identity(entry, at, out);
+                    self.replica.set_identity(entry.clone());
+                }
+                false
+            }
+            Change::RemoveIdentity { identity, stamp } => {
+                self.replica.remove_identity(identity);
+                let key = NameKey::Identity(identity.clone());
+                let moving = match self.own.identities.get(identity) {
+                    Some(own) if own.stamp == *stamp && self.fresh(&key, at) => {
+                        own.moving_to.is_some()
+                    }
+                    _ => return false,
+                };
+                if moving {
+                    // The move expired.
+                    self.lose_identity(identity, out);
+                }
+                !moving
+            }
+            Change::SetRoom(entry) => {
+                if entry.server == self.id {
+                    self.replica.remove_room(&entry.room);
+                } else {
+                    self.check_room(entry, at, out);
+                    self.replica.set_room(entry.clone());
+                }
+                false
+            }
+            Change::RemoveRoom { room, stamp } => {
+                self.replica.remove_room(room);
+                let key = NameKey::Room(room.clone());
+                self.own
+                    .rooms
+                    .get(room)
+                    .is_some_and(|own| own.stamp == *stamp)
+                    && self.fresh(&key, at)
+            }
+            Change::PurgeServer { server } => {
+                self.replica.purge(server);
+                *server == self.id
+            }
+        }
+    }
+
+    pub(super) fn on_announce(
+        &mut self,
+        now: Instant,
+        seq: u64,
+        changes: &[Change],
+        out: &mut Vec<Action>,
+    ) {
+        self.announced = self.announced.max(seq);
+        match self.last_seq {
+            Some(last) if seq <= last => {}
+            Some(last) if Some(seq) == last.checked_add(1) => {
+                self.last_seq = Some(seq);
+                let mut resync = false;
+                for change in changes {
+                    resync |= self.apply_change(change, (self.term, seq), out);
+                }
+                if resync {
+                    self.last_seq = None;
+                    self.request_sync(now, true, out);
+                }
+            }
+            // A gap, or no snapshot yet in this term: ask for a snapshot.
+            _ => {
+                self.last_seq = None;
+                self.request_sync(now, false, out);
+            }
+        }
+    }
+
+    pub(super) fn on_snapshot(
+        &mut self,
+        now: Instant,
+        seq: u64,
+        identities: Vec<IdentityEntry>,
+        rooms: Vec<RoomEntry>,
+        out: &mut Vec<Action>,
+    ) {
+        if self.last_seq.is_some_and(|last| seq < last) {
+            return;
+        }
+        self.replica.clear();
+        let mut present = BTreeSet::new();
+        for entry in identities {
+            if !is_valid_name(&entry.identity) {
+                continue;
+            }
+            present.insert(entry.identity.clone());
+            if entry.server == self.id {
+                continue;
+            }
+            self.check_identity(&entry, (self.term, seq), out);
+            self.replica.set_identity(entry);
+        }
+        // A snapshot answers this server's own report: what the leader did
+        // not register from it was refused (lost to another holder, or a
+        // move that expired or completed). Names granted after the snapshot
+        // was made are not judged by it.
+        let at = (self.term, seq);
+        let gone: Vec<String> = self
+            .own
+            .identities
+            .keys()
+            .filter(|name| !present.contains(*name))
+            .filter(|name| self.fresh(&NameKey::Identity((*name).clone()), at))
+            .cloned()
+            .collect();
+        for identity in gone {
+            self.lose_identity(&identity, out);
+        }
+        let mut rooms_present = BTreeSet::new();
+        for entry in rooms {
+            if !is_valid_name(&entry.room) {
+                continue;
+            }
+            rooms_present.insert(entry.room.clone());
+            if entry.server != self.id {
+                self.check_room(&entry, at, out);
+                self.replica.set_room(entry);
+            }
+        }
+        let gone: Vec<String> = self
+            .own
+            .rooms
+            .keys()
+            .filter(|name| !rooms_present.contains(*name))
+            .filter(|name| self.fresh(&NameKey::Room((*name).clone()), at))
+            .cloned()
+            .collect();
+        for room in gone {
+            if self.drop_own_room(&room).is_some() {
+                Self::evict_local(vec![], vec![room], out);
+            }
+        }
+        self.last_seq = Some(seq);
+        self.sync_sent_at = None;
+        if self.announced > seq {
+            // Announcements dropped while waiting for this snapshot are not
+            // in it: ask again.
+            self.last_seq = None;
+            self.request_sync(now, true, out);
+        }
+    }
+
+    pub(super) fn on_evict(
+        &mut self,
+        at: (u64, u64),
+        identities: Vec<IdentityEntry>,
+        rooms: Vec<RoomEntry>,
+        out: &mut Vec<Action>,
+    ) {
+        let mut lost_identities = Vec::new();
+        for entry in identities {
+            let matches = self
+                .own
+                .identities
+                .get(&entry.identity)
+                .is_some_and(|own| own.stamp == entry.stamp);
+            if matches && self.fresh(&NameKey::Identity(entry.identity.clone()), at) {
+                // A client that moved away has nobody here to disconnect.
+                let here = self.client_here(&entry.identity);
+                if self.drop_own_identity(&entry.identity).is_some() && here {
+                    lost_identities.push(entry.identity);
+                }
+            }
+        }
+        let mut lost_rooms = Vec::new();
+        for entry in rooms {
+            let matches = self
+                .own
+                .rooms
+                .get(&entry.room)
+                .is_some_and(|own| own.stamp == entry.stamp);
+            if matches && self.fresh(&NameKey::Room(entry.room.clone()), at) {
+                self.drop_own_room(&entry.room);
+                lost_rooms.push(entry.room);
+            }
+        }
+        if !lost_identities.is_empty() || !lost_rooms.is_empty() {
+            Self::evict_local(lost_identities, lost_rooms, out);
+        }
+    }
+}

@@ -1,0 +1,805 @@
+//! Deterministic tests: unit tests that feed one registry by hand, and a
+//! simulated cluster (message delays, crashes, partitions, elections
+//! injected by the test) with an invariant check after every event.
+//! Every simulated test prints its seed on failure.
+
+use super::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+/// How long the simulated failure detector takes to declare a silent
+/// peer down.
+const DETECT: Duration = Duration::from_millis(100);
+/// How long it takes to declare a peer up once it can be heard.
+const UP_DELAY: Duration = Duration::from_millis(20);
+/// The simulated detector looks at the topology this often.
+const DETECTOR_TICK: Duration = Duration::from_millis(10);
+/// After a heal or restart, duplicates between the rejoined servers are
+/// tolerated this long: the cluster must converge within it.
+const GRACE: Duration = Duration::from_millis(1000);
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn sid(i: usize) -> ServerId {
+    format!("s{}", i + 1)
+}
+
+fn test_config(require_majority: bool) -> RegistryConfig {
+    RegistryConfig {
+        require_majority,
+        claim_timeout: ms(2000),
+        retry_interval: ms(200),
+        sync_timeout: ms(500),
+        move_timeout: ms(1000),
+    }
+}
+
+fn ident(name: &str) -> Name {
+    Name::Identity(name.to_string())
+}
+
+fn room(room: &str, owner: &str) -> Name {
+    Name::Room {
+        room: room.to_string(),
+        owner: owner.to_string(),
+    }
+}
+
+enum Event {
+    Deliver {
+        from: usize,
+        to: usize,
+        to_inc: u64,
+        bytes: Vec<u8>,
+    },
+    Timer {
+        node: usize,
+        inc: u64,
+        timer: Timer,
+    },
+    Input {
+        node: usize,
+        inc: u64,
+        input: Input,
+    },
+    Local {
+        node: usize,
+        inc: u64,
+        request: LocalRequest,
+    },
+    Reelect,
+    DetectorTick,
+}
+
+struct Asked {
+    node: usize,
+    inc: u64,
+    at: Duration,
+    request: LocalRequest,
+}
+
+type LossFilter = Box<dyn FnMut(usize, usize, &RegistryMessage) -> bool>;
+
+/// N registries, a message queue with random delays, crashes, partitions
+/// and elections driven by the test.
+struct Sim {
+    seed: u64,
+    rng: StdRng,
+    base: Instant,
+    now: Duration,
+    cfg: RegistryConfig,
+    nodes: Vec<Option<Registry>>,
+    incs: Vec<u64>,
+    heap: BinaryHeap<Reverse<(Duration, u64)>>,
+    events: HashMap<u64, Event>,
+    next_event: u64,
+    cut: BTreeSet<(usize, usize)>,
+    /// When each pair last (re)connected: heal or restart.
+    since: Vec<Vec<Duration>>,
+    /// What each server's failure detector currently reports for each peer.
+    believed: Vec<Vec<bool>>,
+    /// Since when the truth differs from what the detector reports.
+    differs_since: Vec<Vec<Option<Duration>>>,
+    term: u64,
+    delay_ms: (u64, u64),
+    next_token: u64,
+    asked: BTreeMap<u64, Asked>,
+    replies: BTreeMap<u64, (Duration, Result<(), Refusal>)>,
+    evictions: Vec<(usize, Vec<String>, Vec<String>)>,
+    logs: Vec<(usize, LogEvent)>,
+    /// When two grants of one name were first seen held by servers that
+    /// can talk.
+    conflicts: HashMap<(NameKey, Stamp, Stamp), Duration>,
+    /// Emulate the chat layer: clients routed by a granted move arrive
+    /// at the target (mostly), rooms of evicted owners are deleted.
+    chat: bool,
+    lose: Option<LossFilter>,
+}
+
+impl Sim {
+    fn new(n: usize, seed: u64, require_majority: bool) -> Sim {
+        eprintln!("seed {seed}");
+        let cfg = test_config(require_majority);
+        let ids: Vec<ServerId> = (0..n).map(sid).collect();
+        let mut sim = Sim {
+            seed,
+            rng: StdRng::seed_from_u64(seed),
+            base: Instant::now(),
+            now: Duration::ZERO,
+            cfg: cfg.clone(),
+            nodes: (0..n)
+                .map(|i| Some(Registry::new(sid(i), ids.clone(), cfg.clone(), 1)))
+                .collect(),
+            incs: vec![1; n],
+            heap: BinaryHeap::new(),
+            events: HashMap::new(),
+            next_event: 0,
+            cut: BTreeSet::new(),
+            since: vec![vec![Duration::ZERO; n]; n],
+            believed: vec![vec![true; n]; n],
+            differs_since: vec![vec![None; n]; n],
+            term: 1,
+            delay_ms: (1, 10),
+            next_token: 1,
+            asked: BTreeMap::new(),
+            replies: BTreeMap::new(),
+            evictions: Vec::new(),
+            logs: Vec::new(),
+            conflicts: HashMap::new(),
+            chat: false,
+            lose: None,
+        };
+        for i in 0..n {
+            for j in 0..n {
+                if i != j {
+                    sim.input_now(i, Input::PeerUp(sid(j)));
+                }
+            }
+        }
+        for i in 0..n {
+            let input = Input::LeaderChanged {
+                leader: Some(sid(n - 1)),
+                term: 1,
+            };
+            sim.input_now(i, input);
+        }
+        sim.schedule(DETECTOR_TICK, Event::DetectorTick);
+        sim.run_for(ms(50));
+        sim
+    }
+
+    /// A failure detector per server, driven by the real topology: a
+    /// peer is declared down after `DETECT` without contact and up
+    /// `UP_DELAY` after contact resumes.
+    fn detector_tick(&mut self) {
+        for i in self.alive() {
+            for j in 0..self.n() {
+                if i == j {
+                    continue;
+                }
+                let truth = self.nodes[j].is_some() && !self.is_cut(i, j);
+                if truth == self.believed[i][j] {
+                    self.differs_since[i][j] = None;
+                    continue;
+                }
+                let start = *self.differs_since[i][j].get_or_insert(self.now);
+                let needed = if truth { UP_DELAY } else { DETECT };
+                if self.now >= start + needed {
+                    self.believed[i][j] = truth;
+                    self.differs_since[i][j] = None;
+                    let input = if truth {
+                        Input::PeerUp(sid(j))
+                    } else {
+                        Input::PeerDown(sid(j))
+                    };
+                    self.input_now(i, input);
+                }
+            }
+        }
+        self.schedule(DETECTOR_TICK, Event::DetectorTick);
+    }
+
+    fn n(&self) -> usize {
+        self.nodes.len()
+    }
+
+    fn node(&self, i: usize) -> &Registry {
+        self.nodes[i].as_ref().expect("node is alive")
+    }
+
+    fn alive(&self) -> Vec<usize> {
+        (0..self.n()).filter(|i| self.nodes[*i].is_some()).collect()
+    }
+
+    fn is_cut(&self, a: usize, b: usize) -> bool {
+        self.cut.contains(&(a.min(b), a.max(b)))
+    }
+
+    fn schedule(&mut self, after: Duration, event: Event) {
+        let id = self.next_event;
+        self.next_event += 1;
+        self.heap.push(Reverse((self.now + after, id)));
+        self.events.insert(id, event);
+    }
+
+    fn input_now(&mut self, node: usize, input: Input) {
+        let now = self.base + self.now;
+        let Some(reg) = self.nodes[node].as_mut() else {
+            return;
+        };
+        let trace = std::env::var_os("SIM_TRACE").is_some();
+        if trace {
+            eprintln!("{:?} {} <- {input:?}", self.now, sid(node));
+        }
+        let actions = reg.handle(now, input);
+        if trace {
+            for a in &actions {
+                if !matches!(a, Action::SetTimer { .. }) {
+                    eprintln!("{:?} {} -> {a:?}", self.now, sid(node));
+                }
+            }
+        }
+        self.process(node, actions);
+    }
+
+    fn input_later(&mut self, node: usize, after: Duration, input: Input) {
+        let inc = self.incs[node];
+        self.schedule(after, Event::Input { node, inc, input });
+    }
+
+    fn transmit(&mut self, from: usize, to: usize, msg: &RegistryMessage) {
+        if self.is_cut(from, to) {
+            return;
+        }
+        if let Some(lose) = self.lose.as_mut()
+            && lose(from, to, msg)
+        {
+            return;
+        }
+        let bytes = postcard::to_stdvec(msg).expect("messages encode");
+        let delay = ms(self.rng.random_range(self.delay_ms.0..=self.delay_ms.1));
+        let to_inc = self.incs[to];
+        self.schedule(
+            delay,
+            Event::Deliver {
+                from,
+                to,
+                to_inc,
+                bytes,
+            },
+        );
+    }
+
+    fn process(&mut self, node: usize, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Send { to, msg } => {
+                    let to = (0..self.n()).find(|j| sid(*j) == to).expect("known peer");
+                    assert_ne!(to, node, "seed {}: a send to itself", self.seed);
+                    self.transmit(node, to, &msg);
+                }
+                Action::Broadcast { msg } => {
+                    for to in 0..self.n() {
+                        if to != node {
+                            self.transmit(node, to, &msg);
+                        }
+                    }
+                }
+                Action::Reply { token, result } => self.on_reply(node, token, result),
+                Action::SetTimer { timer, after } => {
+                    let inc = self.incs[node];
+                    self.schedule(after, Event::Timer { node, inc, timer });
+                }
+                Action::EvictLocal { identities, rooms } => {
+                    if self.chat {
+                        // Quitting clients take their rooms with them.
+                        let owned: Vec<String> = self
+                            .node(node)
+                            .own
+                            .rooms
+                            .values()
+                            .filter(|r| identities.contains(&r.owner))
+                            .map(|r| r.room.clone())
+                            .collect();
+                        for r in owned {
+                            let inc = self.incs[node];
+                            let request = LocalRequest::Release(room(&r, "Nobody"));
+                            self.schedule(Duration::ZERO, Event::Local { node, inc, request });
+                        }
+                    }
+                    self.evictions.push((node, identities, rooms));
+                }
+                Action::Log(event) => self.logs.push((node, event)),
+            }
+        }
+    }
+
+    fn on_reply(&mut self, node: usize, token: u64, result: Result<(), Refusal>) {
+        let seed = self.seed;
+        assert!(
+            !self.replies.contains_key(&token),
+            "seed {seed}: token {token} answered twice"
+        );
+        let asked = self.asked.get(&token).expect("reply to a known token");
+        assert_eq!(asked.node, node, "seed {seed}: reply on the wrong server");
+        let waited = self.now - asked.at;
+        assert!(
+            waited <= self.cfg.claim_timeout,
+            "seed {seed}: token {token} waited {waited:?}"
+        );
+        if let (LocalRequest::Claim(name), Ok(())) = (&asked.request, &result) {
+            for (other, _) in self.holdings().remove(&name.key()).unwrap_or_default() {
+                assert!(
+                    other == node || !self.stable(node, other),
+                    "seed {seed}: at {:?} {name} granted to {} while {} holds it",
+                    self.now,
+                    sid(node),
+                    sid(other)
+                );
+            }
+        }
+        let asked = self.asked.get(&token).expect("reply to a known token");
+        if self.chat
+            && result.is_ok()
+            && let LocalRequest::StartMove { identity, to } = &asked.request
+            && self.rng.random_bool(0.7)
+        {
+            let to = (0..self.n()).find(|j| sid(*j) == *to).expect("known");
+            let inc = self.incs[to];
+            let request = LocalRequest::AcceptMove {
+                identity: identity.clone(),
+            };
+            let after = ms(self.rng.random_range(5..=40));
+            self.schedule(
+                after,
+                Event::Local {
+                    node: to,
+                    inc,
+                    request,
+                },
+            );
+        }
+        self.replies.insert(token, (self.now, result));
+    }
+
+    fn local(&mut self, node: usize, request: LocalRequest) -> u64 {
+        let token = self.next_token;
+        self.next_token += 1;
+        self.asked.insert(
+            token,
+            Asked {
+                node,
+                inc: self.incs[node],
+                at: self.now,
+                request: request.clone(),
+            },
+        );
+        self.input_now(node, Input::Local { token, request });
+        token
+    }
+
+    fn claim(&mut self, node: usize, name: Name) -> u64 {
+        self.local(node, LocalRequest::Claim(name))
+    }
+
+    fn result(&self, token: u64) -> Option<&Result<(), Refusal>> {
+        self.replies.get(&token).map(|(_, r)| r)
+    }
+
+    fn step(&mut self) -> bool {
+        let Some(Reverse((at, id))) = self.heap.pop() else {
+            return false;
+        };
+        let Some(event) = self.events.remove(&id) else {
+            return true;
+        };
+        assert!(at >= self.now, "seed {}: time went back", self.seed);
+        self.now = at;
+        match event {
+            Event::Deliver {
+                from,
+                to,
+                to_inc,
+                bytes,
+            } => {
+                if !self.is_cut(from, to) && to_inc == self.incs[to] {
+                    let msg: RegistryMessage =
+                        postcard::from_bytes(&bytes).expect("messages decode");
+                    self.input_now(
+                        to,
+                        Input::Message {
+                            from: sid(from),
+                            msg,
+                        },
+                    );
+                }
+            }
+            Event::Timer { node, inc, timer } => {
+                if inc == self.incs[node] {
+                    self.input_now(node, Input::Timer(timer));
+                }
+            }
+            Event::Input { node, inc, input } => {
+                if inc == self.incs[node] {
+                    self.input_now(node, input);
+                }
+            }
+            Event::Local { node, inc, request } => {
+                if inc == self.incs[node] && self.nodes[node].is_some() {
+                    self.local(node, request);
+                }
+            }
+            Event::Reelect => self.reelect(),
+            Event::DetectorTick => self.detector_tick(),
+        }
+        self.check();
+        true
+    }
+
+    fn run_for(&mut self, d: Duration) {
+        let end = self.now + d;
+        while let Some(Reverse((at, _))) = self.heap.peek() {
+            if *at > end {
+                break;
+            }
+            self.step();
+        }
+        self.now = end;
+    }
+
+    /// Whether `a` and `b` can talk and have for longer than the grace
+    /// period (a heal or restart restarts the clock).
+    fn stable(&self, a: usize, b: usize) -> bool {
+        !self.is_cut(a, b) && self.now >= self.since[a][b] + GRACE
+    }
+
+    /// Who holds what (moving identities are reserved, not held).
+    fn holdings(&self) -> BTreeMap<NameKey, Vec<(usize, Stamp)>> {
+        let mut holders: BTreeMap<NameKey, Vec<(usize, Stamp)>> = BTreeMap::new();
+        for i in self.alive() {
+            let reg = self.node(i);
+            for e in reg.own.identities.values() {
+                if e.moving_to.is_none() {
+                    let key = NameKey::Identity(e.identity.clone());
+                    holders.entry(key).or_default().push((i, e.stamp.clone()));
+                }
+            }
+            for r in reg.own.rooms.values() {
+                let key = NameKey::Room(r.room.clone());
+                holders.entry(key).or_default().push((i, r.stamp.clone()));
+            }
+        }
+        holders
+    }
+
+    /// Invariants after every event, between servers that can talk:
+    /// one grant is never held twice, and two grants of one name (the
+    /// two sides of a healed partition) are resolved within the grace
+    /// period of first meeting. (That no new name is granted while a
+    /// connected server holds it is checked on every grant.)
+    fn check(&mut self) {
+        for (key, hs) in self.holdings() {
+            for (x, (a, sa)) in hs.iter().enumerate() {
+                for (b, sb) in &hs[x + 1..] {
+                    if self.is_cut(*a, *b) {
+                        continue;
+                    }
+                    let (seed, now) = (self.seed, self.now);
+                    let (na, nb) = (sid(*a), sid(*b));
+                    assert_ne!(
+                        sa, sb,
+                        "seed {seed}: at {now:?} one grant of {key:?} held by {na} and {nb}"
+                    );
+                    let pair = (
+                        key.clone(),
+                        sa.clone().min(sb.clone()),
+                        sa.clone().max(sb.clone()),
+                    );
+                    // The clock restarts when the two reconnect after a
+                    // cut: convergence needs them in one group.
+                    let first = *self.conflicts.entry(pair).or_insert(now);
+                    let since = first.max(self.since[*a][*b]);
+                    assert!(
+                        now < since + GRACE,
+                        "seed {seed}: at {now:?} {key:?} held by {na} and {nb} since {since:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    fn crash(&mut self, node: usize) {
+        self.nodes[node] = None;
+        self.incs[node] += 1;
+    }
+
+    fn restart(&mut self, node: usize) {
+        let ids: Vec<ServerId> = (0..self.n()).map(sid).collect();
+        self.incs[node] += 1;
+        let inc = self.incs[node];
+        self.nodes[node] = Some(Registry::new(sid(node), ids, self.cfg.clone(), inc));
+        for j in 0..self.n() {
+            self.since[node][j] = self.now;
+            self.since[j][node] = self.now;
+            // A new process starts with every peer down.
+            self.believed[node][j] = false;
+            self.differs_since[node][j] = None;
+        }
+    }
+
+    fn partition(&mut self, groups: &[Vec<usize>]) {
+        let group_of = |i: usize| groups.iter().position(|g| g.contains(&i));
+        for a in 0..self.n() {
+            for b in a + 1..self.n() {
+                if group_of(a) != group_of(b) {
+                    self.cut.insert((a, b));
+                }
+            }
+        }
+    }
+
+    fn heal(&mut self) {
+        for (a, b) in std::mem::take(&mut self.cut) {
+            self.since[a][b] = self.now;
+            self.since[b][a] = self.now;
+        }
+    }
+
+    fn components(&self) -> Vec<Vec<usize>> {
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for start in self.alive() {
+            if !seen.insert(start) {
+                continue;
+            }
+            let mut comp = vec![start];
+            let mut stack = vec![start];
+            while let Some(a) = stack.pop() {
+                for b in self.alive() {
+                    if !self.is_cut(a, b) && seen.insert(b) {
+                        comp.push(b);
+                        stack.push(b);
+                    }
+                }
+            }
+            comp.sort_unstable();
+            out.push(comp);
+        }
+        out
+    }
+
+    /// What Fast Bully would settle on: a new term, led by the highest
+    /// live server of the group; members learn it at slightly different times.
+    fn elect(&mut self, leader: usize, members: &[usize]) {
+        self.term += 1;
+        for m in members {
+            let after = ms(self.rng.random_range(0..=20));
+            let input = Input::LeaderChanged {
+                leader: Some(sid(leader)),
+                term: self.term,
+            };
+            self.input_later(*m, after, input);
+        }
+    }
+
+    /// Every group elects its highest server, all at one new term (as
+    /// split groups can); sometimes a lower-ranked server announces the
+    /// same term first, and members hear the two in either order.
+    fn reelect(&mut self) {
+        self.term += 1;
+        let term = self.term;
+        for comp in self.components() {
+            let Some(&leader) = comp.last() else {
+                continue;
+            };
+            let mut leaders = vec![leader];
+            if comp.len() > 1 && self.rng.random_bool(0.3) {
+                leaders.insert(0, comp[comp.len() - 2]);
+            }
+            for l in leaders {
+                for m in &comp {
+                    let after = ms(self.rng.random_range(0..=20));
+                    let input = Input::LeaderChanged {
+                        leader: Some(sid(l)),
+                        term,
+                    };
+                    self.input_later(*m, after, input);
+                }
+            }
+        }
+    }
+
+    fn leader_index(&self) -> usize {
+        let leaders: Vec<usize> = self
+            .alive()
+            .into_iter()
+            .filter(|i| self.node(*i).is_leader())
+            .collect();
+        assert_eq!(leaders.len(), 1, "seed {}: leaders {leaders:?}", self.seed);
+        leaders[0]
+    }
+
+    /// After a quiet period with everything connected: the leader's
+    /// registry is exactly what the servers hold, and every server's
+    /// view equals it.
+    fn assert_converged(&self) {
+        let seed = self.seed;
+        for i in self.alive() {
+            let r = self.node(i);
+            eprintln!(
+                "{}: leader {:?} term {} fence {:?} last_seq {:?} announced {} live {:?} leading {}",
+                r.id,
+                r.leader,
+                r.term,
+                r.fence,
+                r.last_seq,
+                r.announced,
+                r.live,
+                r.leading.is_some()
+            );
+        }
+        assert_eq!(self.components().len(), 1, "seed {seed}: still partitioned");
+        let leader = self.leader_index();
+        let lead = self.node(leader).leading.as_ref().expect("leads");
+        let mut identities = BTreeMap::new();
+        let mut rooms = BTreeMap::new();
+        for i in self.alive() {
+            let reg = self.node(i);
+            assert!(
+                reg.pending.is_empty(),
+                "seed {seed}: {} still has pending requests {:?}",
+                sid(i),
+                reg.pending
+            );
+            for e in reg.own.identities.values() {
+                let dup = identities.insert(e.identity.clone(), e.clone());
+                assert!(
+                    dup.is_none(),
+                    "seed {seed}: identity {} held twice",
+                    e.identity
+                );
+            }
+            for r in reg.own.rooms.values() {
+                let dup = rooms.insert(r.room.clone(), r.clone());
+                assert!(dup.is_none(), "seed {seed}: room {} held twice", r.room);
+            }
+        }
+        assert_eq!(
+            lead.registry.identities, identities,
+            "seed {seed}: leader registry vs holdings"
+        );
+        assert_eq!(
+            lead.registry.rooms, rooms,
+            "seed {seed}: leader rooms vs holdings"
+        );
+        for i in self.alive() {
+            let reg = self.node(i);
+            let mut view_ids = reg.replica.identities.clone();
+            view_ids.extend(reg.own.identities.clone());
+            let mut view_rooms = reg.replica.rooms.clone();
+            view_rooms.extend(reg.own.rooms.clone());
+            assert_eq!(view_ids, identities, "seed {seed}: view of {}", sid(i));
+            assert_eq!(view_rooms, rooms, "seed {seed}: rooms view of {}", sid(i));
+            assert!(!reg.replica.identities.values().any(|e| e.server == reg.id));
+            assert!(
+                reg.marks.keys().all(|k| reg.own_has(k)),
+                "seed {seed}: stale marks"
+            );
+        }
+    }
+
+    fn holders(&self, name: &Name) -> Vec<usize> {
+        self.alive()
+            .into_iter()
+            .filter(|i| self.node(*i).holds(name))
+            .collect()
+    }
+}
+
+// ----- helpers for hand-fed registries ----------------------------------
+
+fn answers(actions: &[Action]) -> Vec<(ServerId, u64, Verdict)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send {
+                to,
+                msg: RegistryMessage::Answer { id, verdict, .. },
+            } => Some((to.clone(), *id, verdict.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn replies(actions: &[Action]) -> Vec<(u64, Result<(), Refusal>)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Reply { token, result } => Some((*token, result.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn announces(actions: &[Action]) -> usize {
+    actions
+        .iter()
+        .filter(|a| {
+            matches!(
+                a,
+                Action::Broadcast {
+                    msg: RegistryMessage::Announce { .. }
+                }
+            )
+        })
+        .count()
+}
+
+fn empty_report(incarnation: u64) -> HoldingsReport {
+    HoldingsReport {
+        incarnation,
+        version: 1,
+        issued_below: 1,
+        identities: vec![],
+        rooms: vec![],
+        pending: vec![],
+    }
+}
+
+fn request(term: u64, incarnation: u64, id: u64, resolved_below: u64, op: Op) -> RegistryMessage {
+    RegistryMessage::Request {
+        term,
+        ticket: Ticket {
+            incarnation,
+            id,
+            resolved_below,
+        },
+        op,
+    }
+}
+
+fn msg(from: &str, msg: RegistryMessage) -> Input {
+    Input::Message {
+        from: from.to_string(),
+        msg,
+    }
+}
+
+/// s3 leading s1, s2 (term 1), with both followers' (empty) holdings merged.
+fn hand_leader(servers: usize, require_majority: bool) -> (Registry, Instant) {
+    let now = Instant::now();
+    let ids: Vec<ServerId> = (0..servers).map(sid).collect();
+    let me = sid(servers - 1);
+    let mut reg = Registry::new(me.clone(), ids.clone(), test_config(require_majority), 1);
+    for peer in &ids[..servers - 1] {
+        reg.handle(now, Input::PeerUp(peer.clone()));
+    }
+    reg.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some(me),
+            term: 1,
+        },
+    );
+    for peer in &ids[..servers - 1] {
+        reg.handle(
+            now,
+            msg(
+                peer,
+                RegistryMessage::Holdings {
+                    term: 1,
+                    report: empty_report(1),
+                },
+            ),
+        );
+    }
+    assert!(!reg.blocked(reg.leading.as_ref().expect("leads"), now));
+    (reg, now)
+}
+
+mod chaos;
+mod unit;

@@ -1,0 +1,1319 @@
+//! Unit tests that feed one registry by hand, and scripted simulated clusters.
+
+use super::*;
+
+#[test]
+fn names_follow_the_protocol_pattern() {
+    for good in ["Adel", "abc", "A1b2C3d4E5f6G7h8", "jokes"] {
+        assert!(is_valid_name(good), "{good}");
+    }
+    for bad in [
+        "",
+        "ab",
+        "1abc",
+        "A1b2C3d4E5f6G7h8X",
+        "Ad el",
+        "Adél",
+        "MainHall-s1",
+        "a_b",
+    ] {
+        assert!(!is_valid_name(bad), "{bad}");
+    }
+    assert_eq!(main_hall("s1"), "MainHall-s1");
+}
+
+#[test]
+fn every_message_round_trips_through_postcard() {
+    let stamp = Stamp {
+        term: 3,
+        seq: 9,
+        leader: "s3".into(),
+    };
+    let identity = IdentityEntry {
+        identity: "Adel".into(),
+        server: "s1".into(),
+        moving_to: Some("s2".into()),
+        stamp: stamp.clone(),
+    };
+    let room_entry = RoomEntry {
+        room: "jokes".into(),
+        server: "s1".into(),
+        owner: "Adel".into(),
+        stamp: stamp.clone(),
+    };
+    let messages = vec![
+        request(1, 7, 2, 1, Op::Claim(room("jokes", "Adel"))),
+        request(1, 7, 3, 1, Op::Release(ident("Adel"))),
+        request(
+            1,
+            7,
+            4,
+            1,
+            Op::MoveStart {
+                identity: "Adel".into(),
+                to: "s2".into(),
+            },
+        ),
+        request(
+            1,
+            7,
+            5,
+            1,
+            Op::MoveDone {
+                identity: "Adel".into(),
+            },
+        ),
+        request(
+            1,
+            7,
+            6,
+            1,
+            Op::MoveCancel {
+                identity: "Adel".into(),
+            },
+        ),
+        RegistryMessage::Answer {
+            term: 1,
+            incarnation: 7,
+            id: 2,
+            seq: 4,
+            verdict: Verdict::Granted {
+                stamp: stamp.clone(),
+            },
+        },
+        RegistryMessage::Answer {
+            term: 1,
+            incarnation: 7,
+            id: 2,
+            seq: 4,
+            verdict: Verdict::Refused {
+                reason: Refusal::NoMajority {
+                    reachable: 1,
+                    configured: 3,
+                },
+            },
+        },
+        RegistryMessage::Announce {
+            term: 1,
+            seq: 4,
+            changes: vec![
+                Change::SetIdentity(identity.clone()),
+                Change::RemoveIdentity {
+                    identity: "Adel".into(),
+                    stamp: stamp.clone(),
+                },
+                Change::SetRoom(room_entry.clone()),
+                Change::RemoveRoom {
+                    room: "jokes".into(),
+                    stamp: stamp.clone(),
+                },
+                Change::PurgeServer {
+                    server: "s2".into(),
+                },
+            ],
+        },
+        RegistryMessage::Snapshot {
+            term: 1,
+            seq: 4,
+            identities: vec![identity.clone()],
+            rooms: vec![room_entry.clone()],
+        },
+        RegistryMessage::HoldingsRequest { term: 2 },
+        RegistryMessage::Holdings {
+            term: 2,
+            report: HoldingsReport {
+                incarnation: 7,
+                version: 1,
+                issued_below: 8,
+                identities: vec![identity.clone()],
+                rooms: vec![room_entry.clone()],
+                pending: vec![ident("Bob"), room("lobby", "Bob")],
+            },
+        },
+        RegistryMessage::Evict {
+            term: 2,
+            seq: 4,
+            identities: vec![identity],
+            rooms: vec![room_entry],
+        },
+    ];
+    for m in messages {
+        let bytes = postcard::to_stdvec(&m).expect("encode");
+        let back: RegistryMessage = postcard::from_bytes(&bytes).expect("decode");
+        assert_eq!(back, m);
+    }
+    assert_eq!(
+        Refusal::NoMajority {
+            reachable: 1,
+            configured: 3
+        }
+        .to_string(),
+        "no majority: 1 of 3 servers reachable"
+    );
+}
+
+#[test]
+fn garbage_from_the_network_does_not_panic() {
+    let (mut reg, now) = hand_leader(3, true);
+    // Bytes that are not a message never reach the registry: decoding fails.
+    assert!(postcard::from_bytes::<RegistryMessage>(&[0xff, 0xff, 0xff]).is_err());
+    let odd = [
+        request(1, 1, 0, u64::MAX, Op::Claim(ident("x"))),
+        request(
+            1,
+            1,
+            u64::MAX,
+            0,
+            Op::MoveDone {
+                identity: "".into(),
+            },
+        ),
+        request(
+            1,
+            1,
+            5,
+            0,
+            Op::MoveStart {
+                identity: "Nobody".into(),
+                to: "s9".into(),
+            },
+        ),
+        RegistryMessage::Announce {
+            term: 1,
+            seq: u64::MAX,
+            changes: vec![],
+        },
+        RegistryMessage::Snapshot {
+            term: 1,
+            seq: 0,
+            identities: vec![],
+            rooms: vec![],
+        },
+        RegistryMessage::Holdings {
+            term: 1,
+            report: HoldingsReport {
+                incarnation: u64::MAX,
+                version: 1,
+                issued_below: 0,
+                identities: vec![IdentityEntry {
+                    identity: "bad name".into(),
+                    server: "s9".into(),
+                    moving_to: Some("s9".into()),
+                    stamp: Stamp::default(),
+                }],
+                rooms: vec![],
+                pending: vec![],
+            },
+        },
+    ];
+    for m in odd {
+        reg.handle(now, msg("s1", m.clone()));
+        reg.handle(now, msg("s9", m));
+    }
+    assert!(
+        reg.leading
+            .as_ref()
+            .expect("leads")
+            .registry
+            .identities
+            .is_empty()
+    );
+}
+
+#[test]
+fn retried_request_gets_the_same_answer() {
+    let (mut reg, now) = hand_leader(3, true);
+    let claim = request(1, 1, 1, 1, Op::Claim(ident("Adel")));
+    let first = reg.handle(now, msg("s1", claim.clone()));
+    let again = reg.handle(now, msg("s1", claim));
+    assert_eq!(answers(&first), answers(&again));
+    assert!(matches!(answers(&first)[0].2, Verdict::Granted { .. }));
+    assert_eq!(announces(&first), 1);
+    assert_eq!(announces(&again), 0, "a retry changes nothing");
+    // The same name from another asker is taken.
+    let other = reg.handle(
+        now,
+        msg("s2", request(1, 1, 1, 1, Op::Claim(ident("Adel")))),
+    );
+    assert_eq!(
+        answers(&other)[0].2,
+        Verdict::Refused {
+            reason: Refusal::Taken
+        }
+    );
+}
+
+#[test]
+fn dedup_memory_is_bounded() {
+    let (mut reg, now) = hand_leader(3, true);
+    // A well-behaved asker moves its low-water mark: almost nothing kept.
+    for id in 1..=5000u64 {
+        reg.handle(
+            now,
+            msg("s1", request(1, 1, id, id, Op::Release(ident("Nobody")))),
+        );
+    }
+    let lead = reg.leading.as_ref().expect("leads");
+    assert!(lead.askers["s1"].answers.len() <= 1);
+    // One that never does is capped.
+    for id in 1..=5000u64 {
+        reg.handle(
+            now,
+            msg("s2", request(1, 1, id, 0, Op::Release(ident("Nobody")))),
+        );
+    }
+    let lead = reg.leading.as_ref().expect("leads");
+    assert_eq!(lead.askers["s2"].answers.len(), DEDUP_PER_ASKER);
+    // Requests below the low-water mark are settled at the asker: dropped.
+    let late = reg.handle(
+        now,
+        msg("s1", request(1, 1, 3, 0, Op::Claim(ident("Late")))),
+    );
+    assert!(answers(&late).is_empty());
+}
+
+#[test]
+fn old_incarnation_is_ignored_and_new_one_starts_fresh() {
+    let (mut reg, now) = hand_leader(3, true);
+    let out = reg.handle(
+        now,
+        msg("s1", request(1, 5, 1, 1, Op::Claim(ident("Adel")))),
+    );
+    assert!(matches!(answers(&out)[0].2, Verdict::Granted { .. }));
+    // A delayed request of the previous life of s1 is ignored.
+    let out = reg.handle(now, msg("s1", request(1, 4, 1, 1, Op::Claim(ident("Bob")))));
+    assert!(answers(&out).is_empty());
+    // The next life reuses id 1 for a different claim: decided afresh.
+    let out = reg.handle(
+        now,
+        msg("s1", request(1, 6, 1, 1, Op::Claim(ident("Carl")))),
+    );
+    assert!(matches!(answers(&out)[0].2, Verdict::Granted { .. }));
+    assert!(
+        reg.leading
+            .as_ref()
+            .expect("leads")
+            .registry
+            .identities
+            .contains_key("Carl")
+    );
+}
+
+#[test]
+fn leader_without_majority_refuses_new_names_but_releases() {
+    // s5 leads; its detector lost s1..s3, but s4 (which still sees
+    // everybody) asks it.
+    let (mut reg, now) = hand_leader(5, true);
+    reg.handle(
+        now,
+        msg("s4", request(1, 1, 1, 1, Op::Claim(ident("Keep")))),
+    );
+    for peer in ["s1", "s2", "s3"] {
+        reg.handle(now, Input::PeerDown(peer.into()));
+    }
+    let out = reg.handle(
+        now,
+        msg("s4", request(1, 1, 2, 2, Op::Claim(ident("Adel")))),
+    );
+    let expected = Refusal::NoMajority {
+        reachable: 2,
+        configured: 5,
+    };
+    assert_eq!(
+        answers(&out)[0].2,
+        Verdict::Refused {
+            reason: expected.clone()
+        }
+    );
+    assert!(out.contains(&Action::Log(LogEvent::ClaimDenied {
+        asker: "s4".into(),
+        name: ident("Adel"),
+        reason: expected,
+    })));
+    // Existing names keep working: a release still goes through.
+    let out = reg.handle(
+        now,
+        msg("s4", request(1, 1, 3, 3, Op::Release(ident("Keep")))),
+    );
+    assert_eq!(announces(&out), 1);
+    assert!(
+        reg.leading
+            .as_ref()
+            .expect("leads")
+            .registry
+            .identities
+            .is_empty()
+    );
+}
+
+#[test]
+fn new_leader_waits_for_holdings_before_granting() {
+    let now = Instant::now();
+    let ids: Vec<ServerId> = (0..3).map(sid).collect();
+    let mut reg = Registry::new("s3".into(), ids, test_config(true), 1);
+    reg.handle(now, Input::PeerUp("s1".into()));
+    reg.handle(now, Input::PeerUp("s2".into()));
+    reg.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some("s3".into()),
+            term: 1,
+        },
+    );
+    // Its own claim and s1's wait: s1 and s2 have not reported yet.
+    let out = reg.handle(
+        now,
+        Input::Local {
+            token: 1,
+            request: LocalRequest::Claim(ident("Adel")),
+        },
+    );
+    assert!(replies(&out).is_empty());
+    let out = reg.handle(now, msg("s1", request(1, 1, 1, 1, Op::Claim(ident("Bob")))));
+    assert!(answers(&out).is_empty());
+    // s1 holds "Carl"; s2 stays silent.
+    let report = HoldingsReport {
+        incarnation: 1,
+        version: 1,
+        issued_below: 1,
+        identities: vec![IdentityEntry {
+            identity: "Carl".into(),
+            server: "s1".into(),
+            moving_to: None,
+            stamp: Stamp {
+                term: 0,
+                seq: 3,
+                leader: "s2".into(),
+            },
+        }],
+        rooms: vec![],
+        pending: vec![ident("Bob")],
+    };
+    let out = reg.handle(
+        now,
+        msg("s1", RegistryMessage::Holdings { term: 1, report }),
+    );
+    assert!(replies(&out).is_empty() && answers(&out).is_empty());
+    assert!(out.iter().any(
+        |a| matches!(a, Action::Send { to, msg: RegistryMessage::Snapshot { .. } } if to == "s1")
+    ));
+    // Past the sync timeout the leader grants without s2.
+    let later = now + reg.config.sync_timeout;
+    let out = reg.handle(later, Input::Timer(Timer::SyncDeadline));
+    assert_eq!(replies(&out), vec![(1, Ok(()))]);
+    assert!(matches!(answers(&out)[0].2, Verdict::Granted { .. }));
+    assert_eq!(reg.identity_server("Carl").as_deref(), Some("s1"));
+}
+
+#[test]
+fn stale_term_messages_are_ignored() {
+    let now = Instant::now();
+    let ids: Vec<ServerId> = (0..3).map(sid).collect();
+    let mut reg = Registry::new("s1".into(), ids, test_config(true), 1);
+    reg.handle(now, Input::PeerUp("s2".into()));
+    reg.handle(now, Input::PeerUp("s3".into()));
+    reg.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some("s3".into()),
+            term: 2,
+        },
+    );
+    let snapshot = |term| RegistryMessage::Snapshot {
+        term,
+        seq: 1,
+        identities: vec![],
+        rooms: vec![],
+    };
+    reg.handle(now, msg("s3", snapshot(2)));
+    assert_eq!(reg.last_seq, Some(1));
+    let out = reg.handle(
+        now,
+        Input::Local {
+            token: 1,
+            request: LocalRequest::Claim(ident("Adel")),
+        },
+    );
+    assert!(out.iter().any(|a| matches!(a, Action::Send { to, msg: RegistryMessage::Request { term: 2, .. } } if to == "s3")));
+    let entry = |server: &str| IdentityEntry {
+        identity: "Zed".into(),
+        server: server.into(),
+        moving_to: None,
+        stamp: Stamp {
+            term: 1,
+            seq: 1,
+            leader: "s2".into(),
+        },
+    };
+    // Old term from the leader, or the right term from a non-leader: ignored.
+    for (from, term) in [("s3", 1), ("s2", 2)] {
+        let out = reg.handle(
+            now,
+            msg(
+                from,
+                RegistryMessage::Answer {
+                    term,
+                    incarnation: 1,
+                    id: 1,
+                    seq: 1,
+                    verdict: Verdict::Granted {
+                        stamp: Stamp::default(),
+                    },
+                },
+            ),
+        );
+        assert!(replies(&out).is_empty());
+        reg.handle(
+            now,
+            msg(
+                from,
+                RegistryMessage::Announce {
+                    term,
+                    seq: 2,
+                    changes: vec![Change::SetIdentity(entry("s2"))],
+                },
+            ),
+        );
+        reg.handle(now, msg(from, snapshot(term)));
+    }
+    assert_eq!(reg.identity_server("Zed"), None);
+    assert_eq!(reg.last_seq, Some(1));
+    assert_eq!(reg.pending.len(), 1);
+    // The other way round: a leader whose term is older than the
+    // asker's is stale, and decides nothing.
+    let (mut leader, now) = hand_leader(3, true);
+    let out = leader.handle(
+        now,
+        msg("s1", request(2, 1, 1, 1, Op::Claim(ident("Adel")))),
+    );
+    assert!(answers(&out).is_empty());
+    // The current term is answered.
+    let out = reg.handle(
+        now,
+        msg(
+            "s3",
+            RegistryMessage::Answer {
+                term: 2,
+                incarnation: 1,
+                id: 1,
+                seq: 2,
+                verdict: Verdict::Granted {
+                    stamp: Stamp {
+                        term: 2,
+                        seq: 2,
+                        leader: "s3".into(),
+                    },
+                },
+            },
+        ),
+    );
+    assert_eq!(replies(&out), vec![(1, Ok(()))]);
+    assert!(reg.holds(&ident("Adel")));
+}
+
+#[test]
+fn newer_leader_fences_off_the_old_one() {
+    let (mut old, now) = hand_leader(3, true);
+    // s1 was elected with term 2 and asks s3 for its holdings.
+    let out = old.handle(now, msg("s1", RegistryMessage::HoldingsRequest { term: 2 }));
+    assert!(out.iter().any(
+        |a| matches!(a, Action::Send { to, msg: RegistryMessage::Holdings { .. } } if to == "s1")
+    ));
+    assert!(!old.is_leader(), "fenced before its own LeaderChanged");
+    let out = old.handle(
+        now,
+        msg("s2", request(1, 1, 1, 1, Op::Claim(ident("Adel")))),
+    );
+    assert!(answers(&out).is_empty(), "a fenced leader grants nothing");
+    // Its own claim waits for the new leader instead of asking itself.
+    let out = old.handle(
+        now,
+        Input::Local {
+            token: 9,
+            request: LocalRequest::Claim(ident("Bob")),
+        },
+    );
+    assert!(replies(&out).is_empty() && answers(&out).is_empty());
+    let out = old.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some("s1".into()),
+            term: 2,
+        },
+    );
+    assert!(out.iter().any(|a| matches!(a, Action::Send { to, msg: RegistryMessage::Request { term: 2, .. } } if to == "s1")));
+}
+
+#[test]
+fn same_term_leaders_are_ordered_by_rank() {
+    // Two servers announced term 5 at once; s1 first followed s2, then
+    // hears from s3, which outranks it, as the election will decide.
+    let now = Instant::now();
+    let ids: Vec<ServerId> = (0..3).map(sid).collect();
+    let mut reg = Registry::new("s1".into(), ids, test_config(true), 1);
+    reg.handle(now, Input::PeerUp("s2".into()));
+    reg.handle(now, Input::PeerUp("s3".into()));
+    reg.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some("s2".into()),
+            term: 5,
+        },
+    );
+    let out = reg.handle(now, msg("s3", RegistryMessage::HoldingsRequest { term: 5 }));
+    assert!(out.iter().any(|a| matches!(a, Action::Send { to, msg: RegistryMessage::Holdings { term: 5, .. } } if to == "s3")));
+    // s2 is fenced off now: its grants are ignored, nothing is asked of it.
+    let out = reg.handle(
+        now,
+        Input::Local {
+            token: 1,
+            request: LocalRequest::Claim(ident("Adel")),
+        },
+    );
+    assert!(out.iter().all(|a| !matches!(a, Action::Send { .. })));
+    let out = reg.handle(
+        now,
+        msg(
+            "s2",
+            RegistryMessage::Answer {
+                term: 5,
+                incarnation: 1,
+                id: 1,
+                seq: 1,
+                verdict: Verdict::Granted {
+                    stamp: Stamp {
+                        term: 5,
+                        seq: 1,
+                        leader: "s2".into(),
+                    },
+                },
+            },
+        ),
+    );
+    assert!(replies(&out).is_empty());
+    // A lower-ranked server of the same term is stale: not answered.
+    let out = reg.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some("s1".into()),
+            term: 5,
+        },
+    );
+    assert!(out.is_empty() && !reg.is_leader());
+    let out = reg.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some("s3".into()),
+            term: 5,
+        },
+    );
+    assert!(out.iter().any(
+        |a| matches!(a, Action::Send { to, msg: RegistryMessage::Request { .. } } if to == "s3")
+    ));
+}
+
+#[test]
+fn asker_without_leader_gives_up_with_reason() {
+    let now = Instant::now();
+    let ids: Vec<ServerId> = (0..3).map(sid).collect();
+    let mut reg = Registry::new("s1".into(), ids, test_config(false), 1);
+    let out = reg.handle(
+        now,
+        Input::Local {
+            token: 1,
+            request: LocalRequest::Claim(ident("Adel")),
+        },
+    );
+    assert!(replies(&out).is_empty());
+    assert!(out.contains(&Action::SetTimer {
+        timer: Timer::RequestDeadline { id: 1 },
+        after: reg.config.claim_timeout
+    }));
+    // An early or stale timer does nothing.
+    let out = reg.handle(now + ms(10), Input::Timer(Timer::RequestDeadline { id: 1 }));
+    assert!(replies(&out).is_empty());
+    let out = reg.handle(
+        now + reg.config.claim_timeout,
+        Input::Timer(Timer::RequestDeadline { id: 1 }),
+    );
+    assert_eq!(replies(&out), vec![(1, Err(Refusal::NoLeader))]);
+    assert_eq!(Refusal::NoLeader.to_string(), "no leader reachable");
+    // Invalid names never leave the server.
+    let out = reg.handle(
+        now,
+        Input::Local {
+            token: 2,
+            request: LocalRequest::Claim(ident("no")),
+        },
+    );
+    assert_eq!(replies(&out), vec![(2, Err(Refusal::Invalid))]);
+}
+
+// ----- simulated cluster ------------------------------------------------
+
+#[test]
+fn same_identity_claimed_on_three_servers_one_grant() {
+    for seed in 0..200 {
+        let mut sim = Sim::new(3, seed, true);
+        let leader = sim.rng.random_range(0..3);
+        sim.elect(leader, &[0, 1, 2]);
+        sim.run_for(ms(100));
+        let tokens: Vec<u64> = (0..3).map(|i| sim.claim(i, ident("Adel"))).collect();
+        sim.run_for(ms(1000));
+        let granted: Vec<usize> = (0..3)
+            .filter(|i| sim.result(tokens[*i]) == Some(&Ok(())))
+            .collect();
+        assert_eq!(granted.len(), 1, "seed {seed}: granted to {granted:?}");
+        for (i, t) in tokens.iter().enumerate() {
+            if i != granted[0] {
+                assert_eq!(sim.result(*t), Some(&Err(Refusal::Taken)), "seed {seed}");
+            }
+        }
+        assert_eq!(sim.holders(&ident("Adel")), granted, "seed {seed}");
+        for i in 0..3 {
+            assert_eq!(
+                sim.node(i).identity_server("Adel"),
+                Some(sid(granted[0])),
+                "seed {seed}"
+            );
+        }
+        sim.assert_converged();
+    }
+}
+
+#[test]
+fn same_room_claimed_on_three_servers_one_grant() {
+    for seed in 0..200 {
+        let mut sim = Sim::new(3, seed, true);
+        for i in 0..3 {
+            sim.claim(i, ident(&format!("Usr{i}")));
+        }
+        sim.run_for(ms(100));
+        let tokens: Vec<u64> = (0..3)
+            .map(|i| sim.claim(i, room("jokes", &format!("Usr{i}"))))
+            .collect();
+        sim.run_for(ms(1000));
+        let granted: Vec<usize> = (0..3)
+            .filter(|i| sim.result(tokens[*i]) == Some(&Ok(())))
+            .collect();
+        assert_eq!(granted.len(), 1, "seed {seed}: granted to {granted:?}");
+        let owner = format!("Usr{}", granted[0]);
+        for i in 0..3 {
+            let info = sim.node(i).room("jokes").expect("listed");
+            assert_eq!(
+                (info.server, info.owner),
+                (sid(granted[0]), owner.clone()),
+                "seed {seed}"
+            );
+            assert_eq!(
+                sim.node(i).rooms(),
+                vec!["MainHall-s1", "MainHall-s2", "MainHall-s3", "jokes"]
+            );
+        }
+        sim.assert_converged();
+    }
+}
+
+#[test]
+fn room_rules_owner_here_and_one_room_each() {
+    let mut sim = Sim::new(3, 1, true);
+    sim.claim(0, ident("Adel"));
+    sim.run_for(ms(100));
+    let elsewhere = sim.claim(1, room("jokes", "Adel"));
+    sim.run_for(ms(100));
+    let first = sim.claim(0, room("jokes", "Adel"));
+    sim.run_for(ms(100));
+    let second = sim.claim(0, room("puns", "Adel"));
+    sim.run_for(ms(100));
+    assert_eq!(sim.result(elsewhere), Some(&Err(Refusal::OwnerNotHere)));
+    assert_eq!(sim.result(first), Some(&Ok(())));
+    assert_eq!(sim.result(second), Some(&Err(Refusal::OwnerHasRoom)));
+    sim.assert_converged();
+}
+
+#[test]
+fn release_frees_the_name_everywhere() {
+    let mut sim = Sim::new(3, 2, true);
+    sim.claim(0, ident("Adel"));
+    sim.run_for(ms(100));
+    sim.claim(0, room("jokes", "Adel"));
+    sim.run_for(ms(100));
+    assert_eq!(sim.node(2).room_server("jokes").as_deref(), Some("s1"));
+    sim.local(0, LocalRequest::Release(room("jokes", "Adel")));
+    sim.local(0, LocalRequest::Release(ident("Adel")));
+    // Released locally at once.
+    assert!(!sim.node(0).holds(&ident("Adel")));
+    sim.run_for(ms(100));
+    for i in 0..3 {
+        assert_eq!(sim.node(i).identity_server("Adel"), None);
+        assert_eq!(sim.node(i).room("jokes"), None);
+    }
+    let again = sim.claim(1, ident("Adel"));
+    sim.run_for(ms(100));
+    let room_again = sim.claim(1, room("jokes", "Adel"));
+    sim.run_for(ms(100));
+    assert_eq!(sim.result(again), Some(&Ok(())));
+    assert_eq!(sim.result(room_again), Some(&Ok(())));
+    sim.assert_converged();
+}
+
+#[test]
+fn release_then_reclaim_on_the_same_server_stays_in_order() {
+    for seed in 0..50 {
+        let mut sim = Sim::new(3, seed, true);
+        sim.delay_ms = (1, 40);
+        sim.claim(0, ident("Adel"));
+        sim.run_for(ms(200));
+        // Quit and immediately reconnect with the same name.
+        sim.local(0, LocalRequest::Release(ident("Adel")));
+        let again = sim.claim(0, ident("Adel"));
+        sim.run_for(ms(500));
+        assert_eq!(sim.result(again), Some(&Ok(())), "seed {seed}");
+        sim.assert_converged();
+    }
+}
+
+#[test]
+fn server_down_purges_its_names_everywhere() {
+    let mut sim = Sim::new(3, 3, true);
+    sim.claim(0, ident("Adel"));
+    sim.run_for(ms(100));
+    sim.claim(0, room("jokes", "Adel"));
+    sim.run_for(ms(100));
+    sim.crash(0);
+    sim.run_for(DETECT + ms(50));
+    assert!(sim.logs.contains(&(
+        2,
+        LogEvent::ServerPurged {
+            server: "s1".into(),
+            identities: 1,
+            rooms: 1
+        }
+    )));
+    for i in 1..3 {
+        assert_eq!(sim.node(i).identity_server("Adel"), None);
+        assert_eq!(sim.node(i).rooms(), vec!["MainHall-s2", "MainHall-s3"]);
+    }
+    let again = sim.claim(1, ident("Adel"));
+    sim.run_for(ms(100));
+    assert_eq!(sim.result(again), Some(&Ok(())));
+    sim.assert_converged();
+}
+
+#[test]
+fn leader_dies_with_100_claims_in_flight() {
+    for seed in 0..30 {
+        let mut sim = Sim::new(5, seed, true);
+        let mut tokens = Vec::new();
+        let crash_at = sim.rng.random_range(0..20u64);
+        let mut crashed = false;
+        for k in 0..100u64 {
+            if !crashed && k / 5 >= crash_at {
+                sim.crash(4);
+                crashed = true;
+            }
+            let node = sim.rng.random_range(0..4);
+            let name = format!("User{}", sim.rng.random_range(0..40));
+            tokens.push((node, name.clone(), sim.claim(node, ident(&name))));
+            if k % 5 == 4 {
+                sim.run_for(ms(1));
+            }
+        }
+        if !crashed {
+            sim.crash(4);
+        }
+        sim.run_for(DETECT + ms(30));
+        sim.reelect();
+        sim.run_for(ms(3000));
+        let mut granted: BTreeMap<String, usize> = BTreeMap::new();
+        for (node, name, token) in &tokens {
+            match sim.result(*token) {
+                Some(Ok(())) => {
+                    let dup = granted.insert(name.clone(), *node);
+                    assert!(dup.is_none(), "seed {seed}: {name} granted twice");
+                }
+                Some(Err(Refusal::Taken)) => {}
+                other => panic!(
+                    "seed {seed}: claim of {name} on {} ended {other:?}",
+                    sid(*node)
+                ),
+            }
+        }
+        // Every grant is held, nothing else is.
+        let mut held: BTreeMap<String, usize> = BTreeMap::new();
+        for i in sim.alive() {
+            for name in sim.node(i).own.identities.keys() {
+                held.insert(name.clone(), i);
+            }
+        }
+        assert_eq!(granted, held, "seed {seed}");
+        assert_eq!(sim.leader_index(), 3);
+        sim.assert_converged();
+    }
+}
+
+#[test]
+fn no_majority_refuses_with_reason_and_keeps_existing_names() {
+    let mut sim = Sim::new(3, 4, true);
+    sim.claim(2, ident("Keep"));
+    sim.run_for(ms(100));
+    sim.crash(0);
+    sim.crash(1);
+    sim.run_for(DETECT + ms(30));
+    let token = sim.claim(2, ident("Adel"));
+    let reason = Refusal::NoMajority {
+        reachable: 1,
+        configured: 3,
+    };
+    assert_eq!(sim.result(token), Some(&Err(reason.clone())));
+    assert_eq!(reason.to_string(), "no majority: 1 of 3 servers reachable");
+    assert!(sim.node(2).holds(&ident("Keep")));
+    assert_eq!(sim.node(2).identity_server("Keep").as_deref(), Some("s3"));
+    sim.local(2, LocalRequest::Release(ident("Keep")));
+    sim.run_for(ms(50));
+    assert_eq!(sim.node(2).counts().pending, 0, "releases still go through");
+}
+
+#[test]
+fn quorum_none_grants_without_majority() {
+    let mut sim = Sim::new(3, 5, false);
+    sim.crash(0);
+    sim.crash(1);
+    sim.run_for(DETECT + ms(30));
+    let token = sim.claim(2, ident("Adel"));
+    sim.run_for(ms(10));
+    assert_eq!(sim.result(token), Some(&Ok(())));
+    // Two-server cluster, the other one gone: still grants.
+    let mut pair = Sim::new(2, 6, false);
+    pair.crash(1);
+    pair.run_for(DETECT + ms(30));
+    pair.reelect();
+    pair.run_for(ms(600));
+    let token = pair.claim(0, ident("Adel"));
+    pair.run_for(ms(10));
+    assert_eq!(pair.result(token), Some(&Ok(())));
+}
+
+#[test]
+fn room_changes_name_the_rooms_and_liveness_changes_everything() {
+    let mut sim = Sim::new(3, 7, true);
+    sim.claim(0, ident("Adel"));
+    sim.run_for(ms(100));
+    let take = |sim: &mut Sim, i: usize| {
+        sim.nodes[i]
+            .as_mut()
+            .expect("node is alive")
+            .take_room_changes()
+    };
+    for i in 0..3 {
+        take(&mut sim, i);
+    }
+    // An identity changes no room.
+    sim.claim(1, ident("Bob"));
+    sim.run_for(ms(100));
+    for i in 0..3 {
+        assert_eq!(take(&mut sim, i), RoomChanges::Rooms(vec![]), "s{}", i + 1);
+    }
+    // A room is named on every server, once taken.
+    sim.claim(0, room("jokes", "Adel"));
+    sim.run_for(ms(100));
+    for i in 0..3 {
+        let RoomChanges::Rooms(rooms) = take(&mut sim, i) else {
+            panic!("s{}: a room grant changed everything", i + 1);
+        };
+        assert!(rooms.contains(&"jokes".to_owned()), "s{}: {rooms:?}", i + 1);
+        assert_eq!(take(&mut sim, i), RoomChanges::Rooms(vec![]));
+    }
+    // A server going down changes everything (its hall and rooms go).
+    sim.crash(0);
+    sim.run_for(DETECT + ms(30));
+    assert_eq!(take(&mut sim, 1), RoomChanges::All);
+    assert!(!sim.node(1).rooms().contains(&"jokes".to_owned()));
+}
+
+#[test]
+fn partition_then_heal_majority_holder_keeps_the_name() {
+    for seed in 0..20 {
+        for reelect_after_heal in [true, false] {
+            let mut sim = Sim::new(5, seed, true);
+            sim.claim(0, ident("Adel"));
+            sim.claim(0, ident("Lobbyist"));
+            sim.run_for(ms(100));
+            sim.claim(0, room("jokes", "Adel"));
+            sim.claim(0, room("lobby", "Lobbyist"));
+            sim.run_for(ms(100));
+            sim.partition(&[vec![0, 1], vec![2, 3, 4]]);
+            sim.run_for(DETECT + ms(30));
+            sim.reelect();
+            sim.run_for(ms(600));
+            // The majority freed s1's names and grants them again.
+            let adel = sim.claim(2, ident("Adel"));
+            let bob = sim.claim(3, ident("Bob"));
+            sim.run_for(ms(100));
+            let jokes = sim.claim(3, room("jokes", "Bob"));
+            // The minority refuses new names.
+            let minority = sim.claim(1, ident("Carl"));
+            sim.run_for(ms(100));
+            assert_eq!(sim.result(adel), Some(&Ok(())), "seed {seed}");
+            assert_eq!(sim.result(bob), Some(&Ok(())), "seed {seed}");
+            assert_eq!(sim.result(jokes), Some(&Ok(())), "seed {seed}");
+            let reason = Refusal::NoMajority {
+                reachable: 2,
+                configured: 5,
+            };
+            assert_eq!(sim.result(minority), Some(&Err(reason)), "seed {seed}");
+            assert!(
+                sim.node(0).holds(&ident("Adel")),
+                "the minority keeps its sessions"
+            );
+            sim.heal();
+            if reelect_after_heal {
+                sim.run_for(DETECT + ms(30));
+                sim.reelect();
+            } else {
+                // The minority adopts the majority's leader and term.
+                let term = sim.node(4).term();
+                for i in [0, 1] {
+                    let input = Input::LeaderChanged {
+                        leader: Some("s5".into()),
+                        term,
+                    };
+                    sim.input_later(i, DETECT + ms(15), input);
+                }
+            }
+            sim.run_for(GRACE);
+            assert_eq!(sim.holders(&ident("Adel")), vec![2], "seed {seed}");
+            assert_eq!(sim.holders(&room("jokes", "")), vec![3], "seed {seed}");
+            assert_eq!(sim.holders(&ident("Lobbyist")), vec![0], "seed {seed}");
+            assert_eq!(sim.holders(&room("lobby", "")), vec![0], "seed {seed}");
+            let mut lost: Vec<String> = Vec::new();
+            for (node, identities, rooms) in &sim.evictions {
+                assert_eq!(*node, 0, "seed {seed}: only s1 loses names");
+                lost.extend(identities.iter().chain(rooms).cloned());
+            }
+            lost.sort();
+            lost.dedup();
+            assert_eq!(lost, vec!["Adel", "jokes"], "seed {seed}");
+            sim.assert_converged();
+        }
+    }
+}
+
+/// Claims `Adel` on s1 and starts a move to s2; returns the StartMove token.
+fn start_move(sim: &mut Sim) -> u64 {
+    sim.claim(0, ident("Adel"));
+    sim.run_for(ms(100));
+    let token = sim.local(
+        0,
+        LocalRequest::StartMove {
+            identity: "Adel".into(),
+            to: "s2".into(),
+        },
+    );
+    sim.run_for(ms(100));
+    assert_eq!(sim.result(token), Some(&Ok(())));
+    token
+}
+
+#[test]
+fn move_start_and_done() {
+    let mut sim = Sim::new(3, 7, true);
+    start_move(&mut sim);
+    for i in 0..3 {
+        assert!(sim.node(i).is_moving_to("Adel", "s2"));
+        assert_eq!(sim.node(i).identity_server("Adel").as_deref(), Some("s1"));
+    }
+    // Still reserved while moving.
+    let taken = sim.claim(2, ident("Adel"));
+    let arrive = sim.local(
+        1,
+        LocalRequest::AcceptMove {
+            identity: "Adel".into(),
+        },
+    );
+    sim.run_for(ms(100));
+    assert_eq!(sim.result(taken), Some(&Err(Refusal::Taken)));
+    assert_eq!(sim.result(arrive), Some(&Ok(())));
+    for i in 0..3 {
+        assert_eq!(sim.node(i).identity_server("Adel").as_deref(), Some("s2"));
+        assert!(!sim.node(i).is_moving_to("Adel", "s2"));
+    }
+    assert_eq!(sim.holders(&ident("Adel")), vec![1]);
+    // Well past the move timeout nothing expires.
+    sim.run_for(ms(1500));
+    assert_eq!(sim.holders(&ident("Adel")), vec![1]);
+    sim.assert_converged();
+}
+
+#[test]
+fn move_that_never_arrives_is_released() {
+    let mut sim = Sim::new(3, 8, true);
+    start_move(&mut sim);
+    sim.run_for(ms(1000));
+    assert!(
+        sim.logs.iter().any(
+            |(_, e)| matches!(e, LogEvent::MoveExpired { identity, .. } if identity == "Adel")
+        )
+    );
+    for i in 0..3 {
+        assert_eq!(sim.node(i).identity_server("Adel"), None);
+    }
+    let late = sim.local(
+        1,
+        LocalRequest::AcceptMove {
+            identity: "Adel".into(),
+        },
+    );
+    let again = sim.claim(2, ident("Adel"));
+    sim.run_for(ms(100));
+    assert_eq!(sim.result(late), Some(&Err(Refusal::NotMoving)));
+    assert_eq!(sim.result(again), Some(&Ok(())));
+    sim.assert_converged();
+}
+
+#[test]
+fn forged_movejoin_is_refused() {
+    let mut sim = Sim::new(3, 9, true);
+    sim.claim(0, ident("Adel"));
+    sim.run_for(ms(100));
+    // Not moving at all, unknown, and moving somewhere else.
+    let not_moving = sim.local(
+        2,
+        LocalRequest::AcceptMove {
+            identity: "Adel".into(),
+        },
+    );
+    let unknown = sim.local(
+        2,
+        LocalRequest::AcceptMove {
+            identity: "Ghost".into(),
+        },
+    );
+    let on_origin = sim.local(
+        0,
+        LocalRequest::AcceptMove {
+            identity: "Adel".into(),
+        },
+    );
+    sim.run_for(ms(100));
+    sim.local(
+        0,
+        LocalRequest::StartMove {
+            identity: "Adel".into(),
+            to: "s2".into(),
+        },
+    );
+    sim.run_for(ms(100));
+    let wrong_target = sim.local(
+        2,
+        LocalRequest::AcceptMove {
+            identity: "Adel".into(),
+        },
+    );
+    sim.run_for(ms(100));
+    for t in [not_moving, unknown, on_origin, wrong_target] {
+        assert_eq!(sim.result(t), Some(&Err(Refusal::NotMoving)));
+    }
+    assert_eq!(
+        sim.holders(&ident("Adel")),
+        Vec::<usize>::new(),
+        "moving, held by nobody"
+    );
+    assert!(sim.node(0).own.identities.contains_key("Adel"));
+    sim.run_for(ms(1500));
+    sim.assert_converged();
+}
+
+#[test]
+fn move_there_and_back_quickly() {
+    for seed in 0..30 {
+        let mut sim = Sim::new(3, seed, true);
+        sim.delay_ms = (1, 30);
+        start_move(&mut sim);
+        let there = sim.local(
+            1,
+            LocalRequest::AcceptMove {
+                identity: "Adel".into(),
+            },
+        );
+        sim.run_for(ms(100));
+        let leave = sim.local(
+            1,
+            LocalRequest::StartMove {
+                identity: "Adel".into(),
+                to: "s1".into(),
+            },
+        );
+        sim.run_for(ms(100));
+        // Back at s1 maybe before s1 heard that the first move completed.
+        let back = sim.local(
+            0,
+            LocalRequest::AcceptMove {
+                identity: "Adel".into(),
+            },
+        );
+        sim.run_for(ms(200));
+        for t in [there, leave, back] {
+            assert_eq!(sim.result(t), Some(&Ok(())), "seed {seed}");
+        }
+        assert_eq!(sim.holders(&ident("Adel")), vec![0], "seed {seed}");
+        sim.assert_converged();
+    }
+}
+
+#[test]
+fn impostor_movejoin_winning_the_race_disconnects_the_real_client() {
+    let mut sim = Sim::new(3, 14, true);
+    sim.claim(0, ident("Adel"));
+    sim.run_for(ms(100));
+    // s1's answers are delayed: it asks to move Adel to s2, and before it
+    // hears back, somebody sends `movejoin Adel` to s2.
+    sim.lose = Some(Box::new(|_, to, m| {
+        to == 0 && matches!(m, RegistryMessage::Answer { .. })
+    }));
+    let start = sim.local(
+        0,
+        LocalRequest::StartMove {
+            identity: "Adel".into(),
+            to: "s2".into(),
+        },
+    );
+    sim.run_for(ms(50));
+    let impostor = sim.local(
+        1,
+        LocalRequest::AcceptMove {
+            identity: "Adel".into(),
+        },
+    );
+    sim.run_for(ms(50));
+    assert_eq!(sim.result(impostor), Some(&Ok(())));
+    // s1 learns from the announcement: its client (still connected,
+    // never routed) is disconnected rather than left as a twin.
+    assert!(
+        sim.evictions.contains(&(0, vec!["Adel".into()], vec![])),
+        "{:?}",
+        sim.evictions
+    );
+    assert_eq!(sim.holders(&ident("Adel")), vec![1]);
+    sim.lose = None;
+    sim.run_for(ms(2500));
+    assert!(
+        matches!(sim.result(start), Some(Err(_))),
+        "{:?}",
+        sim.result(start)
+    );
+    sim.assert_converged();
+}
+
+#[test]
+fn move_survives_a_leader_change() {
+    for seed in 0..20 {
+        let mut sim = Sim::new(4, seed, true);
+        start_move(&mut sim);
+        sim.crash(3);
+        sim.run_for(DETECT + ms(30));
+        sim.reelect();
+        sim.run_for(ms(100));
+        let arrive = sim.local(
+            1,
+            LocalRequest::AcceptMove {
+                identity: "Adel".into(),
+            },
+        );
+        sim.run_for(ms(700));
+        assert_eq!(sim.result(arrive), Some(&Ok(())), "seed {seed}");
+        assert_eq!(sim.holders(&ident("Adel")), vec![1], "seed {seed}");
+        sim.assert_converged();
+    }
+}
+
+#[test]
+fn silent_leader_times_out_and_a_late_grant_does_not_leak() {
+    let mut sim = Sim::new(3, 10, true);
+    // The link s1-s3 silently drops everything, and the detector has
+    // not noticed: s1 waits for its leader, then gives up.
+    sim.lose = Some(Box::new(|from, to, _| (from, to) == (2, 0)));
+    let token = sim.claim(0, ident("Adel"));
+    sim.run_for(ms(2100));
+    assert_eq!(sim.result(token), Some(&Err(Refusal::LeaderTimeout)));
+    // The leader did grant it; s1's undo released it.
+    sim.lose = None;
+    sim.run_for(ms(500));
+    assert_eq!(sim.node(2).identity_server("Adel"), None);
+    sim.assert_converged();
+}
+
+#[test]
+fn lost_announcement_is_repaired_by_a_snapshot() {
+    let mut sim = Sim::new(3, 11, true);
+    let mut lost = 0;
+    sim.lose = Some(Box::new(move |_, to, m| {
+        let drop = to == 0 && matches!(m, RegistryMessage::Announce { .. }) && lost < 1;
+        if drop {
+            lost += 1;
+        }
+        drop
+    }));
+    sim.claim(1, ident("Adel"));
+    sim.run_for(ms(50));
+    assert_eq!(sim.node(0).identity_server("Adel"), None, "s1 missed it");
+    sim.claim(1, ident("Bob"));
+    sim.run_for(ms(100));
+    assert_eq!(sim.node(0).identity_server("Adel").as_deref(), Some("s2"));
+    assert_eq!(sim.node(0).identity_server("Bob").as_deref(), Some("s2"));
+    sim.assert_converged();
+}
+
+#[test]
+fn restart_frees_the_names_of_the_previous_life() {
+    let mut sim = Sim::new(3, 12, true);
+    sim.claim(0, ident("Adel"));
+    sim.run_for(ms(100));
+    // Quick restart: back before the detector noticed.
+    sim.crash(0);
+    sim.run_for(ms(20));
+    sim.restart(0);
+    sim.run_for(ms(30));
+    let term = sim.node(2).term();
+    sim.input_now(
+        0,
+        Input::LeaderChanged {
+            leader: Some("s3".into()),
+            term,
+        },
+    );
+    sim.run_for(ms(300));
+    let again = sim.claim(1, ident("Adel"));
+    sim.run_for(ms(100));
+    assert_eq!(sim.result(again), Some(&Ok(())));
+    sim.assert_converged();
+}
+
+#[test]
+fn room_list_puts_live_main_halls_first() {
+    let mut sim = Sim::new(3, 13, true);
+    sim.claim(1, ident("Adel"));
+    sim.claim(2, ident("Bob"));
+    sim.run_for(ms(100));
+    sim.claim(1, room("zoo", "Adel"));
+    sim.claim(2, room("apes", "Bob"));
+    sim.run_for(ms(100));
+    let all = vec!["MainHall-s1", "MainHall-s2", "MainHall-s3", "apes", "zoo"];
+    assert_eq!(sim.node(0).rooms(), all);
+    assert_eq!(
+        sim.node(0).room_server("MainHall-s2").as_deref(),
+        Some("s2")
+    );
+    assert_eq!(
+        sim.node(0).room("MainHall-s2").map(|r| r.owner),
+        Some(String::new())
+    );
+    assert_eq!(sim.node(0).counts().rooms, 2);
+    sim.crash(1);
+    sim.run_for(DETECT + ms(50));
+    assert_eq!(
+        sim.node(0).rooms(),
+        vec!["MainHall-s1", "MainHall-s3", "apes"]
+    );
+    assert_eq!(sim.node(0).room_server("MainHall-s2"), None);
+}
