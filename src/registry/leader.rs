@@ -74,6 +74,62 @@ pub(super) struct LeaderState {
     /// is older than that news and must not re-register it. Forgotten when
     /// the server reports without it.
     pub(super) gone: HashMap<ServerId, HashMap<NameKey, Stamp>>,
+    /// The registry's base is built: a quorum of servers reported to this
+    /// leader (promising to ignore older leaders), and the most advanced
+    /// replica among their reports became the registry.
+    pub(super) based: bool,
+    /// Reports that arrived before the base was built, the newest per server.
+    pub(super) reports: BTreeMap<ServerId, HoldingsReport>,
+    /// Highest announcement of this term each follower acknowledged.
+    pub(super) acked: HashMap<ServerId, u64>,
+    /// Highest announcement a quorum (this leader included) acknowledged;
+    /// `Some(0)`: a quorum applied this leader's snapshot, nothing more.
+    pub(super) committed: Option<u64>,
+    /// Answers decided at an announcement not committed yet, in order.
+    pub(super) held: VecDeque<HeldAnswer>,
+    /// Recent announcements, sent again to a follower that does not
+    /// acknowledge them.
+    pub(super) recent: VecDeque<Sent>,
+    /// Servers each follower's failure detector sees down, as it last said.
+    pub(super) down_votes: HashMap<ServerId, BTreeSet<ServerId>>,
+    /// Servers whose names were freed in this term, until they come back up.
+    pub(super) purged: BTreeSet<ServerId>,
+}
+
+/// An answer waiting for the announcement it was decided at to commit.
+#[derive(Debug, Clone)]
+pub(super) struct HeldAnswer {
+    pub(super) seq: u64,
+    pub(super) to: ServerId,
+    pub(super) ticket: Ticket,
+    pub(super) verdict: Verdict,
+}
+
+/// An announcement as sent, kept for sending again.
+#[derive(Debug, Clone)]
+pub(super) struct Sent {
+    pub(super) seq: u64,
+    pub(super) at: Option<Instant>,
+    pub(super) changes: Vec<Change>,
+}
+
+/// Announcements kept for sending again; a follower further behind gets a
+/// snapshot instead.
+const RECENT: usize = 1024;
+
+/// Most announcements sent again to one follower at once; further behind,
+/// it is asked for its holdings and gets a snapshot back.
+const RESEND_MAX: u64 = 64;
+
+impl LeaderState {
+    /// Whether some announcement is not acknowledged by a quorum yet, or by
+    /// some live follower.
+    pub(super) fn behind(&self, live: &BTreeSet<ServerId>) -> bool {
+        self.committed < Some(self.seq)
+            || live
+                .iter()
+                .any(|p| self.acked.get(p).is_some_and(|a| *a < self.seq))
+    }
 }
 
 /// Records in `gone` that `server` lost `key` (see [`LeaderState::gone`]).
@@ -99,6 +155,9 @@ impl Registry {
     }
 
     pub(super) fn start_leading(&mut self, now: Instant, out: &mut Vec<Action>) {
+        // This server's own report, replica included, made before anything
+        // of the new term touches it.
+        let report = self.report();
         let mut lead = LeaderState::default();
         let deadline = later(now, self.config.sync_timeout);
         lead.unsynced.insert(self.id.clone(), deadline);
@@ -106,15 +165,12 @@ impl Registry {
             lead.unsynced.insert(peer.clone(), deadline);
         }
         self.leading = Some(Box::new(lead));
-        // The new registry is rebuilt only from what servers hold now.
-        self.replica.clear();
         self.last_seq = Some(0);
         let peers: Vec<ServerId> = self.live.iter().cloned().collect();
         for peer in peers {
             let msg = RegistryMessage::HoldingsRequest { term: self.term };
             self.send(&peer, msg, out);
         }
-        let report = self.report();
         self.loopback.push_back(RegistryMessage::Holdings {
             term: self.term,
             report,
@@ -151,6 +207,15 @@ impl Registry {
             let _ = self.apply_change(change, (self.term, lead.seq), out);
         }
         self.last_seq = Some(lead.seq);
+        self.applied = self.leader_position(lead.seq);
+        if lead.recent.len() >= RECENT {
+            lead.recent.pop_front();
+        }
+        lead.recent.push_back(Sent {
+            seq: lead.seq,
+            at: self.clock,
+            changes: changes.clone(),
+        });
         out.push(Action::Broadcast {
             msg: RegistryMessage::Announce {
                 term: self.term,
@@ -158,12 +223,282 @@ impl Registry {
                 changes,
             },
         });
+        self.advance_commit(lead, out);
     }
 
+    /// Whether new decisions must wait: the base is not built yet, or a live
+    /// server's holdings are awaited (for at most the sync timeout).
     pub(super) fn blocked(&self, lead: &LeaderState, now: Instant) -> bool {
-        lead.unsynced
+        !lead.based
+            || lead
+                .unsynced
+                .iter()
+                .any(|(server, until)| now < *until && self.is_live(server))
+    }
+
+    /// The highest announcement a quorum has applied: the leader's own, and
+    /// each follower's acknowledgement at this term (a server that is down
+    /// now still applied what it acknowledged).
+    fn quorum_seq(&self, lead: &LeaderState) -> Option<u64> {
+        let mut seqs: Vec<Option<u64>> = self
+            .servers
             .iter()
-            .any(|(server, until)| now < *until && self.is_live(server))
+            .filter(|s| **s != self.id)
+            .map(|s| lead.acked.get(s).copied())
+            .collect();
+        seqs.push(Some(lead.seq));
+        seqs.sort_unstable_by(|a, b| b.cmp(a));
+        seqs.get(self.quorum() - 1).copied().flatten()
+    }
+
+    /// Whether announcement `seq` is committed.
+    fn is_committed(lead: &LeaderState, seq: u64) -> bool {
+        lead.committed.is_some_and(|c| seq <= c)
+    }
+
+    /// Whether a decision made at announcement `seq` may be answered now. A
+    /// grant waits until a quorum has applied everything it was decided
+    /// on, so any later leader's base holds it; a refusal hands out
+    /// nothing and goes at once.
+    fn answerable(lead: &LeaderState, verdict: &Verdict, seq: u64) -> bool {
+        matches!(verdict, Verdict::Refused { .. }) || Self::is_committed(lead, seq)
+    }
+
+    /// Moves the commit point and sends the answers it releases.
+    fn advance_commit(&mut self, lead: &mut LeaderState, out: &mut Vec<Action>) {
+        lead.committed = lead.committed.max(self.quorum_seq(lead));
+        while lead
+            .held
+            .front()
+            .is_some_and(|h| Self::is_committed(lead, h.seq))
+        {
+            let Some(held) = lead.held.pop_front() else {
+                break;
+            };
+            self.send_answer(&held.to, &held.ticket, held.verdict, held.seq, out);
+        }
+    }
+
+    /// A follower applied announcements up to `seq`.
+    pub(super) fn lead_ack(
+        &mut self,
+        lead: &mut LeaderState,
+        _now: Instant,
+        from: &ServerId,
+        seq: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let seq = seq.min(lead.seq);
+        let acked = lead.acked.get(from).copied();
+        if acked.is_none_or(|a| seq > a) {
+            lead.acked.insert(from.clone(), seq);
+            self.advance_commit(lead, out);
+        }
+    }
+
+    /// A follower says which servers it sees down.
+    pub(super) fn lead_liveness(
+        &mut self,
+        lead: &mut LeaderState,
+        now: Instant,
+        from: &ServerId,
+        down: Vec<ServerId>,
+        out: &mut Vec<Action>,
+    ) {
+        lead.down_votes
+            .insert(from.clone(), down.into_iter().collect());
+        self.lead_check_purges(lead, now, out);
+    }
+
+    /// Frees the names of every server that this leader and enough live
+    /// followers to make a quorum see down. A server that only this leader
+    /// cannot hear keeps its names: it may be serving clients that others
+    /// can talk to.
+    pub(super) fn lead_check_purges(
+        &mut self,
+        lead: &mut LeaderState,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        if !lead.based {
+            return;
+        }
+        let down: Vec<ServerId> = self
+            .servers
+            .iter()
+            .filter(|s| !self.is_live(s) && !lead.purged.contains(*s))
+            .filter(|s| {
+                let votes = 1 + self
+                    .live
+                    .iter()
+                    .filter(|v| lead.down_votes.get(*v).is_some_and(|d| d.contains(*s)))
+                    .count();
+                votes >= self.quorum()
+            })
+            .cloned()
+            .collect();
+        for server in down {
+            self.lead_purge(lead, now, &server, out);
+        }
+    }
+
+    /// Sends `peer` what it has not acknowledged: recent announcements
+    /// older than the retry interval (all of them if `force`), or, if it is
+    /// too far behind, a holdings request (a snapshot answers its report).
+    fn resend(
+        &mut self,
+        lead: &LeaderState,
+        now: Instant,
+        peer: &ServerId,
+        force: bool,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(&acked) = lead.acked.get(peer) else {
+            return;
+        };
+        if acked >= lead.seq {
+            return;
+        }
+        let reaches_back = lead.recent.front().is_some_and(|s| s.seq <= acked + 1);
+        if lead.seq - acked > RESEND_MAX || !reaches_back {
+            let msg = RegistryMessage::HoldingsRequest { term: self.term };
+            self.send(peer, msg, out);
+            return;
+        }
+        let interval = self.config.retry_interval;
+        let due: Vec<RegistryMessage> = lead
+            .recent
+            .iter()
+            .filter(|s| s.seq > acked)
+            .filter(|s| {
+                force
+                    || s.at
+                        .is_none_or(|at| now.saturating_duration_since(at) >= interval)
+            })
+            .map(|s| RegistryMessage::Announce {
+                term: self.term,
+                seq: s.seq,
+                changes: s.changes.clone(),
+            })
+            .collect();
+        for msg in due {
+            self.send(peer, msg, out);
+        }
+    }
+
+    /// Retry tick: announcements nobody acknowledged go again.
+    pub(super) fn lead_retry(
+        &mut self,
+        lead: &mut LeaderState,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let peers: Vec<ServerId> = self.live.iter().cloned().collect();
+        for peer in peers {
+            self.resend(lead, now, &peer, false, out);
+        }
+    }
+
+    /// The link to `peer` was replaced: what it may have missed goes again now.
+    pub(super) fn lead_link_reset(
+        &mut self,
+        lead: &mut LeaderState,
+        now: Instant,
+        peer: &ServerId,
+        out: &mut Vec<Action>,
+    ) {
+        if !lead.based || lead.unsynced.contains_key(peer) || !lead.acked.contains_key(peer) {
+            let msg = RegistryMessage::HoldingsRequest { term: self.term };
+            self.send(peer, msg, out);
+        } else {
+            self.resend(lead, now, peer, true, out);
+        }
+    }
+
+    /// A holdings report at this term: merged at once once the base is
+    /// built; before that, kept until a quorum has reported.
+    pub(super) fn lead_report(
+        &mut self,
+        lead: &mut LeaderState,
+        now: Instant,
+        from: ServerId,
+        report: HoldingsReport,
+        out: &mut Vec<Action>,
+    ) {
+        if from != self.id {
+            lead.down_votes
+                .insert(from.clone(), report.down.iter().cloned().collect());
+        }
+        if lead.based {
+            self.lead_holdings(lead, now, from, report, out);
+            self.lead_check_purges(lead, now, out);
+            return;
+        }
+        if !self.is_live(&from) {
+            return;
+        }
+        let newer = lead.reports.get(&from).is_none_or(|kept| {
+            (report.incarnation, report.version) > (kept.incarnation, kept.version)
+        });
+        if newer {
+            lead.reports.insert(from, report);
+        }
+        if lead.reports.len() >= self.quorum() && lead.reports.contains_key(&self.id) {
+            self.build_base(lead, now, out);
+        }
+    }
+
+    /// Builds the registry of this term from a quorum's reports. Every name
+    /// an earlier leader committed was acknowledged by a quorum, and any two
+    /// quorums share a server, so the most advanced replica among these
+    /// reports holds it (or what a later commit made of it): that replica
+    /// is the base, and every report's own holdings are merged over it.
+    fn build_base(&mut self, lead: &mut LeaderState, now: Instant, out: &mut Vec<Action>) {
+        let reports = std::mem::take(&mut lead.reports);
+        let mut base = Table::default();
+        if let Some(best) = reports.values().max_by_key(|r| r.position) {
+            for entry in &best.replica_identities {
+                if is_valid_name(&entry.identity) && self.servers.contains(&entry.server) {
+                    base.set_identity(entry.clone());
+                }
+            }
+            for entry in &best.replica_rooms {
+                if is_valid_name(&entry.room)
+                    && is_valid_name(&entry.owner)
+                    && self.servers.contains(&entry.server)
+                {
+                    base.set_room(entry.clone());
+                }
+            }
+        }
+        // This server's view follows the registry from now on.
+        self.replica.clear();
+        for entry in base.identities.values().filter(|e| e.server != self.id) {
+            self.replica.set_identity(entry.clone());
+        }
+        for entry in base.rooms.values().filter(|r| r.server != self.id) {
+            self.replica.set_room(entry.clone());
+        }
+        let moving: Vec<String> = base
+            .identities
+            .values()
+            .filter(|e| e.moving_to.is_some())
+            .map(|e| e.identity.clone())
+            .collect();
+        lead.registry = base;
+        lead.based = true;
+        self.applied = self.leader_position(lead.seq);
+        for identity in moving {
+            self.expire_move_at(lead, now, &identity, out);
+        }
+        // Own holdings first: they are this server's own truth.
+        let mut reports: Vec<(ServerId, HoldingsReport)> = reports.into_iter().collect();
+        reports.sort_by_key(|(from, _)| *from != self.id);
+        for (from, report) in reports {
+            self.lead_holdings(lead, now, from, report, out);
+        }
+        self.lead_check_purges(lead, now, out);
+        self.flush_queue(lead, now, out);
     }
 
     pub(super) fn lead_request(
@@ -191,10 +526,13 @@ impl Registry {
             return;
         }
         if let Some((verdict, seq)) = log.answers.get(&ticket.id).cloned() {
-            self.send_answer(&from, &ticket, verdict, seq, out);
+            // A grant not committed yet goes out when it is.
+            if Self::answerable(lead, &verdict, seq) {
+                self.send_answer(&from, &ticket, verdict, seq, out);
+            }
             return;
         }
-        if op.waits_for_sync() && self.blocked(lead, now) {
+        if (!lead.based || op.waits_for_sync()) && self.blocked(lead, now) {
             let queued = lead.queue.iter().any(|q| {
                 q.asker == from
                     && q.ticket.incarnation == ticket.incarnation
@@ -232,7 +570,16 @@ impl Registry {
         if let Some(log) = lead.askers.get_mut(to) {
             log.record(ticket.id, verdict.clone(), lead.seq);
         }
-        self.send_answer(to, ticket, verdict, lead.seq, out);
+        if Self::answerable(lead, &verdict, lead.seq) {
+            self.send_answer(to, ticket, verdict, lead.seq, out);
+        } else {
+            lead.held.push_back(HeldAnswer {
+                seq: lead.seq,
+                to: to.clone(),
+                ticket: ticket.clone(),
+                verdict,
+            });
+        }
     }
 
     pub(super) fn send_answer(
@@ -339,6 +686,14 @@ impl Registry {
                 granted(stamp)
             }
             Op::MoveDone { identity } => {
+                // Re-homed here under an earlier leader, whose answer never
+                // came: the arrival is done.
+                if let Some(e) = lead.registry.identities.get(identity)
+                    && e.server == *asker
+                    && e.moving_to.is_none()
+                {
+                    return granted(e.stamp.clone());
+                }
                 let Some(entry) = lead
                     .registry
                     .identities
@@ -407,8 +762,18 @@ impl Registry {
         let stamp = self.next_stamp(lead);
         let change = match name {
             Name::Identity(identity) => {
-                if lead.registry.identities.contains_key(identity) {
-                    return refused(Refusal::Taken);
+                match lead.registry.identities.get(identity) {
+                    // Registered to the asker by a grant it never heard of
+                    // (an earlier leader's, or this claim's own before a
+                    // leader change): the asker does not hold it, and
+                    // asks for it, so it is its to have.
+                    Some(e) if e.server == *asker && e.moving_to.is_none() => {
+                        return Verdict::Granted {
+                            stamp: e.stamp.clone(),
+                        };
+                    }
+                    Some(_) => return refused(Refusal::Taken),
+                    None => {}
                 }
                 Change::SetIdentity(IdentityEntry {
                     identity: identity.clone(),
@@ -418,8 +783,14 @@ impl Registry {
                 })
             }
             Name::Room { room, owner } => {
-                if lead.registry.rooms.contains_key(room) {
-                    return refused(Refusal::Taken);
+                match lead.registry.rooms.get(room) {
+                    Some(r) if r.server == *asker && r.owner == *owner => {
+                        return Verdict::Granted {
+                            stamp: r.stamp.clone(),
+                        };
+                    }
+                    Some(_) => return refused(Refusal::Taken),
+                    None => {}
                 }
                 let owner_here = lead
                     .registry
@@ -504,6 +875,7 @@ impl Registry {
         out: &mut Vec<Action>,
     ) {
         lead.unsynced.remove(server);
+        lead.purged.insert(server.clone());
         lead.queue.retain(|q| q.asker != *server);
         let identities: Vec<String> = lead
             .registry

@@ -279,7 +279,7 @@ pub enum Change {
 }
 
 /// What a server holds and what it is waiting for, sent to the leader.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HoldingsReport {
     /// The sender's incarnation.
     pub incarnation: u64,
@@ -297,6 +297,34 @@ pub struct HoldingsReport {
     /// Names the sender has asked for and not heard back about: the leader
     /// must not drop them from its registry just because they are not held yet.
     pub pending: Vec<Name>,
+    /// Where the sender's replica stands: the leader it last applied an
+    /// announcement or snapshot of, and that announcement's number. A new
+    /// leader takes the replica of the most advanced report of its quorum
+    /// as the base of its registry (see the module docs).
+    pub position: Position,
+    /// The sender's replica: every other server's identities, as of `position`.
+    pub replica_identities: Vec<IdentityEntry>,
+    /// The sender's replica: every other server's rooms, as of `position`.
+    pub replica_rooms: Vec<RoomEntry>,
+    /// Servers the sender's failure detector sees down: a leader frees a
+    /// server's names only when a majority sees it down.
+    pub down: Vec<ServerId>,
+}
+
+/// How far a replica has come: the epoch (term, rank) of the leader whose
+/// announcements it applied, then the number of the last one applied.
+/// Ordered: a later leader's state includes everything an earlier one
+/// committed.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Position {
+    /// The leader's term.
+    pub term: u64,
+    /// The leader's election rank (position in the configured list).
+    pub rank: u64,
+    /// Last announcement applied (a snapshot counts as its number).
+    pub seq: u64,
 }
 
 /// A registry message between servers. Every message carries the sender's
@@ -370,6 +398,24 @@ pub enum RegistryMessage {
         /// Rooms to drop (deleted, members to the main hall).
         rooms: Vec<RoomEntry>,
     },
+    /// Server -> leader: every announcement of this term up to `seq` is
+    /// applied here (a snapshot counts as its number). The leader answers a
+    /// request only once a majority of the configured servers acknowledged
+    /// the announcement it was decided at.
+    Ack {
+        /// The leader's term (sent only to the leader this server follows).
+        term: u64,
+        /// Last announcement applied, in order.
+        seq: u64,
+    },
+    /// Server -> leader: the servers this server's failure detector sees
+    /// down, sent whenever that changes.
+    Liveness {
+        /// The leader's term.
+        term: u64,
+        /// Configured servers seen down.
+        down: Vec<ServerId>,
+    },
 }
 
 impl RegistryMessage {
@@ -382,7 +428,9 @@ impl RegistryMessage {
             | RegistryMessage::Snapshot { term, .. }
             | RegistryMessage::HoldingsRequest { term }
             | RegistryMessage::Holdings { term, .. }
-            | RegistryMessage::Evict { term, .. } => *term,
+            | RegistryMessage::Evict { term, .. }
+            | RegistryMessage::Ack { term, .. }
+            | RegistryMessage::Liveness { term, .. } => *term,
         }
     }
 }
@@ -461,6 +509,10 @@ pub enum Input {
         /// Its term.
         term: u64,
     },
+    /// Messages to or from this peer may have been lost although the
+    /// failure detector saw no gap (a mesh link was replaced): whatever is
+    /// unacknowledged between the two is sent again at once.
+    LinkReset(ServerId),
     /// A timer set with [`Action::SetTimer`] fired.
     Timer(Timer),
 }

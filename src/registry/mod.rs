@@ -177,6 +177,8 @@ pub struct Registry {
     own: Table,
     /// Other servers' holdings as last announced by the leader.
     replica: Table,
+    /// How far `replica` has come (reported to a new leader).
+    applied: Position,
     /// Last announcement applied in this term; `None`: waiting for a snapshot.
     last_seq: Option<u64>,
     /// Highest announcement number seen in this term, applied or not: a
@@ -196,6 +198,8 @@ pub struct Registry {
     /// Messages to this server itself (the leader asking itself), handled
     /// before `handle` returns.
     loopback: VecDeque<RegistryMessage>,
+    /// The time of the input being handled.
+    clock: Option<Instant>,
 }
 
 impl Registry {
@@ -234,6 +238,7 @@ impl Registry {
             fence: (0, 0),
             own: Table::default(),
             replica: Table::default(),
+            applied: Position::default(),
             last_seq: None,
             announced: 0,
             sync_sent_at: None,
@@ -244,11 +249,13 @@ impl Registry {
             leading: None,
             retry_at: None,
             loopback: VecDeque::new(),
+            clock: None,
         }
     }
 
     /// Feeds one input; returns what the runtime must do, in order.
     pub fn handle(&mut self, now: Instant, input: Input) -> Vec<Action> {
+        self.clock = Some(now);
         let mut out = Vec::new();
         match input {
             Input::Message { from, msg } => self.on_message(now, from, msg, &mut out),
@@ -258,6 +265,7 @@ impl Registry {
             Input::LeaderChanged { leader, term } => {
                 self.on_leader_changed(now, leader, term, &mut out)
             }
+            Input::LinkReset(peer) => self.on_link_reset(now, peer, &mut out),
             Input::Timer(timer) => self.on_timer(now, timer, &mut out),
         }
         let mut budget = LOOPBACK_BUDGET;
@@ -297,9 +305,33 @@ impl Registry {
         self.leading.is_some() && self.epoch() >= self.fence
     }
 
-    /// Whether this server sees a majority of the configured servers.
+    /// Whether this server sees a majority of the configured servers. A
+    /// quick refusal only: what makes a grant safe is the acknowledgement
+    /// of a majority (see the module docs).
     pub fn has_majority(&self) -> bool {
         self.reachable_count() * 2 > self.servers.len()
+    }
+
+    /// How many servers (the leader included) must acknowledge an
+    /// announcement before it counts as committed, must report to a new
+    /// leader before it grants, and must see a server down before its
+    /// names are freed: a majority of the configured servers, or 1 with
+    /// `quorum = "none"`.
+    fn quorum(&self) -> usize {
+        if self.config.require_majority {
+            self.servers.len() / 2 + 1
+        } else {
+            1
+        }
+    }
+
+    /// Configured servers this server's failure detector sees down.
+    fn down_list(&self) -> Vec<ServerId> {
+        self.servers
+            .iter()
+            .filter(|s| !self.is_live(s))
+            .cloned()
+            .collect()
     }
 
     /// Whether `server` is this one or a peer seen alive.
@@ -510,6 +542,31 @@ impl Registry {
                     _ => None,
                 })
                 .collect(),
+            position: self.position(),
+            replica_identities: self.replica.identities.values().cloned().collect(),
+            replica_rooms: self.replica.rooms.values().cloned().collect(),
+            down: self.down_list(),
+        }
+    }
+
+    /// How far this server's replica has come (a leader keeps its own
+    /// position up to date as it commits).
+    fn position(&self) -> Position {
+        self.applied
+    }
+
+    /// Tells the leader which servers this one sees down (a leader frees a
+    /// server's names only when a majority sees it down).
+    fn send_liveness(&mut self, out: &mut Vec<Action>) {
+        let Some(leader) = self.reachable_leader() else {
+            return;
+        };
+        if leader != self.id {
+            let msg = RegistryMessage::Liveness {
+                term: self.term,
+                down: self.down_list(),
+            };
+            self.send(&leader, msg, out);
         }
     }
 
@@ -526,7 +583,7 @@ impl Registry {
         let leader_unsynced = self
             .leading
             .as_ref()
-            .is_some_and(|l| !l.unsynced.is_empty());
+            .is_some_and(|l| !l.unsynced.is_empty() || l.behind(&self.live));
         if !self.pending.is_empty() || follower_unsynced || leader_unsynced {
             self.retry_at = Some(later(now, interval));
             out.push(Action::SetTimer {
@@ -560,7 +617,7 @@ impl Registry {
             }
             RegistryMessage::Holdings { term, report } => {
                 if self.is_leader() && term == self.term {
-                    self.with_leader(|reg, lead| reg.lead_holdings(lead, now, from, report, out));
+                    self.with_leader(|reg, lead| reg.lead_report(lead, now, from, report, out));
                 } else if self.is_leader() && term < self.term && from != self.id {
                     // Made before the sender was fenced at this term: an
                     // older leader may still have changed its holdings since.
@@ -615,15 +672,21 @@ impl Registry {
                 identities,
                 rooms,
             } => {
-                // An eviction follows from the stamps alone (any leader would
-                // decide the same), so a leader newer than the one this
-                // server knows is obeyed too: one this server already
-                // reported its holdings to may evict before the election
-                // result arrives here.
-                let epoch = (term, self.rank(&from));
-                let newer = epoch > self.epoch() && epoch >= self.fence;
-                if self.sent_by_leader(&from, term) || newer {
+                // Only from the leader this server follows, at its term: an
+                // older or a self-appointed one must not take names away.
+                // (Snapshots carry the same news, so nothing waits on it.)
+                if self.sent_by_leader(&from, term) {
                     self.on_evict((term, seq), identities, rooms, out);
+                }
+            }
+            RegistryMessage::Ack { term, seq } => {
+                if self.is_leader() && term == self.term && from != self.id {
+                    self.with_leader(|reg, lead| reg.lead_ack(lead, now, &from, seq, out));
+                }
+            }
+            RegistryMessage::Liveness { term, down } => {
+                if self.is_leader() && term == self.term && from != self.id {
+                    self.with_leader(|reg, lead| reg.lead_liveness(lead, now, &from, down, out));
                 }
             }
         }
@@ -727,6 +790,7 @@ impl Registry {
             let deadline = later(now, self.config.sync_timeout);
             if let Some(lead) = self.leading.as_mut() {
                 lead.unsynced.insert(peer.clone(), deadline);
+                lead.purged.remove(&peer);
             }
             let msg = RegistryMessage::HoldingsRequest { term: self.term };
             self.send(&peer, msg, out);
@@ -741,6 +805,7 @@ impl Registry {
                 self.request_sync(now, true, out);
             }
         }
+        self.send_liveness(out);
     }
 
     fn on_peer_down(&mut self, now: Instant, peer: ServerId, out: &mut Vec<Action>) {
@@ -749,7 +814,27 @@ impl Registry {
         }
         self.live_touched = true;
         if self.is_leader() {
-            self.with_leader(|reg, lead| reg.lead_purge(lead, now, &peer, out));
+            self.with_leader(|reg, lead| reg.lead_check_purges(lead, now, out));
+        }
+        self.send_liveness(out);
+    }
+
+    /// Whatever is unacknowledged between this server and `peer` goes again:
+    /// the requests and holdings of a follower whose leader it is, the
+    /// announcements and holdings requests of a leader to a follower.
+    fn on_link_reset(&mut self, now: Instant, peer: ServerId, out: &mut Vec<Action>) {
+        if peer == self.id || !self.live.contains(&peer) {
+            return;
+        }
+        if self.is_leader() {
+            self.with_leader(|reg, lead| reg.lead_link_reset(lead, now, &peer, out));
+        }
+        if self.leader.as_ref() == Some(&peer) {
+            self.send_pending(now, true, out);
+            // A report gets a snapshot back, whatever was lost.
+            self.last_seq = None;
+            self.request_sync(now, true, out);
+            self.send_liveness(out);
         }
     }
 
@@ -798,6 +883,7 @@ impl Registry {
                     self.request_sync(now, false, out);
                 }
                 if self.is_leader() {
+                    self.with_leader(|reg, lead| reg.lead_retry(lead, now, out));
                     let unsynced: Vec<ServerId> = self
                         .leading
                         .as_ref()

@@ -187,6 +187,31 @@ impl Registry {
         }
     }
 
+    /// The position of the followed leader's announcement `seq`.
+    pub(super) fn leader_position(&self, seq: u64) -> Position {
+        let (term, rank) = self.epoch();
+        Position {
+            term,
+            rank: rank as u64,
+            seq,
+        }
+    }
+
+    /// Acknowledges the followed leader's announcements up to `seq`: this
+    /// server has them in its replica and will report them to any later
+    /// leader, so the leader may answer the requests decided at them.
+    fn ack(&mut self, seq: u64, out: &mut Vec<Action>) {
+        if let Some(leader) = self.leader.clone()
+            && leader != self.id
+        {
+            let msg = RegistryMessage::Ack {
+                term: self.term,
+                seq,
+            };
+            self.send(&leader, msg, out);
+        }
+    }
+
     pub(super) fn on_announce(
         &mut self,
         now: Instant,
@@ -196,9 +221,11 @@ impl Registry {
     ) {
         self.announced = self.announced.max(seq);
         match self.last_seq {
-            Some(last) if seq <= last => {}
+            // Sent again (the leader saw no acknowledgement): say so again.
+            Some(last) if seq <= last => self.ack(last, out),
             Some(last) if Some(seq) == last.checked_add(1) => {
                 self.last_seq = Some(seq);
+                self.applied = self.leader_position(seq);
                 let mut resync = false;
                 for change in changes {
                     resync |= self.apply_change(change, (self.term, seq), out);
@@ -206,6 +233,8 @@ impl Registry {
                 if resync {
                     self.last_seq = None;
                     self.request_sync(now, true, out);
+                } else {
+                    self.ack(seq, out);
                 }
             }
             // A gap, or no snapshot yet in this term: ask for a snapshot.
@@ -281,7 +310,9 @@ impl Registry {
             }
         }
         self.last_seq = Some(seq);
+        self.applied = self.leader_position(seq);
         self.sync_sent_at = None;
+        self.ack(seq, out);
         if self.announced > seq {
             // Announcements dropped while waiting for this snapshot are not
             // in it: ask again.

@@ -117,6 +117,12 @@ fn chaos(seed: u64, require_majority: bool) {
             sim.restart(d);
         }
     }
+    // Nothing commits without a majority up: bring one back if needed.
+    for d in 0..5 {
+        if require_majority && sim.alive().len() < 3 && sim.nodes[d].is_none() {
+            sim.restart(d);
+        }
+    }
     sim.run_for(DETECT + ms(30));
     sim.reelect();
     sim.run_for(ms(5000));

@@ -747,6 +747,7 @@ fn empty_report(incarnation: u64) -> HoldingsReport {
         identities: vec![],
         rooms: vec![],
         pending: vec![],
+        ..Default::default()
     }
 }
 
@@ -797,8 +798,32 @@ fn hand_leader(servers: usize, require_majority: bool) -> (Registry, Instant) {
             ),
         );
     }
+    ack_all(&mut reg, now);
     assert!(!reg.blocked(reg.leading.as_ref().expect("leads"), now));
     (reg, now)
+}
+
+/// Every follower of hand-fed leader `reg` acknowledges everything it
+/// announced; returns what that released (answers held for the commit).
+fn ack_all(reg: &mut Registry, now: Instant) -> Vec<Action> {
+    let seq = reg.leading.as_ref().expect("leads").seq;
+    let me = reg.id.clone();
+    let mut out = Vec::new();
+    for peer in reg.servers.clone() {
+        if peer != me {
+            out.extend(reg.handle(
+                now,
+                msg(
+                    &peer,
+                    RegistryMessage::Ack {
+                        term: reg.term,
+                        seq,
+                    },
+                ),
+            ));
+        }
+    }
+    out
 }
 
 mod chaos;

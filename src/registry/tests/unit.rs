@@ -128,6 +128,7 @@ fn every_message_round_trips_through_postcard() {
                 identities: vec![identity.clone()],
                 rooms: vec![room_entry.clone()],
                 pending: vec![ident("Bob"), room("lobby", "Bob")],
+                ..Default::default()
             },
         },
         RegistryMessage::Evict {
@@ -203,6 +204,7 @@ fn garbage_from_the_network_does_not_panic() {
                 }],
                 rooms: vec![],
                 pending: vec![],
+                ..Default::default()
             },
         },
     ];
@@ -224,11 +226,15 @@ fn garbage_from_the_network_does_not_panic() {
 fn retried_request_gets_the_same_answer() {
     let (mut reg, now) = hand_leader(3, true);
     let claim = request(1, 1, 1, 1, Op::Claim(ident("Adel")));
-    let first = reg.handle(now, msg("s1", claim.clone()));
+    let mut first = reg.handle(now, msg("s1", claim.clone()));
+    assert_eq!(announces(&first), 1);
+    assert!(answers(&first).is_empty(), "a grant waits for its commit");
+    let early = reg.handle(now, msg("s1", claim.clone()));
+    assert!(answers(&early).is_empty(), "so does its retry");
+    first.extend(ack_all(&mut reg, now));
     let again = reg.handle(now, msg("s1", claim));
     assert_eq!(answers(&first), answers(&again));
     assert!(matches!(answers(&first)[0].2, Verdict::Granted { .. }));
-    assert_eq!(announces(&first), 1);
     assert_eq!(announces(&again), 0, "a retry changes nothing");
     // The same name from another asker is taken.
     let other = reg.handle(
@@ -275,19 +281,21 @@ fn dedup_memory_is_bounded() {
 #[test]
 fn old_incarnation_is_ignored_and_new_one_starts_fresh() {
     let (mut reg, now) = hand_leader(3, true);
-    let out = reg.handle(
+    let mut out = reg.handle(
         now,
         msg("s1", request(1, 5, 1, 1, Op::Claim(ident("Adel")))),
     );
+    out.extend(ack_all(&mut reg, now));
     assert!(matches!(answers(&out)[0].2, Verdict::Granted { .. }));
     // A delayed request of the previous life of s1 is ignored.
     let out = reg.handle(now, msg("s1", request(1, 4, 1, 1, Op::Claim(ident("Bob")))));
     assert!(answers(&out).is_empty());
     // The next life reuses id 1 for a different claim: decided afresh.
-    let out = reg.handle(
+    let mut out = reg.handle(
         now,
         msg("s1", request(1, 6, 1, 1, Op::Claim(ident("Carl")))),
     );
+    out.extend(ack_all(&mut reg, now));
     assert!(matches!(answers(&out)[0].2, Verdict::Granted { .. }));
     assert!(
         reg.leading
@@ -388,6 +396,7 @@ fn new_leader_waits_for_holdings_before_granting() {
         }],
         rooms: vec![],
         pending: vec![ident("Bob")],
+        ..Default::default()
     };
     let out = reg.handle(
         now,
@@ -400,6 +409,9 @@ fn new_leader_waits_for_holdings_before_granting() {
     // Past the sync timeout the leader grants without s2.
     let later = now + reg.config.sync_timeout;
     let out = reg.handle(later, Input::Timer(Timer::SyncDeadline));
+    assert!(replies(&out).is_empty(), "granted once s1 acknowledges");
+    let seq = reg.leading.as_ref().expect("leads").seq;
+    let out = reg.handle(later, msg("s1", RegistryMessage::Ack { term: 1, seq }));
     assert_eq!(replies(&out), vec![(1, Ok(()))]);
     assert!(matches!(answers(&out)[0].2, Verdict::Granted { .. }));
     assert_eq!(reg.identity_server("Carl").as_deref(), Some("s1"));
@@ -869,9 +881,21 @@ fn no_majority_refuses_with_reason_and_keeps_existing_names() {
     assert_eq!(reason.to_string(), "no majority: 1 of 3 servers reachable");
     assert!(sim.node(2).holds(&ident("Keep")));
     assert_eq!(sim.node(2).identity_server("Keep").as_deref(), Some("s3"));
+    // A release frees the name here at once; the registry follows once a
+    // majority is back to acknowledge it.
     sim.local(2, LocalRequest::Release(ident("Keep")));
     sim.run_for(ms(50));
-    assert_eq!(sim.node(2).counts().pending, 0, "releases still go through");
+    assert!(!sim.node(2).holds(&ident("Keep")));
+    assert_eq!(sim.node(2).counts().pending, 1, "waits for a majority");
+    sim.restart(0);
+    sim.restart(1);
+    sim.run_for(UP_DELAY + ms(30));
+    sim.reelect();
+    sim.run_for(ms(1000));
+    assert_eq!(sim.node(2).counts().pending, 0, "the release went through");
+    for i in 0..3 {
+        assert_eq!(sim.node(i).identity_server("Keep"), None);
+    }
 }
 
 #[test]
