@@ -1166,14 +1166,21 @@ impl Registry {
             self.send(&server, msg, out);
         }
         lead.unsynced.remove(&from);
+        let identities = lead.registry.identities.values().cloned().collect();
+        let rooms = lead.registry.rooms.values().cloned().collect();
         if from != self.id {
             let msg = RegistryMessage::Snapshot {
                 term: self.term,
                 seq: lead.seq,
-                identities: lead.registry.identities.values().cloned().collect(),
-                rooms: lead.registry.rooms.values().cloned().collect(),
+                identities,
+                rooms,
             };
             self.send(&from, msg, out);
+        } else {
+            // The leader answers its own report as it answers anyone's: what
+            // the registry does not give it (a client that moved on under an
+            // earlier leader, a name lost to a later grant) is not its own.
+            self.on_snapshot(now, lead.seq, identities, rooms, out);
         }
         self.flush_queue(lead, now, out);
     }

@@ -7,7 +7,7 @@ use super::*;
 /// Random claims, releases, moves, forged movejoins, crashes, restarts,
 /// partitions, heals and elections; invariants after every event; at the
 /// end, heal everything and check that the cluster converged.
-fn chaos(seed: u64, require_majority: bool) {
+fn chaos(seed: u64, require_majority: bool, asymmetric: bool) {
     let mut sim = Sim::new(5, seed, require_majority);
     sim.chat = true;
     let max_delay = std::env::var("CHAOS_DELAY_MS")
@@ -98,12 +98,31 @@ fn chaos(seed: u64, require_majority: bool) {
                     let g = sim.rng.random_range(0..2);
                     groups[g].push(i);
                 }
-                sim.partition(&groups);
+                match sim.rng.random_range(0..4) {
+                    _ if !asymmetric => sim.partition(&groups),
+                    0 => sim.partition(&groups),
+                    // One group stops hearing the other, which still hears it.
+                    1 => sim.cut_oneway(&groups[0], &groups[1]),
+                    // Overlapping views: one pair of servers loses one or
+                    // both directions, everybody else hears both.
+                    _ => {
+                        let a = sim.rng.random_range(0..5);
+                        let b = (a + sim.rng.random_range(1..5)) % 5;
+                        sim.cut_oneway(&[a], &[b]);
+                        if sim.rng.random_bool(0.5) {
+                            sim.cut_oneway(&[b], &[a]);
+                        }
+                    }
+                }
                 sim.schedule(DETECT + ms(30), Event::Reelect);
             }
             89..93 => {
                 sim.heal();
                 sim.schedule(DETECT + ms(30), Event::Reelect);
+            }
+            93..95 if asymmetric && sim.rng.random_bool(0.5) => {
+                sim.wild = true;
+                sim.wild_elect();
             }
             93..95 => sim.reelect(),
             _ => {}
@@ -159,13 +178,24 @@ fn chaos_seeds() -> std::ops::Range<u64> {
 #[test]
 fn chaos_with_majority_quorum() {
     for seed in chaos_seeds() {
-        chaos(seed, true);
+        chaos(seed, true, false);
     }
 }
 
 #[test]
 fn chaos_without_quorum() {
     for seed in chaos_seeds() {
-        chaos(1_000_000 + seed, false);
+        chaos(1_000_000 + seed, false, false);
+    }
+}
+
+/// One-way cuts, overlapping views (a pair that cannot hear each other
+/// while everybody else hears both) and elections gone wrong (random
+/// leaders announced to random subsets): no name is ever granted to one
+/// server while another that can talk with it holds it.
+#[test]
+fn chaos_with_one_way_cuts_and_wild_elections() {
+    for seed in chaos_seeds() {
+        chaos(2_000_000 + seed, true, true);
     }
 }
