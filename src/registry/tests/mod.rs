@@ -879,4 +879,5 @@ fn ack_all(reg: &mut Registry, now: Instant) -> Vec<Action> {
 }
 
 mod chaos;
+mod safety;
 mod unit;

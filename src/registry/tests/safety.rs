@@ -1,0 +1,510 @@
+//! The safety rules one by one, each with a test that fails if its rule is
+//! taken out: grants wait for a majority's acknowledgement, a fenced server
+//! never acknowledges an older leader, a new leader's base holds what an
+//! earlier one committed, names are freed only when a majority sees their
+//! server down, and the smaller guards (stale reports, stale timers, stale
+//! evictions, lost frames).
+
+use super::*;
+
+fn ids(n: usize) -> Vec<ServerId> {
+    (0..n).map(sid).collect()
+}
+
+fn ack(from: &str, term: u64, seq: u64) -> Input {
+    msg(from, RegistryMessage::Ack { term, seq })
+}
+
+fn announced_seq(actions: &[Action]) -> Option<u64> {
+    actions.iter().find_map(|a| match a {
+        Action::Broadcast {
+            msg: RegistryMessage::Announce { seq, .. },
+        } => Some(*seq),
+        _ => None,
+    })
+}
+
+fn sent<'a>(actions: &'a [Action], to: &str) -> Vec<&'a RegistryMessage> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { to: t, msg } if t == to => Some(msg),
+            _ => None,
+        })
+        .collect()
+}
+
+fn entry(identity: &str, server: &str, stamp: (u64, u64, &str)) -> IdentityEntry {
+    IdentityEntry {
+        identity: identity.into(),
+        server: server.into(),
+        moving_to: None,
+        stamp: Stamp {
+            term: stamp.0,
+            seq: stamp.1,
+            leader: stamp.2.into(),
+        },
+    }
+}
+
+fn registered(reg: &Registry, identity: &str) -> Option<IdentityEntry> {
+    let lead = reg.leading.as_ref().expect("leads");
+    lead.registry.identities.get(identity).cloned()
+}
+
+#[test]
+fn a_grant_waits_for_a_majority_of_acknowledgements_even_at_four_servers() {
+    // Four servers: a majority is three, the leader and two followers.
+    let (mut reg, now) = hand_leader(4, true);
+    let out = reg.handle(
+        now,
+        msg("s1", request(1, 1, 1, 1, Op::Claim(ident("Adel")))),
+    );
+    let seq = announced_seq(&out).expect("announced");
+    assert!(answers(&out).is_empty(), "not before anyone acknowledged");
+    let out = reg.handle(now, ack("s1", 1, seq));
+    assert!(answers(&out).is_empty(), "two of four is no majority");
+    // An acknowledgement of another term counts for nothing.
+    let out = reg.handle(now, ack("s2", 0, seq));
+    assert!(answers(&out).is_empty());
+    let out = reg.handle(now, ack("s2", 1, seq));
+    assert!(matches!(
+        answers(&out).as_slice(),
+        [(to, 1, Verdict::Granted { .. })] if to == "s1"
+    ));
+}
+
+#[test]
+fn refusals_go_at_once_and_grants_only_after_the_commit() {
+    let (mut reg, now) = hand_leader(5, true);
+    let out = reg.handle(
+        now,
+        msg("s1", request(1, 1, 1, 1, Op::Claim(ident("Adel")))),
+    );
+    assert!(answers(&out).is_empty());
+    // Taken even before the first grant is committed: no second grant.
+    let out = reg.handle(
+        now,
+        msg("s2", request(1, 1, 1, 1, Op::Claim(ident("Adel")))),
+    );
+    assert_eq!(
+        answers(&out)[0].2,
+        Verdict::Refused {
+            reason: Refusal::Taken
+        }
+    );
+    let out = ack_all(&mut reg, now);
+    assert_eq!(answers(&out).len(), 1);
+}
+
+#[test]
+fn a_server_that_reported_to_a_newer_leader_never_acknowledges_the_older_one() {
+    let now = Instant::now();
+    let mut reg = Registry::new("s1".into(), ids(3), test_config(true), 1);
+    reg.handle(now, Input::PeerUp("s2".into()));
+    reg.handle(now, Input::PeerUp("s3".into()));
+    reg.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some("s3".into()),
+            term: 1,
+        },
+    );
+    let snapshot = RegistryMessage::Snapshot {
+        term: 1,
+        seq: 0,
+        identities: vec![],
+        rooms: vec![],
+    };
+    let out = reg.handle(now, msg("s3", snapshot));
+    assert!(sent(&out, "s3").contains(&&RegistryMessage::Ack { term: 1, seq: 0 }));
+    let announce = |seq, name: &str| RegistryMessage::Announce {
+        term: 1,
+        seq,
+        changes: vec![Change::SetIdentity(entry(name, "s3", (1, seq, "s3")))],
+    };
+    let out = reg.handle(now, msg("s3", announce(1, "Adel")));
+    assert!(sent(&out, "s3").contains(&&RegistryMessage::Ack { term: 1, seq: 1 }));
+    // s2 runs for a newer term and asks for holdings: s1 reports them,
+    // replica and position included, and is fenced.
+    let out = reg.handle(now, msg("s2", RegistryMessage::HoldingsRequest { term: 2 }));
+    let report = sent(&out, "s2")
+        .into_iter()
+        .find_map(|m| match m {
+            RegistryMessage::Holdings { term: 2, report } => Some(report.clone()),
+            _ => None,
+        })
+        .expect("reported to s2");
+    assert_eq!(
+        report.position,
+        Position {
+            term: 1,
+            rank: 2,
+            seq: 1
+        }
+    );
+    assert_eq!(
+        report.replica_identities,
+        vec![entry("Adel", "s3", (1, 1, "s3"))]
+    );
+    // The older leader's next announcement is neither applied nor acknowledged.
+    let out = reg.handle(now, msg("s3", announce(2, "Bob")));
+    assert!(sent(&out, "s3").is_empty(), "{out:?}");
+    assert_eq!(reg.identity_server("Bob"), None);
+}
+
+#[test]
+fn a_new_leader_keeps_the_names_of_a_server_it_cannot_hear_until_a_majority_sees_it_down() {
+    // s4 is elected at term 2 by s1..s3; it cannot hear s5, the old
+    // leader, whose client holds "Adel" (committed at term 1: s1 has it).
+    let now = Instant::now();
+    let mut reg = Registry::new("s4".into(), ids(5), test_config(true), 1);
+    for peer in ["s1", "s2", "s3"] {
+        reg.handle(now, Input::PeerUp(peer.into()));
+    }
+    reg.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some("s4".into()),
+            term: 2,
+        },
+    );
+    let adel = entry("Adel", "s5", (1, 3, "s5"));
+    let advanced = HoldingsReport {
+        incarnation: 1,
+        version: 1,
+        issued_below: 1,
+        position: Position {
+            term: 1,
+            rank: 4,
+            seq: 7,
+        },
+        replica_identities: vec![adel.clone()],
+        ..Default::default()
+    };
+    let holdings = |report| RegistryMessage::Holdings { term: 2, report };
+    reg.handle(now, msg("s2", holdings(empty_report(1))));
+    assert!(
+        !reg.leading.as_ref().expect("leads").based,
+        "two of five reported: no base yet"
+    );
+    reg.handle(now, msg("s1", holdings(advanced)));
+    assert_eq!(registered(&reg, "Adel"), Some(adel), "from s1's replica");
+    reg.handle(now, msg("s3", holdings(empty_report(1))));
+    ack_all(&mut reg, now);
+    let out = reg.handle(
+        now,
+        msg("s3", request(2, 1, 1, 1, Op::Claim(ident("Adel")))),
+    );
+    assert_eq!(
+        answers(&out)[0].2,
+        Verdict::Refused {
+            reason: Refusal::Taken
+        }
+    );
+    // s1 sees s5 down too: two of five, s5 keeps its names.
+    let down = |from| {
+        msg(
+            from,
+            RegistryMessage::Liveness {
+                term: 2,
+                down: vec!["s5".into()],
+            },
+        )
+    };
+    let out = reg.handle(now, down("s1"));
+    assert!(registered(&reg, "Adel").is_some(), "{out:?}");
+    // s2 as well: a majority sees s5 down, its names are free.
+    let out = reg.handle(now, down("s2"));
+    assert!(out.contains(&Action::Log(LogEvent::ServerPurged {
+        server: "s5".into(),
+        identities: 1,
+        rooms: 0,
+    })));
+    assert_eq!(registered(&reg, "Adel"), None);
+    ack_all(&mut reg, now);
+    let mut out = reg.handle(
+        now,
+        msg("s3", request(2, 1, 2, 2, Op::Claim(ident("Adel")))),
+    );
+    out.extend(ack_all(&mut reg, now));
+    assert!(matches!(answers(&out)[0].2, Verdict::Granted { .. }));
+}
+
+#[test]
+fn the_base_is_the_most_advanced_replica_of_the_quorum() {
+    // Two followers report replicas of the old leader s3 at different
+    // points: "Adel" was released at announcement 8, which only s2 saw.
+    let now = Instant::now();
+    let mut reg = Registry::new("s2".into(), ids(3), test_config(true), 1);
+    // The new leader's own replica (empty, as of announcement 8) is further on.
+    reg.applied = Position {
+        term: 4,
+        rank: 2,
+        seq: 8,
+    };
+    reg.handle(now, Input::PeerUp("s1".into()));
+    reg.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some("s2".into()),
+            term: 5,
+        },
+    );
+    let behind = HoldingsReport {
+        incarnation: 1,
+        version: 1,
+        issued_below: 1,
+        position: Position {
+            term: 4,
+            rank: 2,
+            seq: 7,
+        },
+        replica_identities: vec![entry("Adel", "s3", (4, 2, "s3"))],
+        ..Default::default()
+    };
+    reg.handle(
+        now,
+        msg(
+            "s1",
+            RegistryMessage::Holdings {
+                term: 5,
+                report: behind,
+            },
+        ),
+    );
+    assert!(reg.leading.as_ref().expect("leads").based);
+    assert_eq!(registered(&reg, "Adel"), None, "released at 8");
+}
+
+#[test]
+fn a_replaced_link_gets_the_unacknowledged_announcements_again() {
+    let (mut reg, now) = hand_leader(3, true);
+    let out = reg.handle(
+        now,
+        msg("s1", request(1, 1, 1, 1, Op::Claim(ident("Adel")))),
+    );
+    let seq = announced_seq(&out).expect("announced");
+    let out = reg.handle(now, ack("s2", 1, seq));
+    assert_eq!(answers(&out).len(), 1, "committed by s2 and the leader");
+    // s1 never acknowledged: it gets the announcement again at once when
+    // its link is replaced, and on the retry timer otherwise.
+    let again = |out: &[Action]| {
+        sent(out, "s1")
+            .iter()
+            .any(|m| matches!(m, RegistryMessage::Announce { seq: s, .. } if *s == seq))
+    };
+    let out = reg.handle(now, Input::LinkReset("s1".into()));
+    assert!(again(&out), "{out:?}");
+    let out = reg.handle(now + ms(200), Input::Timer(Timer::Retry));
+    assert!(again(&out), "{out:?}");
+    let out = reg.handle(now, ack("s1", 1, seq));
+    assert!(out.is_empty() || !again(&out));
+    let out = reg.handle(now + ms(400), Input::Timer(Timer::Retry));
+    assert!(!again(&out), "acknowledged: not sent again");
+}
+
+#[test]
+fn a_follower_whose_link_to_the_leader_was_replaced_resyncs() {
+    let now = Instant::now();
+    let mut reg = Registry::new("s1".into(), ids(3), test_config(true), 1);
+    reg.handle(now, Input::PeerUp("s2".into()));
+    reg.handle(now, Input::PeerUp("s3".into()));
+    reg.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some("s3".into()),
+            term: 1,
+        },
+    );
+    reg.handle(
+        now,
+        Input::Local {
+            token: 1,
+            request: LocalRequest::Claim(ident("Adel")),
+        },
+    );
+    let out = reg.handle(now, Input::LinkReset("s3".into()));
+    let to_leader = sent(&out, "s3");
+    assert!(
+        to_leader
+            .iter()
+            .any(|m| matches!(m, RegistryMessage::Request { .. }))
+    );
+    assert!(
+        to_leader
+            .iter()
+            .any(|m| matches!(m, RegistryMessage::Holdings { .. }))
+    );
+}
+
+#[test]
+fn a_report_made_at_an_older_term_is_not_merged() {
+    let (mut reg, now) = hand_leader(3, true);
+    let report = HoldingsReport {
+        incarnation: 1,
+        version: 2,
+        issued_below: 1,
+        identities: vec![entry("Adel", "s1", (0, 1, "s2"))],
+        ..Default::default()
+    };
+    let out = reg.handle(
+        now,
+        msg("s1", RegistryMessage::Holdings { term: 0, report }),
+    );
+    assert_eq!(registered(&reg, "Adel"), None);
+    assert!(sent(&out, "s1").contains(&&RegistryMessage::HoldingsRequest { term: 1 }));
+}
+
+#[test]
+fn a_late_report_does_not_re_register_a_name_its_server_lost() {
+    let (mut reg, now) = hand_leader(3, true);
+    let report = |version, stamp| HoldingsReport {
+        incarnation: 1,
+        version,
+        issued_below: 1,
+        identities: vec![entry("Adel", "s1", stamp)],
+        ..Default::default()
+    };
+    let holdings = |report| RegistryMessage::Holdings { term: 1, report };
+    reg.handle(now, msg("s1", holdings(report(2, (0, 1, "s2")))));
+    // s2's holder of "Adel" has the later grant: s1's is evicted.
+    let later = HoldingsReport {
+        incarnation: 1,
+        version: 2,
+        issued_below: 1,
+        identities: vec![entry("Adel", "s2", (0, 2, "s2"))],
+        ..Default::default()
+    };
+    let out = reg.handle(now, msg("s2", holdings(later)));
+    assert!(
+        sent(&out, "s1")
+            .iter()
+            .any(|m| matches!(m, RegistryMessage::Evict { .. }))
+    );
+    // A report s1 made before it heard of that still lists "Adel".
+    let out = reg.handle(now, msg("s1", holdings(report(3, (0, 1, "s2")))));
+    assert_eq!(
+        registered(&reg, "Adel").map(|e| e.server).as_deref(),
+        Some("s2")
+    );
+    assert!(
+        sent(&out, "s1")
+            .iter()
+            .any(|m| matches!(m, RegistryMessage::Evict { .. }))
+    );
+}
+
+#[test]
+fn a_stale_move_expiry_timer_leaves_a_newer_move_alone() {
+    let (mut reg, t0) = hand_leader(3, true);
+    let mut decide = |reg: &mut Registry, at, from: &str, id, op| {
+        let mut out = reg.handle(at, msg(from, request(1, 1, id, id, op)));
+        out.extend(ack_all(reg, at));
+        answers(&out)
+    };
+    decide(&mut reg, t0, "s1", 1, Op::Claim(ident("Adel")));
+    let to = |s: &str| Op::MoveStart {
+        identity: "Adel".into(),
+        to: s.into(),
+    };
+    decide(&mut reg, t0, "s1", 2, to("s2"));
+    let done = Op::MoveDone {
+        identity: "Adel".into(),
+    };
+    decide(&mut reg, t0 + ms(100), "s2", 1, done);
+    // The client moves on from s2 at t0 + 500 ms: its move expires at t0 + 1500 ms.
+    decide(&mut reg, t0 + ms(500), "s2", 2, to("s1"));
+    let timeout = reg.config.move_timeout;
+    reg.handle(
+        t0 + timeout,
+        Input::Timer(Timer::MoveExpiry {
+            identity: "Adel".into(),
+        }),
+    );
+    let moving = registered(&reg, "Adel").expect("still registered");
+    assert_eq!(
+        (moving.server.as_str(), moving.moving_to.as_deref()),
+        ("s2", Some("s1"))
+    );
+    reg.handle(
+        t0 + ms(500) + timeout,
+        Input::Timer(Timer::MoveExpiry {
+            identity: "Adel".into(),
+        }),
+    );
+    assert_eq!(registered(&reg, "Adel"), None, "the second move expired");
+}
+
+#[test]
+fn an_eviction_is_obeyed_only_from_the_leader_followed_at_its_term() {
+    let now = Instant::now();
+    let mut reg = Registry::new("s1".into(), ids(3), test_config(true), 1);
+    reg.handle(now, Input::PeerUp("s2".into()));
+    reg.handle(now, Input::PeerUp("s3".into()));
+    reg.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some("s3".into()),
+            term: 1,
+        },
+    );
+    reg.handle(
+        now,
+        msg(
+            "s3",
+            RegistryMessage::Snapshot {
+                term: 1,
+                seq: 0,
+                identities: vec![],
+                rooms: vec![],
+            },
+        ),
+    );
+    reg.handle(
+        now,
+        Input::Local {
+            token: 1,
+            request: LocalRequest::Claim(ident("Adel")),
+        },
+    );
+    let adel = entry("Adel", "s1", (1, 1, "s3"));
+    let answer = RegistryMessage::Answer {
+        term: 1,
+        incarnation: 1,
+        id: 1,
+        seq: 1,
+        verdict: Verdict::Granted {
+            stamp: adel.stamp.clone(),
+        },
+    };
+    assert_eq!(
+        replies(&reg.handle(now, msg("s3", answer))),
+        vec![(1, Ok(()))]
+    );
+    let evict = |term| RegistryMessage::Evict {
+        term,
+        seq: 2,
+        identities: vec![adel.clone()],
+        rooms: vec![],
+    };
+    // s2 asks for holdings at term 2: s1 is fenced against s3's term 1.
+    reg.handle(now, msg("s2", RegistryMessage::HoldingsRequest { term: 2 }));
+    reg.handle(now, msg("s3", evict(1)));
+    assert!(reg.holds(&ident("Adel")), "an older leader than the fence");
+    reg.handle(now, msg("s2", evict(2)));
+    assert!(reg.holds(&ident("Adel")), "not the leader s1 follows yet");
+    reg.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some("s2".into()),
+            term: 2,
+        },
+    );
+    let out = reg.handle(now, msg("s2", evict(2)));
+    assert!(!reg.holds(&ident("Adel")));
+    assert!(out.contains(&Action::EvictLocal {
+        identities: vec!["Adel".into()],
+        rooms: vec![],
+    }));
+}
