@@ -2639,6 +2639,34 @@ mod tests {
     }
 
     #[test]
+    fn a_leader_our_detector_saw_die_is_not_followed_from_a_third_party_view() {
+        let now = Instant::now();
+        // s1 of three follows s3, then its detector declares s3 down.
+        let mut s1 = Election::new(id(0), ids(3), TIMINGS);
+        s1.handle(now, Input::Start);
+        s1.handle(now, Input::PeerUp(id(1)));
+        s1.handle(now, Input::PeerUp(id(2)));
+        s1.handle(now, msg(2, ElectionMessage::Coordinator { term: 1 }));
+        let actions = s1.handle(now, Input::PeerDown(id(2)));
+        assert!(actions.contains(&Action::LeaderLost {
+            leader: id(2),
+            term: 1
+        }));
+        // s2, whose detector lags, still names s3 at a newer term: not followed.
+        let actions = s1.handle(now, msg(1, view(2, 2)));
+        assert_ne!(s1.leader(), Some(&id(2)), "{actions:?}");
+        assert!(
+            !actions
+                .iter()
+                .any(|a| matches!(a, Action::LeaderElected { .. })),
+            "{actions:?}"
+        );
+        // The same news straight from s3 is proof of life: followed.
+        s1.handle(now, msg(2, ElectionMessage::Coordinator { term: 3 }));
+        assert_eq!(s1.leader(), Some(&id(2)));
+    }
+
+    #[test]
     fn an_answer_from_the_top_server_is_nominated_without_waiting() {
         let now = Instant::now();
         // s1 of three suspects s2 (its leader); s3, the top server, answers.
