@@ -708,6 +708,20 @@ mod tests {
     }
 
     #[test]
+    fn a_cut_excuses_a_duplicate_whichever_side_held_first() {
+        // The first holder is on the right side of the cut this time.
+        let summary = Script::new()
+            .hold(0, "s4", "Alice")
+            .cut(10, &["s1", "s2"], &["s3", "s4", "s5"])
+            .hold(500, "s1", "Alice")
+            .healed(1000)
+            .release(1400, "s4", "Alice")
+            .check()
+            .expect("excused by the cut");
+        assert_eq!(summary.tolerated_duplicates, 1);
+    }
+
+    #[test]
     fn a_duplicate_across_a_cut_resolved_after_the_grace_fails() {
         Script::new()
             .hold(0, "s1", "Alice")
