@@ -44,17 +44,34 @@
 //!   **leader**: it is the one place that sees both the start and the
 //!   arrival, so it decides atomically which came first. A move the origin
 //!   gives up on is cancelled ([`Op::MoveCancel`]).
-//! - **Leader change**: the new leader starts from an empty registry, asks
-//!   every live server for its holdings ([`RegistryMessage::HoldingsRequest`] /
-//!   [`RegistryMessage::Holdings`]) and grants nothing new until each live
-//!   server answered or [`RegistryConfig::sync_timeout`] passed; requests
-//!   that arrive meanwhile wait in a bounded queue. Followers also send their
-//!   holdings unasked when they learn of a new leader. The leader answers
-//!   every merged report with a full [`RegistryMessage::Snapshot`]; after
-//!   that, numbered announcements keep the replica current, and a gap in the
-//!   numbers makes the follower re-sync.
-//! - **Server down**: the leader removes everything the server held and
-//!   announces [`Change::PurgeServer`].
+//! - **Commit**: every change is announced with a number
+//!   ([`RegistryMessage::Announce`]); each follower applies announcements in
+//!   order and acknowledges the last one applied ([`RegistryMessage::Ack`]).
+//!   An announcement is committed once a majority of the configured servers
+//!   (the leader included) has applied it, and a grant is answered only once
+//!   the announcement it was decided at is committed; refusals go at once.
+//!   Unacknowledged announcements are sent again on the retry timer and when
+//!   a mesh link is replaced ([`Input::LinkReset`]).
+//! - **Leader change**: the new leader asks every live server for its
+//!   holdings ([`RegistryMessage::HoldingsRequest`] /
+//!   [`RegistryMessage::Holdings`]); a report carries the sender's own
+//!   holdings and its replica with the [`Position`] it stands at. Once a
+//!   majority (itself included) has reported, the leader takes the most
+//!   advanced replica among those reports as the base of its registry and
+//!   merges every report's own holdings over it. It grants nothing new
+//!   before that, nor until each live server answered or
+//!   [`RegistryConfig::sync_timeout`] passed; requests that arrive meanwhile
+//!   wait in a bounded queue. Followers also send their holdings unasked
+//!   when they learn of a new leader. The leader answers every merged report
+//!   with a full [`RegistryMessage::Snapshot`] (its own report too, to
+//!   itself); after that, numbered announcements keep the replica current,
+//!   and a gap in the numbers makes the follower re-sync.
+//! - **Server down**: followers tell the leader which servers their
+//!   detectors see down ([`RegistryMessage::Liveness`], and in every
+//!   report). The leader removes everything a server held and announces
+//!   [`Change::PurgeServer`] only when a majority (itself included) sees that
+//!   server down: a server that only the leader cannot hear may be serving
+//!   clients that the others talk to, and keeps its names.
 //! - **Heal / restart**: when a server comes back, the leader merges its
 //!   holdings. Two holders of one name are resolved by [`Stamp`]: the later
 //!   grant wins (under a majority quorum, the later grant is the one the
@@ -64,18 +81,33 @@
 //!   name on another server under a later stamp, so a lost `Evict` is harmless.
 //!
 //! # Safety argument, in short
-//! - One leader per connected group serializes all new names; with a majority
-//!   quorum at most one group can grant.
-//! - Request ids are `(incarnation, id)`; the leader caches its answers per
-//!   asker, so a retried request gets the same answer. Across leaders, the new
-//!   registry is built only from what servers actually hold, and an asker
-//!   accepts answers only from its current leader and term; a claim granted by
-//!   an old leader but never received is decided afresh.
+//! The rule: **a leader answers a grant only after a majority of the
+//! configured servers has acknowledged it at the leader's term, and a server
+//! that has reported to a newer leader never acknowledges an older one.**
+//! Any two majorities share a server, so two leaders can never both commit,
+//! and a new leader, which builds its registry from a majority's reports,
+//! always sees what any earlier leader committed. In more detail:
+//! - Elections may go wrong (one-way cuts, lost `Coordinator`s, two servers
+//!   each believing it leads): nothing here relies on them. Hearing a
+//!   majority is not enough either ([`Registry::has_majority`] is only a
+//!   quick refusal): under one-way cuts two leaders can each hear one.
 //! - A server that reports its holdings to a leader of a newer epoch (term,
 //!   then rank, as the election orders leaders) fences itself: it ignores
-//!   older leaders from then on, so nothing the new leader did not see can
-//!   slip into its holdings; the leader merges only reports made at its own
-//!   term.
+//!   older leaders from then on, neither applying nor acknowledging their
+//!   announcements, so an older leader loses its majority the moment a
+//!   newer one has one; the leader merges only reports made at its own term.
+//! - A committed announcement was applied by a majority; the new leader's
+//!   majority of reports includes one of those servers, whose replica (or a
+//!   later one: positions are ordered, and a later leader's state includes
+//!   everything its predecessors committed) holds it. So the base holds
+//!   every committed grant, including those of servers the new leader cannot
+//!   hear, and those names stay taken until a majority sees their server down.
+//! - Request ids are `(incarnation, id)`; the leader caches its answers per
+//!   asker, so a retried request gets the same answer (a grant only once
+//!   committed). An asker accepts answers only from its current leader and
+//!   term; a claim or move that an old leader decided but never answered is
+//!   decided afresh, and found already registered to its asker if the old
+//!   decision reached the base.
 //! - Reports are versioned, and the leader discards a report that is older
 //!   than one it merged, than a request it decided, or than a holding it took
 //!   from that server (evicted, moved away, expired): a late report can
@@ -88,8 +120,10 @@
 //!
 //! # What the runtime must provide
 //! - Registry messages between two live servers are delivered (QUIC streams),
-//!   in any order; a message may be lost only when the link breaks, which the
-//!   failure detector reports ([`Input::PeerDown`] / [`Input::PeerUp`]).
+//!   in any order, or lost; lost messages cost liveness, never safety.
+//!   Requests, reports and announcements are sent again on the retry timer;
+//!   the runtime feeds [`Input::LinkReset`] when a mesh link is replaced so
+//!   that this happens at once.
 //! - [`Input::LeaderChanged`] never goes back in epoch (Fast Bully ignores
 //!   older `Coordinator`s); a late, older one is ignored here too.
 //! - Every peer starts down: feed [`Input::PeerUp`] when the detector first

@@ -199,3 +199,21 @@ fn chaos_with_one_way_cuts_and_wild_elections() {
         chaos(2_000_000 + seed, true, true);
     }
 }
+
+/// The long hunt, ignored by default: 2,000 seeds of each variant (about a
+/// minute in release). `cargo test --release --lib chaos_soak -- --ignored`;
+/// `CHAOS_SOAK_SEEDS=n` changes the count.
+#[test]
+#[ignore]
+fn chaos_soak() {
+    let seeds: u64 = std::env::var("CHAOS_SOAK_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let base = 10_000_000;
+    for seed in 0..seeds {
+        chaos(base + seed, true, false);
+        chaos(base + 1_000_000 + seed, false, false);
+        chaos(base + 2_000_000 + seed, true, true);
+    }
+}
