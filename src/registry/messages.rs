@@ -479,7 +479,7 @@ pub enum Timer {
     SyncDeadline,
 }
 
-/// An input to [`Registry::handle`].
+/// An input to [`Registry::handle`](super::Registry::handle).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
     /// A message from a peer (or from this server to itself: never needed,
@@ -614,7 +614,7 @@ pub struct RoomInfo {
     pub owner: String,
 }
 
-/// Rooms whose answer from [`Registry::room`] may have changed.
+/// Rooms whose answer from [`Registry::room`](super::Registry::room) may have changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RoomChanges {
     /// Just these (main halls never: they follow liveness, which is `All`).
