@@ -422,3 +422,40 @@ async fn quorum_none_lets_a_lone_server_of_two_grant_names() {
         cluster.stop().await;
     }
 }
+
+/// Overlapping views, as in the independent checker's run A: s4 and s5
+/// cannot hear each other while s1..s3 hear both. s4 may lead a newer term
+/// with s1..s3 while s5 still leads its own in its view; no server may grant
+/// the name a client of s5 holds, s5 keeps it (no majority sees s5 down),
+/// and the majority side still grants fresh names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_views_never_grant_a_held_name_again() {
+    let cluster = formed(5).await;
+    let s5 = cluster.node(4).client_addr();
+    let mut keeper = Raw::join(Via::Tcp, s5, "Keeper", &hall(4)).await;
+    cluster.partition(&[3], &[4]);
+    println!("s4 | s5 cut, s1..s3 hear both");
+    let started = Instant::now();
+    let mut tries = 0;
+    // Long enough for the detectors (350 ms), an election and a purge, if
+    // the rules allowed one.
+    while started.elapsed() < Duration::from_secs(3) {
+        for i in 0..4 {
+            assert_refused(cluster.node(i).client_addr(), "Keeper").await;
+            tries += 1;
+        }
+    }
+    println!("Keeper refused {tries} times on s1..s4 during the cut");
+    keeper.expect_nothing_more().await;
+    // The side with a majority keeps working.
+    let _fresh = claim_until_granted(cluster.node(0).client_addr(), "Fresh", "fresh").await;
+    cluster.heal();
+    cluster
+        .wait_agree(&[0, 1, 2, 3, 4], 4, Duration::from_secs(10))
+        .await;
+    for i in 0..4 {
+        assert_refused(cluster.node(i).client_addr(), "Keeper").await;
+    }
+    keeper.expect_nothing_more().await;
+    cluster.stop().await;
+}
