@@ -57,6 +57,28 @@ fn env_u64(name: &str, default: u64) -> u64 {
     }
 }
 
+/// The kinds of fault to make: `CHATMESH_FAULT_KINDS`, comma-separated
+/// (split, flap, oneway, kill, loss), default all.
+fn fault_kinds() -> Vec<&'static str> {
+    let Ok(list) = std::env::var("CHATMESH_FAULT_KINDS") else {
+        return schedule::KINDS.to_vec();
+    };
+    list.split(',')
+        .map(|k| {
+            let k = k.trim();
+            *schedule::KINDS
+                .iter()
+                .find(|&&known| known == k)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "CHATMESH_FAULT_KINDS: unknown kind {k:?} (known: {})",
+                        schedule::KINDS.join(",")
+                    )
+                })
+        })
+        .collect()
+}
+
 /// The rules' allowances, from the config's default timing.
 fn limits() -> Limits {
     let failure_timeout = Timing::default().failure_timeout.as_secs_f64();
@@ -118,8 +140,10 @@ fn run(seed: u64, fault_time: Duration) -> Result<(), String> {
     let limits = limits();
     println!(
         "faults: seed {seed} (CHATMESH_FAULT_SEED), {} s of faults (CHATMESH_FAULT_SECS), \
-         {NODES} nodes, {CLIENTS} clients; allowances: heal {:.2} s, minority grace {:.2} s, answers {:.1} s",
+         kinds {} (CHATMESH_FAULT_KINDS), {NODES} nodes, {CLIENTS} clients; \
+         allowances: heal {:.2} s, minority grace {:.2} s, answers {:.1} s",
         fault_time.as_secs(),
+        fault_kinds().join(","),
         limits.heal_allowance,
         limits.minority_grace,
         limits.answer_limit
@@ -166,7 +190,13 @@ fn run(seed: u64, fault_time: Duration) -> Result<(), String> {
     };
     let clients = netns::spawn_in_netns(&lab.hub, move || clients::run(workload));
 
-    let steps = schedule::schedule(seed, NODES);
+    // The seed's schedule, less the kinds left out (to tell which faults
+    // break a rule); the steps kept are the same for the same seed.
+    let kinds = fault_kinds();
+    let steps: Vec<Step> = schedule::schedule(seed, NODES)
+        .into_iter()
+        .filter(|step| kinds.contains(&step.fault.kind()))
+        .collect();
     let end = Instant::now() + fault_time;
     let mut done = 0;
     for step in &steps {
@@ -207,11 +237,17 @@ fn run(seed: u64, fault_time: Duration) -> Result<(), String> {
         lab.keep_dir();
         let files = lab.dir.display().to_string();
         drop(lab);
+        let digest: Vec<&str> = findings
+            .violations
+            .iter()
+            .map(|v| v.lines().next().unwrap_or(""))
+            .collect();
         Err(format!(
             "seed {seed}: {} violation(s) (history in {files}/history.log, node logs beside it); \
-             rerun with CHATMESH_FAULT_SEED={seed} CHATMESH_FAULT_SECS={}\n{}",
+             rerun with CHATMESH_FAULT_SEED={seed} CHATMESH_FAULT_SECS={}\n{}\n\n{}",
             findings.violations.len(),
             fault_time.as_secs(),
+            digest.join("\n"),
             report.violations
         ))
     }

@@ -143,8 +143,11 @@ impl Conn {
                 return Got::Closed;
             }
         };
-        self.note(format!("<- {line}"));
         let value: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        // Others' comings and goings are noise in a report about names.
+        if value["type"] != "roomchange" || value["identity"] == self.identity.as_str() {
+            self.note(format!("<- {line}"));
+        }
         if value["type"] == "error"
             && value["reason"]
                 .as_str()

@@ -92,6 +92,22 @@ pub enum Fault {
     Loss { percent: u8 },
 }
 
+impl Fault {
+    /// The kind's name, as `CHATMESH_FAULT_KINDS` lists them.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::Split { .. } => "split",
+            Fault::Flap { .. } => "flap",
+            Fault::OneWay { .. } => "oneway",
+            Fault::Kill { .. } => "kill",
+            Fault::Loss { .. } => "loss",
+        }
+    }
+}
+
+/// Every kind of fault.
+pub const KINDS: [&str; 5] = ["split", "flap", "oneway", "kill", "loss"];
+
 /// A fault held for `hold_ms` (where it has a hold), then undone, then
 /// `pause_ms` of a whole network.
 #[derive(Clone, Debug)]
