@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod inproc;
+pub mod netns;
 pub mod process;
 
 use std::net::SocketAddr;
