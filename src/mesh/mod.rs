@@ -9,7 +9,10 @@
 //! both dial at once anyway, the connection dialed by the lower-priority
 //! server of the pair wins on both sides. A connection from a peer that arrives while an
 //! older link looks alive replaces it: the peer dials only when it has lost
-//! the link (it restarted, or timed the old one out).
+//! the link (it restarted, timed the old one out, or found it silent). The
+//! side that dialed the replacement closes the old connection only once the
+//! peer has spoken on the new one, so the peer never sees its current link
+//! closed before the new one is up on its side.
 //!
 //! Liveness of a link does not wait for QUIC: a link that has carried nothing
 //! (no heartbeat, no frame) for longer than the failure timeout gets a
@@ -18,8 +21,10 @@
 //! works again). Replacing a live link is announced as
 //! [`MeshEvent::LinkReplaced`]: the frames still queued for the old link move
 //! to the new one in order, but frames already written to the old stream may
-//! be lost. The transport settings ([`mesh_transport`]) keep heartbeats from
-//! being starved by QUIC's loss recovery: see [`HeartbeatFloor`].
+//! be lost. The transport settings (`mesh_transport`) keep heartbeats from
+//! being starved by QUIC's loss recovery ([`HeartbeatFloor`]), and every
+//! heartbeat goes out twice, half an interval apart ([`Mesh::send_heartbeat`]),
+//! so that heavy random loss does not add up to a failure timeout of silence.
 //!
 //! The mesh only moves bytes: what heartbeats and messages mean is decided by
 //! the cluster task that receives [`MeshEvent`]s.
