@@ -365,6 +365,9 @@ pub async fn run(
                         }
                     }
                     MeshEvent::LinkUp(_) => {}
+                    MeshEvent::LinkReplaced(peer) => {
+                        debug!(peer = %peer, "mesh link replaced");
+                    }
                     MeshEvent::Message(from, PeerMessage::Election(msg)) => {
                         // Any message proves the peer alive, like a heartbeat.
                         if let Some(transition) = detector.heard_from(now, &from) {

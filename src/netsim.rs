@@ -29,6 +29,8 @@
 //! | `reorder_gap` | `10ms` (default) | how long a reordered datagram is held back |
 //! | `dir` | `both` (default), `out`, `in` | which direction the link settings apply to |
 //! | `cut` | `127.0.0.1:5001` (repeatable) | drop everything to and from that peer, both directions |
+//! | `cut_out` | `127.0.0.1:5001` (repeatable) | one-way cut: drop only what this socket sends to that peer (the peer stops hearing us, we still hear it) |
+//! | `cut_in` | `127.0.0.1:5001` (repeatable) | one-way cut: drop only what this socket receives from that peer (we stop hearing it, it still hears us) |
 //! | `seed` | `7` | RNG seed; without it a random seed is drawn and logged |
 //! | `queue` | `4096` (default) | most datagrams waiting in each delay queue; more are dropped and counted as `overflow` |
 //!
@@ -45,7 +47,9 @@
 //! directions of this socket. When *every* node of a test is impaired, a datagram passes the
 //! sender's outbound and the receiver's inbound stage, so loss compounds
 //! (`1-(1-p)^2`) and delays add up: use `dir=out` on every node to get exactly the
-//! configured figures per one-way link. A cut always acts on both directions. There is one
+//! configured figures per one-way link. `cut` acts on both directions whatever `dir` says;
+//! `cut_out` and `cut_in` act on one ([`ImpairHandle::cut_dir`] does the same at run time):
+//! "s5 does not hear s1, s1 hears s5" is `cut_out=<s5>` on s1, or `cut_in=<s1>` on s5. There is one
 //! set of link settings per peer, so to give the two directions of a link different figures,
 //! impair each end with `dir=out` and its own figures.
 //!
@@ -341,6 +345,10 @@ pub struct Impairment {
     pub peers: BTreeMap<SocketAddr, LinkImpairment>,
     /// Peers cut off: every datagram to or from them is dropped, in both directions.
     pub cut: BTreeSet<SocketAddr>,
+    /// Peers this socket sends nothing to (one-way cut; what they send still arrives).
+    pub cut_out: BTreeSet<SocketAddr>,
+    /// Peers this socket hears nothing from (one-way cut; what it sends still leaves).
+    pub cut_in: BTreeSet<SocketAddr>,
     /// RNG seed; `None` draws a random one when the socket is built (and logs it).
     pub seed: Option<u64>,
     /// Most datagrams waiting in each of the two delay queues.
@@ -353,6 +361,8 @@ impl Default for Impairment {
             link: LinkImpairment::default(),
             peers: BTreeMap::new(),
             cut: BTreeSet::new(),
+            cut_out: BTreeSet::new(),
+            cut_in: BTreeSet::new(),
             seed: None,
             queue_limit: DEFAULT_QUEUE_LIMIT,
         }
@@ -387,7 +397,11 @@ impl Impairment {
 
     /// Whether this leaves every datagram alone (seed and queue limit do not count).
     pub fn is_none(&self) -> bool {
-        self.link.is_none() && self.cut.is_empty() && self.peers.values().all(|p| p.is_none())
+        self.link.is_none()
+            && self.cut.is_empty()
+            && self.cut_out.is_empty()
+            && self.cut_in.is_empty()
+            && self.peers.values().all(|p| p.is_none())
     }
 
     /// Checks every value's range; errors name the key as written on the command line.
@@ -415,12 +429,32 @@ impl Impairment {
             .map(|(addr, link)| (canonical(addr), link))
             .collect();
         self.cut = self.cut.into_iter().map(canonical).collect();
+        self.cut_out = self.cut_out.into_iter().map(canonical).collect();
+        self.cut_in = self.cut_in.into_iter().map(canonical).collect();
         self
+    }
+
+    /// The set of cut peers for cuts in direction `direction`.
+    fn cuts_mut(&mut self, direction: Direction) -> &mut BTreeSet<SocketAddr> {
+        match direction {
+            Direction::Both => &mut self.cut,
+            Direction::Outbound => &mut self.cut_out,
+            Direction::Inbound => &mut self.cut_in,
+        }
+    }
+
+    /// Whether datagrams moving `way` to or from `peer` are cut.
+    fn is_cut(&self, way: Way, peer: &SocketAddr) -> bool {
+        self.cut.contains(peer)
+            || match way {
+                Way::Out => self.cut_out.contains(peer),
+                Way::In => self.cut_in.contains(peer),
+            }
     }
 }
 
 /// The keys only valid for the whole socket, never per peer.
-const GLOBAL_KEYS: [&str; 3] = ["cut", "seed", "queue"];
+const GLOBAL_KEYS: [&str; 5] = ["cut", "cut_out", "cut_in", "seed", "queue"];
 /// The keys of a [`LinkImpairment`].
 const LINK_KEYS: [&str; 8] = [
     "loss",
@@ -471,8 +505,9 @@ impl FromStr for Impairment {
                     key: raw_key.to_owned(),
                 });
             }
-            // `cut` is the one key that may repeat: one item per cut peer.
-            if key != "cut" && !seen.insert((key.clone(), peer)) {
+            // The cut keys are the ones that may repeat: one item per cut peer.
+            let repeatable = matches!(key.as_str(), "cut" | "cut_out" | "cut_in");
+            if !repeatable && !seen.insert((key.clone(), peer)) {
                 return Err(ImpairmentError::DuplicateKey {
                     key: raw_key.to_owned(),
                 });
@@ -485,14 +520,19 @@ impl FromStr for Impairment {
                     overrides.push((addr, key, raw_key.to_owned(), value.to_owned()));
                 }
                 None => match key.as_str() {
-                    "cut" => {
+                    "cut" | "cut_out" | "cut_in" => {
                         let addr: SocketAddr =
                             value.parse().map_err(|_| ImpairmentError::BadValue {
                                 key: key.clone(),
                                 value: value.to_owned(),
                                 reason: "expected a peer address like 127.0.0.1:5000".into(),
                             })?;
-                        imp.cut.insert(canonical(addr));
+                        let direction = match key.as_str() {
+                            "cut_out" => Direction::Outbound,
+                            "cut_in" => Direction::Inbound,
+                            _ => Direction::Both,
+                        };
+                        imp.cuts_mut(direction).insert(canonical(addr));
                     }
                     "seed" => {
                         imp.seed = Some(value.parse().map_err(|_| ImpairmentError::BadValue {
@@ -541,6 +581,8 @@ impl fmt::Display for Impairment {
             items.extend(diff.into_iter().map(|(k, v)| format!("{k}@{addr}={v}")));
         }
         items.extend(self.cut.iter().map(|addr| format!("cut={addr}")));
+        items.extend(self.cut_out.iter().map(|addr| format!("cut_out={addr}")));
+        items.extend(self.cut_in.iter().map(|addr| format!("cut_in={addr}")));
         if let Some(seed) = self.seed {
             items.push(format!("seed={seed}"));
         }
@@ -567,13 +609,13 @@ pub enum ImpairmentError {
     /// A key this layer does not know.
     #[error(
         "unknown impairment key `{key}` (known: loss, burst, delay, jitter, dup, reorder, \
-         reorder_gap, dir, cut, seed, queue)"
+         reorder_gap, dir, cut, cut_out, cut_in, seed, queue)"
     )]
     UnknownKey {
         /// The key as written.
         key: String,
     },
-    /// A key given twice (only `cut` may repeat).
+    /// A key given twice (only `cut`, `cut_out` and `cut_in` may repeat).
     #[error("impairment key `{key}` is given more than once")]
     DuplicateKey {
         /// The key as written.
@@ -1000,7 +1042,7 @@ impl Engine {
 
     /// The fate of one datagram to or from `peer` (already canonical).
     fn decide(&mut self, config: &Impairment, peer: SocketAddr) -> Fate {
-        if config.cut.contains(&peer) {
+        if config.is_cut(self.way, &peer) {
             return Fate::Cut;
         }
         let link = config.peers.get(&peer).unwrap_or(&config.link);
@@ -1320,21 +1362,49 @@ impl ImpairHandle {
         });
     }
 
-    /// Restores the link to `peer`.
-    pub fn heal(&self, peer: SocketAddr) {
+    /// Drops the datagrams to `peer` (`Direction::Outbound`: it stops hearing this socket),
+    /// from it (`Inbound`: this socket stops hearing it) or both (`Both`, the same as
+    /// [`ImpairHandle::cut`]) until healed. Cuts of different directions add up.
+    pub fn cut_dir(&self, peer: SocketAddr, direction: Direction) {
         self.apply(|config| {
-            config.cut.remove(&canonical(peer));
+            config.cuts_mut(direction).insert(canonical(peer));
         });
     }
 
-    /// Restores the links to every cut peer.
-    pub fn heal_all(&self) {
-        self.apply(|config| config.cut.clear());
+    /// Restores the link to `peer`, whichever directions were cut.
+    pub fn heal(&self, peer: SocketAddr) {
+        let peer = canonical(peer);
+        self.apply(|config| {
+            for direction in [Direction::Both, Direction::Outbound, Direction::Inbound] {
+                config.cuts_mut(direction).remove(&peer);
+            }
+        });
     }
 
-    /// Whether `peer` is cut.
+    /// Restores the links to every cut peer, one-way cuts included.
+    pub fn heal_all(&self) {
+        self.apply(|config| {
+            config.cut.clear();
+            config.cut_out.clear();
+            config.cut_in.clear();
+        });
+    }
+
+    /// Whether `peer` is cut both ways.
     pub fn is_cut(&self, peer: SocketAddr) -> bool {
         self.shared.config().cut.contains(&canonical(peer))
+    }
+
+    /// Whether datagrams moving in `direction` (`Outbound`: to `peer`, `Inbound`: from it)
+    /// are cut; `Both` asks whether both directions are.
+    pub fn is_cut_dir(&self, peer: SocketAddr, direction: Direction) -> bool {
+        let config = self.shared.config();
+        let peer = canonical(peer);
+        match direction {
+            Direction::Both => config.is_cut(Way::Out, &peer) && config.is_cut(Way::In, &peer),
+            Direction::Outbound => config.is_cut(Way::Out, &peer),
+            Direction::Inbound => config.is_cut(Way::In, &peer),
+        }
     }
 
     /// The seed in effect (the one drawn at random if none was given).
@@ -2230,6 +2300,78 @@ mod tests {
         // A cut acts both ways whatever `dir` says.
         assert_eq!(out.decide(&config, addr("127.0.0.1:3")), Fate::Cut);
         assert_eq!(inbound.decide(&config, addr("127.0.0.1:3")), Fate::Cut);
+    }
+
+    #[test]
+    fn one_way_cuts_parse_print_and_drop_one_direction_only() {
+        let text =
+            "cut=127.0.0.1:3,cut_out=127.0.0.1:4,cut_out=127.0.0.1:5,cut_in=127.0.0.1:6,seed=1";
+        let config = Impairment::parse(text).expect("valid");
+        assert_eq!(config.to_string(), text);
+        assert!(!config.is_none());
+        let mut out = Engine::new(Way::Out, 1);
+        let mut inbound = Engine::new(Way::In, 1);
+        for peer in ["127.0.0.1:4", "127.0.0.1:5"] {
+            assert_eq!(out.decide(&config, addr(peer)), Fate::Cut, "{peer}");
+            assert_eq!(
+                inbound.decide(&config, addr(peer)),
+                Fate::Pass(Plan::NOW),
+                "{peer}"
+            );
+        }
+        assert_eq!(
+            out.decide(&config, addr("127.0.0.1:6")),
+            Fate::Pass(Plan::NOW)
+        );
+        assert_eq!(inbound.decide(&config, addr("127.0.0.1:6")), Fate::Cut);
+        // `cut` keeps meaning both directions.
+        assert_eq!(out.decide(&config, addr("127.0.0.1:3")), Fate::Cut);
+        assert_eq!(inbound.decide(&config, addr("127.0.0.1:3")), Fate::Cut);
+        // A one-way cut is socket-wide, never per peer.
+        assert_eq!(
+            Impairment::parse("cut_out@127.0.0.1:2=127.0.0.1:3"),
+            Err(ImpairmentError::NotPerPeer {
+                key: "cut_out".into()
+            })
+        );
+        assert!(matches!(
+            Impairment::parse("cut_in=nowhere"),
+            Err(ImpairmentError::BadValue { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn handle_cuts_one_direction_and_heals_every_direction() {
+        let (socket, handle) = bind(addr("127.0.0.1:0"), None).expect("bind");
+        let peer = addr("127.0.0.1:9");
+        let mapped = addr("[::ffff:127.0.0.1]:9");
+        handle.cut_dir(peer, Direction::Outbound);
+        assert!(handle.is_cut_dir(mapped, Direction::Outbound));
+        assert!(!handle.is_cut_dir(peer, Direction::Inbound));
+        assert!(!handle.is_cut_dir(peer, Direction::Both));
+        assert!(!handle.is_cut(peer));
+        // A cut socket leaves the fast path: datagrams to the peer are counted as cut.
+        let transmit = Transmit {
+            destination: peer,
+            ecn: None,
+            contents: b"x",
+            segment_size: None,
+            src_ip: None,
+        };
+        socket
+            .try_send(&transmit)
+            .expect("dropped datagrams count as sent");
+        assert_eq!(handle.stats().outbound.cut, 1);
+        handle.cut_dir(peer, Direction::Inbound);
+        assert!(handle.is_cut_dir(peer, Direction::Both));
+        handle.heal(peer);
+        assert!(!handle.is_cut_dir(peer, Direction::Outbound));
+        assert!(!handle.is_cut_dir(peer, Direction::Inbound));
+        assert!(handle.impairment().is_none());
+        handle.cut_dir(peer, Direction::Inbound);
+        handle.cut_dir(addr("127.0.0.1:10"), Direction::Both);
+        handle.heal_all();
+        assert!(handle.impairment().is_none());
     }
 
     #[test]

@@ -9,4 +9,5 @@ mod common;
 mod cluster;
 mod layer;
 mod quinn_e2e;
+mod transport;
 mod util;

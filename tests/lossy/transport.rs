@@ -1,0 +1,458 @@
+//! The mesh transport under stress: heavy loss on every link in both
+//! directions, cuts shorter than the QUIC idle timeout, flapping partitions
+//! and one-way cuts. Each test prints the quinn statistics of one link it
+//! watches (congestion window, lost packets, datagram frames sent, free
+//! datagram send buffer), so a stall shows where it comes from.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chatmesh::mesh::wire::PeerMessage;
+use chatmesh::mesh::{LinkStats, MeshCounters};
+use chatmesh::netsim::Direction;
+use chatmesh::registry::RegistryMessage;
+
+use crate::common::inproc::{Cluster, seeded, start_cluster};
+use crate::util::serial;
+
+/// 30% loss and 40 +- 20 ms on every socket, both directions: a datagram
+/// passes two impaired stages, so about 51% loss and 80 +- 40 ms per link.
+const BAD_LAN_BOTH_WAYS: &str = "loss=30%,delay=40ms,jitter=20ms";
+
+/// A clean LAN apart from the cuts the tests make.
+const CLEAN: &str = "loss=0%";
+
+/// On a loaded 2-core machine (other agents building) timers and tasks run
+/// late; added to the ideal recovery time after a heal, said in the output.
+const LOADED_MACHINE_MARGIN: Duration = Duration::from_millis(1000);
+
+/// Logs to the test output when `RUST_LOG` is set (e.g. `RUST_LOG=chatmesh=info`
+/// shows every `peer_down` with its reason and every mesh link event).
+fn trace_if_asked() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// Scheduling lateness beyond which a failure timeout (350 ms) cannot be met
+/// by anyone: the test's own runtime did not run for that long.
+const STARVED: Duration = Duration::from_millis(150);
+
+/// Measures how late a 10 ms timer fires in this runtime: how starved the
+/// in-process nodes were (they share it).
+struct LagProbe {
+    worst_us: std::sync::Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LagProbe {
+    fn start() -> LagProbe {
+        let worst_us = std::sync::Arc::new(AtomicU64::new(0));
+        let sink = worst_us.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let asked = Instant::now();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let late = asked.elapsed().saturating_sub(Duration::from_millis(10));
+                sink.fetch_max(late.as_micros() as u64, Ordering::Relaxed);
+            }
+        });
+        LagProbe { worst_us, task }
+    }
+
+    fn worst(&self) -> Duration {
+        Duration::from_micros(self.worst_us.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for LagProbe {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Failure detections, counted from every node's view of its peers.
+fn peer_state_changes(cluster: &Cluster) -> u64 {
+    cluster
+        .running()
+        .iter()
+        .map(|&i| cluster.node(i).view().peer_state_changes)
+        .sum()
+}
+
+/// Whether every node of `group` sees every node of `group` alive.
+fn all_alive(cluster: &Cluster, group: &[usize]) -> bool {
+    group.iter().all(|&i| {
+        let view = cluster.node(i).view();
+        group
+            .iter()
+            .all(|&j| view.members.get(j).is_some_and(|m| m.alive))
+    })
+}
+
+/// One of node `i`'s mesh counters.
+fn counter(cluster: &Cluster, i: usize, pick: impl Fn(&MeshCounters) -> &AtomicU64) -> u64 {
+    pick(cluster.node(i).mesh().counters()).load(Ordering::Relaxed)
+}
+
+/// One line of a link's transport state.
+fn describe(stats: Option<LinkStats>) -> String {
+    match stats {
+        None => "no live link".to_owned(),
+        Some(s) => format!(
+            "cwnd={} rtt={:?} sent_packets={} lost_packets={} congestion_events={} \
+             datagram_frames_tx={} datagram_frames_rx={} udp_tx={} udp_rx={} datagram_send_space={}",
+            s.quic.path.cwnd,
+            s.quic.path.rtt,
+            s.quic.path.sent_packets,
+            s.quic.path.lost_packets,
+            s.quic.path.congestion_events,
+            s.quic.frame_tx.datagram,
+            s.quic.frame_rx.datagram,
+            s.quic.udp_tx.datagrams,
+            s.quic.udp_rx.datagrams,
+            s.datagram_send_space,
+        ),
+    }
+}
+
+/// The link from node `from` to node `to`, described.
+fn link(cluster: &Cluster, from: usize, to: usize) -> String {
+    describe(
+        cluster
+            .node(from)
+            .mesh()
+            .link_stats(&format!("s{}", to + 1)),
+    )
+}
+
+/// Cuts every link between the two groups, both directions (no journal mark:
+/// these tests claim no names).
+fn cut(cluster: &Cluster, left: &[usize], right: &[usize]) {
+    for &a in left {
+        for &b in right {
+            cluster.impair(a).cut(cluster.mesh_addrs[b]);
+            cluster.impair(b).cut(cluster.mesh_addrs[a]);
+        }
+    }
+}
+
+/// How often each node sends a ballast frame to each peer across a cut.
+const BALLAST_EVERY: Duration = Duration::from_millis(5);
+
+/// Sends one stream frame from every node of each group to every node of
+/// the other, like the election and registry messages a server sends to a
+/// peer it cannot reach yet: they fill the congestion window while the cut
+/// lasts, which is what starved heartbeats after a heal. The frame is an
+/// eviction of nothing at term 0, which every registry ignores as stale.
+fn send_ballast(cluster: &Cluster, left: &[usize], right: &[usize]) {
+    let ballast = PeerMessage::Registry(RegistryMessage::Evict {
+        term: 0,
+        seq: 0,
+        identities: Vec::new(),
+        rooms: Vec::new(),
+    });
+    for (from, to) in left
+        .iter()
+        .flat_map(|&a| right.iter().flat_map(move |&b| [(a, b), (b, a)]))
+    {
+        cluster
+            .node(from)
+            .mesh()
+            .send(&format!("s{}", to + 1), &ballast);
+    }
+}
+
+/// Waits until every node of `group` sees the whole group alive; returns when.
+async fn wait_all_alive(cluster: &Cluster, group: &[usize], within: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if all_alive(cluster, group) {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_servers_at_51_percent_loss_per_link_keep_one_leader_for_60_s() {
+    let _serial = serial().await;
+    trace_if_asked();
+    let seed = 6000;
+    println!(
+        "scenario heavy loss: 5 servers, {BAD_LAN_BOTH_WAYS} on every socket (dir=both: ~51% loss, 80 +- 40 ms per link), seeds {seed}..{}",
+        seed + 4
+    );
+    let cluster = start_cluster(5, |i| Some(seeded(BAD_LAN_BOTH_WAYS, seed, i))).await;
+    let all = [0, 1, 2, 3, 4];
+    let (took, term) = cluster
+        .wait_stable(&all, 4, Duration::from_secs(2), Duration::from_secs(40))
+        .await;
+    println!("heavy loss: agreed on s5 at term {term}, stable for 2 s, after {took:?}");
+    let baseline = peer_state_changes(&cluster);
+    println!("heavy loss: s1->s5 at start: {}", link(&cluster, 0, 4));
+
+    let lag = LagProbe::start();
+    let soak = Duration::from_secs(
+        std::env::var("SOAK_S")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(60),
+    );
+    let start = Instant::now();
+    let mut checks = 0;
+    let mut leaderless = Vec::new();
+    while start.elapsed() < soak {
+        if cluster.agree(&all, 4) != Some(term) {
+            leaderless.push(start.elapsed());
+        }
+        checks += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let false_downs = peer_state_changes(&cluster) - baseline;
+    let stats = cluster.impair(0).stats();
+    let counters = cluster.node(0).mesh().counters();
+    println!(
+        "heavy loss: 60 s, {checks} checks, {} without one agreed leader, false downs {false_downs}",
+        leaderless.len()
+    );
+    println!("heavy loss: s1->s5 at end: {}", link(&cluster, 0, 4));
+    println!(
+        "heavy loss: s1 heartbeats sent {} received {} (4 peers, 50/s each); s1 mesh socket: {stats}",
+        counters
+            .heartbeats_sent
+            .load(std::sync::atomic::Ordering::Relaxed),
+        counters
+            .heartbeats_received
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
+    let worst_lag = lag.worst();
+    println!(
+        "heavy loss: worst lateness of a 10 ms timer in this runtime during the soak: {worst_lag:?}"
+    );
+    // A timer hundreds of ms late means the machine starved every node's
+    // tasks (other builds on 2 cores): heartbeats then stop at the source,
+    // which no transport setting can help. Only then is a down excused.
+    if worst_lag < STARVED {
+        assert_eq!(false_downs, 0, "no false peer down in 60 s");
+    } else {
+        println!("heavy loss: the machine starved the test for {worst_lag:?}; downs excused");
+    }
+    assert!(
+        leaderless.is_empty(),
+        "one leader s5 at term {term} throughout; not at {leaderless:?}"
+    );
+    cluster.stop().await;
+}
+
+/// Cuts `steps` one after the other (each: left group, right group, how
+/// long), heals, and returns how long after the heal every server saw every
+/// other alive again. Prints the s1->s3 link's transport state along the way.
+async fn cut_and_heal(seed: u64, steps: &[(&[usize], &[usize], Duration)]) -> Duration {
+    let cluster = start_cluster(5, |i| Some(seeded(CLEAN, seed, i))).await;
+    let all = [0, 1, 2, 3, 4];
+    cluster
+        .wait_stable(&all, 4, Duration::from_secs(1), Duration::from_secs(20))
+        .await;
+    let timing = cluster.config.timing.clone();
+    println!("before the cut: s1->s3 {}", link(&cluster, 0, 2));
+    for (left, right, how_long) in steps {
+        for i in all {
+            cluster.impair(i).heal_all();
+        }
+        cut(&cluster, left, right);
+        println!(
+            "cut {left:?} | {right:?} (0-based) for {how_long:?}, with ballast frames across it"
+        );
+        let cut_at = Instant::now();
+        while cut_at.elapsed() < *how_long {
+            send_ballast(&cluster, left, right);
+            tokio::time::sleep(BALLAST_EVERY).await;
+        }
+        println!("end of that cut: s1->s3 {}", link(&cluster, 0, 2));
+    }
+    let healed = Instant::now();
+    for i in all {
+        cluster.impair(i).heal_all();
+    }
+    let took = wait_all_alive(&cluster, &all, Duration::from_secs(10)).await;
+    let after = healed.elapsed();
+    println!(
+        "after the heal ({after:?}): s1->s3 {}",
+        link(&cluster, 0, 2)
+    );
+    let took = took.unwrap_or_else(|| {
+        let views: Vec<_> = all.iter().map(|&i| cluster.node(i).view()).collect();
+        panic!("not every server saw every other alive within 10 s of the heal: {views:#?}")
+    });
+    let replaced: u64 = all
+        .iter()
+        .map(|&i| counter(&cluster, i, |c| &c.links_replaced))
+        .sum();
+    let redials: u64 = all
+        .iter()
+        .map(|&i| counter(&cluster, i, |c| &c.silent_link_redials))
+        .sum();
+    println!(
+        "links replaced (both ends counted): {replaced}, replacements dialed for silent links: {redials}"
+    );
+    let bound = timing.failure_timeout + timing.heartbeat_interval + LOADED_MACHINE_MARGIN;
+    println!(
+        "every server sees every other alive {took:?} after the heal (bound: failure timeout {:?} + heartbeat {:?} + margin for a loaded machine {LOADED_MACHINE_MARGIN:?})",
+        timing.failure_timeout, timing.heartbeat_interval
+    );
+    // The election settles too (leadership is what the cluster uses).
+    let (agreed, term) = cluster.wait_agree(&all, 4, Duration::from_secs(10)).await;
+    println!("one leader s5 at term {term}, {agreed:?} after all were alive");
+    cluster.stop().await;
+    assert!(took <= bound, "alive again after {took:?}, bound {bound:?}");
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_shorter_than_the_idle_timeout_heals_within_the_failure_timeout() {
+    let _serial = serial().await;
+    trace_if_asked();
+    println!("scenario short cut: 5 servers, {{s1,s2}} | {{s3,s4,s5}} for 2.5 s, then healed");
+    cut_and_heal(7000, &[(&[0, 1], &[2, 3, 4], Duration::from_millis(2500))]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_partition_heals_within_the_failure_timeout() {
+    let _serial = serial().await;
+    trace_if_asked();
+    println!(
+        "scenario flap: 5 servers, {{s1,s2}} | {{s3,s4,s5}} for 1 s, then {{s1,s3}} | {{s2,s4,s5}} for 1 s, then healed"
+    );
+    cut_and_heal(
+        7100,
+        &[
+            (&[0, 1], &[2, 3, 4], Duration::from_secs(1)),
+            (&[0, 2], &[1, 3, 4], Duration::from_secs(1)),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_way_cut_keeps_the_election_usable_and_heals_into_one_leader() {
+    let _serial = serial().await;
+    trace_if_asked();
+    let seed = 7200;
+    println!("scenario one-way cut: 5 servers, s5 stops hearing s1 (s1 still hears s5) for 3 s");
+    let cluster = start_cluster(5, |i| Some(seeded(CLEAN, seed, i))).await;
+    let all = [0, 1, 2, 3, 4];
+    let (_, term) = cluster
+        .wait_stable(&all, 4, Duration::from_secs(1), Duration::from_secs(20))
+        .await;
+    let baseline = peer_state_changes(&cluster);
+    // On s1's socket: nothing it sends reaches s5; what s5 sends arrives.
+    cluster
+        .impair(0)
+        .cut_dir(cluster.mesh_addrs[4], Direction::Outbound);
+    let cut_at = Instant::now();
+    let mut seen = Vec::new();
+    let mut other_leaders = Vec::new();
+    while cut_at.elapsed() < Duration::from_secs(3) {
+        for i in all {
+            let view = cluster.node(i).view();
+            if view.leader.as_deref() != Some("s5") || view.term != term {
+                other_leaders.push((i + 1, view.leader, view.term, cut_at.elapsed()));
+            }
+        }
+        let s1 = cluster.node(0).view();
+        let s5 = cluster.node(4).view();
+        let line = format!(
+            "s1: leader {:?} term {} sees s5 alive {}; s5: leader {:?} term {} sees s1 alive {}",
+            s1.leader, s1.term, s1.members[4].alive, s5.leader, s5.term, s5.members[0].alive
+        );
+        if seen.last() != Some(&line) {
+            println!("{:>5} ms  {line}", cut_at.elapsed().as_millis());
+            seen.push(line);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // s5 must have noticed s1's silence (the cut is real) ...
+    let s5 = cluster.node(4).view();
+    println!("during the cut: s5 sees s1 alive: {}", s5.members[0].alive);
+    println!(
+        "during the cut: peer transitions {}, links replaced {}, silent-link redials {}",
+        peer_state_changes(&cluster) - baseline,
+        all.iter()
+            .map(|&i| counter(&cluster, i, |c| &c.links_replaced))
+            .sum::<u64>(),
+        all.iter()
+            .map(|&i| counter(&cluster, i, |c| &c.silent_link_redials))
+            .sum::<u64>()
+    );
+    assert!(
+        peer_state_changes(&cluster) > baseline,
+        "s5 stopped hearing s1, so someone saw a change"
+    );
+    // ... and nobody needed an election: s1 still hears its leader, s5 leads.
+    assert!(
+        other_leaders.is_empty(),
+        "every server kept s5 at term {term} through the one-way cut; not at {other_leaders:?}"
+    );
+    cluster.impair(0).heal_all();
+    let healed = Instant::now();
+    let (took, new_term) = cluster.wait_agree(&all, 4, Duration::from_secs(10)).await;
+    println!(
+        "one-way cut healed: all agree on s5 at term {new_term} (was {term}) {took:?} after the heal ({:?})",
+        healed.elapsed()
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_link_is_replaced_and_both_ends_say_so() {
+    let _serial = serial().await;
+    trace_if_asked();
+    println!(
+        "scenario silent link: 2 servers, cut both ways for 1 s (over the failure timeout, under the idle timeout), then healed"
+    );
+    let cluster = start_cluster(2, |i| Some(seeded(CLEAN, 7300, i))).await;
+    let both = [0, 1];
+    cluster
+        .wait_stable(&both, 1, Duration::from_secs(1), Duration::from_secs(20))
+        .await;
+    cut(&cluster, &[0], &[1]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let redials: Vec<u64> = both
+        .iter()
+        .map(|&i| counter(&cluster, i, |c| &c.silent_link_redials))
+        .collect();
+    println!("during the cut: replacements dialed for the silent link, per server: {redials:?}");
+    assert!(redials.iter().any(|&n| n >= 1), "a silent link is redialed");
+    let healed = Instant::now();
+    cluster.impair(0).heal_all();
+    cluster.impair(1).heal_all();
+    // The old connection survives the cut; the replacement dialed during it
+    // completes after the heal and takes over: LinkReplaced on both ends.
+    let mut replaced = [0, 0];
+    while healed.elapsed() < Duration::from_secs(10) {
+        replaced = [0, 1].map(|i| counter(&cluster, i, |c| &c.links_replaced));
+        if replaced.iter().all(|&n| n >= 1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!(
+        "links replaced per server {replaced:?}, {:?} after the heal",
+        healed.elapsed()
+    );
+    assert!(
+        replaced.iter().all(|&n| n >= 1),
+        "both ends saw the link replaced"
+    );
+    let (took, _) = cluster.wait_agree(&both, 1, Duration::from_secs(10)).await;
+    println!(
+        "both alive with one leader {took:?} later; s1->s2 {}",
+        link(&cluster, 0, 1)
+    );
+    cluster.stop().await;
+}
