@@ -366,7 +366,12 @@ pub async fn run(
                     }
                     MeshEvent::LinkUp(_) => {}
                     MeshEvent::LinkReplaced(peer) => {
+                        // Frames written to the old link may be lost: the
+                        // registry sends again what the peer has not
+                        // acknowledged (election messages repair themselves
+                        // through heartbeats and timers).
                         debug!(peer = %peer, "mesh link replaced");
+                        driver.registry(registry::Input::LinkReset(peer));
                     }
                     MeshEvent::Message(from, PeerMessage::Election(msg)) => {
                         // Any message proves the peer alive, like a heartbeat.
