@@ -48,7 +48,10 @@ async fn deleting_a_crowded_room_stalls_no_one_and_downs_no_peer() {
     cluster.start_all();
     cluster.wait_agreement(2, SETTLE).await;
     let addr = SocketAddr::from(([127, 0, 0, 1], cluster.client_ports[0]));
-    let pid = cluster.nodes[0].as_ref().expect("s1 runs").child.id();
+    let s1 = cluster.nodes[0].as_mut().expect("s1 runs");
+    // A node raises its own open files limit for its crowd, and says so.
+    println!("s1: {}", s1.wait_line("open files limit"));
+    let pid = s1.child.id();
     let hall = "MainHall-s1";
     let rss_start = rss_kb(pid);
 

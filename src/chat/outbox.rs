@@ -227,23 +227,40 @@ const WRITE_CHUNK: usize = 32 * 1024;
 /// Writes of at least this many bytes wait for a turn.
 const BIG_WRITE: usize = 4 * 1024;
 
+/// A transport without vectored writes gets consecutive small lines copied
+/// into one buffer of at most this size per write (a line that size or
+/// bigger is handed over as it is).
+const COALESCE: usize = 8 * 1024;
+
 /// Writes `batch` in order straight from the queued buffers, several lines
-/// per vectored write (a transport without vectored writes takes one line
-/// per call), then flushes.
+/// per vectored write, then flushes. A transport without vectored writes
+/// (QUIC streams) gets small lines a few KiB at a time, copied together,
+/// and big ones as they are.
 async fn write_batch<W: AsyncWrite + Unpin>(
     writer: &mut W,
     batch: &mut VecDeque<Bytes>,
     turns: &WriteTurns,
 ) -> std::io::Result<()> {
+    let vectored = writer.is_write_vectored();
+    let mut coalesced = Vec::new();
     let mut since_yield = 0;
     loop {
         while batch.front().is_some_and(Bytes::is_empty) {
             batch.pop_front();
         }
-        if batch.is_empty() {
+        let Some(front) = batch.front() else {
             break;
-        }
-        let written = {
+        };
+        let written = if !vectored && front.len() < COALESCE && batch.len() > 1 {
+            coalesced.clear();
+            for line in batch.iter() {
+                if coalesced.len() + line.len() > COALESCE {
+                    break;
+                }
+                coalesced.extend_from_slice(line);
+            }
+            writer.write(&coalesced).await?
+        } else {
             let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
             let mut count = 0;
             let mut total = 0;
@@ -498,5 +515,25 @@ mod tests {
         drop(all_turns);
         let written = tokio::time::timeout(std::time::Duration::from_secs(5), big).await;
         assert_eq!(written.expect("in time").expect("no panic"), BIG_WRITE);
+    }
+
+    #[tokio::test]
+    async fn small_lines_go_out_together_on_a_transport_without_vectored_writes() {
+        let outbox = Outbox::new(1 << 20);
+        let mut expected = Vec::new();
+        for i in 0..1000 {
+            let line = Bytes::from(format!("line {i}\n"));
+            expected.extend_from_slice(&line);
+            outbox.push(line);
+        }
+        outbox.finish();
+        let mut transport = Recorder::new(usize::MAX, false);
+        outbox.write_to(&mut transport, &WriteTurns::new()).await;
+        assert!(transport.out == expected, "every line, in order");
+        assert!(
+            transport.seen.len() < 10,
+            "1000 small lines in a few writes, not {}",
+            transport.seen.len()
+        );
     }
 }
