@@ -6,6 +6,10 @@
 //! election starts, no leader changes on any node. Another client of s1 (in a
 //! room of its own) is answered within 250 ms while the delete fans out, and
 //! s1's resident memory grows by less than 200 MB.
+//!
+//! And whatever the chat side does, even blocking every thread of the runtime
+//! its sessions run on, the cluster's own work (mesh, failure detector,
+//! election) goes on on its own thread: no peer is seen down.
 
 mod common;
 
@@ -16,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chatmesh::client_proto::ServerMessage;
+use chatmesh::{ClusterConfig, Node, NodeOptions};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -40,8 +45,13 @@ const RSS_GROWTH_LIMIT_KB: u64 = 200 * 1024;
 /// Bound on the whole delete reaching every client.
 const FAN_OUT_DEADLINE: Duration = Duration::from_secs(60);
 
+/// One test at a time: the crowd loads both cores, and the other test
+/// times a failure detector.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_crowded_room_stalls_no_one_and_downs_no_peer() {
+    let _serial = SERIAL.lock().await;
     raise_open_files_limit();
     let started = Instant::now();
     let mut cluster = ProcCluster::new(3, "crowd");
@@ -225,6 +235,77 @@ async fn deleting_a_crowded_room_stalls_no_one_and_downs_no_peer() {
         growth / 1024
     );
     drop(owner);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_chat_runtime_does_not_stop_the_cluster() {
+    let _serial = SERIAL.lock().await;
+    // In-process nodes that bind their own mesh sockets (so the sockets, too,
+    // belong to the cluster threads); their client sessions, admin endpoints
+    // and evictions run on this test's runtime.
+    let ports = common::free_ports(9);
+    let toml = chatmesh::config::loopback_cluster_toml(&ports);
+    let config = ClusterConfig::parse(&toml, "blocked chat runtime").expect("config");
+    let mut nodes = Vec::new();
+    for id in ["s1", "s2", "s3"] {
+        let options = NodeOptions::new(config.clone(), id, common::certs());
+        nodes.push(Node::start(options).await.expect("node starts"));
+    }
+    let agreed = |nodes: &[Node]| {
+        nodes.iter().all(|node| {
+            let view = node.view();
+            view.leader.as_deref() == Some("s3") && view.members.iter().all(|m| m.alive)
+        })
+    };
+    let deadline = Instant::now() + SETTLE;
+    while !agreed(&nodes) {
+        assert!(
+            Instant::now() < deadline,
+            "no agreement on s3 within {SETTLE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let counters = |nodes: &[Node]| -> Vec<(u64, u64, u64)> {
+        nodes
+            .iter()
+            .map(|node| {
+                let view = node.view();
+                (view.term, view.peer_state_changes, view.elections_started)
+            })
+            .collect()
+    };
+    let before = counters(&nodes);
+
+    // Both workers of this runtime stuck (a barrier makes sure each holds
+    // one) for three failure timeouts, as a chat side gone wrong would be.
+    let stall = config.timing.failure_timeout * 3;
+    let both = Arc::new(std::sync::Barrier::new(2));
+    let blockers: Vec<_> = (0..2)
+        .map(|_| {
+            let both = both.clone();
+            tokio::spawn(async move {
+                both.wait();
+                std::thread::sleep(stall);
+            })
+        })
+        .collect();
+    for blocker in blockers {
+        blocker.await.expect("the blocker ends");
+    }
+    // Time for a detector to judge what it missed (views refresh every
+    // heartbeat interval).
+    tokio::time::sleep(config.timing.failure_timeout * 2).await;
+    let after = counters(&nodes);
+    println!(
+        "(term, peer up/down changes, elections started) per node: before {before:?}, after a {stall:?} stall of the chat runtime {after:?}"
+    );
+    assert_eq!(
+        before, after,
+        "the cluster noticed the chat runtime's stall"
+    );
+    for node in nodes {
+        node.stop().await;
+    }
 }
 
 /// Reads the owner's lines until `count` more members joined the room.
