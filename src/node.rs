@@ -42,7 +42,9 @@ pub struct NodeOptions {
     /// Directory with `ca.pem` and this server's `<id>.pem` / `<id>.key`.
     pub certs: PathBuf,
     /// A socket for the mesh endpoint instead of binding `mesh_port` (tests
-    /// pass pre-bound sockets), with the handle that impairs it.
+    /// pass pre-bound sockets), with the handle that impairs it. Its I/O stays
+    /// with the runtime it was bound in; a socket the node binds itself
+    /// belongs to the node's cluster thread.
     pub mesh_socket: Option<(Arc<dyn quinn::AsyncUdpSocket>, ImpairHandle)>,
     /// Loss, delay and cut links applied to the mesh socket (testing aid).
     pub impair: Option<Impairment>,

@@ -5,14 +5,14 @@
 //! Lines are [`Bytes`]: a line (or a block of lines) sent to a whole room is
 //! one buffer that every recipient's queue shares, and the writer hands the
 //! queued buffers to the transport as they are (vectored writes), never
-//! copying them into a buffer of its own.
+//! copying its queue into a buffer of its own (a transport without vectored
+//! writes gets small lines copied together, a few KiB per write).
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use std::future::Future;
 use std::io::IoSlice;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 
 use bytes::{Buf, Bytes};
@@ -52,8 +52,9 @@ impl Outbox {
         }
     }
 
-    /// Queues a line. Returns false, and drops the whole session, when the
-    /// client has let more than the limit pile up.
+    /// Queues a line and wakes the writer. Drops the whole session when the
+    /// client has let more than the limit pile up; returns false once the
+    /// session is dropped.
     pub fn push(&self, line: Bytes) -> bool {
         if self.queue(line) {
             self.wake();
