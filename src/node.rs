@@ -1,5 +1,13 @@
 //! One chatmesh server, wired together: config, certificates, the chat state and
 //! its client listeners; started and stopped as a unit.
+//!
+//! The cluster's own work runs apart from the clients': the mesh (its QUIC
+//! endpoint and tasks), the failure detector, the election and the registry
+//! (all driven by [`cluster::run`]) live on a single-threaded runtime on an OS
+//! thread of their own ([`ClusterThread`]), so heartbeats go out and are
+//! judged on time however busy the client sessions keep the caller's runtime.
+//! The two sides meet only through channels and locks held for a moment (the
+//! room list the registry publishes, the cluster view).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::ServerId;
 use crate::admin::{self, AdminState};
@@ -34,7 +42,9 @@ pub struct NodeOptions {
     /// Directory with `ca.pem` and this server's `<id>.pem` / `<id>.key`.
     pub certs: PathBuf,
     /// A socket for the mesh endpoint instead of binding `mesh_port` (tests
-    /// pass pre-bound sockets), with the handle that impairs it.
+    /// pass pre-bound sockets), with the handle that impairs it. Its I/O stays
+    /// with the runtime it was bound in; a socket the node binds itself
+    /// belongs to the node's cluster thread.
     pub mesh_socket: Option<(Arc<dyn quinn::AsyncUdpSocket>, ImpairHandle)>,
     /// Loss, delay and cut links applied to the mesh socket (testing aid).
     pub impair: Option<Impairment>,
@@ -57,9 +67,12 @@ impl NodeOptions {
     }
 }
 
-/// A running node. Dropping it does not stop it: call [`Node::stop`].
+/// A running node. Stop it with [`Node::stop`] (or [`Node::crash`]).
+/// Dropping it ends its cluster thread (mesh, election, registry) at once;
+/// its client tasks live on until the runtime that started it ends.
 pub struct Node {
     chat: Arc<ChatServer>,
+    cluster_thread: ClusterThread,
     mesh: Mesh,
     view: SharedView,
     client_addr: SocketAddr,
@@ -103,44 +116,52 @@ impl Node {
             None => None,
         };
 
-        // The mesh socket always goes through the impairment layer (one atomic
-        // load per datagram when off), so links can be cut at run time.
-        let (socket, impair_handle) = match mesh_socket {
-            Some((socket, handle)) => {
-                if let Some(impairment) = impair {
-                    handle.set(impairment)?;
-                }
-                (socket, handle)
-            }
-            None => {
-                let addr = me
-                    .resolve(me.mesh_port)
-                    .with_context(|| format!("cannot resolve host {:?} of server {id}", me.host))?;
-                netsim::bind(addr, impair)
-                    .with_context(|| format!("cannot listen on UDP {addr} for the mesh"))?
-            }
-        };
-        if !impair_handle.impairment().is_none() {
-            warn!(impairment = %impair_handle.impairment(), "mesh datagrams are impaired (testing aid)");
-        }
-
+        // Stops itself if anything below fails (dropped with this function).
+        let cluster_thread = ClusterThread::start(&id)?;
         let (directory, namespace) = Namespace::new(&config, &id);
         let chat = ChatServer::new(id.clone(), config.limits.clone(), directory, journal);
         namespace.set_chat(&chat);
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (events_tx, events_rx) = mpsc::channel(4096);
-        let mesh = Mesh::start(
-            &config,
-            &id,
-            &identity,
-            socket,
-            events_tx,
-            shutdown.clone(),
-            tasks.clone(),
-        )?;
+        let (mesh, impair_handle) = {
+            // Inside the cluster runtime: the mesh socket registers with its
+            // I/O driver, and quinn and the mesh spawn their tasks onto it.
+            // (A socket a test binds beforehand stays with the test's driver.)
+            let _cluster_runtime = cluster_thread.handle.enter();
+            // The mesh socket always goes through the impairment layer (one
+            // atomic load per datagram when off), so links can be cut at run time.
+            let (socket, impair_handle) = match mesh_socket {
+                Some((socket, handle)) => {
+                    if let Some(impairment) = impair {
+                        handle.set(impairment)?;
+                    }
+                    (socket, handle)
+                }
+                None => {
+                    let addr = me.resolve(me.mesh_port).with_context(|| {
+                        format!("cannot resolve host {:?} of server {id}", me.host)
+                    })?;
+                    netsim::bind(addr, impair)
+                        .with_context(|| format!("cannot listen on UDP {addr} for the mesh"))?
+                }
+            };
+            let mesh = Mesh::start(
+                &config,
+                &id,
+                &identity,
+                socket,
+                events_tx,
+                shutdown.clone(),
+                tasks.clone(),
+            )?;
+            (mesh, impair_handle)
+        };
+        if !impair_handle.impairment().is_none() {
+            warn!(impairment = %impair_handle.impairment(), "mesh datagrams are impaired (testing aid)");
+        }
         let view = SharedView::default();
-        tasks.spawn(cluster::run(
+        cluster_thread.handle.spawn(tasks.track_future(cluster::run(
             config.clone(),
             id.clone(),
             mesh.clone(),
@@ -148,7 +169,8 @@ impl Node {
             namespace,
             view.clone(),
             shutdown.clone(),
-        ));
+        )));
+        tasks.spawn(chat.background(shutdown.clone()));
         tasks.spawn(serve_tcp(
             tcp,
             chat.clone(),
@@ -187,6 +209,7 @@ impl Node {
         );
         Ok(Node {
             chat,
+            cluster_thread,
             mesh,
             view,
             client_addr,
@@ -244,6 +267,7 @@ impl Node {
         self.shutdown.cancel();
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+        self.cluster_thread.stop().await;
     }
 
     /// Stops accepting, tells the peers (they see this server down at once),
@@ -258,7 +282,66 @@ impl Node {
         {
             warn!("some tasks did not finish within 5 s of shutdown");
         }
+        self.cluster_thread.stop().await;
         info!(server = %self.chat.id(), "stopped");
+    }
+}
+
+/// The OS thread, and the single-threaded tokio runtime on it, that run the
+/// cluster's own work. Ends (dropping whatever still runs on it, such as the
+/// QUIC endpoint's driver, which frees the mesh socket) when stopped or
+/// dropped.
+struct ClusterThread {
+    handle: tokio::runtime::Handle,
+    /// Tells the thread to shut its runtime down.
+    stop: CancellationToken,
+    /// Fires once the runtime is shut down.
+    done: Option<oneshot::Receiver<()>>,
+}
+
+impl ClusterThread {
+    fn start(id: &str) -> Result<ClusterThread> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the cluster runtime")?;
+        let handle = runtime.handle().clone();
+        let stop = CancellationToken::new();
+        let (done_tx, done) = oneshot::channel();
+        let stopping = stop.clone();
+        std::thread::Builder::new()
+            .name(format!("cluster-{id}"))
+            .spawn(move || {
+                runtime.block_on(stopping.cancelled());
+                // What is left once the node's tasks ended (or were given up
+                // on) is dropped: quinn's endpoint and connection drivers.
+                runtime.shutdown_timeout(Duration::from_secs(1));
+                let _ = done_tx.send(());
+            })
+            .context("cannot start the cluster thread")?;
+        Ok(ClusterThread {
+            handle,
+            stop,
+            done: Some(done),
+        })
+    }
+
+    /// Shuts the runtime down and waits (bounded) until it is.
+    async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(done) = self.done.take()
+            && tokio::time::timeout(Duration::from_secs(5), done)
+                .await
+                .is_err()
+        {
+            warn!("the cluster thread did not end within 5 s");
+        }
+    }
+}
+
+impl Drop for ClusterThread {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 
@@ -279,11 +362,47 @@ fn peer_mesh_addrs(config: &ClusterConfig, me: &str) -> Result<Vec<(ServerId, So
 
 /// Runs a node until SIGINT or SIGTERM, then shuts it down gracefully.
 pub async fn run_until_signal(options: NodeOptions) -> Result<()> {
+    raise_open_files_limit();
     let node = Node::start(options).await?;
     shutdown_signal().await?;
     info!("shutting down");
     node.stop().await;
     Ok(())
+}
+
+/// Raises this process's soft limit of open files to its hard limit: every
+/// client is a socket, and the usual soft limit (1024) caps a server at about
+/// a thousand clients. Logs the outcome.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the valid struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot read the open files limit");
+        return;
+    }
+    let before = limit.rlim_cur;
+    if before >= limit.rlim_max {
+        info!(limit = before, "open files limit already at its maximum");
+        return;
+    }
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: setrlimit reads the valid struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+        info!(
+            from = before,
+            to = limit.rlim_max,
+            "open files limit raised"
+        );
+    } else {
+        warn!(
+            limit = before,
+            error = %std::io::Error::last_os_error(),
+            "cannot raise the open files limit"
+        );
+    }
 }
 
 /// Resolves at the first SIGINT or SIGTERM.

@@ -4,23 +4,40 @@
 //! All room state of a server sits behind one lock, and every event a request
 //! causes is queued to its recipients' outboxes while that lock is held, so all
 //! clients see events in one consistent order. Queuing never blocks (see
-//! [`Outbox`]), so a slow client cannot stall the lock.
+//! [`Outbox`]), so a slow client cannot stall the lock, and it is cheap: an
+//! event is encoded once into one [`Bytes`] that every recipient's queue
+//! shares, and the many moves of a room's deletion go out as one block of
+//! lines, so even a room of thousands costs one pointer per recipient while
+//! the lock is held, never a line per pair of members.
 //!
-//! Names that must be unique cluster-wide go through a [`Directory`]: standalone
-//! it is [`LocalDirectory`]; in a cluster, the registry that asks the leader.
+//! Nothing here runs on the cluster's thread: evictions the cluster task
+//! orders are queued ([`ChatServer::evict`]) and carried out by the chat
+//! side's own task ([`ChatServer::background`]).
+//!
+//! A fan-out to a crowd (more than [`WAKE_AT_ONCE`] recipients) queues its
+//! lines under the lock but wakes the recipients' writers afterwards, in
+//! paced batches, so that thousands of writers never flood the scheduler
+//! ahead of every other client's request; each big write also waits for one
+//! of a few turns ([`WriteTurns`]).
+//!
+//! Names that must be unique cluster-wide go through a [`Directory`]: the
+//! cluster's registry, which asks the leader.
 
 mod directory;
 mod outbox;
 mod session;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 pub use directory::{BoxFuture, Directory, RemoteRoom};
-pub use outbox::Outbox;
+pub use outbox::{Outbox, WriteTurns};
 pub use session::run_session;
 
 use crate::ServerId;
@@ -37,6 +54,22 @@ pub struct ChatServer {
     /// Where holds and releases of names are recorded (tests).
     journal: Option<NameJournal>,
     state: Mutex<Rooms>,
+    /// Evictions ordered by the cluster task, for [`ChatServer::background`].
+    evict_tx: mpsc::UnboundedSender<Eviction>,
+    evict_rx: Mutex<Option<mpsc::UnboundedReceiver<Eviction>>>,
+    /// Outboxes to wake in paced batches, for [`ChatServer::background`].
+    wake_tx: mpsc::UnboundedSender<Vec<Arc<Outbox>>>,
+    wake_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<Arc<Outbox>>>>>,
+    /// Whether the background task paces wake-ups (else they happen at once).
+    paced_wakes: AtomicBool,
+    /// Turns for big writes, shared by every session's writer.
+    write_turns: WriteTurns,
+}
+
+/// Names this server lost to another holder, to be let go of.
+struct Eviction {
+    identities: Vec<String>,
+    rooms: Vec<String>,
 }
 
 /// Sizes for `/status` and tests.
@@ -63,6 +96,81 @@ struct Member {
 struct Rooms {
     rooms: HashMap<String, Room>,
     members: HashMap<String, Member>,
+    /// Outboxes given lines by a crowd-sized fan-out but not yet told: they
+    /// are woken in paced batches once the lock is released (see [`Locked`]).
+    unwoken: Vec<Arc<Outbox>>,
+}
+
+/// A fan-out to more recipients than this wakes their writers in paced
+/// batches instead of all at once.
+///
+/// Waking thousands of writer tasks in one go fills the scheduler's queues
+/// with them; every other task woken meanwhile (the request of a client in
+/// another room) then waits behind all of them. In batches, the queue stays
+/// short: each batch is served before the next is woken.
+const WAKE_AT_ONCE: usize = 32;
+
+/// Queues `line` for each of `identities`; when `paced`, without waking their
+/// writers, which are left in `unwoken`.
+fn queue_for_each<'a>(
+    members: &HashMap<String, Member>,
+    unwoken: &mut Vec<Arc<Outbox>>,
+    identities: impl Iterator<Item = &'a String>,
+    line: &Bytes,
+    paced: bool,
+) {
+    for identity in identities {
+        let Some(member) = members.get(identity) else {
+            continue;
+        };
+        if !paced {
+            member.outbox.push(line.clone());
+        } else if member.outbox.push_unwoken(line.clone()) {
+            unwoken.push(member.outbox.clone());
+        }
+    }
+}
+
+/// The room state, locked. Unlocking hands the outboxes a fan-out left
+/// unwoken to the paced waker (or wakes them at once if none runs).
+struct Locked<'a> {
+    state: MutexGuard<'a, Rooms>,
+    chat: &'a ChatServer,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = Rooms;
+    fn deref(&self) -> &Rooms {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Rooms {
+        &mut self.state
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        if self.state.unwoken.is_empty() {
+            return;
+        }
+        let unwoken = std::mem::take(&mut self.state.unwoken);
+        if self.chat.paced_wakes.load(Ordering::Acquire) {
+            // Fails only once the background task is gone (shutting down).
+            let _ = self.chat.wake_tx.send(unwoken);
+        } else {
+            for outbox in unwoken {
+                outbox.wake();
+            }
+        }
+    }
+}
+
+/// Takes a queue's receiving end out of its slot (once).
+fn take_queue<T>(slot: &Mutex<Option<T>>) -> Option<T> {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
 /// What a `joinroom` led to.
@@ -83,14 +191,30 @@ impl Rooms {
     }
 
     /// Sends to every member of `room` but `except`.
-    fn broadcast(&self, room: &str, line: &Bytes, except: Option<&str>) {
-        if let Some(room) = self.rooms.get(room) {
-            for member in &room.members {
-                if Some(member.as_str()) != except {
-                    self.send(member, line);
-                }
-            }
-        }
+    fn broadcast(&mut self, room: &str, line: &Bytes, except: Option<&str>) {
+        let Rooms {
+            rooms,
+            members,
+            unwoken,
+        } = self;
+        let Some(room) = rooms.get(room) else {
+            return;
+        };
+        let paced = room.members.len() > WAKE_AT_ONCE;
+        let recipients = room.members.iter().filter(|m| Some(m.as_str()) != except);
+        queue_for_each(members, unwoken, recipients, line, paced);
+    }
+
+    /// Sends to every one of `identities`.
+    fn send_to_all(&mut self, identities: &[String], line: &Bytes) {
+        let paced = identities.len() > WAKE_AT_ONCE;
+        queue_for_each(
+            &self.members,
+            &mut self.unwoken,
+            identities.iter(),
+            line,
+            paced,
+        );
     }
 
     fn remove_from_room(&mut self, room: &str, identity: &str) {
@@ -127,6 +251,8 @@ impl ChatServer {
                 members: Vec::new(),
             },
         );
+        let (evict_tx, evict_rx) = mpsc::unbounded_channel();
+        let (wake_tx, wake_rx) = mpsc::unbounded_channel();
         Arc::new(ChatServer {
             id,
             main_hall,
@@ -136,7 +262,14 @@ impl ChatServer {
             state: Mutex::new(Rooms {
                 rooms,
                 members: HashMap::new(),
+                unwoken: Vec::new(),
             }),
+            evict_tx,
+            evict_rx: Mutex::new(Some(evict_rx)),
+            wake_tx,
+            wake_rx: Mutex::new(Some(wake_rx)),
+            paced_wakes: AtomicBool::new(false),
+            write_turns: WriteTurns::new(),
         })
     }
 
@@ -179,10 +312,13 @@ impl ChatServer {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Rooms> {
+    fn lock(&self) -> Locked<'_> {
         // Every mutation below leaves the maps consistent at each step that can
         // panic (none should), so a poisoned lock is still usable.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        Locked {
+            state: self.state.lock().unwrap_or_else(|e| e.into_inner()),
+            chat: self,
+        }
     }
 
     /// Puts a client whose identity is already claimed into `room` (or the main
@@ -238,13 +374,31 @@ impl ChatServer {
         member.outbox.push(reply.encode());
     }
 
-    /// Answers `list` from the directory, which knows every room of the cluster.
-    pub fn list(&self, identity: &str) {
-        let reply = ServerMessage::RoomList {
-            rooms: self.directory.rooms(),
-        }
-        .encode();
-        self.lock().send(identity, &reply);
+    /// Answers `list` straight into the asker's outbox: every room of the
+    /// cluster, main halls first.
+    ///
+    /// Rooms of other servers come from the directory. This server's own
+    /// rooms come from its own state: the directory hears of them through the
+    /// cluster task a moment later, and a client must see the room it just
+    /// made, and not the one it just deleted.
+    pub fn list(&self, outbox: &Outbox) {
+        let (mut halls, mut rooms): (Vec<String>, Vec<String>) = self
+            .directory
+            .rooms()
+            .into_iter()
+            .filter(|room| *room == self.main_hall || self.directory.remote_room(room).is_some())
+            .partition(|room| room.starts_with(crate::config::MAIN_HALL_PREFIX));
+        rooms.extend(
+            self.lock()
+                .rooms
+                .keys()
+                .filter(|room| **room != self.main_hall)
+                .cloned(),
+        );
+        rooms.sort_unstable();
+        rooms.dedup();
+        halls.append(&mut rooms);
+        outbox.push(ServerMessage::RoomList { rooms: halls }.encode());
     }
 
     /// Whether this client may ask for a new room at all (it owns none yet).
@@ -356,7 +510,65 @@ impl ChatServer {
     /// clients holding those identities are told and disconnected, those rooms
     /// are deleted (members to the main hall). Nothing is released: the names
     /// belong to someone else now.
+    ///
+    /// Only queues the eviction and returns at once: the cluster task calls
+    /// this on its own thread, which must never wait for the room lock. The
+    /// task that [`ChatServer::background`] returns carries it out, in order.
     pub fn evict(&self, identities: &[String], rooms: &[String]) {
+        // Fails only once the eviction task is gone (the server is stopping
+        // and its sessions are closing anyway).
+        let _ = self.evict_tx.send(Eviction {
+            identities: identities.to_vec(),
+            rooms: rooms.to_vec(),
+        });
+    }
+
+    /// The chat side's background task, to run on the chat side's runtime
+    /// until `shutdown` (or until the server is gone): it carries out queued
+    /// evictions in order, and wakes the writers of crowd-sized fan-outs in
+    /// paced batches (until it runs, they are woken at once). Only the first
+    /// call gets the work; later ones return a task that ends at once.
+    pub fn background(
+        self: &Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let evictions = take_queue(&self.evict_rx);
+        let wakes = take_queue(&self.wake_rx);
+        if wakes.is_some() {
+            self.paced_wakes.store(true, Ordering::Release);
+        }
+        // Weak: the queues' senders live in the server, so the task must not
+        // keep the server alive.
+        let chat: Weak<ChatServer> = Arc::downgrade(self);
+        async move {
+            let (Some(mut evictions), Some(mut wakes)) = (evictions, wakes) else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    Some(eviction) = evictions.recv() => {
+                        let Some(chat) = chat.upgrade() else { return };
+                        chat.evict_now(&eviction.identities, &eviction.rooms);
+                    }
+                    Some(unwoken) = wakes.recv() => {
+                        for batch in unwoken.chunks(WAKE_AT_ONCE) {
+                            for outbox in batch {
+                                outbox.wake();
+                            }
+                            // Let this batch's writers (and everyone else)
+                            // run before the next batch joins the queue.
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    else => return,
+                }
+            }
+        }
+    }
+
+    /// Carries out an eviction now (see [`ChatServer::evict`]).
+    fn evict_now(&self, identities: &[String], rooms: &[String]) {
         let mut state = self.lock();
         for room in rooms {
             if room != &self.main_hall {
@@ -415,6 +627,10 @@ impl ChatServer {
 
     /// Moves every member of `room` to the main hall, announcing each move to
     /// the room's members and the main hall, and forgets the room.
+    ///
+    /// Everyone told gets the same lines in the same order (the moves in the
+    /// room's join order), so they are encoded once into one block that every
+    /// recipient's outbox shares: one push per recipient, not one per move.
     fn remove_room(&self, state: &mut Rooms, room: &str) {
         let Some(removed) = state.rooms.remove(room) else {
             return;
@@ -424,27 +640,24 @@ impl ChatServer {
             owner.owns = None;
         }
         let hall = self.main_hall.as_str();
-        let mut audience: Vec<String> = state
-            .rooms
-            .get(hall)
-            .map(|h| h.members.clone())
-            .unwrap_or_default();
-        audience.extend(removed.members.iter().cloned());
+        let mut moves = Vec::with_capacity(removed.members.len() * 96);
+        for moved in &removed.members {
+            moves.extend_from_slice(&ServerMessage::room_change(moved, room, hall).encode());
+        }
+        let moves = Bytes::from(moves);
+        // The hall as it was, then the room's members: together the audience
+        // of every move.
+        state.broadcast(hall, &moves, None);
+        state.send_to_all(&removed.members, &moves);
         for moved in &removed.members {
             state.add_to_room(hall, moved);
-        }
-        for moved in &removed.members {
-            let event = ServerMessage::room_change(moved, room, hall).encode();
-            for recipient in &audience {
-                state.send(recipient, &event);
-            }
         }
     }
 
     /// Sends a chat line to every other member of the speaker's room.
     pub fn message(&self, identity: &str, content: String) {
-        let state = self.lock();
-        let Some(member) = state.members.get(identity) else {
+        let mut state = self.lock();
+        let Some(room) = state.members.get(identity).map(|m| m.room.clone()) else {
             return;
         };
         let line = ServerMessage::Message {
@@ -452,7 +665,7 @@ impl ChatServer {
             content,
         }
         .encode();
-        state.broadcast(&member.room, &line, Some(identity));
+        state.broadcast(&room, &line, Some(identity));
     }
 
     /// A client leaves for good (`quit` or a dropped connection): its room is
@@ -484,5 +697,218 @@ impl ChatServer {
             self.directory.release_room(room);
         }
         self.directory.release_identity(identity);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// A directory that grants every claim and knows no other server.
+    struct Grants;
+
+    impl Directory for Grants {
+        fn claim_identity(&self, _: &str) -> BoxFuture<Result<(), String>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn release_identity(&self, _: &str) {}
+        fn claim_room(&self, _: &str, _: &str) -> BoxFuture<Result<(), String>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn release_room(&self, _: &str) {}
+        fn rooms(&self) -> Vec<String> {
+            vec!["MainHall-s1".to_owned()]
+        }
+        fn remote_room(&self, _: &str) -> Option<RemoteRoom> {
+            None
+        }
+        fn start_move(&self, _: &str, _: &RemoteRoom) -> BoxFuture<Result<(), String>> {
+            Box::pin(async { Err("no other server".to_owned()) })
+        }
+        fn accept_move(&self, _: &str) -> BoxFuture<bool> {
+            Box::pin(async { false })
+        }
+    }
+
+    struct Client {
+        name: String,
+        outbox: Arc<Outbox>,
+    }
+
+    impl Client {
+        /// Takes what is queued for this client.
+        fn take(&self) -> Vec<Bytes> {
+            let queued = self.outbox.queued();
+            self.outbox.clear_for_test();
+            queued
+        }
+    }
+
+    fn server() -> Arc<ChatServer> {
+        ChatServer::new("s1".to_owned(), Limits::default(), Arc::new(Grants), None)
+    }
+
+    fn enter(chat: &ChatServer, name: &str) -> Client {
+        let outbox = Arc::new(Outbox::new(Limits::default().outbox_bytes));
+        assert!(chat.enter(name, outbox.clone(), Bytes::from_static(b"ok\n"), "", None));
+        Client {
+            name: name.to_owned(),
+            outbox,
+        }
+    }
+
+    fn room_change(identity: &str, former: &str, room: &str) -> Bytes {
+        ServerMessage::room_change(identity, former, room).encode()
+    }
+
+    /// A room of `room` members (its owner first) and a hall of `hall` more.
+    fn crowd(chat: &ChatServer, room: usize, hall: usize) -> (Vec<Client>, Vec<Client>) {
+        let owner = enter(chat, "Owner");
+        chat.create_room("Owner", "Crowded");
+        let mut members = vec![owner];
+        for i in 1..room {
+            let member = enter(chat, &format!("Room{i}"));
+            assert!(matches!(
+                chat.join_room(&member.name, "Crowded"),
+                JoinOutcome::Done
+            ));
+            members.push(member);
+        }
+        let hall: Vec<Client> = (0..hall)
+            .map(|i| enter(chat, &format!("Hall{i}")))
+            .collect();
+        for client in members.iter().chain(&hall) {
+            client.take();
+        }
+        (members, hall)
+    }
+
+    #[test]
+    fn deleting_a_crowded_room_queues_one_shared_block_per_recipient() {
+        let chat = server();
+        let (members, hall) = crowd(&chat, 2000, 2000);
+        let started = Instant::now();
+        chat.delete_room("Owner", "Crowded");
+        let took = started.elapsed();
+        println!("delete of a room of 2000 with 2000 in the hall held the lock {took:?}");
+
+        let moves: Vec<u8> = members
+            .iter()
+            .flat_map(|m| room_change(&m.name, "Crowded", "MainHall-s1").to_vec())
+            .collect();
+        let owner = members[0].take();
+        assert_eq!(owner.len(), 2, "the reply, then the moves");
+        assert_eq!(
+            owner[0],
+            ServerMessage::DeleteRoom {
+                roomid: "Crowded".to_owned(),
+                approved: Approved(true),
+            }
+            .encode()
+        );
+        assert_eq!(owner[1], moves, "every move, in the room's join order");
+        let block = owner[1].as_ptr();
+        for client in members[1..].iter().chain(&hall) {
+            let queued = client.take();
+            assert_eq!(queued.len(), 1, "{}: one block", client.name);
+            assert_eq!(
+                queued[0].as_ptr(),
+                block,
+                "{}: the block is shared, not copied",
+                client.name
+            );
+        }
+        // Everyone is in the hall now, in the room's order after the hall's.
+        let hall_members = chat.lock().rooms["MainHall-s1"].members.clone();
+        let expected: Vec<&str> = hall
+            .iter()
+            .chain(&members)
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(hall_members, expected);
+        assert!(
+            took < Duration::from_secs(1),
+            "the delete held the room lock {took:?}"
+        );
+    }
+
+    #[test]
+    fn the_quit_of_an_owner_shares_the_block_too() {
+        let chat = server();
+        let (members, hall) = crowd(&chat, 50, 50);
+        chat.leave("Owner", false);
+        let moves: Vec<u8> = members
+            .iter()
+            .flat_map(|m| room_change(&m.name, "Crowded", "MainHall-s1").to_vec())
+            .collect();
+        let gone = room_change("Owner", "MainHall-s1", "");
+        for client in members[1..].iter().chain(&hall) {
+            assert_eq!(
+                client.take(),
+                vec![Bytes::from(moves.clone()), gone.clone()]
+            );
+        }
+    }
+
+    #[test]
+    fn list_shows_this_servers_rooms_at_once() {
+        let chat = server();
+        let adel = enter(&chat, "Adel");
+        chat.create_room("Adel", "jokes");
+        adel.take();
+        chat.list(&adel.outbox);
+        let list = ServerMessage::RoomList {
+            rooms: vec!["MainHall-s1".to_owned(), "jokes".to_owned()],
+        };
+        assert_eq!(adel.take(), vec![list.encode()]);
+        chat.delete_room("Adel", "jokes");
+        adel.take();
+        chat.list(&adel.outbox);
+        let list = ServerMessage::RoomList {
+            rooms: vec!["MainHall-s1".to_owned()],
+        };
+        assert_eq!(adel.take(), vec![list.encode()]);
+    }
+
+    #[tokio::test]
+    async fn evict_never_waits_for_the_room_lock() {
+        let chat = server();
+        let adel = enter(&chat, "Adel");
+        let bob = enter(&chat, "Bob");
+        chat.create_room("Adel", "jokes");
+        adel.take();
+        bob.take();
+        let held = chat.lock();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn({
+            let chat = chat.clone();
+            move || {
+                chat.evict(&["Adel".to_owned()], &[]);
+                let _ = done_tx.send(());
+            }
+        });
+        done.recv_timeout(Duration::from_secs(5))
+            .expect("evict returns while the room lock is held");
+        drop(held);
+
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(chat.background(shutdown.clone()));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !adel.outbox.is_finishing() {
+            assert!(Instant::now() < deadline, "the eviction was carried out");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            bob.take(),
+            vec![
+                room_change("Adel", "jokes", "MainHall-s1"),
+                room_change("Adel", "MainHall-s1", ""),
+            ]
+        );
+        assert_eq!(chat.counts().rooms, 1, "Adel's room went with Adel");
+        shutdown.cancel();
+        task.await.expect("the eviction task ends at shutdown");
     }
 }

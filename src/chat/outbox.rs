@@ -1,19 +1,31 @@
 //! A session's outbound queue: bounded in bytes, drained in batches by one
 //! writer task, so a slow reader costs only its own memory and never stalls the
 //! room that broadcasts to it.
+//!
+//! Lines are [`Bytes`]: a line (or a block of lines) sent to a whole room is
+//! one buffer that every recipient's queue shares, and the writer hands the
+//! queued buffers to the transport as they are (vectored writes), never
+//! copying its queue into a buffer of its own (a transport without vectored
+//! writes gets small lines copied together, a few KiB per write).
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::io::IoSlice;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// The queue of lines waiting to be written to one client.
 pub struct Outbox {
     state: Mutex<State>,
     wake: Notify,
+    /// A wake-up is owed to the writer (see [`Outbox::push_unwoken`]).
+    wake_pending: AtomicBool,
     limit: usize,
     dropped: CancellationToken,
 }
@@ -34,17 +46,41 @@ impl Outbox {
         Outbox {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
+            wake_pending: AtomicBool::new(false),
             limit,
             dropped: CancellationToken::new(),
         }
     }
 
-    /// Queues a line. Returns false, and drops the whole session, when the
-    /// client has let more than the limit pile up.
+    /// Queues a line and wakes the writer. Drops the whole session when the
+    /// client has let more than the limit pile up; returns false once the
+    /// session is dropped.
     pub fn push(&self, line: Bytes) -> bool {
+        if self.queue(line) {
+            self.wake();
+        }
+        !self.dropped.is_cancelled()
+    }
+
+    /// Queues a line without waking the writer. Returns true when the caller
+    /// must see to a wake-up ([`Outbox::wake`]): the line was queued and no
+    /// earlier one is already waiting for its wake-up (so a session appears
+    /// once in a backlog of wake-ups however many lines it gets meanwhile).
+    /// Drops the whole session (waking the writer to stop) on overflow.
+    pub fn push_unwoken(&self, line: Bytes) -> bool {
+        self.queue(line) && !self.wake_pending.swap(true, Ordering::AcqRel)
+    }
+
+    /// Wakes the writer to write what is queued.
+    pub fn wake(&self) {
+        self.wake_pending.store(false, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    fn queue(&self, line: Bytes) -> bool {
         let mut state = self.lock();
         if state.dead || state.finishing {
-            return !state.dead;
+            return false;
         }
         if state.bytes + line.len() > self.limit {
             state.dead = true;
@@ -61,8 +97,6 @@ impl Outbox {
         }
         state.bytes += line.len();
         state.queue.push_back(line);
-        drop(state);
-        self.wake.notify_one();
         true
     }
 
@@ -83,6 +117,26 @@ impl Outbox {
         self.wake.notify_one();
     }
 
+    /// The lines queued now, in order (tests).
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> Vec<Bytes> {
+        self.lock().queue.iter().cloned().collect()
+    }
+
+    /// Empties the queue, as a writer would (tests).
+    #[cfg(test)]
+    pub(crate) fn clear_for_test(&self) {
+        let mut state = self.lock();
+        state.queue.clear();
+        state.bytes = 0;
+    }
+
+    /// Whether the session was told to finish (tests).
+    #[cfg(test)]
+    pub(crate) fn is_finishing(&self) -> bool {
+        self.lock().finishing
+    }
+
     /// Fires when the session was dropped (overflow, kill, write error).
     pub fn dropped(&self) -> &CancellationToken {
         &self.dropped
@@ -94,27 +148,19 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits for queued lines and returns them as one buffer (a lone line as
-    /// it is, shared with the other recipients); `None` when the writer should
-    /// stop (finished and drained, or dead).
-    async fn next_batch(&self) -> Option<Bytes> {
+    /// Waits for queued lines and takes them all (the lines themselves are
+    /// not copied: a line sent to many clients stays one shared buffer);
+    /// `None` when the writer should stop (finished and drained, or dead).
+    async fn next_batch(&self) -> Option<VecDeque<Bytes>> {
         loop {
             {
                 let mut state = self.lock();
                 if state.dead {
                     return None;
                 }
-                if state.queue.len() == 1 {
-                    state.bytes = 0;
-                    return state.queue.pop_front();
-                }
                 if !state.queue.is_empty() {
-                    let mut batch = Vec::with_capacity(state.bytes);
-                    for line in state.queue.drain(..) {
-                        batch.extend_from_slice(&line);
-                    }
                     state.bytes = 0;
-                    return Some(batch.into());
+                    return Some(std::mem::take(&mut state.queue));
                 }
                 if state.finishing {
                     return None;
@@ -126,17 +172,14 @@ impl Outbox {
         }
     }
 
-    /// The writer task of a session: drains the outbox into the transport in
-    /// batches (one write per batch) until finished or dropped.
-    pub async fn write_to<W: AsyncWrite + Unpin>(&self, mut writer: W) {
-        // Each batch is its own exact buffer, freed once written: an idle
-        // session holds no write buffer.
-        while let Some(batch) = self.next_batch().await {
-            let written = async {
-                writer.write_all(&batch).await?;
-                writer.flush().await
-            };
-            if let Err(e) = written.await {
+    /// The writer task of a session: drains the outbox into the transport
+    /// until finished or dropped, taking a [`WriteTurns`] turn for each big
+    /// write.
+    pub async fn write_to<W: AsyncWrite + Unpin>(&self, mut writer: W, turns: &WriteTurns) {
+        // A batch is the queue itself, freed once written: an idle session
+        // holds no write buffer, and a busy one no copy of its lines.
+        while let Some(mut batch) = self.next_batch().await {
+            if let Err(e) = write_batch(&mut writer, &mut batch, turns).await {
                 tracing::debug!(error = %e, "client write failed");
                 self.kill();
                 return;
@@ -148,8 +191,149 @@ impl Outbox {
     }
 }
 
+/// Turns for big writes, shared by every session of a server.
+///
+/// One fan-out (a crowded room deleted) can wake thousands of writers that
+/// each have a big block to write. If they all queued in the scheduler at
+/// once, every other task (the request of a client elsewhere, its reply)
+/// would wait behind all of their writes. So at most a few sessions write a
+/// big chunk at a time and the rest wait here, off the run queue; small writes
+/// (a reply, a chat line) never wait for a turn.
+pub struct WriteTurns(Semaphore);
+
+impl WriteTurns {
+    /// Sessions that may write a big chunk at once: enough to keep the
+    /// transports busy, few enough that a round of them is quick.
+    pub const CONCURRENT: usize = 16;
+
+    /// Turns for one server.
+    pub fn new() -> Self {
+        WriteTurns(Semaphore::new(Self::CONCURRENT))
+    }
+}
+
+impl Default for WriteTurns {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Lines handed to the transport in one vectored write, at most.
+const WRITE_SLICES: usize = 64;
+
+/// Bytes handed to the transport per write, and written between two yields
+/// to the scheduler, so that a big block is written a chunk per turn.
+const WRITE_CHUNK: usize = 32 * 1024;
+
+/// Writes of at least this many bytes wait for a turn.
+const BIG_WRITE: usize = 4 * 1024;
+
+/// A transport without vectored writes gets consecutive small lines copied
+/// into one buffer of at most this size per write (a line that size or
+/// bigger is handed over as it is).
+const COALESCE: usize = 8 * 1024;
+
+/// Writes `batch` in order straight from the queued buffers, several lines
+/// per vectored write, then flushes. A transport without vectored writes
+/// (QUIC streams) gets small lines a few KiB at a time, copied together,
+/// and big ones as they are.
+async fn write_batch<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    batch: &mut VecDeque<Bytes>,
+    turns: &WriteTurns,
+) -> std::io::Result<()> {
+    let vectored = writer.is_write_vectored();
+    let mut coalesced = Vec::new();
+    let mut since_yield = 0;
+    loop {
+        while batch.front().is_some_and(Bytes::is_empty) {
+            batch.pop_front();
+        }
+        let Some(front) = batch.front() else {
+            break;
+        };
+        let written = if !vectored && front.len() < COALESCE && batch.len() > 1 {
+            coalesced.clear();
+            for line in batch.iter() {
+                if coalesced.len() + line.len() > COALESCE {
+                    break;
+                }
+                coalesced.extend_from_slice(line);
+            }
+            writer.write(&coalesced).await?
+        } else {
+            let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
+            let mut count = 0;
+            let mut total = 0;
+            for line in batch.iter() {
+                if count == WRITE_SLICES || total == WRITE_CHUNK {
+                    break;
+                }
+                let take = line.len().min(WRITE_CHUNK - total);
+                slices[count] = IoSlice::new(&line[..take]);
+                count += 1;
+                total += take;
+            }
+            let slices = &slices[..count];
+            if total >= BIG_WRITE {
+                write_in_turn(writer, slices, turns).await?
+            } else {
+                writer.write_vectored(slices).await?
+            }
+        };
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        consume(batch, written);
+        since_yield += written;
+        if since_yield >= WRITE_CHUNK && !batch.is_empty() {
+            since_yield = 0;
+            tokio::task::yield_now().await;
+        }
+    }
+    writer.flush().await
+}
+
+/// One big write, holding a turn only while the transport takes the bytes at
+/// once: a client too slow to take them gives its turn back while it waits.
+async fn write_in_turn<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    slices: &[IoSlice<'_>],
+    turns: &WriteTurns,
+) -> std::io::Result<usize> {
+    // The semaphore is never closed; should it be, writes go on without turns.
+    let turn = turns.0.acquire().await.ok();
+    let mut write = std::pin::pin!(writer.write_vectored(slices));
+    match std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+        Poll::Ready(written) => written,
+        Poll::Pending => {
+            drop(turn);
+            write.await
+        }
+    }
+}
+
+/// Drops the first `written` bytes of `batch`: whole lines, then the start
+/// of a line (a cheap view into the same shared buffer).
+fn consume(batch: &mut VecDeque<Bytes>, mut written: usize) {
+    while written > 0 {
+        let Some(front) = batch.front_mut() else {
+            return;
+        };
+        if front.len() <= written {
+            written -= front.len();
+            batch.pop_front();
+        } else {
+            front.advance(written);
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[tokio::test]
@@ -160,7 +344,7 @@ mod tests {
         outbox.finish();
         assert!(outbox.push(Bytes::from_static(b"ignored\n")));
         let mut out = Vec::new();
-        outbox.write_to(&mut out).await;
+        outbox.write_to(&mut out, &WriteTurns::new()).await;
         assert_eq!(out, b"a\nb\n");
     }
 
@@ -171,7 +355,186 @@ mod tests {
         assert!(!outbox.push(Bytes::from_static(b"12345\n")));
         assert!(outbox.dropped().is_cancelled());
         let mut out = Vec::new();
-        outbox.write_to(&mut out).await;
+        outbox.write_to(&mut out, &WriteTurns::new()).await;
         assert!(out.is_empty(), "a dropped session's queue is discarded");
+    }
+
+    /// A transport that takes at most `max` bytes per call and remembers
+    /// where the bytes it was handed live.
+    struct Recorder {
+        out: Vec<u8>,
+        max: usize,
+        vectored: bool,
+        /// Address and length of every buffer handed over.
+        seen: Vec<(usize, usize)>,
+    }
+
+    impl Recorder {
+        fn new(max: usize, vectored: bool) -> Self {
+            Recorder {
+                out: Vec::new(),
+                max,
+                vectored,
+                seen: Vec::new(),
+            }
+        }
+
+        fn take(&mut self, buf: &[u8], room: usize) -> usize {
+            self.seen.push((buf.as_ptr() as usize, buf.len()));
+            let n = buf.len().min(room);
+            self.out.extend_from_slice(&buf[..n]);
+            n
+        }
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let max = self.max;
+            Poll::Ready(Ok(self.take(buf, max)))
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            if !self.vectored {
+                let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| b);
+                return self.poll_write(cx, first);
+            }
+            let mut written = 0;
+            for buf in bufs {
+                let room = self.max - written;
+                written += self.take(buf, room);
+                if written == self.max {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(written))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.vectored
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_writer_hands_shared_lines_to_the_transport_without_copying() {
+        // A block shared with other recipients, between two small lines.
+        let block = Bytes::from(b"0123456789\n".repeat(10_000));
+        let range = block.as_ptr() as usize..block.as_ptr() as usize + block.len();
+        for (max, vectored) in [(usize::MAX, true), (3000, true), (777, false)] {
+            let outbox = Outbox::new(1 << 20);
+            assert!(outbox.push(Bytes::from_static(b"first\n")));
+            assert!(outbox.push(block.clone()));
+            assert!(outbox.push(Bytes::from_static(b"last\n")));
+            outbox.finish();
+            let mut transport = Recorder::new(max, vectored);
+            outbox.write_to(&mut transport, &WriteTurns::new()).await;
+            let mut expected = b"first\n".to_vec();
+            expected.extend_from_slice(&block);
+            expected.extend_from_slice(b"last\n");
+            assert!(transport.out == expected, "max {max}: every byte, in order");
+            let from_block: usize = transport
+                .seen
+                .iter()
+                .filter(|(at, _)| range.contains(at))
+                .map(|(_, len)| *len)
+                .max()
+                .unwrap_or(0);
+            assert!(
+                from_block > 0,
+                "max {max}: the transport was handed the shared block itself"
+            );
+            let largest = transport.seen.iter().map(|(_, len)| *len).max();
+            assert!(
+                largest <= Some(WRITE_CHUNK),
+                "max {max}: at most a chunk per write, got {largest:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_session_owes_one_wake_up_however_many_lines_it_gets() {
+        let outbox = Outbox::new(100);
+        assert!(outbox.push_unwoken(Bytes::from_static(b"a\n")));
+        assert!(
+            !outbox.push_unwoken(Bytes::from_static(b"b\n")),
+            "a wake-up is already owed"
+        );
+        outbox.wake();
+        assert!(outbox.push_unwoken(Bytes::from_static(b"c\n")));
+        assert_eq!(outbox.queued().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn big_writes_wait_for_a_turn_and_small_ones_do_not() {
+        let turns = Arc::new(WriteTurns::new());
+        let all_turns = turns
+            .0
+            .acquire_many(WriteTurns::CONCURRENT as u32)
+            .await
+            .expect("open semaphore");
+        let write = |line: Bytes| {
+            let turns = turns.clone();
+            tokio::spawn(async move {
+                let outbox = Outbox::new(1 << 20);
+                outbox.push(line);
+                outbox.finish();
+                let mut out = Vec::new();
+                outbox.write_to(&mut out, &turns).await;
+                out.len()
+            })
+        };
+        let small = write(Bytes::from_static(b"a reply\n"));
+        let big = write(Bytes::from(vec![b'x'; BIG_WRITE]));
+        let written = tokio::time::timeout(std::time::Duration::from_secs(5), small).await;
+        assert_eq!(written.expect("in time").expect("no panic"), 8);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            !big.is_finished(),
+            "a big write waits while every turn is taken"
+        );
+        drop(all_turns);
+        let written = tokio::time::timeout(std::time::Duration::from_secs(5), big).await;
+        assert_eq!(written.expect("in time").expect("no panic"), BIG_WRITE);
+    }
+
+    #[tokio::test]
+    async fn small_lines_go_out_together_on_a_transport_without_vectored_writes() {
+        let outbox = Outbox::new(1 << 20);
+        let mut expected = Vec::new();
+        for i in 0..1000 {
+            let line = Bytes::from(format!("line {i}\n"));
+            expected.extend_from_slice(&line);
+            outbox.push(line);
+        }
+        outbox.finish();
+        let mut transport = Recorder::new(usize::MAX, false);
+        outbox.write_to(&mut transport, &WriteTurns::new()).await;
+        assert!(transport.out == expected, "every line, in order");
+        assert!(
+            transport.seen.len() < 10,
+            "1000 small lines in a few writes, not {}",
+            transport.seen.len()
+        );
     }
 }

@@ -54,7 +54,8 @@ pub async fn run_session<R, W>(
     let outbox = Arc::new(Outbox::new(limits.outbox_bytes));
     let writer_task = tokio::spawn({
         let outbox = outbox.clone();
-        async move { outbox.write_to(writer).await }
+        let chat = chat.clone();
+        async move { outbox.write_to(writer, &chat.write_turns).await }
     });
     let mut lines = LineReader::new(reader, limits.max_line_bytes);
     let mut session = Session {
@@ -177,7 +178,7 @@ impl Session {
         };
         let chat = &self.chat;
         match request {
-            Request::List => chat.list(&identity),
+            Request::List => chat.list(&self.outbox),
             Request::Who => chat.who(&identity),
             Request::Message { content } => chat.message(&identity, content),
             Request::CreateRoom { roomid } => self.create_room(&identity, roomid).await,
