@@ -316,10 +316,21 @@ fn start_admin_node(config: &str, extra: &[&str]) -> Proc {
     node
 }
 
-/// The impairment currently in force, from `GET /impair`.
+/// The impairment currently in force, from `GET /impair`, without its
+/// seed (a random one is shown when none was set).
 async fn impairment(admin: std::net::SocketAddr) -> String {
     let text = chatmesh::admin::fetch(admin, "/impair").await.unwrap();
-    text.lines().next().unwrap_or("").to_owned()
+    let line = text.lines().next().unwrap_or("");
+    let items: Vec<&str> = line
+        .trim_start_matches("impairment: ")
+        .split(',')
+        .filter(|item| !item.starts_with("seed=") && *item != "none")
+        .collect();
+    if items.is_empty() {
+        "impairment: none".to_owned()
+    } else {
+        format!("impairment: {}", items.join(","))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
