@@ -463,3 +463,62 @@ async fn request(addr: SocketAddr, request: &str) -> Result<String> {
     }
     Ok(body.to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(bytes: &[u8], eof: bool) -> Request {
+        match parse_request(bytes, eof) {
+            Parsed::Done(request) => request,
+            Parsed::Incomplete => panic!("incomplete: {:?}", String::from_utf8_lossy(bytes)),
+        }
+    }
+
+    #[test]
+    fn requests_parse_with_origin_and_body() {
+        let request = done(
+            b"POST /impair HTTP/1.1\r\nHost: x\r\norigin:  http://evil.example \r\nContent-Length: 9\r\n\r\nloss=100%",
+            false,
+        );
+        assert_eq!(request.method, "POST");
+        assert_eq!(request.path, "/impair");
+        assert_eq!(request.origin.as_deref(), Some("http://evil.example"));
+        assert_eq!(request.body, "loss=100%");
+        // A body not all there yet waits, unless the peer is done sending.
+        let short = b"POST /impair HTTP/1.1\r\nContent-Length: 9\r\n\r\nloss";
+        assert_eq!(parse_request(short, false), Parsed::Incomplete);
+        assert_eq!(done(short, true).body, "loss");
+        assert_eq!(
+            parse_request(b"GET /status HTTP/1.1\r\n", false),
+            Parsed::Incomplete
+        );
+        // The request line is no header: "Origin:" in the path is not one.
+        let request = done(b"GET /Origin:x HTTP/1.1\r\n\r\n", false);
+        assert_eq!(request.origin, None);
+        // Garbage is a request that no route matches, not a panic.
+        let request = done(b"\xff\xfe\r\n\r\n", true);
+        assert_eq!(request.path, "");
+        let huge = format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", u64::MAX);
+        assert_eq!(parse_request(huge.as_bytes(), false), Parsed::Incomplete);
+    }
+
+    #[test]
+    fn only_the_endpoints_own_origin_is_local() {
+        assert!(is_own_origin("http://127.0.0.1:7001", 7001));
+        assert!(is_own_origin("http://localhost:7001/", 7001));
+        assert!(is_own_origin("HTTP://LOCALHOST:7001", 7001));
+        for foreign in [
+            "http://evil.example",
+            "null",
+            "",
+            "http://127.0.0.1:7002",
+            "http://127.0.0.1",
+            "https://127.0.0.1:7001",
+            "http://localhost.evil.example:7001",
+            "http://127.0.0.1:7001.evil.example",
+        ] {
+            assert!(!is_own_origin(foreign, 7001), "{foreign:?}");
+        }
+    }
+}
