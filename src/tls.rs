@@ -797,6 +797,38 @@ mod tests {
     }
 
     #[test]
+    fn up_re_issues_a_server_certificate_that_is_about_to_end() {
+        let dir = tempdir("tls-expiring");
+        let config = ClusterConfig::parse("s1 127.0.0.1 1 2\ns2 localhost 3 4\n", "t").unwrap();
+        generate(&config, &dir, false).unwrap();
+        // s1's certificate, from the same CA, ending in 10 days.
+        let found = find_ca(&dir, &default_ca_dir(&dir)).unwrap();
+        let (issuer, _, _) = load_ca(&found).unwrap();
+        let mut params = CertificateParams::new(subject_alt_names(&config.servers[0])).unwrap();
+        let (y, m, d) = civil_from_unix(unix_now() + 10 * 86_400);
+        params.not_after = rcgen::date_time_ymd(y, m, d);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        write_public(&server_cert_path(&dir, "s1"), &cert.pem()).unwrap();
+        write_secret(&server_key_path(&dir, "s1"), &key.serialize_pem()).unwrap();
+        let s2_before = fs::read(server_cert_path(&dir, "s2")).unwrap();
+
+        let written = ensure(&config, &dir).unwrap();
+        assert_eq!(
+            written,
+            [server_cert_path(&dir, "s1"), server_key_path(&dir, "s1")]
+        );
+        let end = cert_not_after(&server_cert_path(&dir, "s1")).unwrap();
+        assert!(
+            end > unix_now() + 365 * 86_400,
+            "renewed: {}",
+            format_date(end)
+        );
+        assert_eq!(fs::read(server_cert_path(&dir, "s2")).unwrap(), s2_before);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn civil_dates_round_trip() {
         for secs in [0, 951_782_400, 1_700_000_000, 4_102_444_800, -86_400] {
             let (y, m, d) = civil_from_unix(secs);
