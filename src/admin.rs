@@ -10,7 +10,13 @@
 //! | `POST /cut/<id>` | drop every mesh datagram to and from server `<id>` |
 //! | `POST /heal/<id>`, `POST /heal` | undo one cut, or every cut |
 //!
-//! The impairment calls are testing aids (partitions in process tests).
+//! The `POST` calls are testing aids (partitions in process tests): they
+//! exist only on a node started with `--testing-aids` (implied by `--impair`),
+//! and answer `404` otherwise. Even then a `POST` carrying a foreign `Origin`
+//! header (anything but this endpoint's own `http://127.0.0.1:<port>` or
+//! `http://localhost:<port>`) is refused with `403`: a web page open in a
+//! browser on the host can send a form `POST` to loopback, and its browser
+//! always names the page's origin. Tools such as `curl` send no `Origin`.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -45,6 +51,9 @@ pub struct AdminState {
     pub impair: ImpairHandle,
     /// Mesh address of every peer, for cuts by server id.
     pub peers: Vec<(ServerId, SocketAddr)>,
+    /// Whether the node was started with `--testing-aids`: without it no
+    /// `POST` route exists.
+    pub testing_aids: bool,
 }
 
 /// The `/status` document.
@@ -209,44 +218,89 @@ pub async fn serve(
 }
 
 /// Longest request (head and body) the admin endpoint reads.
-const MAX_REQUEST: usize = 16 * 1024;
+pub const MAX_REQUEST: usize = 16 * 1024;
 
-async fn handle(mut stream: TcpStream, state: AdminState) {
-    let mut request = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    let head_end = loop {
-        if let Some(at) = find(&request, b"\r\n\r\n") {
-            break at + 4;
-        }
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => request.extend_from_slice(&buf[..n]),
-        }
-        if request.len() > MAX_REQUEST {
-            return;
-        }
+/// One parsed admin request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// `GET`, `POST`, ... as sent.
+    pub method: String,
+    /// The request target, e.g. `/status`.
+    pub path: String,
+    /// The `Origin` header, if any (browsers send it on every `POST`).
+    pub origin: Option<String>,
+    /// The body, trimmed, as text (lossy UTF-8).
+    pub body: String,
+}
+
+/// What [`parse_request`] makes of the bytes read so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parsed {
+    /// More bytes are needed: the head is not complete, or the body is
+    /// shorter than its `Content-Length` (capped at [`MAX_REQUEST`]).
+    Incomplete,
+    /// A whole request.
+    Done(Request),
+}
+
+/// Parses an HTTP/1.1 request from the bytes received so far (any bytes: a
+/// fuzz target feeds it garbage). With `eof`, the peer sent all it will and
+/// a short body is taken as it is.
+pub fn parse_request(bytes: &[u8], eof: bool) -> Parsed {
+    let Some(at) = find(bytes, b"\r\n\r\n") else {
+        return Parsed::Incomplete;
     };
-    let head = String::from_utf8_lossy(&request[..head_end]).into_owned();
-    let content_length = head
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+    let head_end = at + 4;
+    let head = String::from_utf8_lossy(&bytes[..head_end]);
+    let header = |name: &str| {
+        head.lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_owned())
+    };
+    let content_length = header("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(0)
         .min(MAX_REQUEST);
-    while request.len() < head_end + content_length {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => request.extend_from_slice(&buf[..n]),
-        }
+    if bytes.len() < head_end.saturating_add(content_length) && !eof {
+        return Parsed::Incomplete;
     }
-    let end = request.len().min(head_end + content_length);
-    let body = String::from_utf8_lossy(&request[head_end..end])
+    let end = bytes.len().min(head_end.saturating_add(content_length));
+    let body = String::from_utf8_lossy(&bytes[head_end..end])
         .trim()
         .to_owned();
     let mut words = head.split_whitespace();
-    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let (code, content_type, body) = route(&state, method, path, &body);
+    let method = words.next().unwrap_or("").to_owned();
+    let path = words.next().unwrap_or("").to_owned();
+    Parsed::Done(Request {
+        method,
+        path,
+        origin: header("origin"),
+        body,
+    })
+}
+
+async fn handle(mut stream: TcpStream, state: AdminState) {
+    let mut bytes = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    let request = loop {
+        let eof = match stream.read(&mut buf).await {
+            Ok(0) => true,
+            Ok(n) => {
+                bytes.extend_from_slice(&buf[..n]);
+                false
+            }
+            Err(_) => return,
+        };
+        match parse_request(&bytes, eof) {
+            Parsed::Done(request) => break request,
+            Parsed::Incomplete if eof || bytes.len() > 2 * MAX_REQUEST => return,
+            Parsed::Incomplete => {}
+        }
+    };
+    let own_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
+    let (code, content_type, body) = route(&state, &request, own_port);
     let response = format!(
         "HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -259,11 +313,46 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
+/// Whether `origin` is this endpoint's own (`http://127.0.0.1:<port>` or
+/// `http://localhost:<port>`); any other, `null` included, is foreign.
+pub fn is_own_origin(origin: &str, port: u16) -> bool {
+    let origin = origin.trim().trim_end_matches('/');
+    [
+        format!("http://127.0.0.1:{port}"),
+        format!("http://localhost:{port}"),
+    ]
+    .iter()
+    .any(|own| origin.eq_ignore_ascii_case(own))
+}
+
 type Response = (&'static str, &'static str, String);
 
-fn route(state: &AdminState, method: &str, path: &str, body: &str) -> Response {
+/// Answer to a `POST` on a node started without `--testing-aids`.
+pub const AIDS_OFF: &str = "testing aids are off: this node was started without --testing-aids (POST /impair, /cut/<id>, /heal need it)\n";
+
+fn route(state: &AdminState, request: &Request, own_port: u16) -> Response {
     let ok = |text: String| ("200 OK", "text/plain", text);
     let bad = |text: String| ("400 Bad Request", "text/plain", text + "\n");
+    let (method, path, body) = (
+        request.method.as_str(),
+        request.path.as_str(),
+        request.body.as_str(),
+    );
+    if method == "POST" {
+        if !state.testing_aids {
+            return ("404 Not Found", "text/plain", AIDS_OFF.to_owned());
+        }
+        if let Some(origin) = &request.origin
+            && !is_own_origin(origin, own_port)
+        {
+            tracing::warn!(origin = %origin.chars().take(100).collect::<String>(), path = %path.chars().take(100).collect::<String>(), "admin POST with a foreign Origin refused");
+            return (
+                "403 Forbidden",
+                "text/plain",
+                "refused: a POST from a web page of another origin (testing aids take requests from local tools only)\n".to_owned(),
+            );
+        }
+    }
     match (method, path) {
         ("GET", "/status") => {
             let body = serde_json::to_string_pretty(&state.status()).unwrap_or_default();
@@ -319,8 +408,22 @@ fn route(state: &AdminState, method: &str, path: &str, body: &str) -> Response {
 
 /// Sends `POST path` with `body` to an admin endpoint; returns the answer.
 pub async fn post(addr: SocketAddr, path: &str, body: &str) -> Result<String> {
+    post_from(addr, path, body, None).await
+}
+
+/// Sends `POST path` with `body` and, if given, an `Origin` header (as a
+/// browser would); returns the answer, or an error naming the status.
+pub async fn post_from(
+    addr: SocketAddr,
+    path: &str,
+    body: &str,
+    origin: Option<&str>,
+) -> Result<String> {
+    let origin = origin
+        .map(|o| format!("Origin: {o}\r\n"))
+        .unwrap_or_default();
     request(addr, &format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{origin}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     ))
     .await
@@ -359,4 +462,63 @@ async fn request(addr: SocketAddr, request: &str) -> Result<String> {
         );
     }
     Ok(body.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(bytes: &[u8], eof: bool) -> Request {
+        match parse_request(bytes, eof) {
+            Parsed::Done(request) => request,
+            Parsed::Incomplete => panic!("incomplete: {:?}", String::from_utf8_lossy(bytes)),
+        }
+    }
+
+    #[test]
+    fn requests_parse_with_origin_and_body() {
+        let request = done(
+            b"POST /impair HTTP/1.1\r\nHost: x\r\norigin:  http://evil.example \r\nContent-Length: 9\r\n\r\nloss=100%",
+            false,
+        );
+        assert_eq!(request.method, "POST");
+        assert_eq!(request.path, "/impair");
+        assert_eq!(request.origin.as_deref(), Some("http://evil.example"));
+        assert_eq!(request.body, "loss=100%");
+        // A body not all there yet waits, unless the peer is done sending.
+        let short = b"POST /impair HTTP/1.1\r\nContent-Length: 9\r\n\r\nloss";
+        assert_eq!(parse_request(short, false), Parsed::Incomplete);
+        assert_eq!(done(short, true).body, "loss");
+        assert_eq!(
+            parse_request(b"GET /status HTTP/1.1\r\n", false),
+            Parsed::Incomplete
+        );
+        // The request line is no header: "Origin:" in the path is not one.
+        let request = done(b"GET /Origin:x HTTP/1.1\r\n\r\n", false);
+        assert_eq!(request.origin, None);
+        // Garbage is a request that no route matches, not a panic.
+        let request = done(b"\xff\xfe\r\n\r\n", true);
+        assert_eq!(request.path, "");
+        let huge = format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", u64::MAX);
+        assert_eq!(parse_request(huge.as_bytes(), false), Parsed::Incomplete);
+    }
+
+    #[test]
+    fn only_the_endpoints_own_origin_is_local() {
+        assert!(is_own_origin("http://127.0.0.1:7001", 7001));
+        assert!(is_own_origin("http://localhost:7001/", 7001));
+        assert!(is_own_origin("HTTP://LOCALHOST:7001", 7001));
+        for foreign in [
+            "http://evil.example",
+            "null",
+            "",
+            "http://127.0.0.1:7002",
+            "http://127.0.0.1",
+            "https://127.0.0.1:7001",
+            "http://localhost.evil.example:7001",
+            "http://127.0.0.1:7001.evil.example",
+        ] {
+            assert!(!is_own_origin(foreign, 7001), "{foreign:?}");
+        }
+    }
 }

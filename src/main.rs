@@ -33,17 +33,33 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Make a cluster CA and a certificate + key per server of the config.
+    /// Make a cluster CA and a certificate + key per server of the config;
+    /// with --id or --host, one server's files from the existing CA (for
+    /// another machine). The CA key stays in --ca-dir: nodes never need it.
     Certs {
         /// Cluster config (TOML, or the assignment's `id host client_port mesh_port` lines).
         #[arg(long, default_value = "config/cluster.toml")]
         config: PathBuf,
-        /// Directory to write ca.pem, ca.key, <id>.pem and <id>.key into.
+        /// Directory to write ca.pem, <id>.pem and <id>.key into (what nodes read).
         #[arg(long, default_value = "certs")]
         out: PathBuf,
-        /// Replace existing files (every node then needs the new set).
+        /// Directory of the CA's key (ca.key, and a copy of ca.pem) [default: <out>/ca].
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
+        /// Replace existing server files. The CA is kept (renewal: nodes can be
+        /// restarted one by one).
         #[arg(long)]
         force: bool,
+        /// Make a new CA even if there is one (with --force: every node then
+        /// needs the new files before it can link to the others).
+        #[arg(long)]
+        new_ca: bool,
+        /// Only these servers (ids, comma-separated), signed by the existing CA.
+        #[arg(long, value_delimiter = ',')]
+        id: Vec<String>,
+        /// Only the servers of the config on these hosts, signed by the existing CA.
+        #[arg(long, value_delimiter = ',')]
+        host: Vec<String>,
     },
     /// Run one server of the config.
     Node {
@@ -60,8 +76,14 @@ enum Command {
         /// "loss=20%,delay=30ms,jitter=10ms,dup=1%,seed=7" (also burst=P_ENTER/P_EXIT,
         /// reorder=5%, dir=out, cut=ADDR; per peer: loss@ADDR=50%). Changeable at
         /// run time through the admin endpoint (POST /impair, /cut/<id>, /heal).
+        /// Implies --testing-aids.
         #[arg(long, value_name = "SPEC")]
         impair: Option<chatmesh::netsim::Impairment>,
+        /// Testing aid: let the admin endpoint take POST /impair, /cut/<id>,
+        /// /heal/<id> and /heal (from local tools; a web page's request, with a
+        /// foreign Origin, is refused). Off by default: those routes answer 404.
+        #[arg(long)]
+        testing_aids: bool,
     },
     /// Show one server's view of the cluster, from its admin endpoint.
     Status {
@@ -86,6 +108,9 @@ enum Command {
         /// Certificate directory; missing certificates are made here.
         #[arg(long, default_value = "certs")]
         certs: PathBuf,
+        /// Start every node with --testing-aids (admin POST /impair, /cut, /heal).
+        #[arg(long)]
+        testing_aids: bool,
     },
     /// The bundled chat client: #list, #who, #createroom R, #joinroom R,
     /// #deleteroom R, #quit; any other line is a message. Reads stdin, so it can
@@ -141,9 +166,25 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Certs { config, out, force } => {
+        Command::Certs {
+            config,
+            out,
+            ca_dir,
+            force,
+            new_ca,
+            id,
+            host,
+        } => {
             let cluster = ClusterConfig::load(&config)?;
-            let written = chatmesh::tls::generate(&cluster, &out, force)?;
+            let options = chatmesh::tls::CertsOptions {
+                out,
+                ca_dir,
+                force,
+                new_ca,
+                ids: id,
+                hosts: host,
+            };
+            let written = chatmesh::tls::generate_with(&cluster, &options)?;
             for path in written {
                 println!("wrote {}", path.display());
             }
@@ -154,9 +195,11 @@ async fn run(cli: Cli) -> Result<()> {
             id,
             certs,
             impair,
+            testing_aids,
         } => {
             let config = ClusterConfig::load(&config)?;
             let mut options = NodeOptions::new(config, id, certs);
+            options.testing_aids = testing_aids || impair.is_some();
             options.impair = impair;
             chatmesh::node::run_until_signal(options).await
         }
@@ -180,8 +223,15 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Up { config, certs } => {
+        Command::Up {
+            config,
+            certs,
+            testing_aids,
+        } => {
             let mut node_args = Vec::new();
+            if testing_aids {
+                node_args.push("--testing-aids".to_owned());
+            }
             if cli.log_format == LogFormat::Json {
                 node_args.extend(["--log-format".to_owned(), "json".to_owned()]);
             }

@@ -48,6 +48,10 @@ pub struct NodeOptions {
     pub mesh_socket: Option<(Arc<dyn quinn::AsyncUdpSocket>, ImpairHandle)>,
     /// Loss, delay and cut links applied to the mesh socket (testing aid).
     pub impair: Option<Impairment>,
+    /// Whether the admin endpoint serves its testing aids (`POST /impair`,
+    /// `/cut/<id>`, `/heal`); off unless asked for (`--testing-aids`, or
+    /// `--impair`, which implies it).
+    pub testing_aids: bool,
     /// Where the chat layer records every hold and release of a name (tests
     /// check the cluster-wide log for names held twice).
     pub journal: Option<NameJournal>,
@@ -62,6 +66,7 @@ impl NodeOptions {
             certs: certs.into(),
             mesh_socket: None,
             impair: None,
+            testing_aids: false,
             journal: None,
         }
     }
@@ -91,6 +96,7 @@ impl Node {
             certs,
             mesh_socket,
             impair,
+            testing_aids,
             journal,
         } = options;
         let me = config
@@ -192,7 +198,13 @@ impl Node {
                 mesh: mesh.clone(),
                 impair: impair_handle.clone(),
                 peers: peer_mesh_addrs(&config, &id)?,
+                testing_aids,
             };
+            if testing_aids {
+                warn!(
+                    "admin testing aids are on: any local process can cut or impair this node's mesh links"
+                );
+            }
             tasks.spawn(admin::serve(
                 listener,
                 state,

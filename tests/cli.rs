@@ -166,7 +166,7 @@ fn up_runs_every_server_and_stops_them_all() {
             &certs_dir.display().to_string(),
         ],
     );
-    up.wait_line("made 8 certificate file(s)");
+    up.wait_line("made 9 certificate file(s)");
     for i in 0..3 {
         up.wait_line(&format!("s{} | ", i + 1));
     }
@@ -188,6 +188,9 @@ fn up_runs_every_server_and_stops_them_all() {
     }
     assert!(up.wait_exit(), "up exits 0");
     assert!(certs_dir.join("s3.key").exists());
+    // The CA key is kept apart from what the nodes read.
+    assert!(certs_dir.join("ca").join("ca.key").exists());
+    assert!(!certs_dir.join("ca.key").exists());
 }
 
 #[test]
@@ -210,7 +213,8 @@ fn certs_refuses_to_overwrite_without_force() {
     };
     let first = run(false);
     assert!(first.status.success());
-    assert_eq!(String::from_utf8_lossy(&first.stdout).lines().count(), 6);
+    // ca/ca.key, ca/ca.pem, ca.pem and two files per server.
+    assert_eq!(String::from_utf8_lossy(&first.stdout).lines().count(), 7);
     let second = run(false);
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("already exists; pass --force"));
@@ -283,4 +287,130 @@ fn clients_notice_a_stopping_server_at_once() {
         client.wait_line("error: the server closed the connection");
         assert!(!client.wait_exit(), "a lost server is a non-zero exit");
     }
+}
+
+/// A one-server TOML config with an admin port; returns (config path, admin address).
+fn admin_node_config(tag: &str) -> (String, std::net::SocketAddr) {
+    let ports = free_ports(3);
+    assert_eq!(ports.len(), 3, "not enough free ports");
+    let dir = temp_dir(tag);
+    let path = dir.join("cluster.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[server]]\nid = \"s1\"\nhost = \"127.0.0.1\"\nclient_port = {}\nmesh_port = {}\nadmin_port = {}\n",
+            ports[0], ports[1], ports[2]
+        ),
+    )
+    .unwrap();
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], ports[2]));
+    (path.display().to_string(), admin)
+}
+
+fn start_admin_node(config: &str, extra: &[&str]) -> Proc {
+    let certs = certs().display().to_string();
+    let mut args = vec!["node", "--config", config, "--id", "s1", "--certs", &certs];
+    args.extend_from_slice(extra);
+    let mut node = Proc::spawn("node", &args);
+    node.wait_line("serving clients");
+    node
+}
+
+/// The impairment currently in force, from `GET /impair`, without its
+/// seed (a random one is shown when none was set).
+async fn impairment(admin: std::net::SocketAddr) -> String {
+    let text = chatmesh::admin::fetch(admin, "/impair").await.unwrap();
+    let line = text.lines().next().unwrap_or("");
+    let items: Vec<&str> = line
+        .trim_start_matches("impairment: ")
+        .split(',')
+        .filter(|item| !item.starts_with("seed=") && *item != "none")
+        .collect();
+    if items.is_empty() {
+        "impairment: none".to_owned()
+    } else {
+        format!("impairment: {}", items.join(","))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_testing_aids_are_off_without_the_flag() {
+    let (config, admin) = admin_node_config("aids-off");
+    let _node = start_admin_node(&config, &[]);
+    for (path, body) in [("/impair", "loss=100%"), ("/cut/s1", ""), ("/heal", "")] {
+        for origin in [None, Some("http://evil.example")] {
+            let err = chatmesh::admin::post_from(admin, path, body, origin)
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("404") && err.contains("--testing-aids"),
+                "POST {path}: {err}"
+            );
+        }
+    }
+    assert_eq!(impairment(admin).await, "impairment: none");
+    // Reading stays as it was.
+    assert!(
+        chatmesh::admin::fetch(admin, "/status")
+            .await
+            .unwrap()
+            .contains("\"id\": \"s1\"")
+    );
+    assert!(
+        chatmesh::admin::fetch(admin, "/metrics")
+            .await
+            .unwrap()
+            .contains("chatmesh_term")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_testing_aids_work_with_the_flag_but_not_from_a_foreign_origin() {
+    let (config, admin) = admin_node_config("aids-on");
+    let _node = start_admin_node(&config, &["--testing-aids"]);
+    let port = admin.port();
+    for origin in [
+        "http://evil.example",
+        "null",
+        "http://127.0.0.1:1",
+        "https://127.0.0.1:{port}",
+        "http://127.0.0.1.evil.example:{port}",
+    ] {
+        let origin = origin.replace("{port}", &port.to_string());
+        let err = chatmesh::admin::post_from(admin, "/impair", "loss=100%", Some(&origin))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("403"), "Origin {origin}: {err}");
+    }
+    assert_eq!(impairment(admin).await, "impairment: none");
+    // A local tool (no Origin) and the endpoint's own pages may.
+    chatmesh::admin::post(admin, "/impair", "loss=5%")
+        .await
+        .unwrap();
+    assert_eq!(impairment(admin).await, "impairment: loss=5%");
+    for own in [
+        format!("http://127.0.0.1:{port}"),
+        format!("http://localhost:{port}"),
+    ] {
+        chatmesh::admin::post_from(admin, "/impair", "loss=7%", Some(&own))
+            .await
+            .unwrap();
+    }
+    assert_eq!(impairment(admin).await, "impairment: loss=7%");
+    chatmesh::admin::post(admin, "/impair", "loss=0%")
+        .await
+        .unwrap();
+    assert_eq!(impairment(admin).await, "impairment: none");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impair_implies_testing_aids() {
+    let (config, admin) = admin_node_config("aids-impair");
+    let _node = start_admin_node(&config, &["--impair", "loss=0%"]);
+    chatmesh::admin::post(admin, "/impair", "loss=3%")
+        .await
+        .unwrap();
+    assert_eq!(impairment(admin).await, "impairment: loss=3%");
 }

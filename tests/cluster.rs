@@ -132,6 +132,7 @@ async fn a_server_with_a_certificate_of_another_ca_never_joins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_cuts_partition_a_running_cluster_and_heal_it() {
     let mut cluster = ProcCluster::new(3, "cuts");
+    cluster.testing_aids = true;
     cluster.start_all();
     cluster.wait_agreement(2, SETTLE).await;
     // Isolate s3 (the leader) from both others, from both ends.

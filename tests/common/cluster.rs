@@ -20,6 +20,8 @@ pub struct ProcCluster {
     pub client_ports: Vec<u16>,
     pub admin_ports: Vec<u16>,
     pub nodes: Vec<Option<Proc>>,
+    /// Start nodes with `--testing-aids` (admin `POST /cut`, `/heal`, `/impair`).
+    pub testing_aids: bool,
 }
 
 impl ProcCluster {
@@ -42,6 +44,7 @@ impl ProcCluster {
             admin_ports: (0..n).map(|i| ports[3 * i + 2]).collect(),
             ids,
             nodes: (0..n).map(|_| None).collect(),
+            testing_aids: false,
         }
     }
 
@@ -54,18 +57,19 @@ impl ProcCluster {
     /// Starts node `i` with certificates from `certs` (e.g. another CA).
     pub fn start_with_certs(&mut self, i: usize, certs: &str) {
         let config = self.config.display().to_string();
-        let mut node = Proc::spawn(
+        let mut args = vec![
+            "node",
+            "--config",
+            &config,
+            "--id",
             &self.ids[i],
-            &[
-                "node",
-                "--config",
-                &config,
-                "--id",
-                &self.ids[i],
-                "--certs",
-                certs,
-            ],
-        );
+            "--certs",
+            certs,
+        ];
+        if self.testing_aids {
+            args.push("--testing-aids");
+        }
+        let mut node = Proc::spawn(&self.ids[i], &args);
         node.wait_line("serving clients");
         self.nodes[i] = Some(node);
     }
@@ -98,7 +102,7 @@ impl ProcCluster {
             .collect()
     }
 
-    fn admin(&self, i: usize) -> SocketAddr {
+    pub fn admin(&self, i: usize) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.admin_ports[i]))
     }
 
