@@ -199,9 +199,9 @@ impl Session {
                     // One token per move: only this client learns it (in
                     // `route`), and the destination checks it (issue 12).
                     let token = new_move_token();
-                    let start = chat
-                        .directory()
-                        .start_move(&identity, &remote, &token, self.peer_ip);
+                    let start =
+                        chat.directory()
+                            .start_move(&identity, &remote, &token, self.peer_ip);
                     match self.claim(start).await {
                         Ok(()) => {
                             chat.move_out(&identity, &roomid, &remote, &token);

@@ -219,7 +219,14 @@ impl Registry {
                     }
                 }
             }
-            (Op::MoveStart { identity, to, proof }, Verdict::Granted { .. }) => {
+            (
+                Op::MoveStart {
+                    identity,
+                    to,
+                    proof,
+                },
+                Verdict::Granted { .. },
+            ) => {
                 let result = match self.own.identities.get_mut(&identity) {
                     Some(entry) => {
                         entry.moving_to = Some(to);

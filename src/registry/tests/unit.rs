@@ -1292,14 +1292,20 @@ fn arrive_first(seed: u64, first: LocalRequest) -> Result<(), Refusal> {
 #[test]
 fn movejoin_with_the_right_token_is_accepted_from_any_address() {
     let token = proof().token;
-    assert_eq!(arrive_first(31, accept(Some(&token), [192, 0, 2, 7])), Ok(()));
+    assert_eq!(
+        arrive_first(31, accept(Some(&token), [192, 0, 2, 7])),
+        Ok(())
+    );
 }
 
 #[test]
 fn movejoin_with_a_wrong_token_is_refused_even_from_the_same_address() {
     let wrong = "0123456789abcdef0123456789abcdee";
     let refused = Err(Refusal::WrongMoveProof);
-    assert_eq!(arrive_first(32, accept(Some(wrong), [10, 0, 0, 1])), refused);
+    assert_eq!(
+        arrive_first(32, accept(Some(wrong), [10, 0, 0, 1])),
+        refused
+    );
     assert_eq!(arrive_first(33, accept(Some(""), [10, 0, 0, 1])), refused);
 }
 
