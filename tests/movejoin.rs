@@ -159,6 +159,35 @@ async fn an_attacker_on_another_address_never_takes_a_moving_identity() {
     cluster.stop().await;
 }
 
+/// The same rule over QUIC: the source address comes from the QUIC
+/// connection. An attacker on 127.0.0.2 without a token is refused; a
+/// classic client without a token from its own address moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_quic_only_the_moving_clients_address_moves_without_a_token() {
+    let cluster = formed(3).await;
+    let (a1, a2) = (cluster.node(0).client_addr(), cluster.node(1).client_addr());
+    let mut adel = with_room(&cluster).await;
+    let mut v = Raw::join(Via::Quic, a2, "Victim", "MainHall-s2").await;
+    v.send(r#"{"type":"joinroom","roomid":"jokes"}"#).await;
+    v.expect_route("jokes", a1.port()).await;
+    drop(v);
+    let mut attacker = Raw::connect_quic_from(ATTACKER, a1, "attacker").await;
+    attacker
+        .send(&movejoin_line("Victim", "MainHall-s2", None))
+        .await;
+    attacker
+        .expect(r#"{"type":"serverchange","approved":"false","serverid":"s1"}"#)
+        .await;
+    attacker.expect_closed().await;
+    let mut v = Raw::connect_quic_from(VICTIM, a1, "Victim@s1").await;
+    v.send(&movejoin_line("Victim", "MainHall-s2", None)).await;
+    v.expect(r#"{"type":"serverchange","approved":"true","serverid":"s1"}"#)
+        .await;
+    adel.expect(&room_change("Victim", "MainHall-s2", "jokes"))
+        .await;
+    cluster.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attacker_guessing_tokens_loses_even_from_the_victims_address() {
     let cluster = formed(3).await;

@@ -94,24 +94,28 @@ impl Raw {
                     name: name.to_owned(),
                 }
             }
-            Via::Quic => {
-                let crypto = chatmesh::tls::chat_client_config(&certs().join("ca.pem")).unwrap();
-                let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
-                let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-                endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-                let connection = endpoint
-                    .connect(addr, "localhost")
-                    .unwrap()
-                    .await
-                    .expect("quic connect");
-                let (send, recv) = connection.open_bi().await.unwrap();
-                Raw {
-                    reader: LineReader::new(Box::new(recv), 1 << 22),
-                    writer: Box::new(send),
-                    _quic: Some((endpoint, connection)),
-                    name: name.to_owned(),
-                }
-            }
+            Via::Quic => Raw::connect_quic_from([127, 0, 0, 1].into(), addr, name).await,
+        }
+    }
+
+    /// Connects over QUIC from the local address `from`, without sending anything.
+    pub async fn connect_quic_from(from: std::net::IpAddr, addr: SocketAddr, name: &str) -> Raw {
+        let crypto = chatmesh::tls::chat_client_config(&certs().join("ca.pem")).unwrap();
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
+        let mut endpoint = quinn::Endpoint::client(SocketAddr::new(from, 0))
+            .unwrap_or_else(|e| panic!("{name}: cannot bind {from}: {e}"));
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        let connection = endpoint
+            .connect(addr, "localhost")
+            .unwrap()
+            .await
+            .expect("quic connect");
+        let (send, recv) = connection.open_bi().await.unwrap();
+        Raw {
+            reader: LineReader::new(Box::new(recv), 1 << 22),
+            writer: Box::new(send),
+            _quic: Some((endpoint, connection)),
+            name: name.to_owned(),
         }
     }
 
