@@ -48,6 +48,10 @@ pub enum Request {
         roomid: String,
         /// Its identity (already held in the cluster).
         identity: String,
+        /// The `token` of the `route` it follows (chatmesh's extra key;
+        /// classic clients send none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
 }
 
@@ -165,6 +169,11 @@ pub enum ServerMessage {
         host: String,
         /// That server's client port, as a string.
         port: String,
+        /// chatmesh's extra key: the one-time value the client echoes in
+        /// `movejoin` to prove it is the one that was routed. Classic
+        /// clients ignore it; absent from servers that do not send it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
     /// Answer to `movejoin`.
     ServerChange {
@@ -223,6 +232,28 @@ fn encode_line<T: Serialize>(value: &T) -> Bytes {
     Bytes::from(out)
 }
 
+/// Longest `token` a `movejoin` may carry: chatmesh's tokens are 32 hex
+/// digits, so a longer one is wrong without asking anybody.
+pub const MAX_MOVE_TOKEN: usize = 64;
+
+/// A fresh move token for `route`: 128 random bits as 32 hex digits, from the
+/// operating system's generator (unguessable, and one per move).
+pub fn new_move_token() -> String {
+    let bits: u128 = rand::random();
+    format!("{bits:032x}")
+}
+
+/// Whether `room` may stand in a `roomchange` as a room id: a valid room id,
+/// a main hall (`MainHall-<server id>`), or `""`. `movejoin`'s `former`
+/// comes from the client and is relayed to others, so it must pass this.
+pub fn valid_room_ref(room: &str) -> bool {
+    room.is_empty()
+        || valid_name(room)
+        || room
+            .strip_prefix(crate::config::MAIN_HALL_PREFIX)
+            .is_some_and(crate::config::valid_server_id)
+}
+
 /// Whether `name` is a valid identity or room id: `^[A-Za-z][A-Za-z0-9]{2,15}$`.
 pub fn valid_name(name: &str) -> bool {
     let bytes = name.as_bytes();
@@ -277,6 +308,16 @@ mod tests {
                     former: "MainHall-s1".into(),
                     roomid: "jokes".into(),
                     identity: "Adel".into(),
+                    token: None,
+                },
+            ),
+            (
+                r#"{"type":"movejoin","former":"MainHall-s1","roomid":"jokes","identity":"Adel","token":"00ff"}"#,
+                Request::MoveJoin {
+                    former: "MainHall-s1".into(),
+                    roomid: "jokes".into(),
+                    identity: "Adel".into(),
+                    token: Some("00ff".into()),
                 },
             ),
         ];
@@ -322,11 +363,18 @@ mod tests {
             roomid: "jokes".into(),
             host: "127.0.0.1".into(),
             port: "4445".into(),
+            token: Some("0123456789abcdef0123456789abcdef".into()),
         };
         assert_eq!(
             &route.encode()[..],
-            b"{\"type\":\"route\",\"roomid\":\"jokes\",\"host\":\"127.0.0.1\",\"port\":\"4445\"}\n"
+            &b"{\"type\":\"route\",\"roomid\":\"jokes\",\"host\":\"127.0.0.1\",\"port\":\"4445\",\"token\":\"0123456789abcdef0123456789abcdef\"}\n"[..]
         );
+        // A route without a token (an older server) still parses.
+        let classic = br#"{"type":"route","roomid":"jokes","host":"h","port":"1"}"#;
+        assert!(matches!(
+            ServerMessage::parse(classic),
+            Ok(ServerMessage::Route { token: None, .. })
+        ));
         let contents = ServerMessage::RoomContents {
             roomid: "MainHall-s1".into(),
             identities: vec!["Adel".into()],
@@ -376,5 +424,34 @@ mod tests {
         ] {
             assert!(!valid_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn room_refs_are_room_ids_main_halls_or_empty() {
+        for good in ["", "jokes", "MainHall-s1", "MainHall-node_2-b"] {
+            assert!(valid_room_ref(good), "{good:?}");
+        }
+        let long = "x".repeat(50_000);
+        for bad in [
+            "\u{1b}[2Jjokes",
+            "MainHall-",
+            "MainHall-s1\u{1b}[31m",
+            "MainHall-s 1",
+            "jo",
+            "room-1",
+            long.as_str(),
+        ] {
+            assert!(!valid_room_ref(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn move_tokens_are_32_hex_digits_and_differ() {
+        let a = new_move_token();
+        let b = new_move_token();
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
+        assert_ne!(a, b);
+        assert!(a.len() <= MAX_MOVE_TOKEN);
     }
 }

@@ -10,6 +10,7 @@
 //! snapshot the task refreshes after every change.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -27,7 +28,9 @@ use crate::detector::{DetectorConfig, FailureDetector, Transition};
 use crate::election::{Action, Election, ElectionTimings, Input};
 use crate::mesh::wire::{Heartbeat, PeerMessage};
 use crate::mesh::{Mesh, MeshEvent};
-use crate::registry::{self, LocalRequest, Name, Refusal, Registry, RegistryConfig, RoomChanges};
+use crate::registry::{
+    self, Arrival, LocalRequest, MoveProof, Name, Refusal, Registry, RegistryConfig, RoomChanges,
+};
 
 /// One member as `/status` shows it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -104,13 +107,59 @@ pub struct ClusterDirectory {
     names: Arc<Mutex<Names>>,
     /// Client address (host, port) of every server, for `route`.
     clients: HashMap<ServerId, (String, u16)>,
+    /// One turn per identity with `movejoin`s being decided: the registry
+    /// refuses a second arrival of an identity while one is in flight, so
+    /// an impostor's `movejoin` must not overlap the real client's. Later
+    /// arrivals wait their turn (the lock is fair); an entry lives while
+    /// somebody holds or waits for its turn.
+    arrivals: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+/// A place in the queue of `movejoin`s for one identity; leaving it (done
+/// or cancelled) forgets the identity once nobody else waits.
+struct ArrivalTurn {
+    arrivals: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    identity: String,
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for ArrivalTurn {
+    fn drop(&mut self) {
+        let mut arrivals = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        // Held by the map and by this turn only: nobody else waits. (Turns
+        // are cloned from the map under this same lock.)
+        if Arc::strong_count(&self.gate) == 2 {
+            arrivals.remove(&self.identity);
+        }
+    }
 }
 
 impl ClusterDirectory {
     fn ask(&self, request: LocalRequest) -> BoxFuture<Result<(), String>> {
+        ask_via(&self.requests, &self.claim_slots, request)
+    }
+
+    fn tell(&self, request: LocalRequest) {
+        // Fails only once the cluster task is gone (the server is stopping).
+        let _ = self.requests.send((request, None));
+    }
+
+    fn names(&self) -> std::sync::MutexGuard<'_, Names> {
+        self.names.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Sends a request to the cluster task and waits for its answer. The claim
+/// slot is taken now, so a busy server refuses at once.
+fn ask_via(
+    requests: &mpsc::UnboundedSender<Request>,
+    claim_slots: &Arc<Semaphore>,
+    request: LocalRequest,
+) -> BoxFuture<Result<(), String>> {
+    {
         let (tx, rx) = oneshot::channel();
-        let slot = self.claim_slots.clone().try_acquire_owned().ok();
-        let sent = slot.is_some() && self.requests.send((request, Some(tx))).is_ok();
+        let slot = claim_slots.clone().try_acquire_owned().ok();
+        let sent = slot.is_some() && requests.send((request, Some(tx))).is_ok();
         Box::pin(async move {
             if slot.is_none() {
                 return Err("this server is too busy to ask the leader; try again".to_owned());
@@ -125,15 +174,6 @@ impl ClusterDirectory {
                 Err(_) => Err("this server is shutting down".to_owned()),
             }
         })
-    }
-
-    fn tell(&self, request: LocalRequest) {
-        // Fails only once the cluster task is gone (the server is stopping).
-        let _ = self.requests.send((request, None));
-    }
-
-    fn names(&self) -> std::sync::MutexGuard<'_, Names> {
-        self.names.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -173,18 +213,45 @@ impl Directory for ClusterDirectory {
         Some(RemoteRoom { server, host, port })
     }
 
-    fn start_move(&self, identity: &str, to: &RemoteRoom) -> BoxFuture<Result<(), String>> {
+    fn start_move(
+        &self,
+        identity: &str,
+        to: &RemoteRoom,
+        token: &str,
+        client_ip: IpAddr,
+    ) -> BoxFuture<Result<(), String>> {
         self.ask(LocalRequest::StartMove {
             identity: identity.to_owned(),
             to: to.server.clone(),
+            proof: MoveProof {
+                token: token.to_owned(),
+                ip: client_ip,
+            },
         })
     }
 
-    fn accept_move(&self, identity: &str) -> BoxFuture<bool> {
-        let answer = self.ask(LocalRequest::AcceptMove {
+    fn accept_move(&self, identity: &str, token: Option<&str>, ip: IpAddr) -> BoxFuture<bool> {
+        let request = LocalRequest::AcceptMove {
             identity: identity.to_owned(),
-        });
-        Box::pin(async move { answer.await.is_ok() })
+            arrival: Arrival {
+                token: token.map(str::to_owned),
+                ip,
+            },
+        };
+        let turn = {
+            let mut arrivals = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+            ArrivalTurn {
+                arrivals: self.arrivals.clone(),
+                identity: identity.to_owned(),
+                gate: arrivals.entry(identity.to_owned()).or_default().clone(),
+            }
+        };
+        let requests = self.requests.clone();
+        let claim_slots = self.claim_slots.clone();
+        Box::pin(async move {
+            let _mine = turn.gate.lock().await;
+            ask_via(&requests, &claim_slots, request).await.is_ok()
+        })
     }
 }
 
@@ -213,6 +280,7 @@ impl Namespace {
             claim_slots: Arc::new(Semaphore::new(registry::MAX_PENDING * 4)),
             names: names.clone(),
             clients,
+            arrivals: Arc::default(),
         });
         let namespace = Namespace {
             requests: rx,

@@ -528,7 +528,7 @@ fn build(
 }
 
 /// Server ids go into file names, certificate names and room names.
-fn valid_server_id(id: &str) -> bool {
+pub(crate) fn valid_server_id(id: &str) -> bool {
     (1..=32).contains(&id.len())
         && id
             .chars()

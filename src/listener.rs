@@ -89,19 +89,24 @@ pub async fn serve_tcp(
             }
         };
         tasks.spawn(
-            tcp_session(stream, chat.clone(), shutdown.clone())
+            tcp_session(stream, peer, chat.clone(), shutdown.clone())
                 .instrument(info_span!("client", transport = "tcp", %peer)),
         );
     }
 }
 
-async fn tcp_session(stream: TcpStream, chat: Arc<ChatServer>, shutdown: CancellationToken) {
+async fn tcp_session(
+    stream: TcpStream,
+    peer: SocketAddr,
+    chat: Arc<ChatServer>,
+    shutdown: CancellationToken,
+) {
     // Chat lines are small and latency matters more than packet count; the
     // outbox already batches writes.
     let _ = stream.set_nodelay(true);
     debug!("connected");
     let (reader, writer) = stream.into_split();
-    run_session(chat, reader, writer, shutdown).await;
+    run_session(chat, reader, writer, peer.ip(), shutdown).await;
     debug!("closed");
 }
 
@@ -120,7 +125,7 @@ pub async fn serve_quic(
         let Some(incoming) = incoming else { break };
         let peer = incoming.remote_address();
         tasks.spawn(
-            quic_session(incoming, chat.clone(), shutdown.clone())
+            quic_session(incoming, peer, chat.clone(), shutdown.clone())
                 .instrument(info_span!("client", transport = "quic", %peer)),
         );
     }
@@ -132,6 +137,7 @@ pub async fn serve_quic(
 
 async fn quic_session(
     incoming: quinn::Incoming,
+    peer: SocketAddr,
     chat: Arc<ChatServer>,
     shutdown: CancellationToken,
 ) {
@@ -155,7 +161,7 @@ async fn quic_session(
         }
     };
     debug!("connected");
-    run_session(chat, recv, send, shutdown).await;
+    run_session(chat, recv, send, peer.ip(), shutdown).await;
     // Closing at once would discard stream data not yet acknowledged (the last
     // replies); give the client a moment to read them and close first.
     let _ = tokio::time::timeout(Duration::from_secs(2), connection.closed()).await;

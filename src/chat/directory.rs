@@ -2,6 +2,7 @@
 //! identities and room ids, the room list, where a room lives, and moves.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 
 /// A boxed future, for the async methods of the object-safe [`Directory`].
@@ -38,10 +39,21 @@ pub trait Directory: Send + Sync + 'static {
     /// Where a room that is not on this server lives, if anywhere.
     fn remote_room(&self, room: &str) -> Option<RemoteRoom>;
     /// Reserves `identity` for a move to `to`'s server; on success the client
-    /// is sent `route`. The identity stays reserved until it arrives there or
-    /// the move times out.
-    fn start_move(&self, identity: &str, to: &RemoteRoom) -> BoxFuture<Result<(), String>>;
-    /// Whether `identity` may arrive here by `movejoin` (it is moving to this
-    /// server); on success the identity now belongs to this server.
-    fn accept_move(&self, identity: &str) -> BoxFuture<bool>;
+    /// is sent `route` with `token`. The identity stays reserved until it
+    /// arrives there or the move times out. Only a `movejoin` that shows
+    /// `token`, or shows none and comes from `client_ip` (the client's source
+    /// address here), may complete the move.
+    fn start_move(
+        &self,
+        identity: &str,
+        to: &RemoteRoom,
+        token: &str,
+        client_ip: IpAddr,
+    ) -> BoxFuture<Result<(), String>>;
+    /// Whether `identity` may arrive here by `movejoin`: it is moving to this
+    /// server, and `token` is the move's token, or is `None` and `ip` is the
+    /// address the client had on its former server. On success the identity
+    /// now belongs to this server. A refusal changes nothing, so the real
+    /// client can still arrive after an impostor was turned away.
+    fn accept_move(&self, identity: &str, token: Option<&str>, ip: IpAddr) -> BoxFuture<bool>;
 }

@@ -482,10 +482,10 @@ impl ChatServer {
         self.lock().send(identity, &event);
     }
 
-    /// Sends the client `route` to `remote` and takes it out of this server:
-    /// `roomchange(identity, former, room)` goes to the room it leaves. Its
-    /// identity stays held (moving) in the directory.
-    pub fn move_out(&self, identity: &str, room: &str, remote: &RemoteRoom) {
+    /// Sends the client `route` to `remote` with the move's `token` and takes
+    /// it out of this server: `roomchange(identity, former, room)` goes to
+    /// the room it leaves. Its identity stays held (moving) in the directory.
+    pub fn move_out(&self, identity: &str, room: &str, remote: &RemoteRoom, token: &str) {
         let mut state = self.lock();
         let Some(member) = state.members.get(identity) else {
             return;
@@ -498,6 +498,7 @@ impl ChatServer {
             roomid: room.to_owned(),
             host: remote.host.clone(),
             port: remote.port.to_string(),
+            token: Some(token.to_owned()),
         };
         state.send(identity, &route.encode());
         state.remove_from_room(&former, identity);
@@ -724,10 +725,16 @@ mod tests {
         fn remote_room(&self, _: &str) -> Option<RemoteRoom> {
             None
         }
-        fn start_move(&self, _: &str, _: &RemoteRoom) -> BoxFuture<Result<(), String>> {
+        fn start_move(
+            &self,
+            _: &str,
+            _: &RemoteRoom,
+            _: &str,
+            _: std::net::IpAddr,
+        ) -> BoxFuture<Result<(), String>> {
             Box::pin(async { Err("no other server".to_owned()) })
         }
-        fn accept_move(&self, _: &str) -> BoxFuture<bool> {
+        fn accept_move(&self, _: &str, _: Option<&str>, _: std::net::IpAddr) -> BoxFuture<bool> {
             Box::pin(async { false })
         }
     }

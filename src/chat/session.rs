@@ -1,6 +1,7 @@
 //! One client session, the same over TCP and QUIC: read lines, answer them
 //! through the [`ChatServer`], and clean up however the connection ends.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -10,7 +11,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{ChatServer, JoinOutcome, Outbox};
-use crate::client_proto::{Approved, Request, ServerMessage, valid_name};
+use crate::client_proto::{
+    Approved, MAX_MOVE_TOKEN, Request, ServerMessage, new_move_token, valid_name, valid_room_ref,
+};
 use crate::lines::{LineError, LineReader};
 
 /// How long a moved-away client may keep its old connection open before the
@@ -37,14 +40,20 @@ struct Session {
     chat: Arc<ChatServer>,
     outbox: Arc<Outbox>,
     phase: Phase,
+    /// The client's source address: a move started here may be completed
+    /// without a token only from it, and a `movejoin` without a token is
+    /// checked against it.
+    peer_ip: IpAddr,
 }
 
 /// Runs a client session on any transport until the client quits, the
-/// connection drops, or `shutdown` fires. Never panics on client input.
+/// connection drops, or `shutdown` fires. `peer_ip` is the client's source
+/// address (moves are bound to it). Never panics on client input.
 pub async fn run_session<R, W>(
     chat: Arc<ChatServer>,
     reader: R,
     writer: W,
+    peer_ip: IpAddr,
     shutdown: CancellationToken,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
@@ -62,6 +71,7 @@ pub async fn run_session<R, W>(
         chat,
         outbox: outbox.clone(),
         phase: Phase::Handshake,
+        peer_ip,
     };
     let handshake_deadline = Instant::now() + limits.handshake_timeout;
     let mut moved_at = None;
@@ -158,8 +168,9 @@ impl Session {
                     former,
                     roomid,
                     identity,
+                    token,
                 },
-            ) => return self.move_join(identity, former, roomid).await,
+            ) => return self.move_join(identity, former, roomid, token).await,
             (Phase::Handshake, _) => {
                 self.reply(ServerMessage::error("send newidentity first"));
                 return Flow::Continue;
@@ -185,12 +196,15 @@ impl Session {
             Request::JoinRoom { roomid } => {
                 if let JoinOutcome::Remote(remote) = chat.join_room(&identity, &roomid) {
                     let chat = chat.clone();
-                    match self
-                        .claim(chat.directory().start_move(&identity, &remote))
-                        .await
-                    {
+                    // One token per move: only this client learns it (in
+                    // `route`), and the destination checks it (issue 12).
+                    let token = new_move_token();
+                    let start =
+                        chat.directory()
+                            .start_move(&identity, &remote, &token, self.peer_ip);
+                    match self.claim(start).await {
                         Ok(()) => {
-                            chat.move_out(&identity, &roomid, &remote);
+                            chat.move_out(&identity, &roomid, &remote, &token);
                             info!(%identity, room = %roomid, to = %remote.server, "client routed to another server");
                             self.phase = Phase::Moved;
                         }
@@ -241,15 +255,45 @@ impl Session {
         Flow::Continue
     }
 
-    async fn move_join(&mut self, identity: String, former: String, room: String) -> Flow {
+    async fn move_join(
+        &mut self,
+        identity: String,
+        former: String,
+        room: String,
+        token: Option<String>,
+    ) -> Flow {
         let serverid = self.chat.id().to_owned();
-        let accepted = valid_name(&identity) && self.chat.directory().accept_move(&identity).await;
+        // `former` is relayed to the room in `roomchange`: anything that is
+        // not a room id or a main hall (a hostile client's text, escape
+        // sequences) becomes "", which reads as a plain arrival. Refusing
+        // instead would cost a client with a garbled `former` its move.
+        let former = if valid_room_ref(&former) {
+            former
+        } else {
+            info!(%identity, "movejoin with an invalid former room; relayed as an arrival");
+            String::new()
+        };
+        // A token longer than any we make is wrong without asking anybody.
+        let token_fits = token.as_ref().is_none_or(|t| t.len() <= MAX_MOVE_TOKEN);
+        let accepted = valid_name(&identity)
+            && token_fits
+            && self
+                .chat
+                .directory()
+                .accept_move(&identity, token.as_deref(), self.peer_ip)
+                .await;
         let reply = ServerMessage::ServerChange {
             approved: Approved(accepted),
             serverid: serverid.clone(),
         };
         if !accepted || !self.enter(&identity, reply.encode(), &former, Some(&room)) {
-            info!(%identity, "movejoin refused: identity is not moving to this server");
+            // The token itself is never logged.
+            info!(
+                %identity,
+                peer = %self.peer_ip,
+                with_token = token.is_some(),
+                "movejoin refused: not moving here, or wrong token or address"
+            );
             self.reply(ServerMessage::ServerChange {
                 approved: Approved(false),
                 serverid,

@@ -8,6 +8,8 @@
 
 mod connection;
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -312,8 +314,13 @@ impl Client {
                 }
                 self.answered(Awaiting::DeleteRoom);
             }
-            ServerMessage::Route { roomid, host, port } => {
-                self.follow_route(roomid, host, port).await?;
+            ServerMessage::Route {
+                roomid,
+                host,
+                port,
+                token,
+            } => {
+                self.follow_route(roomid, host, port, token).await?;
             }
             ServerMessage::ServerChange { approved, serverid } => {
                 self.say(&format!(
@@ -343,33 +350,52 @@ impl Client {
         }
     }
 
+    /// Prints one event line. Everything printed comes through here or
+    /// [`Client::prompt`], and both make control characters visible: peer
+    /// text must never drive the terminal.
     fn say(&self, text: &str) {
         let mut out = std::io::stdout().lock();
         if self.interactive {
             // Clear the prompt line so events do not run into it.
             let _ = write!(out, "\r\x1b[K");
         }
-        let _ = writeln!(out, "{text}");
+        let _ = writeln!(out, "{}", visible(text));
         let _ = out.flush();
     }
 
     fn prompt(&self) {
         if self.interactive {
             let mut out = std::io::stdout().lock();
-            let _ = write!(out, "[{}] {}> ", self.room, self.options.identity);
+            let _ = write!(
+                out,
+                "[{}] {}> ",
+                visible(&self.room),
+                visible(&self.options.identity)
+            );
             let _ = out.flush();
         }
     }
 
-    async fn follow_route(&mut self, roomid: String, host: String, port: String) -> Result<()> {
+    async fn follow_route(
+        &mut self,
+        roomid: String,
+        host: String,
+        port: String,
+        token: Option<String>,
+    ) -> Result<()> {
         let target = format!("{host}:{port}");
         self.say(&format!("{roomid} is on {target}; moving there"));
         let transport = self.connection.transport().clone();
-        let mut next = Connection::open(&transport, &target).await?;
+        let mut next = Connection::open(&transport, &target)
+            .await
+            .with_context(|| format!("cannot move to {}", visible(&target)))?;
+        // The route's token proves to the new server that this is the
+        // client that was routed (without it, only our address does).
         next.send(&Request::MoveJoin {
             former: self.room.clone(),
             roomid: roomid.clone(),
             identity: self.options.identity.clone(),
+            token,
         })
         .await?;
         match next.recv_timeout(ANSWER_TIMEOUT).await? {
@@ -377,9 +403,16 @@ impl Client {
                 self.say(&format!("now on server {serverid}"));
             }
             Some(ServerMessage::ServerChange { serverid, .. }) => {
-                bail!("server {serverid} refused the move to {roomid}")
+                bail!(
+                    "server {} refused the move to {}",
+                    visible(&serverid),
+                    visible(&roomid)
+                )
             }
-            other => bail!("unexpected answer to movejoin from {target}: {other:?}"),
+            other => bail!(
+                "unexpected answer to movejoin from {}: {other:?}",
+                visible(&target)
+            ),
         }
         let mut old = std::mem::replace(&mut self.connection, next);
         old.close().await;
@@ -387,6 +420,36 @@ impl Client {
         // The roomchange that follows on the new server answers the join.
         Ok(())
     }
+}
+
+/// Peer text made safe to print: control characters (C0 as `^X`, DEL as
+/// `^?`, C1 as `\u{9b}`) and the bidirectional overrides (`\u{202e}` and
+/// friends) are written as visible escapes, never raw, so a peer's message,
+/// name or room id cannot move the cursor, clear the screen, retitle the
+/// window or reorder the line. Other text, emoji included, is unchanged.
+pub fn visible(text: &str) -> Cow<'_, str> {
+    fn hidden(c: char) -> bool {
+        c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !text.chars().any(hidden) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\u{7f}' => out.push_str("^?"),
+            // C0: caret notation, `ESC` is `^[` as terminals show it.
+            '\0'..='\u{1f}' => {
+                out.push('^');
+                out.push(char::from(c as u8 + 0x40));
+            }
+            c if hidden(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// Turns a typed line into a request and what answer to wait for.
@@ -467,5 +530,17 @@ mod tests {
                 .unwrap_err()
                 .starts_with("unknown command #dance")
         );
+    }
+
+    #[test]
+    fn peer_text_is_printed_with_control_characters_visible() {
+        assert!(matches!(visible("Hi there 😀"), Cow::Borrowed(_)));
+        assert_eq!(visible("\u{1b}[2J\u{1b}]0;pwned\u{7}"), "^[[2J^[]0;pwned^G");
+        assert_eq!(visible("a\nb\r\tc\0"), "a^Jb^M^Ic^@");
+        assert_eq!(visible("del\u{7f} csi\u{9b}31m"), "del^? csi\\u{9b}31m");
+        assert_eq!(visible("abc\u{202e}fed"), "abc\\u{202e}fed");
+        // Whatever comes in, nothing below 0x20, DEL or C1 comes out.
+        let all: String = (0u32..0x300).filter_map(char::from_u32).collect();
+        assert!(!visible(&all).chars().any(char::is_control));
     }
 }

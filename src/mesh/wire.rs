@@ -15,8 +15,9 @@ use crate::ServerId;
 use crate::election::ElectionMessage;
 use crate::registry::RegistryMessage;
 
-/// Version of every frame and datagram format below.
-pub const WIRE_VERSION: u8 = 1;
+/// Version of every frame and datagram format below. 2: registry moves
+/// carry the `movejoin` proof (issue 12).
+pub const WIRE_VERSION: u8 = 2;
 
 /// Largest stream frame accepted; checked before anything is allocated.
 pub const MAX_FRAME: usize = 1024 * 1024;

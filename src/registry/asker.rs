@@ -153,7 +153,7 @@ impl Registry {
         // the target may have taken the identity meanwhile.)
         let undo = match p.op {
             Op::Claim(name) => Some(Op::Release(name)),
-            Op::MoveDone { identity } => Some(Op::Release(Name::Identity(identity))),
+            Op::MoveDone { identity, .. } => Some(Op::Release(Name::Identity(identity))),
             Op::MoveStart { identity, .. } => Some(Op::MoveCancel { identity }),
             Op::Release(_) | Op::MoveCancel { .. } => None,
         };
@@ -188,6 +188,7 @@ impl Registry {
                             server: self.id.clone(),
                             moving_to: None,
                             stamp,
+                            move_proof: None,
                         }),
                         Name::Room { room, owner } => self.own.set_room(RoomEntry {
                             room,
@@ -201,7 +202,7 @@ impl Registry {
                     }
                 }
             }
-            (Op::MoveDone { identity }, Verdict::Granted { stamp }) => {
+            (Op::MoveDone { identity, .. }, Verdict::Granted { stamp }) => {
                 if p.abandoned {
                     self.submit(now, Op::Release(Name::Identity(identity)), None, out);
                 } else {
@@ -211,16 +212,25 @@ impl Registry {
                         server: self.id.clone(),
                         moving_to: None,
                         stamp,
+                        move_proof: None,
                     });
                     if let Some(token) = p.token {
                         Self::reply(out, token, Ok(()));
                     }
                 }
             }
-            (Op::MoveStart { identity, to }, Verdict::Granted { .. }) => {
+            (
+                Op::MoveStart {
+                    identity,
+                    to,
+                    proof,
+                },
+                Verdict::Granted { .. },
+            ) => {
                 let result = match self.own.identities.get_mut(&identity) {
                     Some(entry) => {
                         entry.moving_to = Some(to);
+                        entry.move_proof = Some(proof);
                         Ok(())
                     }
                     // Released or evicted meanwhile; the leader's move expires.
@@ -234,12 +244,13 @@ impl Registry {
             (Op::MoveCancel { identity }, Verdict::Granted { .. }) => {
                 if let Some(entry) = self.own.identities.get_mut(&identity) {
                     entry.moving_to = None;
+                    entry.move_proof = None;
                 }
             }
             (Op::MoveCancel { identity }, Verdict::Refused { reason }) => {
                 self.move_refused(now, &identity, None, &reason, out);
             }
-            (Op::MoveStart { identity, to }, Verdict::Refused { reason }) => {
+            (Op::MoveStart { identity, to, .. }, Verdict::Refused { reason }) => {
                 self.move_refused(now, &identity, Some(&to), &reason, out);
                 if let Some(token) = p.token {
                     Self::reply(out, token, Err(reason));

@@ -655,7 +655,11 @@ impl Registry {
                 self.commit(lead, change.into_iter().collect(), out);
                 granted(Stamp::default())
             }
-            Op::MoveStart { identity, to } => {
+            Op::MoveStart {
+                identity,
+                to,
+                proof,
+            } => {
                 let entry = match lead.registry.identities.get(identity) {
                     Some(e) if e.server == *asker => e.clone(),
                     // Another server has it now (a movejoin won a race, or
@@ -679,15 +683,19 @@ impl Registry {
                 let stamp = entry.stamp.clone();
                 let moving = IdentityEntry {
                     moving_to: Some(to.clone()),
+                    move_proof: Some(proof.clone()),
                     ..entry
                 };
                 self.commit(lead, vec![Change::SetIdentity(moving)], out);
                 self.expire_move_at(lead, now, identity, out);
                 granted(stamp)
             }
-            Op::MoveDone { identity } => {
+            Op::MoveDone { identity, arrival } => {
                 // Re-homed here under an earlier leader, whose answer never
-                // came: the arrival is done.
+                // came: the arrival is done. (The asker sends one `MoveDone`
+                // per identity at a time and none while it holds the
+                // identity, so this is the retry of the request that was
+                // granted, not somebody else's.)
                 if let Some(e) = lead.registry.identities.get(identity)
                     && e.server == *asker
                     && e.moving_to.is_none()
@@ -703,6 +711,14 @@ impl Registry {
                 else {
                     return refused(Refusal::NotMoving);
                 };
+                // Only the client that started the move may complete it: a
+                // wrong token, or no token from another address, is refused
+                // without touching the move, so the real client can still
+                // arrive (issue 12). A move without a proof (never made by
+                // this version) is refused too: fail closed.
+                if !entry.move_proof.as_ref().is_some_and(|p| arrival.proves(p)) {
+                    return refused(Refusal::WrongMoveProof);
+                }
                 if !self.is_live(asker) {
                     return refused(Refusal::AskerDown);
                 }
@@ -716,6 +732,7 @@ impl Registry {
                 let arrived = IdentityEntry {
                     server: asker.clone(),
                     moving_to: None,
+                    move_proof: None,
                     ..entry
                 };
                 lead.moves.remove(identity);
@@ -733,6 +750,7 @@ impl Registry {
                     lead.moves.remove(identity);
                     let stays = IdentityEntry {
                         moving_to: None,
+                        move_proof: None,
                         ..entry
                     };
                     self.commit(lead, vec![Change::SetIdentity(stays)], out);
@@ -780,6 +798,7 @@ impl Registry {
                     server: asker.clone(),
                     moving_to: None,
                     stamp: stamp.clone(),
+                    move_proof: None,
                 })
             }
             Name::Room { room, owner } => {
@@ -961,6 +980,9 @@ impl Registry {
             {
                 entry.moving_to = None;
             }
+            if entry.moving_to.is_none() {
+                entry.move_proof = None;
+            }
             let keep = identities
                 .get(&entry.identity)
                 .is_none_or(|seen| seen.stamp < entry.stamp);
@@ -1025,8 +1047,14 @@ impl Registry {
                 Some(current) if current.server == from => {
                     // A move the leader granted but the reporter has not
                     // heard of yet is kept.
+                    // The proof goes with the move it belongs to.
+                    let (moving_to, move_proof) = match &current.moving_to {
+                        Some(to) => (Some(to.clone()), current.move_proof.clone()),
+                        None => (entry.moving_to.clone(), entry.move_proof.clone()),
+                    };
                     let merged = IdentityEntry {
-                        moving_to: current.moving_to.clone().or(entry.moving_to.clone()),
+                        moving_to,
+                        move_proof,
                         ..entry.clone()
                     };
                     if merged.moving_to.is_some() && !lead.moves.contains_key(name) {

@@ -2,6 +2,7 @@
 //! between servers, and the inputs and actions of [`super::Registry`].
 
 use std::fmt;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -63,6 +64,64 @@ pub struct IdentityEntry {
     pub moving_to: Option<ServerId>,
     /// The grant it comes from.
     pub stamp: Stamp,
+    /// What the arriving `movejoin` must show: set exactly while
+    /// `moving_to` is (`None` otherwise).
+    pub move_proof: Option<MoveProof>,
+}
+
+/// What the origin server of a move knows about its client, so that only
+/// that client can complete the move (`movejoin`): the one-time token sent
+/// in `route`, and the client's source address there. A `movejoin` with a
+/// token must show this token; one without (classic clients) must come from
+/// this address. `Debug` hides the token: it must never reach a log.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveProof {
+    /// The unguessable one-time token sent to the client in `route`.
+    pub token: String,
+    /// The client's source IP address on the origin server.
+    pub ip: IpAddr,
+}
+
+impl fmt::Debug for MoveProof {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MoveProof")
+            .field("token", &"<hidden>")
+            .field("ip", &self.ip)
+            .finish()
+    }
+}
+
+/// What an arriving `movejoin` shows: the token it echoed (if any) and the
+/// source address it came from. `Debug` hides the token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Arrival {
+    /// The `token` key of the `movejoin`, if it had one.
+    pub token: Option<String>,
+    /// The source IP address of the `movejoin`'s connection.
+    pub ip: IpAddr,
+}
+
+impl fmt::Debug for Arrival {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Arrival")
+            .field("token", &self.token.as_ref().map(|_| "<hidden>"))
+            .field("ip", &self.ip)
+            .finish()
+    }
+}
+
+impl Arrival {
+    /// Whether this arrival is the client the move was started for: the
+    /// token if it shows one (a client may arrive from another address,
+    /// e.g. another interface), otherwise the same source address.
+    /// Addresses are compared in canonical form, so an IPv4 client seen
+    /// as `::ffff:a.b.c.d` by a dual-stack socket still matches.
+    pub fn proves(&self, proof: &MoveProof) -> bool {
+        match &self.token {
+            Some(token) => *token == proof.token,
+            None => self.ip.to_canonical() == proof.ip.to_canonical(),
+        }
+    }
 }
 
 /// A registered room (main halls are never registered).
@@ -137,11 +196,15 @@ pub enum Op {
         identity: String,
         /// Where it goes.
         to: ServerId,
+        /// What its arrival must show.
+        proof: MoveProof,
     },
     /// The moving client arrived at the asker (`movejoin`): re-home it.
     MoveDone {
         /// The arriving identity.
         identity: String,
+        /// What the `movejoin` showed.
+        arrival: Arrival,
     },
     /// Undo a `MoveStart` the asker gave up on.
     MoveCancel {
@@ -155,7 +218,7 @@ impl Op {
         match self {
             Op::Claim(name) | Op::Release(name) => name.key(),
             Op::MoveStart { identity, .. }
-            | Op::MoveDone { identity }
+            | Op::MoveDone { identity, .. }
             | Op::MoveCancel { identity } => NameKey::Identity(identity.clone()),
         }
     }
@@ -233,6 +296,10 @@ pub enum Refusal {
     /// `movejoin` for an identity that is not moving to this server.
     #[error("identity is not moving to this server")]
     NotMoving,
+    /// `movejoin` whose token (or, without one, source address) is not the
+    /// moving client's: somebody else's attempt to take the identity.
+    #[error("movejoin token or source address does not match the move")]
+    WrongMoveProof,
     /// The room's owner already owns a room.
     #[error("the owner already owns a room")]
     OwnerHasRoom,
@@ -451,11 +518,16 @@ pub enum LocalRequest {
         identity: String,
         /// The room's server.
         to: ServerId,
+        /// The token sent in `route` and the client's address here.
+        proof: MoveProof,
     },
-    /// `movejoin` arrived here: take over the identity if it is moving here.
+    /// `movejoin` arrived here: take over the identity if it is moving here
+    /// and the arrival proves it is the moving client ([`Arrival::proves`]).
     AcceptMove {
         /// The arriving client.
         identity: String,
+        /// What its `movejoin` showed.
+        arrival: Arrival,
     },
 }
 

@@ -38,8 +38,17 @@
 //!   [`Op::MoveStart`] and from then on counts the identity as reserved, not
 //!   held; the chat layer sends `route` once that is granted. When the client
 //!   sends `movejoin` to B, B asks [`Op::MoveDone`], which the leader grants
-//!   only if the identity is moving to B (a forged `movejoin` is refused).
-//!   The identity is re-homed to B with its original stamp. A move that does
+//!   only if the identity is moving to B (a forged `movejoin` is refused)
+//!   and the arrival proves it is the client that started the move: A puts
+//!   a [`MoveProof`] (the one-time token it sends in `route`, and the
+//!   client's source address at A) in `MoveStart`, the leader keeps it in
+//!   the moving [`IdentityEntry`] (so a new leader learns it from reports
+//!   and replicas like the move itself), and B's [`Arrival`] must show that
+//!   token, or come from that address when it shows none
+//!   ([`Arrival::proves`]). A wrong arrival is refused with
+//!   [`Refusal::WrongMoveProof`] and changes nothing: the move stays open
+//!   for the real client. The identity is re-homed to B with its original
+//!   stamp. A move that does
 //!   not arrive within [`RegistryConfig::move_timeout`] is released by the
 //!   **leader**: it is the one place that sees both the start and the
 //!   arrival, so it decides atomically which came first. A move the origin
@@ -132,6 +141,10 @@
 //! - The chat layer sends `route` only after [`LocalRequest::StartMove`] is
 //!   granted, keeps the client on a refusal, and disconnects the clients
 //!   (deletes the rooms) named by [`Action::EvictLocal`].
+//! - The chat layer asks [`LocalRequest::AcceptMove`] for one identity at a
+//!   time: a second one while the first is in flight is refused
+//!   ([`Refusal::NotMoving`]), so an impostor's `movejoin` in flight would
+//!   otherwise turn the real client away.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -572,7 +585,7 @@ impl Registry {
                 .values()
                 .filter_map(|p| match &p.op {
                     Op::Claim(name) => Some(name.clone()),
-                    Op::MoveDone { identity } => Some(Name::Identity(identity.clone())),
+                    Op::MoveDone { identity, .. } => Some(Name::Identity(identity.clone())),
                     _ => None,
                 })
                 .collect(),
@@ -746,7 +759,11 @@ impl Registry {
                     None => self.submit(now, Op::Claim(name), Some(token), out),
                 }
             }
-            LocalRequest::StartMove { identity, to } => {
+            LocalRequest::StartMove {
+                identity,
+                to,
+                proof,
+            } => {
                 let refusal = match self.own.identities.get(&identity) {
                     None => Some(Refusal::NotOwner),
                     Some(e) if e.moving_to.is_some() => Some(Refusal::AlreadyMoving),
@@ -764,12 +781,18 @@ impl Registry {
                         // grant the arrival before its answer gets here.
                         if let Some(entry) = self.own.identities.get_mut(&identity) {
                             entry.moving_to = Some(to.clone());
+                            entry.move_proof = Some(proof.clone());
                         }
-                        self.submit(now, Op::MoveStart { identity, to }, Some(token), out)
+                        let op = Op::MoveStart {
+                            identity,
+                            to,
+                            proof,
+                        };
+                        self.submit(now, op, Some(token), out)
                     }
                 }
             }
-            LocalRequest::AcceptMove { identity } => {
+            LocalRequest::AcceptMove { identity, arrival } => {
                 // A client connected here refuses it; an identity merely
                 // reserved here (its client moved away and may be coming
                 // back) is for the leader to decide.
@@ -786,7 +809,10 @@ impl Registry {
                 };
                 match refusal {
                     Some(reason) => Self::reply(out, token, Err(reason)),
-                    None => self.submit(now, Op::MoveDone { identity }, Some(token), out),
+                    None => {
+                        let op = Op::MoveDone { identity, arrival };
+                        self.submit(now, op, Some(token), out)
+                    }
                 }
             }
             LocalRequest::Release(name) => {

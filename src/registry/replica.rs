@@ -42,6 +42,7 @@ impl Registry {
                     && (to.is_none() || entry.moving_to.as_deref() == to)
                 {
                     entry.moving_to = None;
+                    entry.move_proof = None;
                 }
                 if *reason == Refusal::NotOwner {
                     self.last_seq = None;

@@ -94,25 +94,75 @@ impl Raw {
                     name: name.to_owned(),
                 }
             }
-            Via::Quic => {
-                let crypto = chatmesh::tls::chat_client_config(&certs().join("ca.pem")).unwrap();
-                let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
-                let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-                endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-                let connection = endpoint
-                    .connect(addr, "localhost")
-                    .unwrap()
-                    .await
-                    .expect("quic connect");
-                let (send, recv) = connection.open_bi().await.unwrap();
-                Raw {
-                    reader: LineReader::new(Box::new(recv), 1 << 22),
-                    writer: Box::new(send),
-                    _quic: Some((endpoint, connection)),
-                    name: name.to_owned(),
-                }
-            }
+            Via::Quic => Raw::connect_quic_from([127, 0, 0, 1].into(), addr, name).await,
         }
+    }
+
+    /// Connects over QUIC from the local address `from`, without sending anything.
+    pub async fn connect_quic_from(from: std::net::IpAddr, addr: SocketAddr, name: &str) -> Raw {
+        let crypto = chatmesh::tls::chat_client_config(&certs().join("ca.pem")).unwrap();
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
+        let mut endpoint = quinn::Endpoint::client(SocketAddr::new(from, 0))
+            .unwrap_or_else(|e| panic!("{name}: cannot bind {from}: {e}"));
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        let connection = endpoint
+            .connect(addr, "localhost")
+            .unwrap()
+            .await
+            .expect("quic connect");
+        let (send, recv) = connection.open_bi().await.unwrap();
+        Raw {
+            reader: LineReader::new(Box::new(recv), 1 << 22),
+            writer: Box::new(send),
+            _quic: Some((endpoint, connection)),
+            name: name.to_owned(),
+        }
+    }
+
+    /// Connects over TCP from the local address `from` (any 127.x address
+    /// is loopback on Linux), without sending anything.
+    pub async fn connect_from(from: std::net::IpAddr, addr: SocketAddr, name: &str) -> Raw {
+        let socket = tokio::net::TcpSocket::new_v4().expect("tcp socket");
+        socket
+            .bind(SocketAddr::new(from, 0))
+            .unwrap_or_else(|e| panic!("{name}: cannot bind {from}: {e}"));
+        let stream = socket.connect(addr).await.expect("tcp connect");
+        stream.set_nodelay(true).unwrap();
+        let (r, w) = stream.into_split();
+        Raw {
+            reader: LineReader::new(Box::new(r), 1 << 22),
+            writer: Box::new(w),
+            _quic: None,
+            name: name.to_owned(),
+        }
+    }
+
+    /// Asserts the next line is `route` to `roomid` at 127.0.0.1:`port`
+    /// with exactly the classic keys plus `token` (32 hex digits), and
+    /// returns the token.
+    pub async fn expect_route(&mut self, roomid: &str, port: u16) -> String {
+        let got = self
+            .next()
+            .await
+            .unwrap_or_else(|| panic!("{}: closed, expected a route", self.name));
+        let token = got["token"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            token.len() == 32
+                && token
+                    .bytes()
+                    .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')),
+            "{}: route token is not 32 hex digits: {got}",
+            self.name
+        );
+        let want = serde_json::json!({
+            "type": "route",
+            "roomid": roomid,
+            "host": "127.0.0.1",
+            "port": port.to_string(),
+            "token": token,
+        });
+        assert_eq!(got, want, "{}: expected a route", self.name);
+        token
     }
 
     /// Connects and is approved as `name`, consuming the approval and its own arrival.

@@ -73,13 +73,21 @@ fn chaos(seed: u64, require_majority: bool, asymmetric: bool) {
                         LocalRequest::StartMove {
                             identity: who,
                             to: sid(to),
+                            proof: proof(),
                         },
                     );
                 }
             }
             76..80 => {
                 let name = pick(&mut sim, &names);
-                sim.local(node, LocalRequest::AcceptMove { identity: name });
+                let arrival = arrival();
+                sim.local(
+                    node,
+                    LocalRequest::AcceptMove {
+                        identity: name,
+                        arrival,
+                    },
+                );
             }
             80..83 if alive.len() > 2 => {
                 sim.crash(node);

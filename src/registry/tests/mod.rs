@@ -38,6 +38,22 @@ fn test_config(require_majority: bool) -> RegistryConfig {
     }
 }
 
+/// The proof every test move is started with: a fixed token and address.
+fn proof() -> MoveProof {
+    MoveProof {
+        token: "0123456789abcdef0123456789abcdef".into(),
+        ip: std::net::IpAddr::from([10, 0, 0, 1]),
+    }
+}
+
+/// The arrival of the client that started a test move: the token it got.
+fn arrival() -> Arrival {
+    Arrival {
+        token: Some(proof().token),
+        ip: std::net::IpAddr::from([10, 0, 0, 9]),
+    }
+}
+
 fn ident(name: &str) -> Name {
     Name::Identity(name.to_string())
 }
@@ -364,13 +380,24 @@ impl Sim {
         let asked = self.asked.get(&token).expect("reply to a known token");
         if self.chat
             && result.is_ok()
-            && let LocalRequest::StartMove { identity, to } = &asked.request
+            && let LocalRequest::StartMove {
+                identity,
+                to,
+                proof,
+            } = &asked.request
             && self.rng.random_bool(0.7)
         {
             let to = (0..self.n()).find(|j| sid(*j) == *to).expect("known");
             let inc = self.incs[to];
+            // The real client arrives, with its token or (half the names)
+            // without one from the same address, as a classic client does.
+            let token = (identity.len() % 2 == 0).then(|| proof.token.clone());
             let request = LocalRequest::AcceptMove {
                 identity: identity.clone(),
+                arrival: Arrival {
+                    token,
+                    ip: proof.ip,
+                },
             };
             let after = ms(self.rng.random_range(5..=40));
             self.schedule(

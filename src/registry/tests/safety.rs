@@ -39,6 +39,7 @@ fn entry(identity: &str, server: &str, stamp: (u64, u64, &str)) -> IdentityEntry
         identity: identity.into(),
         server: server.into(),
         moving_to: None,
+        move_proof: None,
         stamp: Stamp {
             term: stamp.0,
             seq: stamp.1,
@@ -407,10 +408,12 @@ fn a_stale_move_expiry_timer_leaves_a_newer_move_alone() {
     let to = |s: &str| Op::MoveStart {
         identity: "Adel".into(),
         to: s.into(),
+        proof: proof(),
     };
     decide(&mut reg, t0, "s1", 2, to("s2"));
     let done = Op::MoveDone {
         identity: "Adel".into(),
+        arrival: arrival(),
     };
     decide(&mut reg, t0 + ms(100), "s2", 1, done);
     // The client moves on from s2 at t0 + 500 ms: its move expires at t0 + 1500 ms.

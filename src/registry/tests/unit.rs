@@ -33,6 +33,7 @@ fn every_message_round_trips_through_postcard() {
         identity: "Adel".into(),
         server: "s1".into(),
         moving_to: Some("s2".into()),
+        move_proof: Some(proof()),
         stamp: stamp.clone(),
     };
     let room_entry = RoomEntry {
@@ -52,6 +53,7 @@ fn every_message_round_trips_through_postcard() {
             Op::MoveStart {
                 identity: "Adel".into(),
                 to: "s2".into(),
+                proof: proof(),
             },
         ),
         request(
@@ -61,6 +63,7 @@ fn every_message_round_trips_through_postcard() {
             1,
             Op::MoveDone {
                 identity: "Adel".into(),
+                arrival: arrival(),
             },
         ),
         request(
@@ -167,6 +170,7 @@ fn garbage_from_the_network_does_not_panic() {
             0,
             Op::MoveDone {
                 identity: "".into(),
+                arrival: arrival(),
             },
         ),
         request(
@@ -177,6 +181,7 @@ fn garbage_from_the_network_does_not_panic() {
             Op::MoveStart {
                 identity: "Nobody".into(),
                 to: "s9".into(),
+                proof: proof(),
             },
         ),
         RegistryMessage::Announce {
@@ -200,6 +205,7 @@ fn garbage_from_the_network_does_not_panic() {
                     identity: "bad name".into(),
                     server: "s9".into(),
                     moving_to: Some("s9".into()),
+                    move_proof: Some(proof()),
                     stamp: Stamp::default(),
                 }],
                 rooms: vec![],
@@ -388,6 +394,7 @@ fn new_leader_waits_for_holdings_before_granting() {
             identity: "Carl".into(),
             server: "s1".into(),
             moving_to: None,
+            move_proof: None,
             stamp: Stamp {
                 term: 0,
                 seq: 3,
@@ -451,6 +458,7 @@ fn stale_term_messages_are_ignored() {
         identity: "Zed".into(),
         server: server.into(),
         moving_to: None,
+        move_proof: None,
         stamp: Stamp {
             term: 1,
             seq: 1,
@@ -1032,6 +1040,7 @@ fn start_move(sim: &mut Sim) -> u64 {
         LocalRequest::StartMove {
             identity: "Adel".into(),
             to: "s2".into(),
+            proof: proof(),
         },
     );
     sim.run_for(ms(100));
@@ -1053,6 +1062,7 @@ fn move_start_and_done() {
         1,
         LocalRequest::AcceptMove {
             identity: "Adel".into(),
+            arrival: arrival(),
         },
     );
     sim.run_for(ms(100));
@@ -1086,6 +1096,7 @@ fn move_that_never_arrives_is_released() {
         1,
         LocalRequest::AcceptMove {
             identity: "Adel".into(),
+            arrival: arrival(),
         },
     );
     let again = sim.claim(2, ident("Adel"));
@@ -1105,18 +1116,21 @@ fn forged_movejoin_is_refused() {
         2,
         LocalRequest::AcceptMove {
             identity: "Adel".into(),
+            arrival: arrival(),
         },
     );
     let unknown = sim.local(
         2,
         LocalRequest::AcceptMove {
             identity: "Ghost".into(),
+            arrival: arrival(),
         },
     );
     let on_origin = sim.local(
         0,
         LocalRequest::AcceptMove {
             identity: "Adel".into(),
+            arrival: arrival(),
         },
     );
     sim.run_for(ms(100));
@@ -1125,6 +1139,7 @@ fn forged_movejoin_is_refused() {
         LocalRequest::StartMove {
             identity: "Adel".into(),
             to: "s2".into(),
+            proof: proof(),
         },
     );
     sim.run_for(ms(100));
@@ -1132,6 +1147,7 @@ fn forged_movejoin_is_refused() {
         2,
         LocalRequest::AcceptMove {
             identity: "Adel".into(),
+            arrival: arrival(),
         },
     );
     sim.run_for(ms(100));
@@ -1158,6 +1174,7 @@ fn move_there_and_back_quickly() {
             1,
             LocalRequest::AcceptMove {
                 identity: "Adel".into(),
+                arrival: arrival(),
             },
         );
         sim.run_for(ms(100));
@@ -1166,6 +1183,7 @@ fn move_there_and_back_quickly() {
             LocalRequest::StartMove {
                 identity: "Adel".into(),
                 to: "s1".into(),
+                proof: proof(),
             },
         );
         sim.run_for(ms(100));
@@ -1174,6 +1192,7 @@ fn move_there_and_back_quickly() {
             0,
             LocalRequest::AcceptMove {
                 identity: "Adel".into(),
+                arrival: arrival(),
             },
         );
         sim.run_for(ms(200));
@@ -1191,7 +1210,8 @@ fn impostor_movejoin_winning_the_race_disconnects_the_real_client() {
     sim.claim(0, ident("Adel"));
     sim.run_for(ms(100));
     // s1's answers are delayed: it asks to move Adel to s2, and before it
-    // hears back, somebody sends `movejoin Adel` to s2.
+    // hears back, somebody on the client's own address (behind the same
+    // NAT, say) sends `movejoin Adel` without a token to s2.
     sim.lose = Some(Box::new(|_, to, m| {
         to == 0 && matches!(m, RegistryMessage::Answer { .. })
     }));
@@ -1200,6 +1220,7 @@ fn impostor_movejoin_winning_the_race_disconnects_the_real_client() {
         LocalRequest::StartMove {
             identity: "Adel".into(),
             to: "s2".into(),
+            proof: proof(),
         },
     );
     sim.run_for(ms(50));
@@ -1207,6 +1228,10 @@ fn impostor_movejoin_winning_the_race_disconnects_the_real_client() {
         1,
         LocalRequest::AcceptMove {
             identity: "Adel".into(),
+            arrival: Arrival {
+                token: None,
+                ip: proof().ip,
+            },
         },
     );
     sim.run_for(ms(50));
@@ -1229,6 +1254,79 @@ fn impostor_movejoin_winning_the_race_disconnects_the_real_client() {
     sim.assert_converged();
 }
 
+/// `movejoin Adel` as s2 hands it to the registry.
+fn accept(token: Option<&str>, ip: [u8; 4]) -> LocalRequest {
+    LocalRequest::AcceptMove {
+        identity: "Adel".into(),
+        arrival: Arrival {
+            token: token.map(str::to_owned),
+            ip: std::net::IpAddr::from(ip),
+        },
+    }
+}
+
+/// Starts a move of Adel from s1 to s2 (client at 10.0.0.1, see
+/// [`proof`]), lets `first` arrive at s2 and returns its answer; then the
+/// real client (with its token) arrives, and whether that worked is
+/// checked: a refused impostor must leave the move open.
+fn arrive_first(seed: u64, first: LocalRequest) -> Result<(), Refusal> {
+    let mut sim = Sim::new(3, seed, true);
+    start_move(&mut sim);
+    let token = sim.local(1, first);
+    sim.run_for(ms(100));
+    let first = sim.result(token).cloned().expect("answered");
+    if first.is_err() {
+        assert_eq!(sim.holders(&ident("Adel")), Vec::<usize>::new());
+        assert!(sim.node(1).is_moving_to("Adel", "s2"), "still moving");
+        let real = sim.local(1, accept(Some(&proof().token), [192, 0, 2, 7]));
+        sim.run_for(ms(100));
+        assert_eq!(sim.result(real), Some(&Ok(())), "the real client arrives");
+    }
+    assert_eq!(sim.holders(&ident("Adel")), vec![1]);
+    sim.run_for(ms(1500));
+    assert_eq!(sim.holders(&ident("Adel")), vec![1]);
+    sim.assert_converged();
+    first
+}
+
+#[test]
+fn movejoin_with_the_right_token_is_accepted_from_any_address() {
+    let token = proof().token;
+    assert_eq!(
+        arrive_first(31, accept(Some(&token), [192, 0, 2, 7])),
+        Ok(())
+    );
+}
+
+#[test]
+fn movejoin_with_a_wrong_token_is_refused_even_from_the_same_address() {
+    let wrong = "0123456789abcdef0123456789abcdee";
+    let refused = Err(Refusal::WrongMoveProof);
+    assert_eq!(
+        arrive_first(32, accept(Some(wrong), [10, 0, 0, 1])),
+        refused
+    );
+    assert_eq!(arrive_first(33, accept(Some(""), [10, 0, 0, 1])), refused);
+}
+
+#[test]
+fn movejoin_without_token_from_the_same_address_is_accepted() {
+    assert_eq!(arrive_first(34, accept(None, [10, 0, 0, 1])), Ok(()));
+    // A dual-stack socket shows an IPv4 client as ::ffff:a.b.c.d.
+    let mapped = Arrival {
+        token: None,
+        ip: "::ffff:10.0.0.1".parse().expect("an address"),
+    };
+    assert!(mapped.proves(&proof()));
+}
+
+#[test]
+fn movejoin_without_token_from_another_address_is_refused() {
+    let refused = Err(Refusal::WrongMoveProof);
+    assert_eq!(arrive_first(35, accept(None, [10, 0, 0, 2])), refused);
+    assert_eq!(arrive_first(36, accept(None, [127, 0, 0, 1])), refused);
+}
+
 #[test]
 fn move_survives_a_leader_change() {
     for seed in 0..20 {
@@ -1238,10 +1336,19 @@ fn move_survives_a_leader_change() {
         sim.run_for(DETECT + ms(30));
         sim.reelect();
         sim.run_for(ms(100));
+        // The new leader knows the move's proof too (from the reports).
+        let wrong = sim.local(1, accept(Some("f00d"), [10, 0, 0, 1]));
+        sim.run_for(ms(100));
+        assert_eq!(
+            sim.result(wrong),
+            Some(&Err(Refusal::WrongMoveProof)),
+            "seed {seed}"
+        );
         let arrive = sim.local(
             1,
             LocalRequest::AcceptMove {
                 identity: "Adel".into(),
+                arrival: arrival(),
             },
         );
         sim.run_for(ms(700));

@@ -1,0 +1,388 @@
+//! Hostile `movejoin`s (issue 12): nobody takes over a moving client's
+//! identity. A `route` carries a one-time `token`; a `movejoin` with a token
+//! must show that token, one without (classic clients) must come from the
+//! address the client had on its former server. The victim's move completes
+//! however often an attacker tries. `former` is relayed only if it is a room
+//! id or a main hall.
+//!
+//! Attackers connect from 127.0.0.2 (every 127.x address is loopback on
+//! Linux); the servers and the victims use 127.0.0.1.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::inproc::{Cluster, start_cluster};
+use common::process::Proc;
+use common::{DEADLINE, Raw, Via, room_change};
+
+/// Where the attackers connect from.
+const ATTACKER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+/// Where the victims connect from.
+const VICTIM: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// Rounds of the race, as in the issue's acceptance check.
+const ROUNDS: usize = 20;
+
+async fn formed(n: usize) -> Cluster {
+    let cluster = start_cluster(n, |_| None).await;
+    let all: Vec<usize> = (0..n).collect();
+    cluster
+        .wait_agree(&all, n - 1, Duration::from_secs(10))
+        .await;
+    cluster
+}
+
+fn movejoin_line(identity: &str, former: &str, token: Option<&str>) -> String {
+    let token = token
+        .map(|t| format!(r#","token":"{t}""#))
+        .unwrap_or_default();
+    format!(
+        r#"{{"type":"movejoin","former":"{former}","roomid":"jokes","identity":"{identity}"{token}}}"#
+    )
+}
+
+/// One `movejoin` for `identity` to `addr` from `from`: whether it was
+/// approved. A refusal must be `serverchange` false followed by the close.
+async fn try_movejoin(from: IpAddr, addr: SocketAddr, identity: &str, token: Option<&str>) -> bool {
+    let mut c = Raw::connect_from(from, addr, "attacker").await;
+    c.send(&movejoin_line(identity, "MainHall-s2", token)).await;
+    let answer = c.next().await.expect("an answer to movejoin");
+    if answer["approved"] == "true" {
+        return true;
+    }
+    assert_eq!(
+        answer,
+        serde_json::json!({"type":"serverchange","approved":"false","serverid":"s1"})
+    );
+    c.expect_closed().await;
+    false
+}
+
+/// A random 32-hex-digit token (a guess).
+fn guess() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// s1 hosts `jokes` (owned by Adel); victims start on s2 and move there.
+async fn with_room(cluster: &Cluster) -> Raw {
+    let a1 = cluster.node(0).client_addr();
+    let mut adel = Raw::join(Via::Tcp, a1, "Adel", "MainHall-s1").await;
+    adel.send(r#"{"type":"createroom","roomid":"jokes"}"#).await;
+    adel.expect(r#"{"type":"createroom","roomid":"jokes","approved":"true"}"#)
+        .await;
+    adel.expect(&room_change("Adel", "MainHall-s1", "jokes"))
+        .await;
+    adel
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attacker_on_another_address_never_takes_a_moving_identity() {
+    let cluster = formed(3).await;
+    let (a1, a2) = (cluster.node(0).client_addr(), cluster.node(1).client_addr());
+    let mut adel = with_room(&cluster).await;
+    // The watching attacker sits in the victims' former room.
+    let mut spy = Raw::connect_from(ATTACKER, a2, "Spy").await;
+    spy.send(r#"{"type":"newidentity","identity":"Spy"}"#).await;
+    spy.expect(r#"{"type":"newidentity","approved":"true"}"#)
+        .await;
+    spy.expect(&room_change("Spy", "", "MainHall-s2")).await;
+
+    let (mut attacker_wins, mut attempts, mut victim_moves) = (0, 0, 0);
+    for round in 0..ROUNDS {
+        let victim = format!("Victim{round}");
+        let mut v = Raw::join(Via::Tcp, a2, &victim, "MainHall-s2").await;
+        spy.expect(&room_change(&victim, "", "MainHall-s2")).await;
+        // Blind: a retry loop from before the joinroom until the victim is in.
+        let done = Arc::new(AtomicBool::new(false));
+        let blind = tokio::spawn({
+            let (done, victim) = (done.clone(), victim.clone());
+            async move {
+                let (mut won, mut tries) = (0, 0);
+                let started = Instant::now();
+                while !done.load(Ordering::Relaxed) && tries < 300 && started.elapsed() < DEADLINE {
+                    won += usize::from(try_movejoin(ATTACKER, a1, &victim, None).await);
+                    tries += 1;
+                }
+                (won, tries)
+            }
+        });
+        v.send(r#"{"type":"joinroom","roomid":"jokes"}"#).await;
+        let token = v.expect_route("jokes", a1.port()).await;
+        // Watching: fire the moment the roomchange shows the move.
+        spy.expect(&room_change(&victim, "MainHall-s2", "jokes"))
+            .await;
+        let watcher = tokio::spawn({
+            let victim = victim.clone();
+            async move {
+                let mut won = 0;
+                for _ in 0..3 {
+                    won += usize::from(try_movejoin(ATTACKER, a1, &victim, None).await);
+                }
+                won
+            }
+        });
+        drop(v);
+        // Even rounds: the bundled client's way (token); odd: a classic
+        // client (no token, same address).
+        let mut v = Raw::connect_from(VICTIM, a1, &format!("{victim}@s1")).await;
+        let echoed = (round % 2 == 0).then_some(token.as_str());
+        v.send(&movejoin_line(&victim, "MainHall-s2", echoed)).await;
+        let answer = v.next().await.expect("victim gets an answer");
+        if answer["approved"] == "true" {
+            victim_moves += 1;
+            v.expect(&room_change(&victim, "MainHall-s2", "jokes"))
+                .await;
+            adel.expect(&room_change(&victim, "MainHall-s2", "jokes"))
+                .await;
+        }
+        done.store(true, Ordering::Relaxed);
+        let (won, tries) = blind.await.unwrap();
+        let watched = watcher.await.unwrap();
+        attacker_wins += won + watched;
+        attempts += tries + 3;
+        // The victim leaves; Adel sees it go.
+        v.send(r#"{"type":"quit"}"#).await;
+        v.expect(&room_change(&victim, "jokes", "")).await;
+        adel.expect(&room_change(&victim, "jokes", "")).await;
+    }
+    println!(
+        "movejoin race: attacker (127.0.0.2, no token) won {attacker_wins} of {ROUNDS} rounds \
+         ({attempts} attempts); victim moved {victim_moves} of {ROUNDS}"
+    );
+    assert_eq!(attacker_wins, 0, "the attacker took an identity");
+    assert_eq!(victim_moves, ROUNDS, "a victim's move failed");
+    cluster.stop().await;
+}
+
+/// The same rule over QUIC: the source address comes from the QUIC
+/// connection. An attacker on 127.0.0.2 without a token is refused; a
+/// classic client without a token from its own address moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_quic_only_the_moving_clients_address_moves_without_a_token() {
+    let cluster = formed(3).await;
+    let (a1, a2) = (cluster.node(0).client_addr(), cluster.node(1).client_addr());
+    let mut adel = with_room(&cluster).await;
+    let mut v = Raw::join(Via::Quic, a2, "Victim", "MainHall-s2").await;
+    v.send(r#"{"type":"joinroom","roomid":"jokes"}"#).await;
+    v.expect_route("jokes", a1.port()).await;
+    drop(v);
+    let mut attacker = Raw::connect_quic_from(ATTACKER, a1, "attacker").await;
+    attacker
+        .send(&movejoin_line("Victim", "MainHall-s2", None))
+        .await;
+    attacker
+        .expect(r#"{"type":"serverchange","approved":"false","serverid":"s1"}"#)
+        .await;
+    attacker.expect_closed().await;
+    let mut v = Raw::connect_quic_from(VICTIM, a1, "Victim@s1").await;
+    v.send(&movejoin_line("Victim", "MainHall-s2", None)).await;
+    v.expect(r#"{"type":"serverchange","approved":"true","serverid":"s1"}"#)
+        .await;
+    adel.expect(&room_change("Victim", "MainHall-s2", "jokes"))
+        .await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attacker_guessing_tokens_loses_even_from_the_victims_address() {
+    let cluster = formed(3).await;
+    let (a1, a2) = (cluster.node(0).client_addr(), cluster.node(1).client_addr());
+    let mut adel = with_room(&cluster).await;
+    let mut v = Raw::join(Via::Tcp, a2, "Victim", "MainHall-s2").await;
+    v.send(r#"{"type":"joinroom","roomid":"jokes"}"#).await;
+    let token = v.expect_route("jokes", a1.port()).await;
+    drop(v);
+    // Guesses from both addresses, an empty and an oversized token: a token
+    // that is there must be the right one, whatever the address.
+    let mut wins = 0;
+    let long = "f".repeat(5000);
+    let mut guesses: Vec<String> = (0..20).map(|_| guess()).collect();
+    guesses.push(String::new());
+    guesses.push(long);
+    for (i, g) in guesses.iter().enumerate() {
+        let from = if i % 2 == 0 { VICTIM } else { ATTACKER };
+        wins += usize::from(try_movejoin(from, a1, "Victim", Some(g)).await);
+    }
+    println!(
+        "token guessing: {wins} of {} guesses accepted",
+        guesses.len()
+    );
+    assert_eq!(wins, 0);
+    // The move is still open for the real client, who shows its token from
+    // another address.
+    let mut v = Raw::connect_from(ATTACKER, a1, "Victim@s1").await;
+    v.send(&movejoin_line("Victim", "MainHall-s2", Some(&token)))
+        .await;
+    v.expect(r#"{"type":"serverchange","approved":"true","serverid":"s1"}"#)
+        .await;
+    v.expect(&room_change("Victim", "MainHall-s2", "jokes"))
+        .await;
+    adel.expect(&room_change("Victim", "MainHall-s2", "jokes"))
+        .await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_former_is_never_relayed() {
+    let cluster = formed(3).await;
+    let (a1, a2) = (cluster.node(0).client_addr(), cluster.node(1).client_addr());
+    let mut adel = with_room(&cluster).await;
+    let hostile = [
+        format!("\\u001b[2J\\u001b]0;pwned\\u0007{}", "x".repeat(50_000)),
+        "MainHall-".to_owned(),
+        "jo".to_owned(),
+    ];
+    for (i, former) in hostile.iter().enumerate() {
+        let name = format!("Mover{i}");
+        let mut v = Raw::join(Via::Tcp, a2, &name, "MainHall-s2").await;
+        v.send(r#"{"type":"joinroom","roomid":"jokes"}"#).await;
+        let token = v.expect_route("jokes", a1.port()).await;
+        drop(v);
+        let mut v = Raw::connect(Via::Tcp, a1, &format!("{name}@s1")).await;
+        v.send(&format!(
+            r#"{{"type":"movejoin","former":"{former}","roomid":"jokes","identity":"{name}","token":"{token}"}}"#
+        ))
+        .await;
+        // The move itself is fine: it reads as a plain arrival.
+        v.expect(r#"{"type":"serverchange","approved":"true","serverid":"s1"}"#)
+            .await;
+        v.expect(&room_change(&name, "", "jokes")).await;
+        adel.expect(&room_change(&name, "", "jokes")).await;
+        v.send(r#"{"type":"quit"}"#).await;
+        v.expect(&room_change(&name, "jokes", "")).await;
+        adel.expect(&room_change(&name, "jokes", "")).await;
+    }
+    // A main hall and a room id are relayed as they are.
+    let mut v = Raw::join(Via::Tcp, a2, "Honest", "MainHall-s2").await;
+    v.send(r#"{"type":"joinroom","roomid":"jokes"}"#).await;
+    v.expect_route("jokes", a1.port()).await;
+    drop(v);
+    let mut v = Raw::connect(Via::Tcp, a1, "Honest@s1").await;
+    v.send(&movejoin_line("Honest", "MainHall-s2", None)).await;
+    v.expect(r#"{"type":"serverchange","approved":"true","serverid":"s1"}"#)
+        .await;
+    adel.expect(&room_change("Honest", "MainHall-s2", "jokes"))
+        .await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bundled_client_moves_between_servers() {
+    let cluster = formed(3).await;
+    let a2 = cluster.node(1).client_addr();
+    let mut adel = with_room(&cluster).await;
+    let server = a2.to_string();
+    let mut walker = tokio::task::block_in_place(|| {
+        let mut walker = Proc::spawn(
+            "walker",
+            &["client", "-i", "Walker", "--server", &server, "--tcp"],
+        );
+        walker.wait_line("Walker joins MainHall-s2");
+        walker.type_line("#joinroom jokes");
+        walker.wait_line("now on server s1");
+        walker.wait_line("Walker moves from MainHall-s2 to jokes");
+        walker
+    });
+    adel.expect(&room_change("Walker", "MainHall-s2", "jokes"))
+        .await;
+    adel.send(r#"{"type":"message","content":"\u001b[2Jhi"}"#)
+        .await;
+    tokio::task::block_in_place(|| {
+        walker.wait_line("Adel: ^[[2Jhi");
+        walker.close_stdin();
+        assert!(walker.wait_exit());
+    });
+    cluster.stop().await;
+}
+
+/// Fake servers s1 and s2 (plain TCP on 127.0.0.1) script the bundled
+/// client: s1 routes it to s2 with a token, and s2 checks that the client's
+/// `movejoin` echoes it. Peer text with escape sequences is printed visibly.
+#[test]
+fn the_bundled_client_echoes_the_route_token_and_prints_peer_text_visibly() {
+    let s1 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let s2 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (p1, p2) = (s1.local_addr().unwrap(), s2.local_addr().unwrap());
+    let token = guess();
+    let serve = std::thread::spawn({
+        let token = token.clone();
+        move || -> String {
+            let line = |r: &mut BufReader<std::net::TcpStream>| {
+                let mut l = String::new();
+                r.read_line(&mut l).expect("read a client line");
+                l
+            };
+            let (c1, _) = s1.accept().unwrap();
+            c1.set_read_timeout(Some(DEADLINE)).unwrap();
+            let mut r1 = BufReader::new(c1.try_clone().unwrap());
+            let mut w1 = c1;
+            assert!(line(&mut r1).contains("newidentity"));
+            writeln!(w1, r#"{{"type":"newidentity","approved":"true"}}"#).unwrap();
+            writeln!(
+                w1,
+                r#"{{"type":"roomchange","identity":"Walker","former":"","roomid":"MainHall-s1"}}"#
+            )
+            .unwrap();
+            writeln!(
+                w1,
+                r#"{{"type":"message","identity":"Evil\u001b]0;x\u0007","content":"\u001b[31mred\u009b"}}"#
+            )
+            .unwrap();
+            assert!(line(&mut r1).contains(r#""roomid":"jokes""#));
+            writeln!(
+                w1,
+                r#"{{"type":"route","roomid":"jokes","host":"127.0.0.1","port":"{}","token":"{token}"}}"#,
+                p2.port()
+            )
+            .unwrap();
+            let (c2, _) = s2.accept().unwrap();
+            c2.set_read_timeout(Some(DEADLINE)).unwrap();
+            let mut r2 = BufReader::new(c2.try_clone().unwrap());
+            let mut w2 = c2;
+            let movejoin = line(&mut r2);
+            writeln!(
+                w2,
+                r#"{{"type":"serverchange","approved":"true","serverid":"s2"}}"#
+            )
+            .unwrap();
+            writeln!(
+                w2,
+                r#"{{"type":"roomchange","identity":"Walker","former":"MainHall-s1","roomid":"jokes"}}"#
+            )
+            .unwrap();
+            // Keep both open until the client has said it moved.
+            let _ = line(&mut r2);
+            drop((w1, r1));
+            movejoin
+        }
+    });
+    let server = p1.to_string();
+    let mut walker = Proc::spawn(
+        "walker",
+        &["client", "-i", "Walker", "--server", &server, "--tcp"],
+    );
+    walker.wait_line("Walker joins MainHall-s1");
+    walker.wait_line(r"Evil^[]0;x^G: ^[[31mred\u{9b}");
+    walker.type_line("#joinroom jokes");
+    walker.wait_line("now on server s2");
+    walker.wait_line("Walker moves from MainHall-s1 to jokes");
+    walker.close_stdin();
+    let movejoin: serde_json::Value =
+        serde_json::from_str(&serve.join().expect("fake servers")).expect("movejoin is JSON");
+    assert_eq!(
+        movejoin,
+        serde_json::json!({
+            "type": "movejoin",
+            "former": "MainHall-s1",
+            "roomid": "jokes",
+            "identity": "Walker",
+            "token": token,
+        })
+    );
+    assert!(walker.wait_exit());
+}
