@@ -9,13 +9,29 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{ChatServer, JoinOutcome, Outbox};
+use super::{ChatServer, JoinOutcome, Outbox, WriterEnd};
 use crate::client_proto::{Approved, Request, ServerMessage, valid_name};
 use crate::lines::{LineError, LineReader};
 
 /// How long a moved-away client may keep its old connection open before the
 /// server closes it (classic clients close it themselves right after `route`).
 const MOVE_LINGER: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a closing session's last lines (a `quit`'s goodbye, an error)
+/// may take to go out before the connection is reset: a client that stops
+/// reading then would otherwise hold its connection for ever.
+const FINISH_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How a session's connection should be closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// Everything was written (or nothing is stuck): close normally.
+    Closed,
+    /// Output is stuck in the connection (a client that does not read):
+    /// reset it now, so that neither the socket nor its kernel buffer
+    /// outlives the session.
+    Abort,
+}
 
 enum Phase {
     /// Connected, no identity yet: only `newidentity` and `movejoin` are taken.
@@ -41,18 +57,22 @@ struct Session {
 
 /// Runs a client session on any transport until the client quits, the
 /// connection drops, or `shutdown` fires. Never panics on client input.
+///
+/// On return the writer is gone (a dropped session's at once, however stuck
+/// its write); the caller closes the connection as [`SessionEnd`] says.
 pub async fn run_session<R, W>(
     chat: Arc<ChatServer>,
     reader: R,
     writer: W,
     shutdown: CancellationToken,
-) where
-    R: AsyncRead + Unpin + Send + 'static,
+) -> SessionEnd
+where
+    R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let limits = chat.limits().clone();
     let outbox = Arc::new(Outbox::new(limits.outbox_bytes));
-    let writer_task = tokio::spawn({
+    let mut writer_task = tokio::spawn({
         let outbox = outbox.clone();
         let chat = chat.clone();
         async move { outbox.write_to(writer, &chat.write_turns).await }
@@ -125,7 +145,20 @@ pub async fn run_session<R, W>(
         info!(%identity, "client disconnected");
     }
     outbox.finish();
-    let _ = writer_task.await;
+    let writer_end = match tokio::time::timeout(FINISH_GRACE, &mut writer_task).await {
+        Ok(end) => end.unwrap_or(WriterEnd::Interrupted),
+        Err(_) => {
+            info!("client did not take its last lines; resetting the connection");
+            // Stops the write under way.
+            outbox.kill();
+            (&mut writer_task).await.unwrap_or(WriterEnd::Interrupted)
+        }
+    };
+    if outbox.overflowed() || writer_end == WriterEnd::Interrupted {
+        SessionEnd::Abort
+    } else {
+        SessionEnd::Closed
+    }
 }
 
 impl Session {
