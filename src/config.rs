@@ -147,7 +147,8 @@ impl Default for Timing {
 pub struct Limits {
     /// Longest accepted client line, newline excluded.
     pub max_line_bytes: usize,
-    /// Time a new connection has to send its first line.
+    /// Time a new connection has to send its first line, and a closing one
+    /// to take its last lines before it is reset.
     pub handshake_timeout: Duration,
     /// Output a session may have queued before it is dropped as too slow.
     pub outbox_bytes: usize,

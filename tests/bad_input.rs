@@ -383,3 +383,66 @@ async fn wait_for_within(what: &str, within: Duration, mut condition: impl FnMut
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn a_client_that_quits_and_never_reads_its_last_lines_is_reset() {
+    let grace = Duration::from_millis(1000);
+    let node = start_node_with(Limits {
+        handshake_timeout: grace,
+        ..Limits::default()
+    })
+    .await;
+    let addr = node.client_addr();
+    let mut talker = Raw::join(Via::Tcp, addr, "Talker", HALL).await;
+    let mut quitter = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"{\"type\":\"newidentity\",\"identity\":\"Quitter\"}\n")
+            .await
+            .unwrap();
+        let mut byte = [0u8; 1];
+        let mut got = Vec::new();
+        while !got.ends_with(b"\n") {
+            assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "open");
+            got.push(byte[0]);
+        }
+        stream
+    };
+    talker.expect(&room_change("Quitter", "", HALL)).await;
+    let quitter_end = quitter.local_addr().unwrap();
+    // Output piles up in the connection, well below the outbox limit.
+    let line = format!(r#"{{"type":"message","content":"{}"}}"#, "q".repeat(4000));
+    let sent = 100;
+    for _ in 0..sent {
+        talker.send(&line).await;
+    }
+    // Every message handled (the answer to `who` comes after them) ...
+    talker.expect_nothing_more().await;
+    // ... and more of them written than the quitter's side takes.
+    wait_for("output stuck in the quitter's connection", || {
+        kernel_socket(addr, quitter_end).unwrap_or(0) > 0
+    })
+    .await;
+    {
+        use tokio::io::AsyncWriteExt;
+        quitter.write_all(b"{\"type\":\"quit\"}\n").await.unwrap();
+    }
+    talker.expect(&room_change("Quitter", HALL, "")).await;
+    let quit_at = std::time::Instant::now();
+    wait_for_within(
+        "the quitter's connection reset",
+        grace + Duration::from_secs(5),
+        || tcp_state(&quitter) == 7,
+    )
+    .await;
+    println!(
+        "quit with {sent} messages of 4 KB unread; reset after {:?} (grace {grace:?})",
+        quit_at.elapsed()
+    );
+    assert!(quit_at.elapsed() >= grace / 2, "reset before the grace");
+    let slots = node.client_slots().clone();
+    wait_for("the quitter's slot to be free", || slots.in_use() == 1).await;
+    talker.expect_nothing_more().await;
+    node.stop().await;
+}

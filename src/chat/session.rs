@@ -17,11 +17,6 @@ use crate::lines::{LineError, LineReader};
 /// server closes it (classic clients close it themselves right after `route`).
 const MOVE_LINGER: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// How long a closing session's last lines (a `quit`'s goodbye, an error)
-/// may take to go out before the connection is reset: a client that stops
-/// reading then would otherwise hold its connection for ever.
-const FINISH_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// How a session's connection should be closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionEnd {
@@ -145,7 +140,11 @@ where
         info!(%identity, "client disconnected");
     }
     outbox.finish();
-    let writer_end = match tokio::time::timeout(FINISH_GRACE, &mut writer_task).await {
+    // A closing session's last lines (a goodbye, an error, what was queued)
+    // get as long to go out as a new client gets to say who it is; then the
+    // connection is reset: a client that stops reading would otherwise hold
+    // it for ever.
+    let writer_end = match tokio::time::timeout(limits.handshake_timeout, &mut writer_task).await {
         Ok(end) => end.unwrap_or(WriterEnd::Interrupted),
         Err(_) => {
             info!("client did not take its last lines; resetting the connection");
