@@ -41,8 +41,10 @@ pub struct ClientSlots {
 }
 
 impl ClientSlots {
-    /// Room for `max` clients at once.
+    /// Room for `max` clients at once (at most a semaphore's worth, some
+    /// 2^61: more than any process could hold).
     pub fn new(max: usize) -> Self {
+        let max = max.min(Semaphore::MAX_PERMITS);
         ClientSlots {
             free: Arc::new(Semaphore::new(max)),
             max,
@@ -469,3 +471,37 @@ async fn quic_session(
 
 /// The application error code of a QUIC client dropped for not reading.
 pub const QUIC_DROPPED: quinn::VarInt = quinn::VarInt::from_u32(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_limit_keeps_descriptors_for_everything_else() {
+        let auto = Limits::default();
+        assert_eq!(ClientSlots::for_limits(&auto, Some(1024)).max(), 960);
+        assert_eq!(ClientSlots::for_limits(&auto, None).max(), 960);
+        let configured = Limits {
+            max_clients: Some(100),
+            ..Limits::default()
+        };
+        assert_eq!(ClientSlots::for_limits(&configured, Some(1024)).max(), 100);
+        let too_many = Limits {
+            max_clients: Some(5000),
+            ..Limits::default()
+        };
+        assert_eq!(ClientSlots::for_limits(&too_many, Some(1024)).max(), 960);
+        // Absurd values neither panic nor wrap.
+        assert_eq!(ClientSlots::for_limits(&auto, Some(10)).max(), 1);
+        let huge = ClientSlots::for_limits(&auto, Some(u64::MAX));
+        assert_eq!(huge.max(), Semaphore::MAX_PERMITS);
+        assert_eq!(huge.in_use(), 0);
+        let slots = ClientSlots::new(2);
+        let first = slots.take().expect("a free slot");
+        let _second = slots.take().expect("a free slot");
+        assert!(slots.take().is_none(), "full");
+        assert_eq!(slots.in_use(), 2);
+        drop(first);
+        assert!(slots.take().is_some(), "a slot given back is free again");
+    }
+}
