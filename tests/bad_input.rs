@@ -384,6 +384,40 @@ async fn wait_for_within(what: &str, within: Duration, mut condition: impl FnMut
     }
 }
 
+/// A client `name` that identifies and never reads again, with output from
+/// `talker` stuck in its connection (on the server's side of it).
+async fn stuck_client(
+    addr: std::net::SocketAddr,
+    name: &str,
+    talker: &mut Raw,
+) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let hello = format!("{{\"type\":\"newidentity\",\"identity\":\"{name}\"}}\n");
+    stream.write_all(hello.as_bytes()).await.unwrap();
+    let mut byte = [0u8; 1];
+    let mut got = Vec::new();
+    while !got.ends_with(b"\n") {
+        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "open");
+        got.push(byte[0]);
+    }
+    talker.expect(&room_change(name, "", HALL)).await;
+    let client_end = stream.local_addr().unwrap();
+    // Output piles up in the connection, well below the outbox limit.
+    let line = format!(r#"{{"type":"message","content":"{}"}}"#, "q".repeat(4000));
+    for _ in 0..100 {
+        talker.send(&line).await;
+    }
+    // Every message handled (the answer to `who` comes after them) ...
+    talker.expect_nothing_more().await;
+    // ... and more of them written than the client's side takes.
+    wait_for("output stuck in the connection", || {
+        kernel_socket(addr, client_end).unwrap_or(0) > 0
+    })
+    .await;
+    stream
+}
+
 #[tokio::test]
 async fn a_client_that_quits_and_never_reads_its_last_lines_is_reset() {
     let grace = Duration::from_millis(1000);
@@ -394,36 +428,7 @@ async fn a_client_that_quits_and_never_reads_its_last_lines_is_reset() {
     .await;
     let addr = node.client_addr();
     let mut talker = Raw::join(Via::Tcp, addr, "Talker", HALL).await;
-    let mut quitter = {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(b"{\"type\":\"newidentity\",\"identity\":\"Quitter\"}\n")
-            .await
-            .unwrap();
-        let mut byte = [0u8; 1];
-        let mut got = Vec::new();
-        while !got.ends_with(b"\n") {
-            assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "open");
-            got.push(byte[0]);
-        }
-        stream
-    };
-    talker.expect(&room_change("Quitter", "", HALL)).await;
-    let quitter_end = quitter.local_addr().unwrap();
-    // Output piles up in the connection, well below the outbox limit.
-    let line = format!(r#"{{"type":"message","content":"{}"}}"#, "q".repeat(4000));
-    let sent = 100;
-    for _ in 0..sent {
-        talker.send(&line).await;
-    }
-    // Every message handled (the answer to `who` comes after them) ...
-    talker.expect_nothing_more().await;
-    // ... and more of them written than the quitter's side takes.
-    wait_for("output stuck in the quitter's connection", || {
-        kernel_socket(addr, quitter_end).unwrap_or(0) > 0
-    })
-    .await;
+    let mut quitter = stuck_client(addr, "Quitter", &mut talker).await;
     {
         use tokio::io::AsyncWriteExt;
         quitter.write_all(b"{\"type\":\"quit\"}\n").await.unwrap();
@@ -437,12 +442,46 @@ async fn a_client_that_quits_and_never_reads_its_last_lines_is_reset() {
     )
     .await;
     println!(
-        "quit with {sent} messages of 4 KB unread; reset after {:?} (grace {grace:?})",
+        "quit with 100 messages of 4 KB unread; reset after {:?} (grace {grace:?})",
         quit_at.elapsed()
     );
     assert!(quit_at.elapsed() >= grace / 2, "reset before the grace");
     let slots = node.client_slots().clone();
     wait_for("the quitter's slot to be free", || slots.in_use() == 1).await;
+    talker.expect_nothing_more().await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn an_evicted_client_that_never_reads_is_reset() {
+    let grace = Duration::from_millis(1000);
+    let node = start_node_with(Limits {
+        handshake_timeout: grace,
+        ..Limits::default()
+    })
+    .await;
+    let addr = node.client_addr();
+    let mut talker = Raw::join(Via::Tcp, addr, "Talker", HALL).await;
+    let evicted = stuck_client(addr, "Evicted", &mut talker).await;
+    // As after a heal that found the name granted elsewhere too.
+    node.chat().evict(&["Evicted".to_owned()], &[]);
+    talker.expect(&room_change("Evicted", HALL, "")).await;
+    let evicted_at = std::time::Instant::now();
+    wait_for_within(
+        "the evicted client's connection reset",
+        grace + Duration::from_secs(5),
+        || tcp_state(&evicted) == 7,
+    )
+    .await;
+    println!(
+        "evicted with 100 messages of 4 KB unread; reset after {:?}",
+        evicted_at.elapsed()
+    );
+    let slots = node.client_slots().clone();
+    wait_for("the evicted client's slot to be free", || {
+        slots.in_use() == 1
+    })
+    .await;
     talker.expect_nothing_more().await;
     node.stop().await;
 }

@@ -28,6 +28,8 @@ pub struct Outbox {
     wake_pending: AtomicBool,
     limit: usize,
     dropped: CancellationToken,
+    /// Fires when the session is told to finish.
+    finishing: CancellationToken,
 }
 
 #[derive(Default)]
@@ -63,6 +65,7 @@ impl Outbox {
             wake_pending: AtomicBool::new(false),
             limit,
             dropped: CancellationToken::new(),
+            finishing: CancellationToken::new(),
         }
     }
 
@@ -118,7 +121,14 @@ impl Outbox {
     /// Writes what is queued, then closes the connection. Later pushes are ignored.
     pub fn finish(&self) {
         self.lock().finishing = true;
+        self.finishing.cancel();
         self.wake.notify_one();
+    }
+
+    /// Fires when the session was told to finish (evicted, or ending): it
+    /// reads no more, whether or not its client takes the last lines.
+    pub fn finishing(&self) -> &CancellationToken {
+        &self.finishing
     }
 
     /// Closes the connection now, discarding what is queued.

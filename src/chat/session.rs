@@ -101,6 +101,9 @@ where
                 break;
             }
             _ = outbox.dropped().cancelled() => break,
+            // Evicted: stop reading now, not once the writer is done (a
+            // client that does not read would keep the session open).
+            _ = outbox.finishing().cancelled() => break,
             line = read => line,
         };
         let flow = match line {
