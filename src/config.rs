@@ -147,7 +147,8 @@ impl Default for Timing {
 pub struct Limits {
     /// Longest accepted client line, newline excluded.
     pub max_line_bytes: usize,
-    /// Time a new connection has to send its first line.
+    /// Time a new connection has to send its first line, and a closing one
+    /// to take its last lines before it is reset.
     pub handshake_timeout: Duration,
     /// Output a session may have queued before it is dropped as too slow.
     pub outbox_bytes: usize,
@@ -156,6 +157,17 @@ pub struct Limits {
     /// How long an identity routed to another server stays reserved for its
     /// `movejoin` there before it is released.
     pub move_timeout: Duration,
+    /// Most client connections (TCP and QUIC, identified or not) served at
+    /// once; the next one is refused with a reason. `None`: as many as the
+    /// open-files limit allows with descriptors kept for the mesh, the admin
+    /// endpoint and files (see `listener::ClientSlots`); a configured value
+    /// above that is lowered to it.
+    pub max_clients: Option<usize>,
+    /// The kernel send buffer of each TCP client socket (`SO_SNDBUF`; Linux
+    /// reserves twice this for its bookkeeping). Without it the kernel grows
+    /// the buffer to 4 MiB for a client that does not read, so a slow reader
+    /// would hold four times the outbox before it is dropped.
+    pub send_buffer_bytes: usize,
 }
 
 impl Default for Limits {
@@ -166,6 +178,10 @@ impl Default for Limits {
             outbox_bytes: 1024 * 1024,
             claim_timeout: Duration::from_millis(2000),
             move_timeout: Duration::from_secs(10),
+            max_clients: None,
+            // Plenty for a chat line stream (a loopback or LAN client drains
+            // it at once); the outbox is the real buffer.
+            send_buffer_bytes: 64 * 1024,
         }
     }
 }
@@ -310,11 +326,13 @@ struct RawTiming {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
-    max_line_bytes: Option<usize>,
+    max_line_bytes: Option<toml::Spanned<usize>>,
     handshake_timeout_ms: Option<u64>,
-    outbox_bytes: Option<usize>,
+    outbox_bytes: Option<toml::Spanned<usize>>,
     claim_timeout_ms: Option<u64>,
     move_timeout_ms: Option<u64>,
+    max_clients: Option<toml::Spanned<usize>>,
+    send_buffer_bytes: Option<toml::Spanned<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -387,16 +405,26 @@ fn parse_toml(text: &str, origin: &str) -> Result<ClusterConfig, ConfigError> {
         ));
     }
     let mut limits = Limits::default();
-    if let Some(v) = raw.limits.max_line_bytes {
-        if v < 256 {
-            return Err(invalid(
-                origin,
-                None,
-                "limits.max_line_bytes must be at least 256",
-            ));
+    // A size in [limits]: at least `min`, errors naming its line.
+    let size = |field: &str, value: &Option<toml::Spanned<usize>>, min: usize, slot: &mut usize| {
+        if let Some(value) = value {
+            if *value.get_ref() < min {
+                return Err(invalid(
+                    origin,
+                    Some(line_of(text, value.span().start)),
+                    format!("field limits.{field}: must be at least {min}"),
+                ));
+            }
+            *slot = *value.get_ref();
         }
-        limits.max_line_bytes = v;
-    }
+        Ok(())
+    };
+    size(
+        "max_line_bytes",
+        &raw.limits.max_line_bytes,
+        256,
+        &mut limits.max_line_bytes,
+    )?;
     ms(
         "limits.handshake_timeout_ms",
         raw.limits.handshake_timeout_ms,
@@ -412,16 +440,41 @@ fn parse_toml(text: &str, origin: &str) -> Result<ClusterConfig, ConfigError> {
         raw.limits.move_timeout_ms,
         &mut limits.move_timeout,
     )?;
-    if let Some(v) = raw.limits.outbox_bytes {
-        if v < 4096 {
-            return Err(invalid(
-                origin,
-                None,
-                "limits.outbox_bytes must be at least 4096",
-            ));
-        }
-        limits.outbox_bytes = v;
+    size(
+        "outbox_bytes",
+        &raw.limits.outbox_bytes,
+        4096,
+        &mut limits.outbox_bytes,
+    )?;
+    if limits.outbox_bytes < 2 * limits.max_line_bytes {
+        // A member's outbox must take a relayed message of the longest line
+        // a client may send, with the next one behind it; smaller, and one
+        // long message drops every member of the room as too slow.
+        let at = raw
+            .limits
+            .outbox_bytes
+            .as_ref()
+            .or(raw.limits.max_line_bytes.as_ref())
+            .map(|value| line_of(text, value.span().start));
+        return Err(invalid(
+            origin,
+            at,
+            format!(
+                "field limits.outbox_bytes ({}) must be at least twice limits.max_line_bytes ({}): \
+                 a member's outbox must hold a message of the longest line allowed, and the next",
+                limits.outbox_bytes, limits.max_line_bytes
+            ),
+        ));
     }
+    let mut max_clients = 0;
+    size("max_clients", &raw.limits.max_clients, 1, &mut max_clients)?;
+    limits.max_clients = raw.limits.max_clients.is_some().then_some(max_clients);
+    size(
+        "send_buffer_bytes",
+        &raw.limits.send_buffer_bytes,
+        4096,
+        &mut limits.send_buffer_bytes,
+    )?;
     let quorum = match raw.quorum.as_deref() {
         None | Some("majority") => Quorum::Majority,
         Some("none") => Quorum::None,
@@ -630,6 +683,66 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("client_prot"), "{err}");
+    }
+
+    #[test]
+    fn limits_load_and_their_errors_name_line_and_fields() {
+        let servers = "[[server]]\nid = \"s1\"\nhost = \"h\"\nclient_port = 1\nmesh_port = 2\n";
+        let text = format!(
+            "{servers}[limits]\nmax_line_bytes = 1024\noutbox_bytes = 4096\nmax_clients = 500\nsend_buffer_bytes = 8192\n"
+        );
+        let limits = ClusterConfig::parse(&text, "c.toml").unwrap().limits;
+        assert_eq!(
+            (
+                limits.max_line_bytes,
+                limits.outbox_bytes,
+                limits.max_clients,
+                limits.send_buffer_bytes
+            ),
+            (1024, 4096, Some(500), 8192)
+        );
+
+        // One 5 KB message would drop every member of a room.
+        let small_outbox =
+            format!("{servers}[limits]\nmax_line_bytes = 8192\noutbox_bytes = 4096\n");
+        let err = ClusterConfig::parse(&small_outbox, "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "c.toml line 8: field limits.outbox_bytes (4096) must be at least twice limits.max_line_bytes (8192)"
+            ),
+            "{err}"
+        );
+        // Only the line limit raised: the default outbox is too small for it.
+        let long_lines = format!("{servers}[limits]\nmax_line_bytes = 1048576\n");
+        let err = ClusterConfig::parse(&long_lines, "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("c.toml line 7: field limits.outbox_bytes (1048576) must be at least twice limits.max_line_bytes (1048576)"),
+            "{err}"
+        );
+        // Equal is not enough either: the relayed line is longer than the sent one.
+        let equal = format!("{servers}[limits]\nmax_line_bytes = 4096\noutbox_bytes = 4096\n");
+        assert!(ClusterConfig::parse(&equal, "c.toml").is_err());
+
+        for (field, value) in [
+            ("max_clients", "0"),
+            ("send_buffer_bytes", "100"),
+            ("max_line_bytes", "10"),
+        ] {
+            let text = format!("{servers}[limits]\n{field} = {value}\n");
+            let err = ClusterConfig::parse(&text, "c.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!(
+                    "c.toml line 7: field limits.{field}: must be at least"
+                )),
+                "{err}"
+            );
+        }
     }
 
     #[test]

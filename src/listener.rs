@@ -1,18 +1,246 @@
 //! The client-facing listeners: TCP (the classic protocol's transport) and QUIC
 //! on the same port number. Both hand their byte streams to the one session
 //! logic, [`run_session`].
+//!
+//! What a client may cost is bounded here: at most [`ClientSlots`]
+//! connections at once (the next one is told why and closed), and on TCP a
+//! capped kernel send buffer, keepalive probes that find a vanished peer,
+//! and a reset, not a graceful close, for a session dropped with output stuck
+//! in its connection (see [`ClientSocket`]).
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::chat::{ChatServer, run_session};
+use crate::chat::{ChatServer, SessionEnd, run_session};
+use crate::client_proto::ServerMessage;
+use crate::config::Limits;
+
+/// Open files kept for everything but client connections when the client
+/// limit comes from the open-files limit: the mesh and client listening
+/// sockets, the admin endpoint and its connections, the runtimes' epoll and
+/// wake-up descriptors, stdio, certificate and config files, name lookups.
+/// An idle node uses about 20; the rest is headroom.
+pub const FD_RESERVE: u64 = 64;
+
+/// The client connections a server takes at once (TCP and QUIC, identified
+/// or not), shared by both listeners. A connection holds its slot until its
+/// session ends.
+#[derive(Clone)]
+pub struct ClientSlots {
+    free: Arc<Semaphore>,
+    max: usize,
+}
+
+impl ClientSlots {
+    /// Room for `max` clients at once (at most a semaphore's worth, some
+    /// 2^61: more than any process could hold).
+    pub fn new(max: usize) -> Self {
+        let max = max.min(Semaphore::MAX_PERMITS);
+        ClientSlots {
+            free: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// The client limit for `limits` in a process that may open `open_files`
+    /// files (its soft `RLIMIT_NOFILE`, if known): `max_clients` if set, but
+    /// never so many that clients could take the descriptors the mesh and the
+    /// admin endpoint need ([`FD_RESERVE`]). Logs the outcome.
+    pub fn for_limits(limits: &Limits, open_files: Option<u64>) -> Self {
+        let room = open_files.map(|files| files.saturating_sub(FD_RESERVE).max(1));
+        let room = room.map(|r| usize::try_from(r).unwrap_or(usize::MAX));
+        let max = match (limits.max_clients, room) {
+            (Some(configured), Some(room)) if configured > room => {
+                warn!(
+                    max_clients = configured,
+                    open_files,
+                    reserve = FD_RESERVE,
+                    lowered_to = room,
+                    "limits.max_clients is more than the open-files limit allows; lowered"
+                );
+                room
+            }
+            (Some(configured), _) => configured,
+            (None, Some(room)) => room,
+            // No limit known (getrlimit failed): the usual default soft limit's worth.
+            (None, None) => 1024 - FD_RESERVE as usize,
+        };
+        info!(
+            max_clients = max,
+            open_files,
+            reserve = FD_RESERVE,
+            "client connections limited"
+        );
+        ClientSlots::new(max)
+    }
+
+    /// The limit.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Client connections open now.
+    pub fn in_use(&self) -> usize {
+        self.max - self.free.available_permits()
+    }
+
+    /// A slot for a new client, if one is free.
+    fn take(&self) -> Option<OwnedSemaphorePermit> {
+        self.free.clone().try_acquire_owned().ok()
+    }
+
+    /// What a client over the limit is told.
+    fn refusal(&self) -> String {
+        format!(
+            "server full: max_clients ({}) client connections are open; try again later or another server",
+            self.max
+        )
+    }
+}
+
+/// A refusal is logged at most this often (a flood of them would flood the log).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Counts refusals and logs them now and then.
+struct RefusalLog {
+    transport: &'static str,
+    since_logged: u64,
+    logged_at: Option<Instant>,
+}
+
+impl RefusalLog {
+    fn new(transport: &'static str) -> Self {
+        RefusalLog {
+            transport,
+            since_logged: 0,
+            logged_at: None,
+        }
+    }
+
+    fn refused(&mut self, slots: &ClientSlots, peer: SocketAddr) {
+        self.since_logged += 1;
+        let due = self
+            .logged_at
+            .is_none_or(|at| at.elapsed() >= REFUSAL_LOG_INTERVAL);
+        if due {
+            warn!(
+                transport = self.transport,
+                %peer,
+                max_clients = slots.max(),
+                refused = self.since_logged,
+                "client refused: max_clients reached"
+            );
+            self.since_logged = 0;
+            self.logged_at = Some(Instant::now());
+        }
+    }
+}
+
+/// TCP keepalive on client sockets: probes after 30 s of silence, then every
+/// 10 s, and 3 unanswered probes end the connection, so a client whose host
+/// vanished (power cut, cable pulled, NAT forgot it) is gone, and its name
+/// free, within about a minute. A healthy idle client answers every probe in
+/// its kernel, with no work for it or the server beyond one small packet
+/// each 30 s, so it may stay idle for hours: chatmesh has no idle timeout
+/// after login, on purpose. 30 s also keeps NAT mappings of quiet clients
+/// alive.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Between two unanswered keepalive probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered keepalive probes before the connection is dropped.
+pub const KEEPALIVE_PROBES: u32 = 3;
+/// How long sent data may stay unacknowledged before the connection is
+/// dropped (`TCP_USER_TIMEOUT`): keepalive probes only a silent connection,
+/// so this bounds the other half-open case, a vanished client with output
+/// in flight (else about 15 minutes of retransmissions). The same minute as
+/// keepalive, as tcp(7) advises. A client that is alive but not reading
+/// acknowledges the kernel's window probes, so this never drops it; its full
+/// outbox does.
+pub const USER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Socket options of an accepted TCP client connection.
+pub struct ClientSocket;
+
+impl ClientSocket {
+    /// Sets keepalive, the user timeout and the send buffer cap on a client
+    /// socket (see the constants above and [`Limits::send_buffer_bytes`]).
+    pub fn configure(stream: &TcpStream, limits: &Limits) -> std::io::Result<()> {
+        // Chat lines are small and latency matters more than packet count;
+        // the outbox already batches writes.
+        stream.set_nodelay(true)?;
+        let fd = stream.as_raw_fd();
+        setsockopt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+        let secs = |d: Duration| i32::try_from(d.as_secs()).unwrap_or(i32::MAX);
+        setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPIDLE,
+            secs(KEEPALIVE_IDLE),
+        )?;
+        setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPINTVL,
+            secs(KEEPALIVE_INTERVAL),
+        )?;
+        setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPCNT,
+            i32::try_from(KEEPALIVE_PROBES).unwrap_or(i32::MAX),
+        )?;
+        setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            i32::try_from(USER_TIMEOUT.as_millis()).unwrap_or(i32::MAX),
+        )?;
+        // Also turns off the kernel's growing of the buffer (to 4 MiB by
+        // default) for this socket.
+        setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            i32::try_from(limits.send_buffer_bytes).unwrap_or(i32::MAX),
+        )?;
+        Ok(())
+    }
+}
+
+/// Sets an integer socket option.
+fn setsockopt(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: `fd` is an open socket owned by the caller's stream for the
+    // duration of the call, and the option value is a valid c_int of the
+    // length given.
+    let result = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
 
 /// Binds TCP on `addr`, then UDP on the port TCP got (so port 0 picks one
 /// number free for both). Retries a few times if that UDP port is taken.
@@ -67,13 +295,16 @@ fn quic_server_config(crypto: rustls::ServerConfig) -> Result<quinn::ServerConfi
     Ok(config)
 }
 
-/// Accepts TCP clients until `shutdown`.
+/// Accepts TCP clients until `shutdown`, each while a slot is free; a client
+/// over the limit gets an `error` line naming it, then the connection closes.
 pub async fn serve_tcp(
     listener: TcpListener,
     chat: Arc<ChatServer>,
+    slots: ClientSlots,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
+    let mut refusals = RefusalLog::new("tcp");
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -88,10 +319,28 @@ pub async fn serve_tcp(
                 continue;
             }
         };
+        let Some(slot) = slots.take() else {
+            refusals.refused(&slots, peer);
+            refuse_tcp(stream, &slots.refusal());
+            continue;
+        };
         tasks.spawn(
-            tcp_session(stream, peer, chat.clone(), shutdown.clone())
+            tcp_session(stream, peer, chat.clone(), slot, shutdown.clone())
                 .instrument(info_span!("client", transport = "tcp", %peer)),
         );
+    }
+}
+
+/// Tells a client over the limit why, and closes. Never waits: a new
+/// socket's send buffer is empty, so the short line goes at once (or not at
+/// all, if the client is already gone).
+fn refuse_tcp(stream: TcpStream, reason: &str) {
+    let line = ServerMessage::error(reason).encode();
+    let _ = stream.try_write(&line);
+    // A FIN after the line; a client that already sent its first line gets
+    // a reset instead (unread input), which still leaves the line readable.
+    if let Ok(stream) = stream.into_std() {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
     }
 }
 
@@ -99,24 +348,48 @@ async fn tcp_session(
     stream: TcpStream,
     peer: SocketAddr,
     chat: Arc<ChatServer>,
+    slot: OwnedSemaphorePermit,
     shutdown: CancellationToken,
 ) {
-    // Chat lines are small and latency matters more than packet count; the
-    // outbox already batches writes.
-    let _ = stream.set_nodelay(true);
+    if let Err(e) = ClientSocket::configure(&stream, chat.limits()) {
+        // The client can still be served, only less well guarded.
+        warn!(error = %e, "cannot set client socket options");
+    }
     debug!("connected");
-    let (reader, writer) = stream.into_split();
-    run_session(chat, reader, writer, peer.ip(), shutdown).await;
+    let (mut reader, writer) = stream.into_split();
+    let end = run_session(chat, &mut reader, writer, peer.ip(), shutdown).await;
+    if end == SessionEnd::Abort {
+        // The writer half is gone; the socket closes as the reader half
+        // drops below. With a zero linger that close is a reset that also
+        // discards the kernel's send buffer at once; a plain close would
+        // leave the socket (and its buffer) to the kernel for as long as the
+        // client keeps acknowledging window probes without reading.
+        if let Err(e) = reader.as_ref().set_zero_linger() {
+            debug!(error = %e, "cannot set a zero linger");
+        }
+        info!("connection reset: output stuck in it");
+    }
+    drop(reader);
+    drop(slot);
     debug!("closed");
 }
 
-/// Accepts QUIC clients until `shutdown`, then closes the endpoint.
+/// Concurrent QUIC handshakes made only to tell a client over the limit why
+/// (beyond this, refusals are a bare QUIC refusal, which costs nothing).
+const QUIC_REFUSALS_AT_ONCE: usize = 64;
+
+/// Accepts QUIC clients until `shutdown`, each while a slot is free; a
+/// client over the limit sees the connection closed with a reason naming it.
+/// Then closes the endpoint.
 pub async fn serve_quic(
     endpoint: quinn::Endpoint,
     chat: Arc<ChatServer>,
+    slots: ClientSlots,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
+    let mut refusals = RefusalLog::new("quic");
+    let refusing = Arc::new(Semaphore::new(QUIC_REFUSALS_AT_ONCE));
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -124,8 +397,26 @@ pub async fn serve_quic(
         };
         let Some(incoming) = incoming else { break };
         let peer = incoming.remote_address();
+        let Some(slot) = slots.take() else {
+            refusals.refused(&slots, peer);
+            match refusing.clone().try_acquire_owned() {
+                Ok(turn) => {
+                    let reason = slots.refusal();
+                    let handshake = chat.limits().handshake_timeout;
+                    tasks.spawn(async move {
+                        if let Ok(Ok(connection)) = tokio::time::timeout(handshake, incoming).await
+                        {
+                            connection.close(QUIC_SERVER_FULL, reason.as_bytes());
+                        }
+                        drop(turn);
+                    });
+                }
+                Err(_) => incoming.refuse(),
+            }
+            continue;
+        };
         tasks.spawn(
-            quic_session(incoming, peer, chat.clone(), shutdown.clone())
+            quic_session(incoming, peer, chat.clone(), slot, shutdown.clone())
                 .instrument(info_span!("client", transport = "quic", %peer)),
         );
     }
@@ -135,10 +426,14 @@ pub async fn serve_quic(
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
 }
 
+/// The application error code of a QUIC client refused for max_clients.
+pub const QUIC_SERVER_FULL: quinn::VarInt = quinn::VarInt::from_u32(1);
+
 async fn quic_session(
     incoming: quinn::Incoming,
     peer: SocketAddr,
     chat: Arc<ChatServer>,
+    _slot: OwnedSemaphorePermit,
     shutdown: CancellationToken,
 ) {
     let handshake = chat.limits().handshake_timeout;
@@ -161,10 +456,54 @@ async fn quic_session(
         }
     };
     debug!("connected");
-    run_session(chat, recv, send, peer.ip(), shutdown).await;
+    let end = run_session(chat, recv, send, peer.ip(), shutdown).await;
+    if end == SessionEnd::Abort {
+        // Output is stuck (the client does not read): close now, which
+        // frees what the connection still buffers.
+        connection.close(QUIC_DROPPED, b"dropped: output not read");
+        info!("connection closed: output stuck in it");
+        return;
+    }
     // Closing at once would discard stream data not yet acknowledged (the last
     // replies); give the client a moment to read them and close first.
     let _ = tokio::time::timeout(Duration::from_secs(2), connection.closed()).await;
     connection.close(0u32.into(), b"bye");
     debug!("closed");
+}
+
+/// The application error code of a QUIC client dropped for not reading.
+pub const QUIC_DROPPED: quinn::VarInt = quinn::VarInt::from_u32(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_limit_keeps_descriptors_for_everything_else() {
+        let auto = Limits::default();
+        assert_eq!(ClientSlots::for_limits(&auto, Some(1024)).max(), 960);
+        assert_eq!(ClientSlots::for_limits(&auto, None).max(), 960);
+        let configured = Limits {
+            max_clients: Some(100),
+            ..Limits::default()
+        };
+        assert_eq!(ClientSlots::for_limits(&configured, Some(1024)).max(), 100);
+        let too_many = Limits {
+            max_clients: Some(5000),
+            ..Limits::default()
+        };
+        assert_eq!(ClientSlots::for_limits(&too_many, Some(1024)).max(), 960);
+        // Absurd values neither panic nor wrap.
+        assert_eq!(ClientSlots::for_limits(&auto, Some(10)).max(), 1);
+        let huge = ClientSlots::for_limits(&auto, Some(u64::MAX));
+        assert_eq!(huge.max(), Semaphore::MAX_PERMITS);
+        assert_eq!(huge.in_use(), 0);
+        let slots = ClientSlots::new(2);
+        let first = slots.take().expect("a free slot");
+        let _second = slots.take().expect("a free slot");
+        assert!(slots.take().is_none(), "full");
+        assert_eq!(slots.in_use(), 2);
+        drop(first);
+        assert!(slots.take().is_some(), "a slot given back is free again");
+    }
 }

@@ -27,7 +27,7 @@ use crate::chat::ChatServer;
 use crate::cluster::{self, ClusterView, Namespace, SharedView};
 use crate::config::ClusterConfig;
 use crate::journal::NameJournal;
-use crate::listener::{bind_client_ports, serve_quic, serve_tcp};
+use crate::listener::{ClientSlots, bind_client_ports, serve_quic, serve_tcp};
 use crate::mesh::Mesh;
 use crate::netsim::{self, ImpairHandle, Impairment};
 use crate::tls::{ServerIdentity, client_facing_server_config};
@@ -82,13 +82,17 @@ pub struct Node {
     view: SharedView,
     client_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    client_slots: ClientSlots,
     impair: ImpairHandle,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
 
 impl Node {
-    /// Binds the node's ports and starts serving.
+    /// Binds the node's ports and starts serving. Raises the process's soft
+    /// limit of open files to its hard limit first (every TCP client is a
+    /// descriptor), and takes at most as many clients as that limit leaves
+    /// room for (see [`ClientSlots::for_limits`]).
     pub async fn start(options: NodeOptions) -> Result<Node> {
         let NodeOptions {
             config,
@@ -108,6 +112,8 @@ impl Node {
                 )
             })?
             .clone();
+        let open_files = raise_open_files_limit();
+        let client_slots = ClientSlots::for_limits(&config.limits, open_files);
         let identity = ServerIdentity::load(&certs, &id)?;
         let client_crypto = client_facing_server_config(&identity)?;
         let addr = me
@@ -180,12 +186,14 @@ impl Node {
         tasks.spawn(serve_tcp(
             tcp,
             chat.clone(),
+            client_slots.clone(),
             shutdown.clone(),
             tasks.clone(),
         ));
         tasks.spawn(serve_quic(
             quic,
             chat.clone(),
+            client_slots.clone(),
             shutdown.clone(),
             tasks.clone(),
         ));
@@ -226,6 +234,7 @@ impl Node {
             view,
             client_addr,
             admin_addr,
+            client_slots,
             impair: impair_handle,
             shutdown,
             tasks,
@@ -240,6 +249,11 @@ impl Node {
     /// The address clients connect to (TCP and UDP share the port).
     pub fn client_addr(&self) -> SocketAddr {
         self.client_addr
+    }
+
+    /// The client connections this node takes at once, and how many are open.
+    pub fn client_slots(&self) -> &ClientSlots {
+        &self.client_slots
     }
 
     /// The admin endpoint's address, if configured.
@@ -374,7 +388,6 @@ fn peer_mesh_addrs(config: &ClusterConfig, me: &str) -> Result<Vec<(ServerId, So
 
 /// Runs a node until SIGINT or SIGTERM, then shuts it down gracefully.
 pub async fn run_until_signal(options: NodeOptions) -> Result<()> {
-    raise_open_files_limit();
     let node = Node::start(options).await?;
     shutdown_signal().await?;
     info!("shutting down");
@@ -384,8 +397,9 @@ pub async fn run_until_signal(options: NodeOptions) -> Result<()> {
 
 /// Raises this process's soft limit of open files to its hard limit: every
 /// client is a socket, and the usual soft limit (1024) caps a server at about
-/// a thousand clients. Logs the outcome.
-fn raise_open_files_limit() {
+/// a thousand clients. Logs the outcome; returns the soft limit now in force
+/// (`None` if it cannot be read).
+fn raise_open_files_limit() -> Option<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -393,12 +407,12 @@ fn raise_open_files_limit() {
     // SAFETY: getrlimit writes into the valid struct it is given.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         warn!(error = %std::io::Error::last_os_error(), "cannot read the open files limit");
-        return;
+        return None;
     }
     let before = limit.rlim_cur;
     if before >= limit.rlim_max {
         info!(limit = before, "open files limit already at its maximum");
-        return;
+        return Some(before);
     }
     limit.rlim_cur = limit.rlim_max;
     // SAFETY: setrlimit reads the valid struct it is given.
@@ -408,12 +422,14 @@ fn raise_open_files_limit() {
             to = limit.rlim_max,
             "open files limit raised"
         );
+        Some(limit.rlim_max)
     } else {
         warn!(
             limit = before,
             error = %std::io::Error::last_os_error(),
             "cannot raise the open files limit"
         );
+        Some(before)
     }
 }
 

@@ -227,3 +227,261 @@ async fn a_slow_reader_is_dropped_and_does_not_stall_the_room() {
     talker.expect(&room_change("Slow", HALL, "")).await;
     node.stop().await;
 }
+
+/// The kernel's state of a TCP socket (`tcpi_state`; 1 established, 7 closed).
+fn tcp_state(stream: &tokio::net::TcpStream) -> u8 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero tcp_info is valid; getsockopt writes at most `len` bytes.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let result = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    assert_eq!(result, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_state
+}
+
+/// The send queue of every socket in this network namespace from `local` to
+/// `remote` (the server's end of one client's connection), from
+/// /proc/net/tcp: `None` once the kernel has no such socket left.
+fn kernel_socket(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> Option<u64> {
+    let hex = |addr: std::net::SocketAddr| match addr {
+        std::net::SocketAddr::V4(v4) => format!(
+            "{:08X}:{:04X}",
+            u32::from_ne_bytes(v4.ip().octets()),
+            v4.port()
+        ),
+        std::net::SocketAddr::V6(_) => unreachable!("the test uses 127.0.0.1"),
+    };
+    let (local, remote) = (hex(local), hex(remote));
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1) == Some(&local.as_str()) && fields.get(2) == Some(&remote.as_str())).then(
+            || {
+                let queues = fields.get(4).copied().unwrap_or("0:0");
+                u64::from_str_radix(queues.split(':').next().unwrap_or("0"), 16).unwrap_or(0)
+            },
+        )
+    })
+}
+
+#[tokio::test]
+async fn clients_that_never_read_are_reset_at_their_drop_and_the_room_goes_on() {
+    const SLOW: usize = 10;
+    let limits = Limits {
+        outbox_bytes: 64 * 1024,
+        ..Limits::default()
+    };
+    let node = start_node_with(limits.clone()).await;
+    let addr = node.client_addr();
+    let mut talker = Raw::join(Via::Tcp, addr, "Talker", HALL).await;
+    let mut listener = Raw::join(Via::Tcp, addr, "Listener", HALL).await;
+    talker.expect(&room_change("Listener", "", HALL)).await;
+    // Ten that identify, take their approval, then never read again.
+    let mut slow = Vec::new();
+    for i in 0..SLOW {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let hello = format!("{{\"type\":\"newidentity\",\"identity\":\"Slow{i}\"}}\n");
+        stream.write_all(hello.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        while !got.ends_with(b"\n") {
+            assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "open");
+            got.push(byte[0]);
+        }
+        assert!(
+            got.starts_with(br#"{"type":"newidentity","approved":"true"}"#),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        talker
+            .expect(&room_change(&format!("Slow{i}"), "", HALL))
+            .await;
+        listener
+            .expect(&room_change(&format!("Slow{i}"), "", HALL))
+            .await;
+        let client_end = stream.local_addr().unwrap();
+        slow.push((stream, client_end));
+    }
+
+    // The talker talks until all ten are dropped, while the listener keeps up.
+    let content = "z".repeat(4000);
+    let line = format!(r#"{{"type":"message","content":"{content}"}}"#);
+    let chat = node.chat().clone();
+    let mut sent = 0;
+    let mut left = 0;
+    while left < SLOW {
+        assert!(sent < 5000, "the slow readers were never dropped");
+        talker.send(&line).await;
+        sent += 1;
+        // The listener sees each message, and each slow one leaving.
+        loop {
+            let got = listener.next().await.expect("the listener stays connected");
+            match got["type"].as_str() {
+                Some("message") => break,
+                Some("roomchange") => left += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    let dropped_at = std::time::Instant::now();
+    assert_eq!(chat.counts().sessions, 2);
+    // From the client's side: each connection is reset (closed without
+    // waiting for the client to read what was stuck in it), within 10 s.
+    wait_for_within(
+        "every slow reader's connection reset",
+        Duration::from_secs(10),
+        || slow.iter().all(|(stream, _)| tcp_state(stream) == 7),
+    )
+    .await;
+    // From the kernel's side: the server's end of each is gone, buffer and all.
+    wait_for_within(
+        "the server's end of every slow reader's connection gone",
+        Duration::from_secs(10),
+        || {
+            slow.iter()
+                .all(|(_, client_end)| kernel_socket(addr, *client_end).is_none())
+        },
+    )
+    .await;
+    // Their client slots are free again.
+    let slots = node.client_slots().clone();
+    wait_for("the slow readers' slots to be free", || slots.in_use() == 2).await;
+    println!(
+        "{SLOW} slow readers dropped after {sent} messages of 4 KB; reset and freed within {:?}",
+        dropped_at.elapsed()
+    );
+    // And the room goes on.
+    listener
+        .send(r#"{"type":"message","content":"still here"}"#)
+        .await;
+    for i in 0..SLOW {
+        let leaving = room_change(&format!("Slow{i}"), HALL, "");
+        let got = talker.next().await.expect("talker connected");
+        assert_eq!(got["type"], "roomchange", "{got} instead of {leaving}");
+    }
+    talker
+        .expect(r#"{"type":"message","identity":"Listener","content":"still here"}"#)
+        .await;
+    listener.expect_nothing_more().await;
+    node.stop().await;
+}
+
+/// Polls `condition` until true, failing after `within`.
+async fn wait_for_within(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
+    let start = tokio::time::Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < within, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A client `name` that identifies and never reads again, with output from
+/// `talker` stuck in its connection (on the server's side of it).
+async fn stuck_client(
+    addr: std::net::SocketAddr,
+    name: &str,
+    talker: &mut Raw,
+) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let hello = format!("{{\"type\":\"newidentity\",\"identity\":\"{name}\"}}\n");
+    stream.write_all(hello.as_bytes()).await.unwrap();
+    let mut byte = [0u8; 1];
+    let mut got = Vec::new();
+    while !got.ends_with(b"\n") {
+        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "open");
+        got.push(byte[0]);
+    }
+    talker.expect(&room_change(name, "", HALL)).await;
+    let client_end = stream.local_addr().unwrap();
+    // Output piles up in the connection, well below the outbox limit.
+    let line = format!(r#"{{"type":"message","content":"{}"}}"#, "q".repeat(4000));
+    for _ in 0..100 {
+        talker.send(&line).await;
+    }
+    // Every message handled (the answer to `who` comes after them) ...
+    talker.expect_nothing_more().await;
+    // ... and more of them written than the client's side takes.
+    wait_for("output stuck in the connection", || {
+        kernel_socket(addr, client_end).unwrap_or(0) > 0
+    })
+    .await;
+    stream
+}
+
+#[tokio::test]
+async fn a_client_that_quits_and_never_reads_its_last_lines_is_reset() {
+    let grace = Duration::from_millis(1000);
+    let node = start_node_with(Limits {
+        handshake_timeout: grace,
+        ..Limits::default()
+    })
+    .await;
+    let addr = node.client_addr();
+    let mut talker = Raw::join(Via::Tcp, addr, "Talker", HALL).await;
+    let mut quitter = stuck_client(addr, "Quitter", &mut talker).await;
+    {
+        use tokio::io::AsyncWriteExt;
+        quitter.write_all(b"{\"type\":\"quit\"}\n").await.unwrap();
+    }
+    talker.expect(&room_change("Quitter", HALL, "")).await;
+    let quit_at = std::time::Instant::now();
+    wait_for_within(
+        "the quitter's connection reset",
+        grace + Duration::from_secs(5),
+        || tcp_state(&quitter) == 7,
+    )
+    .await;
+    println!(
+        "quit with 100 messages of 4 KB unread; reset after {:?} (grace {grace:?})",
+        quit_at.elapsed()
+    );
+    assert!(quit_at.elapsed() >= grace / 2, "reset before the grace");
+    let slots = node.client_slots().clone();
+    wait_for("the quitter's slot to be free", || slots.in_use() == 1).await;
+    talker.expect_nothing_more().await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn an_evicted_client_that_never_reads_is_reset() {
+    let grace = Duration::from_millis(1000);
+    let node = start_node_with(Limits {
+        handshake_timeout: grace,
+        ..Limits::default()
+    })
+    .await;
+    let addr = node.client_addr();
+    let mut talker = Raw::join(Via::Tcp, addr, "Talker", HALL).await;
+    let evicted = stuck_client(addr, "Evicted", &mut talker).await;
+    // As after a heal that found the name granted elsewhere too.
+    node.chat().evict(&["Evicted".to_owned()], &[]);
+    talker.expect(&room_change("Evicted", HALL, "")).await;
+    let evicted_at = std::time::Instant::now();
+    wait_for_within(
+        "the evicted client's connection reset",
+        grace + Duration::from_secs(5),
+        || tcp_state(&evicted) == 7,
+    )
+    .await;
+    println!(
+        "evicted with 100 messages of 4 KB unread; reset after {:?}",
+        evicted_at.elapsed()
+    );
+    let slots = node.client_slots().clone();
+    wait_for("the evicted client's slot to be free", || {
+        slots.in_use() == 1
+    })
+    .await;
+    talker.expect_nothing_more().await;
+    node.stop().await;
+}

@@ -37,8 +37,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 pub use directory::{BoxFuture, Directory, RemoteRoom};
-pub use outbox::{Outbox, WriteTurns};
-pub use session::run_session;
+pub use outbox::{Outbox, WriteTurns, WriterEnd};
+pub use session::{SessionEnd, run_session};
 
 use crate::ServerId;
 use crate::client_proto::{Approved, ServerMessage};

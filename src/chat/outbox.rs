@@ -28,6 +28,8 @@ pub struct Outbox {
     wake_pending: AtomicBool,
     limit: usize,
     dropped: CancellationToken,
+    /// Fires when the session is told to finish.
+    finishing: CancellationToken,
 }
 
 #[derive(Default)]
@@ -38,6 +40,20 @@ struct State {
     finishing: bool,
     /// Close now, discarding the queue.
     dead: bool,
+    /// Dropped because the client let more than the limit pile up.
+    overflowed: bool,
+}
+
+/// How a session's writer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriterEnd {
+    /// Wrote everything it was given, then closed its side.
+    Finished,
+    /// The session was dropped while no write was under way.
+    Dropped,
+    /// The session was dropped, or the transport failed, in the middle of a
+    /// write: output is stuck in the connection.
+    Interrupted,
 }
 
 impl Outbox {
@@ -49,6 +65,7 @@ impl Outbox {
             wake_pending: AtomicBool::new(false),
             limit,
             dropped: CancellationToken::new(),
+            finishing: CancellationToken::new(),
         }
     }
 
@@ -84,6 +101,7 @@ impl Outbox {
         }
         if state.bytes + line.len() > self.limit {
             state.dead = true;
+            state.overflowed = true;
             state.queue.clear();
             state.bytes = 0;
             drop(state);
@@ -103,7 +121,14 @@ impl Outbox {
     /// Writes what is queued, then closes the connection. Later pushes are ignored.
     pub fn finish(&self) {
         self.lock().finishing = true;
+        self.finishing.cancel();
         self.wake.notify_one();
+    }
+
+    /// Fires when the session was told to finish (evicted, or ending): it
+    /// reads no more, whether or not its client takes the last lines.
+    pub fn finishing(&self) -> &CancellationToken {
+        &self.finishing
     }
 
     /// Closes the connection now, discarding what is queued.
@@ -115,6 +140,11 @@ impl Outbox {
         drop(state);
         self.dropped.cancel();
         self.wake.notify_one();
+    }
+
+    /// Whether the session was dropped because its client was too slow.
+    pub fn overflowed(&self) -> bool {
+        self.lock().overflowed
     }
 
     /// The lines queued now, in order (tests).
@@ -175,19 +205,39 @@ impl Outbox {
     /// The writer task of a session: drains the outbox into the transport
     /// until finished or dropped, taking a [`WriteTurns`] turn for each big
     /// write.
-    pub async fn write_to<W: AsyncWrite + Unpin>(&self, mut writer: W, turns: &WriteTurns) {
+    ///
+    /// A drop stops a write under way: a client that does not read (a zero
+    /// TCP window) would otherwise keep the writer, and so its connection,
+    /// forever.
+    pub async fn write_to<W: AsyncWrite + Unpin>(
+        &self,
+        mut writer: W,
+        turns: &WriteTurns,
+    ) -> WriterEnd {
         // A batch is the queue itself, freed once written: an idle session
         // holds no write buffer, and a busy one no copy of its lines.
         while let Some(mut batch) = self.next_batch().await {
-            if let Err(e) = write_batch(&mut writer, &mut batch, turns).await {
+            // Cancelling the write loses only what the drop discards anyway.
+            let written = tokio::select! {
+                biased;
+                _ = self.dropped.cancelled() => return WriterEnd::Interrupted,
+                written = write_batch(&mut writer, &mut batch, turns) => written,
+            };
+            if let Err(e) = written {
                 tracing::debug!(error = %e, "client write failed");
                 self.kill();
-                return;
+                return WriterEnd::Interrupted;
             }
         }
         let _ = writer.shutdown().await;
         // A session finished from outside (evicted) must stop reading too.
+        let dropped = self.dropped.is_cancelled();
         self.dropped.cancel();
+        if dropped {
+            WriterEnd::Dropped
+        } else {
+            WriterEnd::Finished
+        }
     }
 }
 
@@ -352,11 +402,55 @@ mod tests {
     async fn overflow_drops_the_session() {
         let outbox = Outbox::new(10);
         assert!(outbox.push(Bytes::from_static(b"12345\n")));
+        assert!(!outbox.overflowed());
         assert!(!outbox.push(Bytes::from_static(b"12345\n")));
         assert!(outbox.dropped().is_cancelled());
+        assert!(outbox.overflowed());
         let mut out = Vec::new();
-        outbox.write_to(&mut out, &WriteTurns::new()).await;
+        let end = outbox.write_to(&mut out, &WriteTurns::new()).await;
         assert!(out.is_empty(), "a dropped session's queue is discarded");
+        assert_eq!(end, WriterEnd::Dropped);
+    }
+
+    #[tokio::test]
+    async fn a_drop_stops_a_write_that_never_completes() {
+        // A client that never reads: every write waits for ever.
+        struct Stuck;
+        impl AsyncWrite for Stuck {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                _: &[u8],
+            ) -> Poll<std::io::Result<usize>> {
+                Poll::Pending
+            }
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> Poll<std::io::Result<()>> {
+                Poll::Pending
+            }
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> Poll<std::io::Result<()>> {
+                Poll::Pending
+            }
+        }
+        let outbox = Arc::new(Outbox::new(100));
+        let writer = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.write_to(Stuck, &WriteTurns::new()).await }
+        });
+        assert!(outbox.push(Bytes::from_static(b"hello\n")));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!writer.is_finished(), "the writer is stuck in its write");
+        assert!(!outbox.push(Bytes::from(vec![b'x'; 101])), "overflow");
+        let end = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+        assert_eq!(
+            end.expect("the drop ends the writer").expect("no panic"),
+            WriterEnd::Interrupted
+        );
     }
 
     /// A transport that takes at most `max` bytes per call and remembers

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{ChatServer, JoinOutcome, Outbox};
+use super::{ChatServer, JoinOutcome, Outbox, WriterEnd};
 use crate::client_proto::{
     Approved, MAX_MOVE_TOKEN, Request, ServerMessage, new_move_token, valid_name, valid_room_ref,
 };
@@ -19,6 +19,17 @@ use crate::lines::{LineError, LineReader};
 /// How long a moved-away client may keep its old connection open before the
 /// server closes it (classic clients close it themselves right after `route`).
 const MOVE_LINGER: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How a session's connection should be closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// Everything was written (or nothing is stuck): close normally.
+    Closed,
+    /// Output is stuck in the connection (a client that does not read):
+    /// reset it now, so that neither the socket nor its kernel buffer
+    /// outlives the session.
+    Abort,
+}
 
 enum Phase {
     /// Connected, no identity yet: only `newidentity` and `movejoin` are taken.
@@ -49,19 +60,23 @@ struct Session {
 /// Runs a client session on any transport until the client quits, the
 /// connection drops, or `shutdown` fires. `peer_ip` is the client's source
 /// address (moves are bound to it). Never panics on client input.
+///
+/// On return the writer is gone (a dropped session's at once, however stuck
+/// its write); the caller closes the connection as [`SessionEnd`] says.
 pub async fn run_session<R, W>(
     chat: Arc<ChatServer>,
     reader: R,
     writer: W,
     peer_ip: IpAddr,
     shutdown: CancellationToken,
-) where
-    R: AsyncRead + Unpin + Send + 'static,
+) -> SessionEnd
+where
+    R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let limits = chat.limits().clone();
     let outbox = Arc::new(Outbox::new(limits.outbox_bytes));
-    let writer_task = tokio::spawn({
+    let mut writer_task = tokio::spawn({
         let outbox = outbox.clone();
         let chat = chat.clone();
         async move { outbox.write_to(writer, &chat.write_turns).await }
@@ -96,6 +111,9 @@ pub async fn run_session<R, W>(
                 break;
             }
             _ = outbox.dropped().cancelled() => break,
+            // Evicted: stop reading now, not once the writer is done (a
+            // client that does not read would keep the session open).
+            _ = outbox.finishing().cancelled() => break,
             line = read => line,
         };
         let flow = match line {
@@ -135,7 +153,24 @@ pub async fn run_session<R, W>(
         info!(%identity, "client disconnected");
     }
     outbox.finish();
-    let _ = writer_task.await;
+    // A closing session's last lines (a goodbye, an error, what was queued)
+    // get as long to go out as a new client gets to say who it is; then the
+    // connection is reset: a client that stops reading would otherwise hold
+    // it for ever.
+    let writer_end = match tokio::time::timeout(limits.handshake_timeout, &mut writer_task).await {
+        Ok(end) => end.unwrap_or(WriterEnd::Interrupted),
+        Err(_) => {
+            info!("client did not take its last lines; resetting the connection");
+            // Stops the write under way.
+            outbox.kill();
+            (&mut writer_task).await.unwrap_or(WriterEnd::Interrupted)
+        }
+    };
+    if outbox.overflowed() || writer_end == WriterEnd::Interrupted {
+        SessionEnd::Abort
+    } else {
+        SessionEnd::Closed
+    }
 }
 
 impl Session {

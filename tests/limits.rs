@@ -1,0 +1,500 @@
+//! Limits on what clients may take (issue 12, item 3): at most `max_clients`
+//! connections, the next one told why; keepalive and a capped send buffer on
+//! every accepted TCP socket; and the real binary under a 1024 open-files
+//! limit with 1,010 idle clients still taking new clients (or refusing them
+//! clearly) and answering its admin endpoint.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use chatmesh::config::Limits;
+use chatmesh::listener::{
+    FD_RESERVE, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES, USER_TIMEOUT,
+};
+use common::process::BIN;
+use common::{DEADLINE, Raw, Via, certs, room_change, start_node_with, temp_dir, wait_for};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const HALL: &str = "MainHall-s1";
+
+/// Connects a QUIC client and returns how the server closed the connection.
+async fn quic_refusal(addr: SocketAddr) -> quinn::ConnectionError {
+    let crypto = chatmesh::tls::chat_client_config(&certs().join("ca.pem")).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let connection = tokio::time::timeout(DEADLINE, endpoint.connect(addr, "localhost").unwrap())
+        .await
+        .expect("handshake in time")
+        .expect("the server completes the handshake to say why it refuses");
+    tokio::time::timeout(DEADLINE, connection.closed())
+        .await
+        .expect("closed in time")
+}
+
+#[tokio::test]
+async fn a_client_over_max_clients_is_told_why_and_the_others_go_on() {
+    let node = start_node_with(Limits {
+        max_clients: Some(3),
+        ..Limits::default()
+    })
+    .await;
+    assert_eq!(node.client_slots().max(), 3);
+    let addr = node.client_addr();
+    let mut adel = Raw::join(Via::Tcp, addr, "Adel", HALL).await;
+    let mut bob = Raw::join(Via::Tcp, addr, "Bob", HALL).await;
+    adel.expect(&room_change("Bob", "", HALL)).await;
+    let mut cat = Raw::join(Via::Quic, addr, "Cat", HALL).await;
+    adel.expect(&room_change("Cat", "", HALL)).await;
+    bob.expect(&room_change("Cat", "", HALL)).await;
+
+    // A fourth over TCP: one error line naming the limit, then the close.
+    let mut dan = Raw::connect(Via::Tcp, addr, "Dan").await;
+    let reason = dan.expect_error().await;
+    assert!(
+        reason.contains("max_clients (3)") && reason.contains("server full"),
+        "{reason}"
+    );
+    dan.expect_closed().await;
+    // Over QUIC: the connection closed with the reason.
+    match quic_refusal(addr).await {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            let reason = String::from_utf8_lossy(&close.reason);
+            assert!(reason.contains("max_clients (3)"), "{reason}");
+            assert_eq!(close.error_code, chatmesh::listener::QUIC_SERVER_FULL);
+        }
+        other => panic!("expected a close with a reason, got {other:?}"),
+    }
+
+    // The three are unaffected.
+    bob.send(r#"{"type":"message","content":"still here"}"#)
+        .await;
+    let said = r#"{"type":"message","identity":"Bob","content":"still here"}"#;
+    adel.expect(said).await;
+    cat.expect(said).await;
+
+    // A slot freed is a slot taken again.
+    cat.send(r#"{"type":"quit"}"#).await;
+    cat.expect(&room_change("Cat", HALL, "")).await;
+    adel.expect(&room_change("Cat", HALL, "")).await;
+    let slots = node.client_slots().clone();
+    wait_for("Cat's slot to be free", || slots.in_use() == 2).await;
+    let _eve = Raw::join(Via::Tcp, addr, "Eve", HALL).await;
+    adel.expect(&room_change("Eve", "", HALL)).await;
+    adel.expect_nothing_more().await;
+    node.stop().await;
+}
+
+/// An integer socket option of `fd`.
+fn sockopt(fd: i32, level: libc::c_int, name: libc::c_int) -> i32 {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`.
+    let result =
+        unsafe { libc::getsockopt(fd, level, name, (&raw mut value).cast(), &raw mut len) };
+    assert_eq!(result, 0, "getsockopt: {}", std::io::Error::last_os_error());
+    value
+}
+
+/// The address at one end of socket `fd`, if it is an IPv4 socket.
+fn socket_end(fd: i32, peer: bool) -> Option<SocketAddr> {
+    // SAFETY: an all-zero sockaddr_in is valid; the calls write at most `len` bytes.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let result = unsafe {
+        if peer {
+            libc::getpeername(fd, (&raw mut addr).cast(), &raw mut len)
+        } else {
+            libc::getsockname(fd, (&raw mut addr).cast(), &raw mut len)
+        }
+    };
+    if result != 0 || addr.sin_family != libc::AF_INET as libc::sa_family_t {
+        return None;
+    }
+    let ip = std::net::Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
+    Some(SocketAddr::from((ip, u16::from_be(addr.sin_port))))
+}
+
+/// The descriptor, in this process, of the server's end of the TCP
+/// connection whose client end is `client` (the node runs in-process).
+fn server_end(server: SocketAddr, client: SocketAddr) -> Option<i32> {
+    let fds = std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd");
+    fds.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|&fd| socket_end(fd, false) == Some(server) && socket_end(fd, true) == Some(client))
+}
+
+#[tokio::test]
+async fn keepalive_and_a_capped_send_buffer_on_accepted_sockets() {
+    let limits = Limits::default();
+    let node = start_node_with(limits.clone()).await;
+    let addr = node.client_addr();
+    let client = TcpStream::connect(addr).await.unwrap();
+    let client_addr = client.local_addr().unwrap();
+    let mut fd = None;
+    let start = Instant::now();
+    while fd.is_none() {
+        assert!(start.elapsed() < DEADLINE, "no server socket found");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        fd = server_end(addr, client_addr);
+    }
+    let fd = fd.unwrap();
+    // Options are set right after accept; the session may not have run yet.
+    wait_for("keepalive on the accepted socket", || {
+        sockopt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE) == 1
+    })
+    .await;
+    let got = [
+        sockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+        sockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+        sockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+        sockopt(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+        sockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY),
+        sockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF),
+    ];
+    println!(
+        "server socket {fd}: keepidle {} s, keepintvl {} s, keepcnt {}, user timeout {} ms, nodelay {}, sndbuf {} B",
+        got[0], got[1], got[2], got[3], got[4], got[5]
+    );
+    assert_eq!(
+        got,
+        [
+            KEEPALIVE_IDLE.as_secs() as i32,
+            KEEPALIVE_INTERVAL.as_secs() as i32,
+            KEEPALIVE_PROBES as i32,
+            USER_TIMEOUT.as_millis() as i32,
+            1,
+            // Linux doubles the value set, for its bookkeeping.
+            2 * limits.send_buffer_bytes as i32,
+        ]
+    );
+    // The client's own socket is left as it was (a control: the check above
+    // really looked at the server's end).
+    assert_eq!(
+        sockopt(client.as_raw_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+        0
+    );
+    drop(client);
+    node.stop().await;
+}
+
+/// A node process with its output lines on a channel; killed when dropped.
+struct NodeProc {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl NodeProc {
+    /// Starts `chatmesh node` on `config` with RLIMIT_NOFILE `soft`/`hard`.
+    fn start(config: &str, soft: u64, hard: u64) -> NodeProc {
+        let certs = certs().display().to_string();
+        let mut command = Command::new(BIN);
+        command
+            .args(["node", "--config", config, "--id", "s1", "--certs", &certs])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: setrlimit is async-signal-safe, and this closure touches
+        // nothing else between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let mut child = command.spawn().expect("spawn chatmesh node");
+        let (tx, lines) = channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        NodeProc {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a log line containing `needle`.
+    fn wait_line(&mut self, needle: &str) -> String {
+        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "node: no line containing {needle:?}; saw:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value after `key=` in a log line.
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split(&format!("{key}="))
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+}
+
+/// How a login went.
+enum Login {
+    /// Approved; the connection stays open, never read again.
+    Approved(TcpStream),
+    /// Refused with this `error` reason.
+    Refused(String),
+}
+
+/// Connects, sends `newidentity` and reads the first line back.
+async fn login(addr: SocketAddr, name: &str) -> Login {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    // A client refused at once may find its connection closed already.
+    let _ = stream
+        .write_all(format!("{{\"type\":\"newidentity\",\"identity\":\"{name}\"}}\n").as_bytes())
+        .await;
+    let mut got = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 512];
+        while !got.contains(&b'\n') {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, read)
+        .await
+        .unwrap_or_else(|_| panic!("{name}: no answer within {DEADLINE:?}"));
+    let first = got.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line: Value = serde_json::from_slice(first).unwrap_or_else(|e| {
+        panic!(
+            "{name}: no clear answer but {:?} ({e})",
+            String::from_utf8_lossy(&got)
+        )
+    });
+    match line["type"].as_str() {
+        Some("newidentity") if line["approved"] == "true" => Login::Approved(stream),
+        Some("error") => Login::Refused(line["reason"].as_str().unwrap_or_default().to_owned()),
+        _ => panic!("{name}: unexpected {line}"),
+    }
+}
+
+/// Logs in `count` clients, `wave` at a time; returns the open connections
+/// and the refusals.
+async fn login_many(addr: SocketAddr, count: usize, wave: usize) -> (Vec<TcpStream>, Vec<String>) {
+    let mut approved = Vec::new();
+    let mut refused = Vec::new();
+    for first in (0..count).step_by(wave) {
+        let mut logins = tokio::task::JoinSet::new();
+        for i in first..(first + wave).min(count) {
+            logins.spawn(async move { login(addr, &format!("Idle{i}")).await });
+        }
+        while let Some(login) = logins.join_next().await {
+            match login.expect("login task") {
+                Login::Approved(stream) => approved.push(stream),
+                Login::Refused(reason) => refused.push(reason),
+            }
+        }
+    }
+    (approved, refused)
+}
+
+/// `GET /status` of the admin endpoint, within 2 s.
+async fn status_within_2s(admin: SocketAddr) -> (Value, Duration) {
+    let start = Instant::now();
+    let body = tokio::time::timeout(
+        Duration::from_secs(2),
+        chatmesh::admin::fetch(admin, "/status"),
+    )
+    .await
+    .expect("the admin endpoint answers within 2 s")
+    .expect("GET /status");
+    (
+        serde_json::from_str(&body).expect("status JSON"),
+        start.elapsed(),
+    )
+}
+
+/// This process's open-files limit, raised to its hard limit (it holds the
+/// client end of every connection).
+fn raise_own_open_files_limit() -> (u64, u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on this process with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+    }
+    (limit.rlim_cur, limit.rlim_max)
+}
+
+const IDLE_CLIENTS: usize = 1010;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_idle_clients_under_a_1024_file_limit() {
+    let (own_soft, own_hard) = raise_own_open_files_limit();
+    if own_soft < 2 * IDLE_CLIENTS as u64 + 200 {
+        println!("skipped: this process may open only {own_soft} files");
+        return;
+    }
+    let dir = temp_dir("limits");
+    let config = dir.join("cluster.toml");
+    std::fs::write(
+        &config,
+        "[[server]]\nid = \"s1\"\nhost = \"127.0.0.1\"\nclient_port = 0\nmesh_port = 0\nadmin_port = 0\n",
+    )
+    .unwrap();
+    let config = config.display().to_string();
+
+    // 1. `ulimit -Sn 1024 -Hn 1024`: no raising helps, so the node takes
+    // what the limit leaves room for, refuses the rest clearly, and keeps
+    // its admin endpoint.
+    let started = Instant::now();
+    let mut node = NodeProc::start(&config, 1024, 1024);
+    node.wait_line("open files limit already at its maximum");
+    let limited = node.wait_line("client connections limited");
+    let max_clients: usize = field(&limited, "max_clients").parse().unwrap();
+    assert_eq!(max_clients, 1024 - FD_RESERVE as usize);
+    let serving = node.wait_line("serving clients");
+    let addr: SocketAddr = field(&serving, "client_addr").parse().unwrap();
+    let admin: SocketAddr = field(&serving, "admin_addr")
+        .trim_start_matches("Some(")
+        .trim_end_matches(')')
+        .parse()
+        .unwrap();
+    let (approved, refused) = login_many(addr, IDLE_CLIENTS, 100).await;
+    println!(
+        "1024/1024: {} approved, {} refused, in {:?}",
+        approved.len(),
+        refused.len(),
+        started.elapsed()
+    );
+    assert_eq!(approved.len(), max_clients);
+    assert_eq!(refused.len(), IDLE_CLIENTS - max_clients);
+    for reason in &refused {
+        assert!(
+            reason.contains(&format!("max_clients ({max_clients})")),
+            "{reason}"
+        );
+    }
+    let (status, took) = status_within_2s(admin).await;
+    println!("1024/1024: /status in {took:?}");
+    assert_eq!(status["sessions"], max_clients, "{status}");
+    // A new client: a clear refusal, at once.
+    let asked = Instant::now();
+    match login(addr, "Late").await {
+        Login::Refused(reason) => assert!(reason.contains("max_clients"), "{reason}"),
+        Login::Approved(_) => panic!("approved over max_clients"),
+    }
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    // One idle client leaves: the next new one is approved within 2 s.
+    let mut approved = approved;
+    drop(approved.pop());
+    let start = Instant::now();
+    loop {
+        let (status, _) = status_within_2s(admin).await;
+        if status["sessions"] == max_clients - 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the leaver's session never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let asked = Instant::now();
+    let late = login(addr, "Late").await;
+    let took = asked.elapsed();
+    println!("1024/1024: a new client approved in {took:?} once one left");
+    assert!(matches!(late, Login::Approved(_)), "refused after one left");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    drop(late);
+    drop(approved);
+    drop(node);
+
+    // 2. `ulimit -Sn 1024` under a higher hard limit: the node raises its
+    // soft limit, and all 1,010 idle clients and a new one are approved.
+    let hard = own_hard.min(1 << 20);
+    if hard < 4096 {
+        println!("part 2 skipped: the hard limit {hard} is too low to show the raise");
+        return;
+    }
+    let started = Instant::now();
+    let mut node = NodeProc::start(&config, 1024, hard);
+    let raised = node.wait_line("open files limit raised");
+    assert_eq!(field(&raised, "to"), hard.to_string(), "{raised}");
+    let serving = node.wait_line("serving clients");
+    let addr: SocketAddr = field(&serving, "client_addr").parse().unwrap();
+    let admin: SocketAddr = field(&serving, "admin_addr")
+        .trim_start_matches("Some(")
+        .trim_end_matches(')')
+        .parse()
+        .unwrap();
+    let (approved, refused) = login_many(addr, IDLE_CLIENTS, 100).await;
+    println!(
+        "1024/{hard}: {} approved, {} refused, in {:?}",
+        approved.len(),
+        refused.len(),
+        started.elapsed()
+    );
+    assert_eq!((approved.len(), refused.len()), (IDLE_CLIENTS, 0));
+    let asked = Instant::now();
+    let late = login(addr, "Late").await;
+    let took = asked.elapsed();
+    println!("1024/{hard}: client 1,011 approved in {took:?}");
+    assert!(matches!(late, Login::Approved(_)));
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    let (status, took) = status_within_2s(admin).await;
+    println!("1024/{hard}: /status in {took:?}");
+    assert_eq!(status["sessions"], IDLE_CLIENTS + 1, "{status}");
+    drop(approved);
+}
