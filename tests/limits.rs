@@ -451,12 +451,25 @@ async fn a_thousand_idle_clients_under_a_1024_file_limit() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Its slot comes free when its connection is closed, a moment after
+    // its session ended: a newcomer may be refused meanwhile, and is
+    // approved within 2 s.
     let asked = Instant::now();
-    let late = login(addr, "Late").await;
+    let late = loop {
+        match login(addr, "Late").await {
+            Login::Approved(client) => break client,
+            Login::Refused(reason) => {
+                assert!(reason.contains("max_clients"), "{reason}");
+                assert!(
+                    asked.elapsed() < Duration::from_secs(2),
+                    "still refused 2 s after one left: {reason}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
     let took = asked.elapsed();
     println!("1024/1024: a new client approved in {took:?} once one left");
-    assert!(matches!(late, Login::Approved(_)), "refused after one left");
-    assert!(took < Duration::from_secs(2), "{took:?}");
     drop(late);
     drop(approved);
     drop(node);
