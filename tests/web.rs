@@ -397,3 +397,86 @@ async fn the_page_is_self_contained_and_servers_lists_the_web_ports() {
     assert_eq!(status, "HTTP/1.1 404 Not Found");
     cluster.stop().await;
 }
+
+/// How to run Node with a global `WebSocket` (built in from Node 22, behind
+/// a flag in Node 20), or why the page test cannot run here.
+fn node_with_websocket() -> Result<Vec<&'static str>, String> {
+    let probe =
+        "process.exit(typeof WebSocket === 'function' && typeof fetch === 'function' ? 0 : 3)";
+    for flags in [&[][..], &["--experimental-websocket"][..]] {
+        let status = std::process::Command::new("node")
+            .args(flags)
+            .args(["-e", probe])
+            .stderr(std::process::Stdio::null())
+            .status();
+        match status {
+            Ok(s) if s.success() => return Ok(flags.to_vec()),
+            Ok(_) => continue,
+            Err(e) => return Err(format!("cannot run node: {e}")),
+        }
+    }
+    Err("this node has no WebSocket client (Node 20.10 or later needed)".into())
+}
+
+/// The page's own script, as s1 serves it, run in Node against a cluster:
+/// it logs in from `?identity=`, shows a TCP client's message (markup in it
+/// as text), sends one back, joins a room of s2 by a click and follows the
+/// route there, then reconnects to s1 when s2 crashes and chats again. The
+/// DOM is a stub (tests/web_page/dom.js) that refuses `innerHTML`: what a
+/// browser draws is left to the Chromium test of issue 13.
+#[tokio::test]
+async fn the_page_script_chats_follows_a_route_and_reconnects() {
+    use tokio::io::AsyncBufReadExt;
+    let flags = match node_with_websocket() {
+        Ok(flags) => flags,
+        Err(why) => {
+            println!("SKIPPED: {why}");
+            return;
+        }
+    };
+    let mut cluster = web_cluster(3).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/web_page/run.js");
+    let mut child = tokio::process::Command::new("node")
+        .args(&flags)
+        .arg(script)
+        .env(
+            "WEB1",
+            cluster.node(0).web_addr().unwrap().port().to_string(),
+        )
+        .env(
+            "S1_CLIENT",
+            cluster.node(0).client_addr().port().to_string(),
+        )
+        .env(
+            "S2_CLIENT",
+            cluster.node(1).client_addr().port().to_string(),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node starts");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let run = async {
+        while let Some(line) = lines.next_line().await.expect("node's output") {
+            println!("node | {line}");
+            if line == "CRASH s2" {
+                cluster.crash(1).await;
+                stdin.write_all(b"crashed\n").await.unwrap();
+            }
+            seen.push(line);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the page script finishes within 2 minutes");
+    let status = child.wait().await.unwrap();
+    assert!(
+        status.success() && seen.last().map(String::as_str) == Some("PASS"),
+        "page script failed ({status}):\n{}",
+        seen.join("\n")
+    );
+    cluster.stop().await;
+}
