@@ -4,8 +4,9 @@
 //! lists the cluster's web addresses (the page reconnects through them).
 //!
 //! A WebSocket session is adapted to the byte streams the session takes: each
-//! text frame becomes one line (a trailing newline tolerated), each line the
-//! session writes goes out as one text frame. The session logic enforces the
+//! text frame becomes one line (a trailing newline tolerated, inner ones read
+//! as the JSON whitespace they are), each line the session writes goes out
+//! as one text frame. The session logic enforces the
 //! handshake timeout, the line size and the error replies; here a binary
 //! frame, a frame over the size limit or a broken connection ends the input,
 //! which ends that session.
@@ -269,6 +270,14 @@ async fn ws_session(
                 let line = text.as_str();
                 let line = line.strip_suffix('\n').unwrap_or(line);
                 let line = line.strip_suffix('\r').unwrap_or(line);
+                // One frame is one line: a newline inside a JSON object can
+                // only be whitespace between tokens (strings hold `\n`
+                // escaped), so it becomes a space rather than a line break.
+                let line = if line.contains(['\n', '\r']) {
+                    std::borrow::Cow::Owned(line.replace(['\n', '\r'], " "))
+                } else {
+                    std::borrow::Cow::Borrowed(line)
+                };
                 let written = async {
                     to_session.write_all(line.as_bytes()).await?;
                     to_session.write_all(b"\n").await

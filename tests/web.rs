@@ -208,6 +208,16 @@ async fn a_bad_frame_gets_an_error_and_the_session_goes_on() {
     .await;
     send(&mut ws, "{\"type\":\"list\"}\r\n").await;
     expect(&mut ws, r#"{"type":"roomlist","rooms":["MainHall-s1"]}"#).await;
+    // A frame is one object, however it is laid out: pretty-printed JSON is
+    // answered once.
+    send(&mut ws, "{\n  \"type\": \"who\"\r\n}\n").await;
+    expect(
+        &mut ws,
+        r#"{"type":"roomcontents","roomid":"MainHall-s1","identities":["Adel"],"owner":""}"#,
+    )
+    .await;
+    send(&mut ws, r#"{"type":"list"}"#).await;
+    expect(&mut ws, r#"{"type":"roomlist","rooms":["MainHall-s1"]}"#).await;
     node.stop().await;
 }
 
