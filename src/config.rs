@@ -160,7 +160,7 @@ pub struct Limits {
     /// How long an identity routed to another server stays reserved for its
     /// `movejoin` there before it is released.
     pub move_timeout: Duration,
-    /// Most client connections (TCP and QUIC, identified or not) served at
+    /// Most client connections (TCP, QUIC and web port, identified or not) served at
     /// once; the next one is refused with a reason. `None`: as many as the
     /// open-files limit allows with descriptors kept for the mesh, the admin
     /// endpoint and files (see `listener::ClientSlots`); a configured value

@@ -31,9 +31,9 @@ use crate::config::Limits;
 /// An idle node uses about 20; the rest is headroom.
 pub const FD_RESERVE: u64 = 64;
 
-/// The client connections a server takes at once (TCP, QUIC and WebSocket, identified
-/// or not), shared by both listeners. A connection holds its slot until its
-/// session ends.
+/// The client connections a server takes at once (TCP, QUIC and web port,
+/// identified or not), shared by the listeners. A connection holds its slot
+/// until its session ends (a web port connection: until it closes).
 #[derive(Clone)]
 pub struct ClientSlots {
     free: Arc<Semaphore>,

@@ -20,6 +20,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -55,7 +56,6 @@ const MAX_OUTPUT_LINE: usize = 16 * 1024 * 1024;
 /// Everything a web request needs.
 struct WebState {
     chat: Arc<ChatServer>,
-    slots: ClientSlots,
     /// Origins whose pages may open `/chat`.
     origins: Vec<String>,
     /// The `/servers` answer.
@@ -115,8 +115,125 @@ pub fn servers_json(config: &ClusterConfig) -> String {
     serde_json::Value::Array(servers).to_string()
 }
 
+/// The web port's listener: every connection holds a client slot (shared
+/// with TCP and QUIC) for as long as it is open, a WebSocket session
+/// included, so that connections to the web port can never take the
+/// descriptors the mesh needs. One over the limit is told why (a 503) and
+/// closed.
+struct SlotListener {
+    inner: TcpListener,
+    slots: ClientSlots,
+    /// Refusals logged at most once a second.
+    refused_at: Option<std::time::Instant>,
+}
+
+impl axum::serve::Listener for SlotListener {
+    type Io = SlotStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (SlotStream, SocketAddr) {
+        loop {
+            let (stream, peer) = match self.inner.accept().await {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    warn!(error = %e, "web port accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Some(slot) = self.slots.take() else {
+                if self
+                    .refused_at
+                    .is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(1))
+                {
+                    warn!(%peer, max_clients = self.slots.max(), "web client refused: max_clients reached");
+                    self.refused_at = Some(std::time::Instant::now());
+                }
+                let reason = self.slots.refusal();
+                let response = format!(
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reason}",
+                    reason.len()
+                );
+                // Never waits: a new socket's send buffer is empty. A FIN
+                // after it (as for TCP clients over the limit).
+                let _ = stream.try_write(response.as_bytes());
+                if let Ok(stream) = stream.into_std() {
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                }
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            return (
+                SlotStream {
+                    stream,
+                    _slot: slot,
+                },
+                peer,
+            );
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A web port connection and the client slot it holds until it is dropped.
+struct SlotStream {
+    stream: tokio::net::TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for SlotStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SlotStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
 /// Serves the web port on `listener` until `shutdown`; sessions are tracked
-/// by `tasks` and share the client `slots` with TCP and QUIC.
+/// by `tasks`, and every connection holds one of the client `slots` shared
+/// with TCP and QUIC.
 pub async fn serve(
     listener: TcpListener,
     config: &ClusterConfig,
@@ -125,9 +242,13 @@ pub async fn serve(
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
+    let listener = SlotListener {
+        inner: listener,
+        slots,
+        refused_at: None,
+    };
     let state = Arc::new(WebState {
         chat,
-        slots,
         origins: allowed_origins(config),
         servers_json: servers_json(config),
         shutdown: shutdown.clone(),
@@ -138,8 +259,10 @@ pub async fn serve(
         .route("/servers", get(servers))
         .route("/chat", get(chat_upgrade))
         .with_state(state);
+    // (`tap_io` only for the peer address: axum gives `ConnectInfo` to a
+    // tapped listener of any kind.)
     let served = axum::serve(
-        listener,
+        listener.tap_io(|_| {}),
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -197,10 +320,6 @@ async fn chat_upgrade(
         )
             .into_response();
     }
-    let Some(slot) = web.slots.take() else {
-        warn!(%peer, max_clients = web.slots.max(), "WebSocket client refused: max_clients reached");
-        return (StatusCode::SERVICE_UNAVAILABLE, web.slots.refusal()).into_response();
-    };
     let max = web.chat.limits().max_line_bytes;
     // One byte more than a line may hold: a frame of max_line_bytes and its
     // newline passes, a longer one reaches the session's own check (error
@@ -215,7 +334,7 @@ async fn chat_upgrade(
         .max_frame_size(frame_max)
         .on_upgrade(move |socket| {
             tasks.track_future(
-                ws_session(socket, peer, chat, slot, shutdown)
+                ws_session(socket, peer, chat, shutdown)
                     .instrument(info_span!("client", transport = "ws", %peer)),
             )
         })
@@ -236,7 +355,6 @@ async fn ws_session(
     socket: WebSocket,
     peer: SocketAddr,
     chat: Arc<ChatServer>,
-    slot: OwnedSemaphorePermit,
     shutdown: CancellationToken,
 ) {
     debug!("connected");
@@ -348,6 +466,5 @@ async fn ws_session(
     } else if end == SessionEnd::Abort {
         info!("connection dropped: output stuck in it");
     }
-    drop(slot);
     debug!("closed");
 }

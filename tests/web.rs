@@ -338,6 +338,44 @@ async fn only_the_clusters_own_pages_may_open_a_session() {
     cluster.stop().await;
 }
 
+#[tokio::test]
+async fn web_connections_share_the_client_limit() {
+    let limits = chatmesh::config::Limits {
+        max_clients: Some(2),
+        ..Default::default()
+    };
+    let node = common::start_node_with(limits).await;
+    let web = node.web_addr().unwrap();
+    let slots = node.client_slots().clone();
+    // A WebSocket session and an idle HTTP connection: one slot each.
+    let mut adel = Raw::join(Via::Ws, node.client_addr(), "Adel", HALL).await;
+    let idle = tokio::net::TcpStream::connect(web).await.unwrap();
+    common::wait_for("two slots in use", || slots.in_use() == 2).await;
+    // The next connection, to the web port or the client port, is told why.
+    let mut refused = tokio::net::TcpStream::connect(web).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(DEADLINE, refused.read_to_string(&mut response))
+        .await
+        .expect("refused within the deadline")
+        .unwrap();
+    assert!(
+        response.starts_with("HTTP/1.1 503 Service Unavailable\r\n")
+            && response.contains("max_clients (2)"),
+        "{response}"
+    );
+    let mut bob = Raw::connect(Via::Tcp, node.client_addr(), "Bob").await;
+    assert!(bob.expect_error().await.contains("max_clients (2)"));
+    // A closed connection gives its slot back.
+    drop(idle);
+    common::wait_for("one slot in use", || slots.in_use() == 1).await;
+    let (status, _, _) = http_get(web, "/").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    adel.expect_nothing_more().await;
+    drop(adel);
+    common::wait_for("no slot in use", || slots.in_use() == 0).await;
+    node.stop().await;
+}
+
 /// A plain HTTP/1.1 GET: (status line, headers, body).
 async fn http_get(addr: SocketAddr, path: &str) -> (String, String, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
