@@ -11,6 +11,7 @@
 //! frame, a frame over the size limit or a broken connection ends the input,
 //! which ends that session.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -125,6 +126,9 @@ struct SlotListener {
     slots: ClientSlots,
     /// Refusals logged at most once a second.
     refused_at: Option<std::time::Instant>,
+    /// A connection that sends nothing for this long is closed (the
+    /// handshake timeout, as for TCP clients).
+    first_request_within: std::time::Duration,
 }
 
 impl axum::serve::Listener for SlotListener {
@@ -164,10 +168,12 @@ impl axum::serve::Listener for SlotListener {
                 continue;
             };
             let _ = stream.set_nodelay(true);
+            let silence = Box::pin(tokio::time::sleep(self.first_request_within));
             return (
                 SlotStream {
                     stream,
                     _slot: slot,
+                    silence: Some(silence),
                 },
                 peer,
             );
@@ -183,6 +189,9 @@ impl axum::serve::Listener for SlotListener {
 struct SlotStream {
     stream: tokio::net::TcpStream,
     _slot: OwnedSemaphorePermit,
+    /// Until the first byte comes: when it fires, reading fails and the
+    /// connection is closed, so a silent connection cannot hold its slot.
+    silence: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl tokio::io::AsyncRead for SlotStream {
@@ -191,7 +200,25 @@ impl tokio::io::AsyncRead for SlotStream {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        let Some(silence) = self.silence.as_mut() else {
+            return read;
+        };
+        match read {
+            std::task::Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                self.silence = None;
+                std::task::Poll::Ready(Ok(()))
+            }
+            std::task::Poll::Pending => match silence.as_mut().poll(cx) {
+                std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no request within the handshake timeout",
+                ))),
+                std::task::Poll::Pending => std::task::Poll::Pending,
+            },
+            other => other,
+        }
     }
 }
 
@@ -246,6 +273,7 @@ pub async fn serve(
         inner: listener,
         slots,
         refused_at: None,
+        first_request_within: chat.limits().handshake_timeout,
     };
     let state = Arc::new(WebState {
         chat,

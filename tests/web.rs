@@ -296,6 +296,18 @@ async fn no_newidentity_within_the_handshake_timeout_closes_the_websocket() {
     let got = next_json(&mut ws).await.expect("an error first");
     assert_eq!(got["type"], "error");
     assert!(next_frame(&mut ws).await.is_err(), "then the close");
+    // A connection that sends no request at all is closed too, and its
+    // slot freed.
+    let mut silent = tokio::net::TcpStream::connect(node.web_addr().unwrap())
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, silent.read_to_end(&mut rest))
+        .await
+        .expect("closed within the deadline");
+    assert!(read.is_err() || rest.is_empty(), "{read:?} {rest:?}");
+    let slots = node.client_slots().clone();
+    common::wait_for("no slot in use", || slots.in_use() == 0).await;
     node.stop().await;
 }
 
