@@ -105,8 +105,8 @@ pub struct ClusterDirectory {
     /// One per claim not yet answered.
     claim_slots: Arc<Semaphore>,
     names: Arc<Mutex<Names>>,
-    /// Client address (host, port) of every server, for `route`.
-    clients: HashMap<ServerId, (String, u16)>,
+    /// Client host, client port and web port of every server, for `route`.
+    clients: HashMap<ServerId, (String, u16, Option<u16>)>,
     /// One turn per identity with `movejoin`s being decided: the registry
     /// refuses a second arrival of an identity while one is in flight, so
     /// an impostor's `movejoin` must not overlap the real client's. Later
@@ -209,8 +209,13 @@ impl Directory for ClusterDirectory {
         if server == self.me {
             return None;
         }
-        let (host, port) = self.clients.get(&server)?.clone();
-        Some(RemoteRoom { server, host, port })
+        let (host, port, web_port) = self.clients.get(&server)?.clone();
+        Some(RemoteRoom {
+            server,
+            host,
+            port,
+            web_port,
+        })
     }
 
     fn start_move(
@@ -272,7 +277,7 @@ impl Namespace {
         let clients = config
             .servers
             .iter()
-            .map(|s| (s.id.clone(), (s.host.clone(), s.client_port)))
+            .map(|s| (s.id.clone(), (s.host.clone(), s.client_port, s.web_port)))
             .collect();
         let directory = Arc::new(ClusterDirectory {
             me: me.to_owned(),

@@ -49,6 +49,9 @@ pub struct ServerConfig {
     pub mesh_port: u16,
     /// Loopback HTTP port for `/status` and `/metrics`, if any.
     pub admin_port: Option<u16>,
+    /// HTTP port of the web client (`GET /`) and WebSocket chat sessions
+    /// (`GET /chat`), bound on `host`, if any.
+    pub web_port: Option<u16>,
     /// Election priority: higher wins. Defaults to the position in the file.
     pub priority: u32,
 }
@@ -157,7 +160,7 @@ pub struct Limits {
     /// How long an identity routed to another server stays reserved for its
     /// `movejoin` there before it is released.
     pub move_timeout: Duration,
-    /// Most client connections (TCP and QUIC, identified or not) served at
+    /// Most client connections (TCP, QUIC and web port, identified or not) served at
     /// once; the next one is refused with a reason. `None`: as many as the
     /// open-files limit allows with descriptors kept for the mesh, the admin
     /// endpoint and files (see `listener::ClientSlots`); a configured value
@@ -282,6 +285,7 @@ fn parse_lines(text: &str, origin: &str) -> Result<ClusterConfig, ConfigError> {
             client_port: port("client_port", fields[2])?,
             mesh_port: port("coordination_port", fields[3])?,
             admin_port: None,
+            web_port: None,
             priority: None,
         };
         servers.push((server, Some(line_no)));
@@ -309,6 +313,7 @@ struct RawServer {
     client_port: u16,
     mesh_port: u16,
     admin_port: Option<u16>,
+    web_port: Option<u16>,
     priority: Option<u32>,
 }
 
@@ -538,6 +543,7 @@ fn build(
             ("client_port", Some(server.client_port)),
             ("mesh_port", Some(server.mesh_port)),
             ("admin_port", server.admin_port),
+            ("web_port", server.web_port),
         ];
         for (field, port) in ports {
             let Some(port) = port else { continue };
@@ -556,6 +562,7 @@ fn build(
             client_port: server.client_port,
             mesh_port: server.mesh_port,
             admin_port: server.admin_port,
+            web_port: server.web_port,
         });
     }
     let mut priorities = HashSet::new();
@@ -616,11 +623,31 @@ mod tests {
         assert_eq!(config.ids(), ["s1", "s2", "s3"]);
         let s2 = config.server("s2").unwrap();
         assert_eq!(
-            (s2.client_port, s2.mesh_port, s2.admin_port),
-            (4445, 5556, Some(7002))
+            (s2.client_port, s2.mesh_port, s2.admin_port, s2.web_port),
+            (4445, 5556, Some(7002), Some(8081))
         );
         assert_eq!(config.timing, Timing::default());
         assert_eq!(config.limits, Limits::default());
+    }
+
+    #[test]
+    fn web_port_is_optional_and_must_not_clash() {
+        let base = "[[server]]\nid = \"s1\"\nhost = \"h\"\nclient_port = 1\nmesh_port = 2\n";
+        let none = ClusterConfig::parse(base, "c").unwrap();
+        assert_eq!(none.servers[0].web_port, None);
+        let some = ClusterConfig::parse(&format!("{base}web_port = 8080\n"), "c").unwrap();
+        assert_eq!(some.servers[0].web_port, Some(8080));
+        let err = ClusterConfig::parse(&format!("{base}web_port = 2\n"), "c")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("web_port") && err.contains("already used"),
+            "{err}"
+        );
+        let err = ClusterConfig::parse(&format!("{base}web_port = 70000\n"), "c")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("web_port"), "{err}");
     }
 
     #[test]

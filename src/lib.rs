@@ -46,6 +46,7 @@ pub mod registry;
 pub mod status;
 pub mod tls;
 pub mod up;
+pub mod web;
 
 /// A server's id as written in the cluster config ("s1").
 pub type ServerId = String;

@@ -31,9 +31,9 @@ use crate::config::Limits;
 /// An idle node uses about 20; the rest is headroom.
 pub const FD_RESERVE: u64 = 64;
 
-/// The client connections a server takes at once (TCP and QUIC, identified
-/// or not), shared by both listeners. A connection holds its slot until its
-/// session ends.
+/// The client connections a server takes at once (TCP, QUIC and web port,
+/// identified or not), shared by the listeners. A connection holds its slot
+/// until its session ends (a web port connection: until it closes).
 #[derive(Clone)]
 pub struct ClientSlots {
     free: Arc<Semaphore>,
@@ -94,12 +94,12 @@ impl ClientSlots {
     }
 
     /// A slot for a new client, if one is free.
-    fn take(&self) -> Option<OwnedSemaphorePermit> {
+    pub(crate) fn take(&self) -> Option<OwnedSemaphorePermit> {
         self.free.clone().try_acquire_owned().ok()
     }
 
     /// What a client over the limit is told.
-    fn refusal(&self) -> String {
+    pub(crate) fn refusal(&self) -> String {
         format!(
             "server full: max_clients ({}) client connections are open; try again later or another server",
             self.max

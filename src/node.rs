@@ -31,6 +31,7 @@ use crate::listener::{ClientSlots, bind_client_ports, serve_quic, serve_tcp};
 use crate::mesh::Mesh;
 use crate::netsim::{self, ImpairHandle, Impairment};
 use crate::tls::{ServerIdentity, client_facing_server_config};
+use crate::web;
 
 /// What a node needs to start.
 #[derive(Clone)]
@@ -82,6 +83,7 @@ pub struct Node {
     view: SharedView,
     client_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    web_addr: Option<SocketAddr>,
     client_slots: ClientSlots,
     impair: ImpairHandle,
     shutdown: CancellationToken,
@@ -121,6 +123,23 @@ impl Node {
             .with_context(|| format!("cannot resolve host {:?} of server {id}", me.host))?;
         let (tcp, quic) = bind_client_ports(addr, client_crypto)?;
         let client_addr = tcp.local_addr()?;
+
+        let web = match me.web_port {
+            Some(port) => {
+                let addr = me
+                    .resolve(port)
+                    .with_context(|| format!("cannot resolve host {:?} of server {id}", me.host))?;
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on TCP {addr} for the web port"))?;
+                Some(listener)
+            }
+            None => None,
+        };
+        let web_addr = match &web {
+            Some(listener) => Some(listener.local_addr()?),
+            None => None,
+        };
 
         let admin = match me.admin_port {
             // Loopback only: the admin endpoint has no authentication.
@@ -197,6 +216,14 @@ impl Node {
             shutdown.clone(),
             tasks.clone(),
         ));
+        if let Some(listener) = web {
+            let config = config.clone();
+            let (chat, slots) = (chat.clone(), client_slots.clone());
+            let (shutdown, tasks_) = (shutdown.clone(), tasks.clone());
+            tasks.spawn(async move {
+                web::serve(listener, &config, chat, slots, shutdown, tasks_).await;
+            });
+        }
         let mut admin_addr = None;
         if let Some(listener) = admin {
             admin_addr = Some(listener.local_addr()?);
@@ -225,6 +252,7 @@ impl Node {
             %client_addr,
             mesh_addr = %mesh.local_addr()?,
             admin_addr = ?admin_addr,
+            web_addr = ?web_addr,
             "serving clients over TCP and QUIC"
         );
         Ok(Node {
@@ -234,6 +262,7 @@ impl Node {
             view,
             client_addr,
             admin_addr,
+            web_addr,
             client_slots,
             impair: impair_handle,
             shutdown,
@@ -259,6 +288,11 @@ impl Node {
     /// The admin endpoint's address, if configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// The web port's address (web client and WebSocket sessions), if configured.
+    pub fn web_addr(&self) -> Option<SocketAddr> {
+        self.web_addr
     }
 
     /// The UDP address of the mesh endpoint.

@@ -65,8 +65,12 @@ pub async fn run(options: UpOptions) -> Result<()> {
             tokio::spawn(prefix_lines(server.id.clone(), err));
         }
         let pid = child.id().unwrap_or(0);
+        let web = match server.web_port {
+            Some(port) => format!("; web client at {}", web_url(&server.host, port)),
+            None => String::new(),
+        };
         println!(
-            "up: started {} (pid {pid}): clients on {}:{} over TCP and QUIC",
+            "up: started {} (pid {pid}): clients on {}:{} over TCP and QUIC{web}",
             server.id, server.host, server.client_port
         );
         pids.push((server.id.clone(), pid));
@@ -100,6 +104,15 @@ pub async fn run(options: UpOptions) -> Result<()> {
 }
 
 /// Waits for every node to exit, crossing each off `pids` as it goes.
+/// The web client's URL on `host:port` (an IPv6 literal in brackets).
+pub fn web_url(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("http://[{host}]:{port}/")
+    } else {
+        format!("http://{host}:{port}/")
+    }
+}
+
 async fn wait_all(running: &mut JoinSet<String>, pids: &mut Vec<(String, u32)>) {
     while let Some(exited) = running.join_next().await {
         if let Ok(id) = exited {

@@ -138,21 +138,44 @@ fn scripted_client_runs_a_whole_script_from_a_pipe() {
     }
 }
 
+/// A plain HTTP/1.1 GET of `path` on `addr`: the whole response.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(addr).expect("web port accepts");
+    stream
+        .set_read_timeout(Some(common::DEADLINE))
+        .expect("read timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
+}
+
 #[test]
 fn up_runs_every_server_and_stops_them_all() {
     let ports = free_ports(9);
     assert!(ports.len() >= 9, "not enough free ports");
+    // s1 and s2 have a web port, s3 none.
+    let web_ports = free_ports(2);
     let dir = temp_dir("up");
     let config = dir.join("cluster.toml");
     let mut text = String::new();
     for i in 0..3 {
         text += &format!(
-            "[[server]]\nid = \"s{}\"\nhost = \"127.0.0.1\"\nclient_port = {}\nmesh_port = {}\nadmin_port = {}\n\n",
+            "[[server]]\nid = \"s{}\"\nhost = \"127.0.0.1\"\nclient_port = {}\nmesh_port = {}\nadmin_port = {}\n",
             i + 1,
             ports[i * 3],
             ports[i * 3 + 1],
             ports[i * 3 + 2]
         );
+        if let Some(web) = web_ports.get(i) {
+            text += &format!("web_port = {web}\n");
+        }
+        text += "\n";
     }
     std::fs::write(&config, text).unwrap();
     let certs_dir = dir.join("certs");
@@ -167,6 +190,18 @@ fn up_runs_every_server_and_stops_them_all() {
         ],
     );
     up.wait_line("made 9 certificate file(s)");
+    for (i, web) in web_ports.iter().enumerate() {
+        let line = up.wait_line(&format!("started s{} (pid", i + 1));
+        assert!(
+            line.ends_with(&format!(
+                ": clients on 127.0.0.1:{} over TCP and QUIC; web client at http://127.0.0.1:{web}/",
+                ports[i * 3]
+            )),
+            "{line}"
+        );
+    }
+    let line = up.wait_line("started s3 (pid");
+    assert!(!line.contains("web client"), "s3 has no web port: {line}");
     for i in 0..3 {
         up.wait_line(&format!("s{} | ", i + 1));
     }
@@ -181,6 +216,12 @@ fn up_runs_every_server_and_stops_them_all() {
         client.close_stdin();
         assert!(client.wait_exit());
     }
+    // The printed URL serves the web client.
+    let page = http_get(&format!("127.0.0.1:{}", web_ports[0]), "/");
+    assert!(
+        page.starts_with("HTTP/1.1 200 OK\r\n") && page.contains("<title>chatmesh</title>"),
+        "{page}"
+    );
     up.signal(libc::SIGTERM);
     up.wait_line("stopping every node");
     for i in 0..3 {

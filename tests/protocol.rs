@@ -1,5 +1,5 @@
 //! Conformance with shared/PROTOCOL.md on one server, rule by rule: exact lines
-//! in exact order, over TCP and the same scenarios over QUIC.
+//! in exact order, over TCP and the same scenarios over QUIC and WebSocket.
 
 mod common;
 
@@ -7,7 +7,7 @@ use common::{Raw, Via, room_change, start_node};
 
 const HALL: &str = "MainHall-s1";
 
-/// Runs each scenario over both transports.
+/// Runs each scenario over the three transports.
 macro_rules! both_transports {
     ($($name:ident),* $(,)?) => {
         mod tcp {
@@ -15,6 +15,9 @@ macro_rules! both_transports {
         }
         mod quic {
             $(#[tokio::test] async fn $name() { super::$name(super::Via::Quic).await })*
+        }
+        mod ws {
+            $(#[tokio::test] async fn $name() { super::$name(super::Via::Ws).await })*
         }
     };
 }

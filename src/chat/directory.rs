@@ -15,8 +15,10 @@ pub struct RemoteRoom {
     pub server: crate::ServerId,
     /// That server's client host, as sent in `route`.
     pub host: String,
-    /// That server's client port.
+    /// That server's client port (TCP and QUIC).
     pub port: u16,
+    /// That server's web port (WebSocket sessions), if it has one.
+    pub web_port: Option<u16>,
 }
 
 /// The cluster-wide namespace as one server's chat sees it.

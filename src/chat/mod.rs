@@ -38,7 +38,7 @@ use tracing::debug;
 
 pub use directory::{BoxFuture, Directory, RemoteRoom};
 pub use outbox::{Outbox, WriteTurns, WriterEnd};
-pub use session::{SessionEnd, run_session};
+pub use session::{SessionEnd, Transport, run_session, run_session_on};
 
 use crate::ServerId;
 use crate::client_proto::{Approved, ServerMessage};

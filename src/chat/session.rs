@@ -55,15 +55,44 @@ struct Session {
     /// without a token only from it, and a `movejoin` without a token is
     /// checked against it.
     peer_ip: IpAddr,
+    /// Which port of another server a `route` names.
+    transport: Transport,
 }
 
-/// Runs a client session on any transport until the client quits, the
+/// Which kind of connection a session runs on: it decides which port of
+/// another server a `route` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// TCP or QUIC on the client port.
+    Stream,
+    /// WebSocket on the web port.
+    Web,
+}
+
+/// Runs a client session on TCP or QUIC until the client quits, the
 /// connection drops, or `shutdown` fires. `peer_ip` is the client's source
 /// address (moves are bound to it). Never panics on client input.
 ///
 /// On return the writer is gone (a dropped session's at once, however stuck
 /// its write); the caller closes the connection as [`SessionEnd`] says.
 pub async fn run_session<R, W>(
+    chat: Arc<ChatServer>,
+    reader: R,
+    writer: W,
+    peer_ip: IpAddr,
+    shutdown: CancellationToken,
+) -> SessionEnd
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    run_session_on(Transport::Stream, chat, reader, writer, peer_ip, shutdown).await
+}
+
+/// [`run_session`] on a given transport: a `route` names the port of the
+/// other server that serves `transport`.
+pub async fn run_session_on<R, W>(
+    transport: Transport,
     chat: Arc<ChatServer>,
     reader: R,
     writer: W,
@@ -87,6 +116,7 @@ where
         outbox: outbox.clone(),
         phase: Phase::Handshake,
         peer_ip,
+        transport,
     };
     let handshake_deadline = Instant::now() + limits.handshake_timeout;
     let mut moved_at = None;
@@ -229,7 +259,18 @@ impl Session {
             Request::Message { content } => chat.message(&identity, content),
             Request::CreateRoom { roomid } => self.create_room(&identity, roomid).await,
             Request::JoinRoom { roomid } => {
-                if let JoinOutcome::Remote(remote) = chat.join_room(&identity, &roomid) {
+                if let JoinOutcome::Remote(mut remote) = chat.join_room(&identity, &roomid) {
+                    if self.transport == Transport::Web {
+                        // A browser can only follow a route to a web port.
+                        match remote.web_port {
+                            Some(web_port) => remote.port = web_port,
+                            None => {
+                                info!(%identity, room = %roomid, to = %remote.server, "move refused: that server has no web_port");
+                                chat.refuse_join(&identity, &roomid);
+                                return Flow::Continue;
+                            }
+                        }
+                    }
                     let chat = chat.clone();
                     // One token per move: only this client learns it (in
                     // `route`), and the destination checks it (issue 12).

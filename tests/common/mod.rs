@@ -48,13 +48,42 @@ pub fn certs() -> &'static Path {
     })
 }
 
-/// Starts server s1 alone, with `limits`.
+/// Starts server s1 alone, with `limits`, and a web port (any free one) for
+/// [`Via::Ws`] clients.
 pub async fn start_node_with(limits: Limits) -> Node {
     let mut config = local_config(1);
     config.limits = limits;
-    Node::start(NodeOptions::new(config, "s1", certs()))
+    config.servers[0].web_port = Some(0);
+    let node = Node::start(NodeOptions::new(config, "s1", certs()))
         .await
-        .expect("node starts")
+        .expect("node starts");
+    register_web(&node);
+    node
+}
+
+/// Client address -> web address of the nodes started here, so that a
+/// [`Via::Ws`] client given a node's client address (as every scenario
+/// written for TCP and QUIC passes) finds the same node's web port.
+fn web_addrs() -> &'static std::sync::Mutex<std::collections::HashMap<SocketAddr, SocketAddr>> {
+    static MAP: OnceLock<std::sync::Mutex<std::collections::HashMap<SocketAddr, SocketAddr>>> =
+        OnceLock::new();
+    MAP.get_or_init(Default::default)
+}
+
+/// Records `node`'s web address (if it has one) for [`Via::Ws`] clients.
+pub fn register_web(node: &Node) {
+    if let Some(web) = node.web_addr() {
+        web_addrs().lock().unwrap().insert(node.client_addr(), web);
+    }
+}
+
+/// The web address of the node whose client address is `client`.
+pub fn web_addr_of(client: SocketAddr) -> SocketAddr {
+    *web_addrs()
+        .lock()
+        .unwrap()
+        .get(&client)
+        .unwrap_or_else(|| panic!("no web port registered for the node at {client}"))
 }
 
 /// Starts server s1 alone with default limits.
@@ -67,6 +96,9 @@ pub async fn start_node() -> Node {
 pub enum Via {
     Tcp,
     Quic,
+    /// A WebSocket on the node's web port (`GET /chat`): each line sent is
+    /// one text frame, each frame received one line.
+    Ws,
 }
 
 /// A raw protocol client that asserts exact server lines.
@@ -95,6 +127,60 @@ impl Raw {
                 }
             }
             Via::Quic => Raw::connect_quic_from([127, 0, 0, 1].into(), addr, name).await,
+            Via::Ws => Raw::connect_ws(web_addr_of(addr), name).await,
+        }
+    }
+
+    /// Connects a WebSocket to `ws://web/chat`, without sending anything.
+    /// Two pumps turn it into lines: each line written goes out as one text
+    /// frame (without its newline), each text frame received is read as one
+    /// line. The server closing the WebSocket is the end of the lines; a
+    /// binary frame from the server is a test failure.
+    pub async fn connect_ws(web: SocketAddr, name: &str) -> Raw {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{web}/chat"))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: WebSocket connect to {web}: {e}"));
+        let (mut sink, mut frames) = ws.split();
+        let (mut down_w, down_r) = tokio::io::duplex(1 << 20);
+        let (up_w, up_r) = tokio::io::duplex(1 << 20);
+        let who = name.to_owned();
+        tokio::spawn(async move {
+            while let Some(Ok(frame)) = frames.next().await {
+                match frame {
+                    Message::Text(text) => {
+                        assert!(
+                            !text.as_str().contains('\n'),
+                            "{who}: a frame holds more than one line: {text:?}"
+                        );
+                        let line = format!("{}\n", text.as_str());
+                        if down_w.write_all(line.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                    Message::Binary(b) => panic!("{who}: server sent a binary frame {b:?}"),
+                    Message::Close(_) => break,
+                    _ => {}
+                }
+            }
+            // Dropping `down_w` is the end of the lines.
+        });
+        tokio::spawn(async move {
+            let mut lines = LineReader::new(up_r, 1 << 22);
+            while let Ok(Some(line)) = lines.next_line().await {
+                let text = String::from_utf8_lossy(line).into_owned();
+                if sink.send(Message::text(text)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = sink.close().await;
+        });
+        Raw {
+            reader: LineReader::new(Box::new(down_r), 1 << 22),
+            writer: Box::new(up_w),
+            _quic: None,
+            name: name.to_owned(),
         }
     }
 

@@ -1,0 +1,498 @@
+//! The web port (issue 13): `GET /` serves the web client, one self-contained
+//! page; `GET /chat` upgraded to a WebSocket is one chat session, run by the
+//! same session logic as TCP and QUIC ([`run_session_on`]); `GET /servers`
+//! lists the cluster's web addresses (the page reconnects through them).
+//!
+//! A WebSocket session is adapted to the byte streams the session takes: each
+//! text frame becomes one line (a trailing newline tolerated, inner ones read
+//! as the JSON whitespace they are), each line the session writes goes out
+//! as one text frame. The session logic enforces the
+//! handshake timeout, the line size and the error replies; here a binary
+//! frame, a frame over the size limit or a broken connection ends the input,
+//! which ends that session.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::serve::ListenerExt;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::chat::{ChatServer, SessionEnd, Transport, run_session_on};
+use crate::config::ClusterConfig;
+use crate::lines::LineReader;
+use crate::listener::ClientSlots;
+
+/// The web client: HTML, CSS and JavaScript in one file, nothing loaded from
+/// elsewhere.
+pub const PAGE: &str = include_str!("web/index.html");
+
+/// What the page may do: only its own inline script and style, and
+/// WebSocket connections (to any server of the cluster, which the page finds
+/// through `/servers`). Defence in depth: the page never inserts peer text
+/// as HTML anyway.
+const PAGE_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self' ws: wss:; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// Bytes buffered between a WebSocket and its session, each way. The
+/// session's outbox is the real queue; this only decouples the two tasks.
+const PIPE_BYTES: usize = 64 * 1024;
+
+/// The longest line the session writes that is sent as one frame (its
+/// output is its own JSON, bounded by the outbox; this only bounds the
+/// adapter's buffer).
+const MAX_OUTPUT_LINE: usize = 16 * 1024 * 1024;
+
+/// Everything a web request needs.
+struct WebState {
+    chat: Arc<ChatServer>,
+    /// Origins whose pages may open `/chat`.
+    origins: Vec<String>,
+    /// The `/servers` answer.
+    servers_json: String,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// The origins of the cluster's own pages: `http://HOST:WEB_PORT` of every
+/// server with a web port, and for a loopback host the same port on
+/// `127.0.0.1`, `localhost` and `[::1]` (one machine, any of its names).
+pub fn allowed_origins(config: &ClusterConfig) -> Vec<String> {
+    let mut origins = Vec::new();
+    for server in &config.servers {
+        let Some(port) = server.web_port else {
+            continue;
+        };
+        origins.push(format!("http://{}:{port}", server.host));
+        let loopback = server.host == "localhost"
+            || server
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if loopback {
+            for host in ["127.0.0.1", "localhost", "[::1]"] {
+                origins.push(format!("http://{host}:{port}"));
+            }
+        }
+    }
+    origins.sort();
+    origins.dedup();
+    origins
+}
+
+/// The `/servers` answer: each server with a web port, as
+/// `{"id","host","port","url","ws"}`.
+pub fn servers_json(config: &ClusterConfig) -> String {
+    let servers: Vec<serde_json::Value> = config
+        .servers
+        .iter()
+        .filter_map(|s| {
+            let port = s.web_port?;
+            let authority = if s.host.contains(':') {
+                format!("[{}]:{port}", s.host)
+            } else {
+                format!("{}:{port}", s.host)
+            };
+            Some(serde_json::json!({
+                "id": s.id,
+                "host": s.host,
+                "port": port.to_string(),
+                "url": format!("http://{authority}/"),
+                "ws": format!("ws://{authority}/chat"),
+            }))
+        })
+        .collect();
+    serde_json::Value::Array(servers).to_string()
+}
+
+/// The web port's listener: every connection holds a client slot (shared
+/// with TCP and QUIC) for as long as it is open, a WebSocket session
+/// included, so that connections to the web port can never take the
+/// descriptors the mesh needs. One over the limit is told why (a 503) and
+/// closed.
+struct SlotListener {
+    inner: TcpListener,
+    slots: ClientSlots,
+    /// Refusals logged at most once a second.
+    refused_at: Option<std::time::Instant>,
+    /// A connection that sends nothing for this long is closed (the
+    /// handshake timeout, as for TCP clients).
+    first_request_within: std::time::Duration,
+}
+
+impl axum::serve::Listener for SlotListener {
+    type Io = SlotStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (SlotStream, SocketAddr) {
+        loop {
+            let (stream, peer) = match self.inner.accept().await {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    warn!(error = %e, "web port accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Some(slot) = self.slots.take() else {
+                if self
+                    .refused_at
+                    .is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(1))
+                {
+                    warn!(%peer, max_clients = self.slots.max(), "web client refused: max_clients reached");
+                    self.refused_at = Some(std::time::Instant::now());
+                }
+                let reason = self.slots.refusal();
+                let response = format!(
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reason}",
+                    reason.len()
+                );
+                // Never waits: a new socket's send buffer is empty. A FIN
+                // after it (as for TCP clients over the limit).
+                let _ = stream.try_write(response.as_bytes());
+                if let Ok(stream) = stream.into_std() {
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                }
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let silence = Box::pin(tokio::time::sleep(self.first_request_within));
+            return (
+                SlotStream {
+                    stream,
+                    _slot: slot,
+                    silence: Some(silence),
+                },
+                peer,
+            );
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A web port connection and the client slot it holds until it is dropped.
+struct SlotStream {
+    stream: tokio::net::TcpStream,
+    _slot: OwnedSemaphorePermit,
+    /// Until the first byte comes: when it fires, reading fails and the
+    /// connection is closed, so a silent connection cannot hold its slot.
+    silence: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl tokio::io::AsyncRead for SlotStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        let Some(silence) = self.silence.as_mut() else {
+            return read;
+        };
+        match read {
+            std::task::Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                self.silence = None;
+                std::task::Poll::Ready(Ok(()))
+            }
+            std::task::Poll::Pending => match silence.as_mut().poll(cx) {
+                std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no request within the handshake timeout",
+                ))),
+                std::task::Poll::Pending => std::task::Poll::Pending,
+            },
+            other => other,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for SlotStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Serves the web port on `listener` until `shutdown`; sessions are tracked
+/// by `tasks`, and every connection holds one of the client `slots` shared
+/// with TCP and QUIC.
+pub async fn serve(
+    listener: TcpListener,
+    config: &ClusterConfig,
+    chat: Arc<ChatServer>,
+    slots: ClientSlots,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let listener = SlotListener {
+        inner: listener,
+        slots,
+        refused_at: None,
+        first_request_within: chat.limits().handshake_timeout,
+    };
+    let state = Arc::new(WebState {
+        chat,
+        origins: allowed_origins(config),
+        servers_json: servers_json(config),
+        shutdown: shutdown.clone(),
+        tasks,
+    });
+    let app = Router::new()
+        .route("/", get(page))
+        .route("/servers", get(servers))
+        .route("/chat", get(chat_upgrade))
+        .with_state(state);
+    // (`tap_io` only for the peer address: axum gives `ConnectInfo` to a
+    // tapped listener of any kind.)
+    let served = axum::serve(
+        listener.tap_io(|_| {}),
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await;
+    if let Err(e) = served {
+        warn!(error = %e, "web port stopped");
+    }
+}
+
+async fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, PAGE_POLICY),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        PAGE,
+    )
+        .into_response()
+}
+
+async fn servers(State(web): State<Arc<WebState>>) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        web.servers_json.clone(),
+    )
+        .into_response()
+}
+
+/// Whether a request with these headers may open a session: a browser
+/// always sends `Origin` with a WebSocket upgrade, so a request without one
+/// is not a page's (a program, which no page can make speak for a user).
+fn origin_allowed(headers: &HeaderMap, origins: &[String]) -> bool {
+    match headers.get(header::ORIGIN).map(HeaderValue::to_str) {
+        None => true,
+        Some(Ok(origin)) => origins.iter().any(|o| o.eq_ignore_ascii_case(origin)),
+        Some(Err(_)) => false,
+    }
+}
+
+async fn chat_upgrade(
+    State(web): State<Arc<WebState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if !origin_allowed(&headers, &web.origins) {
+        info!(%peer, origin = ?headers.get(header::ORIGIN), "WebSocket refused: foreign origin");
+        return (
+            StatusCode::FORBIDDEN,
+            "this page's origin may not open chat sessions here\n",
+        )
+            .into_response();
+    }
+    let max = web.chat.limits().max_line_bytes;
+    // One byte more than a line may hold: a frame of max_line_bytes and its
+    // newline passes, a longer one reaches the session's own check (error
+    // reply, then close); far longer ones are refused by the WebSocket layer
+    // before they are buffered, which ends the session too.
+    let frame_max = max.saturating_add(1);
+    let chat = web.chat.clone();
+    let shutdown = web.shutdown.clone();
+    let tasks = web.tasks.clone();
+    upgrade
+        .max_message_size(frame_max)
+        .max_frame_size(frame_max)
+        .on_upgrade(move |socket| {
+            tasks.track_future(
+                ws_session(socket, peer, chat, shutdown)
+                    .instrument(info_span!("client", transport = "ws", %peer)),
+            )
+        })
+}
+
+/// Why the server closes a WebSocket, sent in its close frame.
+#[derive(Clone, Copy)]
+enum CloseWhy {
+    /// The session ended.
+    Done,
+    /// The client sent a binary frame (1003: unsupported data).
+    Binary,
+}
+
+/// One WebSocket chat session: the session logic on two pipes, and two
+/// pumps between the pipes and the socket.
+async fn ws_session(
+    socket: WebSocket,
+    peer: SocketAddr,
+    chat: Arc<ChatServer>,
+    shutdown: CancellationToken,
+) {
+    debug!("connected");
+    let handshake = chat.limits().handshake_timeout;
+    let (mut sink, mut frames) = socket.split();
+    // Frames -> lines for the session; the session's end of each pipe is a
+    // whole DuplexStream, so dropping the other end is its end of input.
+    let (mut to_session, session_in) = tokio::io::duplex(PIPE_BYTES);
+    let (session_out, from_session) = tokio::io::duplex(PIPE_BYTES);
+    let why = Arc::new(std::sync::Mutex::new(CloseWhy::Done));
+    let inbound = {
+        let why = why.clone();
+        async move {
+            while let Some(frame) = frames.next().await {
+                let text = match frame {
+                    Ok(Message::Text(text)) => text,
+                    Ok(Message::Binary(_)) => {
+                        info!("binary frame; closing the session");
+                        *why.lock().unwrap_or_else(|e| e.into_inner()) = CloseWhy::Binary;
+                        break;
+                    }
+                    // Pings are answered by the WebSocket layer.
+                    Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+                    Ok(Message::Close(_)) => break,
+                    Err(e) => {
+                        // Oversize frames, protocol violations, resets.
+                        info!(error = %e, "WebSocket input failed; closing the session");
+                        break;
+                    }
+                };
+                let line = text.as_str();
+                let line = line.strip_suffix('\n').unwrap_or(line);
+                let line = line.strip_suffix('\r').unwrap_or(line);
+                // One frame is one line: a newline inside a JSON object can
+                // only be whitespace between tokens (strings hold `\n`
+                // escaped), so it becomes a space rather than a line break.
+                let line = if line.contains(['\n', '\r']) {
+                    std::borrow::Cow::Owned(line.replace(['\n', '\r'], " "))
+                } else {
+                    std::borrow::Cow::Borrowed(line)
+                };
+                let written = async {
+                    to_session.write_all(line.as_bytes()).await?;
+                    to_session.write_all(b"\n").await
+                };
+                if written.await.is_err() {
+                    break;
+                }
+            }
+            // Dropping `to_session` here is the session's end of input.
+        }
+    };
+    let outbound = {
+        let why = why.clone();
+        async move {
+            let mut lines = LineReader::new(from_session, MAX_OUTPUT_LINE);
+            while let Ok(Some(line)) = lines.next_line().await {
+                // The session writes its own JSON: always UTF-8.
+                let text = String::from_utf8_lossy(line).into_owned();
+                if sink
+                    .send(Message::Text(Utf8Bytes::from(text)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let frame = match *why.lock().unwrap_or_else(|e| e.into_inner()) {
+                CloseWhy::Done => CloseFrame {
+                    code: 1000,
+                    reason: Utf8Bytes::from_static("session ended"),
+                },
+                CloseWhy::Binary => CloseFrame {
+                    code: 1003,
+                    reason: Utf8Bytes::from_static("binary frames are not taken; send text"),
+                },
+            };
+            let _ = sink.send(Message::Close(Some(frame))).await;
+        }
+    };
+    let session = run_session_on(
+        Transport::Web,
+        chat,
+        session_in,
+        session_out,
+        peer.ip(),
+        shutdown,
+    );
+    let mut inbound = std::pin::pin!(inbound);
+    let mut outbound = std::pin::pin!(outbound);
+    let mut session = std::pin::pin!(session);
+    let (mut inbound_done, mut outbound_done) = (false, false);
+    let end = loop {
+        tokio::select! {
+            end = &mut session => break end,
+            () = &mut inbound, if !inbound_done => inbound_done = true,
+            () = &mut outbound, if !outbound_done => outbound_done = true,
+        }
+    };
+    if end == SessionEnd::Closed && !outbound_done {
+        // The last lines and the close frame, given as long as the session
+        // gives them (a client that does not read is dropped).
+        if tokio::time::timeout(handshake, &mut outbound)
+            .await
+            .is_err()
+        {
+            info!("client did not take its last frames; dropping the connection");
+        }
+    } else if end == SessionEnd::Abort {
+        info!("connection dropped: output stuck in it");
+    }
+    debug!("closed");
+}
