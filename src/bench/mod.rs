@@ -84,9 +84,17 @@ pub struct BenchOptions {
     /// fanout: at most this many of a member's own messages not yet delivered to every other member.
     #[arg(long, default_value_t = 4)]
     pub window: usize,
-    /// fanout: spread chatmesh's rooms over its 3 servers (room i on server i mod 3) instead of all on s1.
+    /// fanout: put every chatmesh room and its members on s1, instead of room i
+    /// (and all its members) on server i mod 3, as for the linked ngircd (the default).
     #[arg(long)]
+    pub no_spread: bool,
+    /// fanout: accepted for compatibility; spreading rooms is the default.
+    #[arg(long, hide = true)]
     pub spread: bool,
+    /// fanout: measure only these systems (comma-separated: chatmesh-tcp,
+    /// chatmesh-quic, ngircd-1, ngircd-3, nats-server).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
     /// fanout: workload (a) as ROOMSxMEMBERSxMESSAGES (default 10x10x200; 2x5x20 with --quick).
     #[arg(long, value_name = "RxMxK")]
     pub workload_a: Option<String>,

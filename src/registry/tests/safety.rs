@@ -398,7 +398,7 @@ fn a_late_report_does_not_re_register_a_name_its_server_lost() {
 #[test]
 fn a_stale_move_expiry_timer_leaves_a_newer_move_alone() {
     let (mut reg, t0) = hand_leader(3, true);
-    let mut decide = |reg: &mut Registry, at, from: &str, id, op| {
+    let decide = |reg: &mut Registry, at, from: &str, id, op| {
         let mut out = reg.handle(at, msg(from, request(1, 1, id, id, op)));
         out.extend(ack_all(reg, at));
         answers(&out)
