@@ -112,8 +112,16 @@ fn check_fanout(report: &Value, want_peers: bool) {
 
 #[test]
 fn fanout_quick_without_peers() {
-    let report = bench("fanout", "fanout", &["--no-peers"]);
+    let out = out_dir("fanout");
+    let report = run_bench("fanout", &["--no-peers"], &out);
     check_fanout(&report, false);
+    // A smoke test must not pass for a measurement: no ratios, no targets,
+    // and the plot says so.
+    assert_eq!(report["ratios_meaningful"], false, "{report}");
+    assert!(report["targets"].is_null(), "{report}");
+    let svg = std::fs::read_to_string(out.join("fanout.svg")).expect("svg written");
+    assert!(svg.contains("NOT a measurement"), "{svg}");
+    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
