@@ -172,3 +172,17 @@ fn conns_quick() {
         positive(&report, &format!("/kib_per_conn/{system}"));
     }
 }
+
+#[test]
+fn scale_quick() {
+    let report = bench("scale", "scale", &["--kills", "1"]);
+    let sizes = report["sizes"].as_array().expect("sizes");
+    let servers: Vec<u64> = sizes.iter().filter_map(|s| s["servers"].as_u64()).collect();
+    assert_eq!(servers, vec![3, 5], "{report}");
+    for i in 0..sizes.len() {
+        positive(&report, &format!("/sizes/{i}/idle_cpu_pct_per_node"));
+        positive(&report, &format!("/sizes/{i}/datagrams_per_s_per_node"));
+        positive(&report, &format!("/sizes/{i}/failover_median_ms"));
+        positive(&report, &format!("/sizes/{i}/names_free_median_ms"));
+    }
+}

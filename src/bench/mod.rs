@@ -20,6 +20,7 @@ pub mod failover;
 pub mod fanout;
 pub mod procs;
 pub mod report;
+pub mod scale;
 pub mod wire;
 
 use std::path::PathBuf;
@@ -38,6 +39,9 @@ pub enum Scenario {
     Claims,
     /// Idle identified clients on one server: resident memory per connection.
     Conns,
+    /// 3, 5, 10, 20 servers: idle CPU and mesh datagrams per node, failover
+    /// and names-free times, against N.
+    Scale,
 }
 
 impl Scenario {
@@ -48,6 +52,7 @@ impl Scenario {
             Scenario::Failover => "failover",
             Scenario::Claims => "claims",
             Scenario::Conns => "conns",
+            Scenario::Scale => "scale",
         }
     }
 }
@@ -101,7 +106,8 @@ pub struct BenchOptions {
     /// fanout: workload (b) as ROOMSxMEMBERSxMESSAGES (default 1x100x50; 1x20x10 with --quick).
     #[arg(long, value_name = "RxMxK")]
     pub workload_b: Option<String>,
-    /// failover: how many times the leader is killed (default 20, 3 with --quick).
+    /// failover, scale: how many times the leader is killed (failover: default
+    /// 20, 3 with --quick; scale: 5 per size, 1 with --quick).
     #[arg(long)]
     pub kills: Option<usize>,
     /// failover: impairment passed to every node's --impair, e.g. "loss=5%,delay=2ms".
@@ -119,6 +125,9 @@ pub struct BenchOptions {
     /// the same name at once (alternately an identity and a room id).
     #[arg(long, default_value_t = 0.1)]
     pub contested: f64,
+    /// scale: cluster sizes, comma-separated (default 3,5,10,20; 3,5 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    pub servers: Vec<usize>,
     /// conns: idle connections per system (default 10000, 200 with --quick).
     #[arg(long)]
     pub conns: Option<usize>,
@@ -139,6 +148,7 @@ pub async fn run(options: BenchOptions) -> Result<()> {
         Scenario::Failover => failover::run(&options).await?,
         Scenario::Claims => claims::run(&options).await?,
         Scenario::Conns => conns::run(&options).await?,
+        Scenario::Scale => scale::run(&options).await?,
     };
     print!("{}", report.table());
     let (json, svg) = report.write(&options.out)?;
