@@ -123,14 +123,18 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
     ];
     let mut cells = Vec::new();
     let spread = !options.no_spread;
-    let old_placement = std::env::var_os("CHATMESH_BENCH_OLD_PLACEMENT").is_some();
+    // The linked ngircd's members of one room sit on different servers, as
+    // IRC users connect to any server of a network: messages cross the links
+    // (room-local placement would make them 3 unlinked servers).
+    // CHATMESH_BENCH_ROOM_LOCAL=1 puts each room's members on one server.
+    let room_local = std::env::var_os("CHATMESH_BENCH_ROOM_LOCAL").is_some();
     let wanted = |system: &str| options.only.is_empty() || options.only.iter().any(|s| s == system);
     let mut notes = vec![
         "deliveries/s: one message reaching one member, per second (the headline); msgs/s: messages delivered to every other member of the room; latency per delivery".to_owned(),
         if spread {
-            "placement: room i and all its members on server i mod N, for chatmesh (3 nodes) and the 3 linked ngircd alike; one server for ngircd-1 and nats-server"
+            "placement: chatmesh (3 nodes): room i and all its members on server i mod 3; 3 linked ngircd: the members of each room round-robin over the 3 servers (messages cross the links); one server for ngircd-1 and nats-server"
         } else {
-            "placement: every chatmesh room and its members on s1 (--no-spread); room i on server i mod 3 for the 3 linked ngircd"
+            "placement: every chatmesh room and its members on s1 (--no-spread); the 3 linked ngircd: each room's members round-robin over the 3 servers"
         }
         .to_owned(),
         "CPU/delivery: CPU microseconds per delivery of the load generator (this process) and of the servers (chatmesh: all 3 nodes); the generator is the same code for every system".to_owned(),
@@ -144,8 +148,8 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
             }
         ),
     ];
-    if old_placement {
-        notes.push("CHATMESH_BENCH_OLD_PLACEMENT: the 3 linked ngircd get members of one room on different servers".to_owned());
+    if room_local {
+        notes.push("CHATMESH_BENCH_ROOM_LOCAL: the 3 linked ngircd get room i and all its members on server i mod 3".to_owned());
     }
 
     // chatmesh over TCP, then over QUIC, on one 3-node cluster.
@@ -208,7 +212,7 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
                         workload,
                         &ports,
                         &pids,
-                        !old_placement,
+                        room_local,
                     )
                     .await,
                 );
