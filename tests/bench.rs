@@ -112,8 +112,16 @@ fn check_fanout(report: &Value, want_peers: bool) {
 
 #[test]
 fn fanout_quick_without_peers() {
-    let report = bench("fanout", "fanout", &["--no-peers"]);
+    let out = out_dir("fanout");
+    let report = run_bench("fanout", &["--no-peers"], &out);
     check_fanout(&report, false);
+    // A smoke test must not pass for a measurement: no ratios, no targets,
+    // and the plot says so.
+    assert_eq!(report["ratios_meaningful"], false, "{report}");
+    assert!(report["targets"].is_null(), "{report}");
+    let svg = std::fs::read_to_string(out.join("fanout.svg")).expect("svg written");
+    assert!(svg.contains("NOT a measurement"), "{svg}");
+    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
@@ -162,5 +170,19 @@ fn conns_quick() {
     }
     for system in systems {
         positive(&report, &format!("/kib_per_conn/{system}"));
+    }
+}
+
+#[test]
+fn scale_quick() {
+    let report = bench("scale", "scale", &["--kills", "1"]);
+    let sizes = report["sizes"].as_array().expect("sizes");
+    let servers: Vec<u64> = sizes.iter().filter_map(|s| s["servers"].as_u64()).collect();
+    assert_eq!(servers, vec![3, 5], "{report}");
+    for i in 0..sizes.len() {
+        positive(&report, &format!("/sizes/{i}/idle_cpu_pct_per_node"));
+        positive(&report, &format!("/sizes/{i}/datagrams_per_s_per_node"));
+        positive(&report, &format!("/sizes/{i}/failover_median_ms"));
+        positive(&report, &format!("/sizes/{i}/names_free_median_ms"));
     }
 }

@@ -160,7 +160,7 @@ fn summary(samples: &[f64]) -> [f64; 3] {
 
 /// Claims `identity` on the server at `port`, then `room` with it; the
 /// connection returned keeps both.
-async fn hold(port: u16, identity: &str, room: &str) -> Result<(Reader, Writer)> {
+pub(crate) async fn hold(port: u16, identity: &str, room: &str) -> Result<(Reader, Writer)> {
     let (mut reader, mut writer) = Proto::Chat(Transport::Tcp)
         .login(port, identity, &[])
         .await?;
@@ -171,7 +171,12 @@ async fn hold(port: u16, identity: &str, room: &str) -> Result<(Reader, Writer)>
 }
 
 /// Polls the server at `port` until it grants `identity`, then `room`.
-async fn free_again(port: u16, identity: &str, room: &str, within: Duration) -> Result<()> {
+pub(crate) async fn free_again(
+    port: u16,
+    identity: &str,
+    room: &str,
+    within: Duration,
+) -> Result<()> {
     const POLL: Duration = Duration::from_millis(5);
     let start = Instant::now();
     let retry = || async {

@@ -80,6 +80,10 @@ pub struct RunResult {
     pub bench_cpu_s: f64,
     /// CPU seconds of the servers during the run.
     pub server_cpu_s: f64,
+    /// Load generator CPU microseconds per delivery.
+    pub bench_us_per_delivery: f64,
+    /// Server CPU microseconds per delivery.
+    pub server_us_per_delivery: f64,
 }
 
 /// The median run of one system on one workload.
@@ -89,7 +93,7 @@ pub struct Cell {
     pub system: String,
     /// Workload name.
     pub workload: String,
-    /// The median run by msgs/s (None if every run failed).
+    /// The median run by deliveries/s (None if every run failed).
     pub median: Option<RunResult>,
     /// Every run.
     pub runs: Vec<RunResult>,
@@ -118,22 +122,42 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
         Workload::parse("b", options.workload_b.as_deref().unwrap_or(b))?,
     ];
     let mut cells = Vec::new();
+    let spread = !options.no_spread;
+    // The linked ngircd's members of one room sit on different servers, as
+    // IRC users connect to any server of a network: messages cross the links
+    // (room-local placement would make them 3 unlinked servers).
+    // CHATMESH_BENCH_ROOM_LOCAL=1 puts each room's members on one server.
+    let room_local = std::env::var_os("CHATMESH_BENCH_ROOM_LOCAL").is_some();
+    let wanted = |system: &str| options.only.is_empty() || options.only.iter().any(|s| s == system);
     let mut notes = vec![
-        "msgs/s: messages delivered to every other member of the room, per second; deliveries/s: one message to one member; latency per delivery".to_owned(),
-        if options.spread {
-            "chatmesh: a 3-node cluster, room i and all its members on server i mod 3 (--spread)"
+        "deliveries/s: one message reaching one member, per second (the headline); msgs/s: messages delivered to every other member of the room; latency per delivery".to_owned(),
+        if spread {
+            "placement: chatmesh (3 nodes): room i and all its members on server i mod 3; 3 linked ngircd: the members of each room round-robin over the 3 servers (messages cross the links); one server for ngircd-1 and nats-server"
         } else {
-            "chatmesh: a 3-node cluster, every room and its members on s1 (--spread spreads them; on 2 cores the extra busy processes cost context switches the single-process peers do not pay); CPU counts all 3 nodes"
+            "placement: every chatmesh room and its members on s1 (--no-spread); the 3 linked ngircd: each room's members round-robin over the 3 servers"
         }
         .to_owned(),
+        "CPU/delivery: CPU microseconds per delivery of the load generator (this process) and of the servers (chatmesh: all 3 nodes); the generator is the same code for every system".to_owned(),
+        format!(
+            "generator: one write per window's worth of messages{}, TCP_NODELAY, {}",
+            if coalesce_enabled() { "" } else { " (off: one write per message)" },
+            if wire::quickack_enabled() {
+                "TCP_QUICKACK after each read (as a mostly-reading client ACKs)"
+            } else {
+                "delayed ACKs (CHATMESH_BENCH_NO_QUICKACK)"
+            }
+        ),
     ];
+    if room_local {
+        notes.push("CHATMESH_BENCH_ROOM_LOCAL: the 3 linked ngircd get room i and all its members on server i mod 3".to_owned());
+    }
 
     // chatmesh over TCP, then over QUIC, on one 3-node cluster.
-    {
+    if wanted("chatmesh-tcp") || wanted("chatmesh-quic") {
         let mut cluster = ChatCluster::new(3, "fanout", None)?;
         progress("starting a 3-node chatmesh cluster");
         cluster.start_all().await?;
-        let ports = if options.spread {
+        let ports = if spread {
             cluster.client_ports.clone()
         } else {
             cluster.client_ports[..1].to_vec()
@@ -141,6 +165,9 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
         let pids = cluster.pids();
         for transport in [Transport::Tcp, Transport::quic(&cluster.ca())?] {
             let system = format!("chatmesh-{}", transport.name());
+            if !wanted(&system) {
+                continue;
+            }
             for workload in &workloads {
                 cells.push(
                     measure(
@@ -158,9 +185,20 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
         }
     }
 
-    let peers = Peers::find(options, &mut notes);
+    let peers = if ["ngircd-1", "ngircd-3", "nats-server"]
+        .iter()
+        .any(|s| wanted(s))
+    {
+        Peers::find(options, &mut notes)
+    } else {
+        Peers::default()
+    };
     if let Some(program) = peers.ngircd {
         for n in [1, 3] {
+            let system = format!("ngircd-{n}");
+            if !wanted(&system) {
+                continue;
+            }
             let dir = TempDir::new(&format!("ngircd{n}"))?;
             progress(format!("starting {n} ngircd"));
             let (servers, ports) = procs::start_ngircd(&program, n, &dir.0).await?;
@@ -169,21 +207,21 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
                 cells.push(
                     measure(
                         options,
-                        &format!("ngircd-{n}"),
+                        &system,
                         &Proto::Irc,
                         workload,
                         &ports,
                         &pids,
-                        false,
+                        room_local,
                     )
                     .await,
                 );
             }
             drop(servers);
         }
-        notes.push("ngircd does not set TCP_NODELAY: its latency includes the ~40 ms delayed-ACK floor ordinary clients see".to_owned());
+        notes.push("ngircd does not set TCP_NODELAY: its replies wait for the client's ACK of the previous ones (Nagle)".to_owned());
     }
-    if let Some(program) = peers.nats {
+    if let Some(program) = peers.nats.filter(|_| wanted("nats-server")) {
         let dir = TempDir::new("nats")?;
         progress("starting nats-server");
         let (server, port) = procs::start_nats(&program, &dir.0).await?;
@@ -243,14 +281,17 @@ async fn measure(
         },
         |r| {
             format!(
-                "{:.0} msgs/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, {:.2} s; CPU bench {:.2} s, servers {:.2} s",
+                "{:.0} deliveries/s ({:.0} msgs/s), p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, {:.2} s; CPU bench {:.2} s ({:.2} us/delivery), servers {:.2} s ({:.2} us/delivery)",
+                r.deliveries_per_s,
                 r.msgs_per_s,
                 r.p50_ms,
                 r.p99_ms,
                 r.max_ms,
                 r.elapsed_s,
                 r.bench_cpu_s,
-                r.server_cpu_s
+                r.bench_us_per_delivery,
+                r.server_cpu_s,
+                r.server_us_per_delivery
             )
         },
     )
@@ -258,7 +299,7 @@ async fn measure(
     Cell {
         system: system.to_owned(),
         workload: workload.name.to_owned(),
-        median: runs.median(|r| r.msgs_per_s),
+        median: runs.median(|r| r.deliveries_per_s),
         runs: runs.ok,
         errors: runs.errors,
     }
@@ -415,7 +456,10 @@ async fn one_run(
     drop(open);
     let (p50_ms, p99_ms, max_ms) = report::latency_ms(&latencies);
     let deliveries = latencies.len() as f64;
+    let per_delivery = |cpu_s: f64| cpu_s * 1e6 / deliveries.max(1.0);
     Ok(RunResult {
+        bench_us_per_delivery: per_delivery(bench_cpu_s),
+        server_us_per_delivery: per_delivery(server_cpu_s),
         msgs_per_s: total as f64 / elapsed,
         deliveries_per_s: deliveries / elapsed,
         p50_ms,
@@ -453,6 +497,13 @@ fn sender_encoder(proto: &Proto, room: usize, tag: &str) -> Encoder {
     }
 }
 
+/// Whether a sender writes every message its window allows in one write
+/// (one syscall, one segment) instead of one write per message.
+/// `CHATMESH_BENCH_NO_COALESCE=1` turns it off, to show the difference.
+fn coalesce_enabled() -> bool {
+    std::env::var_os("CHATMESH_BENCH_NO_COALESCE").is_none()
+}
+
 async fn send_loop(
     writer: Arc<Mutex<Writer>>,
     shared: Arc<Shared>,
@@ -462,15 +513,34 @@ async fn send_loop(
     encode: Encoder,
 ) -> Result<()> {
     let window = shared.windows[room][index].clone();
-    for seq in 0..shared.messages {
+    let coalesce = coalesce_enabled();
+    let mut seq = 0;
+    let mut batch = Vec::new();
+    while seq < shared.messages {
         window.acquire().await.context("window closed")?.forget();
-        let micros = shared.base.elapsed().as_micros() as u64;
-        let mut content = format!("{index}:{seq}:{micros}:");
-        while content.len() < size {
-            content.push('x');
+        // Every other slot the window has free right now goes in the same
+        // write: the window is the same, the syscalls fewer.
+        let mut count = 1;
+        while coalesce && seq + count < shared.messages {
+            match window.try_acquire() {
+                Ok(permit) => {
+                    permit.forget();
+                    count += 1;
+                }
+                Err(_) => break,
+            }
         }
-        let line = encode(&content);
-        writer.lock().await.send(&line).await?;
+        let micros = shared.base.elapsed().as_micros() as u64;
+        batch.clear();
+        for s in seq..seq + count {
+            let mut content = format!("{index}:{s}:{micros}:");
+            while content.len() < size {
+                content.push('x');
+            }
+            batch.extend_from_slice(&encode(&content));
+        }
+        seq += count;
+        writer.lock().await.send(&batch).await?;
     }
     Ok(())
 }
@@ -550,14 +620,14 @@ fn chat_content(line: &[u8]) -> Option<&[u8]> {
 
 /// The text of `:nick!user@host PRIVMSG #chan :text`.
 fn irc_privmsg(line: &[u8]) -> Option<&[u8]> {
-    let text = std::str::from_utf8(line).ok()?;
-    let mut parts = text.splitn(4, ' ');
-    let _prefix = parts.next()?;
-    if parts.next()? != "PRIVMSG" {
+    // Scanned byte by byte like chatmesh's lines: no UTF-8 check, no split.
+    let mut words = line.splitn(4, |&b| b == b' ');
+    let _prefix = words.next()?;
+    if words.next()? != b"PRIVMSG" {
         return None;
     }
-    let _target = parts.next()?;
-    Some(parts.next()?.strip_prefix(':')?.as_bytes())
+    let _target = words.next()?;
+    words.next()?.strip_prefix(b":")
 }
 
 /// `sender:seq:micros:padding`.
@@ -718,25 +788,39 @@ fn build_report(
     let header = [
         "workload",
         "system",
-        "msgs/s",
         "deliveries/s",
+        "msgs/s",
         "p50 ms",
         "p99 ms",
         "max ms",
-        "CPU bench",
-        "CPU servers",
-        "tcp/this msgs",
+        "gen CPU us/dlv",
+        "srv CPU us/dlv",
+        "tcp/this dlv/s (min-max)",
         "this/tcp p99",
-        "quic/this msgs",
+        "quic/this dlv/s",
     ]
     .map(str::to_owned)
     .to_vec();
+    let runs_of = |system: &str, workload: &str| -> Vec<RunResult> {
+        cells
+            .iter()
+            .find(|c| c.system == system && c.workload == workload)
+            .map(|c| c.runs.clone())
+            .unwrap_or_default()
+    };
     let mut rows = Vec::new();
     let mut bars = Vec::new();
-    let ratio = report::ratio;
+    let ratio = |x: f64, y: f64| {
+        if options.quick {
+            "n/m (--quick)".to_owned()
+        } else {
+            report::ratio(x, y)
+        }
+    };
     for workload in workloads {
         let tcp = find("chatmesh-tcp", workload.name);
         let quic = find("chatmesh-quic", workload.name);
+        let tcp_runs = runs_of("chatmesh-tcp", workload.name);
         for cell in cells.iter().filter(|c| c.workload == workload.name) {
             let label = workload.label();
             match &cell.median {
@@ -745,15 +829,24 @@ fn build_report(
                     rows.push(vec![
                         label,
                         cell.system.clone(),
-                        format!("{:.0}", r.msgs_per_s),
                         format!("{:.0}", r.deliveries_per_s),
+                        format!("{:.0}", r.msgs_per_s),
                         format!("{:.2}", r.p50_ms),
                         format!("{:.2}", r.p99_ms),
                         format!("{:.1}", r.max_ms),
-                        format!("{:.2} s", r.bench_cpu_s),
-                        format!("{:.2} s", r.server_cpu_s),
+                        format!("{:.2}", r.bench_us_per_delivery),
+                        format!("{:.2}", r.server_us_per_delivery),
                         match (&tcp, peer) {
-                            (Some(t), true) => ratio(t.msgs_per_s, r.msgs_per_s),
+                            (Some(t), true) if options.quick => {
+                                ratio(t.deliveries_per_s, r.deliveries_per_s)
+                            }
+                            (Some(t), true) => {
+                                let (lo, hi) = ratio_range(&tcp_runs, &cell.runs);
+                                format!(
+                                    "{} ({lo:.2}-{hi:.2})",
+                                    ratio(t.deliveries_per_s, r.deliveries_per_s)
+                                )
+                            }
                             _ => "".to_owned(),
                         },
                         match (&tcp, peer) {
@@ -761,11 +854,14 @@ fn build_report(
                             _ => "".to_owned(),
                         },
                         match (&quic, peer) {
-                            (Some(q), true) => ratio(q.msgs_per_s, r.msgs_per_s),
+                            (Some(q), true) => ratio(q.deliveries_per_s, r.deliveries_per_s),
                             _ => "".to_owned(),
                         },
                     ]);
-                    bars.push((format!("{} {}", workload.name, cell.system), r.msgs_per_s));
+                    bars.push((
+                        format!("{} {}", workload.name, cell.system),
+                        r.deliveries_per_s,
+                    ));
                 }
                 None => rows.push(vec![
                     label,
@@ -787,12 +883,22 @@ fn build_report(
         "window": options.window,
         "workloads": workloads,
         "cells": cells,
-        "targets": targets,
+        "targets": if options.quick { serde_json::Value::Null } else { serde_json::json!(targets) },
+        "ratios_meaningful": !options.quick,
+        "spread": !options.no_spread,
         "notes": notes,
         "duplicates": 0,
     });
     let mut all_notes = notes;
-    all_notes.extend(report::target_notes(&targets));
+    if options.quick {
+        all_notes.push("--quick: runs of milliseconds measure start-up and ACK timing, not throughput; ratios and targets are not meaningful".to_owned());
+    } else {
+        all_notes.push(format!(
+            "ratios: of the medians over {} runs; in brackets the lowest and highest ratio any pair of runs gives",
+            options.runs()
+        ));
+        all_notes.extend(report::target_notes(&targets));
+    }
     Report {
         scenario: "fanout".to_owned(),
         header,
@@ -800,12 +906,33 @@ fn build_report(
         notes: all_notes,
         json,
         plot: Plot {
-            title: "fanout: messages delivered to every other member per second (median)"
-                .to_owned(),
-            unit: "msgs/s".to_owned(),
+            title: if options.quick {
+                "fanout --quick: a smoke test, NOT a measurement (runs of milliseconds)".to_owned()
+            } else {
+                format!(
+                    "fanout: deliveries per second (median of {} runs)",
+                    options.runs()
+                )
+            },
+            unit: "deliveries/s".to_owned(),
             bars,
         },
     }
+}
+
+/// The lowest and highest ratio of chatmesh's deliveries/s to a peer's over
+/// every pair of runs ((0, 0) when either has none).
+fn ratio_range(chatmesh: &[RunResult], peer: &[RunResult]) -> (f64, f64) {
+    let rates = |runs: &[RunResult]| -> (f64, f64) {
+        runs.iter().fold((f64::INFINITY, 0.0_f64), |(lo, hi), r| {
+            (lo.min(r.deliveries_per_s), hi.max(r.deliveries_per_s))
+        })
+    };
+    let ((c_lo, c_hi), (p_lo, p_hi)) = (rates(chatmesh), rates(peer));
+    if chatmesh.is_empty() || peer.is_empty() || p_lo <= 0.0 {
+        return (0.0, 0.0);
+    }
+    (c_lo / p_hi, c_hi / p_lo)
 }
 
 /// The issue's targets, checked against the medians.
@@ -899,5 +1026,26 @@ mod tests {
             chat_content(br#"{"type":"message","identity":"a","content":"1:2:3:x"}"#),
             Some(&b"1:2:3:x"[..])
         );
+        assert_eq!(irc_privmsg(b":a!b@c NOTICE #r :1:2:3:x"), None);
+        assert_eq!(irc_privmsg(b":a!b@c PRIVMSG #r"), None);
+    }
+
+    #[test]
+    fn ratio_range_spans_every_pair_of_runs() {
+        let run = |d: f64| RunResult {
+            msgs_per_s: 0.0,
+            deliveries_per_s: d,
+            p50_ms: 0.0,
+            p99_ms: 0.0,
+            max_ms: 0.0,
+            elapsed_s: 0.0,
+            bench_cpu_s: 0.0,
+            server_cpu_s: 0.0,
+            bench_us_per_delivery: 0.0,
+            server_us_per_delivery: 0.0,
+        };
+        let (lo, hi) = ratio_range(&[run(100.0), run(300.0)], &[run(50.0), run(200.0)]);
+        assert_eq!((lo, hi), (0.5, 6.0));
+        assert_eq!(ratio_range(&[], &[run(1.0)]), (0.0, 0.0));
     }
 }

@@ -20,6 +20,7 @@ pub mod failover;
 pub mod fanout;
 pub mod procs;
 pub mod report;
+pub mod scale;
 pub mod wire;
 
 use std::path::PathBuf;
@@ -38,6 +39,9 @@ pub enum Scenario {
     Claims,
     /// Idle identified clients on one server: resident memory per connection.
     Conns,
+    /// 3, 5, 10, 20 servers: idle CPU and mesh datagrams per node, failover
+    /// and names-free times, against N.
+    Scale,
 }
 
 impl Scenario {
@@ -48,6 +52,7 @@ impl Scenario {
             Scenario::Failover => "failover",
             Scenario::Claims => "claims",
             Scenario::Conns => "conns",
+            Scenario::Scale => "scale",
         }
     }
 }
@@ -84,16 +89,25 @@ pub struct BenchOptions {
     /// fanout: at most this many of a member's own messages not yet delivered to every other member.
     #[arg(long, default_value_t = 4)]
     pub window: usize,
-    /// fanout: spread chatmesh's rooms over its 3 servers (room i on server i mod 3) instead of all on s1.
+    /// fanout: put every chatmesh room and its members on s1, instead of room i
+    /// (and all its members) on server i mod 3, as for the linked ngircd (the default).
     #[arg(long)]
+    pub no_spread: bool,
+    /// fanout: accepted for compatibility; spreading rooms is the default.
+    #[arg(long, hide = true)]
     pub spread: bool,
+    /// fanout: measure only these systems (comma-separated: chatmesh-tcp,
+    /// chatmesh-quic, ngircd-1, ngircd-3, nats-server).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
     /// fanout: workload (a) as ROOMSxMEMBERSxMESSAGES (default 10x10x200; 2x5x20 with --quick).
     #[arg(long, value_name = "RxMxK")]
     pub workload_a: Option<String>,
     /// fanout: workload (b) as ROOMSxMEMBERSxMESSAGES (default 1x100x50; 1x20x10 with --quick).
     #[arg(long, value_name = "RxMxK")]
     pub workload_b: Option<String>,
-    /// failover: how many times the leader is killed (default 20, 3 with --quick).
+    /// failover, scale: how many times the leader is killed (failover: default
+    /// 20, 3 with --quick; scale: 5 per size, 1 with --quick).
     #[arg(long)]
     pub kills: Option<usize>,
     /// failover: impairment passed to every node's --impair, e.g. "loss=5%,delay=2ms".
@@ -111,6 +125,9 @@ pub struct BenchOptions {
     /// the same name at once (alternately an identity and a room id).
     #[arg(long, default_value_t = 0.1)]
     pub contested: f64,
+    /// scale: cluster sizes, comma-separated (default 3,5,10,20; 3,5 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    pub servers: Vec<usize>,
     /// conns: idle connections per system (default 10000, 200 with --quick).
     #[arg(long)]
     pub conns: Option<usize>,
@@ -131,6 +148,7 @@ pub async fn run(options: BenchOptions) -> Result<()> {
         Scenario::Failover => failover::run(&options).await?,
         Scenario::Claims => claims::run(&options).await?,
         Scenario::Conns => conns::run(&options).await?,
+        Scenario::Scale => scale::run(&options).await?,
     };
     print!("{}", report.table());
     let (json, svg) = report.write(&options.out)?;

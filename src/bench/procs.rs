@@ -464,6 +464,7 @@ pub fn local_port_range() -> Option<u64> {
 }
 
 /// The peers a scenario may measure beside chatmesh.
+#[derive(Default)]
 pub struct Peers {
     /// ngircd, if it is to be measured.
     pub ngircd: Option<PathBuf>,

@@ -24,6 +24,60 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
 /// The reading half.
 pub type Reader = LineReader<Box<dyn AsyncRead + Unpin + Send>>;
 
+/// Whether the bench's TCP sockets ask the kernel to acknowledge every read
+/// at once (`TCP_QUICKACK` after each read). A bench member both sends and
+/// receives all the time, which puts its socket in Linux's "ping-pong"
+/// mode: it then delays its ACKs by up to 40 ms hoping to piggyback them on
+/// its next message. Against a server that writes with Nagle's algorithm
+/// (ngircd does not set TCP_NODELAY), that delayed ACK holds the server's
+/// next write for the same 40 ms, and with a closed-loop window the stall
+/// spreads to the whole room: the bench then measured its own ACK timing,
+/// not the server. A real chat client mostly reads, is not in ping-pong
+/// mode and acknowledges a drained read at once; quick ACKs give the bench
+/// that behaviour. `CHATMESH_BENCH_NO_QUICKACK=1` turns it off, to show the
+/// difference.
+pub fn quickack_enabled() -> bool {
+    std::env::var_os("CHATMESH_BENCH_NO_QUICKACK").is_none()
+}
+
+/// A TCP read half that re-arms `TCP_QUICKACK` after each read that
+/// returned bytes (the kernel clears it on its own after a while).
+struct QuickAck<R> {
+    inner: R,
+    fd: std::os::fd::RawFd,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for QuickAck<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            set_quickack(self.fd);
+        }
+        polled
+    }
+}
+
+/// Best effort: a failure only costs the bench the delayed-ACK stalls.
+fn set_quickack(fd: std::os::fd::RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: `fd` is the socket of a TcpStream whose read half is alive
+    // (QuickAck owns it), and setsockopt only reads the int we pass.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 /// The writing half; keeps the QUIC connection (if any) open.
 pub struct Writer {
     inner: Box<dyn AsyncWrite + Unpin + Send>,
@@ -115,9 +169,16 @@ pub async fn connect(transport: &Transport, port: u16) -> Result<(Reader, Writer
                 .with_context(|| format!("TCP connect to {addr} timed out"))?
                 .with_context(|| format!("cannot connect to {addr} over TCP"))?;
             stream.set_nodelay(true)?;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
             let (read, write) = stream.into_split();
+            let read: Box<dyn AsyncRead + Unpin + Send> = if quickack_enabled() {
+                set_quickack(fd);
+                Box::new(QuickAck { inner: read, fd })
+            } else {
+                Box::new(read)
+            };
             Ok((
-                LineReader::new(Box::new(read), MAX_LINE),
+                LineReader::new(read, MAX_LINE),
                 Writer {
                     inner: Box::new(write),
                     _quic: None,

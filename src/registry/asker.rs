@@ -1,7 +1,7 @@
 //! The asker side: this server's requests to the leader (claims, releases,
 //! moves), their retries, deadlines and answers.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::time::Instant;
 
 use super::*;
@@ -28,9 +28,79 @@ impl Registry {
     }
 
     pub(super) fn claim_pending_for(&self, key: &NameKey) -> bool {
-        self.pending.values().any(|p| {
-            matches!(p.op, Op::Claim(_) | Op::MoveDone { .. }) && !p.abandoned && p.op.key() == *key
+        self.pending_ids(key).any(|id| {
+            self.pending
+                .get(&id)
+                .is_some_and(|p| matches!(p.op, Op::Claim(_) | Op::MoveDone { .. }) && !p.abandoned)
         })
+    }
+
+    /// The ids of the pending requests about `key`, oldest first.
+    fn pending_ids(&self, key: &NameKey) -> impl Iterator<Item = u64> + '_ {
+        self.pending_keys.get(key).into_iter().flatten().copied()
+    }
+
+    fn add_pending(&mut self, id: u64, p: Pending) {
+        self.pending_keys.entry(p.op.key()).or_default().insert(id);
+        self.pending.insert(id, p);
+    }
+
+    fn remove_pending(&mut self, id: u64) -> Option<Pending> {
+        let p = self.pending.remove(&id)?;
+        let key = p.op.key();
+        if let Some(ids) = self.pending_keys.get_mut(&key) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.pending_keys.remove(&key);
+            }
+        }
+        Some(p)
+    }
+
+    /// Whether request `id` (a claim) must wait for an older release of the
+    /// same name from this server to be acknowledged, so the leader sees
+    /// them in order.
+    fn waits_for_release(&self, id: u64, p: &Pending) -> bool {
+        matches!(p.op, Op::Claim(_) | Op::MoveDone { .. })
+            && self
+                .pending_ids(&p.op.key())
+                .take_while(|&r| r < id)
+                .any(|r| {
+                    self.pending
+                        .get(&r)
+                        .is_some_and(|o| matches!(o.op, Op::Release(_)))
+                })
+    }
+
+    /// Sends the requests among `ids` that have never been sent and need
+    /// not wait; the others go with the retries. (What `send_pending` does,
+    /// for a few requests: a submit or an answer must not cost a scan of
+    /// every request in flight.)
+    fn send_new(&mut self, now: Instant, ids: &[u64], out: &mut Vec<Action>) {
+        let Some(leader) = self.reachable_leader() else {
+            return;
+        };
+        let resolved_below = self.pending.keys().next().copied().unwrap_or(self.next_id);
+        for &id in ids {
+            let ready = self
+                .pending
+                .get(&id)
+                .is_some_and(|p| p.last_sent.is_none() && !self.waits_for_release(id, p));
+            let Some(p) = self.pending.get_mut(&id).filter(|_| ready) else {
+                continue;
+            };
+            p.last_sent = Some(now);
+            let msg = RegistryMessage::Request {
+                term: self.term,
+                ticket: Ticket {
+                    incarnation: self.incarnation,
+                    id,
+                    resolved_below,
+                },
+                op: p.op.clone(),
+            };
+            self.send(&leader, msg, out);
+        }
     }
 
     pub(super) fn submit(
@@ -54,7 +124,7 @@ impl Registry {
                 Some(later(now, self.config.claim_timeout))
             }
         };
-        self.pending.insert(
+        self.add_pending(
             id,
             Pending {
                 op,
@@ -64,7 +134,7 @@ impl Registry {
                 abandoned: false,
             },
         );
-        self.send_pending(now, false, out);
+        self.send_new(now, &[id], out);
     }
 
     /// Sends every pending request that is due (or all, if `force`) to the
@@ -75,17 +145,16 @@ impl Registry {
             return;
         };
         let resolved_below = self.pending.keys().next().copied().unwrap_or(self.next_id);
-        let mut first_release: HashMap<NameKey, u64> = HashMap::new();
-        for (id, p) in &self.pending {
-            if let Op::Release(name) = &p.op {
-                first_release.entry(name.key()).or_insert(*id);
-            }
-        }
+        let waiting: HashSet<u64> = self
+            .pending
+            .iter()
+            .filter(|(id, p)| self.waits_for_release(**id, p))
+            .map(|(id, _)| *id)
+            .collect();
         let interval = self.config.retry_interval;
         let mut messages = Vec::new();
         for (id, p) in self.pending.iter_mut() {
-            let waits = matches!(p.op, Op::Claim(_) | Op::MoveDone { .. })
-                && first_release.get(&p.op.key()).is_some_and(|r| r < id);
+            let waits = waiting.contains(id);
             let due = force
                 || p.last_sent
                     .is_none_or(|t| now.saturating_duration_since(t) >= interval);
@@ -137,7 +206,7 @@ impl Registry {
         if !due {
             return;
         }
-        let Some(p) = self.pending.remove(&id) else {
+        let Some(p) = self.remove_pending(id) else {
             return;
         };
         if let Some(token) = p.token {
@@ -170,10 +239,11 @@ impl Registry {
         verdict: Verdict,
         out: &mut Vec<Action>,
     ) {
-        let Some(p) = self.pending.remove(&id) else {
+        let Some(p) = self.remove_pending(id) else {
             return;
         };
         let key = p.op.key();
+        let was_release = matches!(p.op, Op::Release(_));
         let sets_state = matches!(verdict, Verdict::Granted { .. })
             && !p.abandoned
             && !matches!(p.op, Op::Release(_));
@@ -262,13 +332,18 @@ impl Registry {
                 }
             }
         }
+        // An acknowledged release may unblock a claim of the same name.
+        let unblocked: Vec<u64> = if was_release {
+            self.pending_ids(&key).collect()
+        } else {
+            Vec::new()
+        };
         // Marks only matter (and only stay) while the name is held here.
         if !self.own_has(&key) {
             self.marks.remove(&key);
         } else if sets_state {
             self.marks.insert(key, (self.term, seq));
         }
-        // An acknowledged release may unblock a claim of the same name.
-        self.send_pending(now, false, out);
+        self.send_new(now, &unblocked, out);
     }
 }

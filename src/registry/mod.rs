@@ -233,6 +233,11 @@ pub struct Registry {
     announced: u64,
     sync_sent_at: Option<Instant>,
     pending: BTreeMap<u64, Pending>,
+    /// The ids in `pending` by the name they are about, so that a submit or
+    /// an answer looks at the few requests of one name instead of scanning
+    /// every request in flight (kept in step by `add_pending` and
+    /// `remove_pending`, the only places that change `pending`'s keys).
+    pending_keys: HashMap<NameKey, BTreeSet<u64>>,
     next_id: u64,
     /// For own names set by an answer: (term, announcement number) of that
     /// answer. Announcements and snapshots older than it do not touch the
@@ -290,6 +295,7 @@ impl Registry {
             announced: 0,
             sync_sent_at: None,
             pending: BTreeMap::new(),
+            pending_keys: HashMap::new(),
             next_id: 1,
             marks: HashMap::new(),
             reports: 0,
@@ -819,7 +825,15 @@ impl Registry {
                 Self::reply(out, token, Ok(()));
                 let key = name.key();
                 // A claim still in flight for this name: its client is gone.
-                for p in self.pending.values_mut() {
+                let ids: Vec<u64> = self
+                    .pending_keys
+                    .get(&key)
+                    .map(|ids| ids.iter().copied().collect())
+                    .unwrap_or_default();
+                for id in ids {
+                    let Some(p) = self.pending.get_mut(&id) else {
+                        continue;
+                    };
                     let claims = matches!(p.op, Op::Claim(_) | Op::MoveDone { .. });
                     if claims && !p.abandoned && p.op.key() == key {
                         p.abandoned = true;
