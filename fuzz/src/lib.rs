@@ -370,6 +370,9 @@ pub fn to_toml(config: &ClusterConfig) -> String {
             if let Some(port) = s.admin_port {
                 t.insert("admin_port".into(), int(port));
             }
+            if let Some(port) = s.web_port {
+                t.insert("web_port".into(), int(port));
+            }
             t.insert("priority".into(), int(s.priority));
             toml::Value::Table(t)
         })
@@ -400,17 +403,23 @@ pub fn to_toml(config: &ClusterConfig) -> String {
         outbox_bytes,
         claim_timeout,
         move_timeout,
+        max_clients,
+        send_buffer_bytes,
     } = &config.limits;
-    let limits: toml::Table = [
+    let mut limits: toml::Table = [
         ("max_line_bytes", int(*max_line_bytes)),
         ("handshake_timeout_ms", ms(*handshake_timeout)),
         ("outbox_bytes", int(*outbox_bytes)),
         ("claim_timeout_ms", ms(*claim_timeout)),
         ("move_timeout_ms", ms(*move_timeout)),
+        ("send_buffer_bytes", int(*send_buffer_bytes)),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
+    if let Some(max) = max_clients {
+        limits.insert("max_clients".into(), int(*max));
+    }
     let quorum = match config.quorum {
         Quorum::Majority => "majority",
         Quorum::None => "none",
@@ -432,7 +441,10 @@ pub fn to_line_format(config: &ClusterConfig) -> Option<String> {
         && config.limits == Limits::default()
         && config.quorum == Quorum::default()
         && config.servers.iter().enumerate().all(|(i, s)| {
-            s.admin_port.is_none() && s.priority as usize == i && !s.host.contains(['#', '='])
+            s.admin_port.is_none()
+                && s.web_port.is_none()
+                && s.priority as usize == i
+                && !s.host.contains(['#', '='])
         });
     plain.then(|| {
         config
