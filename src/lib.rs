@@ -20,6 +20,7 @@
 //!   events, and [`cluster::ClusterDirectory`], the chat layer's side of it.
 //! - [`journal`]: a log of which server holds which name when, and the check
 //!   that no name is ever held twice (every in-process cluster test runs it).
+//! - [`web`]: the web port: the browser client page and WebSocket chat sessions.
 //! - [`admin`]: loopback HTTP `/status` and `/metrics`.
 //! - [`node`]: one server wired together, with graceful shutdown.
 //! - [`status`]: `chatmesh status`, the admin view for a person.
