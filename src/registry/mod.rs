@@ -905,9 +905,12 @@ impl Registry {
         }
         if self.leader.as_ref() == Some(&peer) {
             self.send_pending(now, true, out);
-            // A report gets a snapshot back, whatever was lost.
-            self.last_seq = None;
-            self.request_sync(now, true, out);
+            match self.last_seq {
+                // Where this server stands: the leader sends again what is
+                // missing (a gap in what arrives then asks for a snapshot).
+                Some(seq) => self.ack(seq, out),
+                None => self.request_sync(now, true, out),
+            }
             self.send_liveness(out);
         }
     }

@@ -201,7 +201,7 @@ impl Registry {
     /// Acknowledges the followed leader's announcements up to `seq`: this
     /// server has them in its replica and will report them to any later
     /// leader, so the leader may answer the requests decided at them.
-    fn ack(&mut self, seq: u64, out: &mut Vec<Action>) {
+    pub(super) fn ack(&mut self, seq: u64, out: &mut Vec<Action>) {
         if let Some(leader) = self.leader.clone()
             && leader != self.id
         {
