@@ -246,8 +246,24 @@ async fn jitter_and_reorder_reorder_datagrams() -> Result<()> {
     let collector = run_outbound(&sender, &receiver, count).await?;
     let arrivals = collector.arrivals();
     let late = inversions(&arrivals);
-    println!("[{spec}] {late} of {} arrived out of order", arrivals.len());
-    ensure!(arrivals.len() as u64 == count);
+    let stats = sender.handle.stats();
+    println!(
+        "[{spec}] {late} of {} arrived out of order; {stats}",
+        arrivals.len()
+    );
+    // The layer delays, never drops, here; the jitter releases datagrams in
+    // bunches, and the kernel may drop one on a full loopback receive buffer
+    // (seen once in a CI run: 1999 of 2000), which is not the layer's doing.
+    ensure!(stats.outbound.lost == 0 && stats.outbound.overflow == 0);
+    ensure!(
+        stats.outbound.delivered == count,
+        "the layer delivered every datagram"
+    );
+    ensure!(
+        arrivals.len() as u64 + 2 >= count,
+        "{} of {count} arrived",
+        arrivals.len()
+    );
     ensure!(late > count as usize / 10, "only {late} reordered");
 
     // Without any delay, plain sending keeps the order; `reorder` alone breaks it.
