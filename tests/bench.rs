@@ -8,12 +8,14 @@ use std::process::Command;
 
 use serde_json::Value;
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_chatmesh");
 
 fn out_dir(tag: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("chatmesh-test-bench-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = common::temp_dir(&format!("bench-{tag}"));
+    // The bench makes its output dir itself.
+    let _ = std::fs::remove_dir(&dir);
     dir
 }
 

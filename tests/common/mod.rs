@@ -22,14 +22,44 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 /// Generous bound for anything a test waits for: CI machines are slow and noisy.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
-/// A fresh temp directory for one test.
+/// A fresh temp directory for one test: `<tmp>/chatmesh-tests/<pid>-<tag>-<n>`.
+/// A test process cannot clean up when it ends (statics are never dropped,
+/// and a failed test leaves its files for a look), so the first call in each
+/// test binary removes the directories of processes that no longer run.
 pub fn temp_dir(tag: &str) -> PathBuf {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let root = ROOT.get_or_init(|| {
+        let root = std::env::temp_dir().join("chatmesh-tests");
+        sweep_dead(&root);
+        root
+    });
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("chatmesh-test-{tag}-{}-{n}", std::process::id()));
+    let dir = root.join(format!("{}-{tag}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
+}
+
+/// Removes the entries of `root` named `<pid>-...` whose process is gone.
+/// Where `/proc` is missing, no process can be told alive, so none is removed.
+fn sweep_dead(root: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name.to_string_lossy().split('-').next().unwrap_or("").to_owned();
+        if !pid.is_empty()
+            && pid.bytes().all(|b| b.is_ascii_digit())
+            && !Path::new("/proc").join(&pid).exists()
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// One config of `n` servers on 127.0.0.1, port 0 everywhere.
