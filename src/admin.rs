@@ -1,5 +1,8 @@
-//! The admin endpoint, loopback HTTP. Deliberately tiny: one request per
-//! connection, bounded request size and time, no keep-alive.
+//! The admin endpoint, loopback HTTP: an axum router served by
+//! [`crate::http::serve`], like the web port. Deliberately tiny: one request
+//! per connection (every answer says `Connection: close`), bodies of at most
+//! [`MAX_BODY`] bytes (`413` past it), and a connection lives at most
+//! [`REQUEST_TIMEOUT`] (a request not sent and answered by then is dropped).
 //!
 //! | request | does |
 //! | --- | --- |
@@ -9,6 +12,8 @@
 //! | `POST /impair` | body: an impairment (`loss=20%,delay=30ms,...`, see `netsim`); replaces it |
 //! | `POST /cut/<id>` | drop every mesh datagram to and from server `<id>` |
 //! | `POST /heal/<id>`, `POST /heal` | undo one cut, or every cut |
+//!
+//! Any other path is a `404` naming these; any other method a `405`.
 //!
 //! The `POST` calls are testing aids (partitions in process tests): they
 //! exist only on a node started with `--testing-aids` (implied by `--impair`),
@@ -25,16 +30,25 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{self, get};
+use futures_util::StreamExt;
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::debug;
+use tracing::warn;
 
 use crate::ServerId;
 use crate::chat::ChatServer;
 use crate::cluster::{ClusterView, MemberStatus, SharedView};
+use crate::http;
 use crate::mesh::Mesh;
 use crate::netsim::{ImpairHandle, Impairment};
 
@@ -190,128 +204,47 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("cannot listen on TCP {addr} for the admin endpoint"))
 }
 
-/// Serves admin requests until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
+/// Longest request body the admin endpoint takes (an impairment spec is a
+/// line); a longer one is answered `413`.
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// How long an admin connection lives: the request must be sent and its
+/// answer taken by then, or the connection is dropped.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves admin requests on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
+    // The port pages of this endpoint's own origin name (see `is_own_origin`).
+    let own_port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let listener = http::Listener::new(listener, "admin endpoint").lifetime(REQUEST_TIMEOUT);
+    http::serve(listener, router(state, own_port), shutdown).await;
+}
+
+/// The admin endpoint's routes on `state`, for an endpoint listening on
+/// `own_port` (its own pages' origin). Public so that the fuzz target can
+/// drive it without a socket.
+pub fn router(state: AdminState, own_port: u16) -> Router {
+    let admin = Arc::new(Admin { state, own_port });
+    Router::new()
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/impair", get(impairment).post(set_impairment))
+        .route("/heal", routing::post(heal_all))
+        .route("/cut/{id}", routing::post(cut))
+        .route("/heal/{id}", routing::post(heal))
+        .fallback(unknown)
+        .method_not_allowed_fallback(unknown)
+        // After the fallbacks: the guard runs for every request.
+        .layer(middleware::from_fn_with_state(admin.clone(), guard))
+        .with_state(admin)
+}
+
+struct Admin {
     state: AdminState,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let state = state.clone();
-        tasks.spawn(async move {
-            if let Err(e) =
-                tokio::time::timeout(Duration::from_secs(5), handle(stream, state)).await
-            {
-                debug!(error = %e, "admin request timed out");
-            }
-        });
-    }
+    own_port: u16,
 }
 
-/// Longest request (head and body) the admin endpoint reads.
-pub const MAX_REQUEST: usize = 16 * 1024;
-
-/// One parsed admin request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    /// `GET`, `POST`, ... as sent.
-    pub method: String,
-    /// The request target, e.g. `/status`.
-    pub path: String,
-    /// The `Origin` header, if any (browsers send it on every `POST`).
-    pub origin: Option<String>,
-    /// The body, trimmed, as text (lossy UTF-8).
-    pub body: String,
-}
-
-/// What [`parse_request`] makes of the bytes read so far.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Parsed {
-    /// More bytes are needed: the head is not complete, or the body is
-    /// shorter than its `Content-Length` (capped at [`MAX_REQUEST`]).
-    Incomplete,
-    /// A whole request.
-    Done(Request),
-}
-
-/// Parses an HTTP/1.1 request from the bytes received so far (any bytes: a
-/// fuzz target feeds it garbage). With `eof`, the peer sent all it will and
-/// a short body is taken as it is.
-pub fn parse_request(bytes: &[u8], eof: bool) -> Parsed {
-    let Some(at) = find(bytes, b"\r\n\r\n") else {
-        return Parsed::Incomplete;
-    };
-    let head_end = at + 4;
-    let head = String::from_utf8_lossy(&bytes[..head_end]);
-    let header = |name: &str| {
-        head.lines()
-            .skip(1)
-            .filter_map(|l| l.split_once(':'))
-            .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.trim().to_owned())
-    };
-    let content_length = header("content-length")
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(0)
-        .min(MAX_REQUEST);
-    if bytes.len() < head_end.saturating_add(content_length) && !eof {
-        return Parsed::Incomplete;
-    }
-    let end = bytes.len().min(head_end.saturating_add(content_length));
-    let body = String::from_utf8_lossy(&bytes[head_end..end])
-        .trim()
-        .to_owned();
-    let mut words = head.split_whitespace();
-    let method = words.next().unwrap_or("").to_owned();
-    let path = words.next().unwrap_or("").to_owned();
-    Parsed::Done(Request {
-        method,
-        path,
-        origin: header("origin"),
-        body,
-    })
-}
-
-async fn handle(mut stream: TcpStream, state: AdminState) {
-    let mut bytes = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    let request = loop {
-        let eof = match stream.read(&mut buf).await {
-            Ok(0) => true,
-            Ok(n) => {
-                bytes.extend_from_slice(&buf[..n]);
-                false
-            }
-            Err(_) => return,
-        };
-        match parse_request(&bytes, eof) {
-            Parsed::Done(request) => break request,
-            Parsed::Incomplete if eof || bytes.len() > 2 * MAX_REQUEST => return,
-            Parsed::Incomplete => {}
-        }
-    };
-    let own_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
-    let (code, content_type, body) = route(&state, &request, own_port);
-    let response = format!(
-        "HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
+type Shared = State<Arc<Admin>>;
 
 /// Whether `origin` is this endpoint's own (`http://127.0.0.1:<port>` or
 /// `http://localhost:<port>`); any other, `null` included, is foreign.
@@ -325,86 +258,188 @@ pub fn is_own_origin(origin: &str, port: u16) -> bool {
     .any(|own| origin.eq_ignore_ascii_case(own))
 }
 
-type Response = (&'static str, &'static str, String);
-
 /// Answer to a `POST` on a node started without `--testing-aids`.
 pub const AIDS_OFF: &str = "testing aids are off: this node was started without --testing-aids (POST /impair, /cut/<id>, /heal need it)\n";
 
-fn route(state: &AdminState, request: &Request, own_port: u16) -> Response {
-    let ok = |text: String| ("200 OK", "text/plain", text);
-    let bad = |text: String| ("400 Bad Request", "text/plain", text + "\n");
-    let (method, path, body) = (
-        request.method.as_str(),
-        request.path.as_str(),
-        request.body.as_str(),
-    );
-    if method == "POST" {
-        if !state.testing_aids {
-            return ("404 Not Found", "text/plain", AIDS_OFF.to_owned());
-        }
-        if let Some(origin) = &request.origin
-            && !is_own_origin(origin, own_port)
-        {
-            tracing::warn!(origin = %origin.chars().take(100).collect::<String>(), path = %path.chars().take(100).collect::<String>(), "admin POST with a foreign Origin refused");
-            return (
-                "403 Forbidden",
-                "text/plain",
-                "refused: a POST from a web page of another origin (testing aids take requests from local tools only)\n".to_owned(),
-            );
-        }
-    }
-    match (method, path) {
-        ("GET", "/status") => {
-            let body = serde_json::to_string_pretty(&state.status()).unwrap_or_default();
-            ("200 OK", "application/json", body + "\n")
-        }
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", state.metrics()),
-        ("GET", "/impair") => ok(format!(
-            "impairment: {}\n{}\n",
-            state.impair.impairment(),
-            state.impair.stats()
-        )),
-        ("POST", "/impair") => match body.parse::<Impairment>() {
-            Ok(impairment) => match state.impair.set(impairment) {
-                Ok(()) => {
-                    tracing::warn!(impairment = %state.impair.impairment(), "mesh impairment changed (testing aid)");
-                    ok(format!("impairment: {}\n", state.impair.impairment()))
-                }
-                Err(e) => bad(e.to_string()),
-            },
-            Err(e) => bad(e.to_string()),
-        },
-        ("POST", "/heal") => {
-            state.impair.heal_all();
-            tracing::warn!("every mesh link healed (testing aid)");
-            ok("healed every link\n".into())
-        }
-        ("POST", path) if path.starts_with("/cut/") || path.starts_with("/heal/") => {
-            let (verb, id) = path[1..].split_once('/').unwrap_or(("", ""));
-            let Some((_, addr)) = state.peers.iter().find(|(peer, _)| peer == id) else {
-                return bad(format!("no peer server {id:?}"));
-            };
-            if verb == "cut" {
-                state.impair.cut(*addr);
-            } else {
-                state.impair.heal(*addr);
-            }
-            tracing::warn!(peer = %id, action = verb, "mesh link impairment changed (testing aid)");
-            ok(format!("{verb} {id}\n"))
-        }
-        ("GET", _) | ("POST", _) => (
-            "404 Not Found",
-            "text/plain",
-            "try GET /status, /metrics, /impair or POST /impair, /cut/<id>, /heal/<id>, /heal\n"
-                .to_owned(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET or POST only\n".to_owned(),
-        ),
-    }
+/// Answer to a `POST` from a page of another origin.
+pub const FOREIGN_ORIGIN: &str = "refused: a POST from a web page of another origin (testing aids take requests from local tools only)\n";
+
+/// Answer to a path that is no route.
+pub const UNKNOWN: &str =
+    "try GET /status, /metrics, /impair or POST /impair, /cut/<id>, /heal/<id>, /heal\n";
+
+fn text(code: StatusCode, body: impl Into<String>) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body.into(),
+    )
+        .into_response()
 }
+
+fn ok(body: String) -> Response {
+    text(StatusCode::OK, body)
+}
+
+fn bad(reason: String) -> Response {
+    text(StatusCode::BAD_REQUEST, reason + "\n")
+}
+
+/// At most the first 100 characters of `text`, for logs.
+fn clip(text: &str) -> String {
+    text.chars().take(100).collect()
+}
+
+/// Runs before every route (and the fallbacks), in this order: methods
+/// other than `GET` and `POST` are refused; a `POST` needs the testing aids
+/// and, if it names an `Origin`, this endpoint's own; the body is read, at
+/// most [`MAX_BODY`] bytes of it. Every answer closes the connection.
+async fn guard(State(admin): Shared, request: Request, next: Next) -> Response {
+    let mut response = match admit(&admin, request).await {
+        Ok(request) => next.run(request).await,
+        Err(refusal) => refusal,
+    };
+    // One request per connection: hyper closes it after this answer.
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+async fn admit(admin: &Admin, request: Request) -> Result<Request, Response> {
+    match *request.method() {
+        Method::GET => {}
+        Method::POST => {
+            if !admin.state.testing_aids {
+                return Err(text(StatusCode::NOT_FOUND, AIDS_OFF));
+            }
+            if let Some(origin) = request.headers().get(header::ORIGIN) {
+                // Not text at all is not this endpoint's origin either.
+                let own = origin
+                    .to_str()
+                    .is_ok_and(|origin| is_own_origin(origin, admin.own_port));
+                if !own {
+                    warn!(
+                        origin = %clip(&String::from_utf8_lossy(origin.as_bytes())),
+                        path = %clip(request.uri().path()),
+                        "admin POST with a foreign Origin refused"
+                    );
+                    return Err(text(StatusCode::FORBIDDEN, FOREIGN_ORIGIN));
+                }
+            }
+        }
+        _ => {
+            return Err(text(StatusCode::METHOD_NOT_ALLOWED, "GET or POST only\n"));
+        }
+    }
+    let too_large = || {
+        text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body over {MAX_BODY} bytes\n"),
+        )
+    };
+    let (parts, body) = request.into_parts();
+    // A declared length over the limit is refused before reading any of it.
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    // Chunked bodies have no declared length: counted as they come.
+    let mut chunks = body.into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = chunks.next().await {
+        let Ok(chunk) = chunk else {
+            return Err(bad("the request body could not be read".into()));
+        };
+        if bytes.len() + chunk.len() > MAX_BODY {
+            return Err(too_large());
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(Request::from_parts(parts, Body::from(bytes)))
+}
+
+async fn status(State(admin): Shared) -> Response {
+    let body = serde_json::to_string_pretty(&admin.state.status()).unwrap_or_default();
+    ([(header::CONTENT_TYPE, "application/json")], body + "\n").into_response()
+}
+
+async fn metrics(State(admin): Shared) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        admin.state.metrics(),
+    )
+        .into_response()
+}
+
+async fn impairment(State(admin): Shared) -> Response {
+    let impair = &admin.state.impair;
+    ok(format!(
+        "impairment: {}\n{}\n",
+        impair.impairment(),
+        impair.stats()
+    ))
+}
+
+async fn set_impairment(State(admin): Shared, body: Bytes) -> Response {
+    let impair = &admin.state.impair;
+    let spec = String::from_utf8_lossy(&body);
+    let impairment = match spec.trim().parse::<Impairment>() {
+        Ok(impairment) => impairment,
+        Err(e) => return bad(e.to_string()),
+    };
+    if let Err(e) = impair.set(impairment) {
+        return bad(e.to_string());
+    }
+    warn!(impairment = %impair.impairment(), "mesh impairment changed (testing aid)");
+    ok(format!("impairment: {}\n", impair.impairment()))
+}
+
+async fn heal_all(State(admin): Shared) -> Response {
+    admin.state.impair.heal_all();
+    warn!("every mesh link healed (testing aid)");
+    ok("healed every link\n".into())
+}
+
+async fn cut(State(admin): Shared, id: Result<Path<String>, PathRejection>) -> Response {
+    link(&admin, "cut", id)
+}
+
+async fn heal(State(admin): Shared, id: Result<Path<String>, PathRejection>) -> Response {
+    link(&admin, "heal", id)
+}
+
+/// Cuts or heals the link to one peer.
+fn link(admin: &Admin, verb: &str, id: Result<Path<String>, PathRejection>) -> Response {
+    let Ok(Path(id)) = id else {
+        // A percent-encoding that is no UTF-8: no server has that id.
+        return bad("no peer server with that id".into());
+    };
+    let Some((_, addr)) = admin.state.peers.iter().find(|(peer, _)| *peer == id) else {
+        return bad(format!("no peer server {id:?}"));
+    };
+    if verb == "cut" {
+        admin.state.impair.cut(*addr);
+    } else {
+        admin.state.impair.heal(*addr);
+    }
+    warn!(peer = %id, action = verb, "mesh link impairment changed (testing aid)");
+    ok(format!("{verb} {id}\n"))
+}
+
+/// Every path that is no route, and a route's other method (only `GET` and
+/// `POST` get here).
+async fn unknown() -> Response {
+    text(StatusCode::NOT_FOUND, UNKNOWN)
+}
+
+/// Longest answer the client functions below take (a `/status` of a large
+/// cluster is some KiB).
+const MAX_ANSWER: usize = 16 * 1024 * 1024;
 
 /// Sends `POST path` with `body` to an admin endpoint; returns the answer.
 pub async fn post(addr: SocketAddr, path: &str, body: &str) -> Result<String> {
@@ -419,89 +454,69 @@ pub async fn post_from(
     body: &str,
     origin: Option<&str>,
 ) -> Result<String> {
-    let origin = origin
-        .map(|o| format!("Origin: {o}\r\n"))
-        .unwrap_or_default();
-    request(addr, &format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{origin}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    ))
-    .await
+    let mut request = Request::post(path).header(header::CONTENT_TYPE, "text/plain");
+    if let Some(origin) = origin {
+        request = request.header(header::ORIGIN, origin);
+    }
+    let request = request
+        .body(Body::from(body.to_owned()))
+        .with_context(|| format!("not a request: POST {path:?}"))?;
+    send(addr, request).await
 }
 
 /// Fetches `path` from an admin endpoint (for `chatmesh status` and tests).
 pub async fn fetch(addr: SocketAddr, path: &str) -> Result<String> {
-    request(
-        addr,
-        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
-    )
-    .await
+    let request = Request::get(path)
+        .body(Body::empty())
+        .with_context(|| format!("not a request: GET {path:?}"))?;
+    send(addr, request).await
 }
 
-async fn request(addr: SocketAddr, request: &str) -> Result<String> {
-    let mut stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+/// One request on a connection of its own (hyper's HTTP/1 client); the
+/// answer's body if its status is `200`, else an error with status and body.
+async fn send(addr: SocketAddr, mut request: Request) -> Result<String> {
+    let headers = request.headers_mut();
+    headers.insert(
+        header::HOST,
+        HeaderValue::from_str(&addr.to_string()).context("host header")?,
+    );
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
         .await
         .with_context(|| format!("admin endpoint {addr} did not answer"))?
         .with_context(|| {
             format!("cannot connect to the admin endpoint {addr} (is the node running?)")
         })?;
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+    let exchange = async move {
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(stream)).await?;
+        let answer = async move {
+            let response = sender.send_request(request).await?;
+            // No second request: the connection ends after this answer.
+            drop(sender);
+            let head = format!("{:?} {}", response.version(), response.status());
+            let ok = response.status() == StatusCode::OK;
+            let body = axum::body::to_bytes(Body::new(response.into_body()), MAX_ANSWER).await?;
+            anyhow::Ok((head, ok, body))
+        };
+        // The connection future does the I/O for both halves.
+        let (answer, _) = tokio::join!(answer, connection);
+        answer
+    };
+    let (head, ok, body) = tokio::time::timeout(Duration::from_secs(5), exchange)
         .await
-        .with_context(|| format!("admin endpoint {addr} did not finish its answer"))??;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
+        .with_context(|| format!("admin endpoint {addr} did not finish its answer"))?
         .with_context(|| format!("admin endpoint {addr} sent no HTTP response"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        anyhow::bail!(
-            "admin endpoint {addr}: {}: {}",
-            head.lines().next().unwrap_or(""),
-            body.trim()
-        );
+    let body = String::from_utf8_lossy(&body).into_owned();
+    if !ok {
+        anyhow::bail!("admin endpoint {addr}: {head}: {}", body.trim());
     }
-    Ok(body.to_owned())
+    Ok(body)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn done(bytes: &[u8], eof: bool) -> Request {
-        match parse_request(bytes, eof) {
-            Parsed::Done(request) => request,
-            Parsed::Incomplete => panic!("incomplete: {:?}", String::from_utf8_lossy(bytes)),
-        }
-    }
-
-    #[test]
-    fn requests_parse_with_origin_and_body() {
-        let request = done(
-            b"POST /impair HTTP/1.1\r\nHost: x\r\norigin:  http://evil.example \r\nContent-Length: 9\r\n\r\nloss=100%",
-            false,
-        );
-        assert_eq!(request.method, "POST");
-        assert_eq!(request.path, "/impair");
-        assert_eq!(request.origin.as_deref(), Some("http://evil.example"));
-        assert_eq!(request.body, "loss=100%");
-        // A body not all there yet waits, unless the peer is done sending.
-        let short = b"POST /impair HTTP/1.1\r\nContent-Length: 9\r\n\r\nloss";
-        assert_eq!(parse_request(short, false), Parsed::Incomplete);
-        assert_eq!(done(short, true).body, "loss");
-        assert_eq!(
-            parse_request(b"GET /status HTTP/1.1\r\n", false),
-            Parsed::Incomplete
-        );
-        // The request line is no header: "Origin:" in the path is not one.
-        let request = done(b"GET /Origin:x HTTP/1.1\r\n\r\n", false);
-        assert_eq!(request.origin, None);
-        // Garbage is a request that no route matches, not a panic.
-        let request = done(b"\xff\xfe\r\n\r\n", true);
-        assert_eq!(request.path, "");
-        let huge = format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", u64::MAX);
-        assert_eq!(parse_request(huge.as_bytes(), false), Parsed::Incomplete);
-    }
 
     #[test]
     fn only_the_endpoints_own_origin_is_local() {

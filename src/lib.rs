@@ -21,7 +21,9 @@
 //! - [`journal`]: a log of which server holds which name when, and the check
 //!   that no name is ever held twice (every in-process cluster test runs it).
 //! - [`web`]: the web port: the browser client page and WebSocket chat sessions.
-//! - [`admin`]: loopback HTTP `/status` and `/metrics`.
+//! - [`admin`]: loopback HTTP `/status` and `/metrics`, and the testing aids.
+//! - [`http`]: how both serve their axum routers: listener limits, graceful
+//!   shutdown.
 //! - [`node`]: one server wired together, with graceful shutdown.
 //! - [`status`]: `chatmesh status`, the admin view for a person.
 //! - [`up`]: `chatmesh up`, every server of a config as child processes.
@@ -37,6 +39,7 @@ pub mod cluster;
 pub mod config;
 pub mod detector;
 pub mod election;
+pub mod http;
 pub mod journal;
 pub mod lines;
 pub mod listener;

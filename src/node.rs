@@ -83,6 +83,8 @@ pub struct Node {
     view: SharedView,
     client_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    /// What the admin endpoint serves, if it is configured.
+    admin: Option<AdminState>,
     web_addr: Option<SocketAddr>,
     client_slots: ClientSlots,
     impair: ImpairHandle,
@@ -225,6 +227,7 @@ impl Node {
             });
         }
         let mut admin_addr = None;
+        let mut admin_state = None;
         if let Some(listener) = admin {
             admin_addr = Some(listener.local_addr()?);
             let state = AdminState {
@@ -240,12 +243,8 @@ impl Node {
                     "admin testing aids are on: any local process can cut or impair this node's mesh links"
                 );
             }
-            tasks.spawn(admin::serve(
-                listener,
-                state,
-                shutdown.clone(),
-                tasks.clone(),
-            ));
+            admin_state = Some(state.clone());
+            tasks.spawn(admin::serve(listener, state, shutdown.clone()));
         }
         info!(
             server = %id,
@@ -262,6 +261,7 @@ impl Node {
             view,
             client_addr,
             admin_addr,
+            admin: admin_state,
             web_addr,
             client_slots,
             impair: impair_handle,
@@ -288,6 +288,12 @@ impl Node {
     /// The admin endpoint's address, if configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// What the admin endpoint serves, if configured (the admin fuzz target
+    /// drives [`admin::router`] on it without a socket).
+    pub fn admin_state(&self) -> Option<&AdminState> {
+        self.admin.as_ref()
     }
 
     /// The web port's address (web client and WebSocket sessions), if configured.

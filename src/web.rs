@@ -11,7 +11,6 @@
 //! frame, a frame over the size limit or a broken connection ends the input,
 //! which ends that session.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -21,17 +20,16 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span};
 
 use crate::chat::{ChatServer, SessionEnd, Transport, run_session_on};
 use crate::config::ClusterConfig;
+use crate::http;
 use crate::lines::LineReader;
 use crate::listener::ClientSlots;
 
@@ -116,148 +114,6 @@ pub fn servers_json(config: &ClusterConfig) -> String {
     serde_json::Value::Array(servers).to_string()
 }
 
-/// The web port's listener: every connection holds a client slot (shared
-/// with TCP and QUIC) for as long as it is open, a WebSocket session
-/// included, so that connections to the web port can never take the
-/// descriptors the mesh needs. One over the limit is told why (a 503) and
-/// closed.
-struct SlotListener {
-    inner: TcpListener,
-    slots: ClientSlots,
-    /// Refusals logged at most once a second.
-    refused_at: Option<std::time::Instant>,
-    /// A connection that sends nothing for this long is closed (the
-    /// handshake timeout, as for TCP clients).
-    first_request_within: std::time::Duration,
-}
-
-impl axum::serve::Listener for SlotListener {
-    type Io = SlotStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (SlotStream, SocketAddr) {
-        loop {
-            let (stream, peer) = match self.inner.accept().await {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    warn!(error = %e, "web port accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Some(slot) = self.slots.take() else {
-                if self
-                    .refused_at
-                    .is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(1))
-                {
-                    warn!(%peer, max_clients = self.slots.max(), "web client refused: max_clients reached");
-                    self.refused_at = Some(std::time::Instant::now());
-                }
-                let reason = self.slots.refusal();
-                let response = format!(
-                    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reason}",
-                    reason.len()
-                );
-                // Never waits: a new socket's send buffer is empty. A FIN
-                // after it (as for TCP clients over the limit).
-                let _ = stream.try_write(response.as_bytes());
-                if let Ok(stream) = stream.into_std() {
-                    let _ = stream.shutdown(std::net::Shutdown::Write);
-                }
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let silence = Box::pin(tokio::time::sleep(self.first_request_within));
-            return (
-                SlotStream {
-                    stream,
-                    _slot: slot,
-                    silence: Some(silence),
-                },
-                peer,
-            );
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-}
-
-/// A web port connection and the client slot it holds until it is dropped.
-struct SlotStream {
-    stream: tokio::net::TcpStream,
-    _slot: OwnedSemaphorePermit,
-    /// Until the first byte comes: when it fires, reading fails and the
-    /// connection is closed, so a silent connection cannot hold its slot.
-    silence: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl tokio::io::AsyncRead for SlotStream {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let read = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
-        let Some(silence) = self.silence.as_mut() else {
-            return read;
-        };
-        match read {
-            std::task::Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                self.silence = None;
-                std::task::Poll::Ready(Ok(()))
-            }
-            std::task::Poll::Pending => match silence.as_mut().poll(cx) {
-                std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "no request within the handshake timeout",
-                ))),
-                std::task::Poll::Pending => std::task::Poll::Pending,
-            },
-            other => other,
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for SlotStream {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-}
-
 /// Serves the web port on `listener` until `shutdown`; sessions are tracked
 /// by `tasks`, and every connection holds one of the client `slots` shared
 /// with TCP and QUIC.
@@ -269,12 +125,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
-    let listener = SlotListener {
-        inner: listener,
-        slots,
-        refused_at: None,
-        first_request_within: chat.limits().handshake_timeout,
-    };
+    let first_request_within = chat.limits().handshake_timeout;
     let state = Arc::new(WebState {
         chat,
         origins: allowed_origins(config),
@@ -287,17 +138,13 @@ pub async fn serve(
         .route("/servers", get(servers))
         .route("/chat", get(chat_upgrade))
         .with_state(state);
-    // (`tap_io` only for the peer address: axum gives `ConnectInfo` to a
-    // tapped listener of any kind.)
-    let served = axum::serve(
-        listener.tap_io(|_| {}),
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await;
-    if let Err(e) = served {
-        warn!(error = %e, "web port stopped");
-    }
+    // Every connection holds a client slot (shared with TCP and QUIC) for as
+    // long as it is open, a WebSocket session included; one that sends
+    // nothing within the handshake timeout is closed, as for TCP clients.
+    let listener = http::Listener::new(listener, "web port")
+        .slots(slots)
+        .first_byte_within(first_request_within);
+    http::serve(listener, app, shutdown).await;
 }
 
 async fn page() -> Response {

@@ -1,0 +1,256 @@
+//! The node's one HTTP stack: the web port ([`crate::web`]) and the admin
+//! endpoint ([`crate::admin`]) are both axum routers (hyper, HTTP/1 only),
+//! served by [`serve`] on a [`Listener`] until the node shuts down.
+//!
+//! axum's own `serve` takes any listener; this one bounds what a connection
+//! may hold, as each endpoint needs: a client slot (the web port shares them
+//! with TCP and QUIC, so web connections can never take the descriptors the
+//! mesh needs), a time until its first byte (a silent connection cannot hold
+//! a slot), and a lifetime (an admin connection carries one request).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::serve::ListenerExt;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Sleep;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::listener::ClientSlots;
+
+/// A TCP listener for [`serve`], with the limits its connections live under.
+pub struct Listener {
+    inner: TcpListener,
+    /// What it serves, for logs ("web port", "admin endpoint").
+    what: &'static str,
+    /// A slot each connection holds while it is open; none: no limit.
+    slots: Option<ClientSlots>,
+    /// Refusals for want of a slot are logged at most once a second.
+    refused_at: Option<Instant>,
+    /// A connection that sends nothing for this long is closed.
+    first_byte_within: Option<Duration>,
+    /// A connection is closed this long after it was accepted, whatever it
+    /// is doing (reading or writing then fails).
+    lifetime: Option<Duration>,
+}
+
+impl Listener {
+    /// `inner` with no limits yet.
+    pub fn new(inner: TcpListener, what: &'static str) -> Self {
+        Listener {
+            inner,
+            what,
+            slots: None,
+            refused_at: None,
+            first_byte_within: None,
+            lifetime: None,
+        }
+    }
+
+    /// Every connection holds one of `slots` until it is closed; one over
+    /// the limit is answered `503` with the slots' reason, and closed.
+    pub fn slots(mut self, slots: ClientSlots) -> Self {
+        self.slots = Some(slots);
+        self
+    }
+
+    /// Connections that send nothing within `within` are closed.
+    pub fn first_byte_within(mut self, within: Duration) -> Self {
+        self.first_byte_within = Some(within);
+        self
+    }
+
+    /// Connections are closed `lifetime` after they were accepted.
+    pub fn lifetime(mut self, lifetime: Duration) -> Self {
+        self.lifetime = Some(lifetime);
+        self
+    }
+
+    /// Answers a connection over the slot limit and closes it.
+    fn refuse(&mut self, stream: TcpStream, peer: SocketAddr, slots: &ClientSlots) {
+        if self
+            .refused_at
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+        {
+            warn!(%peer, max_clients = slots.max(), what = self.what, "HTTP client refused: max_clients reached");
+            self.refused_at = Some(Instant::now());
+        }
+        let reason = slots.refusal();
+        let response = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reason}",
+            reason.len()
+        );
+        // Never waits: a new socket's send buffer is empty. A FIN after it
+        // (as for TCP clients over the limit).
+        let _ = stream.try_write(response.as_bytes());
+        if let Ok(stream) = stream.into_std() {
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+        }
+    }
+}
+
+impl axum::serve::Listener for Listener {
+    type Io = Conn;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Conn, SocketAddr) {
+        loop {
+            let (stream, peer) = match self.inner.accept().await {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    warn!(error = %e, what = self.what, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let slot = match self.slots.clone() {
+                None => None,
+                Some(slots) => match slots.take() {
+                    Some(slot) => Some(slot),
+                    None => {
+                        self.refuse(stream, peer, &slots);
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let timer = |d: Duration| Box::pin(tokio::time::sleep(d));
+            return (
+                Conn {
+                    stream,
+                    _slot: slot,
+                    silence: self.first_byte_within.map(timer),
+                    deadline: self.lifetime.map(timer),
+                },
+                peer,
+            );
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown`, then lets the requests under
+/// way finish (bounded by the listener's limits) before returning.
+pub async fn serve(listener: Listener, app: Router, shutdown: CancellationToken) {
+    let what = listener.what;
+    // (`tap_io` only for the peer address: axum gives `ConnectInfo` to a
+    // tapped listener of any kind.)
+    let served = axum::serve(
+        listener.tap_io(|_| {}),
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await;
+    if let Err(e) = served {
+        warn!(error = %e, what, "HTTP server stopped");
+    }
+}
+
+/// A connection of a [`Listener`]: the stream, the slot it holds until it is
+/// dropped, and its timers.
+pub struct Conn {
+    stream: TcpStream,
+    _slot: Option<OwnedSemaphorePermit>,
+    /// Until the first byte comes: when it fires, reading fails, which
+    /// closes the connection.
+    silence: Option<Pin<Box<Sleep>>>,
+    /// The end of the connection's lifetime: from then on reading and
+    /// writing fail.
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl Conn {
+    /// Whether the lifetime is over (if not, the task is woken when it is).
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        self.deadline
+            .as_mut()
+            .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready())
+    }
+}
+
+fn timed_out(why: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, why)
+}
+
+const EXPIRED: &str = "the connection outlived its time limit";
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.expired(cx) {
+            return Poll::Ready(Err(timed_out(EXPIRED)));
+        }
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let Some(silence) = self.silence.as_mut() else {
+            return read;
+        };
+        match read {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                self.silence = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match silence.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    Poll::Ready(Err(timed_out("no request within the handshake timeout")))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.expired(cx) {
+            return Poll::Ready(Err(timed_out(EXPIRED)));
+        }
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.expired(cx) {
+            return Poll::Ready(Err(timed_out(EXPIRED)));
+        }
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.expired(cx) {
+            return Poll::Ready(Err(timed_out(EXPIRED)));
+        }
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
