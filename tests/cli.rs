@@ -390,6 +390,21 @@ async fn admin_testing_aids_are_off_without_the_flag() {
             );
         }
     }
+    // Whatever the path or body: the flag is named before anything else.
+    let (answer, _) = tokio::task::spawn_blocking(move || {
+        admin_raw(
+            admin,
+            b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n",
+            false,
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 404 Not Found\r\n")
+            && answer.ends_with(chatmesh::admin::AIDS_OFF),
+        "{answer}"
+    );
     assert_eq!(impairment(admin).await, "impairment: none");
     // Reading stays as it was.
     assert!(
@@ -454,4 +469,205 @@ async fn impair_implies_testing_aids() {
         .await
         .unwrap();
     assert_eq!(impairment(admin).await, "impairment: loss=3%");
+}
+
+/// Sends `request` as raw bytes to `admin`, half-closes if `close` (else the
+/// connection stays open for writing), and reads until the server closes:
+/// the whole answer and how long the server took to close. Panics if the
+/// server has not closed within 30 s.
+fn admin_raw(
+    admin: std::net::SocketAddr,
+    request: &[u8],
+    close: bool,
+) -> (String, std::time::Duration) {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(admin).expect("admin endpoint accepts");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let start = std::time::Instant::now();
+    // The server may answer and close before taking every byte.
+    let _ = stream.write_all(request);
+    if close {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+            // A reset after an answer to a request not read to its end.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!(
+                "admin endpoint did not close the connection after {:?}: {e}; got {:?}",
+                start.elapsed(),
+                String::from_utf8_lossy(&response)
+            ),
+        }
+    }
+    (
+        String::from_utf8_lossy(&response).into_owned(),
+        start.elapsed(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_bounds_bodies_and_answers_unknown_routes_and_methods() {
+    let (config, admin) = admin_node_config("admin-http");
+    let _node = start_admin_node(&config, &["--testing-aids"]);
+    let max = chatmesh::admin::MAX_BODY;
+    // A spec padded to exactly the limit is taken (and trimmed) ...
+    let spec = format!("{:<max$}", "loss=2%");
+    assert_eq!(spec.len(), max);
+    chatmesh::admin::post(admin, "/impair", &spec)
+        .await
+        .expect("a body of MAX_BODY bytes");
+    assert_eq!(impairment(admin).await, "impairment: loss=2%");
+    // ... one byte more is refused, and changes nothing.
+    let spec = format!("{:<len$}", "loss=9%", len = max + 1);
+    let err = chatmesh::admin::post(admin, "/impair", &spec)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("413") && err.contains(&format!("over {max} bytes")),
+        "{err}"
+    );
+    assert_eq!(impairment(admin).await, "impairment: loss=2%");
+    // A declared length over the limit is refused before any of it comes
+    // (the request stays open for writing: the answer does not wait for it).
+    let (answer, took) = tokio::task::spawn_blocking(move || {
+        admin_raw(
+            admin,
+            b"POST /impair HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\nloss=",
+            false,
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
+        "{answer}"
+    );
+    assert!(
+        took < chatmesh::admin::REQUEST_TIMEOUT,
+        "answered in {took:?}"
+    );
+    // A chunked body (no declared length) is counted as it comes.
+    let chunk = "x".repeat(8192);
+    let mut chunked = String::from(
+        "POST /impair HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+    );
+    for _ in 0..3 {
+        chunked.push_str(&format!("2000\r\n{chunk}\r\n"));
+    }
+    chunked.push_str("0\r\n\r\n");
+    let (answer, _) =
+        tokio::task::spawn_blocking(move || admin_raw(admin, chunked.as_bytes(), true))
+            .await
+            .unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
+        "{answer}"
+    );
+    assert_eq!(impairment(admin).await, "impairment: loss=2%");
+    // Unknown paths are 404 with a list of the routes, for GET and POST
+    // alike; a route's other method too; other methods are 405.
+    for (method, path) in [
+        ("GET", "/nope"),
+        ("POST", "/nope"),
+        ("GET", "/"),
+        ("GET", "/cut/s1"),
+        ("POST", "/status"),
+        ("POST", "/cut/"),
+    ] {
+        let request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+        let (answer, _) =
+            tokio::task::spawn_blocking(move || admin_raw(admin, request.as_bytes(), true))
+                .await
+                .unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 404 Not Found\r\n")
+                && answer.ends_with(chatmesh::admin::UNKNOWN),
+            "{method} {path}: {answer}"
+        );
+    }
+    for method in ["DELETE", "PUT", "HEAD", "OPTIONS"] {
+        let request = format!("{method} /status HTTP/1.1\r\nHost: x\r\n\r\n");
+        let (answer, _) =
+            tokio::task::spawn_blocking(move || admin_raw(admin, request.as_bytes(), true))
+                .await
+                .unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{method}: {answer}"
+        );
+    }
+    // An unknown peer is a 400 naming it.
+    let err = chatmesh::admin::post(admin, "/cut/s9", "")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("400") && err.contains("\"s9\""), "{err}");
+    // A foreign Origin is refused whatever the path; a GET is only read.
+    let (answer, _) = tokio::task::spawn_blocking(move || {
+        admin_raw(
+            admin,
+            b"POST /nope HTTP/1.1\r\nHost: x\r\nOrigin: http://evil.example\r\nContent-Length: 0\r\n\r\n",
+            true,
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 403 Forbidden\r\n")
+            && answer.ends_with(chatmesh::admin::FOREIGN_ORIGIN),
+        "{answer}"
+    );
+    // One request per connection: the answer to a request that did not ask
+    // for it says `connection: close`, and the server closes.
+    let (answer, _) = tokio::task::spawn_blocking(move || {
+        admin_raw(
+            admin,
+            b"GET /status HTTP/1.1\r\nHost: x\r\nOrigin: http://evil.example\r\n\r\n",
+            false,
+        )
+    })
+    .await
+    .unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(
+        head.to_ascii_lowercase().contains("\r\nconnection: close"),
+        "{head}"
+    );
+    let status: serde_json::Value = serde_json::from_str(body).expect("status JSON");
+    assert_eq!(status["id"], "s1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_drops_a_request_not_sent_in_time() {
+    let (config, admin) = admin_node_config("admin-timeout");
+    let _node = start_admin_node(&config, &["--testing-aids"]);
+    let limit = chatmesh::admin::REQUEST_TIMEOUT;
+    // A head never finished, and a body shorter than its declared length:
+    // the connection stays open for writing, and the server drops it.
+    for request in [
+        &b"GET /status HTTP/1.1\r\nHost: x\r\n"[..],
+        &b"POST /impair HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nlos"[..],
+    ] {
+        let (answer, took) = tokio::task::spawn_blocking(move || admin_raw(admin, request, false))
+            .await
+            .unwrap();
+        assert_eq!(answer, "", "{:?}", String::from_utf8_lossy(request));
+        // Not before its time (less a little: timers are not exact), and
+        // not much after it (admin_raw gives up at 30 s).
+        assert!(
+            took >= limit - std::time::Duration::from_millis(200),
+            "closed after {took:?}"
+        );
+        println!("dropped after {took:?} (limit {limit:?})");
+    }
+    assert_eq!(impairment(admin).await, "impairment: none");
 }
