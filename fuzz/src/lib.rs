@@ -7,19 +7,22 @@
 //! a decoded value encodes and decodes back to itself, a parsed config prints
 //! as a config that parses to the same value, and so on.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use axum::Router;
+use axum::http::header::{self, HeaderName, HeaderValue};
+use axum::http::{Method, Uri};
+use chatmesh::admin;
 use chatmesh::client_proto::{Request, ServerMessage, valid_name};
 use chatmesh::config::{ClusterConfig, ConfigError, Limits, Quorum, Timing};
 use chatmesh::lines::{LineError, LineReader};
 use chatmesh::mesh::wire::{self, MAX_FRAME, WIRE_VERSION, WireError};
 use chatmesh::netsim::{Impairment, LinkImpairment};
 use tokio::io::{AsyncRead, ReadBuf};
+use tower::ServiceExt;
 
 /// Line limit of the `client_lines` target: small enough that inputs of a
 /// few KiB reach it.
@@ -509,106 +512,238 @@ fn same_link(a: &LinkImpairment, b: &LinkImpairment, printed: &str) {
     );
 }
 
-/// Largest request the admin endpoint reads (`admin::MAX_REQUEST`).
-const ADMIN_MAX_REQUEST: usize = 16 * 1024;
-
-/// Raw bytes sent to a running node's admin endpoint over loopback TCP (the
-/// parser is inside the connection handler, so the target goes through the
-/// socket: the node runs in this process, so its code is what is fuzzed).
-/// Whatever came, the answer is nothing or one well-formed HTTP response
-/// whose `Content-Length` is its body's; a complete request head always gets
-/// one; a plain `GET /status` gets the status document.
+/// Bytes read as an HTTP request, liberally (a request line, header lines
+/// up to a blank line, the rest as the body; see [`loose_request`]), sent
+/// through the admin endpoint's router in this process (no socket: hyper's
+/// own parser is fuzzed upstream; this fuzzes what the admin endpoint decides),
+/// once with the testing aids off and once on. The answer must be the one
+/// the admin endpoint's rules give ([`expected_admin`]): the method checked
+/// first, then the testing aids, the `Origin` of a `POST`, the body limit,
+/// the route. Every answer closes the connection, names its content type,
+/// and has a text body ending in a newline (none for `HEAD`); no answer is
+/// a 5xx.
 pub fn admin_request(data: &[u8]) {
-    let addr = admin_addr();
-    let mut stream = TcpStream::connect(addr).expect("connect to the admin endpoint");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("read timeout");
-    // The server may answer and close before reading everything: a refused
-    // write is not an error here (std sends with MSG_NOSIGNAL: no SIGPIPE).
-    let _ = stream.write_all(data);
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    let mut response = Vec::new();
-    if let Err(e) = stream.read_to_end(&mut response) {
-        // A reset: the server closed with request bytes it did not read (over
-        // its limit, or past Content-Length), and the reset may have cut its
-        // answer short. Anything else (a timeout) is a hang.
+    let Some(loose) = loose_request(data) else {
+        return;
+    };
+    let admin = admin_routers();
+    for (aids, router) in [(false, &admin.aids_off), (true, &admin.aids_on)] {
+        let request = loose.request();
+        let response = admin
+            .runtime
+            .block_on(router.clone().oneshot(request))
+            .unwrap_or_else(|e| match e {});
+        let code = response.status().as_u16();
+        let header = |name: header::HeaderName| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
         assert_eq!(
-            e.kind(),
-            std::io::ErrorKind::ConnectionReset,
-            "no answer from the admin endpoint: {e}"
+            header(header::CONNECTION).as_deref(),
+            Some("close"),
+            "{code}"
         );
-        return;
-    }
-    // The endpoint reads 1 KiB at a time and gives up past its limit, so a
-    // head is surely seen only if it ends a read's length before the limit.
-    let head_complete =
-        find(data, b"\r\n\r\n").is_some_and(|at| at + 4 + 1024 <= ADMIN_MAX_REQUEST);
-    if response.is_empty() {
-        assert!(
-            !head_complete,
-            "a complete request head got no answer: {:?}",
-            String::from_utf8_lossy(data)
+        let content_type = header(header::CONTENT_TYPE).expect("a content type");
+        let body = admin
+            .runtime
+            .block_on(axum::body::to_bytes(response.into_body(), usize::MAX))
+            .expect("an in-memory body");
+        let body = std::str::from_utf8(&body).expect("a text answer");
+        if loose.method == Method::HEAD {
+            // axum answers HEAD with the head of what GET would get.
+            assert_eq!(body, "", "{code}");
+        } else {
+            assert!(body.ends_with('\n'), "{code} {body:?}");
+        }
+        let expected = expected_admin(&loose, aids);
+        let what = format!(
+            "{} {:?} (aids {aids}): {code} {body:?}",
+            loose.method, loose.target
         );
-        return;
-    }
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("answer without a head: {text:?}"));
-    let status_line = head.lines().next().unwrap_or("");
-    let code = status_line
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|rest| rest.get(..3))
-        .and_then(|code| code.parse::<u16>().ok())
-        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-    assert!((200..600).contains(&code), "{status_line}");
-    let length = head
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
-        .unwrap_or_else(|| panic!("no Content-Length in {head:?}"));
-    let body_bytes = response.len() - (head.len() + 4);
-    assert_eq!(length, body_bytes, "Content-Length of {head:?}");
-    assert!(
-        code < 500,
-        "server error for {:?}",
-        String::from_utf8_lossy(data)
-    );
-    if plain_status_request(data) {
-        assert_eq!(code, 200, "GET /status: {status_line}");
-        let doc: serde_json::Value = serde_json::from_str(body).expect("status is JSON");
-        assert_eq!(doc["id"], "s1", "{body}");
+        match expected {
+            Expected::Exactly(want, text) => {
+                assert_eq!(code, want, "{what}");
+                if let Some(text) = text
+                    && loose.method != Method::HEAD
+                {
+                    assert_eq!(body, text, "{what}");
+                }
+            }
+            Expected::Status => {
+                assert_eq!(code, 200, "{what}");
+                assert_eq!(content_type, "application/json", "{what}");
+                let doc: serde_json::Value = serde_json::from_str(body).expect("status is JSON");
+                assert_eq!(doc["id"], "s1", "{body}");
+            }
+            Expected::Metrics => {
+                assert_eq!(code, 200, "{what}");
+                assert!(body.contains("\nchatmesh_term{server=\"s1\"} "), "{what}");
+            }
+            Expected::Impairment => {
+                assert_eq!(code, 200, "{what}");
+                assert!(body.starts_with("impairment: "), "{what}");
+            }
+            Expected::SetImpairment { valid } => {
+                // A spec that parses may still be refused by the socket.
+                assert!(code == 200 || (code == 400 && !valid), "{what}");
+                if code == 200 {
+                    assert!(body.starts_with("impairment: "), "{what}");
+                }
+            }
+        }
     }
 }
 
-/// `GET /status HTTP/1.1` with a complete head and no header that a stricter
-/// endpoint might refuse it for (`Origin`, `Host`).
-fn plain_status_request(data: &[u8]) -> bool {
-    let Some(end) = find(data, b"\r\n\r\n") else {
-        return false;
+/// A request as [`loose_request`] reads it.
+pub struct LooseRequest {
+    method: Method,
+    target: Uri,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    body: Vec<u8>,
+}
+
+impl LooseRequest {
+    fn request(&self) -> axum::extract::Request {
+        let mut request = axum::extract::Request::new(axum::body::Body::from(self.body.clone()));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.target.clone();
+        for (name, value) in &self.headers {
+            request.headers_mut().append(name.clone(), value.clone());
+        }
+        request
+    }
+
+    /// The first value of header `name`, as hyper would hand it on.
+    fn header(&self, name: &HeaderName) -> Option<&HeaderValue> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+}
+
+/// `METHOD TARGET ...` on the first line (`\n` or `\r\n`), then `name: value`
+/// lines up to a blank line (lines that are no valid header are skipped), and
+/// the rest as the body, whatever `Content-Length` says. None if there is no
+/// valid method, or the target is not a path (`/...`) or an absolute URI.
+pub fn loose_request(data: &[u8]) -> Option<LooseRequest> {
+    let (head, body) = match find(data, b"\r\n\r\n") {
+        Some(at) => (&data[..at], &data[at + 4..]),
+        None => match find(data, b"\n\n") {
+            Some(at) => (&data[..at], &data[at + 2..]),
+            None => (data, &data[data.len()..]),
+        },
     };
-    let Some(headers) = data[..end].strip_prefix(b"GET /status HTTP/1.1") else {
-        return false;
-    };
-    let headers = String::from_utf8_lossy(headers).to_ascii_lowercase();
-    (headers.is_empty() || headers.starts_with("\r\n"))
-        && !headers.split("\r\n").any(|h| {
-            let h = h.trim_start();
-            h.starts_with("origin") || h.starts_with("host")
+    let mut lines = head
+        .split(|&b| b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line));
+    let mut words = lines
+        .next()?
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|w| !w.is_empty());
+    let method = Method::from_bytes(words.next()?).ok()?;
+    let target = Uri::try_from(words.next()?).ok()?;
+    if !target.path().starts_with('/') {
+        return None;
+    }
+    let headers = lines
+        .filter_map(|line| {
+            let at = line.iter().position(|&b| b == b':')?;
+            let name = HeaderName::from_bytes(line[..at].trim_ascii()).ok()?;
+            let value = HeaderValue::from_bytes(line[at + 1..].trim_ascii()).ok()?;
+            Some((name, value))
         })
+        .collect();
+    Some(LooseRequest {
+        method,
+        target,
+        headers,
+        body: body.to_vec(),
+    })
+}
+
+/// What the admin endpoint must answer.
+enum Expected {
+    /// This status, and if given this body.
+    Exactly(u16, Option<&'static str>),
+    /// The status document of s1.
+    Status,
+    /// The metrics of s1.
+    Metrics,
+    /// The impairment in force.
+    Impairment,
+    /// A new impairment (`200`), or a refusal (`400`) if `!valid`.
+    SetImpairment { valid: bool },
+}
+
+/// The admin endpoint's rules, written out apart from its code.
+fn expected_admin(request: &LooseRequest, aids: bool) -> Expected {
+    use Expected::*;
+    let post = match request.method {
+        Method::GET => false,
+        Method::POST => true,
+        _ => return Exactly(405, Some("GET or POST only\n")),
+    };
+    if post && !aids {
+        return Exactly(404, Some(admin::AIDS_OFF));
+    }
+    if post
+        && request.header(&header::ORIGIN).is_some_and(|o| {
+            !o.to_str()
+                .is_ok_and(|o| admin::is_own_origin(o, ADMIN_PORT))
+        })
+    {
+        return Exactly(403, Some(admin::FOREIGN_ORIGIN));
+    }
+    let declared = request
+        .header(&header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > admin::MAX_BODY as u64) || request.body.len() > admin::MAX_BODY
+    {
+        return Exactly(413, None);
+    }
+    let path = request.target.path();
+    let peer_route = ["/cut/", "/heal/"].iter().any(|p| {
+        path.strip_prefix(p)
+            .is_some_and(|id| !id.is_empty() && !id.contains('/'))
+    });
+    match (post, path) {
+        (false, "/status") => Status,
+        (false, "/metrics") => Metrics,
+        (false, "/impair") => Impairment,
+        (true, "/impair") => SetImpairment {
+            valid: chatmesh::netsim::Impairment::parse(
+                String::from_utf8_lossy(&request.body).trim(),
+            )
+            .is_ok(),
+        },
+        (true, "/heal") => Exactly(200, Some("healed every link\n")),
+        // The fuzz node has no peers.
+        (true, _) if peer_route => Exactly(400, None),
+        _ => Exactly(404, Some(admin::UNKNOWN)),
+    }
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// The admin address of one node (s1 alone, every port ephemeral) started
-/// once per process on a runtime of its own; both live until the process ends.
-fn admin_addr() -> SocketAddr {
-    static ADDR: OnceLock<SocketAddr> = OnceLock::new();
-    *ADDR.get_or_init(|| {
+/// The port the fuzz routers take as their own (for `Origin` checks).
+const ADMIN_PORT: u16 = 7001;
+
+/// The admin routers of one node (s1 alone, every port ephemeral) started
+/// once per process on a runtime of its own, which also runs the requests;
+/// all live until the process ends.
+struct AdminRouters {
+    runtime: tokio::runtime::Runtime,
+    aids_off: Router,
+    aids_on: Router,
+}
+
+fn admin_routers() -> &'static AdminRouters {
+    static ROUTERS: OnceLock<AdminRouters> = OnceLock::new();
+    ROUTERS.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("chatmesh-fuzz-admin-{}", std::process::id()));
         let config = ClusterConfig::parse(
             "[[server]]\nid = \"s1\"\nhost = \"127.0.0.1\"\nclient_port = 0\nmesh_port = 0\nadmin_port = 0\n",
@@ -628,10 +763,17 @@ fn admin_addr() -> SocketAddr {
             .expect("fuzz node starts");
         // The node has read its certificates.
         let _ = std::fs::remove_dir_all(&dir);
-        let addr = node.admin_addr().expect("admin port configured");
-        // Both serve the endpoint for the rest of the process.
+        let mut state = node.admin_state().expect("admin port configured").clone();
+        state.testing_aids = false;
+        let aids_off = admin::router(state.clone(), ADMIN_PORT);
+        state.testing_aids = true;
+        let aids_on = admin::router(state, ADMIN_PORT);
+        // The node serves the routers' state for the rest of the process.
         std::mem::forget(node);
-        std::mem::forget(runtime);
-        addr
+        AdminRouters {
+            runtime,
+            aids_off,
+            aids_on,
+        }
     })
 }
