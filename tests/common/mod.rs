@@ -52,7 +52,12 @@ fn sweep_dead(root: &Path) {
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let pid = name.to_string_lossy().split('-').next().unwrap_or("").to_owned();
+        let pid = name
+            .to_string_lossy()
+            .split('-')
+            .next()
+            .unwrap_or("")
+            .to_owned();
         if !pid.is_empty()
             && pid.bytes().all(|b| b.is_ascii_digit())
             && !Path::new("/proc").join(&pid).exists()
