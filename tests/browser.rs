@@ -173,7 +173,11 @@ return {
 /// A headless Chromium through its chromedriver, with a screenshot folder.
 struct Browser {
     client: Client,
+    /// chromedriver, leader of a process group that Chromium and its
+    /// helpers join: killing the group on drop ends them all, also when a
+    /// failed assertion unwinds past [`Browser::close`].
     driver: tokio::process::Child,
+    profile: PathBuf,
     shots: PathBuf,
     tag: String,
     started: Instant,
@@ -189,6 +193,7 @@ impl Browser {
             .arg(format!("--log-path={}", log.display()))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", tools.chromedriver.display()));
@@ -210,6 +215,9 @@ impl Browser {
             "--disable-dev-shm-usage".to_owned(),
             "--disable-gpu".to_owned(),
             "--no-first-run".to_owned(),
+            // Crash reporters leave their own process groups, outliving the test.
+            "--disable-crash-reporter".to_owned(),
+            "--disable-breakpad".to_owned(),
             "--force-device-scale-factor=1".to_owned(),
             "--hide-scrollbars".to_owned(),
             format!("--window-size={},{}", DESKTOP.0, DESKTOP.1),
@@ -235,6 +243,7 @@ impl Browser {
         Browser {
             client,
             driver,
+            profile,
             shots,
             tag: tag.to_owned(),
             started: Instant::now(),
@@ -397,7 +406,7 @@ impl Browser {
 const out = [];
 const W = window.innerWidth, H = window.innerHeight;
 if (document.documentElement.scrollWidth > W) out.push("page is " + document.documentElement.scrollWidth + "px wide in a " + W + "px viewport");
-for (const sel of ["#text", "#say button", "#quit", "#newroomid", "#log"]) {
+for (const sel of ["#text", "#say button", "#quit", "#log", "#log p:last-of-type", "#roomlist button.here", "#memberlist li"]) {
   const e = document.querySelector(sel);
   if (!e) { out.push(sel + " missing"); continue; }
   const r = e.getBoundingClientRect();
@@ -418,13 +427,34 @@ return out;
             .await
             .expect("layout check");
         v.as_array()
-            .map(|a| a.iter().map(|x| x.to_string()).collect())
+            .map(|a| {
+                a.iter()
+                    .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
-    async fn close(mut self) {
+    /// Ends the WebDriver session (Chromium quits); the drop ends the rest.
+    async fn close(self) {
         let _ = self.client.clone().close().await;
-        let _ = self.driver.kill().await;
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if let Some(pid) = self
+            .driver
+            .id()
+            .and_then(|pid| libc::pid_t::try_from(pid).ok())
+        {
+            // SAFETY: a plain syscall; the group is chromedriver's own
+            // (`process_group(0)`), still running since `id()` is Some.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.profile);
     }
 }
 
@@ -571,7 +601,19 @@ async fn the_page_in_chromium_chats_follows_a_route_and_reconnects() {
     assert_eq!(shown.foreign_elements, 0, "own message became markup");
     browser.shot("2-lounge").await;
 
-    // 4. The same page at a phone's size: nothing off screen.
+    // 4. The same page at a phone's size, its log longer than the screen:
+    // nothing off screen, the newest line in sight.
+    for n in 1..=12 {
+        tcpy.send(&format!(
+            r#"{{"type":"message","content":"line {n} of a long chat"}}"#
+        ))
+        .await;
+    }
+    browser
+        .until("the page shows a log longer than a phone's screen", |s| {
+            s.logged("Tcpy: line 12 of a long chat")
+        })
+        .await;
     browser.viewport(PHONE).await;
     let overflow = browser.overflow().await;
     browser.shot("3-phone").await;
@@ -766,30 +808,62 @@ async fn readme_screenshots() {
             s.room == "release" && s.members.len() == 4
         })
         .await;
-    let script: [(&str, &str); 7] = [
-        ("Adel", "Morning! The 0.4 release candidate is built ☕"),
+    // Who says what; `None`: Farid comes into the room.
+    let script: [(&str, Option<&str>); 12] = [
+        (
+            "Adel",
+            Some("Morning! The 0.4 release candidate is built ☕"),
+        ),
         (
             "Bob",
-            "Upgraded s2 an hour ago: no session dropped, failover took 0.4 s",
+            Some("I upgraded s2 an hour ago: no session dropped, failover took 0.4 s"),
         ),
-        ("Dana", "Nice. The web client works from my phone too 📱"),
         (
             "Chen",
-            "Quotes \"survive\", and <b>tags</b> show as text 👍",
+            Some("Same on s3. The registry caught up in under a second"),
+        ),
+        (
+            "Dana",
+            Some("Nice. I'm on the new web client: a browser, nothing to install 🎉"),
+        ),
+        ("Adel", Some("How does it look on a phone?")),
+        (
+            "Dana",
+            Some("Fine: rooms and members in a row on top, the chat below 📱"),
+        ),
+        ("Farid", None),
+        ("Farid", Some("Hi all, what did I miss?")),
+        (
+            "Chen",
+            Some("The RC is out. Quotes \"survive\", and <b>tags</b> show as text 👍"),
         ),
         (
             "Adel",
-            "Then let's tag it after lunch. Erin, is the logo ready?",
+            Some("Then let's tag it after lunch. Erin, is the logo ready?"),
         ),
-        ("Dana", "She's in #design on s2, I'll ask there"),
-        ("Bob", "🎉"),
+        ("Dana", Some("Erin is in design on s2, I'll ask her there")),
+        ("Bob", Some("👍")),
     ];
+    let mut farid = None;
     for (who, text) in script {
+        let Some(text) = text else {
+            let mut c = Raw::join(Via::Tcp, s1, who, "MainHall-s1").await;
+            c.send(r#"{"type":"joinroom","roomid":"release"}"#).await;
+            until_line(&mut c, "into release", |l| l["type"] == "roomchange").await;
+            farid = Some(c);
+            browser
+                .until(&format!("{who} shown coming in"), |s| {
+                    s.logged(&format!("{who} came from MainHall-s1"))
+                })
+                .await;
+            continue;
+        };
         let line = json!({"type":"message","content":text}).to_string();
         match who {
             "Adel" => adel.send(&line).await,
             "Bob" => bob.send(&line).await,
             "Chen" => chen.send(&line).await,
+            "Farid" => farid.as_mut().expect("Farid came").send(&line).await,
             _ => browser.paste_and_send(text).await,
         }
         browser
@@ -802,6 +876,6 @@ async fn readme_screenshots() {
     browser.viewport((390, 700)).await;
     browser.shot("phone").await;
     browser.close().await;
-    drop((adel, bob, chen, erin));
+    drop((adel, bob, chen, erin, farid));
     cluster.stop().await;
 }
