@@ -173,11 +173,7 @@ return {
 /// A headless Chromium through its chromedriver, with a screenshot folder.
 struct Browser {
     client: Client,
-    /// chromedriver, leader of a process group that Chromium and its
-    /// helpers join: killing the group on drop ends them all, also when a
-    /// failed assertion unwinds past [`Browser::close`].
-    driver: tokio::process::Child,
-    profile: PathBuf,
+    _driver: DriverGroup,
     shots: PathBuf,
     tag: String,
     started: Instant,
@@ -188,7 +184,8 @@ impl Browser {
         let shots = artefact_dir();
         let port = free_ports(1)[0];
         let log = shots.join(format!("{tag}-chromedriver.log"));
-        let driver = tokio::process::Command::new(&tools.chromedriver)
+        let profile = temp_dir("chromium-profile");
+        let child = tokio::process::Command::new(&tools.chromedriver)
             .arg(format!("--port={port}"))
             .arg(format!("--log-path={}", log.display()))
             .stdout(std::process::Stdio::null())
@@ -197,6 +194,10 @@ impl Browser {
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", tools.chromedriver.display()));
+        let driver = DriverGroup {
+            child,
+            profile: profile.clone(),
+        };
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let deadline = Instant::now() + WAIT;
         while tokio::net::TcpStream::connect(addr).await.is_err() {
@@ -207,7 +208,6 @@ impl Browser {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let profile = temp_dir("chromium-profile");
         let args = [
             "--headless=new".to_owned(),
             // Root in a container has no user namespaces for the sandbox.
@@ -215,9 +215,6 @@ impl Browser {
             "--disable-dev-shm-usage".to_owned(),
             "--disable-gpu".to_owned(),
             "--no-first-run".to_owned(),
-            // Crash reporters leave their own process groups, outliving the test.
-            "--disable-crash-reporter".to_owned(),
-            "--disable-breakpad".to_owned(),
             "--force-device-scale-factor=1".to_owned(),
             "--hide-scrollbars".to_owned(),
             format!("--window-size={},{}", DESKTOP.0, DESKTOP.1),
@@ -242,8 +239,7 @@ impl Browser {
             });
         Browser {
             client,
-            driver,
-            profile,
+            _driver: driver,
             shots,
             tag: tag.to_owned(),
             started: Instant::now(),
@@ -441,10 +437,19 @@ return out;
     }
 }
 
-impl Drop for Browser {
+/// chromedriver, leader of a process group that Chromium and its helpers
+/// join, and Chromium's profile directory: dropping it kills the whole group
+/// and removes the directory, also when a failed assertion unwinds past
+/// [`Browser::close`] (or past the session's start).
+struct DriverGroup {
+    child: tokio::process::Child,
+    profile: PathBuf,
+}
+
+impl Drop for DriverGroup {
     fn drop(&mut self) {
         if let Some(pid) = self
-            .driver
+            .child
             .id()
             .and_then(|pid| libc::pid_t::try_from(pid).ok())
         {
