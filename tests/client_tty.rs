@@ -279,8 +279,18 @@ fn an_event_goes_above_a_half_typed_line_which_stays() {
         row_of(rows, "in MainHall-s1: Adel, Bob").is_some()
     });
 
-    // Ctrl-D on an empty line quits cleanly.
+    // The prompt shows the room the client is in after each command.
     adel.wait_input_line("[MainHall-s1] Adel>");
+    adel.keys("#createroom jokes\r");
+    bob.wait_line("Adel moves from MainHall-s1 to jokes");
+    adel.wait_input_line("[jokes] Adel>");
+    adel.keys("#deleteroom jokes\r");
+    adel.wait_screen("the deletion", |rows, _| {
+        row_of(rows, "Adel moves from jokes to MainHall-s1").is_some()
+    });
+    adel.wait_input_line("[MainHall-s1] Adel>");
+
+    // Ctrl-D on an empty line quits cleanly.
     adel.keys("\x04");
     bob.wait_line("Adel quit");
     assert!(adel.wait_exit(), "Ctrl-D is a clean quit");

@@ -397,7 +397,8 @@ impl Client {
                         "room {roomid} not created (invalid or taken id, or you already own a room)"
                     ));
                 }
-                self.answered(Awaiting::CreateRoom);
+                let moving = approved.0;
+                self.answered_then(Awaiting::CreateRoom, moving);
             }
             ServerMessage::DeleteRoom { roomid, approved } => {
                 if approved.0 {
@@ -407,7 +408,9 @@ impl Client {
                         "room {roomid} not deleted (no such room, or not yours)"
                     ));
                 }
-                self.answered(Awaiting::DeleteRoom);
+                // Deleting the room we are in moves us to the main hall.
+                let moving = approved.0 && roomid == self.room;
+                self.answered_then(Awaiting::DeleteRoom, moving);
             }
             ServerMessage::Route {
                 roomid,
@@ -441,6 +444,21 @@ impl Client {
 impl Client {
     fn answered(&mut self, what: Awaiting) {
         if self.awaiting == what {
+            self.expect(Awaiting::Nothing);
+        }
+    }
+
+    /// The answer to `what`; if `moving`, our own roomchange follows it.
+    /// At the line editor the next line waits for that move too, so that
+    /// its prompt shows the new room (the prompt of a line being read
+    /// cannot change). Piped input reads on at once, as it always did.
+    fn answered_then(&mut self, what: Awaiting, moving: bool) {
+        if self.awaiting != what {
+            return;
+        }
+        if moving && matches!(self.console, Console::Editor(_)) {
+            self.expect(Awaiting::Join);
+        } else {
             self.expect(Awaiting::Nothing);
         }
     }
