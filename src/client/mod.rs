@@ -121,26 +121,37 @@ async fn identify(
     server: &str,
     identity: &str,
 ) -> Result<Connection, Answer> {
-    let claim = async {
-        let mut connection = Connection::open(transport, server).await?;
+    claim(open(transport, server).await?, identity).await
+}
+
+/// Opens a connection to `server` (no identity yet), bounded in time.
+async fn open(transport: &Transport, server: &str) -> Result<Connection, Answer> {
+    match tokio::time::timeout(ATTEMPT_TIMEOUT, Connection::open(transport, server)).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(e)) => Err(Answer::of_error(&e)),
+        Err(_) => Err(Answer::TimedOut),
+    }
+}
+
+/// Claims `identity` on an open connection, bounded in time.
+async fn claim(mut connection: Connection, identity: &str) -> Result<Connection, Answer> {
+    let answer = async {
         connection
             .send(&Request::NewIdentity {
                 identity: identity.to_owned(),
             })
             .await?;
-        Ok::<_, anyhow::Error>(match connection.recv_timeout(ANSWER_TIMEOUT).await? {
-            Some(ServerMessage::NewIdentity { approved }) if approved.0 => Ok(connection),
-            Some(ServerMessage::NewIdentity { .. }) => Err(Answer::IdentityRefused),
-            // "server full" and the like.
-            Some(ServerMessage::Error { reason }) => Err(Answer::Said(reason)),
-            Some(other) => Err(Answer::Other(format!(
-                "unexpected answer to newidentity: {other:?}"
-            ))),
-            None => Err(Answer::Closed),
-        })
+        connection.recv_timeout(ANSWER_TIMEOUT).await
     };
-    match tokio::time::timeout(ATTEMPT_TIMEOUT, claim).await {
-        Ok(Ok(claimed)) => claimed,
+    match tokio::time::timeout(ATTEMPT_TIMEOUT, answer).await {
+        Ok(Ok(Some(ServerMessage::NewIdentity { approved }))) if approved.0 => Ok(connection),
+        Ok(Ok(Some(ServerMessage::NewIdentity { .. }))) => Err(Answer::IdentityRefused),
+        // "server full" and the like.
+        Ok(Ok(Some(ServerMessage::Error { reason }))) => Err(Answer::Said(reason)),
+        Ok(Ok(Some(other))) => Err(Answer::Other(format!(
+            "unexpected answer to newidentity: {other:?}"
+        ))),
+        Ok(Ok(None)) => Err(Answer::Closed),
         Ok(Err(e)) => Err(Answer::of_error(&e)),
         Err(_) => Err(Answer::TimedOut),
     }
@@ -178,10 +189,21 @@ impl Client {
             }
             let round = backoff.rounds();
             let mut answers = Vec::with_capacity(candidates.len());
-            for server in &candidates {
+            // Every server at once for the connection (a QUIC server that
+            // is down costs its handshake timeout, a few seconds), then the
+            // identity claimed in order, so the preferred server gets it.
+            let opened = futures_util::future::join_all(
+                candidates.iter().map(|server| open(&transport, server)),
+            )
+            .await;
+            for (server, opened) in candidates.iter().zip(opened) {
                 // Refused identity: the dead server's hold on the name is not
                 // yet released; unreachable: try the next one.
-                match identify(&transport, server, &self.options.identity).await {
+                let claimed = match opened {
+                    Ok(connection) => claim(connection, &self.options.identity).await,
+                    Err(answer) => Err(answer),
+                };
+                match claimed {
                     Ok(connection) => {
                         self.connection = connection;
                         self.options.server = server.clone();
@@ -196,6 +218,8 @@ impl Client {
                             self.options.identity,
                             seconds(started.elapsed()),
                         ));
+                        // The other connections opened this round close
+                        // unused as they drop.
                         return Ok(true);
                     }
                     Err(answer) => answers.push((server.clone(), answer)),

@@ -162,15 +162,23 @@ impl fmt::Display for Answer {
     }
 }
 
-/// One line for a round of attempts that found no server: who answered
-/// what, and when the next round is.
+/// One line for a round of attempts that found no server: what each server
+/// answered (servers that answered alike together, in the order tried), and
+/// when the next round is.
 pub fn round_line(round: u32, answers: &[(String, Answer)], next: Option<Duration>) -> String {
-    let mut line = format!("reconnect attempt {round}: ");
-    let answers: Vec<String> = answers
+    let mut groups: Vec<(&Answer, Vec<String>)> = Vec::new();
+    for (server, answer) in answers {
+        let server = visible(server).into_owned();
+        match groups.iter_mut().find(|(a, _)| *a == answer) {
+            Some((_, servers)) => servers.push(server),
+            None => groups.push((answer, vec![server])),
+        }
+    }
+    let parts: Vec<String> = groups
         .iter()
-        .map(|(server, answer)| format!("{} {answer}", visible(server)))
+        .map(|(answer, servers)| format!("{} {answer}", servers.join(", ")))
         .collect();
-    line += &answers.join("; ");
+    let mut line = format!("reconnect attempt {round}: {}", parts.join("; "));
     if let Some(next) = next {
         line += &format!("; next try in {}", seconds(next));
     }
@@ -291,6 +299,7 @@ mod tests {
                 ("127.0.0.1:4445".into(), Answer::IdentityRefused),
                 ("127.0.0.1:4446".into(), Answer::ConnectionRefused),
                 ("10.9.9.9:4444".into(), Answer::TimedOut),
+                ("127.0.0.1:4448".into(), Answer::ConnectionRefused),
                 (
                     "127.0.0.1:4447".into(),
                     Answer::Said("server full\u{1b}[2J".into()),
@@ -301,7 +310,7 @@ mod tests {
         assert_eq!(
             line,
             "reconnect attempt 3: 127.0.0.1:4445 refused the identity (still held); \
-             127.0.0.1:4446 connection refused; 10.9.9.9:4444 no answer (down or unreachable); \
+             127.0.0.1:4446, 127.0.0.1:4448 connection refused; 10.9.9.9:4444 no answer (down or unreachable); \
              127.0.0.1:4447 said \"server full^[[2J\"; next try in 0.4 s"
         );
         assert!(!line.contains('\n'));
