@@ -185,6 +185,7 @@ impl Client {
         let mut wait = backoff.next_delay();
         loop {
             if !self.pause(wait).await? {
+                self.say("stopped reconnecting; bye");
                 return Ok(false);
             }
             let round = backoff.rounds();
