@@ -27,7 +27,8 @@
 //! - [`node`]: one server wired together, with graceful shutdown.
 //! - [`status`]: `chatmesh status`, the admin view for a person.
 //! - [`up`]: `chatmesh up`, every server of a config as child processes.
-//! - [`client`]: the bundled CLI client.
+//! - [`client`]: the bundled CLI client (line editor in `client/editor.rs`,
+//!   reconnection backoff and what servers answered in `client/reconnect.rs`).
 //! - [`bench`]: `chatmesh bench`, chatmesh measured beside ngircd and nats-server.
 
 pub mod admin;

@@ -278,7 +278,13 @@ async fn run(cli: Cli) -> Result<()> {
 fn init_tracing(format: LogFormat, quiet: bool) {
     use tracing_subscriber::EnvFilter;
     // The client's screen is for chat; it logs only warnings unless asked.
-    let default = if quiet { "warn" } else { "info" };
+    // rustyline's own warnings (a terminal that does not report the cursor)
+    // would land on the input line: only its errors are shown.
+    let default = if quiet {
+        "warn,rustyline=error"
+    } else {
+        "info"
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

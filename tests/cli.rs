@@ -671,3 +671,75 @@ async fn admin_drops_a_request_not_sent_in_time() {
     }
     assert_eq!(impairment(admin).await, "impairment: none");
 }
+
+/// The wait a round line announces ("...; next try in 0.4 s"), if any.
+fn next_try(line: &str) -> Option<f64> {
+    line.split("next try in ")
+        .nth(1)?
+        .trim_end_matches(" s")
+        .parse()
+        .ok()
+}
+
+#[test]
+fn a_client_whose_servers_are_down_backs_off_says_what_each_answered_and_comes_back() {
+    let ports = free_ports(2);
+    assert_eq!(ports.len(), 2, "not enough free ports");
+    let dir = temp_dir("backoff");
+    let config = dir.join("cluster.txt");
+    std::fs::write(&config, format!("s1 127.0.0.1 {} 0\n", ports[0])).unwrap();
+    let config = config.display().to_string();
+    let (mut node, addr) = start_node(&config);
+    // The second server of the list never answers: nothing listens there.
+    let nobody = format!("127.0.0.1:{}", ports[1]);
+    let servers = format!("{addr},{nobody}");
+    let mut client = Proc::spawn(
+        "roamer",
+        &[
+            "client",
+            "-i",
+            "Roamer",
+            "--server",
+            &addr,
+            "--tcp",
+            "--servers",
+            &servers,
+        ],
+    );
+    client.wait_line("Roamer joins MainHall-s1");
+    node.signal(libc::SIGTERM);
+    assert!(node.wait_exit());
+    client.wait_line(&format!("lost the connection to {addr}"));
+    // One line per round, naming each server and what it answered, the
+    // other server first; the announced waits follow the schedule: 100 ms
+    // doubling, each drawn in the upper half of its step.
+    let mut step = 0.1f64;
+    for round in 1..=5 {
+        let line = client.wait_line(&format!("reconnect attempt {round}: "));
+        assert!(
+            line.contains(&format!("{nobody}, {addr} connection refused; next try in")),
+            "{line}"
+        );
+        let wait = next_try(&line).expect("a next try");
+        // Printed to 0.1 s: allow the rounding.
+        assert!(
+            wait >= step / 2.0 - 0.05 && wait <= step + 0.05,
+            "round {round}: {wait} s not in [{}, {step}]",
+            step / 2.0
+        );
+        step *= 2.0;
+    }
+    // The server comes back on its port: the client says so, and where.
+    let (_node, again) = start_node(&config);
+    assert_eq!(again, addr);
+    let back = client.wait_line("back online: reconnected to");
+    assert!(
+        back.contains(&format!("reconnected to {addr} as Roamer")),
+        "{back}"
+    );
+    client.wait_line("Roamer joins MainHall-s1");
+    client.type_line("#who");
+    client.wait_line("in MainHall-s1: Roamer");
+    client.close_stdin();
+    assert!(client.wait_exit());
+}

@@ -236,6 +236,9 @@ async fn an_invalid_former_is_never_relayed() {
         format!("\\u001b[2J\\u001b]0;pwned\\u0007{}", "x".repeat(50_000)),
         "MainHall-".to_owned(),
         "jo".to_owned(),
+        // Shaped like main halls, but of no server of the cluster.
+        "MainHall-s9".to_owned(),
+        "MainHall-admin".to_owned(),
     ];
     for (i, former) in hostile.iter().enumerate() {
         let name = format!("Mover{i}");

@@ -105,10 +105,8 @@ impl Outbox {
             state.queue.clear();
             state.bytes = 0;
             drop(state);
-            tracing::warn!(
-                limit = self.limit,
-                "session dropped: client too slow, outbox full"
-            );
+            // Logged by the session itself, in its own span: this runs in
+            // the span of whichever client's line overflowed it.
             self.dropped.cancel();
             self.wake.notify_one();
             return false;

@@ -140,7 +140,20 @@ where
                 session.phase = Phase::Left;
                 break;
             }
-            _ = outbox.dropped().cancelled() => break,
+            _ = outbox.dropped().cancelled() => {
+                if outbox.overflowed() {
+                    let identity = match &session.phase {
+                        Phase::Active(identity) => identity.as_str(),
+                        _ => "",
+                    };
+                    warn!(
+                        %identity,
+                        limit = limits.outbox_bytes,
+                        "session dropped: client too slow, outbox full"
+                    );
+                }
+                break;
+            }
             // Evicted: stop reading now, not once the writer is done (a
             // client that does not read would keep the session open).
             _ = outbox.finishing().cancelled() => break,
@@ -340,10 +353,11 @@ impl Session {
     ) -> Flow {
         let serverid = self.chat.id().to_owned();
         // `former` is relayed to the room in `roomchange`: anything that is
-        // not a room id or a main hall (a hostile client's text, escape
-        // sequences) becomes "", which reads as a plain arrival. Refusing
+        // not a room id or the main hall of a server of the cluster (a
+        // hostile client's text, escape sequences, "MainHall-admin") becomes
+        // "", which reads as a plain arrival. Refusing
         // instead would cost a client with a garbled `former` its move.
-        let former = if valid_room_ref(&former) {
+        let former = if valid_room_ref(&former) && self.known_hall_or_room_id(&former) {
             former
         } else {
             info!(%identity, "movejoin with an invalid former room; relayed as an arrival");
@@ -378,6 +392,15 @@ impl Session {
         }
         info!(%identity, %former, room = %room, "client moved in");
         Flow::Continue
+    }
+
+    /// Whether `room` (already shaped like a room reference) may name where
+    /// a client came from: a room id, or the main hall of a server this one
+    /// knows (its own, or a live one of the cluster).
+    fn known_hall_or_room_id(&self, room: &str) -> bool {
+        !room.starts_with(crate::config::MAIN_HALL_PREFIX)
+            || room == self.chat.main_hall()
+            || self.chat.directory().remote_room(room).is_some()
     }
 
     fn enter(&mut self, identity: &str, reply: Bytes, former: &str, room: Option<&str>) -> bool {

@@ -2,24 +2,30 @@
 //! `#deleteroom R`, `#quit`, anything else is a message. QUIC by default, TCP
 //! with `--tcp`; follows `route` by itself.
 //!
-//! It reads commands from stdin one line at a time, so it can be scripted:
-//! after a command that has an answer it waits for that answer (bounded)
-//! before reading the next line, and at end of input it quits cleanly.
+//! It reads commands one line at a time, on a terminal through a line
+//! editor (`editor.rs`), piped as plain lines, so it can be scripted: after a
+//! command that has an answer it waits for that answer (bounded) before
+//! reading the next line, and at end of input it quits cleanly. If its server
+//! dies it claims its identity again on another one, backing off between
+//! rounds of attempts (`reconnect.rs`).
 
 mod connection;
+mod editor;
+mod reconnect;
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::Instant;
 
 use crate::client_proto::{Request, ServerMessage};
 use connection::{Connection, Transport};
+use editor::{Console, Input};
+use reconnect::{Answer, Backoff, round_line, seconds};
 
 /// How long the client waits for the answer to a command before reading on.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -59,7 +65,7 @@ struct Client {
     room: String,
     awaiting: Awaiting,
     deadline: Option<Instant>,
-    interactive: bool,
+    console: Console,
 }
 
 /// Runs the client until `#quit`, end of input, or the server closing.
@@ -69,21 +75,21 @@ pub async fn run(options: ClientOptions) -> Result<()> {
     } else {
         Transport::quic(&options.ca)?
     };
-    let connection = match identify(&transport, &options.server, &options.identity).await? {
-        Some(connection) => connection,
-        None => bail!(
+    let connection = match identify(&transport, &options.server, &options.identity).await {
+        Ok(connection) => connection,
+        Err(Answer::IdentityRefused) => bail!(
             "identity {:?} refused: it must be 3-16 letters or digits starting with a letter, and not in use anywhere in the cluster",
             options.identity
         ),
+        Err(answer) => bail!("cannot connect to {}: {answer}", visible(&options.server)),
     };
-    let interactive = std::io::stdin().is_terminal();
     let mut client = Client {
         options,
         connection,
         room: String::new(),
         awaiting: Awaiting::Nothing,
         deadline: None,
-        interactive,
+        console: Console::open(),
     };
     client.say(&format!(
         "connected to {} as {} over {}",
@@ -91,40 +97,71 @@ pub async fn run(options: ClientOptions) -> Result<()> {
         client.options.identity,
         client.connection.transport_name()
     ));
+    client.await_main_hall();
     client.prompt();
     let result = client.run().await;
     client.connection.close().await;
+    // The terminal as it was, before main prints any error.
+    client.console.close();
     result
 }
 
 /// How long the client keeps trying the other servers after losing its own.
-/// A dead server's names are freed within its peers' failure timeout.
-const RECONNECT_FOR: Duration = Duration::from_secs(10);
+/// A dead server's names are freed within its peers' failure timeout; a
+/// minute also covers a short outage of the whole cluster.
+const RECONNECT_FOR: Duration = Duration::from_secs(60);
+
+/// Longest one attempt to claim the identity on one server may take.
+const ATTEMPT_TIMEOUT: Duration = ANSWER_TIMEOUT;
 
 /// Connects to `server` and claims `identity`: the connection if approved,
-/// `None` if refused, an error if the server cannot be reached.
+/// else what the server answered (or why it could not be reached).
 async fn identify(
     transport: &Transport,
     server: &str,
     identity: &str,
-) -> Result<Option<Connection>> {
-    let mut connection = Connection::open(transport, server).await?;
-    connection
-        .send(&Request::NewIdentity {
-            identity: identity.to_owned(),
-        })
-        .await?;
-    match connection.recv_timeout(ANSWER_TIMEOUT).await? {
-        Some(ServerMessage::NewIdentity { approved }) if approved.0 => Ok(Some(connection)),
-        Some(ServerMessage::NewIdentity { .. }) => Ok(None),
-        Some(other) => bail!("unexpected answer to newidentity from {server}: {other:?}"),
-        None => bail!("{server} closed the connection"),
+) -> Result<Connection, Answer> {
+    claim(open(transport, server).await?, identity).await
+}
+
+/// Opens a connection to `server` (no identity yet), bounded in time.
+async fn open(transport: &Transport, server: &str) -> Result<Connection, Answer> {
+    match tokio::time::timeout(ATTEMPT_TIMEOUT, Connection::open(transport, server)).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(e)) => Err(Answer::of_error(&e)),
+        Err(_) => Err(Answer::TimedOut),
+    }
+}
+
+/// Claims `identity` on an open connection, bounded in time.
+async fn claim(mut connection: Connection, identity: &str) -> Result<Connection, Answer> {
+    let answer = async {
+        connection
+            .send(&Request::NewIdentity {
+                identity: identity.to_owned(),
+            })
+            .await?;
+        connection.recv_timeout(ANSWER_TIMEOUT).await
+    };
+    match tokio::time::timeout(ATTEMPT_TIMEOUT, answer).await {
+        Ok(Ok(Some(ServerMessage::NewIdentity { approved }))) if approved.0 => Ok(connection),
+        Ok(Ok(Some(ServerMessage::NewIdentity { .. }))) => Err(Answer::IdentityRefused),
+        // "server full" and the like.
+        Ok(Ok(Some(ServerMessage::Error { reason }))) => Err(Answer::Said(reason)),
+        Ok(Ok(Some(other))) => Err(Answer::Other(format!(
+            "unexpected answer to newidentity: {other:?}"
+        ))),
+        Ok(Ok(None)) => Err(Answer::Closed),
+        Ok(Err(e)) => Err(Answer::of_error(&e)),
+        Err(_) => Err(Answer::TimedOut),
     }
 }
 
 impl Client {
-    /// The server died under us: claim the identity again on another one.
-    async fn reconnect(&mut self) -> Result<()> {
+    /// The server died under us: claim the identity again on another one,
+    /// in rounds over every server, backing off between rounds. Returns
+    /// false if the user quit while waiting.
+    async fn reconnect(&mut self) -> Result<bool> {
         let lost = self.options.server.clone();
         let mut candidates: Vec<String> = self
             .options
@@ -142,49 +179,120 @@ impl Client {
             self.options.identity
         ));
         let transport = self.connection.transport().clone();
-        let deadline = Instant::now() + RECONNECT_FOR;
-        while Instant::now() < deadline {
-            for server in &candidates {
-                // Refused: the dead server's hold on the name is not yet
-                // released; unreachable: try the next one.
-                if let Ok(Some(connection)) =
-                    identify(&transport, server, &self.options.identity).await
-                {
-                    self.connection = connection;
-                    self.options.server = server.clone();
-                    self.room.clear();
-                    self.expect(Awaiting::Nothing);
-                    self.say(&format!(
-                        "reconnected to {server} as {}",
-                        self.options.identity
-                    ));
-                    return Ok(());
+        let started = Instant::now();
+        let deadline = started + RECONNECT_FOR;
+        let mut backoff = Backoff::new();
+        let mut wait = backoff.next_delay();
+        loop {
+            if !self.pause(wait).await? {
+                self.say("stopped reconnecting; bye");
+                return Ok(false);
+            }
+            let round = backoff.rounds();
+            let mut answers = Vec::with_capacity(candidates.len());
+            // Every server at once for the connection (a QUIC server that
+            // is down costs its handshake timeout, a few seconds), then the
+            // identity claimed in order, so the preferred server gets it.
+            let opened = futures_util::future::join_all(
+                candidates.iter().map(|server| open(&transport, server)),
+            )
+            .await;
+            for (server, opened) in candidates.iter().zip(opened) {
+                // Refused identity: the dead server's hold on the name is not
+                // yet released; unreachable: try the next one.
+                let claimed = match opened {
+                    Ok(connection) => claim(connection, &self.options.identity).await,
+                    Err(answer) => Err(answer),
+                };
+                match claimed {
+                    Ok(connection) => {
+                        self.connection = connection;
+                        self.options.server = server.clone();
+                        self.room.clear();
+                        self.expect(Awaiting::Nothing);
+                        self.await_main_hall();
+                        if !answers.is_empty() {
+                            self.say(&round_line(round, &answers, None));
+                        }
+                        self.say(&format!(
+                            "back online: reconnected to {server} as {} ({} after losing {lost})",
+                            self.options.identity,
+                            seconds(started.elapsed()),
+                        ));
+                        // The other connections opened this round close
+                        // unused as they drop.
+                        return Ok(true);
+                    }
+                    Err(answer) => answers.push((server.clone(), answer)),
                 }
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            wait = backoff.next_delay();
+            let give_up = Instant::now() + wait >= deadline;
+            self.say(&round_line(round, &answers, (!give_up).then_some(wait)));
+            if give_up {
+                bail!(
+                    "the server closed the connection, and no other server took identity {} within {} s",
+                    self.options.identity,
+                    RECONNECT_FOR.as_secs()
+                );
+            }
         }
-        bail!(
-            "the server closed the connection, and no other server took identity {} within {} s",
-            self.options.identity,
-            RECONNECT_FOR.as_secs()
-        )
+    }
+
+    /// Waits `wait` between reconnection rounds. A person at the terminal
+    /// may quit meanwhile (false); a script's next lines wait for the
+    /// reconnection, as they always did.
+    async fn pause(&mut self, wait: Duration) -> Result<bool> {
+        if wait.is_zero() {
+            return Ok(true);
+        }
+        let until = Instant::now() + wait;
+        if !self.console.interactive() {
+            tokio::time::sleep_until(until).await;
+            return Ok(true);
+        }
+        loop {
+            let prompt = self.prompt_text();
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return Ok(true),
+                input = self.console.next(&prompt) => match input? {
+                    Input::Line(line) if line.trim().is_empty() => {}
+                    Input::Line(_) => self.say("not sent: reconnecting (Ctrl-C or Ctrl-D quits)"),
+                    Input::End | Input::Interrupted => return Ok(false),
+                },
+            }
+        }
     }
 
     async fn run(&mut self) -> Result<()> {
-        let mut stdin = BufReader::new(tokio::io::stdin()).lines();
-        let mut stdin_open = true;
+        let mut input_open = true;
+        // At a terminal the line editor holds the terminal in raw mode: end
+        // cleanly on SIGTERM or a hang-up rather than leave it so. Piped
+        // clients keep the default (they are killed).
+        let mut terminated = match &self.console {
+            Console::Editor(_) => vec![
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::hangup())?,
+            ],
+            _ => Vec::new(),
+        };
         loop {
-            let read_stdin = stdin_open && self.awaiting == Awaiting::Nothing;
+            let read_input = input_open && self.awaiting == Awaiting::Nothing;
             let deadline = self.deadline;
+            let prompt = self.prompt_text();
             tokio::select! {
-                line = stdin.next_line(), if read_stdin => {
-                    match line.context("cannot read stdin")? {
-                        Some(line) => self.command(&line).await?,
-                        None => {
-                            stdin_open = false;
+                input = self.console.next(&prompt), if read_input => {
+                    match input? {
+                        Input::Line(line) => self.command(&line).await?,
+                        Input::End | Input::Interrupted => {
+                            input_open = false;
                             self.command("#quit").await?;
                         }
                     }
+                }
+                _ = any_signal(&mut terminated), if input_open && !terminated.is_empty() => {
+                    input_open = false;
+                    self.command("#quit").await?;
                 }
                 message = self.connection.recv() => {
                     match message? {
@@ -197,7 +305,9 @@ impl Client {
                             if self.awaiting == Awaiting::Quit {
                                 return Ok(());
                             }
-                            self.reconnect().await?;
+                            if !self.reconnect().await? {
+                                return Ok(());
+                            }
                         }
                     }
                 }
@@ -209,6 +319,16 @@ impl Client {
                     self.expect(Awaiting::Nothing);
                 }
             }
+        }
+    }
+
+    /// At a terminal, the line editor draws the prompt (with the room) when
+    /// it starts reading a line and cannot change it meanwhile: so the first
+    /// line is read once the server has put us in its main hall (bounded by
+    /// the answer timeout). Piped input is read at once, as it always was.
+    fn await_main_hall(&mut self) {
+        if let Console::Editor(_) = self.console {
+            self.expect(Awaiting::Join);
         }
     }
 
@@ -302,7 +422,8 @@ impl Client {
                         "room {roomid} not created (invalid or taken id, or you already own a room)"
                     ));
                 }
-                self.answered(Awaiting::CreateRoom);
+                let moving = approved.0;
+                self.answered_then(Awaiting::CreateRoom, moving);
             }
             ServerMessage::DeleteRoom { roomid, approved } => {
                 if approved.0 {
@@ -312,7 +433,9 @@ impl Client {
                         "room {roomid} not deleted (no such room, or not yours)"
                     ));
                 }
-                self.answered(Awaiting::DeleteRoom);
+                // Deleting the room we are in moves us to the main hall.
+                let moving = approved.0 && roomid == self.room;
+                self.answered_then(Awaiting::DeleteRoom, moving);
             }
             ServerMessage::Route {
                 roomid,
@@ -350,30 +473,41 @@ impl Client {
         }
     }
 
-    /// Prints one event line. Everything printed comes through here or
-    /// [`Client::prompt`], and both make control characters visible: peer
-    /// text must never drive the terminal.
-    fn say(&self, text: &str) {
-        let mut out = std::io::stdout().lock();
-        if self.interactive {
-            // Clear the prompt line so events do not run into it.
-            let _ = write!(out, "\r\x1b[K");
+    /// The answer to `what`; if `moving`, our own roomchange follows it.
+    /// At the line editor the next line waits for that move too, so that
+    /// its prompt shows the new room (the prompt of a line being read
+    /// cannot change). Piped input reads on at once, as it always did.
+    fn answered_then(&mut self, what: Awaiting, moving: bool) {
+        if self.awaiting != what {
+            return;
         }
-        let _ = writeln!(out, "{}", visible(text));
-        let _ = out.flush();
+        if moving && matches!(self.console, Console::Editor(_)) {
+            self.expect(Awaiting::Join);
+        } else {
+            self.expect(Awaiting::Nothing);
+        }
     }
 
+    /// Prints one event line. Everything printed comes through here or
+    /// [`Client::prompt_text`], and both make control characters visible:
+    /// peer text must never drive the terminal.
+    fn say(&self, text: &str) {
+        self.console.print(&visible(text));
+    }
+
+    /// The input line's prompt: the room and the identity.
+    fn prompt_text(&self) -> String {
+        format!(
+            "[{}] {}> ",
+            visible(&self.room),
+            visible(&self.options.identity)
+        )
+    }
+
+    /// Shows the prompt again after an event, where the console does not
+    /// draw it itself.
     fn prompt(&self) {
-        if self.interactive {
-            let mut out = std::io::stdout().lock();
-            let _ = write!(
-                out,
-                "[{}] {}> ",
-                visible(&self.room),
-                visible(&self.options.identity)
-            );
-            let _ = out.flush();
-        }
+        self.console.show_prompt(&self.prompt_text());
     }
 
     async fn follow_route(
@@ -491,6 +625,15 @@ fn parse_command(line: &str) -> Result<Option<(Request, Awaiting)>, String> {
             "unknown command {command}; commands: #list #who #createroom R #joinroom R #deleteroom R #quit"
         )),
     }
+}
+
+/// The first of `signals` to arrive; never if there are none.
+async fn any_signal(signals: &mut [Signal]) {
+    if signals.is_empty() {
+        return std::future::pending().await;
+    }
+    let waits = signals.iter_mut().map(|s| Box::pin(s.recv()));
+    futures_util::future::select_all(waits).await;
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
