@@ -494,7 +494,13 @@ impl Mesh {
             let mesh = self.clone();
             self.inner.tasks.spawn(
                 async move {
-                    match incoming.await {
+                    // A stopping server waits for its tasks: a handshake
+                    // still under way would hold it up to the idle timeout.
+                    let handshake = tokio::select! {
+                        _ = mesh.inner.shutdown.cancelled() => return,
+                        handshake = incoming => handshake,
+                    };
+                    match handshake {
                         Ok(connection) => mesh.accepted(connection).await,
                         Err(e) => {
                             mesh.inner.counters.links_refused.fetch_add(1, Ordering::Relaxed);
@@ -535,6 +541,12 @@ impl Mesh {
     }
 
     fn refuse_hello(&self, peer: &str, connection: &quinn::Connection, why: &str) {
+        // Closed by the peer (it lost the tie-break, gave up waiting, or
+        // found our Hello wrong, which it logs): nothing to refuse.
+        if connection.close_reason().is_some() {
+            debug!(peer = %peer, reason = %why, "mesh connection closed by the peer before its Hello");
+            return;
+        }
         self.inner
             .counters
             .links_refused
@@ -641,9 +653,6 @@ impl Mesh {
                     };
                     match greeted {
                         Ok(Ok(streams)) => Ok(Ok((connection, streams))),
-                        // The peer refused it (lost the tie-break, or found
-                        // our Hello wrong, which it logs): nothing to refuse.
-                        Ok(Err(why)) if connection.close_reason().is_some() => Ok(Err(why)),
                         Ok(Err(why)) => {
                             self.refuse_hello(&peer, &connection, &why);
                             Ok(Err(why))
@@ -722,6 +731,7 @@ impl Mesh {
                         self.inner.tasks.spawn(close_once_peer_installed(
                             connection,
                             existing.connection.clone(),
+                            self.inner.shutdown.clone(),
                         ));
                     } else {
                         // Refused before our Hello: the peer never installs it.
@@ -774,9 +784,11 @@ impl Mesh {
                 // (a false down, and a new link it would announce as up, not
                 // as a replacement). The peer closes it itself when it
                 // installs; this is the safety net.
-                self.inner
-                    .tasks
-                    .spawn(close_once_peer_installed(old, connection.clone()));
+                self.inner.tasks.spawn(close_once_peer_installed(
+                    old,
+                    connection.clone(),
+                    self.inner.shutdown.clone(),
+                ));
             }
         }
         info!(peer = %peer, remote = %connection.remote_address(), dialed_by_me, replaced, "mesh link up");
@@ -1078,10 +1090,16 @@ async fn receive_hello(
 /// heartbeat arrived on it (heartbeats go out on installed links only; its
 /// `Hello` does not count, it comes before the install). Also when `kept`
 /// ends, or after [`HELLO_TIMEOUT`] (the longest the peer waits for our
-/// `Hello` before it gives `kept` up).
-async fn close_once_peer_installed(unused: quinn::Connection, kept: quinn::Connection) {
+/// `Hello` before it gives `kept` up), or at once when this server stops (a
+/// stopping server waits for its tasks).
+async fn close_once_peer_installed(
+    unused: quinn::Connection,
+    kept: quinn::Connection,
+    shutdown: CancellationToken,
+) {
     let start = Instant::now();
     while start.elapsed() < HELLO_TIMEOUT
+        && !shutdown.is_cancelled()
         && kept.close_reason().is_none()
         && unused.close_reason().is_none()
         && kept.stats().frame_rx.datagram == 0
