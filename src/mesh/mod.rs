@@ -170,6 +170,8 @@ pub struct MeshCounters {
     /// Replacements dialed because a link carried nothing for longer than
     /// the failure timeout.
     pub silent_link_redials: AtomicU64,
+    /// Links that ended without being replaced ([`MeshEvent::LinkDown`]).
+    pub links_down: AtomicU64,
 }
 
 /// A snapshot of one link's transport state.
@@ -918,6 +920,10 @@ impl Mesh {
         };
         if current {
             info!(peer = %peer, reason = %reason, "mesh link down");
+            self.inner
+                .counters
+                .links_down
+                .fetch_add(1, Ordering::Relaxed);
             let _ = self.inner.events.send(MeshEvent::LinkDown(peer)).await;
         }
     }
