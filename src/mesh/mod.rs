@@ -9,10 +9,28 @@
 //! both dial at once anyway, the connection dialed by the lower-priority
 //! server of the pair wins on both sides. A connection from a peer that arrives while an
 //! older link looks alive replaces it: the peer dials only when it has lost
-//! the link (it restarted, timed the old one out, or found it silent). The
-//! side that dialed the replacement closes the old connection only once the
-//! peer has spoken on the new one, so the peer never sees its current link
-//! closed before the new one is up on its side.
+//! the link (it restarted, timed the old one out, or found it silent).
+//!
+//! No connection becomes a link before its `Hello` (the first frame of the
+//! peer's stream: wire version, and the id its certificate names) has been
+//! checked: the dialer sends its `Hello` as soon as the handshake ends; the
+//! accepting side checks it, installs the link, and only then sends its own
+//! (the answer); the dialer installs the link once that has arrived and
+//! checked. So a connection with a valid certificate that sends no `Hello`,
+//! or a wrong one, never replaces a live link (it is closed after
+//! [`HELLO_TIMEOUT`], with a log line saying why).
+//!
+//! The accepting side installs first, so the two ends switch to a new link
+//! in a known order, and neither closes a connection the other may still
+//! count as its link: the dialer closes the old connection when it installs
+//! (the answer proves the peer switched); the accepting side keeps its old
+//! one open (not used) until the peer's first heartbeat on the new link, or
+//! until [`HELLO_TIMEOUT`]. Closing it at once would reach the dialer before
+//! the answer, and it would see its link lost (a false down), then the new
+//! link as up rather than replacing one: a replacement seen at one end only.
+//! Likewise the dialer that loses the tie-break on a connection the peer
+//! has answered (installed) closes it only once the peer heartbeats on the
+//! winner.
 //!
 //! Liveness of a link does not wait for QUIC: a link that has carried nothing
 //! (no heartbeat, no frame) for longer than the failure timeout gets a
@@ -83,6 +101,15 @@ pub const HIGHER_DIAL_GRACE: Duration = Duration::from_millis(300);
 /// again from short retransmission timers).
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a new connection may take to deliver its `Hello` before it is
+/// refused (both sides; generous, since under heavy loss the stream's first
+/// bytes may need several retransmissions).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// The longest first frame taken for a `Hello` (a `Hello` is a few dozen
+/// bytes): a connection is not given a megabyte of buffer before it is known.
+const MAX_HELLO_FRAME: usize = 1024;
+
 /// First pause after a failed dial; it doubles up to [`MAX_DIAL_BACKOFF`].
 const MIN_DIAL_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -143,6 +170,8 @@ pub struct MeshCounters {
     /// Replacements dialed because a link carried nothing for longer than
     /// the failure timeout.
     pub silent_link_redials: AtomicU64,
+    /// Links that ended without being replaced ([`MeshEvent::LinkDown`]).
+    pub links_down: AtomicU64,
 }
 
 /// A snapshot of one link's transport state.
@@ -467,8 +496,14 @@ impl Mesh {
             let mesh = self.clone();
             self.inner.tasks.spawn(
                 async move {
-                    match incoming.await {
-                        Ok(connection) => mesh.accepted(connection),
+                    // A stopping server waits for its tasks: a handshake
+                    // still under way would hold it up to the idle timeout.
+                    let handshake = tokio::select! {
+                        _ = mesh.inner.shutdown.cancelled() => return,
+                        handshake = incoming => handshake,
+                    };
+                    match handshake {
+                        Ok(connection) => mesh.accepted(connection).await,
                         Err(e) => {
                             mesh.inner.counters.links_refused.fetch_add(1, Ordering::Relaxed);
                             warn!(%remote, error = %e, "mesh connection refused during the handshake (certificate not from the cluster CA?)");
@@ -480,10 +515,12 @@ impl Mesh {
         }
     }
 
-    /// Identifies an incoming connection by its certificate, then installs it.
-    fn accepted(&self, connection: quinn::Connection) {
-        match self.identify(&connection) {
-            Ok(peer) => self.install(peer, connection, false),
+    /// Identifies an incoming connection by its certificate, checks its
+    /// `Hello`, then installs it. Until then any live link to that peer stays
+    /// as it is.
+    async fn accepted(&self, connection: quinn::Connection) {
+        let peer = match self.identify(&connection) {
+            Ok(peer) => peer,
             Err(why) => {
                 self.inner
                     .counters
@@ -491,8 +528,33 @@ impl Mesh {
                     .fetch_add(1, Ordering::Relaxed);
                 warn!(remote = %connection.remote_address(), reason = %why, "mesh link refused");
                 connection.close(close_code::UNKNOWN_PEER.into(), b"unknown peer");
+                return;
             }
+        };
+        let hello = tokio::select! {
+            _ = self.inner.shutdown.cancelled() => return,
+            hello = tokio::time::timeout(HELLO_TIMEOUT, receive_hello(&self.inner.me, &peer, &connection)) => hello,
+        };
+        match hello {
+            Ok(Ok(stream)) => self.install(peer, connection, false, None, Some(stream)),
+            Ok(Err(why)) => self.refuse_hello(&peer, &connection, &why),
+            Err(_) => self.refuse_hello(&peer, &connection, "no Hello in time"),
         }
+    }
+
+    fn refuse_hello(&self, peer: &str, connection: &quinn::Connection, why: &str) {
+        // Closed by the peer (it lost the tie-break, gave up waiting, or
+        // found our Hello wrong, which it logs): nothing to refuse.
+        if connection.close_reason().is_some() {
+            debug!(peer = %peer, reason = %why, "mesh connection closed by the peer before its Hello");
+            return;
+        }
+        self.inner
+            .counters
+            .links_refused
+            .fetch_add(1, Ordering::Relaxed);
+        warn!(peer = %peer, remote = %connection.remote_address(), reason = %why, "mesh connection refused: bad Hello");
+        connection.close(close_code::PROTOCOL.into(), b"bad hello");
     }
 
     /// The configured server whose id the peer's (CA-verified) certificate
@@ -578,9 +640,37 @@ impl Mesh {
                 _ = self.inner.shutdown.cancelled() => return,
                 result = tokio::time::timeout(DIAL_TIMEOUT, dial) => result,
             };
-            match result {
+            // Hellos both ways before the connection becomes the link: ours
+            // first (the peer checks it and installs its end), then the peer's.
+            let result = match result {
                 Ok(Ok(connection)) => {
-                    self.install(peer.clone(), connection, true);
+                    let greet = async {
+                        let sent = self.send_hello(&connection).await?;
+                        let received = receive_hello(&self.inner.me, &peer, &connection).await?;
+                        Ok::<_, String>((sent, received))
+                    };
+                    let greeted = tokio::select! {
+                        _ = self.inner.shutdown.cancelled() => return,
+                        greeted = tokio::time::timeout(HELLO_TIMEOUT, greet) => greeted,
+                    };
+                    match greeted {
+                        Ok(Ok(streams)) => Ok(Ok((connection, streams))),
+                        Ok(Err(why)) => {
+                            self.refuse_hello(&peer, &connection, &why);
+                            Ok(Err(why))
+                        }
+                        Err(_) => {
+                            self.refuse_hello(&peer, &connection, "no Hello in time");
+                            Ok(Err("no Hello in time".to_owned()))
+                        }
+                    }
+                }
+                Ok(Err(e)) => Ok(Err(e)),
+                Err(elapsed) => Err(elapsed),
+            };
+            match result {
+                Ok(Ok((connection, (sent, received)))) => {
+                    self.install(peer.clone(), connection, true, Some(sent), Some(received));
                     fresh = true;
                     silence_noticed = false;
                     backoff = MIN_DIAL_BACKOFF;
@@ -599,8 +689,18 @@ impl Mesh {
         }
     }
 
-    /// Makes `connection` the link to `peer`, or refuses it as a duplicate.
-    fn install(&self, peer: ServerId, connection: quinn::Connection, dialed_by_me: bool) {
+    /// Makes `connection`, whose `Hello` arrived on `received` and checked,
+    /// the link to `peer`, or refuses it as a duplicate. `sent` is our stream
+    /// with our `Hello` on it already, if sent (the dialer's); else the
+    /// writer opens it and sends `Hello` first.
+    fn install(
+        &self,
+        peer: ServerId,
+        connection: quinn::Connection,
+        dialed_by_me: bool,
+        sent: Option<quinn::SendStream>,
+        received: Option<quinn::RecvStream>,
+    ) {
         let me_lower = self.inner.rank.get(&self.inner.me) < self.inner.rank.get(&peer);
         let dialer_is_lower = |dialed_by_me: bool| dialed_by_me == me_lower;
         let generation = self.inner.next_generation.fetch_add(1, Ordering::Relaxed);
@@ -624,8 +724,21 @@ impl Mesh {
                     && dialer_is_lower(existing.dialed_by_me)
                     && !dialer_is_lower(dialed_by_me)
                 {
-                    debug!(peer = %peer, "duplicate mesh connection closed (tie-break)");
-                    connection.close(close_code::DUPLICATE.into(), b"duplicate");
+                    debug!(peer = %peer, dialed_by_me, "duplicate mesh connection closed (tie-break)");
+                    if dialed_by_me {
+                        // The peer answered our Hello: it installed this
+                        // connection, and until it installs the one kept
+                        // here, closing this one would be a lost link there
+                        // (a false down).
+                        self.inner.tasks.spawn(close_once_peer_installed(
+                            connection,
+                            existing.connection.clone(),
+                            self.inner.shutdown.clone(),
+                        ));
+                    } else {
+                        // Refused before our Hello: the peer never installs it.
+                        connection.close(close_code::DUPLICATE.into(), b"duplicate");
+                    }
                     return;
                 }
                 // Its writer stops at once, and its queue carries on: frames
@@ -663,25 +776,34 @@ impl Mesh {
         let replaced = old_connection.is_some();
         if let Some(old) = old_connection {
             if dialed_by_me {
-                // The dialer's handshake ends first; the peer still counts the
-                // old link as current until its own end of the new one is up.
-                // Closing the old one now would reach it first and look like a
-                // lost link there (a false down), so it is closed once the
-                // peer speaks on the new link (it installed it), or after the
-                // dial timeout.
-                self.inner
-                    .tasks
-                    .spawn(retire_when_peer_installed(old, connection.clone()));
-            } else {
-                // The peer dialed: it installed the new link before this end.
+                // The peer sent its Hello only once it had installed the new
+                // link: it no longer uses the old one.
                 old.close(close_code::DUPLICATE.into(), b"replaced");
+            } else {
+                // The peer installs the new link only when our Hello reaches
+                // it, and counts the old one as current until then: closing
+                // it now would reach the peer first and be a lost link there
+                // (a false down, and a new link it would announce as up, not
+                // as a replacement). The peer closes it itself when it
+                // installs; this is the safety net.
+                self.inner.tasks.spawn(close_once_peer_installed(
+                    old,
+                    connection.clone(),
+                    self.inner.shutdown.clone(),
+                ));
             }
         }
         info!(peer = %peer, remote = %connection.remote_address(), dialed_by_me, replaced, "mesh link up");
         let span = info_span!("peer", peer = %peer);
         self.inner.tasks.spawn(
             self.clone()
-                .write_link(peer.clone(), connection.clone(), outbox.receiver, retired)
+                .write_link(
+                    peer.clone(),
+                    connection.clone(),
+                    sent,
+                    outbox.receiver,
+                    retired,
+                )
                 .instrument(span.clone()),
         );
         // The reader announces the link first, so that the event comes before
@@ -697,7 +819,7 @@ impl Mesh {
         };
         self.inner.tasks.spawn(
             self.clone()
-                .read_link(peer, connection, generation, heard_ms, event)
+                .read_link(peer, connection, generation, heard_ms, event, received)
                 .instrument(span),
         );
     }
@@ -706,16 +828,15 @@ impl Mesh {
         self,
         peer: ServerId,
         connection: quinn::Connection,
+        sent: Option<quinn::SendStream>,
         queue: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
         retired: CancellationToken,
     ) {
         let result = async {
-            let mut stream = connection.open_uni().await?;
-            let hello = PeerMessage::Hello {
-                version: WIRE_VERSION,
-                id: self.inner.me.clone(),
+            let mut stream = match sent {
+                Some(stream) => stream,
+                None => self.send_hello(&connection).await.map_err(|e| anyhow!(e))?,
             };
-            stream.write_all(&wire::encode_frame(&hello)).await?;
             // A replaced link's writer lets go of the queue as soon as its
             // connection is closed, which `install` did before spawning this.
             let mut rx = tokio::select! {
@@ -765,24 +886,19 @@ impl Mesh {
         generation: u64,
         heard_ms: Arc<AtomicU64>,
         up: MeshEvent,
+        greeted: Option<quinn::RecvStream>,
     ) {
         let _ = self.inner.events.send(up).await;
+        // The stream whose Hello was checked before the link was installed.
+        if let Some(stream) = greeted {
+            self.spawn_frame_reader(&peer, &connection, stream, true, &heard_ms);
+        }
         let reason = loop {
             tokio::select! {
                 reason = connection.closed() => break reason,
                 stream = connection.accept_uni() => match stream {
-                    Ok(stream) => {
-                        let mesh = self.clone();
-                        let peer = peer.clone();
-                        let connection = connection.clone();
-                        let heard_ms = heard_ms.clone();
-                        self.inner.tasks.spawn(async move {
-                            if let Err(why) = mesh.read_frames(&peer, stream, &heard_ms).await {
-                                warn!(peer = %peer, reason = %why, "mesh link closed: bad frames");
-                                connection.close(close_code::PROTOCOL.into(), b"protocol error");
-                            }
-                        }.instrument(tracing::Span::current()));
-                    }
+                    // Any further stream must start with a Hello of its own.
+                    Ok(stream) => self.spawn_frame_reader(&peer, &connection, stream, false, &heard_ms),
                     Err(reason) => break reason,
                 },
                 datagram = connection.read_datagram() => match datagram {
@@ -804,8 +920,52 @@ impl Mesh {
         };
         if current {
             info!(peer = %peer, reason = %reason, "mesh link down");
+            self.inner
+                .counters
+                .links_down
+                .fetch_add(1, Ordering::Relaxed);
             let _ = self.inner.events.send(MeshEvent::LinkDown(peer)).await;
         }
+    }
+
+    fn spawn_frame_reader(
+        &self,
+        peer: &str,
+        connection: &quinn::Connection,
+        stream: quinn::RecvStream,
+        greeted: bool,
+        heard_ms: &Arc<AtomicU64>,
+    ) {
+        let mesh = self.clone();
+        let peer = peer.to_owned();
+        let connection = connection.clone();
+        let heard_ms = heard_ms.clone();
+        self.inner.tasks.spawn(
+            async move {
+                if let Err(why) = mesh.read_frames(&peer, stream, greeted, &heard_ms).await {
+                    warn!(peer = %peer, reason = %why, "mesh link closed: bad frames");
+                    connection.close(close_code::PROTOCOL.into(), b"protocol error");
+                }
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+
+    /// Opens this side's stream of `connection` and sends our `Hello` on it.
+    async fn send_hello(
+        &self,
+        connection: &quinn::Connection,
+    ) -> Result<quinn::SendStream, String> {
+        let mut stream = connection.open_uni().await.map_err(|e| e.to_string())?;
+        let hello = PeerMessage::Hello {
+            version: WIRE_VERSION,
+            id: self.inner.me.clone(),
+        };
+        stream
+            .write_all(&wire::encode_frame(&hello))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(stream)
     }
 
     fn heartbeat(&self, peer: &str, datagram: &[u8]) {
@@ -832,9 +992,9 @@ impl Mesh {
         &self,
         peer: &str,
         mut stream: quinn::RecvStream,
+        mut greeted: bool,
         heard_ms: &AtomicU64,
     ) -> Result<(), String> {
-        let mut greeted = false;
         loop {
             let mut prefix = [0u8; 4];
             match stream.read_exact(&mut prefix).await {
@@ -851,16 +1011,7 @@ impl Mesh {
             let message = wire::decode_frame(&body).map_err(|e| e.to_string())?;
             match (greeted, message) {
                 (false, PeerMessage::Hello { version, id }) => {
-                    if version != WIRE_VERSION {
-                        return Err(format!(
-                            "wire version {version}, this server speaks {WIRE_VERSION}"
-                        ));
-                    }
-                    if id != peer {
-                        return Err(format!(
-                            "claims to be {id:?} but its certificate says {peer:?}"
-                        ));
-                    }
+                    check_hello(&self.inner.me, peer, version, &id)?;
                     greeted = true;
                 }
                 (false, _) => return Err("first frame is not Hello".into()),
@@ -885,19 +1036,83 @@ impl Mesh {
     }
 }
 
-/// Closes a replaced link's connection once the peer has spoken on the new
-/// one (a heartbeat or its stream's first frame: it installed its end), or
-/// after [`DIAL_TIMEOUT`].
-async fn retire_when_peer_installed(old: quinn::Connection, new: quinn::Connection) {
+/// Whether a `Hello` is the one expected from `peer`, the configured peer
+/// (never `me`) that its certificate names: so the id it claims must be a
+/// configured peer, not this server, and the one in its certificate.
+fn check_hello(me: &str, peer: &str, version: u8, id: &str) -> Result<(), String> {
+    if version != WIRE_VERSION {
+        return Err(format!(
+            "wire version {version}, this server speaks {WIRE_VERSION}"
+        ));
+    }
+    if id == me {
+        return Err(format!(
+            "claims to be this server ({id:?}); its certificate says {peer:?}"
+        ));
+    }
+    if id != peer {
+        return Err(format!(
+            "claims to be {id:?} but its certificate says {peer:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// Waits for the peer's stream on `connection` and reads its first frame,
+/// which must be a `Hello` from `peer`; returns the stream, ready for the
+/// frames after it. Not bounded in time here: callers time it out.
+async fn receive_hello(
+    me: &str,
+    peer: &str,
+    connection: &quinn::Connection,
+) -> Result<quinn::RecvStream, String> {
+    let mut stream = connection
+        .accept_uni()
+        .await
+        .map_err(|e| format!("connection lost before its Hello: {e}"))?;
+    let mut prefix = [0u8; 4];
+    stream
+        .read_exact(&mut prefix)
+        .await
+        .map_err(|e| format!("stream ended before its Hello: {e}"))?;
+    let len = wire::frame_len(prefix).map_err(|e| e.to_string())?;
+    if len > MAX_HELLO_FRAME {
+        return Err(format!("a first frame of {len} bytes is no Hello"));
+    }
+    let mut body = vec![0u8; len];
+    stream
+        .read_exact(&mut body)
+        .await
+        .map_err(|e| format!("stream ended inside its Hello: {e}"))?;
+    match wire::decode_frame(&body).map_err(|e| e.to_string())? {
+        PeerMessage::Hello { version, id } => check_hello(me, peer, version, &id)?,
+        _ => return Err("first frame is not Hello".into()),
+    }
+    Ok(stream)
+}
+
+/// Closes `unused`, a connection this end no longer uses but the peer may
+/// still count as its link, once the peer shows it has installed `kept`: a
+/// heartbeat arrived on it (heartbeats go out on installed links only; its
+/// `Hello` does not count, it comes before the install). Also when `kept`
+/// ends, or after [`HELLO_TIMEOUT`] (the longest the peer waits for our
+/// `Hello` before it gives `kept` up), or at once when this server stops (a
+/// stopping server waits for its tasks).
+async fn close_once_peer_installed(
+    unused: quinn::Connection,
+    kept: quinn::Connection,
+    shutdown: CancellationToken,
+) {
     let start = Instant::now();
-    while start.elapsed() < DIAL_TIMEOUT && new.close_reason().is_none() {
-        let heard = new.stats().frame_rx;
-        if heard.datagram > 0 || heard.stream > 0 {
-            break;
-        }
+    while start.elapsed() < HELLO_TIMEOUT
+        && !shutdown.is_cancelled()
+        && kept.close_reason().is_none()
+        && unused.close_reason().is_none()
+        && kept.stats().frame_rx.datagram == 0
+    {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    old.close(close_code::DUPLICATE.into(), b"replaced");
+    unused.close(close_code::DUPLICATE.into(), b"replaced");
 }
 
 /// Every transport setting of a mesh connection, with its reason. `timing`
@@ -1078,4 +1293,198 @@ fn mesh_client_config(identity: &ServerIdentity, timing: &Timing) -> Result<quin
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(mesh_transport(timing));
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ClusterConfig;
+
+    /// Two meshes s1 and s2 on loopback, linked; returns them with s1's
+    /// events, the certs directory, and the config.
+    struct Pair {
+        s1: Mesh,
+        s2: Mesh,
+        events: mpsc::Receiver<MeshEvent>,
+        certs: std::path::PathBuf,
+        config: ClusterConfig,
+        shutdown: CancellationToken,
+    }
+
+    async fn linked_pair(tag: &str) -> Pair {
+        let (sock1, _) = crate::netsim::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        let (sock2, _) = crate::netsim::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        let (p1, p2) = (
+            sock1.local_addr().unwrap().port(),
+            sock2.local_addr().unwrap().port(),
+        );
+        let mut config =
+            ClusterConfig::parse(&format!("s1 127.0.0.1 0 {p1}\ns2 127.0.0.1 0 {p2}\n"), "t")
+                .unwrap();
+        // No heartbeats run here: a long failure timeout keeps the silence
+        // watch from dialing replacements of its own during the test.
+        config.timing.failure_timeout = Duration::from_secs(60);
+        let certs =
+            std::env::temp_dir().join(format!("chatmesh-mesh-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&certs);
+        crate::tls::generate(&config, &certs, false).unwrap();
+        let shutdown = CancellationToken::new();
+        let (tx1, mut events) = mpsc::channel(4096);
+        let (tx2, _rx2) = mpsc::channel(4096);
+        let id1 = ServerIdentity::load(&certs, "s1").unwrap();
+        let id2 = ServerIdentity::load(&certs, "s2").unwrap();
+        let s1 = Mesh::start(
+            &config,
+            "s1",
+            &id1,
+            sock1,
+            tx1,
+            shutdown.clone(),
+            TaskTracker::new(),
+        )
+        .unwrap();
+        let s2 = Mesh::start(
+            &config,
+            "s2",
+            &id2,
+            sock2,
+            tx2,
+            shutdown.clone(),
+            TaskTracker::new(),
+        )
+        .unwrap();
+        // The s2 side's events are dropped: keep its channel open meanwhile.
+        std::mem::forget(_rx2);
+        let up = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match events.recv().await {
+                    Some(MeshEvent::LinkUp(peer)) if peer == "s2" => return,
+                    Some(_) => {}
+                    None => panic!("s1's events ended"),
+                }
+            }
+        })
+        .await;
+        assert!(up.is_ok(), "s1 and s2 did not link within 20 s");
+        Pair {
+            s1,
+            s2,
+            events,
+            certs,
+            config,
+            shutdown,
+        }
+    }
+
+    /// A connection to s1 made with s2's (valid) certificate, outside s2's mesh.
+    async fn intruder(pair: &Pair) -> (quinn::Endpoint, quinn::Connection) {
+        let identity = ServerIdentity::load(&pair.certs, "s2").unwrap();
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint
+            .set_default_client_config(mesh_client_config(&identity, &pair.config.timing).unwrap());
+        let connection = tokio::time::timeout(
+            Duration::from_secs(20),
+            endpoint
+                .connect(pair.s1.local_addr().unwrap(), "s1")
+                .unwrap(),
+        )
+        .await
+        .expect("handshake within 20 s")
+        .expect("a valid certificate completes the handshake");
+        (endpoint, connection)
+    }
+
+    /// Waits until s1 closes `connection`; returns its application close code.
+    async fn closed_by_s1(connection: &quinn::Connection) -> Option<u64> {
+        let reason = tokio::time::timeout(HELLO_TIMEOUT * 4, connection.closed())
+            .await
+            .expect("s1 closes a connection without a good Hello");
+        match reason {
+            quinn::ConnectionError::ApplicationClosed(close) => Some(close.error_code.into_inner()),
+            _ => None,
+        }
+    }
+
+    fn assert_link_kept(pair: &mut Pair) {
+        while let Ok(event) = pair.events.try_recv() {
+            assert!(
+                !matches!(event, MeshEvent::LinkReplaced(_) | MeshEvent::LinkDown(_)),
+                "the live link to s2 was disturbed: {event:?}"
+            );
+        }
+        assert_eq!(pair.s1.counters().links_replaced.load(Ordering::Relaxed), 0);
+        assert_eq!(pair.s1.linked_peers(), ["s2"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_without_a_good_hello_never_replaces_the_live_link() {
+        let mut pair = linked_pair("hello").await;
+        let hello = |version, id: &str| {
+            wire::encode_frame(&PeerMessage::Hello {
+                version,
+                id: id.to_owned(),
+            })
+        };
+        let refused = |pair: &Pair| pair.s1.counters().links_refused.load(Ordering::Relaxed);
+        // Each attempt: what the intruder sends on its stream (None: it
+        // opens none at all).
+        let attempts: Vec<(&str, Option<Bytes>)> = vec![
+            ("no stream, no Hello", None),
+            (
+                "a Hello cut short",
+                Some(hello(WIRE_VERSION, "s2").slice(..6)),
+            ),
+            (
+                "a first frame too long for a Hello",
+                Some(Bytes::from_static(&[0, 1, 0, 0, 0])),
+            ),
+            ("another server's id", Some(hello(WIRE_VERSION, "s1"))),
+            ("another wire version", Some(hello(WIRE_VERSION + 1, "s2"))),
+            (
+                "a message before any Hello",
+                Some(wire::encode_frame(&PeerMessage::Election(
+                    crate::election::ElectionMessage::Coordinator { term: 99 },
+                ))),
+            ),
+        ];
+        for (what, first) in attempts {
+            let before = refused(&pair);
+            let (endpoint, connection) = intruder(&pair).await;
+            // Kept open until s1 decides, so an empty stream is not ended.
+            let _stream = match first {
+                Some(bytes) => {
+                    let mut stream = connection.open_uni().await.unwrap();
+                    stream.write_all(&bytes).await.unwrap();
+                    Some(stream)
+                }
+                None => None,
+            };
+            let code = closed_by_s1(&connection).await;
+            assert_eq!(code, Some(close_code::PROTOCOL.into()), "{what}");
+            assert_eq!(refused(&pair), before + 1, "{what}: counted as refused");
+            assert_link_kept(&mut pair);
+            endpoint.close(0u8.into(), b"");
+            println!("{what}: refused, link to s2 kept");
+        }
+
+        // The control: the same connection with a good Hello does replace the
+        // link (a holder of s2's key is s2 as far as the mesh can tell).
+        let (_endpoint, connection) = intruder(&pair).await;
+        let mut stream = connection.open_uni().await.unwrap();
+        stream.write_all(&hello(WIRE_VERSION, "s2")).await.unwrap();
+        let replaced = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if let Some(MeshEvent::LinkReplaced(peer)) = pair.events.recv().await {
+                    return peer;
+                }
+            }
+        })
+        .await
+        .expect("a good Hello replaces the link");
+        assert_eq!(replaced, "s2");
+        pair.shutdown.cancel();
+        pair.s1.abort();
+        pair.s2.abort();
+        let _ = std::fs::remove_dir_all(&pair.certs);
+    }
 }

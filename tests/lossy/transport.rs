@@ -454,5 +454,168 @@ async fn a_silent_link_is_replaced_and_both_ends_say_so() {
         "both alive with one leader {took:?} later; s1->s2 {}",
         link(&cluster, 0, 1)
     );
+    // The old connection outlives the cut (idle timeout), so no end ever
+    // sees its link go down: a replacement is never a down then an up.
+    // Watched for a second more, while the unused connections are closed.
+    let watch = Instant::now();
+    let mut downs = [0, 0];
+    while watch.elapsed() < Duration::from_secs(1) && downs == [0, 0] {
+        downs = [0, 1].map(|i| counter(&cluster, i, |c| &c.links_down));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!("links down per server {downs:?} (from the cut to 1 s after agreeing)");
+    assert_eq!(downs, [0, 0], "no link went down on either end");
+    cluster.stop().await;
+}
+
+/// A QUIC connection to node `to`'s mesh port made with server `key`'s
+/// (valid) cluster certificate, from outside that server's mesh: what a
+/// holder of one node's key can do.
+async fn intruder(cluster: &Cluster, key: &str, to: usize) -> (quinn::Endpoint, quinn::Connection) {
+    let identity = chatmesh::tls::ServerIdentity::load(crate::common::certs(), key).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(identity.ca.clone()).unwrap();
+    let mut crypto = rustls::ClientConfig::builder_with_provider(chatmesh::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(identity.chain, identity.key)
+        .unwrap();
+    crypto.alpn_protocols = vec![chatmesh::mesh::MESH_ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
+    let connecting = endpoint
+        .connect(cluster.mesh_addrs[to], &format!("s{}", to + 1))
+        .unwrap();
+    let connection = tokio::time::timeout(Duration::from_secs(20), connecting)
+        .await
+        .expect("handshake within 20 s")
+        .expect("a valid cluster certificate passes the TLS handshake");
+    (endpoint, connection)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_with_a_valid_cert_but_no_good_hello_never_replaces_a_live_link() {
+    use chatmesh::mesh::wire::{PeerMessage, WIRE_VERSION, encode_frame};
+    let _serial = serial().await;
+    trace_if_asked();
+    println!(
+        "scenario intruder: 3 servers linked; connections to s2 with a valid certificate (s1's or s3's key) but no good Hello"
+    );
+    let cluster = start_cluster(3, |i| Some(seeded(CLEAN, 7400, i))).await;
+    let all = [0, 1, 2];
+    let (_, term) = cluster
+        .wait_stable(&all, 2, Duration::from_secs(1), Duration::from_secs(20))
+        .await;
+    let hello = |version, id: &str| {
+        encode_frame(&PeerMessage::Hello {
+            version,
+            id: id.to_owned(),
+        })
+    };
+    // (certificate of, what goes on the intruder's stream; None: no stream at all)
+    let attempts: Vec<(&str, &str, Option<bytes::Bytes>)> = vec![
+        ("claims to be s3", "s1", Some(hello(WIRE_VERSION, "s3"))),
+        (
+            "claims to be s2 itself",
+            "s1",
+            Some(hello(WIRE_VERSION, "s2")),
+        ),
+        (
+            "another wire version",
+            "s1",
+            Some(hello(WIRE_VERSION + 1, "s1")),
+        ),
+        (
+            "garbage",
+            "s1",
+            Some(bytes::Bytes::from_static(b"\0\0\0\x05\xff\xff\xff\xff\xff")),
+        ),
+        ("never sends a Hello", "s1", None),
+        ("never sends a Hello", "s3", None),
+    ];
+    let s2 = |pick: fn(&MeshCounters) -> &AtomicU64| counter(&cluster, 1, pick);
+    let replaced_before: Vec<u64> = all
+        .iter()
+        .map(|&i| counter(&cluster, i, |c| &c.links_replaced))
+        .collect();
+    let changes_before = peer_state_changes(&cluster);
+    let redials_before = s2(|c| &c.silent_link_redials);
+    for (what, key, first) in attempts {
+        let refused_before = s2(|c| &c.links_refused);
+        let heartbeats_before = s2(|c| &c.heartbeats_received);
+        let start = Instant::now();
+        let (endpoint, connection) = intruder(&cluster, key, 1).await;
+        // Kept until s2 decides, so that an unfinished stream is not ended.
+        let _stream = match &first {
+            Some(bytes) => {
+                let mut stream = connection.open_uni().await.unwrap();
+                stream.write_all(bytes).await.unwrap();
+                Some(stream)
+            }
+            None => None,
+        };
+        // Watched until s2 closes the connection: every server sees every
+        // other alive and s3 as leader at the same term all along.
+        let mut disturbed = Vec::new();
+        let closed = loop {
+            if let Some(reason) = connection.close_reason() {
+                break Some(reason);
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                break None;
+            }
+            if !all_alive(&cluster, &all) || cluster.agree(&all, 2) != Some(term) {
+                disturbed.push(start.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let heartbeats = s2(|c| &c.heartbeats_received) - heartbeats_before;
+        println!(
+            "{what} (with {key}'s key): closed by s2 after {:?}: {closed:?}; s2 received {heartbeats} heartbeats meanwhile",
+            start.elapsed()
+        );
+        endpoint.close(0u8.into(), b"");
+        let replaced: Vec<u64> = all
+            .iter()
+            .map(|&i| counter(&cluster, i, |c| &c.links_replaced))
+            .collect();
+        println!(
+            "  links replaced per server {replaced:?} (before: {replaced_before:?}); peer state changes {}; s2's silent-link redials {}",
+            peer_state_changes(&cluster) - changes_before,
+            s2(|c| &c.silent_link_redials) - redials_before
+        );
+        assert_eq!(replaced, replaced_before, "{what}: no link was replaced");
+        assert_eq!(
+            peer_state_changes(&cluster),
+            changes_before,
+            "{what}: no peer down"
+        );
+        assert!(
+            disturbed.is_empty(),
+            "{what}: all alive with leader s3 at term {term} throughout; not at {disturbed:?}"
+        );
+        assert_eq!(
+            s2(|c| &c.silent_link_redials),
+            redials_before,
+            "{what}: no link of s2 went silent"
+        );
+        assert!(heartbeats > 0, "{what}: heartbeats kept coming to s2");
+        match closed {
+            Some(quinn::ConnectionError::ApplicationClosed(close)) => assert_eq!(
+                String::from_utf8_lossy(&close.reason),
+                "bad hello",
+                "{what}: closed as a bad Hello"
+            ),
+            other => panic!("{what}: s2 closes the connection, got {other:?}"),
+        }
+        assert_eq!(
+            s2(|c| &c.links_refused),
+            refused_before + 1,
+            "{what}: counted as refused"
+        );
+    }
+    assert_eq!(cluster.node(1).mesh().linked_peers().len(), 2);
     cluster.stop().await;
 }
