@@ -365,6 +365,7 @@ pub async fn run(
         names,
         chat,
         heartbeat_seq: 0,
+        batch: None,
     };
     driver.rebuild_names();
     let mut ticker = tokio::time::interval(timing.heartbeat_interval);
@@ -417,53 +418,84 @@ pub async fn run(
             }
             event = events.recv() => {
                 let Some(event) = event else { break };
-                let now = Instant::now().into_std();
-                match event {
-                    MeshEvent::Heartbeat(from, heartbeat) => {
-                        if let Some(transition) = detector.heartbeat(now, &from, heartbeat.seq) {
-                            driver.transition(&mut election, transition);
-                        }
-                        // A peer's view pulls this server along if it missed an
-                        // announcement (acts at most once per change).
-                        let input = Input::Heartbeat { from, term: heartbeat.term, leader: heartbeat.leader };
-                        let actions = election.handle(now, input);
-                        driver.apply(actions);
+                // Whatever else the mesh has delivered meanwhile is handled
+                // in the same go, and the registry's messages are sent once
+                // it is all handled: a follower given several announcements
+                // acknowledges only the last (see `Driver::flush`).
+                driver.batch = Some(Vec::new());
+                on_mesh_event(&mut driver, &mut election, &mut detector, event);
+                for _ in 0..MESH_EVENTS_AT_ONCE {
+                    match events.try_recv() {
+                        Ok(event) => on_mesh_event(&mut driver, &mut election, &mut detector, event),
+                        Err(_) => break,
                     }
-                    MeshEvent::LinkDown(peer) => {
-                        // A clean stop is a down at once; after a crash the
-                        // detector has usually said so already; either way the
-                        // peer's heartbeat numbering starts over on a new link.
-                        if let Some(transition) = detector.connection_closed(now, &peer) {
-                            driver.transition(&mut election, transition);
-                        }
-                    }
-                    MeshEvent::LinkUp(_) => {}
-                    MeshEvent::LinkReplaced(peer) => {
-                        // Frames written to the old link may be lost: the
-                        // registry sends again what the peer has not
-                        // acknowledged (election messages repair themselves
-                        // through heartbeats and timers).
-                        debug!(peer = %peer, "mesh link replaced");
-                        driver.registry(registry::Input::LinkReset(peer));
-                    }
-                    MeshEvent::Message(from, PeerMessage::Election(msg)) => {
-                        // Any message proves the peer alive, like a heartbeat.
-                        if let Some(transition) = detector.heard_from(now, &from) {
-                            driver.transition(&mut election, transition);
-                        }
-                        let actions = election.handle(now, Input::Message { from, msg });
-                        driver.apply(actions);
-                    }
-                    MeshEvent::Message(from, PeerMessage::Registry(msg)) => {
-                        if let Some(transition) = detector.heard_from(now, &from) {
-                            driver.transition(&mut election, transition);
-                        }
-                        driver.registry(registry::Input::Message { from, msg });
-                    }
-                    MeshEvent::Message(_, PeerMessage::Hello { .. }) => {}
                 }
+                driver.flush();
             }
         }
+    }
+}
+
+/// Most mesh events handled in one go after the first (see the `events`
+/// arm in [`run`]): a bound, so that timers and local requests are not kept
+/// waiting behind a flood.
+const MESH_EVENTS_AT_ONCE: usize = 256;
+
+/// Feeds one mesh event to the detector, the election and the registry.
+fn on_mesh_event(
+    driver: &mut Driver,
+    election: &mut Election,
+    detector: &mut FailureDetector,
+    event: MeshEvent,
+) {
+    let now = Instant::now().into_std();
+    match event {
+        MeshEvent::Heartbeat(from, heartbeat) => {
+            if let Some(transition) = detector.heartbeat(now, &from, heartbeat.seq) {
+                driver.transition(election, transition);
+            }
+            // A peer's view pulls this server along if it missed an
+            // announcement (acts at most once per change).
+            let input = Input::Heartbeat {
+                from,
+                term: heartbeat.term,
+                leader: heartbeat.leader,
+            };
+            let actions = election.handle(now, input);
+            driver.apply(actions);
+        }
+        MeshEvent::LinkDown(peer) => {
+            // A clean stop is a down at once; after a crash the
+            // detector has usually said so already; either way the
+            // peer's heartbeat numbering starts over on a new link.
+            if let Some(transition) = detector.connection_closed(now, &peer) {
+                driver.transition(election, transition);
+            }
+        }
+        MeshEvent::LinkUp(_) => {}
+        MeshEvent::LinkReplaced(peer) => {
+            // Frames written to the old link may be lost: the
+            // registry sends again what the peer has not
+            // acknowledged (election messages repair themselves
+            // through heartbeats and timers).
+            debug!(peer = %peer, "mesh link replaced");
+            driver.registry(registry::Input::LinkReset(peer));
+        }
+        MeshEvent::Message(from, PeerMessage::Election(msg)) => {
+            // Any message proves the peer alive, like a heartbeat.
+            if let Some(transition) = detector.heard_from(now, &from) {
+                driver.transition(election, transition);
+            }
+            let actions = election.handle(now, Input::Message { from, msg });
+            driver.apply(actions);
+        }
+        MeshEvent::Message(from, PeerMessage::Registry(msg)) => {
+            if let Some(transition) = detector.heard_from(now, &from) {
+                driver.transition(election, transition);
+            }
+            driver.registry(registry::Input::Message { from, msg });
+        }
+        MeshEvent::Message(_, PeerMessage::Hello { .. }) => {}
     }
 }
 
@@ -479,6 +511,9 @@ struct Driver {
     names: Arc<Mutex<Names>>,
     chat: Arc<OnceLock<Weak<ChatServer>>>,
     heartbeat_seq: u64,
+    /// While some: registry messages wait here, by destination, until
+    /// [`Driver::flush`] sends them (several inputs handled in one go).
+    batch: Option<Vec<(ServerId, registry::RegistryMessage)>>,
 }
 
 impl Driver {
@@ -528,13 +563,22 @@ impl Driver {
         let actions = self.registry.handle(now, input);
         for action in actions {
             match action {
-                registry::Action::Send { to, msg } => {
-                    self.mesh.send(&to, &PeerMessage::Registry(msg));
-                }
+                registry::Action::Send { to, msg } => match self.batch.as_mut() {
+                    Some(batch) => batch.push((to, msg)),
+                    None => {
+                        self.mesh.send(&to, &PeerMessage::Registry(msg));
+                    }
+                },
                 registry::Action::Broadcast { msg } => {
-                    let message = PeerMessage::Registry(msg);
-                    for peer in self.registry_peers() {
-                        self.mesh.send(&peer, &message);
+                    let peers = self.registry_peers();
+                    match self.batch.as_mut() {
+                        Some(batch) => batch.extend(peers.into_iter().map(|p| (p, msg.clone()))),
+                        None => {
+                            let message = PeerMessage::Registry(msg);
+                            for peer in peers {
+                                self.mesh.send(&peer, &message);
+                            }
+                        }
                     }
                 }
                 registry::Action::Reply { token, result } => {
@@ -560,6 +604,22 @@ impl Driver {
         }
         // Many inputs change the rooms (a peer down drops its rooms).
         self.refresh_names();
+    }
+
+    /// Ends a batch: sends the registry messages it held, in order, except
+    /// acknowledgements that a later one to the same leader at the same
+    /// term covers. An `Ack` is cumulative (the follower has applied every
+    /// announcement up to `seq`) and the leader keeps the highest it heard,
+    /// so the last one says all the earlier ones did; registry messages may
+    /// arrive in any order anyway (see the registry's module docs).
+    fn flush(&mut self) {
+        let Some(batch) = self.batch.take() else {
+            return;
+        };
+        for msg in coalesce_acks(batch) {
+            let (to, msg) = msg;
+            self.mesh.send(&to, &PeerMessage::Registry(msg));
+        }
     }
 
     fn registry_peers(&self) -> Vec<ServerId> {
@@ -628,6 +688,35 @@ impl Driver {
     }
 }
 
+/// `batch` without the acknowledgements that a later one covers: of the
+/// `Ack`s to one server at one term, only the highest goes, in the place of
+/// the last of them.
+fn coalesce_acks(
+    batch: Vec<(ServerId, registry::RegistryMessage)>,
+) -> Vec<(ServerId, registry::RegistryMessage)> {
+    use registry::RegistryMessage::Ack;
+    let mut highest: HashMap<(&str, u64), (usize, u64)> = HashMap::new();
+    for (i, (to, msg)) in batch.iter().enumerate() {
+        if let Ack { term, seq } = msg {
+            let entry = highest.entry((to.as_str(), *term)).or_insert((i, *seq));
+            *entry = (i, entry.1.max(*seq));
+        }
+    }
+    let keep: HashMap<usize, u64> = highest.into_values().collect();
+    let mut out = Vec::with_capacity(batch.len());
+    for (i, (to, msg)) in batch.into_iter().enumerate() {
+        match msg {
+            Ack { term, .. } => {
+                if let Some(&seq) = keep.get(&i) {
+                    out.push((to, Ack { term, seq }));
+                }
+            }
+            msg => out.push((to, msg)),
+        }
+    }
+    out
+}
+
 fn log_registry_event(event: registry::LogEvent) {
     use registry::LogEvent;
     match event {
@@ -690,4 +779,38 @@ fn refresh(
         identities: registry.counts().identities,
         rooms: registry.counts().rooms,
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use registry::RegistryMessage::{Ack, HoldingsRequest};
+
+    #[test]
+    fn only_the_highest_ack_per_leader_and_term_goes_in_place_of_the_last() {
+        let batch = vec![
+            ("s3".to_owned(), Ack { term: 2, seq: 5 }),
+            ("s3".to_owned(), HoldingsRequest { term: 2 }),
+            ("s3".to_owned(), Ack { term: 2, seq: 7 }),
+            ("s2".to_owned(), Ack { term: 2, seq: 1 }),
+            ("s3".to_owned(), Ack { term: 3, seq: 1 }),
+            // Lower than one before it (a resent announcement's answer):
+            // the highest still goes.
+            ("s3".to_owned(), Ack { term: 2, seq: 6 }),
+        ];
+        let sent: Vec<(String, String)> = coalesce_acks(batch)
+            .into_iter()
+            .map(|(to, msg)| (to, format!("{msg:?}")))
+            .collect();
+        let expect = |to: &str, msg: registry::RegistryMessage| (to.to_owned(), format!("{msg:?}"));
+        assert_eq!(
+            sent,
+            vec![
+                expect("s3", HoldingsRequest { term: 2 }),
+                expect("s2", Ack { term: 2, seq: 1 }),
+                expect("s3", Ack { term: 3, seq: 1 }),
+                expect("s3", Ack { term: 2, seq: 7 }),
+            ]
+        );
+    }
 }
