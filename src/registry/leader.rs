@@ -283,7 +283,6 @@ impl Registry {
     pub(super) fn lead_ack(
         &mut self,
         lead: &mut LeaderState,
-        _now: Instant,
         from: &ServerId,
         seq: u64,
         out: &mut Vec<Action>,

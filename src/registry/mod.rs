@@ -595,17 +595,11 @@ impl Registry {
                     _ => None,
                 })
                 .collect(),
-            position: self.position(),
+            position: self.applied,
             replica_identities: self.replica.identities.values().cloned().collect(),
             replica_rooms: self.replica.rooms.values().cloned().collect(),
             down: self.down_list(),
         }
-    }
-
-    /// How far this server's replica has come (a leader keeps its own
-    /// position up to date as it commits).
-    fn position(&self) -> Position {
-        self.applied
     }
 
     /// Tells the leader which servers this one sees down (a leader frees a
@@ -734,7 +728,7 @@ impl Registry {
             }
             RegistryMessage::Ack { term, seq } => {
                 if self.is_leader() && term == self.term && from != self.id {
-                    self.with_leader(|reg, lead| reg.lead_ack(lead, now, &from, seq, out));
+                    self.with_leader(|reg, lead| reg.lead_ack(lead, &from, seq, out));
                 }
             }
             RegistryMessage::Liveness { term, down } => {
