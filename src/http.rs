@@ -6,25 +6,34 @@
 //! may hold, as each endpoint needs: a client slot (the web port shares them
 //! with TCP and QUIC, so web connections can never take the descriptors the
 //! mesh needs), a time until its first byte (a silent connection cannot hold
-//! a slot), and a lifetime (an admin connection carries one request).
+//! a slot), a lifetime (an admin connection carries one request), and for
+//! the web port the client port's socket options (keepalive, user timeout,
+//! capped send buffer; see [`ClientSocket`]).
+//!
+//! A handler reaches its connection through [`Peer`] (axum's `ConnectInfo`):
+//! it asks for a reset when it is closed.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::serve::ListenerExt;
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
 
-use crate::listener::ClientSlots;
+use crate::config::Limits;
+use crate::listener::{ClientSlots, ClientSocket};
 
 /// A TCP listener for [`serve`], with the limits its connections live under.
 pub struct Listener {
@@ -40,6 +49,9 @@ pub struct Listener {
     /// A connection is closed this long after it was accepted, whatever it
     /// is doing (reading or writing then fails).
     lifetime: Option<Duration>,
+    /// Client socket options (the client port's) are set on every
+    /// connection, with these limits.
+    client_sockets: Option<Limits>,
 }
 
 impl Listener {
@@ -52,6 +64,7 @@ impl Listener {
             refused_at: None,
             first_byte_within: None,
             lifetime: None,
+            client_sockets: None,
         }
     }
 
@@ -71,6 +84,13 @@ impl Listener {
     /// Connections are closed `lifetime` after they were accepted.
     pub fn lifetime(mut self, lifetime: Duration) -> Self {
         self.lifetime = Some(lifetime);
+        self
+    }
+
+    /// Every connection gets the client port's socket options (keepalive,
+    /// user timeout, the send buffer cap of `limits`).
+    pub fn client_sockets(mut self, limits: &Limits) -> Self {
+        self.client_sockets = Some(limits.clone());
         self
     }
 
@@ -122,7 +142,17 @@ impl axum::serve::Listener for Listener {
                     }
                 },
             };
-            let _ = stream.set_nodelay(true);
+            match &self.client_sockets {
+                Some(limits) => {
+                    if let Err(e) = ClientSocket::configure(&stream, limits) {
+                        // The client can still be served, only less well guarded.
+                        warn!(error = %e, %peer, "cannot set client socket options");
+                    }
+                }
+                None => {
+                    let _ = stream.set_nodelay(true);
+                }
+            }
             let timer = |d: Duration| Box::pin(tokio::time::sleep(d));
             return (
                 Conn {
@@ -130,6 +160,7 @@ impl axum::serve::Listener for Listener {
                     _slot: slot,
                     silence: self.first_byte_within.map(timer),
                     deadline: self.lifetime.map(timer),
+                    handler: Arc::default(),
                 },
                 peer,
             );
@@ -145,21 +176,52 @@ impl axum::serve::Listener for Listener {
 /// way finish (bounded by the listener's limits) before returning.
 pub async fn serve(listener: Listener, app: Router, shutdown: CancellationToken) {
     let what = listener.what;
-    // (`tap_io` only for the peer address: axum gives `ConnectInfo` to a
-    // tapped listener of any kind.)
-    let served = axum::serve(
-        listener.tap_io(|_| {}),
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await;
+    let served = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
     if let Err(e) = served {
         warn!(error = %e, what, "HTTP server stopped");
     }
 }
 
+/// What a connection's handler tells the connection.
+#[derive(Default)]
+struct HandlerSays {
+    /// Close the connection with a reset, not a graceful close.
+    reset: AtomicBool,
+}
+
+/// A connection as its handlers see it (`ConnectInfo<Peer>`): the client's
+/// address, and a way to tell the connection how it is used.
+#[derive(Clone)]
+pub struct Peer {
+    /// The client's address.
+    pub addr: SocketAddr,
+    says: Arc<HandlerSays>,
+}
+
+impl Peer {
+    /// When the connection is closed, reset it (a zero linger): the kernel
+    /// then discards what is still queued for the client at once, instead of
+    /// keeping the socket and its send buffer for as long as a client that
+    /// does not read keeps acknowledging window probes.
+    pub fn reset_on_close(&self) {
+        self.says.reset.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Connected<IncomingStream<'_, Listener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, Listener>) -> Self {
+        Peer {
+            addr: *stream.remote_addr(),
+            says: stream.io().handler.clone(),
+        }
+    }
+}
+
 /// A connection of a [`Listener`]: the stream, the slot it holds until it is
-/// dropped, and its timers.
+/// dropped, and its timers. An upgraded connection (a WebSocket) is owned by
+/// its upgraded stream, so it is dropped after the handler is done with it.
 pub struct Conn {
     stream: TcpStream,
     _slot: Option<OwnedSemaphorePermit>,
@@ -169,6 +231,8 @@ pub struct Conn {
     /// The end of the connection's lifetime: from then on reading and
     /// writing fail.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// Shared with the connection's [`Peer`].
+    handler: Arc<HandlerSays>,
 }
 
 impl Conn {
@@ -177,6 +241,16 @@ impl Conn {
         self.deadline
             .as_mut()
             .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready())
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.handler.reset.load(Ordering::Relaxed)
+            && let Err(e) = self.stream.set_zero_linger()
+        {
+            debug!(error = %e, "cannot set a zero linger");
+        }
     }
 }
 
