@@ -6,12 +6,14 @@
 //! may hold, as each endpoint needs: a client slot (the web port shares them
 //! with TCP and QUIC, so web connections can never take the descriptors the
 //! mesh needs), a time until its first byte (a silent connection cannot hold
-//! a slot), a lifetime (an admin connection carries one request), and for
-//! the web port the client port's socket options (keepalive, user timeout,
-//! capped send buffer; see [`ClientSocket`]).
+//! a slot), a time to be upgraded to a WebSocket (a client dribbling headers,
+//! or idle between requests, cannot hold one either), a lifetime (an admin
+//! connection carries one request), and for the web port the client port's
+//! socket options (keepalive, user timeout, capped send buffer; see
+//! [`ClientSocket`]).
 //!
 //! A handler reaches its connection through [`Peer`] (axum's `ConnectInfo`):
-//! it asks for a reset when it is closed.
+//! it marks it upgraded, or asks for a reset when it is closed.
 
 use std::future::Future;
 use std::io;
@@ -49,6 +51,9 @@ pub struct Listener {
     /// A connection is closed this long after it was accepted, whatever it
     /// is doing (reading or writing then fails).
     lifetime: Option<Duration>,
+    /// A connection not upgraded (to a WebSocket) this long after it was
+    /// accepted is closed.
+    upgrade_within: Option<Duration>,
     /// Client socket options (the client port's) are set on every
     /// connection, with these limits.
     client_sockets: Option<Limits>,
@@ -64,6 +69,7 @@ impl Listener {
             refused_at: None,
             first_byte_within: None,
             lifetime: None,
+            upgrade_within: None,
             client_sockets: None,
         }
     }
@@ -84,6 +90,13 @@ impl Listener {
     /// Connections are closed `lifetime` after they were accepted.
     pub fn lifetime(mut self, lifetime: Duration) -> Self {
         self.lifetime = Some(lifetime);
+        self
+    }
+
+    /// Connections not upgraded within `within` of their accept (their
+    /// handler calls [`Peer::upgraded`]) are closed; upgraded ones live on.
+    pub fn upgrade_within(mut self, within: Duration) -> Self {
+        self.upgrade_within = Some(within);
         self
     }
 
@@ -160,6 +173,7 @@ impl axum::serve::Listener for Listener {
                     _slot: slot,
                     silence: self.first_byte_within.map(timer),
                     deadline: self.lifetime.map(timer),
+                    upgrade_by: self.upgrade_within.map(timer),
                     handler: Arc::default(),
                 },
                 peer,
@@ -187,6 +201,8 @@ pub async fn serve(listener: Listener, app: Router, shutdown: CancellationToken)
 /// What a connection's handler tells the connection.
 #[derive(Default)]
 struct HandlerSays {
+    /// The connection is (being) upgraded: the upgrade deadline is off.
+    upgraded: AtomicBool,
     /// Close the connection with a reset, not a graceful close.
     reset: AtomicBool,
 }
@@ -201,6 +217,12 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// The connection is being upgraded (to a WebSocket): it may live on
+    /// past the listener's upgrade deadline.
+    pub fn upgraded(&self) {
+        self.says.upgraded.store(true, Ordering::Relaxed);
+    }
+
     /// When the connection is closed, reset it (a zero linger): the kernel
     /// then discards what is still queued for the client at once, instead of
     /// keeping the socket and its send buffer for as long as a client that
@@ -231,16 +253,36 @@ pub struct Conn {
     /// The end of the connection's lifetime: from then on reading and
     /// writing fail.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// Until the connection is upgraded: when it fires first, reading and
+    /// writing fail.
+    upgrade_by: Option<Pin<Box<Sleep>>>,
     /// Shared with the connection's [`Peer`].
     handler: Arc<HandlerSays>,
 }
 
 impl Conn {
-    /// Whether the lifetime is over (if not, the task is woken when it is).
-    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        self.deadline
+    /// Why the connection may no longer be used, if it may not: its lifetime
+    /// is over, or it was not upgraded in time (if neither, the task is
+    /// woken when one happens).
+    fn over(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        if self
+            .deadline
             .as_mut()
             .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready())
+        {
+            return Some(timed_out(EXPIRED));
+        }
+        if self.upgrade_by.is_some() && self.handler.upgraded.load(Ordering::Relaxed) {
+            self.upgrade_by = None;
+        }
+        if self
+            .upgrade_by
+            .as_mut()
+            .is_some_and(|by| by.as_mut().poll(cx).is_ready())
+        {
+            return Some(timed_out(NOT_UPGRADED));
+        }
+        None
     }
 }
 
@@ -260,14 +302,16 @@ fn timed_out(why: &str) -> io::Error {
 
 const EXPIRED: &str = "the connection outlived its time limit";
 
+const NOT_UPGRADED: &str = "the connection was not upgraded within its time limit";
+
 impl AsyncRead for Conn {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.expired(cx) {
-            return Poll::Ready(Err(timed_out(EXPIRED)));
+        if let Some(e) = self.over(cx) {
+            return Poll::Ready(Err(e));
         }
         let before = buf.filled().len();
         let read = Pin::new(&mut self.stream).poll_read(cx, buf);
@@ -296,15 +340,15 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.expired(cx) {
-            return Poll::Ready(Err(timed_out(EXPIRED)));
+        if let Some(e) = self.over(cx) {
+            return Poll::Ready(Err(e));
         }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.expired(cx) {
-            return Poll::Ready(Err(timed_out(EXPIRED)));
+        if let Some(e) = self.over(cx) {
+            return Poll::Ready(Err(e));
         }
         Pin::new(&mut self.stream).poll_flush(cx)
     }
@@ -318,8 +362,8 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if self.expired(cx) {
-            return Poll::Ready(Err(timed_out(EXPIRED)));
+        if let Some(e) = self.over(cx) {
+            return Poll::Ready(Err(e));
         }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }

@@ -142,11 +142,15 @@ pub async fn serve(
     // long as it is open, a WebSocket session included, and has the client
     // port's socket options (keepalive finds a vanished client, the send
     // buffer is capped). One that sends nothing within the handshake timeout
-    // is closed, as for TCP clients.
+    // is closed, as for TCP clients, and so is one not upgraded to a
+    // WebSocket by then: the page and `/servers` are answered at once, so
+    // this only cuts clients dribbling a request, or idle between two,
+    // which would otherwise hold a slot for ever.
     let listener = http::Listener::new(listener, "web port")
         .slots(slots)
         .client_sockets(&socket_limits)
-        .first_byte_within(first_request_within);
+        .first_byte_within(first_request_within)
+        .upgrade_within(first_request_within);
     http::serve(listener, app, shutdown).await;
 }
 
@@ -208,6 +212,7 @@ async fn chat_upgrade(
     let chat = web.chat.clone();
     let shutdown = web.shutdown.clone();
     let tasks = web.tasks.clone();
+    connection.upgraded();
     upgrade
         .max_message_size(frame_max)
         .max_frame_size(frame_max)
