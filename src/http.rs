@@ -3,14 +3,14 @@
 //! served by [`serve`] on a [`Listener`] until the node shuts down.
 //!
 //! axum's own `serve` takes any listener; this one bounds what a connection
-//! may hold, as each endpoint needs: a client slot (the web port shares them
-//! with TCP and QUIC, so web connections can never take the descriptors the
-//! mesh needs), a time until its first byte (a silent connection cannot hold
-//! a slot), a time to be upgraded to a WebSocket (a client dribbling headers,
-//! or idle between requests, cannot hold one either), a lifetime (an admin
-//! connection carries one request), and for the web port the client port's
-//! socket options (keepalive, user timeout, capped send buffer; see
-//! [`ClientSocket`]).
+//! may hold, as each endpoint needs: a slot (the web port shares the client
+//! slots with TCP and QUIC, so web connections can never take the descriptors
+//! the mesh needs; the admin endpoint has a small cap of its own), a time
+//! until its first byte (a silent connection cannot hold a slot), a time to
+//! be upgraded to a WebSocket (a client dribbling headers, or idle between
+//! requests, cannot hold one either), a lifetime (an admin connection carries
+//! one request), and for the web port the client port's socket options
+//! (keepalive, user timeout, capped send buffer; see [`ClientSocket`]).
 //!
 //! A handler reaches its connection through [`Peer`] (axum's `ConnectInfo`):
 //! it marks it upgraded, or asks for a reset when it is closed.
@@ -42,8 +42,9 @@ pub struct Listener {
     inner: TcpListener,
     /// What it serves, for logs ("web port", "admin endpoint").
     what: &'static str,
-    /// A slot each connection holds while it is open; none: no limit.
-    slots: Option<ClientSlots>,
+    /// A slot each connection holds while it is open, and what a connection
+    /// over the limit is told; none: no limit.
+    slots: Option<(ClientSlots, String)>,
     /// Refusals for want of a slot are logged at most once a second.
     refused_at: Option<Instant>,
     /// A connection that sends nothing for this long is closed.
@@ -76,8 +77,14 @@ impl Listener {
 
     /// Every connection holds one of `slots` until it is closed; one over
     /// the limit is answered `503` with the slots' reason, and closed.
-    pub fn slots(mut self, slots: ClientSlots) -> Self {
-        self.slots = Some(slots);
+    pub fn slots(self, slots: ClientSlots) -> Self {
+        let refusal = slots.refusal();
+        self.slots_telling(slots, refusal)
+    }
+
+    /// As [`Listener::slots`], but one over the limit is told `refusal`.
+    pub fn slots_telling(mut self, slots: ClientSlots, refusal: String) -> Self {
+        self.slots = Some((slots, refusal));
         self
     }
 
@@ -108,15 +115,14 @@ impl Listener {
     }
 
     /// Answers a connection over the slot limit and closes it.
-    fn refuse(&mut self, stream: TcpStream, peer: SocketAddr, slots: &ClientSlots) {
+    fn refuse(&mut self, stream: TcpStream, peer: SocketAddr, max: usize, reason: &str) {
         if self
             .refused_at
             .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
         {
-            warn!(%peer, max_clients = slots.max(), what = self.what, "HTTP client refused: max_clients reached");
+            warn!(%peer, max, what = self.what, "HTTP connection refused: connection limit reached");
             self.refused_at = Some(Instant::now());
         }
-        let reason = slots.refusal();
         let response = format!(
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reason}",
             reason.len()
@@ -145,12 +151,13 @@ impl axum::serve::Listener for Listener {
                     continue;
                 }
             };
-            let slot = match self.slots.clone() {
+            let slot = match &self.slots {
                 None => None,
-                Some(slots) => match slots.take() {
+                Some((slots, refusal)) => match slots.take() {
                     Some(slot) => Some(slot),
                     None => {
-                        self.refuse(stream, peer, &slots);
+                        let (max, refusal) = (slots.max(), refusal.clone());
+                        self.refuse(stream, peer, max, &refusal);
                         continue;
                     }
                 },
