@@ -1,8 +1,11 @@
 //! The admin endpoint, loopback HTTP: an axum router served by
 //! [`crate::http::serve`], like the web port. Deliberately tiny: one request
 //! per connection (every answer says `Connection: close`), bodies of at most
-//! [`MAX_BODY`] bytes (`413` past it), and a connection lives at most
-//! [`REQUEST_TIMEOUT`] (a request not sent and answered by then is dropped).
+//! [`MAX_BODY`] bytes (`413` past it), a connection lives at most
+//! [`REQUEST_TIMEOUT`] (a request not sent and answered by then is dropped),
+//! and at most [`MAX_CONNECTIONS`] connections are open at once (one more is
+//! answered `503` and closed), so that idle connections cannot take the
+//! descriptors kept for the mesh.
 //!
 //! | request | does |
 //! | --- | --- |
@@ -49,6 +52,7 @@ use crate::ServerId;
 use crate::chat::ChatServer;
 use crate::cluster::{ClusterView, MemberStatus, SharedView};
 use crate::http;
+use crate::listener::ClientSlots;
 use crate::mesh::Mesh;
 use crate::netsim::{ImpairHandle, Impairment};
 
@@ -212,11 +216,24 @@ pub const MAX_BODY: usize = 16 * 1024;
 /// answer taken by then, or the connection is dropped.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Admin connections open at once; one more is answered `503` and closed.
+/// A request takes milliseconds, so this is plenty for tools and scrapers,
+/// and it keeps the endpoint well inside the descriptors kept for
+/// everything but clients ([`crate::listener::FD_RESERVE`]).
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// What a connection over [`MAX_CONNECTIONS`] is told.
+pub fn busy() -> String {
+    format!("admin endpoint busy: {MAX_CONNECTIONS} connections are open (its limit); try again\n")
+}
+
 /// Serves admin requests on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
     // The port pages of this endpoint's own origin name (see `is_own_origin`).
     let own_port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-    let listener = http::Listener::new(listener, "admin endpoint").lifetime(REQUEST_TIMEOUT);
+    let listener = http::Listener::new(listener, "admin endpoint")
+        .slots_telling(ClientSlots::new(MAX_CONNECTIONS), busy())
+        .lifetime(REQUEST_TIMEOUT);
     http::serve(listener, router(state, own_port), shutdown).await;
 }
 

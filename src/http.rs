@@ -3,36 +3,48 @@
 //! served by [`serve`] on a [`Listener`] until the node shuts down.
 //!
 //! axum's own `serve` takes any listener; this one bounds what a connection
-//! may hold, as each endpoint needs: a client slot (the web port shares them
-//! with TCP and QUIC, so web connections can never take the descriptors the
-//! mesh needs), a time until its first byte (a silent connection cannot hold
-//! a slot), and a lifetime (an admin connection carries one request).
+//! may hold, as each endpoint needs: a slot (the web port shares the client
+//! slots with TCP and QUIC, so web connections can never take the descriptors
+//! the mesh needs; the admin endpoint has a small cap of its own), a time
+//! until its first byte (a silent connection cannot hold a slot), a time to
+//! be upgraded to a WebSocket (a client dribbling headers, or idle between
+//! requests, cannot hold one either), a lifetime (an admin connection carries
+//! one request), and for the web port the client port's socket options
+//! (keepalive, user timeout, capped send buffer; see [`ClientSocket`]).
+//!
+//! A handler reaches its connection through [`Peer`] (axum's `ConnectInfo`):
+//! it marks it upgraded, or asks for a reset when it is closed.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::serve::ListenerExt;
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
 
-use crate::listener::ClientSlots;
+use crate::config::Limits;
+use crate::listener::{ClientSlots, ClientSocket};
 
 /// A TCP listener for [`serve`], with the limits its connections live under.
 pub struct Listener {
     inner: TcpListener,
     /// What it serves, for logs ("web port", "admin endpoint").
     what: &'static str,
-    /// A slot each connection holds while it is open; none: no limit.
-    slots: Option<ClientSlots>,
+    /// A slot each connection holds while it is open, and what a connection
+    /// over the limit is told; none: no limit.
+    slots: Option<(ClientSlots, String)>,
     /// Refusals for want of a slot are logged at most once a second.
     refused_at: Option<Instant>,
     /// A connection that sends nothing for this long is closed.
@@ -40,6 +52,12 @@ pub struct Listener {
     /// A connection is closed this long after it was accepted, whatever it
     /// is doing (reading or writing then fails).
     lifetime: Option<Duration>,
+    /// A connection not upgraded (to a WebSocket) this long after it was
+    /// accepted is closed.
+    upgrade_within: Option<Duration>,
+    /// Client socket options (the client port's) are set on every
+    /// connection, with these limits.
+    client_sockets: Option<Limits>,
 }
 
 impl Listener {
@@ -52,13 +70,21 @@ impl Listener {
             refused_at: None,
             first_byte_within: None,
             lifetime: None,
+            upgrade_within: None,
+            client_sockets: None,
         }
     }
 
     /// Every connection holds one of `slots` until it is closed; one over
     /// the limit is answered `503` with the slots' reason, and closed.
-    pub fn slots(mut self, slots: ClientSlots) -> Self {
-        self.slots = Some(slots);
+    pub fn slots(self, slots: ClientSlots) -> Self {
+        let refusal = slots.refusal();
+        self.slots_telling(slots, refusal)
+    }
+
+    /// As [`Listener::slots`], but one over the limit is told `refusal`.
+    pub fn slots_telling(mut self, slots: ClientSlots, refusal: String) -> Self {
+        self.slots = Some((slots, refusal));
         self
     }
 
@@ -74,16 +100,29 @@ impl Listener {
         self
     }
 
+    /// Connections not upgraded within `within` of their accept (their
+    /// handler calls [`Peer::upgraded`]) are closed; upgraded ones live on.
+    pub fn upgrade_within(mut self, within: Duration) -> Self {
+        self.upgrade_within = Some(within);
+        self
+    }
+
+    /// Every connection gets the client port's socket options (keepalive,
+    /// user timeout, the send buffer cap of `limits`).
+    pub fn client_sockets(mut self, limits: &Limits) -> Self {
+        self.client_sockets = Some(limits.clone());
+        self
+    }
+
     /// Answers a connection over the slot limit and closes it.
-    fn refuse(&mut self, stream: TcpStream, peer: SocketAddr, slots: &ClientSlots) {
+    fn refuse(&mut self, stream: TcpStream, peer: SocketAddr, max: usize, reason: &str) {
         if self
             .refused_at
             .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
         {
-            warn!(%peer, max_clients = slots.max(), what = self.what, "HTTP client refused: max_clients reached");
+            warn!(%peer, max, what = self.what, "HTTP connection refused: connection limit reached");
             self.refused_at = Some(Instant::now());
         }
-        let reason = slots.refusal();
         let response = format!(
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reason}",
             reason.len()
@@ -112,17 +151,28 @@ impl axum::serve::Listener for Listener {
                     continue;
                 }
             };
-            let slot = match self.slots.clone() {
+            let slot = match &self.slots {
                 None => None,
-                Some(slots) => match slots.take() {
+                Some((slots, refusal)) => match slots.take() {
                     Some(slot) => Some(slot),
                     None => {
-                        self.refuse(stream, peer, &slots);
+                        let (max, refusal) = (slots.max(), refusal.clone());
+                        self.refuse(stream, peer, max, &refusal);
                         continue;
                     }
                 },
             };
-            let _ = stream.set_nodelay(true);
+            match &self.client_sockets {
+                Some(limits) => {
+                    if let Err(e) = ClientSocket::configure(&stream, limits) {
+                        // The client can still be served, only less well guarded.
+                        warn!(error = %e, %peer, "cannot set client socket options");
+                    }
+                }
+                None => {
+                    let _ = stream.set_nodelay(true);
+                }
+            }
             let timer = |d: Duration| Box::pin(tokio::time::sleep(d));
             return (
                 Conn {
@@ -130,6 +180,8 @@ impl axum::serve::Listener for Listener {
                     _slot: slot,
                     silence: self.first_byte_within.map(timer),
                     deadline: self.lifetime.map(timer),
+                    upgrade_by: self.upgrade_within.map(timer),
+                    handler: Arc::default(),
                 },
                 peer,
             );
@@ -145,21 +197,60 @@ impl axum::serve::Listener for Listener {
 /// way finish (bounded by the listener's limits) before returning.
 pub async fn serve(listener: Listener, app: Router, shutdown: CancellationToken) {
     let what = listener.what;
-    // (`tap_io` only for the peer address: axum gives `ConnectInfo` to a
-    // tapped listener of any kind.)
-    let served = axum::serve(
-        listener.tap_io(|_| {}),
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await;
+    let served = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
     if let Err(e) = served {
         warn!(error = %e, what, "HTTP server stopped");
     }
 }
 
+/// What a connection's handler tells the connection.
+#[derive(Default)]
+struct HandlerSays {
+    /// The connection is (being) upgraded: the upgrade deadline is off.
+    upgraded: AtomicBool,
+    /// Close the connection with a reset, not a graceful close.
+    reset: AtomicBool,
+}
+
+/// A connection as its handlers see it (`ConnectInfo<Peer>`): the client's
+/// address, and a way to tell the connection how it is used.
+#[derive(Clone)]
+pub struct Peer {
+    /// The client's address.
+    pub addr: SocketAddr,
+    says: Arc<HandlerSays>,
+}
+
+impl Peer {
+    /// The connection is being upgraded (to a WebSocket): it may live on
+    /// past the listener's upgrade deadline.
+    pub fn upgraded(&self) {
+        self.says.upgraded.store(true, Ordering::Relaxed);
+    }
+
+    /// When the connection is closed, reset it (a zero linger): the kernel
+    /// then discards what is still queued for the client at once, instead of
+    /// keeping the socket and its send buffer for as long as a client that
+    /// does not read keeps acknowledging window probes.
+    pub fn reset_on_close(&self) {
+        self.says.reset.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Connected<IncomingStream<'_, Listener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, Listener>) -> Self {
+        Peer {
+            addr: *stream.remote_addr(),
+            says: stream.io().handler.clone(),
+        }
+    }
+}
+
 /// A connection of a [`Listener`]: the stream, the slot it holds until it is
-/// dropped, and its timers.
+/// dropped, and its timers. An upgraded connection (a WebSocket) is owned by
+/// its upgraded stream, so it is dropped after the handler is done with it.
 pub struct Conn {
     stream: TcpStream,
     _slot: Option<OwnedSemaphorePermit>,
@@ -169,14 +260,46 @@ pub struct Conn {
     /// The end of the connection's lifetime: from then on reading and
     /// writing fail.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// Until the connection is upgraded: when it fires first, reading and
+    /// writing fail.
+    upgrade_by: Option<Pin<Box<Sleep>>>,
+    /// Shared with the connection's [`Peer`].
+    handler: Arc<HandlerSays>,
 }
 
 impl Conn {
-    /// Whether the lifetime is over (if not, the task is woken when it is).
-    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        self.deadline
+    /// Why the connection may no longer be used, if it may not: its lifetime
+    /// is over, or it was not upgraded in time (if neither, the task is
+    /// woken when one happens).
+    fn over(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        if self
+            .deadline
             .as_mut()
             .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready())
+        {
+            return Some(timed_out(EXPIRED));
+        }
+        if self.upgrade_by.is_some() && self.handler.upgraded.load(Ordering::Relaxed) {
+            self.upgrade_by = None;
+        }
+        if self
+            .upgrade_by
+            .as_mut()
+            .is_some_and(|by| by.as_mut().poll(cx).is_ready())
+        {
+            return Some(timed_out(NOT_UPGRADED));
+        }
+        None
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.handler.reset.load(Ordering::Relaxed)
+            && let Err(e) = self.stream.set_zero_linger()
+        {
+            debug!(error = %e, "cannot set a zero linger");
+        }
     }
 }
 
@@ -186,14 +309,16 @@ fn timed_out(why: &str) -> io::Error {
 
 const EXPIRED: &str = "the connection outlived its time limit";
 
+const NOT_UPGRADED: &str = "the connection was not upgraded within its time limit";
+
 impl AsyncRead for Conn {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.expired(cx) {
-            return Poll::Ready(Err(timed_out(EXPIRED)));
+        if let Some(e) = self.over(cx) {
+            return Poll::Ready(Err(e));
         }
         let before = buf.filled().len();
         let read = Pin::new(&mut self.stream).poll_read(cx, buf);
@@ -222,15 +347,15 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.expired(cx) {
-            return Poll::Ready(Err(timed_out(EXPIRED)));
+        if let Some(e) = self.over(cx) {
+            return Poll::Ready(Err(e));
         }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.expired(cx) {
-            return Poll::Ready(Err(timed_out(EXPIRED)));
+        if let Some(e) = self.over(cx) {
+            return Poll::Ready(Err(e));
         }
         Pin::new(&mut self.stream).poll_flush(cx)
     }
@@ -244,8 +369,8 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if self.expired(cx) {
-            return Poll::Ready(Err(timed_out(EXPIRED)));
+        if let Some(e) = self.over(cx) {
+            return Poll::Ready(Err(e));
         }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }

@@ -11,7 +11,6 @@
 //! frame, a frame over the size limit or a broken connection ends the input,
 //! which ends that session.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -126,6 +125,7 @@ pub async fn serve(
     tasks: TaskTracker,
 ) {
     let first_request_within = chat.limits().handshake_timeout;
+    let socket_limits = chat.limits().clone();
     let state = Arc::new(WebState {
         chat,
         origins: allowed_origins(config),
@@ -139,11 +139,18 @@ pub async fn serve(
         .route("/chat", get(chat_upgrade))
         .with_state(state);
     // Every connection holds a client slot (shared with TCP and QUIC) for as
-    // long as it is open, a WebSocket session included; one that sends
-    // nothing within the handshake timeout is closed, as for TCP clients.
+    // long as it is open, a WebSocket session included, and has the client
+    // port's socket options (keepalive finds a vanished client, the send
+    // buffer is capped). One that sends nothing within the handshake timeout
+    // is closed, as for TCP clients, and so is one not upgraded to a
+    // WebSocket by then: the page and `/servers` are answered at once, so
+    // this only cuts clients dribbling a request, or idle between two,
+    // which would otherwise hold a slot for ever.
     let listener = http::Listener::new(listener, "web port")
         .slots(slots)
-        .first_byte_within(first_request_within);
+        .client_sockets(&socket_limits)
+        .first_byte_within(first_request_within)
+        .upgrade_within(first_request_within);
     http::serve(listener, app, shutdown).await;
 }
 
@@ -183,10 +190,11 @@ fn origin_allowed(headers: &HeaderMap, origins: &[String]) -> bool {
 
 async fn chat_upgrade(
     State(web): State<Arc<WebState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(connection): ConnectInfo<http::Peer>,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    let peer = connection.addr;
     if !origin_allowed(&headers, &web.origins) {
         info!(%peer, origin = ?headers.get(header::ORIGIN), "WebSocket refused: foreign origin");
         return (
@@ -204,12 +212,13 @@ async fn chat_upgrade(
     let chat = web.chat.clone();
     let shutdown = web.shutdown.clone();
     let tasks = web.tasks.clone();
+    connection.upgraded();
     upgrade
         .max_message_size(frame_max)
         .max_frame_size(frame_max)
         .on_upgrade(move |socket| {
             tasks.track_future(
-                ws_session(socket, peer, chat, shutdown)
+                ws_session(socket, connection, chat, shutdown)
                     .instrument(info_span!("client", transport = "ws", %peer)),
             )
         })
@@ -225,10 +234,12 @@ enum CloseWhy {
 }
 
 /// One WebSocket chat session: the session logic on two pipes, and two
-/// pumps between the pipes and the socket.
+/// pumps between the pipes and the socket. A connection with output stuck
+/// in it is reset when the session ends (as on the client port), so that
+/// neither the socket nor its kernel buffer outlives the session.
 async fn ws_session(
     socket: WebSocket,
-    peer: SocketAddr,
+    connection: http::Peer,
     chat: Arc<ChatServer>,
     shutdown: CancellationToken,
 ) {
@@ -315,7 +326,7 @@ async fn ws_session(
         chat,
         session_in,
         session_out,
-        peer.ip(),
+        connection.addr.ip(),
         shutdown,
     );
     let mut inbound = std::pin::pin!(inbound);
@@ -336,10 +347,13 @@ async fn ws_session(
             .await
             .is_err()
         {
-            info!("client did not take its last frames; dropping the connection");
+            connection.reset_on_close();
+            info!("client did not take its last frames; resetting the connection");
         }
     } else if end == SessionEnd::Abort {
-        info!("connection dropped: output stuck in it");
+        connection.reset_on_close();
+        info!("connection reset: output stuck in it");
     }
+    // The WebSocket, and with it the connection, is dropped on return.
     debug!("closed");
 }

@@ -471,6 +471,49 @@ async fn impair_implies_testing_aids() {
     assert_eq!(impairment(admin).await, "impairment: loss=3%");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_connections_are_capped() {
+    let (config, admin) = admin_node_config("admin-cap");
+    let _node = start_admin_node(&config, &[]);
+    let max = chatmesh::admin::MAX_CONNECTIONS;
+    // As many idle connections as the cap allows (each would be held until
+    // the request timeout).
+    let held: Vec<std::net::TcpStream> = (0..max)
+        .map(|_| std::net::TcpStream::connect(admin).expect("admin endpoint accepts"))
+        .collect();
+    // Every one more is told why at once, and closed: it holds nothing.
+    let refused = tokio::task::spawn_blocking(move || {
+        (0..20)
+            .map(|_| admin_raw(admin, b"", false))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    for (answer, took) in refused {
+        assert!(
+            answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n")
+                && answer.ends_with(&chatmesh::admin::busy()),
+            "{answer:?} after {took:?}"
+        );
+    }
+    // A closed connection frees its place.
+    drop(held);
+    let start = std::time::Instant::now();
+    loop {
+        match chatmesh::admin::fetch(admin, "/status").await {
+            Ok(status) => {
+                assert!(status.contains("\"id\": \"s1\""), "{status}");
+                break;
+            }
+            Err(e) => assert!(
+                start.elapsed() < common::DEADLINE,
+                "no answer once the idle connections closed: {e}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Sends `request` as raw bytes to `admin`, half-closes if `close` (else the
 /// connection stays open for writing), and reads until the server closes:
 /// the whole answer and how long the server took to close. Panics if the

@@ -137,7 +137,27 @@ fn server_end(server: SocketAddr, client: SocketAddr) -> Option<i32> {
 async fn keepalive_and_a_capped_send_buffer_on_accepted_sockets() {
     let limits = Limits::default();
     let node = start_node_with(limits.clone()).await;
-    let addr = node.client_addr();
+    expect_client_socket_options(node.client_addr(), &limits).await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn web_port_sockets_have_the_client_socket_options() {
+    // Not the default send buffer: the web port's cap comes from the config.
+    // A long handshake timeout: the silent connection must outlive the check.
+    let limits = Limits {
+        send_buffer_bytes: 48 * 1024,
+        handshake_timeout: Duration::from_secs(60),
+        ..Limits::default()
+    };
+    let node = start_node_with(limits.clone()).await;
+    expect_client_socket_options(node.web_addr().expect("a web port"), &limits).await;
+    node.stop().await;
+}
+
+/// Connects to `addr` (a port of the node running in this process) and
+/// checks the client socket options on the server's end of the connection.
+async fn expect_client_socket_options(addr: SocketAddr, limits: &Limits) {
     let client = TcpStream::connect(addr).await.unwrap();
     let client_addr = client.local_addr().unwrap();
     let mut fd = None;
@@ -183,8 +203,6 @@ async fn keepalive_and_a_capped_send_buffer_on_accepted_sockets() {
         sockopt(client.as_raw_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE),
         0
     );
-    drop(client);
-    node.stop().await;
 }
 
 /// A node process with its output lines on a channel; killed when dropped.
@@ -510,4 +528,153 @@ async fn a_thousand_idle_clients_under_a_1024_file_limit() {
     println!("1024/{hard}: /status in {took:?}");
     assert_eq!(status["sessions"], IDLE_CLIENTS + 1, "{status}");
     drop(approved);
+}
+
+/// The kernel's state of a TCP socket (`tcpi_state`; 1 established, 7 closed).
+fn tcp_state(stream: &TcpStream) -> u8 {
+    // SAFETY: an all-zero tcp_info is valid; getsockopt writes at most `len` bytes.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let result = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    assert_eq!(result, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_state
+}
+
+/// Whether the kernel still has a socket from `local` to `remote` (the
+/// server's end of one client's connection), in any state, from
+/// /proc/net/tcp.
+fn kernel_has_socket(local: SocketAddr, remote: SocketAddr) -> bool {
+    let hex = |addr: SocketAddr| match addr {
+        SocketAddr::V4(v4) => format!(
+            "{:08X}:{:04X}",
+            u32::from_ne_bytes(v4.ip().octets()),
+            v4.port()
+        ),
+        SocketAddr::V6(_) => unreachable!("the test uses 127.0.0.1"),
+    };
+    let (local, remote) = (hex(local), hex(remote));
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(1) == Some(&local.as_str()) && fields.get(2) == Some(&remote.as_str())
+    })
+}
+
+/// Polls `condition` until true, failing after `within`.
+async fn wait_for_within(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < within, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn websocket_clients_that_never_read_are_reset_at_their_drop() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    const SLOW: usize = 5;
+    let node = start_node_with(Limits {
+        outbox_bytes: 64 * 1024,
+        ..Limits::default()
+    })
+    .await;
+    let addr = node.client_addr();
+    let web = node.web_addr().expect("a web port");
+    let mut talker = Raw::join(Via::Tcp, addr, "Talker", HALL).await;
+    let mut listener = Raw::join(Via::Tcp, addr, "Listener", HALL).await;
+    talker.expect(&room_change("Listener", "", HALL)).await;
+    // Five WebSocket clients with a small receive buffer that identify, take
+    // their approval and their arrival, then never read again.
+    let mut slow = Vec::new();
+    for i in 0..SLOW {
+        let name = format!("Wslow{i}");
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(web).await.unwrap();
+        let client_end = stream.local_addr().unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{web}/chat"), stream)
+            .await
+            .expect("WebSocket handshake");
+        let hello = format!(r#"{{"type":"newidentity","identity":"{name}"}}"#);
+        ws.send(Message::text(hello)).await.unwrap();
+        let arrival: Value = serde_json::from_str(&room_change(&name, "", HALL)).unwrap();
+        loop {
+            let frame = tokio::time::timeout(DEADLINE, ws.next())
+                .await
+                .expect("a frame in time")
+                .expect("open")
+                .expect("a frame");
+            let Message::Text(text) = frame else { continue };
+            let got: Value = serde_json::from_str(text.as_str()).unwrap();
+            if got == arrival {
+                break;
+            }
+        }
+        talker.expect(&room_change(&name, "", HALL)).await;
+        listener.expect(&room_change(&name, "", HALL)).await;
+        slow.push((ws, client_end));
+    }
+
+    // The talker talks until all five are dropped, while the listener keeps up.
+    let line = format!(r#"{{"type":"message","content":"{}"}}"#, "z".repeat(4000));
+    let (mut sent, mut left) = (0, 0);
+    while left < SLOW {
+        assert!(sent < 5000, "the slow readers were never dropped");
+        talker.send(&line).await;
+        sent += 1;
+        loop {
+            let got = listener.next().await.expect("the listener stays connected");
+            match got["type"].as_str() {
+                Some("message") => break,
+                Some("roomchange") => left += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    let dropped_at = Instant::now();
+    // From the client's side: each connection is reset (a graceful close
+    // would wait behind the output the client never reads), within 10 s.
+    wait_for_within(
+        "every WebSocket slow reader's connection reset",
+        Duration::from_secs(10),
+        || slow.iter().all(|(ws, _)| tcp_state(ws.get_ref()) == 7),
+    )
+    .await;
+    // From the kernel's side: the server's end of each is gone, buffer and all.
+    wait_for_within(
+        "the server's end of every WebSocket slow reader's connection gone",
+        Duration::from_secs(10),
+        || {
+            slow.iter()
+                .all(|(_, client_end)| !kernel_has_socket(web, *client_end))
+        },
+    )
+    .await;
+    let slots = node.client_slots().clone();
+    wait_for("the slow readers' slots to be free", || slots.in_use() == 2).await;
+    println!(
+        "{SLOW} WebSocket slow readers dropped after {sent} messages of 4 KB; reset and freed within {:?}",
+        dropped_at.elapsed()
+    );
+    // The room goes on.
+    listener
+        .send(r#"{"type":"message","content":"still here"}"#)
+        .await;
+    for _ in 0..SLOW {
+        let got = talker.next().await.expect("talker connected");
+        assert_eq!(got["type"], "roomchange", "{got}");
+    }
+    talker
+        .expect(r#"{"type":"message","identity":"Listener","content":"still here"}"#)
+        .await;
+    node.stop().await;
 }

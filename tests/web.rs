@@ -388,6 +388,90 @@ async fn web_connections_share_the_client_limit() {
     node.stop().await;
 }
 
+/// Sends a request head to `stream` one header line every 200 ms, never
+/// finishing it, until the server closes the connection; how long that took.
+async fn dribble_until_closed(mut stream: tokio::net::TcpStream) -> Duration {
+    let start = std::time::Instant::now();
+    let _ = stream
+        .write_all(b"GET /chat HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await;
+    let mut buf = [0u8; 1024];
+    loop {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "a header dribbler was kept for {DEADLINE:?}"
+        );
+        if stream.write_all(b"X-a: b\r\n").await.is_err() {
+            return start.elapsed();
+        }
+        match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await {
+            Err(_) => {}
+            Ok(Ok(0) | Err(_)) => return start.elapsed(),
+            // Whatever the server says before it closes.
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_web_connection_not_upgraded_in_time_is_closed_and_websockets_live_on() {
+    let within = Duration::from_millis(1000);
+    let limits = chatmesh::config::Limits {
+        handshake_timeout: within,
+        max_clients: Some(4),
+        ..Default::default()
+    };
+    let node = common::start_node_with(limits).await;
+    let web = node.web_addr().unwrap();
+    let slots = node.client_slots().clone();
+    let mut adel = Raw::join(Via::Ws, node.client_addr(), "Adel", HALL).await;
+    // Two clients dribbling request headers, and one idle between two
+    // requests on a keep-alive connection: each holds a slot, for a while.
+    let dribblers: Vec<_> = [
+        tokio::net::TcpStream::connect(web).await.unwrap(),
+        tokio::net::TcpStream::connect(web).await.unwrap(),
+    ]
+    .into_iter()
+    .map(|stream| tokio::spawn(dribble_until_closed(stream)))
+    .collect();
+    let mut idle = tokio::net::TcpStream::connect(web).await.unwrap();
+    idle.write_all(format!("GET /servers HTTP/1.1\r\nHost: {web}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 64 * 1024];
+    let n = tokio::time::timeout(DEADLINE, idle.read(&mut answer))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    assert!(answer[..n].starts_with(b"HTTP/1.1 200 OK\r\n"));
+    let idle_since = std::time::Instant::now();
+    for dribbler in dribblers {
+        let held = dribbler.await.expect("dribbler task");
+        println!("a header dribbler was closed after {held:?} (upgrade deadline {within:?})");
+        assert!(held >= within / 2, "closed before the deadline: {held:?}");
+    }
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, idle.read_to_end(&mut rest))
+        .await
+        .expect("the idle keep-alive connection closed in time");
+    assert!(read.is_err() || rest.is_empty(), "{read:?} {rest:?}");
+    println!(
+        "an idle keep-alive connection was closed after {:?}",
+        idle_since.elapsed()
+    );
+    common::wait_for("only the WebSocket's slot in use", || slots.in_use() == 1).await;
+    // The WebSocket session, upgraded in time, lives on past the deadline.
+    assert!(idle_since.elapsed() > within);
+    let mut bob = Raw::join(Via::Tcp, node.client_addr(), "Bob", HALL).await;
+    adel.expect(&room_change("Bob", "", HALL)).await;
+    adel.send(r#"{"type":"message","content":"still here"}"#)
+        .await;
+    bob.expect(r#"{"type":"message","identity":"Adel","content":"still here"}"#)
+        .await;
+    adel.expect_nothing_more().await;
+    node.stop().await;
+}
+
 /// A plain HTTP/1.1 GET: (status line, headers, body).
 async fn http_get(addr: SocketAddr, path: &str) -> (String, String, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
