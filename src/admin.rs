@@ -153,6 +153,19 @@ impl AdminState {
             "Mesh stream frames received.",
             load(&mesh.messages_received),
         );
+        let (datagrams, bytes) = self.impair.sent();
+        metric(
+            "mesh_udp_datagrams_sent_total",
+            "counter",
+            "UDP datagrams the mesh socket sent (heartbeats, stream frames, ACKs).",
+            datagrams,
+        );
+        metric(
+            "mesh_udp_bytes_sent_total",
+            "counter",
+            "UDP payload bytes the mesh socket sent.",
+            bytes,
+        );
         metric(
             "mesh_links_refused_total",
             "counter",

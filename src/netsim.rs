@@ -1230,6 +1230,9 @@ struct Shared {
     outbound: OutboundQueue,
     out_counters: Counters,
     in_counters: Counters,
+    /// Every datagram handed to this socket to send, and its bytes, impaired
+    /// or not (`bench scale`'s mesh traffic per node).
+    sent: [AtomicU64; 2],
 }
 
 /// Locks a mutex, ignoring poisoning: every critical section leaves the state consistent, and
@@ -1265,6 +1268,7 @@ impl Shared {
             outbound: OutboundQueue::default(),
             out_counters: Counters::default(),
             in_counters: Counters::default(),
+            sent: Default::default(),
         })
     }
 
@@ -1315,6 +1319,16 @@ pub struct ImpairHandle {
 }
 
 impl ImpairHandle {
+    /// (datagrams, bytes) handed to the socket to send since it was made,
+    /// whatever the impairment did with them.
+    pub fn sent(&self) -> (u64, u64) {
+        let [datagrams, bytes] = &self.shared.sent;
+        (
+            datagrams.load(Ordering::Relaxed),
+            bytes.load(Ordering::Relaxed),
+        )
+    }
+
     /// The current impairment, with the effective seed filled in.
     pub fn impairment(&self) -> Impairment {
         (*self.shared.config()).clone()
@@ -1701,10 +1715,23 @@ impl AsyncUdpSocket for ImpairedSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        if self.shared.mode.load(Ordering::Acquire) & MODE_IMPAIRED == 0 {
-            return self.inner.try_send(transmit);
+        let sent = if self.shared.mode.load(Ordering::Acquire) & MODE_IMPAIRED == 0 {
+            self.inner.try_send(transmit)
+        } else {
+            self.send_impaired(transmit)
+        };
+        if sent.is_ok() {
+            // A GSO batch is several datagrams of `segment_size` bytes.
+            let len = transmit.contents.len();
+            let datagrams = match transmit.segment_size {
+                Some(size) if size > 0 => len.div_ceil(size),
+                _ => 1,
+            };
+            let [count, bytes] = &self.shared.sent;
+            count.fetch_add(datagrams as u64, Ordering::Relaxed);
+            bytes.fetch_add(len as u64, Ordering::Relaxed);
         }
-        self.send_impaired(transmit)
+        sent
     }
 
     fn poll_recv(

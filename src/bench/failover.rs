@@ -33,53 +33,8 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
         .await
         .context("the cluster never agreed on its first leader")?;
 
-    let mut samples = Vec::new();
-    let mut frees = Vec::new();
-    for kill in 0..kills {
-        // A client of the leader holds an identity and a room when it dies.
-        let (identity, room) = (format!("held{kill}"), format!("room{kill}"));
-        let holder = hold(cluster.client_ports[top], &identity, &room)
-            .await
-            .with_context(|| format!("kill {}: cannot claim names on the leader", kill + 1))?;
-        let node = cluster.nodes[top]
-            .as_mut()
-            .context("the leader is not running")?;
-        let killed_at = Instant::now();
-        node.kill9().await?;
-        cluster.nodes[top] = None;
-        drop(holder);
-        let survivors: Vec<usize> = (0..top).collect();
-        let (agreed, freed) = tokio::join!(
-            async {
-                cluster.agreement(&survivors, top - 1, deadline).await?;
-                anyhow::Ok(killed_at.elapsed())
-            },
-            async {
-                free_again(cluster.client_ports[0], &identity, &room, deadline).await?;
-                anyhow::Ok(killed_at.elapsed())
-            }
-        );
-        let agreed =
-            agreed.with_context(|| format!("kill {}: survivors did not agree", kill + 1))?;
-        let freed = freed.with_context(|| {
-            format!("kill {}: the dead leader's names were not freed", kill + 1)
-        })?;
-        samples.push(agreed.as_secs_f64() * 1000.0);
-        frees.push(freed.as_secs_f64() * 1000.0);
-        progress(format!(
-            "failover kill {}/{kills}: new leader agreed after {:.0} ms, names free after {:.0} ms",
-            kill + 1,
-            agreed.as_secs_f64() * 1000.0,
-            freed.as_secs_f64() * 1000.0,
-        ));
-        cluster.start(top).await?;
-        cluster
-            .agreement(&all, top, deadline)
-            .await
-            .with_context(|| {
-                format!("kill {}: the restarted server did not lead again", kill + 1)
-            })?;
-    }
+    let (samples, frees) =
+        kill_leader_repeatedly(&mut cluster, kills, deadline, "failover").await?;
     drop(cluster);
 
     let [p50, p99, max] = summary(&samples);
@@ -151,6 +106,73 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
         },
     })
 }
+/// Kills the leader (the highest node, `cluster.ids.len() - 1`) with
+/// SIGKILL `kills` times, while one of its clients holds an identity and a
+/// room. Each time measures, from the kill, until every survivor agrees on
+/// the next node as leader, and until the first node grants the dead
+/// client's names again; then restarts the killed node and waits until it
+/// leads again. Returns (agreement, names free) samples in milliseconds.
+/// Shared by `bench failover` and `bench scale`; `label` starts the
+/// progress lines and names the identities.
+pub(crate) async fn kill_leader_repeatedly(
+    cluster: &mut ChatCluster,
+    kills: usize,
+    deadline: Duration,
+    label: &str,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let n = cluster.ids.len();
+    let top = n - 1;
+    let all: Vec<usize> = (0..n).collect();
+    let survivors: Vec<usize> = (0..top).collect();
+    let mut agreements = Vec::new();
+    let mut frees = Vec::new();
+    for kill in 0..kills {
+        // A client of the leader holds an identity and a room when it dies.
+        let (identity, room) = (format!("{label}{kill}"), format!("room{label}{kill}"));
+        let holder = hold(cluster.client_ports[top], &identity, &room)
+            .await
+            .with_context(|| format!("kill {}: cannot claim names on the leader", kill + 1))?;
+        let node = cluster.nodes[top]
+            .as_mut()
+            .context("the leader is not running")?;
+        let killed_at = Instant::now();
+        node.kill9().await?;
+        cluster.nodes[top] = None;
+        drop(holder);
+        let (agreed, freed) = tokio::join!(
+            async {
+                cluster.agreement(&survivors, top - 1, deadline).await?;
+                anyhow::Ok(killed_at.elapsed())
+            },
+            async {
+                free_again(cluster.client_ports[0], &identity, &room, deadline).await?;
+                anyhow::Ok(killed_at.elapsed())
+            }
+        );
+        let agreed =
+            agreed.with_context(|| format!("kill {}: survivors did not agree", kill + 1))?;
+        let freed = freed.with_context(|| {
+            format!("kill {}: the dead leader's names were not freed", kill + 1)
+        })?;
+        agreements.push(agreed.as_secs_f64() * 1000.0);
+        frees.push(freed.as_secs_f64() * 1000.0);
+        progress(format!(
+            "{label} ({n} nodes) kill {}/{kills}: new leader agreed after {:.0} ms, names free after {:.0} ms",
+            kill + 1,
+            agreed.as_secs_f64() * 1000.0,
+            freed.as_secs_f64() * 1000.0,
+        ));
+        cluster.start(top).await?;
+        cluster
+            .agreement(&all, top, deadline)
+            .await
+            .with_context(|| {
+                format!("kill {}: the restarted server did not lead again", kill + 1)
+            })?;
+    }
+    Ok((agreements, frees))
+}
+
 /// Median, p99 and max of `samples`.
 fn summary(samples: &[f64]) -> [f64; 3] {
     let mut sorted = samples.to_vec();

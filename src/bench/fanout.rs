@@ -139,7 +139,7 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
         .to_owned(),
         "CPU/delivery: CPU microseconds per delivery of the load generator (this process) and of the servers (chatmesh: all 3 nodes); the generator is the same code for every system".to_owned(),
         format!(
-            "generator: one write per window's worth of messages{}, TCP_NODELAY, {}",
+            "generator: one write per window's worth of messages{}, reads of up to 64 KiB, TCP_NODELAY, {}",
             if coalesce_enabled() { "" } else { " (off: one write per message)" },
             if wire::quickack_enabled() {
                 "TCP_QUICKACK after each read (as a mostly-reading client ACKs)"

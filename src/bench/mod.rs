@@ -143,15 +143,22 @@ impl BenchOptions {
 /// Runs one scenario: starts what it measures, prints progress on stderr and
 /// the table on stdout, writes `<out>/<scenario>.json` and `.svg`.
 pub async fn run(options: BenchOptions) -> Result<()> {
-    let report = match options.scenario {
-        Scenario::Fanout => fanout::run(&options).await?,
-        Scenario::Failover => failover::run(&options).await?,
-        Scenario::Claims => claims::run(&options).await?,
-        Scenario::Conns => conns::run(&options).await?,
-        Scenario::Scale => scale::run(&options).await?,
+    // Scale draws line plots against N; the others, bars.
+    let (report, svg) = match options.scenario {
+        Scenario::Fanout => (fanout::run(&options).await?, None),
+        Scenario::Failover => (failover::run(&options).await?, None),
+        Scenario::Claims => (claims::run(&options).await?, None),
+        Scenario::Conns => (conns::run(&options).await?, None),
+        Scenario::Scale => {
+            let (report, svg) = scale::run(&options).await?;
+            (report, Some(svg))
+        }
     };
     print!("{}", report.table());
-    let (json, svg) = report.write(&options.out)?;
+    let (json, svg) = match svg {
+        Some(text) => report.write_with_svg(&options.out, &text)?,
+        None => report.write(&options.out)?,
+    };
     println!("wrote {} and {}", json.display(), svg.display());
     Ok(())
 }

@@ -18,6 +18,9 @@ use crate::lines::LineReader;
 /// Longest line a bench client accepts from a server.
 const MAX_LINE: usize = 1024 * 1024;
 
+/// Bytes one read of a bench TCP socket may take.
+const READ_BUFFER: usize = 64 * 1024;
+
 /// How long a bench client waits for any one answer while setting up.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -171,11 +174,20 @@ pub async fn connect(transport: &Transport, port: u16) -> Result<(Reader, Writer
             stream.set_nodelay(true)?;
             let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
             let (read, write) = stream.into_split();
+            // One read takes up to 64 KiB, whatever the line reader asks
+            // for (4 KiB): a read that leaves bytes queued does not make
+            // the kernel acknowledge them, and under load the 4 KiB reads
+            // of a busy member let delayed-ACK timers fire and the peer's
+            // tail-loss probes and RTOs retransmit (seen as
+            // TcpExtTCPTimeouts and DSACKs in nstat against 3 linked ngircd).
             let read: Box<dyn AsyncRead + Unpin + Send> = if quickack_enabled() {
                 set_quickack(fd);
-                Box::new(QuickAck { inner: read, fd })
+                Box::new(tokio::io::BufReader::with_capacity(
+                    READ_BUFFER,
+                    QuickAck { inner: read, fd },
+                ))
             } else {
-                Box::new(read)
+                Box::new(tokio::io::BufReader::with_capacity(READ_BUFFER, read))
             };
             Ok((
                 LineReader::new(read, MAX_LINE),

@@ -1,0 +1,633 @@
+//! An independent cross-check of `chatmesh bench fanout`.
+//!
+//! Written apart from the bench on purpose: standard library only, blocking
+//! sockets, two plain threads per member (a reader and a sender), one write
+//! per message, default socket options (TCP_NODELAY, as chat clients set;
+//! no TCP_QUICKACK). It shares no code with src/bench.
+//!
+//! The workload is the bench's: R rooms of M members; each member sends K
+//! messages of S bytes with at most W of its own not yet received by every
+//! other member of its room. A delivery is one message reaching one member.
+//!
+//! It loads servers that are already running (see run.sh, which starts
+//! them): chatmesh (JSON lines over TCP), IRC (ngircd, one or linked) or NATS.
+//!
+//!     fanout-independent --proto irc --ports 6667,6668,6669 --place member \
+//!         --workload 1x100x50 [--size 64] [--window 4] [--runs 3] [--pids 12,13]
+//!
+//! Placement: `room` puts room i and all its members on port i mod P;
+//! `member` puts member j of room i on port (i*M+j) mod P.
+//!
+//! Prints one line per run and a `median` line:
+//! `median proto=.. workload=.. deliveries_per_s=.. p99_ms=.. gen_us_per_delivery=.. ...`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Proto {
+    Chat,
+    Irc,
+    Nats,
+}
+
+#[derive(Clone)]
+struct Args {
+    proto: Proto,
+    ports: Vec<u16>,
+    by_member: bool,
+    rooms: usize,
+    members: usize,
+    messages: usize,
+    size: usize,
+    window: usize,
+    runs: usize,
+    timeout: Duration,
+    pids: Vec<u32>,
+    quickack: bool,
+}
+
+fn usage(why: &str) -> ! {
+    eprintln!("fanout-independent: {why}");
+    eprintln!(
+        "usage: fanout-independent --proto chat|irc|nats --ports P1,P2,.. [--place room|member] \
+         --workload RxMxK [--size 64] [--window 4] [--runs 3] [--timeout-s 60] [--pids PID,..] [--acks default|quick]"
+    );
+    std::process::exit(2)
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        proto: Proto::Chat,
+        ports: Vec::new(),
+        by_member: false,
+        rooms: 10,
+        members: 10,
+        messages: 200,
+        size: 64,
+        window: 4,
+        runs: 3,
+        timeout: Duration::from_secs(60),
+        pids: Vec::new(),
+        quickack: false,
+    };
+    let list: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < list.len() {
+        let value = list.get(i + 1).cloned().unwrap_or_default();
+        let num = |v: &str| v.parse::<usize>().unwrap_or_else(|_| usage("bad number"));
+        match list[i].as_str() {
+            "--proto" => {
+                args.proto = match value.as_str() {
+                    "chat" => Proto::Chat,
+                    "irc" => Proto::Irc,
+                    "nats" => Proto::Nats,
+                    _ => usage("--proto is chat, irc or nats"),
+                }
+            }
+            "--ports" => {
+                args.ports = value
+                    .split(',')
+                    .map(|p| p.parse().unwrap_or_else(|_| usage("bad port")))
+                    .collect()
+            }
+            "--place" => args.by_member = value == "member",
+            "--workload" => {
+                let parts: Vec<usize> = value.split('x').map(num).collect();
+                if parts.len() != 3 || parts[1] < 2 || parts[0] == 0 || parts[2] == 0 {
+                    usage("--workload is RxMxK, M >= 2");
+                }
+                (args.rooms, args.members, args.messages) = (parts[0], parts[1], parts[2]);
+            }
+            "--size" => args.size = num(&value).max(32),
+            "--window" => args.window = num(&value).max(1),
+            "--runs" => args.runs = num(&value).max(1),
+            "--timeout-s" => args.timeout = Duration::from_secs(num(&value) as u64),
+            "--pids" => {
+                args.pids = value
+                    .split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(|p| p.parse().unwrap_or_else(|_| usage("bad pid")))
+                    .collect()
+            }
+            "--acks" => {
+                args.quickack = match value.as_str() {
+                    "quick" => true,
+                    "default" => false,
+                    _ => usage("--acks is quick or default"),
+                }
+            }
+            other => usage(&format!("unknown argument {other}")),
+        }
+        i += 2;
+    }
+    if args.ports.is_empty() {
+        usage("--ports is required");
+    }
+    args
+}
+
+/// CPU seconds (user + system) of a process, from /proc/PID/stat.
+fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the line, in clock ticks (100 per second).
+    let Some(rest) = stat.rsplit(')').next() else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// What the threads of one run share.
+struct Run {
+    args: Args,
+    base: Instant,
+    /// Per message (room, sender, seq): how many members received it.
+    received: Vec<AtomicU32>,
+    /// Per member (room, index): its messages not yet received by everyone, and a wakeup.
+    in_flight: Vec<(Mutex<usize>, Condvar)>,
+    deliveries: AtomicU64,
+    failed: AtomicBool,
+}
+
+impl Run {
+    fn slot(&self, room: usize, sender: usize, seq: usize) -> usize {
+        (room * self.args.members + sender) * self.args.messages + seq
+    }
+}
+
+// From Linux's <netinet/tcp.h> and <sys/socket.h>; declared here to stay
+// on the standard library alone.
+const IPPROTO_TCP: i32 = 6;
+const TCP_QUICKACK: i32 = 12;
+unsafe extern "C" {
+    fn setsockopt(fd: i32, level: i32, name: i32, value: *const i32, len: u32) -> i32;
+}
+
+/// The socket's read side; with `quickack`, asks the kernel after every
+/// read to acknowledge at once instead of delaying the ACK (Linux clears the
+/// flag by itself, so it is set again each time).
+struct Socket {
+    stream: TcpStream,
+    quickack: bool,
+}
+
+impl Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.stream.read(buf)?;
+        if self.quickack && n > 0 {
+            let one = 1i32;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&self.stream);
+            // SAFETY: fd is this live socket; setsockopt only reads `one`.
+            unsafe { setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, 4) };
+        }
+        Ok(n)
+    }
+}
+
+/// One connected member: a buffered reader and a shared writer.
+struct Conn {
+    reader: BufReader<Socket>,
+    writer: Arc<Mutex<TcpStream>>,
+}
+
+impl Conn {
+    fn open(port: u16, quickack: bool) -> std::io::Result<Conn> {
+        let stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let writer = Arc::new(Mutex::new(stream.try_clone()?));
+        Ok(Conn {
+            reader: BufReader::with_capacity(1 << 16, Socket { stream, quickack }),
+            writer,
+        })
+    }
+
+    fn send(&self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.lock().unwrap().write_all(bytes)
+    }
+
+    /// The next line without its line end; an error at end of stream.
+    fn line(&mut self, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        buf.clear();
+        if self.reader.read_until(b'\n', buf)? == 0 {
+            return Err(std::io::Error::other("server closed the connection"));
+        }
+        while buf.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
+            buf.pop();
+        }
+        Ok(())
+    }
+
+    /// Answers a server keep-alive; true if `line` was one.
+    fn keepalive(&self, proto: Proto, line: &[u8]) -> std::io::Result<bool> {
+        match proto {
+            Proto::Irc if line.starts_with(b"PING") => {
+                let mut pong = b"PONG".to_vec();
+                pong.extend_from_slice(&line[4..]);
+                pong.extend_from_slice(b"\r\n");
+                self.send(&pong)?;
+                Ok(true)
+            }
+            Proto::Nats if line == b"PING" => {
+                self.send(b"PONG\r\n")?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Connects member `index` of `room`, logs in and enters the room; for IRC
+/// also waits until all `members` are seen in the channel (linked servers
+/// learn of joins late).
+fn join(args: &Args, tag: &str, room: usize, index: usize) -> std::io::Result<Conn> {
+    let port = if args.by_member {
+        args.ports[(room * args.members + index) % args.ports.len()]
+    } else {
+        args.ports[room % args.ports.len()]
+    };
+    let name = format!("i{tag}r{room}m{index}");
+    let room_name = format!("x{tag}r{room}");
+    let mut conn = Conn::open(port, args.quickack)?;
+    let mut line = Vec::new();
+    let bad = |what: String| std::io::Error::other(what);
+    match args.proto {
+        Proto::Chat => {
+            conn.send(
+                format!("{{\"type\":\"newidentity\",\"identity\":\"{name}\"}}\n").as_bytes(),
+            )?;
+            loop {
+                conn.line(&mut line)?;
+                if contains(&line, b"\"newidentity\"").is_some() {
+                    if contains(&line, b"\"approved\":\"true\"").is_none() {
+                        return Err(bad(format!("{name} refused")));
+                    }
+                    break;
+                }
+            }
+            let kind = if index == 0 { "createroom" } else { "joinroom" };
+            conn.send(format!("{{\"type\":\"{kind}\",\"roomid\":\"{room_name}\"}}\n").as_bytes())?;
+            // Entered once our own roomchange names the room as the new one.
+            let want_id = format!("\"identity\":\"{name}\"");
+            let want_room = format!("\"roomid\":\"{room_name}\"");
+            loop {
+                conn.line(&mut line)?;
+                if contains(&line, b"\"approved\":\"false\"").is_some() {
+                    return Err(bad(format!("{name}: {}", String::from_utf8_lossy(&line))));
+                }
+                if contains(&line, b"\"roomchange\"").is_some()
+                    && contains(&line, want_id.as_bytes()).is_some()
+                    && contains(&line, want_room.as_bytes()).is_some()
+                    && contains(&line, format!("\"former\":\"{room_name}\"").as_bytes()).is_none()
+                {
+                    break;
+                }
+            }
+        }
+        Proto::Irc => {
+            conn.send(format!("NICK {name}\r\nUSER {name} 0 * :{name}\r\n").as_bytes())?;
+            loop {
+                conn.line(&mut line)?;
+                if conn.keepalive(Proto::Irc, &line)? {
+                    continue;
+                }
+                let text = String::from_utf8_lossy(&line);
+                match text.split(' ').nth(1) {
+                    Some("001") => break,
+                    Some("433") => return Err(bad(format!("{name}: {text}"))),
+                    _ if text.starts_with("ERROR") => return Err(bad(text.into_owned())),
+                    _ => {}
+                }
+            }
+            conn.send(format!("JOIN #{room_name}\r\n").as_bytes())?;
+            let mut seen = std::collections::HashSet::new();
+            while seen.len() < args.members {
+                conn.line(&mut line)?;
+                if conn.keepalive(Proto::Irc, &line)? {
+                    continue;
+                }
+                let text = String::from_utf8_lossy(&line).into_owned();
+                let words: Vec<&str> = text.split(' ').collect();
+                match words.get(1).copied() {
+                    Some("353") => {
+                        if let Some(at) = text[1..].find(" :") {
+                            for nick in text[at + 3..].split(' ') {
+                                let nick = nick.trim_start_matches(['@', '+']);
+                                if !nick.is_empty() {
+                                    seen.insert(nick.to_owned());
+                                }
+                            }
+                        }
+                    }
+                    Some("JOIN") => {
+                        let nick = words[0].trim_start_matches(':');
+                        seen.insert(nick.split('!').next().unwrap_or("").to_owned());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Proto::Nats => {
+            conn.line(&mut line)?;
+            if !line.starts_with(b"INFO") {
+                return Err(bad("no INFO from nats-server".into()));
+            }
+            conn.send(
+                format!(
+                    "CONNECT {{\"verbose\":false,\"pedantic\":false,\"echo\":false,\"name\":\"{name}\"}}\r\n\
+                     SUB {room_name} 1\r\nPING\r\n"
+                )
+                .as_bytes(),
+            )?;
+            loop {
+                conn.line(&mut line)?;
+                if line == b"PONG" {
+                    break;
+                }
+                if line.starts_with(b"-ERR") {
+                    return Err(bad(String::from_utf8_lossy(&line).into_owned()));
+                }
+                conn.keepalive(Proto::Nats, &line)?;
+            }
+        }
+    }
+    Ok(conn)
+}
+
+/// The bench content of a received line, if it is a room message.
+fn content_of(proto: Proto, line: &[u8], nats_next: &mut bool) -> Option<(usize, usize, u64)> {
+    let content: &[u8] = match proto {
+        Proto::Chat => {
+            if contains(line, b"\"type\":\"message\"").is_none() {
+                return None;
+            }
+            let key = b"\"content\":\"";
+            let start = contains(line, key)? + key.len();
+            let len = line[start..].iter().position(|&b| b == b'"')?;
+            &line[start..start + len]
+        }
+        Proto::Irc => {
+            let at = contains(line, b" PRIVMSG ")?;
+            let rest = &line[at + 9..];
+            let colon = contains(rest, b" :")?;
+            &rest[colon + 2..]
+        }
+        Proto::Nats => {
+            if *nats_next {
+                *nats_next = false;
+                line
+            } else {
+                *nats_next = line.starts_with(b"MSG ");
+                return None;
+            }
+        }
+    };
+    let text = std::str::from_utf8(content).ok()?;
+    let mut parts = text.split(':');
+    Some((
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    ))
+}
+
+fn reader(run: Arc<Run>, mut conn: Conn, room: usize) -> Result<Vec<u32>, String> {
+    let args = &run.args;
+    let expected = (args.members - 1) * args.messages;
+    let mut latencies = Vec::with_capacity(expected);
+    let mut line = Vec::with_capacity(256);
+    let mut nats_next = false;
+    let deadline = Instant::now() + args.timeout;
+    while latencies.len() < expected {
+        if run.failed.load(Ordering::Relaxed) || Instant::now() > deadline {
+            return Err(format!("stopped after {} of {expected}", latencies.len()));
+        }
+        if let Err(e) = conn.line(&mut line) {
+            run.failed.store(true, Ordering::Relaxed);
+            return Err(format!("read after {} of {expected}: {e}", latencies.len()));
+        }
+        if conn
+            .keepalive(args.proto, &line)
+            .map_err(|e| e.to_string())?
+        {
+            continue;
+        }
+        let Some((sender, seq, micros)) = content_of(args.proto, &line, &mut nats_next) else {
+            continue;
+        };
+        if sender >= args.members || seq >= args.messages {
+            run.failed.store(true, Ordering::Relaxed);
+            return Err(format!("unexpected message {sender}:{seq}"));
+        }
+        let now = run.base.elapsed().as_micros() as u64;
+        latencies.push(now.saturating_sub(micros).min(u32::MAX as u64) as u32);
+        run.deliveries.fetch_add(1, Ordering::Relaxed);
+        let count = run.received[run.slot(room, sender, seq)].fetch_add(1, Ordering::AcqRel) + 1;
+        if count as usize == args.members - 1 {
+            let (lock, wake) = &run.in_flight[room * args.members + sender];
+            *lock.lock().unwrap() -= 1;
+            wake.notify_one();
+        }
+    }
+    Ok(latencies)
+}
+
+fn sender(
+    run: Arc<Run>,
+    writer: Arc<Mutex<TcpStream>>,
+    room: usize,
+    index: usize,
+    room_name: String,
+) -> Result<(), String> {
+    let args = &run.args;
+    let (lock, wake) = &run.in_flight[room * args.members + index];
+    let deadline = Instant::now() + args.timeout;
+    for seq in 0..args.messages {
+        {
+            let mut n = lock.lock().unwrap();
+            while *n >= args.window {
+                if run.failed.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    return Err("stopped".into());
+                }
+                n = wake.wait_timeout(n, Duration::from_millis(100)).unwrap().0;
+            }
+            *n += 1;
+        }
+        let micros = run.base.elapsed().as_micros();
+        let mut content = format!("{index}:{seq}:{micros}:");
+        while content.len() < args.size {
+            content.push('x');
+        }
+        let line = match args.proto {
+            Proto::Chat => format!("{{\"type\":\"message\",\"content\":\"{content}\"}}\n"),
+            Proto::Irc => format!("PRIVMSG #{room_name} :{content}\r\n"),
+            Proto::Nats => format!("PUB {room_name} {}\r\n{content}\r\n", content.len()),
+        };
+        if let Err(e) = writer.lock().unwrap().write_all(line.as_bytes()) {
+            run.failed.store(true, Ordering::Relaxed);
+            return Err(format!("write: {e}"));
+        }
+    }
+    Ok(())
+}
+
+struct Outcome {
+    deliveries_per_s: f64,
+    msgs_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    gen_us: f64,
+    srv_us: f64,
+    seconds: f64,
+}
+
+fn one_run(args: &Args, number: usize) -> Result<Outcome, String> {
+    let tag = format!("{}{}", std::process::id() % 10000, number);
+    // chatmesh: room owners first (a room exists once its creator made it),
+    // then everyone else at once. IRC and NATS: everyone at once (an IRC
+    // member waits in `join` until it sees the whole room).
+    let mut conns: Vec<Option<Conn>> = (0..args.rooms * args.members).map(|_| None).collect();
+    let groups = if args.proto == Proto::Chat {
+        vec![0..1, 1..args.members]
+    } else {
+        vec![0..args.members]
+    };
+    for group in groups {
+        let handles: Vec<_> = (0..args.rooms)
+            .flat_map(|room| group.clone().map(move |index| (room, index)))
+            .map(|(room, index)| {
+                let (args, tag) = (args.clone(), tag.clone());
+                (
+                    room,
+                    index,
+                    thread::spawn(move || join(&args, &tag, room, index)),
+                )
+            })
+            .collect();
+        for (room, index, handle) in handles {
+            let conn = handle
+                .join()
+                .map_err(|_| "a join thread panicked".to_owned())?
+                .map_err(|e| format!("member {index} of room {room}: {e}"))?;
+            conns[room * args.members + index] = Some(conn);
+        }
+    }
+    let run = Arc::new(Run {
+        args: args.clone(),
+        base: Instant::now(),
+        received: (0..args.rooms * args.members * args.messages)
+            .map(|_| AtomicU32::new(0))
+            .collect(),
+        in_flight: (0..args.rooms * args.members)
+            .map(|_| (Mutex::new(0), Condvar::new()))
+            .collect(),
+        deliveries: AtomicU64::new(0),
+        failed: AtomicBool::new(false),
+    });
+    let pids: Vec<String> = args.pids.iter().map(|p| p.to_string()).collect();
+    let srv_before: f64 = pids.iter().map(|p| cpu_seconds(p)).sum();
+    let gen_before = cpu_seconds("self");
+    let start = Instant::now();
+    let mut readers = Vec::new();
+    let mut senders = Vec::new();
+    let mut keep = Vec::new();
+    for (i, conn) in conns.into_iter().enumerate() {
+        let conn = conn.expect("every member joined");
+        let (room, index) = (i / args.members, i % args.members);
+        let writer = conn.writer.clone();
+        keep.push(writer.clone());
+        let r = run.clone();
+        readers.push(thread::spawn(move || reader(r, conn, room)));
+        let r = run.clone();
+        let room_name = format!("x{tag}r{room}");
+        senders.push(thread::spawn(move || {
+            sender(r, writer, room, index, room_name)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut error = None;
+    for handle in readers {
+        match handle.join() {
+            Ok(Ok(l)) => latencies.extend(l),
+            Ok(Err(e)) => error = error.or(Some(e)),
+            Err(_) => error = error.or(Some("a reader panicked".into())),
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let gen_cpu = cpu_seconds("self") - gen_before;
+    let srv_cpu = pids.iter().map(|p| cpu_seconds(p)).sum::<f64>() - srv_before;
+    for handle in senders {
+        if let Ok(Err(e)) = handle.join() {
+            error = error.or(Some(e));
+        }
+    }
+    drop(keep);
+    if let Some(e) = error {
+        return Err(e);
+    }
+    latencies.sort_unstable();
+    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize] as f64 / 1000.0;
+    let n = latencies.len() as f64;
+    Ok(Outcome {
+        deliveries_per_s: n / seconds,
+        msgs_per_s: (args.rooms * args.members * args.messages) as f64 / seconds,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        gen_us: gen_cpu * 1e6 / n,
+        srv_us: srv_cpu * 1e6 / n,
+        seconds,
+    })
+}
+
+fn main() {
+    let args = parse_args();
+    let proto = match args.proto {
+        Proto::Chat => "chat",
+        Proto::Irc => "irc",
+        Proto::Nats => "nats",
+    };
+    let workload = format!("{}x{}x{}", args.rooms, args.members, args.messages);
+    let acks = if args.quickack { "quick" } else { "default" };
+    let describe = |o: &Outcome| {
+        format!(
+            "proto={proto} workload={workload} acks={acks} deliveries_per_s={:.0} msgs_per_s={:.0} p50_ms={:.2} p99_ms={:.2} \
+             gen_us_per_delivery={:.2} srv_us_per_delivery={:.2} seconds={:.3}",
+            o.deliveries_per_s, o.msgs_per_s, o.p50_ms, o.p99_ms, o.gen_us, o.srv_us, o.seconds
+        )
+    };
+    let mut outcomes = Vec::new();
+    for number in 0..args.runs {
+        match one_run(&args, number) {
+            Ok(o) => {
+                println!("run {} {}", number + 1, describe(&o));
+                outcomes.push(o);
+            }
+            Err(e) => println!("run {} failed: {e}", number + 1),
+        }
+        // Let the servers tidy up the closed sessions.
+        thread::sleep(Duration::from_millis(300));
+    }
+    if outcomes.is_empty() {
+        std::process::exit(1);
+    }
+    outcomes.sort_by(|a, b| a.deliveries_per_s.total_cmp(&b.deliveries_per_s));
+    println!("median {}", describe(&outcomes[outcomes.len() / 2]));
+}
