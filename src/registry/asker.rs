@@ -12,10 +12,13 @@ pub(super) struct Pending {
     pub(super) op: Op,
     /// `None` for releases and cancels nobody waits for.
     pub(super) token: Option<u64>,
-    /// `None`: retried until acknowledged (releases, cancels).
+    /// `None`: retried until acknowledged (releases, cancels, abandoned
+    /// claims).
     pub(super) deadline: Option<Instant>,
     pub(super) last_sent: Option<Instant>,
-    /// The chat layer released the name meanwhile: release it again if granted.
+    /// Nobody waits for it any more (its client was told it timed out, or
+    /// the chat layer released the name meanwhile): release the name if
+    /// granted, unless a new claim of it adopts the request first.
     pub(super) abandoned: bool,
 }
 
@@ -101,6 +104,40 @@ impl Registry {
             };
             self.send(&leader, msg, out);
         }
+    }
+
+    /// A claim of `name` that a client asks for while an abandoned claim
+    /// of exactly that name (a timed-out one, or one whose client left) is
+    /// still in flight: that request becomes this client's, with a fresh
+    /// deadline, instead of a second request that would race with the
+    /// release of the first. Only the newest request about the name is
+    /// adopted, so a release asked after it keeps its place. Returns
+    /// whether it adopted one.
+    pub(super) fn adopt_claim(
+        &mut self,
+        now: Instant,
+        name: &Name,
+        token: u64,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let Some(id) = self.pending_ids(&name.key()).last() else {
+            return false;
+        };
+        let Some(p) = self
+            .pending
+            .get_mut(&id)
+            .filter(|p| p.abandoned && p.op == Op::Claim(name.clone()))
+        else {
+            return false;
+        };
+        p.abandoned = false;
+        p.token = Some(token);
+        p.deadline = Some(later(now, self.config.claim_timeout));
+        out.push(Action::SetTimer {
+            timer: Timer::RequestDeadline { id },
+            after: self.config.claim_timeout,
+        });
+        true
     }
 
     pub(super) fn submit(
@@ -206,22 +243,44 @@ impl Registry {
         if !due {
             return;
         }
+        let reason = if self.reachable_leader().is_some() {
+            Refusal::LeaderTimeout
+        } else {
+            Refusal::NoLeader
+        };
+        // A claim stays in flight, abandoned: the client is told now, and
+        // the leader's answer is still awaited. Under heavy loss the leader
+        // has usually granted it already and only the commit or the answer
+        // is late; a retry of the same claim adopts this request (see
+        // `adopt_claim`) and gets that answer. Giving up here instead would
+        // cost a release the retry has to wait for, and with it two more
+        // commits under the same deadline: the retry timed out too, and the
+        // next one, over and over (the names-free regression of issue #11).
+        // A grant that arrives with nobody waiting is released then.
+        if let Some(p) = self
+            .pending
+            .get_mut(&id)
+            .filter(|p| matches!(p.op, Op::Claim(_)))
+        {
+            p.deadline = None;
+            p.abandoned = true;
+            if let Some(token) = p.token.take() {
+                Self::reply(out, token, Err(reason));
+            }
+            return;
+        }
         let Some(p) = self.remove_pending(id) else {
             return;
         };
         if let Some(token) = p.token {
-            let reason = if self.reachable_leader().is_some() {
-                Refusal::LeaderTimeout
-            } else {
-                Refusal::NoLeader
-            };
             Self::reply(out, token, Err(reason));
         }
         // The leader may have granted it anyway: undo, so nothing leaks. (An
         // abandoned move stays reserved until its cancel is acknowledged:
         // the target may have taken the identity meanwhile.)
         let undo = match p.op {
-            Op::Claim(name) => Some(Op::Release(name)),
+            // Kept in flight above.
+            Op::Claim(_) => None,
             Op::MoveDone { identity, .. } => Some(Op::Release(Name::Identity(identity))),
             Op::MoveStart { identity, .. } => Some(Op::MoveCancel { identity }),
             Op::Release(_) | Op::MoveCancel { .. } => None,
@@ -250,7 +309,12 @@ impl Registry {
         match (p.op, verdict) {
             (Op::Claim(name), Verdict::Granted { stamp }) => {
                 if p.abandoned {
-                    self.submit(now, Op::Release(name), None, out);
+                    // Nobody waits for it: give it back, unless a client
+                    // here holds the name (the leader's entry is that
+                    // client's then, and a release would free it under it).
+                    if !self.own_has(&key) {
+                        self.submit(now, Op::Release(name), None, out);
+                    }
                 } else {
                     match name {
                         Name::Identity(identity) => self.own.set_identity(IdentityEntry {

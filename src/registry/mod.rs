@@ -29,6 +29,11 @@
 //!   checks the name against its registry, records it with a fresh [`Stamp`],
 //!   answers ([`RegistryMessage::Answer`]) and broadcasts the change
 //!   ([`RegistryMessage::Announce`]). Only on the answer does the asker own it.
+//!   A claim not answered within [`RegistryConfig::claim_timeout`] is
+//!   refused to its client but stays in flight until the leader answers;
+//!   a new claim of the same name on that server takes it over (under
+//!   heavy loss the answer is usually on its way), and a grant nobody
+//!   waits for any more is released.
 //! - **Release** (`quit`, disconnect, `deleteroom`): the asker drops the name
 //!   from its holdings at once (it is the source of truth) and tells the
 //!   leader, retrying until acknowledged. A later claim of the same name from
@@ -124,8 +129,10 @@
 //! - Answers carry the announcement number they were decided at, and an
 //!   announcement older than the answer that set an own name never touches
 //!   it: the two travel separately and may overtake each other.
-//! - An asker that gives up on a claim releases the name, so a grant that
-//!   arrives too late does not leak.
+//! - An asker whose claim times out tells its client at once but keeps the
+//!   request in flight; a grant that arrives with nobody waiting is
+//!   released, so it does not leak, and a new claim of the same name on
+//!   that server adopts the request instead of racing with that release.
 //!
 //! # What the runtime must provide
 //! - Registry messages between two live servers are delivered (QUIC streams),
@@ -756,6 +763,7 @@ impl Registry {
                 };
                 match refusal {
                     Some(reason) => Self::reply(out, token, Err(reason)),
+                    None if self.adopt_claim(now, &name, token, out) => {}
                     None => self.submit(now, Op::Claim(name), Some(token), out),
                 }
             }
