@@ -20,7 +20,10 @@ use chatmesh::listener::{
     FD_RESERVE, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES, USER_TIMEOUT,
 };
 use common::process::BIN;
-use common::{DEADLINE, Raw, Via, certs, room_change, start_node_with, temp_dir, wait_for};
+use common::{
+    DEADLINE, Raw, Via, certs, kernel_socket, room_change, start_node_with, tcp_state, temp_dir,
+    wait_for,
+};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -530,44 +533,6 @@ async fn a_thousand_idle_clients_under_a_1024_file_limit() {
     drop(approved);
 }
 
-/// The kernel's state of a TCP socket (`tcpi_state`; 1 established, 7 closed).
-fn tcp_state(stream: &TcpStream) -> u8 {
-    // SAFETY: an all-zero tcp_info is valid; getsockopt writes at most `len` bytes.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    let result = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &raw mut len,
-        )
-    };
-    assert_eq!(result, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
-    info.tcpi_state
-}
-
-/// Whether the kernel still has a socket from `local` to `remote` (the
-/// server's end of one client's connection), in any state, from
-/// /proc/net/tcp.
-fn kernel_has_socket(local: SocketAddr, remote: SocketAddr) -> bool {
-    let hex = |addr: SocketAddr| match addr {
-        SocketAddr::V4(v4) => format!(
-            "{:08X}:{:04X}",
-            u32::from_ne_bytes(v4.ip().octets()),
-            v4.port()
-        ),
-        SocketAddr::V6(_) => unreachable!("the test uses 127.0.0.1"),
-    };
-    let (local, remote) = (hex(local), hex(remote));
-    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
-    table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        fields.get(1) == Some(&local.as_str()) && fields.get(2) == Some(&remote.as_str())
-    })
-}
-
 /// Polls `condition` until true, failing after `within`.
 async fn wait_for_within(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -655,7 +620,7 @@ async fn websocket_clients_that_never_read_are_reset_at_their_drop() {
         Duration::from_secs(10),
         || {
             slow.iter()
-                .all(|(_, client_end)| !kernel_has_socket(web, *client_end))
+                .all(|(_, client_end)| kernel_socket(web, *client_end).is_none())
         },
     )
     .await;

@@ -409,3 +409,46 @@ pub fn free_ports(n: usize) -> Vec<u16> {
     }
     free
 }
+
+/// The kernel's state of a TCP socket (`tcpi_state`; 1 established, 7 closed).
+pub fn tcp_state(stream: &impl std::os::fd::AsRawFd) -> u8 {
+    // SAFETY: an all-zero tcp_info is valid; getsockopt writes at most `len` bytes.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let result = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    assert_eq!(result, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_state
+}
+
+/// The send queue of every socket in this network namespace from `local` to
+/// `remote` (the server's end of one client's connection), from
+/// /proc/net/tcp: `None` once the kernel has no such socket left.
+pub fn kernel_socket(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> Option<u64> {
+    let hex = |addr: std::net::SocketAddr| match addr {
+        std::net::SocketAddr::V4(v4) => format!(
+            "{:08X}:{:04X}",
+            u32::from_ne_bytes(v4.ip().octets()),
+            v4.port()
+        ),
+        std::net::SocketAddr::V6(_) => unreachable!("the test uses 127.0.0.1"),
+    };
+    let (local, remote) = (hex(local), hex(remote));
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1) == Some(&local.as_str()) && fields.get(2) == Some(&remote.as_str())).then(
+            || {
+                let queues = fields.get(4).copied().unwrap_or("0:0");
+                u64::from_str_radix(queues.split(':').next().unwrap_or("0"), 16).unwrap_or(0)
+            },
+        )
+    })
+}
