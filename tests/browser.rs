@@ -23,8 +23,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::inproc::{Cluster, start_cluster_with};
-use common::{Raw, Via, free_ports, register_web, temp_dir};
+use common::inproc::web_cluster;
+use common::{Raw, Via, free_ports, temp_dir};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
@@ -98,29 +98,6 @@ fn artefact_dir() -> PathBuf {
     let dir = target.join("browser-test");
     std::fs::create_dir_all(&dir).expect("artefact dir");
     dir
-}
-
-/// A cluster of three servers, each with a web port, formed.
-async fn web_cluster(n: usize) -> Cluster {
-    let web_ports = free_ports(n);
-    let cluster = start_cluster_with(
-        n,
-        |_| None,
-        |config| {
-            for (server, port) in config.servers.iter_mut().zip(&web_ports) {
-                server.web_port = Some(*port);
-            }
-        },
-    )
-    .await;
-    for i in 0..n {
-        register_web(cluster.node(i));
-    }
-    let all: Vec<usize> = (0..n).collect();
-    cluster
-        .wait_agree(&all, n - 1, Duration::from_secs(20))
-        .await;
-    cluster
 }
 
 /// What the page shows, read in one script call.

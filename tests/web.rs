@@ -8,8 +8,8 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::inproc::{Cluster, start_cluster_with};
-use common::{DEADLINE, Raw, Via, free_ports, register_web, room_change, start_node};
+use common::inproc::web_cluster;
+use common::{DEADLINE, Raw, Via, room_change, start_node};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,29 +21,6 @@ type WsStream =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 const HALL: &str = "MainHall-s1";
-
-/// A cluster of `n` servers, each with a web port, formed.
-async fn web_cluster(n: usize) -> Cluster {
-    let web_ports = free_ports(n);
-    let cluster = start_cluster_with(
-        n,
-        |_| None,
-        |config| {
-            for (server, port) in config.servers.iter_mut().zip(&web_ports) {
-                server.web_port = Some(*port);
-            }
-        },
-    )
-    .await;
-    for i in 0..n {
-        register_web(cluster.node(i));
-    }
-    let all: Vec<usize> = (0..n).collect();
-    cluster
-        .wait_agree(&all, n - 1, Duration::from_secs(10))
-        .await;
-    cluster
-}
 
 /// A raw WebSocket to `web`'s `/chat`.
 async fn open_ws(web: SocketAddr) -> WsStream {

@@ -42,6 +42,30 @@ pub async fn start_cluster(n: usize, impairment: impl Fn(usize) -> Option<Impair
     start_cluster_with(n, impairment, |_| {}).await
 }
 
+/// A cluster of `n` servers, each with a web port (registered for
+/// [`super::Via::Ws`] clients), formed: every node agrees on the leader.
+pub async fn web_cluster(n: usize) -> Cluster {
+    let web_ports = free_ports(n);
+    let cluster = start_cluster_with(
+        n,
+        |_| None,
+        |config| {
+            for (server, port) in config.servers.iter_mut().zip(&web_ports) {
+                server.web_port = Some(*port);
+            }
+        },
+    )
+    .await;
+    for i in 0..n {
+        super::register_web(cluster.node(i));
+    }
+    let all: Vec<usize> = (0..n).collect();
+    cluster
+        .wait_agree(&all, n - 1, Duration::from_secs(20))
+        .await;
+    cluster
+}
+
 /// [`start_cluster`] with the config changed by `tweak` first (limits, quorum).
 pub async fn start_cluster_with(
     n: usize,
