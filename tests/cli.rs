@@ -395,7 +395,6 @@ async fn admin_testing_aids_are_off_without_the_flag() {
         admin_raw(
             admin,
             b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n",
-            false,
         )
     })
     .await
@@ -483,9 +482,7 @@ async fn admin_connections_are_capped() {
         .collect();
     // Every one more is told why at once, and closed: it holds nothing.
     let refused = tokio::task::spawn_blocking(move || {
-        (0..20)
-            .map(|_| admin_raw(admin, b"", false))
-            .collect::<Vec<_>>()
+        (0..20).map(|_| admin_raw(admin, b"")).collect::<Vec<_>>()
     })
     .await
     .unwrap();
@@ -518,11 +515,7 @@ async fn admin_connections_are_capped() {
 /// connection stays open for writing), and reads until the server closes:
 /// the whole answer and how long the server took to close. Panics if the
 /// server has not closed within 30 s.
-fn admin_raw(
-    admin: std::net::SocketAddr,
-    request: &[u8],
-    close: bool,
-) -> (String, std::time::Duration) {
+fn admin_raw(admin: std::net::SocketAddr, request: &[u8]) -> (String, std::time::Duration) {
     use std::io::Read;
     let mut stream = std::net::TcpStream::connect(admin).expect("admin endpoint accepts");
     stream
@@ -531,9 +524,9 @@ fn admin_raw(
     let start = std::time::Instant::now();
     // The server may answer and close before taking every byte.
     let _ = stream.write_all(request);
-    if close {
-        let _ = stream.shutdown(std::net::Shutdown::Write);
-    }
+    // No half-close after the request: hyper (without `half_close`, which
+    // axum does not let a server set) takes the end of input while a request
+    // is in flight for the client leaving, and drops the answer.
     let mut response = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -584,7 +577,6 @@ async fn admin_bounds_bodies_and_answers_unknown_routes_and_methods() {
         admin_raw(
             admin,
             b"POST /impair HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\nloss=",
-            false,
         )
     })
     .await
@@ -606,10 +598,9 @@ async fn admin_bounds_bodies_and_answers_unknown_routes_and_methods() {
         chunked.push_str(&format!("2000\r\n{chunk}\r\n"));
     }
     chunked.push_str("0\r\n\r\n");
-    let (answer, _) =
-        tokio::task::spawn_blocking(move || admin_raw(admin, chunked.as_bytes(), true))
-            .await
-            .unwrap();
+    let (answer, _) = tokio::task::spawn_blocking(move || admin_raw(admin, chunked.as_bytes()))
+        .await
+        .unwrap();
     assert!(
         answer.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
         "{answer}"
@@ -626,10 +617,9 @@ async fn admin_bounds_bodies_and_answers_unknown_routes_and_methods() {
         ("POST", "/cut/"),
     ] {
         let request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
-        let (answer, _) =
-            tokio::task::spawn_blocking(move || admin_raw(admin, request.as_bytes(), true))
-                .await
-                .unwrap();
+        let (answer, _) = tokio::task::spawn_blocking(move || admin_raw(admin, request.as_bytes()))
+            .await
+            .unwrap();
         assert!(
             answer.starts_with("HTTP/1.1 404 Not Found\r\n")
                 && answer.ends_with(chatmesh::admin::UNKNOWN),
@@ -638,10 +628,9 @@ async fn admin_bounds_bodies_and_answers_unknown_routes_and_methods() {
     }
     for method in ["DELETE", "PUT", "HEAD", "OPTIONS"] {
         let request = format!("{method} /status HTTP/1.1\r\nHost: x\r\n\r\n");
-        let (answer, _) =
-            tokio::task::spawn_blocking(move || admin_raw(admin, request.as_bytes(), true))
-                .await
-                .unwrap();
+        let (answer, _) = tokio::task::spawn_blocking(move || admin_raw(admin, request.as_bytes()))
+            .await
+            .unwrap();
         assert!(
             answer.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
             "{method}: {answer}"
@@ -657,9 +646,7 @@ async fn admin_bounds_bodies_and_answers_unknown_routes_and_methods() {
     let (answer, _) = tokio::task::spawn_blocking(move || {
         admin_raw(
             admin,
-            b"POST /nope HTTP/1.1\r\nHost: x\r\nOrigin: http://evil.example\r\nContent-Length: 0\r\n\r\n",
-            true,
-        )
+            b"POST /nope HTTP/1.1\r\nHost: x\r\nOrigin: http://evil.example\r\nContent-Length: 0\r\n\r\n")
     })
     .await
     .unwrap();
@@ -674,7 +661,6 @@ async fn admin_bounds_bodies_and_answers_unknown_routes_and_methods() {
         admin_raw(
             admin,
             b"GET /status HTTP/1.1\r\nHost: x\r\nOrigin: http://evil.example\r\n\r\n",
-            false,
         )
     })
     .await
@@ -700,7 +686,7 @@ async fn admin_drops_a_request_not_sent_in_time() {
         &b"GET /status HTTP/1.1\r\nHost: x\r\n"[..],
         &b"POST /impair HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nlos"[..],
     ] {
-        let (answer, took) = tokio::task::spawn_blocking(move || admin_raw(admin, request, false))
+        let (answer, took) = tokio::task::spawn_blocking(move || admin_raw(admin, request))
             .await
             .unwrap();
         assert_eq!(answer, "", "{:?}", String::from_utf8_lossy(request));
