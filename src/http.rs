@@ -25,8 +25,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::connect_info::Connected;
-use axum::serve::IncomingStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
@@ -195,14 +193,55 @@ impl axum::serve::Listener for Listener {
 
 /// Serves `app` on `listener` until `shutdown`, then lets the requests under
 /// way finish (bounded by the listener's limits) before returning.
-pub async fn serve(listener: Listener, app: Router, shutdown: CancellationToken) {
+///
+/// hyper's HTTP/1 server is driven here rather than through `axum::serve`
+/// for one setting: `half_close`. Without it, a client that half-closes after
+/// its request (`printf 'GET /status ...' | nc -N`) gets no answer: hyper
+/// takes the end of input for the client leaving.
+pub async fn serve(mut listener: Listener, app: Router, shutdown: CancellationToken) {
+    use axum::serve::Listener as _;
     let what = listener.what;
-    let served = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
-    if let Err(e) = served {
-        warn!(error = %e, what, "HTTP server stopped");
+    // Every connection task holds a receiver; `closed()` is when all are gone.
+    let (open_tx, open_rx) = tokio::sync::watch::channel(());
+    loop {
+        let (conn, addr) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => break,
+        };
+        let peer = Peer {
+            addr,
+            says: conn.handler.clone(),
+        };
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer.clone()));
+            tower::ServiceExt::oneshot(app.clone(), request)
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .half_close(true)
+            .serve_connection(hyper_util::rt::TokioIo::new(conn), service)
+            .with_upgrades();
+        let (shutdown, open) = (shutdown.clone(), open_rx.clone());
+        tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                () = shutdown.cancelled() => {
+                    // The request under way is answered, then the connection closes.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = ended {
+                debug!(error = %e, what, "HTTP connection ended with an error");
+            }
+            drop(open);
+        });
     }
+    drop(open_rx);
+    open_tx.closed().await;
 }
 
 /// What a connection's handler tells the connection.
@@ -236,15 +275,6 @@ impl Peer {
     /// does not read keeps acknowledging window probes.
     pub fn reset_on_close(&self) {
         self.says.reset.store(true, Ordering::Relaxed);
-    }
-}
-
-impl Connected<IncomingStream<'_, Listener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, Listener>) -> Self {
-        Peer {
-            addr: *stream.remote_addr(),
-            says: stream.io().handler.clone(),
-        }
     }
 }
 

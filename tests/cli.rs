@@ -524,9 +524,6 @@ fn admin_raw(admin: std::net::SocketAddr, request: &[u8]) -> (String, std::time:
     let start = std::time::Instant::now();
     // The server may answer and close before taking every byte.
     let _ = stream.write_all(request);
-    // No half-close after the request: hyper (without `half_close`, which
-    // axum does not let a server set) takes the end of input while a request
-    // is in flight for the client leaving, and drops the answer.
     let mut response = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -673,6 +670,39 @@ async fn admin_bounds_bodies_and_answers_unknown_routes_and_methods() {
     );
     let status: serde_json::Value = serde_json::from_str(body).expect("status JSON");
     assert_eq!(status["id"], "s1");
+}
+
+/// A client that half-closes after its request (`nc -N`) is answered:
+/// without hyper's `half_close`, the end of input while the request is in
+/// flight reads as the client leaving, and the answer is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_answers_a_client_that_half_closed_after_its_request() {
+    let (config, admin) = admin_node_config("admin-half-close");
+    let _node = start_admin_node(&config, &[]);
+    let answers = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        (0..20)
+            .map(|_| {
+                let mut stream = std::net::TcpStream::connect(admin).expect("admin accepts");
+                stream
+                    .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                    .unwrap();
+                stream.write_all(b"GET /status HTTP/1.0\r\n\r\n").unwrap();
+                stream.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut answer = String::new();
+                let _ = stream.read_to_string(&mut answer);
+                answer
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    for answer in answers {
+        assert!(
+            answer.starts_with("HTTP/1.0 200 OK\r\n") || answer.starts_with("HTTP/1.1 200 OK\r\n"),
+            "{answer:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
