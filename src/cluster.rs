@@ -26,7 +26,7 @@ use crate::chat::{BoxFuture, ChatServer, Directory, RemoteRoom};
 use crate::config::{ClusterConfig, MAIN_HALL_PREFIX, Quorum};
 use crate::detector::{DetectorConfig, FailureDetector, Transition};
 use crate::election::{Action, Election, ElectionTimings, Input};
-use crate::mesh::wire::{Heartbeat, PeerMessage};
+use crate::mesh::wire::{self, Heartbeat, PeerMessage};
 use crate::mesh::{Mesh, MeshEvent};
 use crate::registry::{
     self, Arrival, LocalRequest, MoveProof, Name, Refusal, Registry, RegistryConfig, RoomChanges,
@@ -408,13 +408,19 @@ pub async fn run(
             // Names wait until this server knows who is alive (every peer
             // heard, or the boot deadline passed): a claim made in the first
             // milliseconds must not be refused for "no majority".
-            Some((request, reply)) = local_requests.recv(), if started && (Instant::now() >= boot_deadline || detector.alive_peers().len() == peers.len()) => {
-                let token = driver.next_token;
-                driver.next_token += 1;
-                if let Some(reply) = reply {
-                    driver.replies.insert(token, reply);
+            Some(first) = local_requests.recv(), if started && (Instant::now() >= boot_deadline || detector.alive_peers().len() == peers.len()) => {
+                // Requests queued meanwhile go in the same batch: a leader
+                // announces what it decided on them at once, a follower
+                // forwards them to the leader in one write.
+                driver.begin_batch();
+                driver.local(first);
+                for _ in 0..LOCAL_REQUESTS_AT_ONCE {
+                    match local_requests.try_recv() {
+                        Ok(next) => driver.local(next),
+                        Err(_) => break,
+                    }
                 }
-                driver.registry(registry::Input::Local { token, request });
+                driver.flush();
             }
             event = events.recv() => {
                 let Some(event) = event else { break };
@@ -422,7 +428,7 @@ pub async fn run(
                 // in the same go, and the registry's messages are sent once
                 // it is all handled: a follower given several announcements
                 // acknowledges only the last (see `Driver::flush`).
-                driver.batch = Some(Vec::new());
+                driver.begin_batch();
                 on_mesh_event(&mut driver, &mut election, &mut detector, event);
                 for _ in 0..MESH_EVENTS_AT_ONCE {
                     match events.try_recv() {
@@ -440,6 +446,10 @@ pub async fn run(
 /// arm in [`run`]): a bound, so that timers and local requests are not kept
 /// waiting behind a flood.
 const MESH_EVENTS_AT_ONCE: usize = 256;
+
+/// Most local requests handled in one go after the first (as
+/// [`MESH_EVENTS_AT_ONCE`]).
+const LOCAL_REQUESTS_AT_ONCE: usize = 256;
 
 /// Feeds one mesh event to the detector, the election and the registry.
 fn on_mesh_event(
@@ -513,7 +523,15 @@ struct Driver {
     heartbeat_seq: u64,
     /// While some: registry messages wait here, by destination, until
     /// [`Driver::flush`] sends them (several inputs handled in one go).
-    batch: Option<Vec<(ServerId, registry::RegistryMessage)>>,
+    batch: Option<Vec<(To, registry::RegistryMessage)>>,
+}
+
+/// Where a registry message goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum To {
+    One(ServerId),
+    /// Every peer linked when it is sent (encoded once for all of them).
+    Linked,
 }
 
 impl Driver {
@@ -557,30 +575,29 @@ impl Driver {
         self.apply(actions);
     }
 
+    /// A local request: the registry gets it with a token for its reply.
+    fn local(&mut self, (request, reply): Request) {
+        let token = self.next_token;
+        self.next_token += 1;
+        if let Some(reply) = reply {
+            self.replies.insert(token, reply);
+        }
+        self.registry(registry::Input::Local { token, request });
+    }
+
     /// Feeds the registry one input and carries out its actions.
     fn registry(&mut self, input: registry::Input) {
         let now = Instant::now().into_std();
         let actions = self.registry.handle(now, input);
+        self.carry_out(actions);
+    }
+
+    /// Carries out the registry's actions, in order.
+    fn carry_out(&mut self, actions: Vec<registry::Action>) {
         for action in actions {
             match action {
-                registry::Action::Send { to, msg } => match self.batch.as_mut() {
-                    Some(batch) => batch.push((to, msg)),
-                    None => {
-                        self.mesh.send(&to, &PeerMessage::Registry(msg));
-                    }
-                },
-                registry::Action::Broadcast { msg } => {
-                    let peers = self.registry_peers();
-                    match self.batch.as_mut() {
-                        Some(batch) => batch.extend(peers.into_iter().map(|p| (p, msg.clone()))),
-                        None => {
-                            let message = PeerMessage::Registry(msg);
-                            for peer in peers {
-                                self.mesh.send(&peer, &message);
-                            }
-                        }
-                    }
-                }
+                registry::Action::Send { to, msg } => self.send_registry(To::One(to), msg),
+                registry::Action::Broadcast { msg } => self.send_registry(To::Linked, msg),
                 registry::Action::Reply { token, result } => {
                     if let Some(reply) = self.replies.remove(&token) {
                         let _ = reply.send(result);
@@ -606,24 +623,50 @@ impl Driver {
         self.refresh_names();
     }
 
-    /// Ends a batch: sends the registry messages it held, in order, except
+    /// Sends a registry message now, or keeps it for the end of the batch.
+    fn send_registry(&mut self, to: To, msg: registry::RegistryMessage) {
+        match self.batch.as_mut() {
+            Some(batch) => batch.push((to, msg)),
+            None => self.send_now(to, msg),
+        }
+    }
+
+    fn send_now(&self, to: To, msg: registry::RegistryMessage) {
+        let frame = wire::encode_frame(&PeerMessage::Registry(msg));
+        match to {
+            To::One(peer) => {
+                self.mesh.send_frame(&peer, frame);
+            }
+            To::Linked => {
+                for peer in self.mesh.linked_peers() {
+                    self.mesh.send_frame(&peer, frame.clone());
+                }
+            }
+        }
+    }
+
+    /// Starts a batch of inputs (see [`Driver::flush`]).
+    fn begin_batch(&mut self) {
+        self.batch = Some(Vec::new());
+        self.registry.begin_batch();
+    }
+
+    /// Ends a batch: the leader's announcement of what it decided in it,
+    /// then the registry messages the batch held, in order, except
     /// acknowledgements that a later one to the same leader at the same
     /// term covers. An `Ack` is cumulative (the follower has applied every
     /// announcement up to `seq`) and the leader keeps the highest it heard,
     /// so the last one says all the earlier ones did; registry messages may
     /// arrive in any order anyway (see the registry's module docs).
     fn flush(&mut self) {
+        let actions = self.registry.end_batch();
+        self.carry_out(actions);
         let Some(batch) = self.batch.take() else {
             return;
         };
-        for msg in coalesce_acks(batch) {
-            let (to, msg) = msg;
-            self.mesh.send(&to, &PeerMessage::Registry(msg));
+        for (to, msg) in coalesce_acks(batch) {
+            self.send_now(to, msg);
         }
-    }
-
-    fn registry_peers(&self) -> Vec<ServerId> {
-        self.mesh.linked_peers()
     }
 
     /// Brings the chat layer's room list and room locations up to date with
@@ -692,13 +735,13 @@ impl Driver {
 /// `Ack`s to one server at one term, only the highest goes, in the place of
 /// the last of them.
 fn coalesce_acks(
-    batch: Vec<(ServerId, registry::RegistryMessage)>,
-) -> Vec<(ServerId, registry::RegistryMessage)> {
+    batch: Vec<(To, registry::RegistryMessage)>,
+) -> Vec<(To, registry::RegistryMessage)> {
     use registry::RegistryMessage::Ack;
-    let mut highest: HashMap<(&str, u64), (usize, u64)> = HashMap::new();
+    let mut highest: HashMap<(&To, u64), (usize, u64)> = HashMap::new();
     for (i, (to, msg)) in batch.iter().enumerate() {
         if let Ack { term, seq } = msg {
-            let entry = highest.entry((to.as_str(), *term)).or_insert((i, *seq));
+            let entry = highest.entry((to, *term)).or_insert((i, *seq));
             *entry = (i, entry.1.max(*seq));
         }
     }
@@ -789,20 +832,21 @@ mod tests {
     #[test]
     fn only_the_highest_ack_per_leader_and_term_goes_in_place_of_the_last() {
         let batch = vec![
-            ("s3".to_owned(), Ack { term: 2, seq: 5 }),
-            ("s3".to_owned(), HoldingsRequest { term: 2 }),
-            ("s3".to_owned(), Ack { term: 2, seq: 7 }),
-            ("s2".to_owned(), Ack { term: 2, seq: 1 }),
-            ("s3".to_owned(), Ack { term: 3, seq: 1 }),
+            (To::One("s3".to_owned()), Ack { term: 2, seq: 5 }),
+            (To::One("s3".to_owned()), HoldingsRequest { term: 2 }),
+            (To::One("s3".to_owned()), Ack { term: 2, seq: 7 }),
+            (To::One("s2".to_owned()), Ack { term: 2, seq: 1 }),
+            (To::One("s3".to_owned()), Ack { term: 3, seq: 1 }),
             // Lower than one before it (a resent announcement's answer):
             // the highest still goes.
-            ("s3".to_owned(), Ack { term: 2, seq: 6 }),
+            (To::One("s3".to_owned()), Ack { term: 2, seq: 6 }),
         ];
-        let sent: Vec<(String, String)> = coalesce_acks(batch)
+        let sent: Vec<(To, String)> = coalesce_acks(batch)
             .into_iter()
             .map(|(to, msg)| (to, format!("{msg:?}")))
             .collect();
-        let expect = |to: &str, msg: registry::RegistryMessage| (to.to_owned(), format!("{msg:?}"));
+        let expect =
+            |to: &str, msg: registry::RegistryMessage| (To::One(to.to_owned()), format!("{msg:?}"));
         assert_eq!(
             sent,
             vec![

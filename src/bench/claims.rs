@@ -498,6 +498,22 @@ fn build_report(options: &BenchOptions, load: Load, runs: Runs<RunResult>) -> Re
         ),
         "peers: none (ngircd and nats-server have no cluster-wide claim to compare)".to_owned(),
     ];
+    if all.granted > 0 {
+        let per_grant = |cpu_s: f64| cpu_s * 1e6 / all.granted as f64;
+        let (servers_us, bench_us) = (per_grant(total_cpu), per_grant(median.bench_cpu_s));
+        notes.push(format!(
+            "CPU per granted claim: servers {servers_us:.0} us, bench {bench_us:.0} us; {TARGET_PER_S:.0}/s takes {:.2} cores of servers and {:.2} of bench at that cost",
+            servers_us * TARGET_PER_S / 1e6,
+            bench_us * TARGET_PER_S / 1e6,
+        ));
+    }
+    // Little's law: every client has one claim outstanding at a time.
+    let clients = (load.triples * SERVERS) as f64;
+    notes.push(format!(
+        "closed loop: each client waits for its reply before its next claim, so the mean latency is at least clients / rate (Little's law): {clients:.0} clients at {TARGET_PER_S:.0}/s wait {:.1} ms on average, so p99 under {TARGET_P99_MS} ms at that rate needs fewer than {:.0} clients (--clients)",
+        clients * 1e3 / TARGET_PER_S,
+        TARGET_P99_MS * TARGET_PER_S / 1e3,
+    ));
     if duplicates > 0 {
         notes.push(format!(
             "DUPLICATES: {duplicates} contested names were granted more than once"

@@ -340,7 +340,12 @@ impl Mesh {
     /// Queues a message to `to`. Without a link it waits (bounded, at most
     /// [`PENDING_MAX_AGE`]) for one; false if it had to be dropped.
     pub fn send(&self, to: &str, message: &PeerMessage) -> bool {
-        let frame = wire::encode_frame(message);
+        self.send_frame(to, wire::encode_frame(message))
+    }
+
+    /// [`Mesh::send`] of a message already encoded by
+    /// [`wire::encode_frame`]: one encoding serves every peer it goes to.
+    pub fn send_frame(&self, to: &str, frame: Bytes) -> bool {
         let links = self.links();
         let Some(link) = links.get(to) else {
             drop(links);

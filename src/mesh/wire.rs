@@ -8,7 +8,7 @@
 //! Datagrams: `WIRE_VERSION | postcard(Heartbeat)`, small enough to always fit
 //! one QUIC datagram.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::ServerId;
@@ -71,11 +71,13 @@ pub enum WireError {
 
 /// Encodes one stream frame with its length prefix.
 pub fn encode_frame(message: &PeerMessage) -> Bytes {
-    let body = postcard::to_stdvec(message).expect("peer messages always serialize");
-    let mut frame = BytesMut::with_capacity(4 + body.len());
-    frame.put_u32(body.len() as u32);
-    frame.put_slice(&body);
-    frame.freeze()
+    // The body is written after room for its length, which is filled in
+    // once known: one buffer, no copy.
+    let mut frame =
+        postcard::to_extend(message, vec![0u8; 4]).expect("peer messages always serialize");
+    let len = (frame.len() - 4) as u32;
+    frame[..4].copy_from_slice(&len.to_be_bytes());
+    Bytes::from(frame)
 }
 
 /// Checks a frame's length prefix before its body is read.

@@ -1,7 +1,7 @@
 //! The leader side: the authoritative registry, the claim serializer, the
 //! per-asker answer cache, and the merging of holdings reports.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use super::*;
@@ -94,6 +94,15 @@ pub(super) struct LeaderState {
     pub(super) down_votes: HashMap<ServerId, BTreeSet<ServerId>>,
     /// Servers whose names were freed in this term, until they come back up.
     pub(super) purged: BTreeSet<ServerId>,
+    /// The announcement being filled, numbered `seq` already: what is
+    /// decided while the runtime hands the registry a batch of inputs goes
+    /// out as one announcement when the batch ends (see
+    /// [`Registry::end_batch`]).
+    pub(super) open: Option<Sent>,
+    /// The names decided on in `open`: a decision on one of them sends
+    /// `open` first, so that an announcement never holds two holdings of one
+    /// name (they would have the same stamp).
+    pub(super) open_names: HashSet<NameKey>,
 }
 
 /// An answer waiting for the announcement it was decided at to commit.
@@ -181,16 +190,19 @@ impl Registry {
         });
     }
 
+    /// The stamp of a holding decided now: it goes out in the open
+    /// announcement, or in the next one.
     pub(super) fn next_stamp(&self, lead: &LeaderState) -> Stamp {
         Stamp {
             term: self.term,
-            seq: lead.seq + 1,
+            seq: lead.open.as_ref().map_or(lead.seq + 1, |open| open.seq),
             leader: self.id.clone(),
         }
     }
 
-    /// Applies changes to the registry and this server's own view, and
-    /// announces them as one numbered announcement.
+    /// Applies changes to the registry and this server's own view, as part
+    /// of the open announcement (opened here if there is none). It goes out
+    /// when the registry's input, or batch of inputs, is handled.
     pub(super) fn commit(
         &mut self,
         lead: &mut LeaderState,
@@ -200,7 +212,14 @@ impl Registry {
         if changes.is_empty() {
             return;
         }
-        lead.seq += 1;
+        if lead.open.is_none() {
+            lead.seq += 1;
+            lead.open = Some(Sent {
+                seq: lead.seq,
+                at: self.clock,
+                changes: Vec::new(),
+            });
+        }
         for change in &changes {
             lead.registry.apply(change);
             // The leader re-registers by merging, never by resync requests.
@@ -208,22 +227,31 @@ impl Registry {
         }
         self.last_seq = Some(lead.seq);
         self.applied = self.leader_position(lead.seq);
+        if let Some(open) = lead.open.as_mut() {
+            open.changes.extend(changes);
+        }
+        self.advance_commit(lead, out);
+    }
+
+    /// Sends the open announcement to every other server, and keeps it for
+    /// sending again. Anything that tells a follower an announcement number
+    /// (a snapshot, an eviction, a resend) calls this first, so that the
+    /// number it names has gone out.
+    pub(super) fn announce(&mut self, lead: &mut LeaderState, out: &mut Vec<Action>) {
+        let Some(open) = lead.open.take() else {
+            return;
+        };
+        lead.open_names.clear();
         if lead.recent.len() >= RECENT {
             lead.recent.pop_front();
         }
-        lead.recent.push_back(Sent {
-            seq: lead.seq,
-            at: self.clock,
-            changes: changes.clone(),
-        });
-        out.push(Action::Broadcast {
-            msg: RegistryMessage::Announce {
-                term: self.term,
-                seq: lead.seq,
-                changes,
-            },
-        });
-        self.advance_commit(lead, out);
+        let msg = RegistryMessage::Announce {
+            term: self.term,
+            seq: open.seq,
+            changes: open.changes.clone(),
+        };
+        lead.recent.push_back(open);
+        out.push(Action::Broadcast { msg });
     }
 
     /// Whether new decisions must wait: the base is not built yet, or a live
@@ -392,6 +420,7 @@ impl Registry {
         now: Instant,
         out: &mut Vec<Action>,
     ) {
+        self.announce(lead, out);
         let peers: Vec<ServerId> = self.live.iter().cloned().collect();
         for peer in peers {
             self.resend(lead, now, &peer, false, out);
@@ -406,6 +435,7 @@ impl Registry {
         peer: &ServerId,
         out: &mut Vec<Action>,
     ) {
+        self.announce(lead, out);
         if !lead.based || lead.unsynced.contains_key(peer) || !lead.acked.contains_key(peer) {
             let msg = RegistryMessage::HoldingsRequest { term: self.term };
             self.send(peer, msg, out);
@@ -554,7 +584,14 @@ impl Registry {
             self.record_and_answer(lead, &from, &ticket, verdict, out);
             return;
         }
+        let key = op.key();
+        if lead.open_names.contains(&key) {
+            self.announce(lead, out);
+        }
         let verdict = self.decide(lead, now, &from, &op, out);
+        if lead.open.is_some() {
+            lead.open_names.insert(key);
+        }
         self.record_and_answer(lead, &from, &ticket, verdict, out);
     }
 
@@ -1180,6 +1217,7 @@ impl Registry {
         }
 
         self.commit(lead, changes, out);
+        self.announce(lead, out);
         for identity in started_moving {
             self.expire_move_at(lead, now, &identity, out);
         }

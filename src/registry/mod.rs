@@ -259,6 +259,9 @@ pub struct Registry {
     loopback: VecDeque<RegistryMessage>,
     /// The time of the input being handled.
     clock: Option<Instant>,
+    /// Between [`Registry::begin_batch`] and [`Registry::end_batch`]: the
+    /// leader's decisions wait there to go out as one announcement.
+    batching: bool,
 }
 
 impl Registry {
@@ -310,6 +313,7 @@ impl Registry {
             retry_at: None,
             loopback: VecDeque::new(),
             clock: None,
+            batching: false,
         }
     }
 
@@ -338,7 +342,25 @@ impl Registry {
             let from = self.id.clone();
             self.on_message(now, from, msg, &mut out);
         }
+        if !self.batching {
+            self.with_leader(|registry, lead| registry.announce(lead, &mut out));
+        }
         self.arm_retry(now, &mut out);
+        out
+    }
+
+    /// Starts a batch of inputs: until [`Registry::end_batch`], what the
+    /// leader decides goes out as one announcement instead of one per input
+    /// (fewer messages, and followers acknowledge them together).
+    pub fn begin_batch(&mut self) {
+        self.batching = true;
+    }
+
+    /// Ends a batch: sends the announcement of what the leader decided in it.
+    pub fn end_batch(&mut self) -> Vec<Action> {
+        self.batching = false;
+        let mut out = Vec::new();
+        self.with_leader(|registry, lead| registry.announce(lead, &mut out));
         out
     }
 
@@ -933,6 +955,8 @@ impl Registry {
         if (leader == self.leader && term == self.term) || older {
             return;
         }
+        // What this server decided as leader goes out under its term.
+        self.with_leader(|registry, lead| registry.announce(lead, out));
         self.leader = leader.clone();
         self.term = term;
         if leader.is_some() {

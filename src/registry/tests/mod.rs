@@ -89,6 +89,11 @@ enum Event {
     },
     Reelect,
     DetectorTick,
+    /// The end of a batch of inputs begun at `node` (see `Sim::input_now`).
+    EndBatch {
+        node: usize,
+        inc: u64,
+    },
 }
 
 struct Asked {
@@ -141,6 +146,11 @@ struct Sim {
     /// at the target (mostly), rooms of evicted owners are deleted.
     chat: bool,
     lose: Option<LossFilter>,
+    /// Which servers are in a batch of inputs (`Registry::begin_batch`),
+    /// as the runtime makes them; decided by `batch_rng`, a stream of its
+    /// own so that the rest of a seed's run keeps its choices.
+    batching: Vec<bool>,
+    batch_rng: StdRng,
 }
 
 impl Sim {
@@ -177,6 +187,8 @@ impl Sim {
             conflicts: HashMap::new(),
             chat: false,
             lose: None,
+            batching: vec![false; n],
+            batch_rng: StdRng::seed_from_u64(seed ^ 0xba7c),
         };
         for i in 0..n {
             for j in 0..n {
@@ -270,6 +282,19 @@ impl Sim {
         if trace {
             eprintln!("{:?} {} <- {input:?}", self.now, sid(node));
         }
+        // Like the runtime, which hands the registry whatever queued up
+        // meanwhile as one batch: a third of the inputs start one, which
+        // ends up to 5 ms later.
+        if !self.batching[node] && self.batch_rng.random_bool(0.3) {
+            reg.begin_batch();
+            self.batching[node] = true;
+            let after = ms(self.batch_rng.random_range(0..=5));
+            let inc = self.incs[node];
+            self.schedule(after, Event::EndBatch { node, inc });
+        }
+        let Some(reg) = self.nodes[node].as_mut() else {
+            return;
+        };
         let actions = reg.handle(now, input);
         if trace {
             for a in &actions {
@@ -481,6 +506,15 @@ impl Sim {
             }
             Event::Reelect => self.reelect(),
             Event::DetectorTick => self.detector_tick(),
+            Event::EndBatch { node, inc } => {
+                if inc == self.incs[node]
+                    && let Some(reg) = self.nodes[node].as_mut()
+                {
+                    self.batching[node] = false;
+                    let actions = reg.end_batch();
+                    self.process(node, actions);
+                }
+            }
         }
         self.check();
         true
@@ -561,11 +595,13 @@ impl Sim {
     fn crash(&mut self, node: usize) {
         self.nodes[node] = None;
         self.incs[node] += 1;
+        self.batching[node] = false;
     }
 
     fn restart(&mut self, node: usize) {
         let ids: Vec<ServerId> = (0..self.n()).map(sid).collect();
         self.incs[node] += 1;
+        self.batching[node] = false;
         let inc = self.incs[node];
         self.nodes[node] = Some(Registry::new(sid(node), ids, self.cfg.clone(), inc));
         for j in 0..self.n() {

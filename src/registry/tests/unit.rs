@@ -255,6 +255,95 @@ fn retried_request_gets_the_same_answer() {
     );
 }
 
+/// The changes of every announcement in `actions`, in order.
+fn announced(actions: &[Action]) -> Vec<(u64, Vec<Change>)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Broadcast {
+                msg: RegistryMessage::Announce { seq, changes, .. },
+            } => Some((*seq, changes.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_batch_of_decisions_goes_out_as_one_announcement() {
+    let (mut reg, now) = hand_leader(3, true);
+    reg.begin_batch();
+    let mut out = reg.handle(
+        now,
+        msg("s1", request(1, 1, 1, 1, Op::Claim(ident("Adel")))),
+    );
+    out.extend(reg.handle(now, msg("s2", request(1, 1, 1, 1, Op::Claim(ident("Bea"))))));
+    assert_eq!(announces(&out), 0, "nothing goes out before the batch ends");
+    let end = reg.end_batch();
+    let sent = announced(&end);
+    assert_eq!(sent.len(), 1, "{end:?}");
+    assert_eq!(sent[0].1.len(), 2, "both grants in it: {sent:?}");
+    let released = ack_all(&mut reg, now);
+    let granted: Vec<_> = answers(&released)
+        .into_iter()
+        .filter(|(_, _, v)| matches!(v, Verdict::Granted { .. }))
+        .collect();
+    assert_eq!(
+        granted.len(),
+        2,
+        "both answered once it commits: {released:?}"
+    );
+    // Outside a batch, each input's decisions go out with it.
+    let alone = reg.handle(now, msg("s1", request(1, 1, 2, 2, Op::Claim(ident("Cid")))));
+    assert_eq!(announces(&alone), 1);
+}
+
+#[test]
+fn one_announcement_never_holds_two_holdings_of_a_name() {
+    // Granted, released and granted again within one batch: each holding
+    // must have a stamp of its own (a stale release names the stamp of the
+    // holding it frees), so a name decided again starts a new announcement.
+    let (mut reg, now) = hand_leader(3, true);
+    reg.begin_batch();
+    let mut out = reg.handle(
+        now,
+        msg("s1", request(1, 1, 1, 1, Op::Claim(ident("Adel")))),
+    );
+    out.extend(reg.handle(
+        now,
+        msg("s1", request(1, 1, 2, 1, Op::Release(ident("Adel")))),
+    ));
+    out.extend(reg.handle(
+        now,
+        msg("s2", request(1, 1, 1, 1, Op::Claim(ident("Adel")))),
+    ));
+    out.extend(reg.end_batch());
+    let sent = announced(&out);
+    assert_eq!(sent.len(), 3, "{sent:?}");
+    let stamps: Vec<Stamp> = sent
+        .iter()
+        .flat_map(|(_, changes)| changes.iter())
+        .filter_map(|c| match c {
+            Change::SetIdentity(e) => Some(e.stamp.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stamps.len(), 2, "{sent:?}");
+    assert_ne!(stamps[0], stamps[1]);
+    out.extend(ack_all(&mut reg, now));
+    let verdicts: Vec<_> = answers(&out)
+        .into_iter()
+        .map(|(to, id, v)| (to, id, matches!(v, Verdict::Granted { .. })))
+        .collect();
+    assert_eq!(
+        verdicts,
+        vec![
+            ("s1".to_string(), 1, true),
+            ("s1".to_string(), 2, true),
+            ("s2".to_string(), 1, true)
+        ]
+    );
+}
+
 #[test]
 fn dedup_memory_is_bounded() {
     let (mut reg, now) = hand_leader(3, true);
