@@ -91,7 +91,21 @@ pub fn frame_len(prefix: [u8; 4]) -> Result<usize, WireError> {
 
 /// Decodes a frame body.
 pub fn decode_frame(body: &[u8]) -> Result<PeerMessage, WireError> {
-    postcard::from_bytes(body).map_err(|e| WireError::Decode(e.to_string()))
+    decode_whole(body)
+}
+
+/// Decodes a value that must fill `body` exactly: bytes after it mean the
+/// sender speaks something else (or is corrupt), not a message to act on.
+fn decode_whole<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, WireError> {
+    let (value, rest) =
+        postcard::take_from_bytes(body).map_err(|e| WireError::Decode(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(WireError::Decode(format!(
+            "{} bytes after the message",
+            rest.len()
+        )));
+    }
+    Ok(value)
 }
 
 /// Encodes a heartbeat datagram.
@@ -104,9 +118,7 @@ pub fn encode_heartbeat(heartbeat: &Heartbeat) -> Bytes {
 /// Decodes a heartbeat datagram.
 pub fn decode_heartbeat(datagram: &[u8]) -> Result<Heartbeat, WireError> {
     match datagram.split_first() {
-        Some((&WIRE_VERSION, body)) => {
-            postcard::from_bytes(body).map_err(|e| WireError::Decode(e.to_string()))
-        }
+        Some((&WIRE_VERSION, body)) => decode_whole(body),
         Some((&other, _)) => Err(WireError::Version(other)),
         None => Err(WireError::Decode("empty datagram".into())),
     }
@@ -115,6 +127,32 @@ pub fn decode_heartbeat(datagram: &[u8]) -> Result<Heartbeat, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_after_a_message_are_refused() {
+        let frame = encode_frame(&PeerMessage::Hello {
+            version: WIRE_VERSION,
+            id: "s1".into(),
+        });
+        let mut body = frame[4..].to_vec();
+        assert!(decode_frame(&body).is_ok());
+        body.push(0);
+        assert_eq!(
+            decode_frame(&body),
+            Err(WireError::Decode("1 bytes after the message".into()))
+        );
+        let heartbeat = Heartbeat {
+            from: "s1".into(),
+            term: 1,
+            leader: None,
+            seq: 7,
+            sent_at_ms: 9,
+        };
+        let mut datagram = encode_heartbeat(&heartbeat).to_vec();
+        assert!(decode_heartbeat(&datagram).is_ok());
+        datagram.extend_from_slice(b"xy");
+        assert!(decode_heartbeat(&datagram).is_err());
+    }
 
     #[test]
     fn frames_round_trip() {
