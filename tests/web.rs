@@ -494,6 +494,14 @@ async fn the_page_is_self_contained_and_servers_lists_the_web_ports() {
     }
     // Peer text is only ever set as text.
     assert!(!page.contains("innerHTML") && !page.contains("insertAdjacentHTML"));
+    // Inline code runs only by hash: no 'unsafe-inline'.
+    assert!(
+        headers.contains("script-src 'sha256-") && !headers.contains("unsafe-inline"),
+        "{headers}"
+    );
+    // The icon browsers ask for: nothing, and no error.
+    let (status, _, _) = http_get(web, "/favicon.ico").await;
+    assert_eq!(status, "HTTP/1.1 204 No Content");
     let (status, headers, body) = http_get(web, "/servers").await;
     assert_eq!(status, "HTTP/1.1 200 OK");
     assert!(
