@@ -63,7 +63,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::ServerId;
 use crate::config::{ClusterConfig, Timing};
@@ -346,6 +346,11 @@ impl Mesh {
     /// [`Mesh::send`] of a message already encoded by
     /// [`wire::encode_frame`]: one encoding serves every peer it goes to.
     pub fn send_frame(&self, to: &str, frame: Bytes) -> bool {
+        // The peer would refuse it and drop the link, over and over.
+        if frame.len() > 4 + wire::MAX_FRAME {
+            error!(peer = %to, bytes = frame.len(), limit = wire::MAX_FRAME, "mesh message over the frame limit; not sent");
+            return false;
+        }
         let links = self.links();
         let Some(link) = links.get(to) else {
             drop(links);
@@ -1008,10 +1013,9 @@ impl Mesh {
                 Err(_) => return Ok(()),
             }
             let len = wire::frame_len(prefix).map_err(|e| e.to_string())?;
-            let mut body = vec![0u8; len];
-            if stream.read_exact(&mut body).await.is_err() {
+            let Some(body) = read_body(&mut stream, len).await else {
                 return Ok(());
-            }
+            };
             heard_ms.fetch_max(self.clock_ms(), Ordering::Relaxed);
             let message = wire::decode_frame(&body).map_err(|e| e.to_string())?;
             match (greeted, message) {
@@ -1094,6 +1098,20 @@ async fn receive_hello(
         _ => return Err("first frame is not Hello".into()),
     }
     Ok(stream)
+}
+
+/// Reads a frame body of `len` bytes; `None` if the stream ends first. The
+/// buffer grows as the bytes arrive, so a length prefix alone (up to
+/// [`wire::MAX_FRAME`]) never makes this server allocate more than 64 KiB.
+async fn read_body(stream: &mut quinn::RecvStream, len: usize) -> Option<Vec<u8>> {
+    let mut body = Vec::with_capacity(len.min(64 * 1024));
+    while body.len() < len {
+        match stream.read_chunk(len - body.len(), true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) | Err(_) => return None,
+        }
+    }
+    Some(body)
 }
 
 /// Closes `unused`, a connection this end no longer uses but the peer may

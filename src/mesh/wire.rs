@@ -19,8 +19,11 @@ use crate::registry::RegistryMessage;
 /// carry the `movejoin` proof (issue 12).
 pub const WIRE_VERSION: u8 = 2;
 
-/// Largest stream frame accepted; checked before anything is allocated.
-pub const MAX_FRAME: usize = 1024 * 1024;
+/// Largest stream frame accepted; checked before anything is allocated, and
+/// the body's buffer grows only as its bytes arrive. A registry snapshot or
+/// holdings report is one frame, 30-60 bytes per name: 64 MiB holds over a
+/// million names (`a_snapshot_of_a_million_names_is_one_frame`).
+pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 
 /// One stream frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +130,45 @@ pub fn decode_heartbeat(datagram: &[u8]) -> Result<Heartbeat, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_of_a_million_names_is_one_frame() {
+        use crate::registry::{IdentityEntry, RoomEntry, Stamp};
+        // Long names, large stamps: more bytes per name than most.
+        let stamp = Stamp {
+            term: 1 << 40,
+            seq: 1 << 40,
+            leader: "server-10".into(),
+        };
+        let n = 500_000;
+        let identities = (0..n)
+            .map(|i| IdentityEntry {
+                identity: format!("Identity{i:08}"),
+                server: "server-10".into(),
+                moving_to: None,
+                stamp: stamp.clone(),
+                move_proof: None,
+            })
+            .collect();
+        let rooms = (0..n)
+            .map(|i| RoomEntry {
+                room: format!("Room{i:012}"),
+                server: "server-10".into(),
+                owner: format!("Identity{i:08}"),
+                stamp: stamp.clone(),
+            })
+            .collect();
+        let snapshot = PeerMessage::Registry(RegistryMessage::Snapshot {
+            term: 1 << 40,
+            seq: 1 << 40,
+            identities,
+            rooms,
+        });
+        let frame = encode_frame(&snapshot);
+        let len = frame_len(frame[..4].try_into().unwrap()).expect("under the limit");
+        println!("{} names: {len} bytes", 2 * n);
+        assert_eq!(decode_frame(&frame[4..]).as_ref(), Ok(&snapshot));
+    }
 
     #[test]
     fn bytes_after_a_message_are_refused() {
