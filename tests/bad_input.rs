@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use chatmesh::config::Limits;
 use common::{
-    DEADLINE, Raw, Via, kernel_socket, room_change, start_node, start_node_with, tcp_state,
-    wait_for,
+    DEADLINE, Raw, Via, expect_slow_readers_reset_and_freed, expect_the_room_goes_on,
+    kernel_socket, room_change, start_node, start_node_with, talk_until_slow_readers_leave,
+    tcp_state, wait_for, wait_for_within,
 };
 
 const HALL: &str = "MainHall-s1";
@@ -246,16 +247,7 @@ async fn clients_that_never_read_are_reset_at_their_drop_and_the_room_goes_on() 
     // Ten that identify, take their approval, then never read again.
     let mut slow = Vec::new();
     for i in 0..SLOW {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let hello = format!("{{\"type\":\"newidentity\",\"identity\":\"Slow{i}\"}}\n");
-        stream.write_all(hello.as_bytes()).await.unwrap();
-        let mut got = Vec::new();
-        let mut byte = [0u8; 1];
-        while !got.ends_with(b"\n") {
-            assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "open");
-            got.push(byte[0]);
-        }
+        let (stream, got) = identify_raw(addr, &format!("Slow{i}")).await;
         assert!(
             got.starts_with(br#"{"type":"newidentity","approved":"true"}"#),
             "{}",
@@ -272,75 +264,41 @@ async fn clients_that_never_read_are_reset_at_their_drop_and_the_room_goes_on() 
     }
 
     // The talker talks until all ten are dropped, while the listener keeps up.
-    let content = "z".repeat(4000);
-    let line = format!(r#"{{"type":"message","content":"{content}"}}"#);
     let chat = node.chat().clone();
-    let mut sent = 0;
-    let mut left = 0;
-    while left < SLOW {
-        assert!(sent < 5000, "the slow readers were never dropped");
-        talker.send(&line).await;
-        sent += 1;
-        // The listener sees each message, and each slow one leaving.
-        loop {
-            let got = listener.next().await.expect("the listener stays connected");
-            match got["type"].as_str() {
-                Some("message") => break,
-                Some("roomchange") => left += 1,
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-    }
+    let sent = talk_until_slow_readers_leave(&mut talker, &mut listener, SLOW).await;
     let dropped_at = std::time::Instant::now();
     assert_eq!(chat.counts().sessions, 2);
-    // From the client's side: each connection is reset (closed without
-    // waiting for the client to read what was stuck in it), within 10 s.
-    wait_for_within(
-        "every slow reader's connection reset",
-        Duration::from_secs(10),
-        || slow.iter().all(|(stream, _)| tcp_state(stream) == 7),
-    )
-    .await;
-    // From the kernel's side: the server's end of each is gone, buffer and all.
-    wait_for_within(
-        "the server's end of every slow reader's connection gone",
-        Duration::from_secs(10),
-        || {
-            slow.iter()
-                .all(|(_, client_end)| kernel_socket(addr, *client_end).is_none())
-        },
-    )
-    .await;
-    // Their client slots are free again.
-    let slots = node.client_slots().clone();
-    wait_for("the slow readers' slots to be free", || slots.in_use() == 2).await;
+    // Each connection reset, the server's end of it gone, within 10 s; and
+    // their client slots free again.
+    let ends: Vec<_> = slow.iter().map(|(stream, end)| (stream, *end)).collect();
+    expect_slow_readers_reset_and_freed("slow reader", &node, addr, &ends, 2).await;
     println!(
         "{SLOW} slow readers dropped after {sent} messages of 4 KB; reset and freed within {:?}",
         dropped_at.elapsed()
     );
     // And the room goes on.
-    listener
-        .send(r#"{"type":"message","content":"still here"}"#)
-        .await;
-    for i in 0..SLOW {
-        let leaving = room_change(&format!("Slow{i}"), HALL, "");
-        let got = talker.next().await.expect("talker connected");
-        assert_eq!(got["type"], "roomchange", "{got} instead of {leaving}");
-    }
-    talker
-        .expect(r#"{"type":"message","identity":"Listener","content":"still here"}"#)
-        .await;
+    let leavers: Vec<String> = (0..SLOW).map(|i| format!("Slow{i}")).collect();
+    expect_the_room_goes_on(&mut talker, &mut listener, HALL, &leavers).await;
     listener.expect_nothing_more().await;
     node.stop().await;
 }
 
-/// Polls `condition` until true, failing after `within`.
-async fn wait_for_within(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
-    let start = tokio::time::Instant::now();
-    while !condition() {
-        assert!(start.elapsed() < within, "not within {within:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+/// A plain TCP client that sends `newidentity` for `name` and reads the
+/// first line back a byte at a time (nothing beyond it is taken from the
+/// socket, so the server's later output stays unread); the stream and that
+/// line.
+async fn identify_raw(addr: std::net::SocketAddr, name: &str) -> (tokio::net::TcpStream, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let hello = format!("{{\"type\":\"newidentity\",\"identity\":\"{name}\"}}\n");
+    stream.write_all(hello.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\n") {
+        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "open");
+        got.push(byte[0]);
     }
+    (stream, got)
 }
 
 /// A client `name` that identifies and never reads again, with output from
@@ -350,16 +308,7 @@ async fn stuck_client(
     name: &str,
     talker: &mut Raw,
 ) -> tokio::net::TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let hello = format!("{{\"type\":\"newidentity\",\"identity\":\"{name}\"}}\n");
-    stream.write_all(hello.as_bytes()).await.unwrap();
-    let mut byte = [0u8; 1];
-    let mut got = Vec::new();
-    while !got.ends_with(b"\n") {
-        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "open");
-        got.push(byte[0]);
-    }
+    let (stream, _approval) = identify_raw(addr, name).await;
     talker.expect(&room_change(name, "", HALL)).await;
     let client_end = stream.local_addr().unwrap();
     // Output piles up in the connection, well below the outbox limit.

@@ -21,8 +21,8 @@ use chatmesh::listener::{
 };
 use common::process::BIN;
 use common::{
-    DEADLINE, Raw, Via, certs, kernel_socket, room_change, start_node_with, tcp_state, temp_dir,
-    wait_for,
+    DEADLINE, Raw, Via, certs, expect_slow_readers_reset_and_freed, expect_the_room_goes_on,
+    room_change, start_node_with, talk_until_slow_readers_leave, temp_dir, wait_for,
 };
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -533,15 +533,6 @@ async fn a_thousand_idle_clients_under_a_1024_file_limit() {
     drop(approved);
 }
 
-/// Polls `condition` until true, failing after `within`.
-async fn wait_for_within(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !condition() {
-        assert!(start.elapsed() < within, "not within {within:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test]
 async fn websocket_clients_that_never_read_are_reset_at_their_drop() {
     use futures_util::{SinkExt, StreamExt};
@@ -590,56 +581,18 @@ async fn websocket_clients_that_never_read_are_reset_at_their_drop() {
     }
 
     // The talker talks until all five are dropped, while the listener keeps up.
-    let line = format!(r#"{{"type":"message","content":"{}"}}"#, "z".repeat(4000));
-    let (mut sent, mut left) = (0, 0);
-    while left < SLOW {
-        assert!(sent < 5000, "the slow readers were never dropped");
-        talker.send(&line).await;
-        sent += 1;
-        loop {
-            let got = listener.next().await.expect("the listener stays connected");
-            match got["type"].as_str() {
-                Some("message") => break,
-                Some("roomchange") => left += 1,
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-    }
+    let sent = talk_until_slow_readers_leave(&mut talker, &mut listener, SLOW).await;
     let dropped_at = Instant::now();
-    // From the client's side: each connection is reset (a graceful close
-    // would wait behind the output the client never reads), within 10 s.
-    wait_for_within(
-        "every WebSocket slow reader's connection reset",
-        Duration::from_secs(10),
-        || slow.iter().all(|(ws, _)| tcp_state(ws.get_ref()) == 7),
-    )
-    .await;
-    // From the kernel's side: the server's end of each is gone, buffer and all.
-    wait_for_within(
-        "the server's end of every WebSocket slow reader's connection gone",
-        Duration::from_secs(10),
-        || {
-            slow.iter()
-                .all(|(_, client_end)| kernel_socket(web, *client_end).is_none())
-        },
-    )
-    .await;
-    let slots = node.client_slots().clone();
-    wait_for("the slow readers' slots to be free", || slots.in_use() == 2).await;
+    // Each connection reset, the server's end of it gone, within 10 s; and
+    // their client slots free again.
+    let ends: Vec<_> = slow.iter().map(|(ws, end)| (ws.get_ref(), *end)).collect();
+    expect_slow_readers_reset_and_freed("WebSocket slow reader", &node, web, &ends, 2).await;
     println!(
         "{SLOW} WebSocket slow readers dropped after {sent} messages of 4 KB; reset and freed within {:?}",
         dropped_at.elapsed()
     );
     // The room goes on.
-    listener
-        .send(r#"{"type":"message","content":"still here"}"#)
-        .await;
-    for _ in 0..SLOW {
-        let got = talker.next().await.expect("talker connected");
-        assert_eq!(got["type"], "roomchange", "{got}");
-    }
-    talker
-        .expect(r#"{"type":"message","identity":"Listener","content":"still here"}"#)
-        .await;
+    let leavers: Vec<String> = (0..SLOW).map(|i| format!("Wslow{i}")).collect();
+    expect_the_room_goes_on(&mut talker, &mut listener, HALL, &leavers).await;
     node.stop().await;
 }
