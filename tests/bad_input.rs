@@ -326,9 +326,13 @@ async fn stuck_client(
     stream
 }
 
-#[tokio::test]
-async fn a_client_that_quits_and_never_reads_its_last_lines_is_reset() {
-    let grace = Duration::from_millis(1000);
+/// A node whose grace for a closed connection's unread output (its
+/// handshake timeout) is `grace`, a talker in the main hall, and a client
+/// `name` stuck as [`stuck_client`] leaves it.
+async fn node_with_a_stuck_client(
+    grace: Duration,
+    name: &str,
+) -> (chatmesh::Node, Raw, tokio::net::TcpStream) {
     let node = start_node_with(Limits {
         handshake_timeout: grace,
         ..Limits::default()
@@ -336,26 +340,47 @@ async fn a_client_that_quits_and_never_reads_its_last_lines_is_reset() {
     .await;
     let addr = node.client_addr();
     let mut talker = Raw::join(Via::Tcp, addr, "Talker", HALL).await;
-    let mut quitter = stuck_client(addr, "Quitter", &mut talker).await;
+    let stuck = stuck_client(addr, name, &mut talker).await;
+    (node, talker, stuck)
+}
+
+/// Waits until the stuck client `who`'s connection is reset (within `grace`
+/// and 5 s), then until its slot is free (the talker's alone in use);
+/// returns how long the reset took.
+async fn expect_stuck_reset_and_freed(
+    node: &chatmesh::Node,
+    who: &str,
+    stream: &tokio::net::TcpStream,
+    grace: Duration,
+) -> Duration {
+    let since = std::time::Instant::now();
+    wait_for_within(
+        &format!("the {who}'s connection reset"),
+        grace + Duration::from_secs(5),
+        || tcp_state(stream) == 7,
+    )
+    .await;
+    let took = since.elapsed();
+    let slots = node.client_slots().clone();
+    wait_for(&format!("the {who}'s slot to be free"), || {
+        slots.in_use() == 1
+    })
+    .await;
+    took
+}
+
+#[tokio::test]
+async fn a_client_that_quits_and_never_reads_its_last_lines_is_reset() {
+    let grace = Duration::from_millis(1000);
+    let (node, mut talker, mut quitter) = node_with_a_stuck_client(grace, "Quitter").await;
     {
         use tokio::io::AsyncWriteExt;
         quitter.write_all(b"{\"type\":\"quit\"}\n").await.unwrap();
     }
     talker.expect(&room_change("Quitter", HALL, "")).await;
-    let quit_at = std::time::Instant::now();
-    wait_for_within(
-        "the quitter's connection reset",
-        grace + Duration::from_secs(5),
-        || tcp_state(&quitter) == 7,
-    )
-    .await;
-    println!(
-        "quit with 100 messages of 4 KB unread; reset after {:?} (grace {grace:?})",
-        quit_at.elapsed()
-    );
-    assert!(quit_at.elapsed() >= grace / 2, "reset before the grace");
-    let slots = node.client_slots().clone();
-    wait_for("the quitter's slot to be free", || slots.in_use() == 1).await;
+    let took = expect_stuck_reset_and_freed(&node, "quitter", &quitter, grace).await;
+    println!("quit with 100 messages of 4 KB unread; reset after {took:?} (grace {grace:?})");
+    assert!(took >= grace / 2, "reset before the grace");
     talker.expect_nothing_more().await;
     node.stop().await;
 }
@@ -363,33 +388,12 @@ async fn a_client_that_quits_and_never_reads_its_last_lines_is_reset() {
 #[tokio::test]
 async fn an_evicted_client_that_never_reads_is_reset() {
     let grace = Duration::from_millis(1000);
-    let node = start_node_with(Limits {
-        handshake_timeout: grace,
-        ..Limits::default()
-    })
-    .await;
-    let addr = node.client_addr();
-    let mut talker = Raw::join(Via::Tcp, addr, "Talker", HALL).await;
-    let evicted = stuck_client(addr, "Evicted", &mut talker).await;
+    let (node, mut talker, evicted) = node_with_a_stuck_client(grace, "Evicted").await;
     // As after a heal that found the name granted elsewhere too.
     node.chat().evict(&["Evicted".to_owned()], &[]);
     talker.expect(&room_change("Evicted", HALL, "")).await;
-    let evicted_at = std::time::Instant::now();
-    wait_for_within(
-        "the evicted client's connection reset",
-        grace + Duration::from_secs(5),
-        || tcp_state(&evicted) == 7,
-    )
-    .await;
-    println!(
-        "evicted with 100 messages of 4 KB unread; reset after {:?}",
-        evicted_at.elapsed()
-    );
-    let slots = node.client_slots().clone();
-    wait_for("the evicted client's slot to be free", || {
-        slots.in_use() == 1
-    })
-    .await;
+    let took = expect_stuck_reset_and_freed(&node, "evicted client", &evicted, grace).await;
+    println!("evicted with 100 messages of 4 KB unread; reset after {took:?}");
     talker.expect_nothing_more().await;
     node.stop().await;
 }

@@ -280,6 +280,18 @@ impl NodeProc {
             }
         }
     }
+
+    /// Waits for the node to serve; its client and admin addresses.
+    fn serving(&mut self) -> (SocketAddr, SocketAddr) {
+        let serving = self.wait_line("serving clients");
+        let addr: SocketAddr = field(&serving, "client_addr").parse().unwrap();
+        let admin: SocketAddr = field(&serving, "admin_addr")
+            .trim_start_matches("Some(")
+            .trim_end_matches(')')
+            .parse()
+            .unwrap();
+        (addr, admin)
+    }
 }
 
 impl Drop for NodeProc {
@@ -421,13 +433,7 @@ async fn a_thousand_idle_clients_under_a_1024_file_limit() {
     let limited = node.wait_line("client connections limited");
     let max_clients: usize = field(&limited, "max_clients").parse().unwrap();
     assert_eq!(max_clients, 1024 - FD_RESERVE as usize);
-    let serving = node.wait_line("serving clients");
-    let addr: SocketAddr = field(&serving, "client_addr").parse().unwrap();
-    let admin: SocketAddr = field(&serving, "admin_addr")
-        .trim_start_matches("Some(")
-        .trim_end_matches(')')
-        .parse()
-        .unwrap();
+    let (addr, admin) = node.serving();
     let (approved, refused) = login_many(addr, IDLE_CLIENTS, 100).await;
     println!(
         "1024/1024: {} approved, {} refused, in {:?}",
@@ -506,13 +512,7 @@ async fn a_thousand_idle_clients_under_a_1024_file_limit() {
     let mut node = NodeProc::start(&config, 1024, hard);
     let raised = node.wait_line("open files limit raised");
     assert_eq!(field(&raised, "to"), hard.to_string(), "{raised}");
-    let serving = node.wait_line("serving clients");
-    let addr: SocketAddr = field(&serving, "client_addr").parse().unwrap();
-    let admin: SocketAddr = field(&serving, "admin_addr")
-        .trim_start_matches("Some(")
-        .trim_end_matches(')')
-        .parse()
-        .unwrap();
+    let (addr, admin) = node.serving();
     let (approved, refused) = login_many(addr, IDLE_CLIENTS, 100).await;
     println!(
         "1024/{hard}: {} approved, {} refused, in {:?}",
