@@ -6,20 +6,18 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use chatmesh::config::Limits;
 use chatmesh::listener::{
     FD_RESERVE, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES, USER_TIMEOUT,
 };
-use common::process::BIN;
+use common::process::{BIN, Proc};
 use common::{
     DEADLINE, Raw, Via, certs, expect_slow_readers_reset_and_freed, expect_the_room_goes_on,
     room_change, start_node_with, talk_until_slow_readers_leave, temp_dir, wait_for,
@@ -208,97 +206,41 @@ async fn expect_client_socket_options(addr: SocketAddr, limits: &Limits) {
     );
 }
 
-/// A node process with its output lines on a channel; killed when dropped.
-struct NodeProc {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl NodeProc {
-    /// Starts `chatmesh node` on `config` with RLIMIT_NOFILE `soft`/`hard`.
-    fn start(config: &str, soft: u64, hard: u64) -> NodeProc {
-        let certs = certs().display().to_string();
-        let mut command = Command::new(BIN);
-        command
-            .args(["node", "--config", config, "--id", "s1", "--certs", &certs])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // SAFETY: setrlimit is async-signal-safe, and this closure touches
-        // nothing else between fork and exec.
-        unsafe {
-            command.pre_exec(move || {
-                let limit = libc::rlimit {
-                    rlim_cur: soft,
-                    rlim_max: hard,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
-        let mut child = command.spawn().expect("spawn chatmesh node");
-        let (tx, lines) = channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
+/// Starts `chatmesh node` on `config` with RLIMIT_NOFILE `soft`/`hard`.
+fn start_node_limited(config: &str, soft: u64, hard: u64) -> Proc {
+    let certs = certs().display().to_string();
+    let mut command = Command::new(BIN);
+    command
+        .args(["node", "--config", config, "--id", "s1", "--certs", &certs])
+        .env("RUST_LOG", "info");
+    // SAFETY: setrlimit is async-signal-safe, and this closure touches
+    // nothing else between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
             }
         });
-        NodeProc {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
     }
-
-    /// Waits for a log line containing `needle`.
-    fn wait_line(&mut self, needle: &str) -> String {
-        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
-            return line.clone();
-        }
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "node: no line containing {needle:?}; saw:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    /// Waits for the node to serve; its client and admin addresses.
-    fn serving(&mut self) -> (SocketAddr, SocketAddr) {
-        let serving = self.wait_line("serving clients");
-        let addr: SocketAddr = field(&serving, "client_addr").parse().unwrap();
-        let admin: SocketAddr = field(&serving, "admin_addr")
-            .trim_start_matches("Some(")
-            .trim_end_matches(')')
-            .parse()
-            .unwrap();
-        (addr, admin)
-    }
+    Proc::spawn_command("node", command)
 }
 
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Waits for `node` to serve; its client and admin addresses.
+fn serving(node: &mut Proc) -> (SocketAddr, SocketAddr) {
+    let serving = node.wait_line("serving clients");
+    let addr: SocketAddr = field(&serving, "client_addr").parse().unwrap();
+    let admin: SocketAddr = field(&serving, "admin_addr")
+        .trim_start_matches("Some(")
+        .trim_end_matches(')')
+        .parse()
+        .unwrap();
+    (addr, admin)
 }
 
 /// The value after `key=` in a log line.
@@ -428,12 +370,12 @@ async fn a_thousand_idle_clients_under_a_1024_file_limit() {
     // what the limit leaves room for, refuses the rest clearly, and keeps
     // its admin endpoint.
     let started = Instant::now();
-    let mut node = NodeProc::start(&config, 1024, 1024);
+    let mut node = start_node_limited(&config, 1024, 1024);
     node.wait_line("open files limit already at its maximum");
     let limited = node.wait_line("client connections limited");
     let max_clients: usize = field(&limited, "max_clients").parse().unwrap();
     assert_eq!(max_clients, 1024 - FD_RESERVE as usize);
-    let (addr, admin) = node.serving();
+    let (addr, admin) = serving(&mut node);
     let (approved, refused) = login_many(addr, IDLE_CLIENTS, 100).await;
     println!(
         "1024/1024: {} approved, {} refused, in {:?}",
@@ -509,10 +451,10 @@ async fn a_thousand_idle_clients_under_a_1024_file_limit() {
         return;
     }
     let started = Instant::now();
-    let mut node = NodeProc::start(&config, 1024, hard);
+    let mut node = start_node_limited(&config, 1024, hard);
     let raised = node.wait_line("open files limit raised");
     assert_eq!(field(&raised, "to"), hard.to_string(), "{raised}");
-    let (addr, admin) = node.serving();
+    let (addr, admin) = serving(&mut node);
     let (approved, refused) = login_many(addr, IDLE_CLIENTS, 100).await;
     println!(
         "1024/{hard}: {} approved, {} refused, in {:?}",

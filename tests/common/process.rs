@@ -55,15 +55,22 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Starts the binary under test with `args`, logging at info.
     pub fn spawn(name: &str, args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "info")
+        let mut command = Command::new(BIN);
+        command.args(args).env("RUST_LOG", "info");
+        Proc::spawn_command(name, command)
+    }
+
+    /// Starts `command` (a test may set limits or a `pre_exec` on it) with
+    /// its stdin, stdout and stderr piped.
+    pub fn spawn_command(name: &str, mut command: Command) -> Proc {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn chatmesh");
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         let (tx, lines) = channel();
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
