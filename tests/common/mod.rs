@@ -152,14 +152,7 @@ impl Raw {
                 let stream = tokio::net::TcpStream::connect(addr)
                     .await
                     .expect("tcp connect");
-                stream.set_nodelay(true).unwrap();
-                let (r, w) = stream.into_split();
-                Raw {
-                    reader: LineReader::new(Box::new(r), 1 << 22),
-                    writer: Box::new(w),
-                    _quic: None,
-                    name: name.to_owned(),
-                }
+                Raw::over_tcp(stream, name)
             }
             Via::Quic => Raw::connect_quic_from([127, 0, 0, 1].into(), addr, name).await,
             Via::Ws => Raw::connect_ws(web_addr_of(addr), name).await,
@@ -248,6 +241,11 @@ impl Raw {
             .bind(SocketAddr::new(from, 0))
             .unwrap_or_else(|e| panic!("{name}: cannot bind {from}: {e}"));
         let stream = socket.connect(addr).await.expect("tcp connect");
+        Raw::over_tcp(stream, name)
+    }
+
+    /// A client on the connected TCP `stream` (Nagle off: each line goes at once).
+    fn over_tcp(stream: tokio::net::TcpStream, name: &str) -> Raw {
         stream.set_nodelay(true).unwrap();
         let (r, w) = stream.into_split();
         Raw {
