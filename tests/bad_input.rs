@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use chatmesh::config::Limits;
 use common::{
-    DEADLINE, Raw, Via, kernel_socket, room_change, start_node, start_node_with, tcp_state,
-    wait_for,
+    DEADLINE, Raw, Via, expect_slow_readers_reset_and_freed, expect_the_room_goes_on,
+    kernel_socket, room_change, start_node, start_node_with, talk_until_slow_readers_leave,
+    tcp_state, wait_for, wait_for_within,
 };
 
 const HALL: &str = "MainHall-s1";
@@ -246,16 +247,7 @@ async fn clients_that_never_read_are_reset_at_their_drop_and_the_room_goes_on() 
     // Ten that identify, take their approval, then never read again.
     let mut slow = Vec::new();
     for i in 0..SLOW {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let hello = format!("{{\"type\":\"newidentity\",\"identity\":\"Slow{i}\"}}\n");
-        stream.write_all(hello.as_bytes()).await.unwrap();
-        let mut got = Vec::new();
-        let mut byte = [0u8; 1];
-        while !got.ends_with(b"\n") {
-            assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "open");
-            got.push(byte[0]);
-        }
+        let (stream, got) = identify_raw(addr, &format!("Slow{i}")).await;
         assert!(
             got.starts_with(br#"{"type":"newidentity","approved":"true"}"#),
             "{}",
@@ -272,75 +264,41 @@ async fn clients_that_never_read_are_reset_at_their_drop_and_the_room_goes_on() 
     }
 
     // The talker talks until all ten are dropped, while the listener keeps up.
-    let content = "z".repeat(4000);
-    let line = format!(r#"{{"type":"message","content":"{content}"}}"#);
     let chat = node.chat().clone();
-    let mut sent = 0;
-    let mut left = 0;
-    while left < SLOW {
-        assert!(sent < 5000, "the slow readers were never dropped");
-        talker.send(&line).await;
-        sent += 1;
-        // The listener sees each message, and each slow one leaving.
-        loop {
-            let got = listener.next().await.expect("the listener stays connected");
-            match got["type"].as_str() {
-                Some("message") => break,
-                Some("roomchange") => left += 1,
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-    }
+    let sent = talk_until_slow_readers_leave(&mut talker, &mut listener, SLOW).await;
     let dropped_at = std::time::Instant::now();
     assert_eq!(chat.counts().sessions, 2);
-    // From the client's side: each connection is reset (closed without
-    // waiting for the client to read what was stuck in it), within 10 s.
-    wait_for_within(
-        "every slow reader's connection reset",
-        Duration::from_secs(10),
-        || slow.iter().all(|(stream, _)| tcp_state(stream) == 7),
-    )
-    .await;
-    // From the kernel's side: the server's end of each is gone, buffer and all.
-    wait_for_within(
-        "the server's end of every slow reader's connection gone",
-        Duration::from_secs(10),
-        || {
-            slow.iter()
-                .all(|(_, client_end)| kernel_socket(addr, *client_end).is_none())
-        },
-    )
-    .await;
-    // Their client slots are free again.
-    let slots = node.client_slots().clone();
-    wait_for("the slow readers' slots to be free", || slots.in_use() == 2).await;
+    // Each connection reset, the server's end of it gone, within 10 s; and
+    // their client slots free again.
+    let ends: Vec<_> = slow.iter().map(|(stream, end)| (stream, *end)).collect();
+    expect_slow_readers_reset_and_freed("slow reader", &node, addr, &ends, 2).await;
     println!(
         "{SLOW} slow readers dropped after {sent} messages of 4 KB; reset and freed within {:?}",
         dropped_at.elapsed()
     );
     // And the room goes on.
-    listener
-        .send(r#"{"type":"message","content":"still here"}"#)
-        .await;
-    for i in 0..SLOW {
-        let leaving = room_change(&format!("Slow{i}"), HALL, "");
-        let got = talker.next().await.expect("talker connected");
-        assert_eq!(got["type"], "roomchange", "{got} instead of {leaving}");
-    }
-    talker
-        .expect(r#"{"type":"message","identity":"Listener","content":"still here"}"#)
-        .await;
+    let leavers: Vec<String> = (0..SLOW).map(|i| format!("Slow{i}")).collect();
+    expect_the_room_goes_on(&mut talker, &mut listener, HALL, &leavers).await;
     listener.expect_nothing_more().await;
     node.stop().await;
 }
 
-/// Polls `condition` until true, failing after `within`.
-async fn wait_for_within(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
-    let start = tokio::time::Instant::now();
-    while !condition() {
-        assert!(start.elapsed() < within, "not within {within:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+/// A plain TCP client that sends `newidentity` for `name` and reads the
+/// first line back a byte at a time (nothing beyond it is taken from the
+/// socket, so the server's later output stays unread); the stream and that
+/// line.
+async fn identify_raw(addr: std::net::SocketAddr, name: &str) -> (tokio::net::TcpStream, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let hello = format!("{{\"type\":\"newidentity\",\"identity\":\"{name}\"}}\n");
+    stream.write_all(hello.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\n") {
+        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "open");
+        got.push(byte[0]);
     }
+    (stream, got)
 }
 
 /// A client `name` that identifies and never reads again, with output from
@@ -350,16 +308,7 @@ async fn stuck_client(
     name: &str,
     talker: &mut Raw,
 ) -> tokio::net::TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let hello = format!("{{\"type\":\"newidentity\",\"identity\":\"{name}\"}}\n");
-    stream.write_all(hello.as_bytes()).await.unwrap();
-    let mut byte = [0u8; 1];
-    let mut got = Vec::new();
-    while !got.ends_with(b"\n") {
-        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "open");
-        got.push(byte[0]);
-    }
+    let (stream, _approval) = identify_raw(addr, name).await;
     talker.expect(&room_change(name, "", HALL)).await;
     let client_end = stream.local_addr().unwrap();
     // Output piles up in the connection, well below the outbox limit.
@@ -377,9 +326,13 @@ async fn stuck_client(
     stream
 }
 
-#[tokio::test]
-async fn a_client_that_quits_and_never_reads_its_last_lines_is_reset() {
-    let grace = Duration::from_millis(1000);
+/// A node whose grace for a closed connection's unread output (its
+/// handshake timeout) is `grace`, a talker in the main hall, and a client
+/// `name` stuck as [`stuck_client`] leaves it.
+async fn node_with_a_stuck_client(
+    grace: Duration,
+    name: &str,
+) -> (chatmesh::Node, Raw, tokio::net::TcpStream) {
     let node = start_node_with(Limits {
         handshake_timeout: grace,
         ..Limits::default()
@@ -387,26 +340,47 @@ async fn a_client_that_quits_and_never_reads_its_last_lines_is_reset() {
     .await;
     let addr = node.client_addr();
     let mut talker = Raw::join(Via::Tcp, addr, "Talker", HALL).await;
-    let mut quitter = stuck_client(addr, "Quitter", &mut talker).await;
+    let stuck = stuck_client(addr, name, &mut talker).await;
+    (node, talker, stuck)
+}
+
+/// Waits until the stuck client `who`'s connection is reset (within `grace`
+/// and 5 s), then until its slot is free (the talker's alone in use);
+/// returns how long the reset took.
+async fn expect_stuck_reset_and_freed(
+    node: &chatmesh::Node,
+    who: &str,
+    stream: &tokio::net::TcpStream,
+    grace: Duration,
+) -> Duration {
+    let since = std::time::Instant::now();
+    wait_for_within(
+        &format!("the {who}'s connection reset"),
+        grace + Duration::from_secs(5),
+        || tcp_state(stream) == 7,
+    )
+    .await;
+    let took = since.elapsed();
+    let slots = node.client_slots().clone();
+    wait_for(&format!("the {who}'s slot to be free"), || {
+        slots.in_use() == 1
+    })
+    .await;
+    took
+}
+
+#[tokio::test]
+async fn a_client_that_quits_and_never_reads_its_last_lines_is_reset() {
+    let grace = Duration::from_millis(1000);
+    let (node, mut talker, mut quitter) = node_with_a_stuck_client(grace, "Quitter").await;
     {
         use tokio::io::AsyncWriteExt;
         quitter.write_all(b"{\"type\":\"quit\"}\n").await.unwrap();
     }
     talker.expect(&room_change("Quitter", HALL, "")).await;
-    let quit_at = std::time::Instant::now();
-    wait_for_within(
-        "the quitter's connection reset",
-        grace + Duration::from_secs(5),
-        || tcp_state(&quitter) == 7,
-    )
-    .await;
-    println!(
-        "quit with 100 messages of 4 KB unread; reset after {:?} (grace {grace:?})",
-        quit_at.elapsed()
-    );
-    assert!(quit_at.elapsed() >= grace / 2, "reset before the grace");
-    let slots = node.client_slots().clone();
-    wait_for("the quitter's slot to be free", || slots.in_use() == 1).await;
+    let took = expect_stuck_reset_and_freed(&node, "quitter", &quitter, grace).await;
+    println!("quit with 100 messages of 4 KB unread; reset after {took:?} (grace {grace:?})");
+    assert!(took >= grace / 2, "reset before the grace");
     talker.expect_nothing_more().await;
     node.stop().await;
 }
@@ -414,33 +388,12 @@ async fn a_client_that_quits_and_never_reads_its_last_lines_is_reset() {
 #[tokio::test]
 async fn an_evicted_client_that_never_reads_is_reset() {
     let grace = Duration::from_millis(1000);
-    let node = start_node_with(Limits {
-        handshake_timeout: grace,
-        ..Limits::default()
-    })
-    .await;
-    let addr = node.client_addr();
-    let mut talker = Raw::join(Via::Tcp, addr, "Talker", HALL).await;
-    let evicted = stuck_client(addr, "Evicted", &mut talker).await;
+    let (node, mut talker, evicted) = node_with_a_stuck_client(grace, "Evicted").await;
     // As after a heal that found the name granted elsewhere too.
     node.chat().evict(&["Evicted".to_owned()], &[]);
     talker.expect(&room_change("Evicted", HALL, "")).await;
-    let evicted_at = std::time::Instant::now();
-    wait_for_within(
-        "the evicted client's connection reset",
-        grace + Duration::from_secs(5),
-        || tcp_state(&evicted) == 7,
-    )
-    .await;
-    println!(
-        "evicted with 100 messages of 4 KB unread; reset after {:?}",
-        evicted_at.elapsed()
-    );
-    let slots = node.client_slots().clone();
-    wait_for("the evicted client's slot to be free", || {
-        slots.in_use() == 1
-    })
-    .await;
+    let took = expect_stuck_reset_and_freed(&node, "evicted client", &evicted, grace).await;
+    println!("evicted with 100 messages of 4 KB unread; reset after {took:?}");
     talker.expect_nothing_more().await;
     node.stop().await;
 }

@@ -320,18 +320,33 @@ impl Browser {
         }
     }
 
-    /// Types `text` into the message box with the keyboard and presses Send.
+    /// Types `text` with the keyboard into the box at `at`, `what`.
     /// (chromedriver types only characters of the Basic Multilingual Plane.)
-    async fn type_and_send(&self, text: &str) {
-        let input = self.client.find(Locator::Id("text")).await.expect("box");
-        input.send_keys(text).await.expect("type");
+    async fn type_into(&self, at: Locator<'_>, what: &str, text: &str) {
         self.client
-            .find(Locator::Css("#say button"))
+            .find(at)
             .await
-            .expect("Send button")
+            .unwrap_or_else(|e| panic!("{what}: {e:?}"))
+            .send_keys(text)
+            .await
+            .expect("type");
+    }
+
+    /// Clicks the button at `at`, labelled `label`.
+    async fn click(&self, at: Locator<'_>, label: &str) {
+        self.client
+            .find(at)
+            .await
+            .unwrap_or_else(|e| panic!("{label} button: {e:?}"))
             .click()
             .await
-            .expect("click Send");
+            .unwrap_or_else(|e| panic!("click {label}: {e:?}"));
+    }
+
+    /// Types `text` into the message box with the keyboard and presses Send.
+    async fn type_and_send(&self, text: &str) {
+        self.type_into(Locator::Id("text"), "box", text).await;
+        self.click(Locator::Css("#say button"), "Send").await;
     }
 
     /// Puts `text` into the message box as a paste would (any characters,
@@ -344,13 +359,7 @@ impl Browser {
             )
             .await
             .expect("paste");
-        self.client
-            .find(Locator::Css("#say button"))
-            .await
-            .expect("Send button")
-            .click()
-            .await
-            .expect("click Send");
+        self.click(Locator::Css("#say button"), "Send").await;
     }
 
     /// Clicks the room list's button for `room`.
@@ -501,21 +510,11 @@ async fn the_page_in_chromium_chats_follows_a_route_and_reconnects() {
 
     // 2. Create a room with the form: the creator is moved into it.
     browser
-        .client
-        .find(Locator::Id("newroomid"))
-        .await
-        .expect("new room box")
-        .send_keys("lounge")
-        .await
-        .expect("type");
+        .type_into(Locator::Id("newroomid"), "new room box", "lounge")
+        .await;
     browser
-        .client
-        .find(Locator::Css("#newroom button"))
-        .await
-        .expect("Create button")
-        .click()
-        .await
-        .expect("click Create");
+        .click(Locator::Css("#newroom button"), "Create")
+        .await;
     browser
         .until("the page created lounge, is in it and owns it", |s| {
             s.logged("room lounge created")
@@ -629,13 +628,8 @@ async fn the_page_in_chromium_chats_follows_a_route_and_reconnects() {
         })
         .await;
     browser
-        .client
-        .find(Locator::Id("deleteroom"))
-        .await
-        .expect("Delete room button")
-        .click()
-        .await
-        .expect("click Delete room");
+        .click(Locator::Id("deleteroom"), "Delete room")
+        .await;
     browser
         .until("lounge deleted, the page back in the main hall", |s| {
             s.logged("room lounge deleted")
@@ -762,21 +756,13 @@ async fn readme_screenshots() {
         .goto(&format!("http://{s1_web}/"))
         .await
         .expect("open the page");
-    let name = browser
-        .client
-        .find(Locator::Id("identity"))
-        .await
-        .expect("name box");
-    name.send_keys("Dana").await.expect("type");
+    browser
+        .type_into(Locator::Id("identity"), "name box", "Dana")
+        .await;
     browser.shot("login").await;
     browser
-        .client
-        .find(Locator::Css("#loginform button"))
-        .await
-        .expect("Chat button")
-        .click()
-        .await
-        .expect("click Chat");
+        .click(Locator::Css("#loginform button"), "Chat")
+        .await;
     browser
         .until("in the main hall, rooms listed", |s| {
             s.room == "MainHall-s1"

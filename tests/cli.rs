@@ -6,36 +6,12 @@ mod common;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use common::process::{BIN, Proc};
+use common::process::{BIN, Proc, single_node_config, spawn_node, spawn_node_with};
 use common::{certs, free_ports, temp_dir};
-
-/// A one-server config file on port 0 (the node logs the port it got).
-fn single_node_config() -> String {
-    let dir = temp_dir("cli");
-    let path = dir.join("cluster.txt");
-    std::fs::write(&path, "s1 127.0.0.1 0 0\n").unwrap();
-    path.display().to_string()
-}
-
-fn start_node(config: &str) -> (Proc, String) {
-    let certs = certs().display().to_string();
-    let mut node = Proc::spawn(
-        "node",
-        &["node", "--config", config, "--id", "s1", "--certs", &certs],
-    );
-    let line = node.wait_line("serving clients");
-    let addr = line
-        .split("client_addr=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("node logs its client address")
-        .to_owned();
-    (node, addr)
-}
 
 #[test]
 fn bundled_clients_chat_over_quic_and_tcp_and_the_node_stops_cleanly() {
-    let (mut node, addr) = start_node(&single_node_config());
+    let (mut node, addr) = spawn_node(&single_node_config("cli"));
     let ca = certs().join("ca.pem").display().to_string();
 
     let mut bob = Proc::spawn("bob", &["client", "-i", "Bob", "--server", &addr, "--tcp"]);
@@ -84,7 +60,7 @@ fn bundled_clients_chat_over_quic_and_tcp_and_the_node_stops_cleanly() {
 
 #[test]
 fn a_refused_identity_is_a_clear_error() {
-    let (mut node, addr) = start_node(&single_node_config());
+    let (mut node, addr) = spawn_node(&single_node_config("cli"));
     let mut bad = Proc::spawn("bad", &["client", "-i", "no", "--server", &addr, "--tcp"]);
     bad.wait_line("identity \"no\" refused");
     assert!(!bad.wait_exit(), "a refused identity exits non-zero");
@@ -94,7 +70,7 @@ fn a_refused_identity_is_a_clear_error() {
 
 #[test]
 fn scripted_client_runs_a_whole_script_from_a_pipe() {
-    let (_node, addr) = start_node(&single_node_config());
+    let (_node, addr) = spawn_node(&single_node_config("cli"));
     let ca = certs().join("ca.pem").display().to_string();
     let mut child = Command::new(BIN)
         .args(["client", "-i", "Script", "--server", &addr, "--ca", &ca])
@@ -289,7 +265,7 @@ fn a_broken_config_names_line_and_field() {
 
 #[test]
 fn clients_notice_a_stopping_server_at_once() {
-    let (mut node, addr) = start_node(&single_node_config());
+    let (mut node, addr) = spawn_node(&single_node_config("cli"));
     let ca = certs().join("ca.pem").display().to_string();
     // No other server to move to: --servers names only this one.
     let mut quic = Proc::spawn(
@@ -348,15 +324,6 @@ fn admin_node_config(tag: &str) -> (String, std::net::SocketAddr) {
     (path.display().to_string(), admin)
 }
 
-fn start_admin_node(config: &str, extra: &[&str]) -> Proc {
-    let certs = certs().display().to_string();
-    let mut args = vec!["node", "--config", config, "--id", "s1", "--certs", &certs];
-    args.extend_from_slice(extra);
-    let mut node = Proc::spawn("node", &args);
-    node.wait_line("serving clients");
-    node
-}
-
 /// The impairment currently in force, from `GET /impair`, without its
 /// seed (a random one is shown when none was set).
 async fn impairment(admin: std::net::SocketAddr) -> String {
@@ -377,7 +344,7 @@ async fn impairment(admin: std::net::SocketAddr) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_testing_aids_are_off_without_the_flag() {
     let (config, admin) = admin_node_config("aids-off");
-    let _node = start_admin_node(&config, &[]);
+    let (_node, _) = spawn_node_with(&config, &[]);
     for (path, body) in [("/impair", "loss=100%"), ("/cut/s1", ""), ("/heal", "")] {
         for origin in [None, Some("http://evil.example")] {
             let err = chatmesh::admin::post_from(admin, path, body, origin)
@@ -423,7 +390,7 @@ async fn admin_testing_aids_are_off_without_the_flag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_testing_aids_work_with_the_flag_but_not_from_a_foreign_origin() {
     let (config, admin) = admin_node_config("aids-on");
-    let _node = start_admin_node(&config, &["--testing-aids"]);
+    let (_node, _) = spawn_node_with(&config, &["--testing-aids"]);
     let port = admin.port();
     for origin in [
         "http://evil.example",
@@ -463,7 +430,7 @@ async fn admin_testing_aids_work_with_the_flag_but_not_from_a_foreign_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn impair_implies_testing_aids() {
     let (config, admin) = admin_node_config("aids-impair");
-    let _node = start_admin_node(&config, &["--impair", "loss=0%"]);
+    let (_node, _) = spawn_node_with(&config, &["--impair", "loss=0%"]);
     chatmesh::admin::post(admin, "/impair", "loss=3%")
         .await
         .unwrap();
@@ -473,7 +440,7 @@ async fn impair_implies_testing_aids() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_connections_are_capped() {
     let (config, admin) = admin_node_config("admin-cap");
-    let _node = start_admin_node(&config, &[]);
+    let (_node, _) = spawn_node_with(&config, &[]);
     let max = chatmesh::admin::MAX_CONNECTIONS;
     // As many idle connections as the cap allows (each would be held until
     // the request timeout).
@@ -548,7 +515,7 @@ fn admin_raw(admin: std::net::SocketAddr, request: &[u8]) -> (String, std::time:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_bounds_bodies_and_answers_unknown_routes_and_methods() {
     let (config, admin) = admin_node_config("admin-http");
-    let _node = start_admin_node(&config, &["--testing-aids"]);
+    let (_node, _) = spawn_node_with(&config, &["--testing-aids"]);
     let max = chatmesh::admin::MAX_BODY;
     // A spec padded to exactly the limit is taken (and trimmed) ...
     let spec = format!("{:<max$}", "loss=2%");
@@ -678,7 +645,7 @@ async fn admin_bounds_bodies_and_answers_unknown_routes_and_methods() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_answers_a_client_that_half_closed_after_its_request() {
     let (config, admin) = admin_node_config("admin-half-close");
-    let _node = start_admin_node(&config, &[]);
+    let (_node, _) = spawn_node_with(&config, &[]);
     let answers = tokio::task::spawn_blocking(move || {
         use std::io::Read;
         (0..20)
@@ -708,7 +675,7 @@ async fn admin_answers_a_client_that_half_closed_after_its_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_drops_a_request_not_sent_in_time() {
     let (config, admin) = admin_node_config("admin-timeout");
-    let _node = start_admin_node(&config, &["--testing-aids"]);
+    let (_node, _) = spawn_node_with(&config, &["--testing-aids"]);
     let limit = chatmesh::admin::REQUEST_TIMEOUT;
     // A head never finished, and a body shorter than its declared length:
     // the connection stays open for writing, and the server drops it.
@@ -748,7 +715,7 @@ fn a_client_whose_servers_are_down_backs_off_says_what_each_answered_and_comes_b
     let config = dir.join("cluster.txt");
     std::fs::write(&config, format!("s1 127.0.0.1 {} 0\n", ports[0])).unwrap();
     let config = config.display().to_string();
-    let (mut node, addr) = start_node(&config);
+    let (mut node, addr) = spawn_node(&config);
     // The second server of the list never answers: nothing listens there.
     let nobody = format!("127.0.0.1:{}", ports[1]);
     let servers = format!("{addr},{nobody}");
@@ -789,7 +756,7 @@ fn a_client_whose_servers_are_down_backs_off_says_what_each_answered_and_comes_b
         step *= 2.0;
     }
     // The server comes back on its port: the client says so, and where.
-    let (_node, again) = start_node(&config);
+    let (_node, again) = spawn_node(&config);
     assert_eq!(again, addr);
     let back = client.wait_line("back online: reconnected to");
     assert!(

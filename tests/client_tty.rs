@@ -14,39 +14,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::process::{BIN, Proc};
-use common::{DEADLINE, certs, temp_dir};
+use common::DEADLINE;
+use common::process::{BIN, Proc, single_node_config, spawn_node};
 
 const ROWS: u16 = 24;
 const COLS: u16 = 100;
-
-/// A one-server node on port 0; its process and client address.
-fn start_node() -> (Proc, String) {
-    let dir = temp_dir("tty");
-    let config = dir.join("cluster.txt");
-    std::fs::write(&config, "s1 127.0.0.1 0 0\n").unwrap();
-    let certs = certs().display().to_string();
-    let mut node = Proc::spawn(
-        "node",
-        &[
-            "node",
-            "--config",
-            &config.display().to_string(),
-            "--id",
-            "s1",
-            "--certs",
-            &certs,
-        ],
-    );
-    let line = node.wait_line("serving clients");
-    let addr = line
-        .split("client_addr=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("node logs its client address")
-        .to_owned();
-    (node, addr)
-}
 
 /// A `chatmesh` process on the slave side of a pseudo-terminal.
 struct Tty {
@@ -139,6 +111,21 @@ impl Tty {
         }
     }
 
+    /// `chatmesh client` as `name` over TCP to `addr`, the only server it
+    /// knows of.
+    fn client(name: &str, addr: &str) -> Tty {
+        Tty::spawn(&[
+            "client",
+            "-i",
+            name,
+            "--server",
+            addr,
+            "--tcp",
+            "--servers",
+            addr,
+        ])
+    }
+
     fn keys(&mut self, keys: &str) {
         self.master.write_all(keys.as_bytes()).expect("type");
         self.master.flush().unwrap();
@@ -170,6 +157,12 @@ impl Tty {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits until a row of the screen contains `text`; `what` names it in
+    /// the failure.
+    fn wait_row(&self, what: &str, text: &str) -> Vec<String> {
+        self.wait_screen(what, |rows, _| row_of(rows, text).is_some())
     }
 
     /// Waits until the cursor's row reads `line`.
@@ -220,25 +213,12 @@ fn row_of(rows: &[String], text: &str) -> Option<usize> {
 
 #[test]
 fn an_event_goes_above_a_half_typed_line_which_stays() {
-    let (_node, addr) = start_node();
-    let mut adel = Tty::spawn(&[
-        "client",
-        "-i",
-        "Adel",
-        "--server",
-        &addr,
-        "--tcp",
-        "--servers",
-        &addr,
-    ]);
-    adel.wait_screen("Adel's arrival", |rows, _| {
-        row_of(rows, "Adel joins MainHall-s1").is_some()
-    });
+    let (_node, addr) = spawn_node(&single_node_config("tty"));
+    let mut adel = Tty::client("Adel", &addr);
+    adel.wait_row("Adel's arrival", "Adel joins MainHall-s1");
     adel.wait_input_line("[MainHall-s1] Adel>");
     adel.keys("#who\r");
-    adel.wait_screen("the answer to #who", |rows, _| {
-        row_of(rows, "in MainHall-s1: Adel").is_some()
-    });
+    adel.wait_row("the answer to #who", "in MainHall-s1: Adel");
     adel.wait_input_line("[MainHall-s1] Adel>");
 
     // Half a line, no Enter; then events from another client.
@@ -275,9 +255,7 @@ fn an_event_goes_above_a_half_typed_line_which_stays() {
     adel.keys("\x1b[A");
     adel.wait_input_line("[MainHall-s1] Adel> #who");
     adel.keys("\r");
-    adel.wait_screen("the second #who", |rows, _| {
-        row_of(rows, "in MainHall-s1: Adel, Bob").is_some()
-    });
+    adel.wait_row("the second #who", "in MainHall-s1: Adel, Bob");
 
     // The prompt shows the room the client is in after each command.
     adel.wait_input_line("[MainHall-s1] Adel>");
@@ -285,9 +263,7 @@ fn an_event_goes_above_a_half_typed_line_which_stays() {
     bob.wait_line("Adel moves from MainHall-s1 to jokes");
     adel.wait_input_line("[jokes] Adel>");
     adel.keys("#deleteroom jokes\r");
-    adel.wait_screen("the deletion", |rows, _| {
-        row_of(rows, "Adel moves from jokes to MainHall-s1").is_some()
-    });
+    adel.wait_row("the deletion", "Adel moves from jokes to MainHall-s1");
     adel.wait_input_line("[MainHall-s1] Adel>");
 
     // Ctrl-D on an empty line quits cleanly.
@@ -299,17 +275,8 @@ fn an_event_goes_above_a_half_typed_line_which_stays() {
 
 #[test]
 fn a_lost_server_ends_the_client_with_the_terminal_restored() {
-    let (mut node, addr) = start_node();
-    let mut adel = Tty::spawn(&[
-        "client",
-        "-i",
-        "Adel",
-        "--server",
-        &addr,
-        "--tcp",
-        "--servers",
-        &addr,
-    ]);
+    let (mut node, addr) = spawn_node(&single_node_config("tty"));
+    let mut adel = Tty::client("Adel", &addr);
     adel.wait_input_line("[MainHall-s1] Adel>");
     adel.keys("typing when");
     adel.wait_input_line("[MainHall-s1] Adel> typing when");
@@ -319,8 +286,6 @@ fn a_lost_server_ends_the_client_with_the_terminal_restored() {
     // readline is still waiting for a key when the client ends: the client
     // itself must give the terminal back.
     assert!(!adel.wait_exit(), "a lost server is a non-zero exit");
-    let rows = adel.wait_screen("the error", |rows, _| {
-        row_of(rows, "error: the server closed the connection").is_some()
-    });
+    let rows = adel.wait_row("the error", "error: the server closed the connection");
     assert!(adel.cooked(), "terminal left raw:\n{}", rows.join("\n"));
 }

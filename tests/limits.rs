@@ -6,23 +6,21 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use chatmesh::config::Limits;
 use chatmesh::listener::{
     FD_RESERVE, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES, USER_TIMEOUT,
 };
-use common::process::BIN;
+use common::process::{BIN, Proc};
 use common::{
-    DEADLINE, Raw, Via, certs, kernel_socket, room_change, start_node_with, tcp_state, temp_dir,
-    wait_for,
+    DEADLINE, Raw, Via, certs, expect_slow_readers_reset_and_freed, expect_the_room_goes_on,
+    room_change, start_node_with, talk_until_slow_readers_leave, temp_dir, wait_for,
 };
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -208,85 +206,41 @@ async fn expect_client_socket_options(addr: SocketAddr, limits: &Limits) {
     );
 }
 
-/// A node process with its output lines on a channel; killed when dropped.
-struct NodeProc {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl NodeProc {
-    /// Starts `chatmesh node` on `config` with RLIMIT_NOFILE `soft`/`hard`.
-    fn start(config: &str, soft: u64, hard: u64) -> NodeProc {
-        let certs = certs().display().to_string();
-        let mut command = Command::new(BIN);
-        command
-            .args(["node", "--config", config, "--id", "s1", "--certs", &certs])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // SAFETY: setrlimit is async-signal-safe, and this closure touches
-        // nothing else between fork and exec.
-        unsafe {
-            command.pre_exec(move || {
-                let limit = libc::rlimit {
-                    rlim_cur: soft,
-                    rlim_max: hard,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
-        let mut child = command.spawn().expect("spawn chatmesh node");
-        let (tx, lines) = channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
+/// Starts `chatmesh node` on `config` with RLIMIT_NOFILE `soft`/`hard`.
+fn start_node_limited(config: &str, soft: u64, hard: u64) -> Proc {
+    let certs = certs().display().to_string();
+    let mut command = Command::new(BIN);
+    command
+        .args(["node", "--config", config, "--id", "s1", "--certs", &certs])
+        .env("RUST_LOG", "info");
+    // SAFETY: setrlimit is async-signal-safe, and this closure touches
+    // nothing else between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
             }
         });
-        NodeProc {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
     }
-
-    /// Waits for a log line containing `needle`.
-    fn wait_line(&mut self, needle: &str) -> String {
-        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
-            return line.clone();
-        }
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "node: no line containing {needle:?}; saw:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
+    Proc::spawn_command("node", command)
 }
 
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Waits for `node` to serve; its client and admin addresses.
+fn serving(node: &mut Proc) -> (SocketAddr, SocketAddr) {
+    let serving = node.wait_line("serving clients");
+    let addr: SocketAddr = field(&serving, "client_addr").parse().unwrap();
+    let admin: SocketAddr = field(&serving, "admin_addr")
+        .trim_start_matches("Some(")
+        .trim_end_matches(')')
+        .parse()
+        .unwrap();
+    (addr, admin)
 }
 
 /// The value after `key=` in a log line.
@@ -416,18 +370,12 @@ async fn a_thousand_idle_clients_under_a_1024_file_limit() {
     // what the limit leaves room for, refuses the rest clearly, and keeps
     // its admin endpoint.
     let started = Instant::now();
-    let mut node = NodeProc::start(&config, 1024, 1024);
+    let mut node = start_node_limited(&config, 1024, 1024);
     node.wait_line("open files limit already at its maximum");
     let limited = node.wait_line("client connections limited");
     let max_clients: usize = field(&limited, "max_clients").parse().unwrap();
     assert_eq!(max_clients, 1024 - FD_RESERVE as usize);
-    let serving = node.wait_line("serving clients");
-    let addr: SocketAddr = field(&serving, "client_addr").parse().unwrap();
-    let admin: SocketAddr = field(&serving, "admin_addr")
-        .trim_start_matches("Some(")
-        .trim_end_matches(')')
-        .parse()
-        .unwrap();
+    let (addr, admin) = serving(&mut node);
     let (approved, refused) = login_many(addr, IDLE_CLIENTS, 100).await;
     println!(
         "1024/1024: {} approved, {} refused, in {:?}",
@@ -503,16 +451,10 @@ async fn a_thousand_idle_clients_under_a_1024_file_limit() {
         return;
     }
     let started = Instant::now();
-    let mut node = NodeProc::start(&config, 1024, hard);
+    let mut node = start_node_limited(&config, 1024, hard);
     let raised = node.wait_line("open files limit raised");
     assert_eq!(field(&raised, "to"), hard.to_string(), "{raised}");
-    let serving = node.wait_line("serving clients");
-    let addr: SocketAddr = field(&serving, "client_addr").parse().unwrap();
-    let admin: SocketAddr = field(&serving, "admin_addr")
-        .trim_start_matches("Some(")
-        .trim_end_matches(')')
-        .parse()
-        .unwrap();
+    let (addr, admin) = serving(&mut node);
     let (approved, refused) = login_many(addr, IDLE_CLIENTS, 100).await;
     println!(
         "1024/{hard}: {} approved, {} refused, in {:?}",
@@ -531,15 +473,6 @@ async fn a_thousand_idle_clients_under_a_1024_file_limit() {
     println!("1024/{hard}: /status in {took:?}");
     assert_eq!(status["sessions"], IDLE_CLIENTS + 1, "{status}");
     drop(approved);
-}
-
-/// Polls `condition` until true, failing after `within`.
-async fn wait_for_within(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !condition() {
-        assert!(start.elapsed() < within, "not within {within:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test]
@@ -590,56 +523,18 @@ async fn websocket_clients_that_never_read_are_reset_at_their_drop() {
     }
 
     // The talker talks until all five are dropped, while the listener keeps up.
-    let line = format!(r#"{{"type":"message","content":"{}"}}"#, "z".repeat(4000));
-    let (mut sent, mut left) = (0, 0);
-    while left < SLOW {
-        assert!(sent < 5000, "the slow readers were never dropped");
-        talker.send(&line).await;
-        sent += 1;
-        loop {
-            let got = listener.next().await.expect("the listener stays connected");
-            match got["type"].as_str() {
-                Some("message") => break,
-                Some("roomchange") => left += 1,
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-    }
+    let sent = talk_until_slow_readers_leave(&mut talker, &mut listener, SLOW).await;
     let dropped_at = Instant::now();
-    // From the client's side: each connection is reset (a graceful close
-    // would wait behind the output the client never reads), within 10 s.
-    wait_for_within(
-        "every WebSocket slow reader's connection reset",
-        Duration::from_secs(10),
-        || slow.iter().all(|(ws, _)| tcp_state(ws.get_ref()) == 7),
-    )
-    .await;
-    // From the kernel's side: the server's end of each is gone, buffer and all.
-    wait_for_within(
-        "the server's end of every WebSocket slow reader's connection gone",
-        Duration::from_secs(10),
-        || {
-            slow.iter()
-                .all(|(_, client_end)| kernel_socket(web, *client_end).is_none())
-        },
-    )
-    .await;
-    let slots = node.client_slots().clone();
-    wait_for("the slow readers' slots to be free", || slots.in_use() == 2).await;
+    // Each connection reset, the server's end of it gone, within 10 s; and
+    // their client slots free again.
+    let ends: Vec<_> = slow.iter().map(|(ws, end)| (ws.get_ref(), *end)).collect();
+    expect_slow_readers_reset_and_freed("WebSocket slow reader", &node, web, &ends, 2).await;
     println!(
         "{SLOW} WebSocket slow readers dropped after {sent} messages of 4 KB; reset and freed within {:?}",
         dropped_at.elapsed()
     );
     // The room goes on.
-    listener
-        .send(r#"{"type":"message","content":"still here"}"#)
-        .await;
-    for _ in 0..SLOW {
-        let got = talker.next().await.expect("talker connected");
-        assert_eq!(got["type"], "roomchange", "{got}");
-    }
-    talker
-        .expect(r#"{"type":"message","identity":"Listener","content":"still here"}"#)
-        .await;
+    let leavers: Vec<String> = (0..SLOW).map(|i| format!("Wslow{i}")).collect();
+    expect_the_room_goes_on(&mut talker, &mut listener, HALL, &leavers).await;
     node.stop().await;
 }

@@ -152,14 +152,7 @@ impl Raw {
                 let stream = tokio::net::TcpStream::connect(addr)
                     .await
                     .expect("tcp connect");
-                stream.set_nodelay(true).unwrap();
-                let (r, w) = stream.into_split();
-                Raw {
-                    reader: LineReader::new(Box::new(r), 1 << 22),
-                    writer: Box::new(w),
-                    _quic: None,
-                    name: name.to_owned(),
-                }
+                Raw::over_tcp(stream, name)
             }
             Via::Quic => Raw::connect_quic_from([127, 0, 0, 1].into(), addr, name).await,
             Via::Ws => Raw::connect_ws(web_addr_of(addr), name).await,
@@ -248,6 +241,11 @@ impl Raw {
             .bind(SocketAddr::new(from, 0))
             .unwrap_or_else(|e| panic!("{name}: cannot bind {from}: {e}"));
         let stream = socket.connect(addr).await.expect("tcp connect");
+        Raw::over_tcp(stream, name)
+    }
+
+    /// A client on the connected TCP `stream` (Nagle off: each line goes at once).
+    fn over_tcp(stream: tokio::net::TcpStream, name: &str) -> Raw {
         stream.set_nodelay(true).unwrap();
         let (r, w) = stream.into_split();
         Raw {
@@ -390,6 +388,102 @@ pub async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
         assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Polls `condition` until true, failing after `within`.
+pub async fn wait_for_within(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
+    let start = tokio::time::Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < within, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Sends 4 KB messages from `talker` until `listener`, which reads every
+/// line (a client that keeps up), has seen `count` clients leave: the
+/// clients in the room that never read, dropped by the server as slow.
+/// Fails after 5,000 messages. Returns how many were sent.
+pub async fn talk_until_slow_readers_leave(
+    talker: &mut Raw,
+    listener: &mut Raw,
+    count: usize,
+) -> usize {
+    let line = format!(r#"{{"type":"message","content":"{}"}}"#, "z".repeat(4000));
+    let (mut sent, mut left) = (0, 0);
+    while left < count {
+        assert!(sent < 5000, "the slow readers were never dropped");
+        talker.send(&line).await;
+        sent += 1;
+        // The listener sees each message, and each slow one leaving.
+        loop {
+            let got = listener.next().await.expect("the listener stays connected");
+            match got["type"].as_str() {
+                Some("message") => break,
+                Some("roomchange") => left += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    sent
+}
+
+/// After the server listening at `server` (a port of `node`) dropped the
+/// clients of `slow` (each its socket and local address) as slow readers:
+/// waits until each connection is reset on the client's side (a graceful
+/// close would wait behind the output the client never reads), then until
+/// the server's end of each is gone from the kernel, buffer and all, each
+/// within 10 s; then until `node` has `in_use` client slots in use. `what`
+/// names the clients in failures ("slow reader").
+pub async fn expect_slow_readers_reset_and_freed(
+    what: &str,
+    node: &Node,
+    server: SocketAddr,
+    slow: &[(&tokio::net::TcpStream, SocketAddr)],
+    in_use: usize,
+) {
+    wait_for_within(
+        &format!("every {what}'s connection reset"),
+        Duration::from_secs(10),
+        || slow.iter().all(|(stream, _)| tcp_state(*stream) == 7),
+    )
+    .await;
+    wait_for_within(
+        &format!("the server's end of every {what}'s connection gone"),
+        Duration::from_secs(10),
+        || {
+            slow.iter()
+                .all(|(_, client_end)| kernel_socket(server, *client_end).is_none())
+        },
+    )
+    .await;
+    let slots = node.client_slots().clone();
+    wait_for("the slow readers' slots to be free", || {
+        slots.in_use() == in_use
+    })
+    .await;
+}
+
+/// The room goes on after the clients `leavers` were dropped from `hall`:
+/// `listener` says "still here", and `talker` gets first one roomchange
+/// for each of them (only the type is checked: they may leave in any
+/// order), then that message.
+pub async fn expect_the_room_goes_on(
+    talker: &mut Raw,
+    listener: &mut Raw,
+    hall: &str,
+    leavers: &[String],
+) {
+    listener
+        .send(r#"{"type":"message","content":"still here"}"#)
+        .await;
+    for name in leavers {
+        let leaving = room_change(name, hall, "");
+        let got = talker.next().await.expect("talker connected");
+        assert_eq!(got["type"], "roomchange", "{got} instead of {leaving}");
+    }
+    talker
+        .expect(r#"{"type":"message","identity":"Listener","content":"still here"}"#)
+        .await;
 }
 
 /// Ports that were free a moment ago, for a config `up` must bind for real.

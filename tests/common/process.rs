@@ -10,6 +10,37 @@ use super::DEADLINE;
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_chatmesh");
 
+/// A one-server config file on port 0 (the node logs the port it got), in a
+/// fresh temp dir tagged `tag`; its path.
+pub fn single_node_config(tag: &str) -> String {
+    let dir = super::temp_dir(tag);
+    let path = dir.join("cluster.txt");
+    std::fs::write(&path, "s1 127.0.0.1 0 0\n").unwrap();
+    path.display().to_string()
+}
+
+/// Starts `chatmesh node` as s1 on `config`; its process and the client
+/// address it logs.
+pub fn spawn_node(config: &str) -> (Proc, String) {
+    spawn_node_with(config, &[])
+}
+
+/// [`spawn_node`] with `extra` arguments after the usual ones.
+pub fn spawn_node_with(config: &str, extra: &[&str]) -> (Proc, String) {
+    let certs = super::certs().display().to_string();
+    let mut args = vec!["node", "--config", config, "--id", "s1", "--certs", &certs];
+    args.extend_from_slice(extra);
+    let mut node = Proc::spawn("node", &args);
+    let line = node.wait_line("serving clients");
+    let addr = line
+        .split("client_addr=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("node logs its client address")
+        .to_owned();
+    (node, addr)
+}
+
 /// A child process whose output lines (stdout and stderr) arrive on a channel.
 pub struct Proc {
     pub child: Child,
@@ -24,15 +55,22 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Starts the binary under test with `args`, logging at info.
     pub fn spawn(name: &str, args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "info")
+        let mut command = Command::new(BIN);
+        command.args(args).env("RUST_LOG", "info");
+        Proc::spawn_command(name, command)
+    }
+
+    /// Starts `command` (a test may set limits or a `pre_exec` on it) with
+    /// its stdin, stdout and stderr piped.
+    pub fn spawn_command(name: &str, mut command: Command) -> Proc {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn chatmesh");
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         let (tx, lines) = channel();
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
