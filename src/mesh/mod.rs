@@ -32,6 +32,13 @@
 //! has answered (installed) closes it only once the peer heartbeats on the
 //! winner.
 //!
+//! Nor does either end go silent on a connection the other may still count
+//! as its link: while such a connection is kept open, heartbeats go out on
+//! it as well as on the new link, and those arriving on it are read. Under
+//! heavy loss the answer can take longer than the failure timeout to reach
+//! the dialer, which until then reads only the old connection: heartbeats on
+//! the new link alone were a false down there.
+//!
 //! Liveness of a link does not wait for QUIC: a link that has carried nothing
 //! (no heartbeat, no frame) for longer than the failure timeout gets a
 //! replacement dialed at once, with the old one kept until the new one is up
@@ -245,6 +252,13 @@ struct Link {
     /// Cancelled when a newer connection replaces this link: its writer lets
     /// go of the queue at once, even while the old connection stays open.
     retired: CancellationToken,
+    /// Other connections to the peer, kept open (not used for frames) because
+    /// the peer may still count one of them as its link: the one this link
+    /// replaced, until the peer installs this one, or the one that lost a
+    /// tie-break here but that the peer installed. Heartbeats go out on these
+    /// too (see [`Mesh::send_heartbeat`]); each is closed by
+    /// [`Mesh::close_once_peer_installed`].
+    handover: Vec<quinn::Connection>,
 }
 
 impl Mesh {
@@ -388,10 +402,41 @@ impl Mesh {
     /// cluster of 5). With a copy in a separate packet, an interval is lost
     /// only if both are: 0.51^2 = 26 %, and such a run becomes vanishingly
     /// rare, for 60 bytes per peer per interval.
+    ///
+    /// While a link is being handed over to a new connection, the heartbeat
+    /// (and its copy) also goes out on the connections the peer may still
+    /// count as its link ([`Link::handover`]). Why: the accepting side of a
+    /// replacement installs the new link first and the dialer only once our
+    /// `Hello` answer reaches it, which under heavy loss takes several
+    /// retransmissions. Until then the dialer reads only the old connection;
+    /// heartbeats sent on the new one alone left it hearing nothing, and an
+    /// answer later than the failure timeout was a false `peer_down`
+    /// (measured: 483 ms at 51 % loss). The peer counts the second copy of a
+    /// heartbeat as stale.
     pub fn send_heartbeat(&self, to: &str, heartbeat: &Heartbeat) {
-        let connection = self.links().get(to).map(|l| l.connection.clone());
-        let Some(connection) = connection else { return };
+        let (connection, handover) = {
+            let links = self.links();
+            let Some(link) = links.get(to) else { return };
+            let handover: Vec<quinn::Connection> = link
+                .handover
+                .iter()
+                .filter(|c| c.close_reason().is_none())
+                .cloned()
+                .collect();
+            (link.connection.clone(), handover)
+        };
         let datagram = wire::encode_heartbeat(heartbeat);
+        for old in handover {
+            // Best effort: it closes as soon as the peer has switched.
+            if old.send_datagram(datagram.clone()).is_ok() {
+                let delay = self.inner.heartbeat_copy_delay;
+                let datagram = datagram.clone();
+                self.inner.tasks.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = old.send_datagram(datagram);
+                });
+            }
+        }
         match connection.send_datagram(datagram.clone()) {
             Ok(()) => {
                 let delay = self.inner.heartbeat_copy_delay;
@@ -716,7 +761,8 @@ impl Mesh {
             let mut links = self.links();
             let mut outbox = None;
             let mut old_connection = None;
-            if let Some(existing) = links.get(&peer)
+            let mut handover = Vec::new();
+            if let Some(existing) = links.get_mut(&peer)
                 && existing.connection.close_reason().is_none()
             {
                 let simultaneous = existing.since.elapsed() < SIMULTANEOUS_DIAL;
@@ -729,12 +775,17 @@ impl Mesh {
                         // The peer answered our Hello: it installed this
                         // connection, and until it installs the one kept
                         // here, closing this one would be a lost link there
-                        // (a false down).
-                        self.inner.tasks.spawn(close_once_peer_installed(
-                            connection,
-                            existing.connection.clone(),
-                            self.inner.shutdown.clone(),
-                        ));
+                        // (a false down). Meanwhile it heartbeats on this
+                        // one only: both ways, heartbeats use it too.
+                        existing.handover.push(connection.clone());
+                        self.inner
+                            .tasks
+                            .spawn(self.clone().close_once_peer_installed(
+                                peer.clone(),
+                                connection,
+                                existing.connection.clone(),
+                                Some(existing.heard_ms.clone()),
+                            ));
                     } else {
                         // Refused before our Hello: the peer never installs it.
                         connection.close(close_code::DUPLICATE.into(), b"duplicate");
@@ -747,6 +798,19 @@ impl Mesh {
                 existing.retired.cancel();
                 outbox = Some(existing.outbox.clone());
                 old_connection = Some(existing.connection.clone());
+                if !dialed_by_me {
+                    // The peer keeps the old connection as its link until our
+                    // answer reaches it: heartbeats go out on it too until
+                    // then (see `send_heartbeat`). What the peer sends on it
+                    // is read by the old link's reader meanwhile.
+                    handover = existing
+                        .handover
+                        .iter()
+                        .filter(|c| c.close_reason().is_none())
+                        .cloned()
+                        .collect();
+                    handover.push(existing.connection.clone());
+                }
             }
             let outbox = outbox.unwrap_or_else(Outbox::new);
             // Frames that waited for a link go first, in order.
@@ -769,6 +833,7 @@ impl Mesh {
                     since: Instant::now(),
                     heard_ms: heard_ms.clone(),
                     retired: retired.clone(),
+                    handover,
                 },
             );
             (outbox, old_connection)
@@ -786,11 +851,15 @@ impl Mesh {
                 // (a false down, and a new link it would announce as up, not
                 // as a replacement). The peer closes it itself when it
                 // installs; this is the safety net.
-                self.inner.tasks.spawn(close_once_peer_installed(
-                    old,
-                    connection.clone(),
-                    self.inner.shutdown.clone(),
-                ));
+                // The old link's reader goes on reading it meanwhile.
+                self.inner
+                    .tasks
+                    .spawn(self.clone().close_once_peer_installed(
+                        peer.clone(),
+                        old,
+                        connection.clone(),
+                        None,
+                    ));
             }
         }
         info!(peer = %peer, remote = %connection.remote_address(), dialed_by_me, replaced, "mesh link up");
@@ -926,6 +995,45 @@ impl Mesh {
                 .fetch_add(1, Ordering::Relaxed);
             let _ = self.inner.events.send(MeshEvent::LinkDown(peer)).await;
         }
+    }
+
+    /// Closes `unused`, a connection to `peer` this end no longer uses but
+    /// the peer may still count as its link, once the peer shows it has
+    /// installed `kept`: a heartbeat arrived on it (heartbeats go out on
+    /// installed links only; its `Hello` does not count, it comes before the
+    /// install). Also when `kept` ends, or after [`HELLO_TIMEOUT`] (the
+    /// longest the peer waits for our `Hello` before it gives `kept` up), or
+    /// at once when this server stops (a stopping server waits for its
+    /// tasks). With `heard` (no link reader reads `unused`: it lost the
+    /// tie-break here), the heartbeats the peer sends on it meanwhile are
+    /// read here and count as the link's sign of life.
+    async fn close_once_peer_installed(
+        self,
+        peer: ServerId,
+        unused: quinn::Connection,
+        kept: quinn::Connection,
+        heard: Option<Arc<AtomicU64>>,
+    ) {
+        let start = Instant::now();
+        while start.elapsed() < HELLO_TIMEOUT
+            && !self.inner.shutdown.is_cancelled()
+            && kept.close_reason().is_none()
+            && unused.close_reason().is_none()
+            && kept.stats().frame_rx.datagram == 0
+        {
+            let pause = tokio::time::sleep(Duration::from_millis(5));
+            match &heard {
+                Some(heard) => tokio::select! {
+                    datagram = unused.read_datagram() => if let Ok(datagram) = datagram {
+                        heard.fetch_max(self.clock_ms(), Ordering::Relaxed);
+                        self.heartbeat(&peer, &datagram);
+                    },
+                    _ = pause => {}
+                },
+                None => pause.await,
+            }
+        }
+        unused.close(close_code::DUPLICATE.into(), b"replaced");
     }
 
     fn spawn_frame_reader(
@@ -1089,30 +1197,6 @@ async fn receive_hello(
         _ => return Err("first frame is not Hello".into()),
     }
     Ok(stream)
-}
-
-/// Closes `unused`, a connection this end no longer uses but the peer may
-/// still count as its link, once the peer shows it has installed `kept`: a
-/// heartbeat arrived on it (heartbeats go out on installed links only; its
-/// `Hello` does not count, it comes before the install). Also when `kept`
-/// ends, or after [`HELLO_TIMEOUT`] (the longest the peer waits for our
-/// `Hello` before it gives `kept` up), or at once when this server stops (a
-/// stopping server waits for its tasks).
-async fn close_once_peer_installed(
-    unused: quinn::Connection,
-    kept: quinn::Connection,
-    shutdown: CancellationToken,
-) {
-    let start = Instant::now();
-    while start.elapsed() < HELLO_TIMEOUT
-        && !shutdown.is_cancelled()
-        && kept.close_reason().is_none()
-        && unused.close_reason().is_none()
-        && kept.stats().frame_rx.datagram == 0
-    {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    unused.close(close_code::DUPLICATE.into(), b"replaced");
 }
 
 /// Every transport setting of a mesh connection, with its reason. `timing`
@@ -1301,17 +1385,20 @@ mod tests {
     use crate::config::ClusterConfig;
 
     /// Two meshes s1 and s2 on loopback, linked; returns them with s1's
-    /// events, the certs directory, and the config.
+    /// and s2's events, the certs directory, and the config.
     struct Pair {
         s1: Mesh,
         s2: Mesh,
         events: mpsc::Receiver<MeshEvent>,
+        events2: mpsc::Receiver<MeshEvent>,
         certs: std::path::PathBuf,
         config: ClusterConfig,
         shutdown: CancellationToken,
     }
 
-    async fn linked_pair(tag: &str) -> Pair {
+    /// `failure_timeout`: the silence after which a link gets a replacement
+    /// dialed (no heartbeats run unless the test sends them).
+    async fn linked_pair(tag: &str, failure_timeout: Duration) -> Pair {
         let (sock1, _) = crate::netsim::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
         let (sock2, _) = crate::netsim::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
         let (p1, p2) = (
@@ -1321,16 +1408,14 @@ mod tests {
         let mut config =
             ClusterConfig::parse(&format!("s1 127.0.0.1 0 {p1}\ns2 127.0.0.1 0 {p2}\n"), "t")
                 .unwrap();
-        // No heartbeats run here: a long failure timeout keeps the silence
-        // watch from dialing replacements of its own during the test.
-        config.timing.failure_timeout = Duration::from_secs(60);
+        config.timing.failure_timeout = failure_timeout;
         let certs =
             std::env::temp_dir().join(format!("chatmesh-mesh-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&certs);
         crate::tls::generate(&config, &certs, false).unwrap();
         let shutdown = CancellationToken::new();
         let (tx1, mut events) = mpsc::channel(4096);
-        let (tx2, _rx2) = mpsc::channel(4096);
+        let (tx2, events2) = mpsc::channel(4096);
         let id1 = ServerIdentity::load(&certs, "s1").unwrap();
         let id2 = ServerIdentity::load(&certs, "s2").unwrap();
         let s1 = Mesh::start(
@@ -1353,8 +1438,6 @@ mod tests {
             TaskTracker::new(),
         )
         .unwrap();
-        // The s2 side's events are dropped: keep its channel open meanwhile.
-        std::mem::forget(_rx2);
         let up = tokio::time::timeout(Duration::from_secs(20), async {
             loop {
                 match events.recv().await {
@@ -1370,6 +1453,7 @@ mod tests {
             s1,
             s2,
             events,
+            events2,
             certs,
             config,
             shutdown,
@@ -1418,7 +1502,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_connection_without_a_good_hello_never_replaces_the_live_link() {
-        let mut pair = linked_pair("hello").await;
+        // No heartbeats run here: a long failure timeout keeps the silence
+        // watch from dialing replacements of its own during the test.
+        let mut pair = linked_pair("hello", Duration::from_secs(60)).await;
         let hello = |version, id: &str| {
             wire::encode_frame(&PeerMessage::Hello {
                 version,
@@ -1482,6 +1568,111 @@ mod tests {
         .await
         .expect("a good Hello replaces the link");
         assert_eq!(replaced, "s2");
+        pair.shutdown.cancel();
+        pair.s1.abort();
+        pair.s2.abort();
+        let _ = std::fs::remove_dir_all(&pair.certs);
+    }
+
+    /// A replacement whose `Hello` answer has not reached the dialer yet:
+    /// s1 accepts a new connection from "s2" (made with s2's key, outside
+    /// s2's mesh) with a good `Hello`, installs it, and answers; the answer
+    /// is never read, like one lost over and over under heavy loss. s2's mesh
+    /// still counts the old connection as its link, and must keep hearing
+    /// s1's heartbeats on it, and s1 must not call its new link silent while
+    /// s2's heartbeats arrive on the old one. Both, until the answer's
+    /// deadline ([`HELLO_TIMEOUT`]); at 51 % loss an answer later than the
+    /// failure timeout was a false `peer_down` on the dialer's side.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replacement_awaiting_its_answer_keeps_both_ends_hearing_each_other() {
+        // The main crate's failure timeout, so that the silence watch runs.
+        let failure_timeout = Duration::from_millis(350);
+        let mut pair = linked_pair("handover", failure_timeout).await;
+        // Heartbeats both ways every 20 ms, as the cluster task sends them.
+        let pump = {
+            let (s1, s2) = (pair.s1.clone(), pair.s2.clone());
+            tokio::spawn(async move {
+                for seq in 1.. {
+                    for (mesh, from, to) in [(&s1, "s1", "s2"), (&s2, "s2", "s1")] {
+                        let heartbeat = Heartbeat {
+                            from: from.to_owned(),
+                            term: 0,
+                            leader: None,
+                            seq,
+                            sent_at_ms: mesh.clock_ms(),
+                        };
+                        mesh.send_heartbeat(to, &heartbeat);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        // A link younger than this meets a second connection as a
+        // simultaneous dial (a tie-break), not as a replacement.
+        tokio::time::sleep(SIMULTANEOUS_DIAL + Duration::from_millis(100)).await;
+        let (_endpoint, connection) = intruder(&pair).await;
+        let mut stream = connection.open_uni().await.unwrap();
+        let hello = wire::encode_frame(&PeerMessage::Hello {
+            version: WIRE_VERSION,
+            id: "s2".to_owned(),
+        });
+        stream.write_all(&hello).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match pair.events.recv().await {
+                    Some(MeshEvent::LinkReplaced(peer)) if peer == "s2" => return,
+                    Some(MeshEvent::LinkDown(peer)) => panic!("s1 lost its link to {peer}"),
+                    Some(_) => {}
+                    None => panic!("s1's events ended"),
+                }
+            }
+        })
+        .await
+        .expect("s1 installs the new connection within 20 s");
+        let installed = Instant::now();
+        while pair.events2.try_recv().is_ok() {}
+        // Watched for 2.5 s: s1 calls a link silent 2 s after installing it
+        // (the first-heartbeat grace plus the failure timeout), and closes
+        // the old connection 4 s after (HELLO_TIMEOUT).
+        let watch = Duration::from_millis(2500);
+        let mut heard_by_s2 = 0;
+        let mut last_heard = installed;
+        let mut longest_gap = Duration::ZERO;
+        while installed.elapsed() < watch {
+            match tokio::time::timeout(Duration::from_millis(10), pair.events2.recv()).await {
+                Ok(Some(MeshEvent::Heartbeat(from, _))) if from == "s1" => {
+                    heard_by_s2 += 1;
+                    longest_gap = longest_gap.max(last_heard.elapsed());
+                    last_heard = Instant::now();
+                }
+                Ok(Some(MeshEvent::LinkDown(peer))) => {
+                    panic!("s2 lost its link to {peer} during the handover")
+                }
+                Ok(Some(_)) | Err(_) => {}
+                Ok(None) => panic!("s2's events ended"),
+            }
+        }
+        longest_gap = longest_gap.max(last_heard.elapsed());
+        let redials = pair
+            .s1
+            .counters()
+            .silent_link_redials
+            .load(Ordering::Relaxed);
+        let on_new = connection.stats().frame_rx.datagram;
+        println!(
+            "{watch:?} after s1 installed the new connection: s2 heard {heard_by_s2} heartbeats from s1 on its link (longest gap {longest_gap:?}); s1 redialed {redials} silent links; the new connection received {on_new} heartbeat datagrams"
+        );
+        assert!(
+            heard_by_s2 >= 10 && longest_gap < failure_timeout,
+            "s2 kept hearing s1 on the old connection: {heard_by_s2} heartbeats, longest gap {longest_gap:?}"
+        );
+        assert!(on_new > 0, "s1 heartbeats on its new link too");
+        assert_eq!(
+            redials, 0,
+            "s1 called the new link silent while s2 heartbeated on the old one"
+        );
+        assert_eq!(pair.s2.linked_peers(), ["s1"]);
+        pump.abort();
         pair.shutdown.cancel();
         pair.s1.abort();
         pair.s2.abort();

@@ -27,11 +27,14 @@ const CLEAN: &str = "loss=0%";
 const LOADED_MACHINE_MARGIN: Duration = Duration::from_millis(1000);
 
 /// Logs to the test output when `RUST_LOG` is set (e.g. `RUST_LOG=chatmesh=info`
-/// shows every `peer_down` with its reason and every mesh link event).
+/// shows every `peer_down` with its reason and every mesh link event). Each
+/// line names its thread: a node's mesh and cluster task run on its own
+/// thread, `cluster-s1` for s1, so the thread says which node logged it.
 fn trace_if_asked() {
     if std::env::var_os("RUST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_thread_names(true)
             .with_test_writer()
             .try_init();
     }
@@ -194,6 +197,10 @@ async fn five_servers_at_51_percent_loss_per_link_keep_one_leader_for_60_s() {
         .await;
     println!("heavy loss: agreed on s5 at term {term}, stable for 2 s, after {took:?}");
     let baseline = peer_state_changes(&cluster);
+    let replaced_before: u64 = all
+        .iter()
+        .map(|&i| counter(&cluster, i, |c| &c.links_replaced))
+        .sum();
     println!("heavy loss: s1->s5 at start: {}", link(&cluster, 0, 4));
 
     let lag = LagProbe::start();
@@ -217,10 +224,19 @@ async fn five_servers_at_51_percent_loss_per_link_keep_one_leader_for_60_s() {
     let stats = cluster.impair(0).stats();
     let counters = cluster.node(0).mesh().counters();
     println!(
-        "heavy loss: 60 s, {checks} checks, {} without one agreed leader, false downs {false_downs}",
+        "heavy loss: {soak:?}, {checks} checks, {} without one agreed leader, false downs {false_downs}",
         leaderless.len()
     );
     println!("heavy loss: s1->s5 at end: {}", link(&cluster, 0, 4));
+    let sum = |pick: fn(&MeshCounters) -> &AtomicU64| -> u64 {
+        all.iter().map(|&i| counter(&cluster, i, pick)).sum()
+    };
+    println!(
+        "heavy loss: links replaced during the soak (both ends counted) {}, silent-link redials {}, links down {}",
+        sum(|c| &c.links_replaced) - replaced_before,
+        sum(|c| &c.silent_link_redials),
+        sum(|c| &c.links_down),
+    );
     println!(
         "heavy loss: s1 heartbeats sent {} received {} (4 peers, 50/s each); s1 mesh socket: {stats}",
         counters
@@ -237,16 +253,13 @@ async fn five_servers_at_51_percent_loss_per_link_keep_one_leader_for_60_s() {
     // A timer hundreds of ms late means the machine starved every node's
     // tasks (other builds on 2 cores): heartbeats then stop at the source,
     // which no transport setting can help. Only then is a down excused.
-    // Known flaw, still to fix: about 1 run in 8 here sees 2 false downs at
-    // this loss even unstarved (worst timer lateness 2.7 ms), most likely a
-    // silent link replaced while its successor's Hello exchange is lost and
-    // retried, so the old connection closes first. They must never cost the
-    // agreed leader (checked below), and more than 2 fails.
+    // (About 1 run in 8 used to see a peer down and up again here, unstarved:
+    // a connection dialed during formation replaced a link just after the
+    // cluster was stable, and the acceptor's heartbeats went out on the new
+    // connection only while its Hello answer to the dialer was still being
+    // retransmitted, 483 ms; see `Mesh::send_heartbeat`.)
     if worst_lag < STARVED {
-        assert!(
-            false_downs <= 2,
-            "at most 2 false peer downs in 60 s: {false_downs}"
-        );
+        assert_eq!(false_downs, 0, "no false peer down in {soak:?}");
     } else {
         println!("heavy loss: the machine starved the test for {worst_lag:?}; downs excused");
     }
