@@ -818,6 +818,7 @@ impl Mesh {
                         // here, closing this one would be a lost link there
                         // (a false down). Meanwhile it heartbeats on this
                         // one only: both ways, heartbeats use it too.
+                        existing.handover.retain(|c| c.close_reason().is_none());
                         existing.handover.push(connection.clone());
                         self.inner
                             .tasks
@@ -854,7 +855,12 @@ impl Mesh {
                 }
             }
             let previous = if old_connection.is_some() && !dialed_by_me {
-                links.remove(&peer).map(Box::new)
+                // One step back only: what the old link had itself replaced
+                // is closed by its own close_once_peer_installed task.
+                links.remove(&peer).map(|mut old| {
+                    old.previous = None;
+                    Box::new(old)
+                })
             } else {
                 None
             };
@@ -1166,6 +1172,15 @@ impl Mesh {
             }
         }
         unused.close(close_code::DUPLICATE.into(), b"replaced");
+        // No way back to it now.
+        if let Some(link) = self.links().get_mut(&peer)
+            && link
+                .previous
+                .as_ref()
+                .is_some_and(|p| p.connection.stable_id() == unused.stable_id())
+        {
+            link.previous = None;
+        }
     }
 
     fn spawn_frame_reader(
