@@ -32,6 +32,20 @@
 //! has answered (installed) closes it only once the peer heartbeats on the
 //! winner.
 //!
+//! Nor does either end go silent on a connection the other may still count
+//! as its link: while such a connection is kept open, heartbeats go out on
+//! it as well as on the new link, and those arriving on it are read. Under
+//! heavy loss the answer can take longer than the failure timeout to reach
+//! the dialer, which until then reads only the old connection: heartbeats on
+//! the new link alone were a false down there.
+//!
+//! The accepting side's install is provisional until the peer heartbeats on
+//! the new link: if the dialer gives the new connection up first (its wait
+//! for the answer timed out, so it never installed it), the old link, still
+//! open, is the link again ([`MeshEvent::LinkReplaced`], not a down), and
+//! the old connection is never closed on a timer while the peer's heartbeats
+//! still arrive on it.
+//!
 //! Liveness of a link does not wait for QUIC: a link that has carried nothing
 //! (no heartbeat, no frame) for longer than the failure timeout gets a
 //! replacement dialed at once, with the old one kept until the new one is up
@@ -209,6 +223,8 @@ struct Inner {
     silence_limit: Duration,
     /// When the copy of each heartbeat goes out (half an interval later).
     heartbeat_copy_delay: Duration,
+    /// Per peer: wakes its dial loop to dial a replacement now ([`Mesh::redial`]).
+    redial: HashMap<ServerId, Arc<tokio::sync::Notify>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -245,6 +261,19 @@ struct Link {
     /// Cancelled when a newer connection replaces this link: its writer lets
     /// go of the queue at once, even while the old connection stays open.
     retired: CancellationToken,
+    /// Other connections to the peer, kept open (not used for frames) because
+    /// the peer may still count one of them as its link: the one this link
+    /// replaced, until the peer installs this one, or the one that lost a
+    /// tie-break here but that the peer installed. Heartbeats go out on these
+    /// too (see [`Mesh::send_heartbeat`]); each is closed by
+    /// [`Mesh::close_once_peer_installed`].
+    handover: Vec<quinn::Connection>,
+    /// On the accepting side of a replacement, the link this one replaced,
+    /// until the peer shows it installed this one (a heartbeat on it). If
+    /// the peer gives this connection up first (its wait for our answer
+    /// timed out: it never installed it, and still counts the old one as its
+    /// link), the old link is the link again (see [`Mesh::read_link`]).
+    previous: Option<Box<Link>>,
 }
 
 impl Mesh {
@@ -279,6 +308,10 @@ impl Mesh {
             socket,
             Arc::new(quinn::TokioRuntime),
         )?;
+        let redial = addrs
+            .keys()
+            .map(|peer| (peer.clone(), Arc::new(tokio::sync::Notify::new())))
+            .collect();
         let inner = Arc::new(Inner {
             me: me.to_owned(),
             rank: config
@@ -298,6 +331,7 @@ impl Mesh {
             started: Instant::now(),
             silence_limit: config.timing.failure_timeout,
             heartbeat_copy_delay: config.timing.heartbeat_interval / 2,
+            redial,
             shutdown,
             tasks,
         });
@@ -320,6 +354,21 @@ impl Mesh {
     /// Transport counters.
     pub fn counters(&self) -> &MeshCounters {
         &self.inner.counters
+    }
+
+    /// Dials a replacement for the live link to `peer` now, as the silence
+    /// watch does for a silent link (the old link stays until the new one is
+    /// up); false if `peer` is not a peer. For tests: a replacement under
+    /// heavy loss, whose `Hello` exchange takes many retransmissions, is the
+    /// hard case of a link's life (tests/lossy/transport.rs).
+    pub fn redial(&self, peer: &str) -> bool {
+        match self.inner.redial.get(peer) {
+            Some(notify) => {
+                notify.notify_one();
+                true
+            }
+            None => false,
+        }
     }
 
     /// Milliseconds since the mesh started (heartbeat send times).
@@ -398,10 +447,41 @@ impl Mesh {
     /// cluster of 5). With a copy in a separate packet, an interval is lost
     /// only if both are: 0.51^2 = 26 %, and such a run becomes vanishingly
     /// rare, for 60 bytes per peer per interval.
+    ///
+    /// While a link is being handed over to a new connection, the heartbeat
+    /// (and its copy) also goes out on the connections the peer may still
+    /// count as its link ([`Link::handover`]). Why: the accepting side of a
+    /// replacement installs the new link first and the dialer only once our
+    /// `Hello` answer reaches it, which under heavy loss takes several
+    /// retransmissions. Until then the dialer reads only the old connection;
+    /// heartbeats sent on the new one alone left it hearing nothing, and an
+    /// answer later than the failure timeout was a false `peer_down`
+    /// (measured: 483 ms at 51 % loss). The peer counts the second copy of a
+    /// heartbeat as stale.
     pub fn send_heartbeat(&self, to: &str, heartbeat: &Heartbeat) {
-        let connection = self.links().get(to).map(|l| l.connection.clone());
-        let Some(connection) = connection else { return };
+        let (connection, handover) = {
+            let links = self.links();
+            let Some(link) = links.get(to) else { return };
+            let handover: Vec<quinn::Connection> = link
+                .handover
+                .iter()
+                .filter(|c| c.close_reason().is_none())
+                .cloned()
+                .collect();
+            (link.connection.clone(), handover)
+        };
         let datagram = wire::encode_heartbeat(heartbeat);
+        for old in handover {
+            // Best effort: it closes as soon as the peer has switched.
+            if old.send_datagram(datagram.clone()).is_ok() {
+                let delay = self.inner.heartbeat_copy_delay;
+                let datagram = datagram.clone();
+                self.inner.tasks.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = old.send_datagram(datagram);
+                });
+            }
+        }
         match connection.send_datagram(datagram.clone()) {
             Ok(()) => {
                 let delay = self.inner.heartbeat_copy_delay;
@@ -600,12 +680,14 @@ impl Mesh {
         let mut fresh = true;
         // Whether the current silence of the live link was already noticed.
         let mut silence_noticed = false;
+        let redial = self.inner.redial[&peer].clone();
         loop {
             if let Some((connection, heard_ms)) = self.live_link_heard(&peer) {
                 let silent_since = tokio::select! {
                     _ = self.inner.shutdown.cancelled() => return,
                     _ = connection.closed() => None,
-                    silent = self.silence(&heard_ms) => Some(silent),
+                    silent = self.silence(&heard_ms) => Some(Some(silent)),
+                    _ = redial.notified() => Some(None),
                 };
                 match silent_since {
                     // Lost at the QUIC level: dial again at once.
@@ -618,7 +700,11 @@ impl Mesh {
                     // Silent: the old link stays (it may recover) while a
                     // replacement is dialed; the first of the pair to notice
                     // dials without waiting for the grace.
-                    Some(silent) => {
+                    Some(None) => {
+                        info!(peer = %peer, "dialing a replacement of a live mesh link, as asked");
+                        backoff = MIN_DIAL_BACKOFF;
+                    }
+                    Some(Some(silent)) => {
                         if !silence_noticed {
                             silence_noticed = true;
                             self.inner
@@ -726,7 +812,8 @@ impl Mesh {
             let mut links = self.links();
             let mut outbox = None;
             let mut old_connection = None;
-            if let Some(existing) = links.get(&peer)
+            let mut handover = Vec::new();
+            if let Some(existing) = links.get_mut(&peer)
                 && existing.connection.close_reason().is_none()
             {
                 let simultaneous = existing.since.elapsed() < SIMULTANEOUS_DIAL;
@@ -739,12 +826,18 @@ impl Mesh {
                         // The peer answered our Hello: it installed this
                         // connection, and until it installs the one kept
                         // here, closing this one would be a lost link there
-                        // (a false down).
-                        self.inner.tasks.spawn(close_once_peer_installed(
-                            connection,
-                            existing.connection.clone(),
-                            self.inner.shutdown.clone(),
-                        ));
+                        // (a false down). Meanwhile it heartbeats on this
+                        // one only: both ways, heartbeats use it too.
+                        existing.handover.retain(|c| c.close_reason().is_none());
+                        existing.handover.push(connection.clone());
+                        self.inner
+                            .tasks
+                            .spawn(self.clone().close_once_peer_installed(
+                                peer.clone(),
+                                connection,
+                                existing.connection.clone(),
+                                Some(existing.heard_ms.clone()),
+                            ));
                     } else {
                         // Refused before our Hello: the peer never installs it.
                         connection.close(close_code::DUPLICATE.into(), b"duplicate");
@@ -757,7 +850,30 @@ impl Mesh {
                 existing.retired.cancel();
                 outbox = Some(existing.outbox.clone());
                 old_connection = Some(existing.connection.clone());
+                if !dialed_by_me {
+                    // The peer keeps the old connection as its link until our
+                    // answer reaches it: heartbeats go out on it too until
+                    // then (see `send_heartbeat`). What the peer sends on it
+                    // is read by the old link's reader meanwhile.
+                    handover = existing
+                        .handover
+                        .iter()
+                        .filter(|c| c.close_reason().is_none())
+                        .cloned()
+                        .collect();
+                    handover.push(existing.connection.clone());
+                }
             }
+            let previous = if old_connection.is_some() && !dialed_by_me {
+                // One step back only: what the old link had itself replaced
+                // is closed by its own close_once_peer_installed task.
+                links.remove(&peer).map(|mut old| {
+                    old.previous = None;
+                    Box::new(old)
+                })
+            } else {
+                None
+            };
             let outbox = outbox.unwrap_or_else(Outbox::new);
             // Frames that waited for a link go first, in order.
             if let Some(queue) = self.pending().remove(&peer) {
@@ -779,6 +895,8 @@ impl Mesh {
                     since: Instant::now(),
                     heard_ms: heard_ms.clone(),
                     retired: retired.clone(),
+                    handover,
+                    previous,
                 },
             );
             (outbox, old_connection)
@@ -795,12 +913,16 @@ impl Mesh {
                 // it now would reach the peer first and be a lost link there
                 // (a false down, and a new link it would announce as up, not
                 // as a replacement). The peer closes it itself when it
-                // installs; this is the safety net.
-                self.inner.tasks.spawn(close_once_peer_installed(
-                    old,
-                    connection.clone(),
-                    self.inner.shutdown.clone(),
-                ));
+                // installs; this is the safety net. The old link's reader
+                // goes on reading it meanwhile.
+                self.inner
+                    .tasks
+                    .spawn(self.clone().close_once_peer_installed(
+                        peer.clone(),
+                        old,
+                        connection.clone(),
+                        None,
+                    ));
             }
         }
         info!(peer = %peer, remote = %connection.remote_address(), dialed_by_me, replaced, "mesh link up");
@@ -920,21 +1042,154 @@ impl Mesh {
                 },
             }
         };
-        let current = {
-            let mut links = self.links();
-            let current = links.get(&peer).is_some_and(|l| l.generation == generation);
-            if current {
-                links.remove(&peer);
+        // The peer gave this connection up without installing it: its wait
+        // for our `Hello` answer timed out (it closes the connection as a
+        // bad Hello), or it went quiet for the idle timeout.
+        let gave_up = match &reason {
+            quinn::ConnectionError::TimedOut => true,
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                close.error_code == close_code::PROTOCOL.into()
             }
-            current
+            _ => false,
         };
-        if current {
-            info!(peer = %peer, reason = %reason, "mesh link down");
-            self.inner
-                .counters
-                .links_down
-                .fetch_add(1, Ordering::Relaxed);
-            let _ = self.inner.events.send(MeshEvent::LinkDown(peer)).await;
+        // Never confirmed: no heartbeat came on it, so the peer never used it.
+        let unconfirmed = connection.stats().frame_rx.datagram == 0;
+        let handed_back = {
+            let mut links = self.links();
+            if links.get(&peer).is_none_or(|l| l.generation != generation) {
+                return;
+            }
+            let Some(mut ended) = links.remove(&peer) else {
+                return;
+            };
+            match ended.previous.take() {
+                // A replacement the peer gave up before installing it: the
+                // peer still counts the old connection (kept open for that
+                // reason) as its link, so it is the link again, not a lost
+                // one (that was a false down at both ends: here at once, and
+                // at the peer when the old connection was then closed).
+                Some(previous)
+                    if gave_up && unconfirmed && previous.connection.close_reason().is_none() =>
+                {
+                    let mut previous = *previous;
+                    previous.retired = CancellationToken::new();
+                    let writer = (
+                        previous.connection.clone(),
+                        previous.outbox.receiver.clone(),
+                        previous.retired.clone(),
+                    );
+                    links.insert(peer.clone(), previous);
+                    Some(writer)
+                }
+                Some(previous) => {
+                    previous
+                        .connection
+                        .close(close_code::DUPLICATE.into(), b"replaced");
+                    None
+                }
+                None => None,
+            }
+        };
+        if let Some((old, queue, retired)) = handed_back {
+            info!(peer = %peer, reason = %reason, "mesh link replacement given up by the peer before it installed it; the link it replaced is the link again");
+            // The old writer let go of its stream: a new stream with a new
+            // Hello carries the frames from now on (a link accepts further
+            // streams that start with one).
+            self.inner.tasks.spawn(
+                self.clone()
+                    .write_link(peer.clone(), old, None, queue, retired)
+                    .instrument(tracing::Span::current()),
+            );
+            // Frames written to the given-up connection are lost: announced
+            // like a replacement, so whatever must arrive is sent again.
+            let _ = self.inner.events.send(MeshEvent::LinkReplaced(peer)).await;
+            return;
+        }
+        info!(peer = %peer, reason = %reason, "mesh link down");
+        self.inner
+            .counters
+            .links_down
+            .fetch_add(1, Ordering::Relaxed);
+        let _ = self.inner.events.send(MeshEvent::LinkDown(peer)).await;
+    }
+
+    /// Closes `unused`, a connection to `peer` this end no longer uses but
+    /// the peer may still count as its link, once the peer shows it has
+    /// installed `kept`: a heartbeat arrived on it (heartbeats go out on
+    /// installed links only; its `Hello` does not count, it comes before the
+    /// install). Also at once when this server stops (a stopping server
+    /// waits for its tasks).
+    ///
+    /// With `heard`, `unused` lost the tie-break here, and no link reader
+    /// reads it: the heartbeats the peer sends on it meanwhile are read here
+    /// and count as the link's sign of life; it is also closed when `kept`
+    /// ends, or after [`HELLO_TIMEOUT`].
+    ///
+    /// Without, `unused` is the link that `kept` replaced on the accepting
+    /// side. If `kept` ends first, its reader decides (the old link may be
+    /// the link again: see [`Mesh::read_link`]), and `unused` stays open if
+    /// so. After [`HELLO_TIMEOUT`] it is closed only once the peer no longer
+    /// heartbeats on it: a timer closing the connection the peer still uses
+    /// as its link was a false down there.
+    async fn close_once_peer_installed(
+        self,
+        peer: ServerId,
+        unused: quinn::Connection,
+        kept: quinn::Connection,
+        heard: Option<Arc<AtomicU64>>,
+    ) {
+        let start = Instant::now();
+        let mut unused_rx = unused.stats().frame_rx.datagram;
+        let mut unused_rx_at = Instant::now();
+        while !self.inner.shutdown.is_cancelled()
+            && unused.close_reason().is_none()
+            && kept.stats().frame_rx.datagram == 0
+        {
+            if kept.close_reason().is_some() {
+                if heard.is_some() {
+                    break;
+                }
+                let current = self.links().get(&peer).map(|l| l.connection.stable_id());
+                if current == Some(unused.stable_id()) {
+                    // The link again: not to be closed.
+                    return;
+                }
+                if current != Some(kept.stable_id()) {
+                    break;
+                }
+                // The reader of `kept` has not decided yet.
+            }
+            let rx = unused.stats().frame_rx.datagram;
+            if rx != unused_rx {
+                unused_rx = rx;
+                unused_rx_at = Instant::now();
+            }
+            if start.elapsed() >= HELLO_TIMEOUT
+                && (heard.is_some() || unused_rx_at.elapsed() > self.inner.silence_limit)
+            {
+                break;
+            }
+            let pause = tokio::time::sleep(Duration::from_millis(5));
+            match &heard {
+                Some(heard) => tokio::select! {
+                    datagram = unused.read_datagram() => if let Ok(datagram) = datagram {
+                        heard.fetch_max(self.clock_ms(), Ordering::Relaxed);
+                        self.heartbeat(&peer, &datagram);
+                    },
+                    _ = pause => {}
+                },
+                None => pause.await,
+            }
+        }
+        unused.close(close_code::DUPLICATE.into(), b"replaced");
+        // No way back to it now.
+        if let Some(link) = self.links().get_mut(&peer)
+            && link
+                .previous
+                .as_ref()
+                .is_some_and(|p| p.connection.stable_id() == unused.stable_id())
+        {
+            link.previous = None;
         }
     }
 
@@ -1112,30 +1367,6 @@ async fn read_body(stream: &mut quinn::RecvStream, len: usize) -> Option<Vec<u8>
         }
     }
     Some(body)
-}
-
-/// Closes `unused`, a connection this end no longer uses but the peer may
-/// still count as its link, once the peer shows it has installed `kept`: a
-/// heartbeat arrived on it (heartbeats go out on installed links only; its
-/// `Hello` does not count, it comes before the install). Also when `kept`
-/// ends, or after [`HELLO_TIMEOUT`] (the longest the peer waits for our
-/// `Hello` before it gives `kept` up), or at once when this server stops (a
-/// stopping server waits for its tasks).
-async fn close_once_peer_installed(
-    unused: quinn::Connection,
-    kept: quinn::Connection,
-    shutdown: CancellationToken,
-) {
-    let start = Instant::now();
-    while start.elapsed() < HELLO_TIMEOUT
-        && !shutdown.is_cancelled()
-        && kept.close_reason().is_none()
-        && unused.close_reason().is_none()
-        && kept.stats().frame_rx.datagram == 0
-    {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    unused.close(close_code::DUPLICATE.into(), b"replaced");
 }
 
 /// Every transport setting of a mesh connection, with its reason. `timing`
@@ -1324,17 +1555,20 @@ mod tests {
     use crate::config::ClusterConfig;
 
     /// Two meshes s1 and s2 on loopback, linked; returns them with s1's
-    /// events, the certs directory, and the config.
+    /// and s2's events, the certs directory, and the config.
     struct Pair {
         s1: Mesh,
         s2: Mesh,
         events: mpsc::Receiver<MeshEvent>,
+        events2: mpsc::Receiver<MeshEvent>,
         certs: std::path::PathBuf,
         config: ClusterConfig,
         shutdown: CancellationToken,
     }
 
-    async fn linked_pair(tag: &str) -> Pair {
+    /// `failure_timeout`: the silence after which a link gets a replacement
+    /// dialed (no heartbeats run unless the test sends them).
+    async fn linked_pair(tag: &str, failure_timeout: Duration) -> Pair {
         let (sock1, _) = crate::netsim::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
         let (sock2, _) = crate::netsim::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
         let (p1, p2) = (
@@ -1344,16 +1578,14 @@ mod tests {
         let mut config =
             ClusterConfig::parse(&format!("s1 127.0.0.1 0 {p1}\ns2 127.0.0.1 0 {p2}\n"), "t")
                 .unwrap();
-        // No heartbeats run here: a long failure timeout keeps the silence
-        // watch from dialing replacements of its own during the test.
-        config.timing.failure_timeout = Duration::from_secs(60);
+        config.timing.failure_timeout = failure_timeout;
         let certs =
             std::env::temp_dir().join(format!("chatmesh-mesh-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&certs);
         crate::tls::generate(&config, &certs, false).unwrap();
         let shutdown = CancellationToken::new();
         let (tx1, mut events) = mpsc::channel(4096);
-        let (tx2, _rx2) = mpsc::channel(4096);
+        let (tx2, events2) = mpsc::channel(4096);
         let id1 = ServerIdentity::load(&certs, "s1").unwrap();
         let id2 = ServerIdentity::load(&certs, "s2").unwrap();
         let s1 = Mesh::start(
@@ -1376,8 +1608,6 @@ mod tests {
             TaskTracker::new(),
         )
         .unwrap();
-        // The s2 side's events are dropped: keep its channel open meanwhile.
-        std::mem::forget(_rx2);
         let up = tokio::time::timeout(Duration::from_secs(20), async {
             loop {
                 match events.recv().await {
@@ -1393,6 +1623,7 @@ mod tests {
             s1,
             s2,
             events,
+            events2,
             certs,
             config,
             shutdown,
@@ -1441,7 +1672,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_connection_without_a_good_hello_never_replaces_the_live_link() {
-        let mut pair = linked_pair("hello").await;
+        // No heartbeats run here: a long failure timeout keeps the silence
+        // watch from dialing replacements of its own during the test.
+        let mut pair = linked_pair("hello", Duration::from_secs(60)).await;
         let hello = |version, id: &str| {
             wire::encode_frame(&PeerMessage::Hello {
                 version,
@@ -1509,5 +1742,197 @@ mod tests {
         pair.s1.abort();
         pair.s2.abort();
         let _ = std::fs::remove_dir_all(&pair.certs);
+    }
+
+    /// A replacement whose `Hello` answer has not reached the dialer yet:
+    /// s1 accepts a new connection from "s2" (made with s2's key, outside
+    /// s2's mesh) with a good `Hello`, installs it, and answers; the answer
+    /// is never read, like one lost over and over under heavy loss. s2's mesh
+    /// still counts the old connection as its link, and must keep hearing
+    /// s1's heartbeats on it, and s1 must not call its new link silent while
+    /// s2's heartbeats arrive on the old one. Both, until the answer's
+    /// deadline ([`HELLO_TIMEOUT`]); at 51 % loss an answer later than the
+    /// failure timeout was a false `peer_down` on the dialer's side.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replacement_awaiting_its_answer_keeps_both_ends_hearing_each_other() {
+        // The main crate's failure timeout, so that the silence watch runs.
+        let failure_timeout = Duration::from_millis(350);
+        let mut pair = linked_pair("handover", failure_timeout).await;
+        let pump = heartbeat_pump(&pair);
+        // A link younger than this meets a second connection as a
+        // simultaneous dial (a tie-break), not as a replacement.
+        tokio::time::sleep(SIMULTANEOUS_DIAL + Duration::from_millis(100)).await;
+        let (_endpoint, connection) = replaced_by_intruder(&mut pair).await;
+        let installed = Instant::now();
+        while pair.events2.try_recv().is_ok() {}
+        // Watched for 2.5 s: s1 calls a link silent 2 s after installing it
+        // (the first-heartbeat grace plus the failure timeout), and closes
+        // the old connection 4 s after (HELLO_TIMEOUT).
+        let watch = Duration::from_millis(2500);
+        let mut heard_by_s2 = 0;
+        let mut last_heard = installed;
+        let mut longest_gap = Duration::ZERO;
+        while installed.elapsed() < watch {
+            match tokio::time::timeout(Duration::from_millis(10), pair.events2.recv()).await {
+                Ok(Some(MeshEvent::Heartbeat(from, _))) if from == "s1" => {
+                    heard_by_s2 += 1;
+                    longest_gap = longest_gap.max(last_heard.elapsed());
+                    last_heard = Instant::now();
+                }
+                Ok(Some(MeshEvent::LinkDown(peer))) => {
+                    panic!("s2 lost its link to {peer} during the handover")
+                }
+                Ok(Some(_)) | Err(_) => {}
+                Ok(None) => panic!("s2's events ended"),
+            }
+        }
+        longest_gap = longest_gap.max(last_heard.elapsed());
+        let redials = pair
+            .s1
+            .counters()
+            .silent_link_redials
+            .load(Ordering::Relaxed);
+        let on_new = connection.stats().frame_rx.datagram;
+        println!(
+            "{watch:?} after s1 installed the new connection: s2 heard {heard_by_s2} heartbeats from s1 on its link (longest gap {longest_gap:?}); s1 redialed {redials} silent links; the new connection received {on_new} heartbeat datagrams"
+        );
+        assert!(
+            heard_by_s2 >= 10 && longest_gap < failure_timeout,
+            "s2 kept hearing s1 on the old connection: {heard_by_s2} heartbeats, longest gap {longest_gap:?}"
+        );
+        assert!(on_new > 0, "s1 heartbeats on its new link too");
+        assert_eq!(
+            redials, 0,
+            "s1 called the new link silent while s2 heartbeated on the old one"
+        );
+        assert_eq!(pair.s2.linked_peers(), ["s1"]);
+        pump.abort();
+        pair.shutdown.cancel();
+        pair.s1.abort();
+        pair.s2.abort();
+        let _ = std::fs::remove_dir_all(&pair.certs);
+    }
+
+    /// A replacement whose dialer gives up waiting for the answer (it closes
+    /// the connection as a bad Hello, as `dial_loop` does after
+    /// [`HELLO_TIMEOUT`]) after s1 installed it: the dialer never installed
+    /// it and still counts the old connection as its link. s1 must take the
+    /// old link back (announced as a replacement: frames written to the
+    /// given-up connection are lost), never report the link down, never
+    /// close the old connection while s2 heartbeats on it, and carry frames
+    /// on it again. Seen at 51 % loss when a `Hello` took 4.3 s to arrive:
+    /// a false down at both ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replacement_given_up_by_its_dialer_leaves_the_old_link_in_place() {
+        let failure_timeout = Duration::from_millis(350);
+        let mut pair = linked_pair("giveup", failure_timeout).await;
+        let pump = heartbeat_pump(&pair);
+        // A link younger than this meets a second connection as a
+        // simultaneous dial (a tie-break), not as a replacement.
+        tokio::time::sleep(SIMULTANEOUS_DIAL + Duration::from_millis(100)).await;
+        let (_endpoint, connection) = replaced_by_intruder(&mut pair).await;
+        connection.close(close_code::PROTOCOL.into(), b"bad hello");
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match pair.events.recv().await {
+                    Some(MeshEvent::LinkReplaced(peer)) if peer == "s2" => return,
+                    Some(MeshEvent::LinkDown(peer)) => {
+                        panic!("s1 reported its link to {peer} down")
+                    }
+                    Some(_) => {}
+                    None => panic!("s1's events ended"),
+                }
+            }
+        })
+        .await
+        .expect("s1 takes the old link back within 20 s");
+        let message =
+            PeerMessage::Election(crate::election::ElectionMessage::Coordinator { term: 77 });
+        assert!(pair.s1.send("s2", &message));
+        // Watched past the old connection's HELLO_TIMEOUT safety net.
+        let watch = HELLO_TIMEOUT + Duration::from_secs(1);
+        let start = Instant::now();
+        let (mut delivered, mut heard_by_s2) = (false, 0);
+        while start.elapsed() < watch {
+            while let Ok(event) = pair.events.try_recv() {
+                assert!(
+                    !matches!(event, MeshEvent::LinkDown(_)),
+                    "s1 reported its link down: {event:?}"
+                );
+            }
+            match tokio::time::timeout(Duration::from_millis(10), pair.events2.recv()).await {
+                Ok(Some(MeshEvent::Message(from, got))) if from == "s1" && got == message => {
+                    delivered = true
+                }
+                Ok(Some(MeshEvent::Heartbeat(from, _))) if from == "s1" => heard_by_s2 += 1,
+                Ok(Some(MeshEvent::LinkDown(peer))) => {
+                    panic!("s2 lost its link to {peer}")
+                }
+                Ok(Some(_)) | Err(_) => {}
+                Ok(None) => panic!("s2's events ended"),
+            }
+        }
+        println!(
+            "{watch:?} after s1 took the old link back: the frame reached s2: {delivered}; s2 heard {heard_by_s2} heartbeats from s1"
+        );
+        assert!(delivered, "a frame sent after the hand-back reached s2");
+        assert!(heard_by_s2 >= 10, "s2 kept hearing s1");
+        for mesh in [&pair.s1, &pair.s2] {
+            assert_eq!(mesh.counters().links_down.load(Ordering::Relaxed), 0);
+        }
+        assert_eq!(pair.s1.linked_peers(), ["s2"]);
+        assert_eq!(pair.s2.linked_peers(), ["s1"]);
+        pump.abort();
+        pair.shutdown.cancel();
+        pair.s1.abort();
+        pair.s2.abort();
+        let _ = std::fs::remove_dir_all(&pair.certs);
+    }
+
+    /// Heartbeats between s1 and s2 every 20 ms, as the cluster task sends them.
+    fn heartbeat_pump(pair: &Pair) -> tokio::task::JoinHandle<()> {
+        let (s1, s2) = (pair.s1.clone(), pair.s2.clone());
+        tokio::spawn(async move {
+            for seq in 1.. {
+                for (mesh, from, to) in [(&s1, "s1", "s2"), (&s2, "s2", "s1")] {
+                    let heartbeat = Heartbeat {
+                        from: from.to_owned(),
+                        term: 0,
+                        leader: None,
+                        seq,
+                        sent_at_ms: mesh.clock_ms(),
+                    };
+                    mesh.send_heartbeat(to, &heartbeat);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    }
+
+    /// A connection to s1 with s2's key and a good `Hello`, installed by s1
+    /// as the replacement of its link to s2; its answer is never read.
+    async fn replaced_by_intruder(pair: &mut Pair) -> (quinn::Endpoint, quinn::Connection) {
+        let (endpoint, connection) = intruder(pair).await;
+        let mut stream = connection.open_uni().await.unwrap();
+        let hello = wire::encode_frame(&PeerMessage::Hello {
+            version: WIRE_VERSION,
+            id: "s2".to_owned(),
+        });
+        stream.write_all(&hello).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match pair.events.recv().await {
+                    Some(MeshEvent::LinkReplaced(peer)) if peer == "s2" => return,
+                    Some(MeshEvent::LinkDown(peer)) => panic!("s1 lost its link to {peer}"),
+                    Some(_) => {}
+                    None => panic!("s1's events ended"),
+                }
+            }
+        })
+        .await
+        .expect("s1 installs the new connection within 20 s");
+        // Kept open: the stream is finished when dropped, not reset.
+        std::mem::forget(stream);
+        (endpoint, connection)
     }
 }

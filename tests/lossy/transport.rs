@@ -27,11 +27,14 @@ const CLEAN: &str = "loss=0%";
 const LOADED_MACHINE_MARGIN: Duration = Duration::from_millis(1000);
 
 /// Logs to the test output when `RUST_LOG` is set (e.g. `RUST_LOG=chatmesh=info`
-/// shows every `peer_down` with its reason and every mesh link event).
+/// shows every `peer_down` with its reason and every mesh link event). Each
+/// line names its thread: a node's mesh and cluster task run on its own
+/// thread, `cluster-s1` for s1, so the thread says which node logged it.
 fn trace_if_asked() {
     if std::env::var_os("RUST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_thread_names(true)
             .with_test_writer()
             .try_init();
     }
@@ -194,6 +197,10 @@ async fn five_servers_at_51_percent_loss_per_link_keep_one_leader_for_60_s() {
         .await;
     println!("heavy loss: agreed on s5 at term {term}, stable for 2 s, after {took:?}");
     let baseline = peer_state_changes(&cluster);
+    let replaced_before: u64 = all
+        .iter()
+        .map(|&i| counter(&cluster, i, |c| &c.links_replaced))
+        .sum();
     println!("heavy loss: s1->s5 at start: {}", link(&cluster, 0, 4));
 
     let lag = LagProbe::start();
@@ -217,10 +224,19 @@ async fn five_servers_at_51_percent_loss_per_link_keep_one_leader_for_60_s() {
     let stats = cluster.impair(0).stats();
     let counters = cluster.node(0).mesh().counters();
     println!(
-        "heavy loss: 60 s, {checks} checks, {} without one agreed leader, false downs {false_downs}",
+        "heavy loss: {soak:?}, {checks} checks, {} without one agreed leader, false downs {false_downs}",
         leaderless.len()
     );
     println!("heavy loss: s1->s5 at end: {}", link(&cluster, 0, 4));
+    let sum = |pick: fn(&MeshCounters) -> &AtomicU64| -> u64 {
+        all.iter().map(|&i| counter(&cluster, i, pick)).sum()
+    };
+    println!(
+        "heavy loss: links replaced during the soak (both ends counted) {}; since the start: silent-link redials {}, links down {}",
+        sum(|c| &c.links_replaced) - replaced_before,
+        sum(|c| &c.silent_link_redials),
+        sum(|c| &c.links_down),
+    );
     println!(
         "heavy loss: s1 heartbeats sent {} received {} (4 peers, 50/s each); s1 mesh socket: {stats}",
         counters
@@ -237,18 +253,94 @@ async fn five_servers_at_51_percent_loss_per_link_keep_one_leader_for_60_s() {
     // A timer hundreds of ms late means the machine starved every node's
     // tasks (other builds on 2 cores): heartbeats then stop at the source,
     // which no transport setting can help. Only then is a down excused.
-    // Known flaw, still to fix: about 1 run in 8 here sees 2 false downs at
-    // this loss even unstarved (worst timer lateness 2.7 ms), most likely a
-    // silent link replaced while its successor's Hello exchange is lost and
-    // retried, so the old connection closes first. They must never cost the
-    // agreed leader (checked below), and more than 2 fails.
+    // (About 1 run in 8 used to see a peer down and up again here, unstarved:
+    // a connection dialed during formation replaced a link just after the
+    // cluster was stable, and the acceptor's heartbeats went out on the new
+    // connection only while its Hello answer to the dialer was still being
+    // retransmitted, 483 ms; see `Mesh::send_heartbeat`. A replacement whose
+    // dialer gave up waiting for that answer was a false down at both ends:
+    // see `links_replaced_at_51_percent_loss_cause_no_false_down`.)
     if worst_lag < STARVED {
-        assert!(
-            false_downs <= 2,
-            "at most 2 false peer downs in 60 s: {false_downs}"
-        );
+        assert_eq!(false_downs, 0, "no false peer down in {soak:?}");
     } else {
         println!("heavy loss: the machine starved the test for {worst_lag:?}; downs excused");
+    }
+    assert!(
+        leaderless.is_empty(),
+        "one leader s5 at term {term} throughout; not at {leaderless:?}"
+    );
+    cluster.stop().await;
+}
+
+/// The hard case of a link's life under heavy loss, made to happen: every
+/// second one server dials a replacement of its live link to another (as it
+/// does when a link goes silent, or when a dial made during formation
+/// completes late), at ~51% loss per link. Each replacement's `Hello`
+/// exchange takes several retransmissions; neither end may stop hearing the
+/// other meanwhile. Before the heartbeats went out on the old connection too
+/// during a handover, the acceptor's went to the new one only, which the
+/// dialer reads only once the answer arrives: a false down whenever that
+/// took longer than the failure timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_replaced_at_51_percent_loss_cause_no_false_down() {
+    let _serial = serial().await;
+    trace_if_asked();
+    let seed = 6100;
+    let rounds = 30;
+    println!(
+        "scenario replacements under heavy loss: 5 servers, {BAD_LAN_BOTH_WAYS} on every socket (seeds {seed}..{}), one link replaced every second, {rounds} times",
+        seed + 4
+    );
+    let cluster = start_cluster(5, |i| Some(seeded(BAD_LAN_BOTH_WAYS, seed, i))).await;
+    let all = [0, 1, 2, 3, 4];
+    let (took, term) = cluster
+        .wait_stable(&all, 4, Duration::from_secs(2), Duration::from_secs(40))
+        .await;
+    println!("replacements: agreed on s5 at term {term}, stable for 2 s, after {took:?}");
+    let sum = |pick: fn(&MeshCounters) -> &AtomicU64| -> u64 {
+        all.iter().map(|&i| counter(&cluster, i, pick)).sum()
+    };
+    let baseline = peer_state_changes(&cluster);
+    let replaced_before = sum(|c| &c.links_replaced);
+    let lag = LagProbe::start();
+    let start = Instant::now();
+    let mut leaderless = Vec::new();
+    for round in 0..rounds {
+        // Every ordered pair of servers in turn.
+        let from = round % 5;
+        let to = (from + 1 + (round / 5) % 4) % 5;
+        assert!(cluster.node(from).mesh().redial(&format!("s{}", to + 1)));
+        let next = Duration::from_secs(round as u64 + 1);
+        while start.elapsed() < next {
+            if cluster.agree(&all, 4) != Some(term) {
+                leaderless.push(start.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // The last replacements finish (a Hello exchange may take seconds).
+    let settle = Instant::now();
+    while settle.elapsed() < Duration::from_secs(5) {
+        if cluster.agree(&all, 4) != Some(term) {
+            leaderless.push(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let false_downs = peer_state_changes(&cluster) - baseline;
+    let replaced = sum(|c| &c.links_replaced) - replaced_before;
+    let worst_lag = lag.worst();
+    println!(
+        "replacements: {rounds} asked, links replaced (both ends counted) {replaced}, false downs (peer state changes) {false_downs}, {} checks without one agreed leader; worst lateness of a 10 ms timer in this runtime {worst_lag:?}",
+        leaderless.len()
+    );
+    assert!(
+        replaced >= rounds as u64,
+        "most asked replacements happened (each counts at both ends): {replaced}"
+    );
+    if worst_lag < STARVED {
+        assert_eq!(false_downs, 0, "no false peer down");
+    } else {
+        println!("replacements: the machine starved the test for {worst_lag:?}; downs excused");
     }
     assert!(
         leaderless.is_empty(),
