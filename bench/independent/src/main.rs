@@ -1,8 +1,9 @@
 //! An independent cross-check of `chatmesh bench fanout`.
 //!
 //! Written apart from the bench on purpose: standard library only, blocking
-//! sockets, two plain threads per member (a reader and a sender), one write
-//! per window's worth of messages (as the bench writes), default socket options (TCP_NODELAY, as chat clients set;
+//! sockets, a sender thread per member and a reader thread per room (poll(2)
+//! on its members' sockets), one write per window's worth of messages (as
+//! the bench writes), default socket options (TCP_NODELAY, as chat clients set;
 //! no TCP_QUICKACK). It shares no code with src/bench.
 //!
 //! The workload is the bench's: R rooms of M members; each member sends K
@@ -234,21 +235,19 @@ impl Conn {
 
     /// Answers a server keep-alive; true if `line` was one.
     fn keepalive(&self, proto: Proto, line: &[u8]) -> std::io::Result<bool> {
-        match proto {
-            Proto::Irc if line.starts_with(b"PING") => {
-                let mut pong = b"PONG".to_vec();
-                pong.extend_from_slice(&line[4..]);
-                pong.extend_from_slice(b"\r\n");
-                self.send(&pong)?;
-                Ok(true)
-            }
-            Proto::Nats if line == b"PING" => {
-                self.send(b"PONG\r\n")?;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        answer_keepalive(proto, line, &self.writer)
     }
+}
+
+/// Answers a server keep-alive on `writer`; true if `line` was one.
+fn answer_keepalive(proto: Proto, line: &[u8], writer: &Mutex<TcpStream>) -> std::io::Result<bool> {
+    let pong = match proto {
+        Proto::Irc if line.starts_with(b"PING") => [b"PONG", &line[4..], b"\r\n"].concat(),
+        Proto::Nats if line == b"PING" => b"PONG\r\n".to_vec(),
+        _ => return Ok(false),
+    };
+    writer.lock().unwrap().write_all(&pong)?;
+    Ok(true)
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -407,42 +406,121 @@ fn content_of(proto: Proto, line: &[u8], nats_next: &mut bool) -> Option<(usize,
     ))
 }
 
-fn reader(run: Arc<Run>, mut conn: Conn, room: usize) -> Result<Vec<u32>, String> {
+#[repr(C)]
+struct PollFd {
+    fd: i32,
+    events: i16,
+    revents: i16,
+}
+
+const POLLIN: i16 = 1;
+
+unsafe extern "C" {
+    fn poll(fds: *mut PollFd, nfds: u64, timeout: i32) -> i32;
+}
+
+/// Reads every member of one room: one thread waits in poll(2) on all their
+/// sockets and takes what each has, instead of a blocked thread per member
+/// woken for every line (which cost this generator about twice the CPU per
+/// delivery of the bench's, and made it the bottleneck on 2 cores).
+fn room_reader(run: Arc<Run>, conns: Vec<Conn>, room: usize) -> Result<Vec<u32>, String> {
     let args = &run.args;
     let expected = (args.members - 1) * args.messages;
-    let mut latencies = Vec::with_capacity(expected);
-    let mut line = Vec::with_capacity(256);
-    let mut nats_next = false;
+    let mut latencies = Vec::with_capacity(expected * conns.len());
+    // Per member: bytes read but not yet a whole line (the first are what
+    // its login left in the buffer), lines counted, NATS payload state.
+    let mut pending: Vec<Vec<u8>> = conns.iter().map(|c| c.reader.buffer().to_vec()).collect();
+    let mut got = vec![0usize; conns.len()];
+    let mut nats_next = vec![false; conns.len()];
+    // Keep-alive answers go through each member's writer lock, as its
+    // sender's lines do, so that they never land inside one.
+    let writers: Vec<Arc<Mutex<TcpStream>>> = conns.iter().map(|c| c.writer.clone()).collect();
+    let mut sockets: Vec<Socket> = conns.into_iter().map(|c| c.reader.into_inner()).collect();
+    let mut fds: Vec<PollFd> = sockets
+        .iter()
+        .map(|s| PollFd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&s.stream),
+            events: POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let mut scratch = vec![0u8; 1 << 16];
     let deadline = Instant::now() + args.timeout;
-    while latencies.len() < expected {
+    let mut first = true;
+    while got.iter().any(|&n| n < expected) {
         if run.failed.load(Ordering::Relaxed) || Instant::now() > deadline {
-            return Err(format!("stopped after {} of {expected}", latencies.len()));
+            return Err(format!(
+                "stopped after {} of {expected} per member",
+                got.iter().min().unwrap_or(&0)
+            ));
         }
-        if let Err(e) = conn.line(&mut line) {
-            run.failed.store(true, Ordering::Relaxed);
-            return Err(format!("read after {} of {expected}: {e}", latencies.len()));
-        }
-        if conn
-            .keepalive(args.proto, &line)
-            .map_err(|e| e.to_string())?
-        {
-            continue;
-        }
-        let Some((sender, seq, micros)) = content_of(args.proto, &line, &mut nats_next) else {
-            continue;
+        // What a member's login left buffered is handled before any wait.
+        let initial = first;
+        let ready: Vec<usize> = if first {
+            first = false;
+            (0..fds.len()).filter(|&i| !pending[i].is_empty()).collect()
+        } else {
+            // SAFETY: fds is a live array of fds.len() pollfd structs.
+            let n = unsafe { poll(fds.as_mut_ptr(), fds.len() as u64, 100) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(format!("poll: {e}"));
+            }
+            let ready = (0..fds.len()).filter(|&i| fds[i].revents != 0).collect();
+            for fd in &mut fds {
+                fd.revents = 0;
+            }
+            ready
         };
-        if sender >= args.members || seq >= args.messages {
-            run.failed.store(true, Ordering::Relaxed);
-            return Err(format!("unexpected message {sender}:{seq}"));
-        }
-        let now = run.base.elapsed().as_micros() as u64;
-        latencies.push(now.saturating_sub(micros).min(u32::MAX as u64) as u32);
-        run.deliveries.fetch_add(1, Ordering::Relaxed);
-        let count = run.received[run.slot(room, sender, seq)].fetch_add(1, Ordering::AcqRel) + 1;
-        if count as usize == args.members - 1 {
-            let (lock, wake) = &run.in_flight[room * args.members + sender];
-            *lock.lock().unwrap() -= 1;
-            wake.notify_one();
+        for i in ready {
+            if !initial {
+                let n = sockets[i].read(&mut scratch).map_err(|e| {
+                    run.failed.store(true, Ordering::Relaxed);
+                    format!("read after {} of {expected}: {e}", got[i])
+                })?;
+                if n == 0 {
+                    run.failed.store(true, Ordering::Relaxed);
+                    return Err(format!(
+                        "server closed the connection after {} of {expected}",
+                        got[i]
+                    ));
+                }
+                pending[i].extend_from_slice(&scratch[..n]);
+            }
+            let mut start = 0;
+            while let Some(end) = pending[i][start..].iter().position(|&b| b == b'\n') {
+                let mut line = &pending[i][start..start + end];
+                start += end + 1;
+                while line.last() == Some(&b'\r') {
+                    line = &line[..line.len() - 1];
+                }
+                if answer_keepalive(args.proto, line, &writers[i]).map_err(|e| e.to_string())? {
+                    continue;
+                }
+                let Some((sender, seq, micros)) = content_of(args.proto, line, &mut nats_next[i])
+                else {
+                    continue;
+                };
+                if sender >= args.members || seq >= args.messages {
+                    run.failed.store(true, Ordering::Relaxed);
+                    return Err(format!("unexpected message {sender}:{seq}"));
+                }
+                let now = run.base.elapsed().as_micros() as u64;
+                latencies.push(now.saturating_sub(micros).min(u32::MAX as u64) as u32);
+                got[i] += 1;
+                run.deliveries.fetch_add(1, Ordering::Relaxed);
+                let count =
+                    run.received[run.slot(room, sender, seq)].fetch_add(1, Ordering::AcqRel) + 1;
+                if count as usize == args.members - 1 {
+                    let (lock, wake) = &run.in_flight[room * args.members + sender];
+                    *lock.lock().unwrap() -= 1;
+                    wake.notify_one();
+                }
+            }
+            pending[i].drain(..start);
         }
     }
     Ok(latencies)
@@ -565,18 +643,22 @@ fn one_run(args: &Args, number: usize) -> Result<Outcome, String> {
     let mut readers = Vec::new();
     let mut senders = Vec::new();
     let mut keep = Vec::new();
+    let mut room_conns: Vec<Vec<Conn>> = (0..args.rooms).map(|_| Vec::new()).collect();
     for (i, conn) in conns.into_iter().enumerate() {
         let conn = conn.expect("every member joined");
         let (room, index) = (i / args.members, i % args.members);
         let writer = conn.writer.clone();
         keep.push(writer.clone());
-        let r = run.clone();
-        readers.push(thread::spawn(move || reader(r, conn, room)));
+        room_conns[room].push(conn);
         let r = run.clone();
         let room_name = format!("x{tag}r{room}");
         senders.push(thread::spawn(move || {
             sender(r, writer, room, index, room_name)
         }));
+    }
+    for (room, conns) in room_conns.into_iter().enumerate() {
+        let r = run.clone();
+        readers.push(thread::spawn(move || room_reader(r, conns, room)));
     }
     let mut latencies = Vec::new();
     let mut error = None;
