@@ -1,9 +1,9 @@
 //! An independent cross-check of `chatmesh bench fanout`.
 //!
 //! Written apart from the bench on purpose: standard library only, blocking
-//! sockets, a sender thread per member and a reader thread per room (poll(2)
-//! on its members' sockets), one write per window's worth of messages (as
-//! the bench writes), default socket options (TCP_NODELAY, as chat clients set;
+//! sockets, one thread per room that waits in poll(2) on its members'
+//! sockets, reads them and writes each member's next messages as soon as
+//! its window allows, in one write (as the bench writes), default socket options (TCP_NODELAY, as chat clients set;
 //! no TCP_QUICKACK). It shares no code with src/bench.
 //!
 //! The workload is the bench's: R rooms of M members; each member sends K
@@ -24,8 +24,8 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -156,18 +156,8 @@ fn cpu_seconds(pid: &str) -> f64 {
 struct Run {
     args: Args,
     base: Instant,
-    /// Per message (room, sender, seq): how many members received it.
-    received: Vec<AtomicU32>,
-    /// Per member (room, index): its messages not yet received by everyone, and a wakeup.
-    in_flight: Vec<(Mutex<usize>, Condvar)>,
     deliveries: AtomicU64,
     failed: AtomicBool,
-}
-
-impl Run {
-    fn slot(&self, room: usize, sender: usize, seq: usize) -> usize {
-        (room * self.args.members + sender) * self.args.messages + seq
-    }
 }
 
 // From Linux's <netinet/tcp.h> and <sys/socket.h>; declared here to stay
@@ -406,6 +396,8 @@ fn content_of(proto: Proto, line: &[u8], nats_next: &mut bool) -> Option<(usize,
     ))
 }
 
+type RoomResult = Result<(Vec<u32>, Vec<Arc<Mutex<TcpStream>>>), String>;
+
 #[repr(C)]
 struct PollFd {
     fd: i32,
@@ -419,11 +411,16 @@ unsafe extern "C" {
     fn poll(fds: *mut PollFd, nfds: u64, timeout: i32) -> i32;
 }
 
-/// Reads every member of one room: one thread waits in poll(2) on all their
-/// sockets and takes what each has, instead of a blocked thread per member
-/// woken for every line (which cost this generator about twice the CPU per
-/// delivery of the bench's, and made it the bottleneck on 2 cores).
-fn room_reader(run: Arc<Run>, conns: Vec<Conn>, room: usize) -> Result<Vec<u32>, String> {
+/// Runs every member of one room: one thread waits in poll(2) on all their
+/// sockets, takes what each has, and as soon as a member's message has
+/// reached every other member, writes what its window now allows. A thread
+/// per member, blocked on its socket and woken for every line (and another
+/// to send, woken for every message delivered), cost this generator about
+/// twice the CPU per delivery of the bench's, and made it the bottleneck on
+/// 2 cores.
+/// Returns the latencies, and the members' writers, which keep their
+/// connections open until every room is done.
+fn room_loop(run: Arc<Run>, conns: Vec<Conn>, room_name: String) -> RoomResult {
     let args = &run.args;
     let expected = (args.members - 1) * args.messages;
     let mut latencies = Vec::with_capacity(expected * conns.len());
@@ -445,6 +442,46 @@ fn room_reader(run: Arc<Run>, conns: Vec<Conn>, room: usize) -> Result<Vec<u32>,
         })
         .collect();
     let mut scratch = vec![0u8; 1 << 16];
+    // Per member: its next message and how many are not yet received by
+    // every other member; per message (sender, seq): members it reached.
+    let mut next = vec![0usize; sockets.len()];
+    let mut in_flight = vec![0usize; sockets.len()];
+    let mut reached = vec![0u32; sockets.len() * args.messages];
+    let mut batch = String::new();
+    let mut send_more = |index: usize, in_flight: &mut Vec<usize>| -> Result<(), String> {
+        let k = (args.window - in_flight[index]).min(args.messages - next[index]);
+        if k == 0 {
+            return Ok(());
+        }
+        batch.clear();
+        let micros = run.base.elapsed().as_micros();
+        for seq in next[index]..next[index] + k {
+            let mut content = format!("{index}:{seq}:{micros}:");
+            while content.len() < args.size {
+                content.push('x');
+            }
+            match args.proto {
+                Proto::Chat => batch.push_str(&format!(
+                    "{{\"type\":\"message\",\"content\":\"{content}\"}}\n"
+                )),
+                Proto::Irc => batch.push_str(&format!("PRIVMSG #{room_name} :{content}\r\n")),
+                Proto::Nats => batch.push_str(&format!(
+                    "PUB {room_name} {}\r\n{content}\r\n",
+                    content.len()
+                )),
+            }
+        }
+        next[index] += k;
+        in_flight[index] += k;
+        writers[index]
+            .lock()
+            .unwrap()
+            .write_all(batch.as_bytes())
+            .map_err(|e| format!("write: {e}"))
+    };
+    for index in 0..sockets.len() {
+        send_more(index, &mut in_flight)?;
+    }
     let deadline = Instant::now() + args.timeout;
     let mut first = true;
     while got.iter().any(|&n| n < expected) {
@@ -512,72 +549,17 @@ fn room_reader(run: Arc<Run>, conns: Vec<Conn>, room: usize) -> Result<Vec<u32>,
                 latencies.push(now.saturating_sub(micros).min(u32::MAX as u64) as u32);
                 got[i] += 1;
                 run.deliveries.fetch_add(1, Ordering::Relaxed);
-                let count =
-                    run.received[run.slot(room, sender, seq)].fetch_add(1, Ordering::AcqRel) + 1;
-                if count as usize == args.members - 1 {
-                    let (lock, wake) = &run.in_flight[room * args.members + sender];
-                    *lock.lock().unwrap() -= 1;
-                    wake.notify_one();
+                let count = &mut reached[sender * args.messages + seq];
+                *count += 1;
+                if *count as usize == args.members - 1 {
+                    in_flight[sender] -= 1;
+                    send_more(sender, &mut in_flight)?;
                 }
             }
             pending[i].drain(..start);
         }
     }
-    Ok(latencies)
-}
-
-fn sender(
-    run: Arc<Run>,
-    writer: Arc<Mutex<TcpStream>>,
-    room: usize,
-    index: usize,
-    room_name: String,
-) -> Result<(), String> {
-    let args = &run.args;
-    let (lock, wake) = &run.in_flight[room * args.members + index];
-    let deadline = Instant::now() + args.timeout;
-    let mut batch = String::new();
-    let mut seq = 0;
-    while seq < args.messages {
-        // Every message the window has room for goes in one write, as a
-        // client with several lines ready would send them.
-        let room_for = {
-            let mut n = lock.lock().unwrap();
-            while *n >= args.window {
-                if run.failed.load(Ordering::Relaxed) || Instant::now() > deadline {
-                    return Err("stopped".into());
-                }
-                n = wake.wait_timeout(n, Duration::from_millis(100)).unwrap().0;
-            }
-            let k = (args.window - *n).min(args.messages - seq);
-            *n += k;
-            k
-        };
-        batch.clear();
-        let micros = run.base.elapsed().as_micros();
-        for seq in seq..seq + room_for {
-            let mut content = format!("{index}:{seq}:{micros}:");
-            while content.len() < args.size {
-                content.push('x');
-            }
-            match args.proto {
-                Proto::Chat => batch.push_str(&format!(
-                    "{{\"type\":\"message\",\"content\":\"{content}\"}}\n"
-                )),
-                Proto::Irc => batch.push_str(&format!("PRIVMSG #{room_name} :{content}\r\n")),
-                Proto::Nats => batch.push_str(&format!(
-                    "PUB {room_name} {}\r\n{content}\r\n",
-                    content.len()
-                )),
-            }
-        }
-        seq += room_for;
-        if let Err(e) = writer.lock().unwrap().write_all(batch.as_bytes()) {
-            run.failed.store(true, Ordering::Relaxed);
-            return Err(format!("write: {e}"));
-        }
-    }
-    Ok(())
+    Ok((latencies, writers))
 }
 
 struct Outcome {
@@ -627,12 +609,6 @@ fn one_run(args: &Args, number: usize) -> Result<Outcome, String> {
     let run = Arc::new(Run {
         args: args.clone(),
         base: Instant::now(),
-        received: (0..args.rooms * args.members * args.messages)
-            .map(|_| AtomicU32::new(0))
-            .collect(),
-        in_flight: (0..args.rooms * args.members)
-            .map(|_| (Mutex::new(0), Condvar::new()))
-            .collect(),
         deliveries: AtomicU64::new(0),
         failed: AtomicBool::new(false),
     });
@@ -640,43 +616,32 @@ fn one_run(args: &Args, number: usize) -> Result<Outcome, String> {
     let srv_before: f64 = pids.iter().map(|p| cpu_seconds(p)).sum();
     let gen_before = cpu_seconds("self");
     let start = Instant::now();
-    let mut readers = Vec::new();
-    let mut senders = Vec::new();
-    let mut keep = Vec::new();
+    let mut rooms = Vec::new();
     let mut room_conns: Vec<Vec<Conn>> = (0..args.rooms).map(|_| Vec::new()).collect();
     for (i, conn) in conns.into_iter().enumerate() {
-        let conn = conn.expect("every member joined");
-        let (room, index) = (i / args.members, i % args.members);
-        let writer = conn.writer.clone();
-        keep.push(writer.clone());
-        room_conns[room].push(conn);
-        let r = run.clone();
-        let room_name = format!("x{tag}r{room}");
-        senders.push(thread::spawn(move || {
-            sender(r, writer, room, index, room_name)
-        }));
+        room_conns[i / args.members].push(conn.expect("every member joined"));
     }
     for (room, conns) in room_conns.into_iter().enumerate() {
         let r = run.clone();
-        readers.push(thread::spawn(move || room_reader(r, conns, room)));
+        let room_name = format!("x{tag}r{room}");
+        rooms.push(thread::spawn(move || room_loop(r, conns, room_name)));
     }
     let mut latencies = Vec::new();
     let mut error = None;
-    for handle in readers {
+    let mut keep = Vec::new();
+    for handle in rooms {
         match handle.join() {
-            Ok(Ok(l)) => latencies.extend(l),
+            Ok(Ok((l, writers))) => {
+                latencies.extend(l);
+                keep.extend(writers);
+            }
             Ok(Err(e)) => error = error.or(Some(e)),
-            Err(_) => error = error.or(Some("a reader panicked".into())),
+            Err(_) => error = error.or(Some("a room thread panicked".into())),
         }
     }
     let seconds = start.elapsed().as_secs_f64();
     let gen_cpu = cpu_seconds("self") - gen_before;
     let srv_cpu = pids.iter().map(|p| cpu_seconds(p)).sum::<f64>() - srv_before;
-    for handle in senders {
-        if let Ok(Err(e)) = handle.join() {
-            error = error.or(Some(e));
-        }
-    }
     drop(keep);
     if let Some(e) = error {
         return Err(e);
