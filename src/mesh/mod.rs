@@ -1566,6 +1566,16 @@ mod tests {
         shutdown: CancellationToken,
     }
 
+    impl Pair {
+        /// Stops both meshes and removes the certificates.
+        fn stop(self) {
+            self.shutdown.cancel();
+            self.s1.abort();
+            self.s2.abort();
+            let _ = std::fs::remove_dir_all(&self.certs);
+        }
+    }
+
     /// `failure_timeout`: the silence after which a link gets a replacement
     /// dialed (no heartbeats run unless the test sends them).
     async fn linked_pair(tag: &str, failure_timeout: Duration) -> Pair {
@@ -1738,10 +1748,7 @@ mod tests {
         .await
         .expect("a good Hello replaces the link");
         assert_eq!(replaced, "s2");
-        pair.shutdown.cancel();
-        pair.s1.abort();
-        pair.s2.abort();
-        let _ = std::fs::remove_dir_all(&pair.certs);
+        pair.stop();
     }
 
     /// A replacement whose `Hello` answer has not reached the dialer yet:
@@ -1807,10 +1814,7 @@ mod tests {
         );
         assert_eq!(pair.s2.linked_peers(), ["s1"]);
         pump.abort();
-        pair.shutdown.cancel();
-        pair.s1.abort();
-        pair.s2.abort();
-        let _ = std::fs::remove_dir_all(&pair.certs);
+        pair.stop();
     }
 
     /// A replacement whose dialer gives up waiting for the answer (it closes
@@ -1883,10 +1887,7 @@ mod tests {
         assert_eq!(pair.s1.linked_peers(), ["s2"]);
         assert_eq!(pair.s2.linked_peers(), ["s1"]);
         pump.abort();
-        pair.shutdown.cancel();
-        pair.s1.abort();
-        pair.s2.abort();
-        let _ = std::fs::remove_dir_all(&pair.certs);
+        pair.stop();
     }
 
     /// Heartbeats between s1 and s2 every 20 ms, as the cluster task sends them.
