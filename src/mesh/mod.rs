@@ -276,6 +276,17 @@ struct Link {
     previous: Option<Box<Link>>,
 }
 
+impl Link {
+    /// The connections in `handover` that are still open.
+    fn open_handover(&self) -> Vec<quinn::Connection> {
+        self.handover
+            .iter()
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+            .collect()
+    }
+}
+
 impl Mesh {
     /// Starts the mesh endpoint on `socket` (bound to this server's mesh
     /// port, possibly impaired) and starts linking to every peer.
@@ -462,40 +473,19 @@ impl Mesh {
         let (connection, handover) = {
             let links = self.links();
             let Some(link) = links.get(to) else { return };
-            let handover: Vec<quinn::Connection> = link
-                .handover
-                .iter()
-                .filter(|c| c.close_reason().is_none())
-                .cloned()
-                .collect();
-            (link.connection.clone(), handover)
+            (link.connection.clone(), link.open_handover())
         };
         let datagram = wire::encode_heartbeat(heartbeat);
         for old in handover {
             // Best effort: it closes as soon as the peer has switched.
-            if old.send_datagram(datagram.clone()).is_ok() {
-                let delay = self.inner.heartbeat_copy_delay;
-                let datagram = datagram.clone();
-                self.inner.tasks.spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let _ = old.send_datagram(datagram);
-                });
-            }
+            let _ = self.send_heartbeat_twice(old, datagram.clone());
         }
-        match connection.send_datagram(datagram.clone()) {
-            Ok(()) => {
-                let delay = self.inner.heartbeat_copy_delay;
-                // The copy is a datagram of its own, in a later packet: the
-                // receiver counts it as stale if the first one arrived.
-                self.inner.tasks.spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let _ = connection.send_datagram(datagram);
-                });
-                self.inner
-                    .counters
-                    .heartbeats_sent
-                    .fetch_add(1, Ordering::Relaxed)
-            }
+        match self.send_heartbeat_twice(connection, datagram) {
+            Ok(()) => self
+                .inner
+                .counters
+                .heartbeats_sent
+                .fetch_add(1, Ordering::Relaxed),
             // The link just closed: the next dial takes over, nothing to count.
             Err(quinn::SendDatagramError::ConnectionLost(_)) => 0,
             Err(e) => {
@@ -506,6 +496,23 @@ impl Mesh {
                     .fetch_add(1, Ordering::Relaxed)
             }
         };
+    }
+
+    /// Sends a heartbeat datagram on `connection` now and its copy half an
+    /// interval later. The copy is a datagram of its own, in a later packet:
+    /// the receiver counts it as stale if the first one arrived.
+    fn send_heartbeat_twice(
+        &self,
+        connection: quinn::Connection,
+        datagram: Bytes,
+    ) -> Result<(), quinn::SendDatagramError> {
+        connection.send_datagram(datagram.clone())?;
+        let delay = self.inner.heartbeat_copy_delay;
+        self.inner.tasks.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = connection.send_datagram(datagram);
+        });
+        Ok(())
     }
 
     /// Transport statistics of the live link to `peer` (diagnosis and tests).
@@ -855,12 +862,7 @@ impl Mesh {
                     // answer reaches it: heartbeats go out on it too until
                     // then (see `send_heartbeat`). What the peer sends on it
                     // is read by the old link's reader meanwhile.
-                    handover = existing
-                        .handover
-                        .iter()
-                        .filter(|c| c.close_reason().is_none())
-                        .cloned()
-                        .collect();
+                    handover = existing.open_handover();
                     handover.push(existing.connection.clone());
                 }
             }
