@@ -487,21 +487,54 @@ pub async fn expect_the_room_goes_on(
 }
 
 /// Ports that were free a moment ago, for a config `up` must bind for real.
+///
+/// They come from below the kernel's ephemeral range, walked once per test
+/// process from a start drawn from the process id. A port a test lets go (a
+/// server it stopped, to see clients find it closed) is then not handed to
+/// another test's `bind(0)`, nor taken as the source port of some outgoing
+/// connection, nor given out here again, while that test still counts on
+/// nothing listening there.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    // Every port tried stays bound until n are found, so none comes up twice;
-    // one whose UDP twin is taken (a mesh socket, say) is skipped, not counted.
-    let mut tried = Vec::new();
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let (low, high) = private_port_range();
+    let span = u32::from(high - low);
+    // The first caller picks the start; later ones go on from there.
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
     let mut free = Vec::new();
-    while free.len() < n {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = tcp.local_addr().unwrap().port();
+    for _ in 0..span {
+        if free.len() == n {
+            break;
+        }
+        let port = low + (NEXT.fetch_add(1, Ordering::SeqCst) % span) as u16;
+        // Free for both: a mesh binds UDP where its clients use TCP.
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
         let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
-        if udp.is_ok() {
+        if tcp.is_ok() && udp.is_ok() {
             free.push(port);
         }
-        tried.push((tcp, udp));
     }
+    assert_eq!(free.len(), n, "no {n} free ports in {low}..{high}");
     free
+}
+
+/// Ports below the kernel's ephemeral range (`ip_local_port_range`), which
+/// `bind(0)` and outgoing connections never use.
+fn private_port_range() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    assert!(
+        ephemeral_low > 12_000,
+        "the ephemeral range starts at {ephemeral_low}: no room below it for test ports"
+    );
+    (ephemeral_low - 10_000, ephemeral_low)
 }
 
 /// The kernel's state of a TCP socket (`tcpi_state`; 1 established, 7 closed).
