@@ -23,7 +23,7 @@ use tokio::sync::Barrier;
 
 use super::procs::{ChatCluster, CpuMeter};
 use super::report::{self, Plot, Report};
-use super::wire::{self, Reader, Transport, Writer};
+use super::wire::{self, Reader, Writer};
 use super::{BenchOptions, Runs, progress, ticker};
 
 /// Servers in the cluster.
@@ -175,12 +175,12 @@ struct Load {
 pub async fn run(options: &BenchOptions) -> Result<Report> {
     let clients = options
         .clients
-        .unwrap_or(if options.quick { 24 } else { 192 });
+        .unwrap_or(if options.quick { 24 } else { 48 });
     let load = Load {
         triples: clients.div_ceil(SERVERS).max(1),
         rounds: options
             .claims
-            .unwrap_or(if options.quick { 10 } else { 100 })
+            .unwrap_or(if options.quick { 10 } else { 400 })
             .max(1),
         contested: options.contested,
     };
@@ -246,7 +246,7 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
 async fn until_granted(port: u16, server: usize, within: Duration) -> Result<()> {
     let start = Instant::now();
     for attempt in 0.. {
-        let (mut reader, mut writer) = wire::connect(&Transport::Tcp, port).await?;
+        let (mut reader, mut writer) = wire::connect_plain(port).await?;
         let name = format!("probe{server}x{attempt}");
         if wire::chat_claim(&mut reader, &mut writer, "newidentity", "identity", &name).await? {
             return Ok(());
@@ -345,7 +345,7 @@ async fn claim_loop(
     let mut outcomes: Vec<Outcome> = Vec::with_capacity(2 * load.rounds);
     for round in 0..load.rounds {
         let kind = round_kind(triple, round, load.triples, load.contested);
-        let (mut reader, mut writer) = wire::connect(&Transport::Tcp, port).await?;
+        let (mut reader, mut writer) = wire::connect_plain(port).await?;
         // The identity, then (once granted) one room id.
         for room in [false, true] {
             let contested = kind

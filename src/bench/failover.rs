@@ -209,7 +209,7 @@ pub(crate) async fn free_again(
         Ok(())
     };
     let (mut reader, mut writer) = loop {
-        let (mut reader, mut writer) = wire::connect(&Transport::Tcp, port).await?;
+        let (mut reader, mut writer) = wire::connect_plain(port).await?;
         if wire::chat_claim(
             &mut reader,
             &mut writer,

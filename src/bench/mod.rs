@@ -114,11 +114,13 @@ pub struct BenchOptions {
     #[arg(long, value_name = "SPEC")]
     pub impair: Option<String>,
     /// claims: clients claiming at once, spread evenly over the 3 servers
-    /// (rounded up to a multiple of 3; default 192, 24 with --quick).
+    /// (rounded up to a multiple of 3; default 48, 24 with --quick). Each waits
+    /// for its answer before its next claim, so the mean latency is at least
+    /// clients / rate: a p99 target at a rate needs few enough clients.
     #[arg(long)]
     pub clients: Option<usize>,
     /// claims: identities each client claims one after the other, each on a
-    /// fresh connection and followed by one room id (default 100, 10 with --quick).
+    /// fresh connection and followed by one room id (default 400, 10 with --quick).
     #[arg(long)]
     pub claims: Option<usize>,
     /// claims: fraction of rounds in which one client on each server claims
