@@ -8,9 +8,10 @@
 //! the mesh needs; the admin endpoint has a small cap of its own), a time
 //! until its first byte (a silent connection cannot hold a slot), a time to
 //! be upgraded to a WebSocket (a client dribbling headers, or idle between
-//! requests, cannot hold one either), a lifetime (an admin connection carries
-//! one request), and for the web port the client port's socket options
-//! (keepalive, user timeout, capped send buffer; see [`ClientSocket`]).
+//! requests, cannot hold one either), and a lifetime (an admin connection
+//! carries one request). The web port's connections have the client port's
+//! socket options (keepalive, user timeout, capped send buffer) from their
+//! listener ([`crate::listener::listen_for_clients`]).
 //!
 //! A handler reaches its connection through [`Peer`] (axum's `ConnectInfo`):
 //! it marks it upgraded, or asks for a reset when it is closed.
@@ -32,8 +33,7 @@ use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::config::Limits;
-use crate::listener::{ClientSlots, ClientSocket};
+use crate::listener::ClientSlots;
 
 /// A TCP listener for [`serve`], with the limits its connections live under.
 pub struct Listener {
@@ -53,9 +53,6 @@ pub struct Listener {
     /// A connection not upgraded (to a WebSocket) this long after it was
     /// accepted is closed.
     upgrade_within: Option<Duration>,
-    /// Client socket options (the client port's) are set on every
-    /// connection, with these limits.
-    client_sockets: Option<Limits>,
 }
 
 impl Listener {
@@ -69,7 +66,6 @@ impl Listener {
             first_byte_within: None,
             lifetime: None,
             upgrade_within: None,
-            client_sockets: None,
         }
     }
 
@@ -102,13 +98,6 @@ impl Listener {
     /// handler calls [`Peer::upgraded`]) are closed; upgraded ones live on.
     pub fn upgrade_within(mut self, within: Duration) -> Self {
         self.upgrade_within = Some(within);
-        self
-    }
-
-    /// Every connection gets the client port's socket options (keepalive,
-    /// user timeout, the send buffer cap of `limits`).
-    pub fn client_sockets(mut self, limits: &Limits) -> Self {
-        self.client_sockets = Some(limits.clone());
         self
     }
 
@@ -160,17 +149,10 @@ impl axum::serve::Listener for Listener {
                     }
                 },
             };
-            match &self.client_sockets {
-                Some(limits) => {
-                    if let Err(e) = ClientSocket::configure(&stream, limits) {
-                        // The client can still be served, only less well guarded.
-                        warn!(error = %e, %peer, "cannot set client socket options");
-                    }
-                }
-                None => {
-                    let _ = stream.set_nodelay(true);
-                }
-            }
+            // The web port's listener has all the client socket options
+            // (`listener::listen_for_clients`), which its connections
+            // inherit; this is for the admin endpoint's.
+            let _ = stream.set_nodelay(true);
             let timer = |d: Duration| Box::pin(tokio::time::sleep(d));
             return (
                 Conn {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -171,13 +171,15 @@ pub const USER_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct ClientSocket;
 
 impl ClientSocket {
-    /// Sets keepalive, the user timeout and the send buffer cap on a client
-    /// socket (see the constants above and [`Limits::send_buffer_bytes`]).
-    pub fn configure(stream: &TcpStream, limits: &Limits) -> std::io::Result<()> {
+    /// Sets no-delay, keepalive, the user timeout and the send buffer cap
+    /// (see the constants above and [`Limits::send_buffer_bytes`]) on a
+    /// socket: a client port's, before it listens (see
+    /// [`listen_for_clients`]).
+    fn configure(socket: &impl AsRawFd, limits: &Limits) -> std::io::Result<()> {
+        let fd = socket.as_raw_fd();
         // Chat lines are small and latency matters more than packet count;
         // the outbox already batches writes.
-        stream.set_nodelay(true)?;
-        let fd = stream.as_raw_fd();
+        setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
         setsockopt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
         let secs = |d: Duration| i32::try_from(d.as_secs()).unwrap_or(i32::MAX);
         setsockopt(
@@ -216,6 +218,34 @@ impl ClientSocket {
     }
 }
 
+/// Listens on `addr` for clients (the TCP client port, the web port). The
+/// client socket options ([`ClientSocket`]) are set before the socket
+/// listens: Linux copies a listening socket's options to each connection it
+/// accepts, from the first one on. That is seven system calls per port, not
+/// per client: they were a fifth of a server's system calls in `bench
+/// claims`, where each claim is a fresh connection. `tests/limits.rs` reads
+/// them back from accepted sockets.
+pub fn listen_for_clients(addr: SocketAddr, limits: &Limits) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As std's and tokio's `bind` do: a restarted node gets its port back
+    // while the last run's connections are in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    if let Err(e) = ClientSocket::configure(&socket, limits) {
+        // Clients can still be served, only less well guarded.
+        warn!(error = %e, %addr, "cannot set client socket options");
+    }
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Connections a client port queues before they are accepted (Linux caps it
+/// at `net.core.somaxconn`, 4096 by default).
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// Sets an integer socket option.
 fn setsockopt(
     fd: std::os::fd::RawFd,
@@ -242,24 +272,23 @@ fn setsockopt(
     }
 }
 
-/// Binds TCP on `addr`, then UDP on the port TCP got (so port 0 picks one
-/// number free for both). Retries a few times if that UDP port is taken.
+/// Binds TCP on `addr` ([`listen_for_clients`]), then UDP on the port TCP
+/// got (so port 0 picks one number free for both). Retries a few times if
+/// that UDP port is taken.
 pub fn bind_client_ports(
     addr: SocketAddr,
+    limits: &Limits,
     server_crypto: rustls::ServerConfig,
 ) -> Result<(TcpListener, quinn::Endpoint)> {
     let quic_config = quic_server_config(server_crypto)?;
     let attempts = if addr.port() == 0 { 20 } else { 1 };
     let mut last_error = None;
     for _ in 0..attempts {
-        let tcp = std::net::TcpListener::bind(addr)
+        let tcp = listen_for_clients(addr, limits)
             .with_context(|| format!("cannot listen on TCP {addr}"))?;
         let bound = tcp.local_addr()?;
         match quinn::Endpoint::server(quic_config.clone(), bound) {
-            Ok(endpoint) => {
-                tcp.set_nonblocking(true)?;
-                return Ok((TcpListener::from_std(tcp)?, endpoint));
-            }
+            Ok(endpoint) => return Ok((tcp, endpoint)),
             Err(e) => last_error = Some(e),
         }
     }
@@ -351,10 +380,6 @@ async fn tcp_session(
     slot: OwnedSemaphorePermit,
     shutdown: CancellationToken,
 ) {
-    if let Err(e) = ClientSocket::configure(&stream, chat.limits()) {
-        // The client can still be served, only less well guarded.
-        warn!(error = %e, "cannot set client socket options");
-    }
     debug!("connected");
     let (mut reader, writer) = stream.into_split();
     let end = run_session(chat, &mut reader, writer, peer.ip(), shutdown).await;

@@ -27,7 +27,7 @@ use crate::chat::ChatServer;
 use crate::cluster::{self, ClusterView, Namespace, SharedView};
 use crate::config::ClusterConfig;
 use crate::journal::NameJournal;
-use crate::listener::{ClientSlots, bind_client_ports, serve_quic, serve_tcp};
+use crate::listener::{ClientSlots, bind_client_ports, listen_for_clients, serve_quic, serve_tcp};
 use crate::mesh::Mesh;
 use crate::netsim::{self, ImpairHandle, Impairment};
 use crate::tls::{ServerIdentity, client_facing_server_config};
@@ -123,7 +123,7 @@ impl Node {
         let addr = me
             .resolve(me.client_port)
             .with_context(|| format!("cannot resolve host {:?} of server {id}", me.host))?;
-        let (tcp, quic) = bind_client_ports(addr, client_crypto)?;
+        let (tcp, quic) = bind_client_ports(addr, &config.limits, client_crypto)?;
         let client_addr = tcp.local_addr()?;
 
         let web = match me.web_port {
@@ -131,8 +131,7 @@ impl Node {
                 let addr = me
                     .resolve(port)
                     .with_context(|| format!("cannot resolve host {:?} of server {id}", me.host))?;
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
+                let listener = listen_for_clients(addr, &config.limits)
                     .with_context(|| format!("cannot listen on TCP {addr} for the web port"))?;
                 Some(listener)
             }

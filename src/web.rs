@@ -148,7 +148,6 @@ pub async fn serve(
     tasks: TaskTracker,
 ) {
     let first_request_within = chat.limits().handshake_timeout;
-    let socket_limits = chat.limits().clone();
     let state = Arc::new(WebState {
         chat,
         origins: allowed_origins(config),
@@ -166,15 +165,14 @@ pub async fn serve(
         .with_state(state);
     // Every connection holds a client slot (shared with TCP and QUIC) for as
     // long as it is open, a WebSocket session included, and has the client
-    // port's socket options (keepalive finds a vanished client, the send
-    // buffer is capped). One that sends nothing within the handshake timeout
+    // port's socket options from the listener (keepalive finds a vanished
+    // client, the send buffer is capped: `listener::listen_for_clients`). One that sends nothing within the handshake timeout
     // is closed, as for TCP clients, and so is one not upgraded to a
     // WebSocket by then: the page and `/servers` are answered at once, so
     // this only cuts clients dribbling a request, or idle between two,
     // which would otherwise hold a slot for ever.
     let listener = http::Listener::new(listener, "web port")
         .slots(slots)
-        .client_sockets(&socket_limits)
         .first_byte_within(first_request_within)
         .upgrade_within(first_request_within);
     http::serve(listener, app, shutdown).await;

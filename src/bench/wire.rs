@@ -162,8 +162,8 @@ fn new_endpoint(config: &quinn::ClientConfig) -> Result<quinn::Endpoint> {
     Ok(endpoint)
 }
 
-/// Connects to 127.0.0.1:`port`, as a member of a busy room: over TCP,
-/// see [`tcp_streaming`].
+/// Connects to 127.0.0.1:`port`, as a member of a busy room that reads all
+/// the time (for a client that waits for one answer, see [`connect_plain`]).
 pub async fn connect(transport: &Transport, port: u16) -> Result<(Reader, Writer)> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     match transport {
