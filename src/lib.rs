@@ -29,7 +29,7 @@
 //! - [`up`]: `chatmesh up`, every server of a config as child processes.
 //! - [`client`]: the bundled CLI client (line editor in `client/editor.rs`,
 //!   reconnection backoff and what servers answered in `client/reconnect.rs`).
-//! - [`bench`]: `chatmesh bench`, chatmesh measured beside ngircd and nats-server.
+//! - [`bench`](mod@bench): `chatmesh bench`, chatmesh measured beside ngircd and nats-server.
 
 pub mod admin;
 pub mod bench;

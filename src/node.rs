@@ -4,7 +4,7 @@
 //! The cluster's own work runs apart from the clients': the mesh (its QUIC
 //! endpoint and tasks), the failure detector, the election and the registry
 //! (all driven by [`cluster::run`]) live on a single-threaded runtime on an OS
-//! thread of their own ([`ClusterThread`]), so heartbeats go out and are
+//! thread of their own (`ClusterThread`), so heartbeats go out and are
 //! judged on time however busy the client sessions keep the caller's runtime.
 //! The two sides meet only through channels and locks held for a moment (the
 //! room list the registry publishes, the cluster view).

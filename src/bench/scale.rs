@@ -4,7 +4,7 @@
 //! agree on a leader, then measures over an idle window each node's CPU and
 //! the mesh UDP datagrams and bytes it sends per second (counted by its mesh
 //! socket, read from admin `GET /metrics`), then kills the leader
-//! with SIGKILL `--kills` times ([`super::failover::kill_leader_repeatedly`],
+//! with SIGKILL `--kills` times (`failover::kill_leader_repeatedly`,
 //! the loop `bench failover` uses): time to every survivor agreeing on the
 //! new leader, and time until a survivor grants the names a client of the
 //! dead leader held.

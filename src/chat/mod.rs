@@ -14,7 +14,7 @@
 //! orders are queued ([`ChatServer::evict`]) and carried out by the chat
 //! side's own task ([`ChatServer::background`]).
 //!
-//! A fan-out to a crowd (more than [`WAKE_AT_ONCE`] recipients) queues its
+//! A fan-out to a crowd (more than `WAKE_AT_ONCE` recipients) queues its
 //! lines under the lock but wakes the recipients' writers afterwards, in
 //! paced batches, so that thousands of writers never flood the scheduler
 //! ahead of every other client's request; each big write also waits for one

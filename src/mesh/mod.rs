@@ -18,14 +18,14 @@
 //! (the answer); the dialer installs the link once that has arrived and
 //! checked. So a connection with a valid certificate that sends no `Hello`,
 //! or a wrong one, never replaces a live link (it is closed after
-//! [`HELLO_TIMEOUT`], with a log line saying why).
+//! `HELLO_TIMEOUT`, with a log line saying why).
 //!
 //! The accepting side installs first, so the two ends switch to a new link
 //! in a known order, and neither closes a connection the other may still
 //! count as its link: the dialer closes the old connection when it installs
 //! (the answer proves the peer switched); the accepting side keeps its old
 //! one open (not used) until the peer's first heartbeat on the new link, or
-//! until [`HELLO_TIMEOUT`]. Closing it at once would reach the dialer before
+//! until `HELLO_TIMEOUT`. Closing it at once would reach the dialer before
 //! the answer, and it would see its link lost (a false down), then the new
 //! link as up rather than replacing one: a replacement seen at one end only.
 //! Likewise the dialer that loses the tie-break on a connection the peer
@@ -398,7 +398,7 @@ impl Mesh {
     }
 
     /// Queues a message to `to`. Without a link it waits (bounded, at most
-    /// [`PENDING_MAX_AGE`]) for one; false if it had to be dropped.
+    /// `PENDING_MAX_AGE`) for one; false if it had to be dropped.
     pub fn send(&self, to: &str, message: &PeerMessage) -> bool {
         self.send_frame(to, wire::encode_frame(message))
     }
@@ -461,7 +461,7 @@ impl Mesh {
     ///
     /// While a link is being handed over to a new connection, the heartbeat
     /// (and its copy) also goes out on the connections the peer may still
-    /// count as its link ([`Link::handover`]). Why: the accepting side of a
+    /// count as its link (`Link::handover`). Why: the accepting side of a
     /// replacement installs the new link first and the dialer only once our
     /// `Hello` answer reaches it, which under heavy loss takes several
     /// retransmissions. Until then the dialer reads only the old connection;
