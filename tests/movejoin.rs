@@ -389,3 +389,136 @@ fn the_bundled_client_echoes_the_route_token_and_prints_peer_text_visibly() {
     );
     assert!(walker.wait_exit());
 }
+
+/// Once all three servers agree: the addresses of s1 and s2, and Adel on
+/// s1 in room `jokes` of its own, for clients of s2 to move to.
+async fn jokes_on_s1(cluster: &Cluster) -> (SocketAddr, SocketAddr, Raw) {
+    cluster
+        .wait_agree(&[0, 1, 2], 2, Duration::from_secs(20))
+        .await;
+    let s1 = cluster.node(0).client_addr();
+    let s2 = cluster.node(1).client_addr();
+    let mut adel = Raw::join(Via::Tcp, s1, "Adel", "MainHall-s1").await;
+    adel.send(r#"{"type":"createroom","roomid":"jokes"}"#).await;
+    adel.expect(r#"{"type":"createroom","roomid":"jokes","approved":"true"}"#)
+        .await;
+    adel.expect(&room_change("Adel", "MainHall-s1", "jokes"))
+        .await;
+    (s1, s2, adel)
+}
+
+/// Wrong `movejoin`s for a moving client's identity are refused by the
+/// destination from the announced move, without a trip to the leader each:
+/// they queue on its per-identity arrival gate ahead of the real client's,
+/// and when each cost a leader round trip, the real client's wait passed
+/// `move_timeout`, its move expired and the attacker claimed its identity
+/// (found by the s12 hostile-client review). Anyone in the victim's former room sees `roomchange(victim, former,
+/// R)` the moment the victim is routed, which is the cue.
+///
+/// Here mesh links get 5 ms of delay each way per node (a LAN or cloud zone
+/// pair is like that; round trip to the leader about 20 ms) and
+/// `move_timeout` is 2 s, so 250 wrong movejoins are enough; at the default
+/// 10 s the black-box run needed 600 (adv-s12/gateflood.py: the victim was
+/// refused after 11 s and the attacker's newidentity for its name was
+/// approved). With no delay at all (loopback) a refusal costs about 90 us,
+/// so max_clients connections cannot fill 10 s there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_movejoins_cannot_make_a_real_move_expire() {
+    use common::inproc::{seeded, start_cluster_with};
+    let cluster = start_cluster_with(
+        3,
+        |i| Some(seeded("delay=5ms", 1200, i)),
+        |config| config.limits.move_timeout = Duration::from_secs(2),
+    )
+    .await;
+    let (s1, s2, _adel) = jokes_on_s1(&cluster).await;
+    // The attacker's connections are open before the victim moves.
+    let mut hostile = Vec::new();
+    for i in 0..250 {
+        hostile.push(Raw::connect_from(ATTACKER, s1, &format!("attacker{i}")).await);
+    }
+    let mut vera = Raw::join(Via::Tcp, s2, "Vera", "MainHall-s2").await;
+    vera.send(r#"{"type":"joinroom","roomid":"jokes"}"#).await;
+    let token = vera.expect_route("jokes", s1.port()).await;
+    // The cue (roomchange(Vera, MainHall-s2, jokes) in MainHall-s2): every
+    // attacker sends a movejoin for Vera with a wrong token, at once.
+    let wrong = r#"{"type":"movejoin","former":"MainHall-s2","roomid":"jokes","identity":"Vera","token":"00000000000000000000000000000000"}"#;
+    for h in hostile.iter_mut() {
+        h.send(wrong).await;
+    }
+    let mut moved = Raw::connect(Via::Tcp, s1, "Vera").await;
+    moved
+        .send(&format!(
+            r#"{{"type":"movejoin","former":"MainHall-s2","roomid":"jokes","identity":"Vera","token":"{token}"}}"#
+        ))
+        .await;
+    moved
+        .expect(r#"{"type":"serverchange","approved":"true","serverid":"s1"}"#)
+        .await;
+    drop(hostile);
+    cluster.stop().await;
+}
+
+/// While a client moves, anybody sending `newidentity` for its name to the
+/// destination must not turn its `movejoin` away. A claim of the name sent
+/// before the destination knew of the move is still in flight when the
+/// `movejoin` comes: the arrival now waits for its answer (a claim and an
+/// arrival of one name are never in flight together), and later claims of
+/// a name moving here are refused at once. Before, the arrival was refused
+/// and `move_timeout` later the name was the attacker's: 20 looping
+/// connections did it in 9 of 10 rounds (s12 hostile-client review). This
+/// test moves five victims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newidentity_claims_for_a_moving_name_do_not_refuse_its_movejoin() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = start_cluster(3, |_| None).await;
+    let (s1, s2, _adel) = jokes_on_s1(&cluster).await;
+    let mut refused = Vec::new();
+    for victim in ["Vera", "Vicky", "Viktor", "Vince", "Violet"] {
+        let mut v = Raw::join(Via::Tcp, s2, victim, "MainHall-s2").await;
+        // The attacker: 40 connections at a time claiming the victim's name
+        // on the destination, over and over (bounded: until told to stop,
+        // at most 2,000 claims each).
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut attackers = Vec::new();
+        for _ in 0..40 {
+            let stop = stop.clone();
+            let line = format!("{{\"type\":\"newidentity\",\"identity\":\"{victim}\"}}\n");
+            attackers.push(tokio::spawn(async move {
+                for _ in 0..2000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let Ok(mut s) = tokio::net::TcpStream::connect(s1).await else {
+                        continue;
+                    };
+                    let _ = s.write_all(line.as_bytes()).await;
+                    let mut answer = [0u8; 64];
+                    let _ = s.read(&mut answer).await;
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        v.send(r#"{"type":"joinroom","roomid":"jokes"}"#).await;
+        let token = v.expect_route("jokes", s1.port()).await;
+        let mut moved = Raw::connect(Via::Tcp, s1, victim).await;
+        moved
+            .send(&format!(
+                r#"{{"type":"movejoin","former":"MainHall-s2","roomid":"jokes","identity":"{victim}","token":"{token}"}}"#
+            ))
+            .await;
+        let answer = moved.next().await.expect("an answer to movejoin");
+        stop.store(true, Ordering::Relaxed);
+        for a in attackers {
+            let _ = a.await;
+        }
+        if answer["approved"] != "true" {
+            refused.push(victim);
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "real movejoins (right token) refused while others claimed the name: {refused:?}"
+    );
+    cluster.stop().await;
+}

@@ -38,6 +38,30 @@ impl Registry {
         })
     }
 
+    /// Whether an arrival of `key` is in flight, or waits for claims.
+    pub(super) fn arrival_pending_for(&self, key: &NameKey) -> bool {
+        let parked = match key {
+            NameKey::Identity(identity) => self.parked.iter().any(|p| p.identity == *identity),
+            NameKey::Room(_) => false,
+        };
+        parked
+            || self.pending_ids(key).any(|id| {
+                self.pending
+                    .get(&id)
+                    .is_some_and(|p| matches!(p.op, Op::MoveDone { .. }) && !p.abandoned)
+            })
+    }
+
+    /// Whether a claim of `key` is in flight, abandoned or not: if granted,
+    /// its answer makes this server hold the name (or release it).
+    pub(super) fn any_claim_pending_for(&self, key: &NameKey) -> bool {
+        self.pending_ids(key).any(|id| {
+            self.pending
+                .get(&id)
+                .is_some_and(|p| matches!(p.op, Op::Claim(_)))
+        })
+    }
+
     /// The ids of the pending requests about `key`, oldest first.
     fn pending_ids(&self, key: &NameKey) -> impl Iterator<Item = u64> + '_ {
         self.pending_keys.get(key).into_iter().flatten().copied()
@@ -147,6 +171,20 @@ impl Registry {
         token: Option<u64>,
         out: &mut Vec<Action>,
     ) {
+        let until = later(now, self.config.claim_timeout);
+        self.submit_by(now, op, token, until, out);
+    }
+
+    /// [`Registry::submit`], given up on at `until` if a client waits for
+    /// it (an arrival that was parked keeps the deadline it was asked with).
+    pub(super) fn submit_by(
+        &mut self,
+        now: Instant,
+        op: Op,
+        token: Option<u64>,
+        until: Instant,
+        out: &mut Vec<Action>,
+    ) {
         let id = self.next_id;
         self.next_id += 1;
         // Releases and cancels must reach the leader eventually, so they never
@@ -156,9 +194,9 @@ impl Registry {
             _ => {
                 out.push(Action::SetTimer {
                     timer: Timer::RequestDeadline { id },
-                    after: self.config.claim_timeout,
+                    after: until.saturating_duration_since(now),
                 });
-                Some(later(now, self.config.claim_timeout))
+                Some(until)
             }
         };
         self.add_pending(

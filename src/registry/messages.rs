@@ -549,6 +549,9 @@ pub enum Timer {
     },
     /// Leader: stop waiting for holdings of silent servers.
     SyncDeadline,
+    /// An arrival parked behind a claim of its identity is out of time
+    /// (handled after every input: nothing to do but wake up).
+    ParkedDeadline,
 }
 
 /// An input to [`Registry::handle`](super::Registry::handle).

@@ -262,6 +262,24 @@ pub struct Registry {
     /// Between [`Registry::begin_batch`] and [`Registry::end_batch`]: the
     /// leader's decisions wait there to go out as one announcement.
     batching: bool,
+    /// Arrivals (`movejoin`s) waiting for this server's claims of the same
+    /// identity, sent before the move was known here, to be answered: a
+    /// claim and an arrival of one name are never in flight together (the
+    /// leader would grant a claim of a name its asker holds, so both would
+    /// win). Meanwhile new claims of the name are refused here. Tried again
+    /// after every input; at most `MAX_PENDING`.
+    parked: Vec<ParkedArrival>,
+}
+
+/// An arrival waiting for claims of its identity to be answered.
+#[derive(Debug)]
+struct ParkedArrival {
+    token: u64,
+    identity: String,
+    arrival: Arrival,
+    /// Refused (as a request unanswered in time) if still parked then: a
+    /// claim whose leader never answers stays in flight.
+    until: Instant,
 }
 
 impl Registry {
@@ -314,6 +332,7 @@ impl Registry {
             loopback: VecDeque::new(),
             clock: None,
             batching: false,
+            parked: Vec::new(),
         }
     }
 
@@ -342,6 +361,7 @@ impl Registry {
             let from = self.id.clone();
             self.on_message(now, from, msg, &mut out);
         }
+        self.unpark_arrivals(now, &mut out);
         if !self.batching {
             self.with_leader(|registry, lead| registry.announce(lead, &mut out));
         }
@@ -768,13 +788,113 @@ impl Registry {
         }
     }
 
+    /// An arrival of `identity` here (a `movejoin`), to be answered by
+    /// `until` (the claim timeout after it was asked).
+    fn accept_move(
+        &mut self,
+        now: Instant,
+        token: u64,
+        identity: String,
+        arrival: Arrival,
+        until: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let key = NameKey::Identity(identity.clone());
+        // A client connected here refuses it; an identity merely reserved
+        // here (its client moved away and may be coming back) is for the
+        // leader to decide.
+        let refusal = if !is_valid_name(&identity) || self.holds(&Name::Identity(identity.clone()))
+        {
+            Some(Refusal::NotMoving)
+        } else if self
+            .move_here(&identity)
+            .and_then(|e| e.move_proof.as_ref())
+            .is_some_and(|proof| !arrival.proves(proof))
+        {
+            // Refused here, from the announced move, without a trip to the
+            // leader: impostors' `movejoin`s queue ahead of the real
+            // client's (one arrival of a name at a time), and with a leader
+            // round trip each, a few hundred of them outlasted the move.
+            // The leader checks the proof again: refusing is always safe.
+            Some(Refusal::WrongMoveProof)
+        } else if self.arrival_pending_for(&key) {
+            Some(Refusal::NotMoving)
+        } else if self.pending.len() + self.parked.len() >= MAX_PENDING {
+            Some(Refusal::Busy)
+        } else {
+            None
+        };
+        match refusal {
+            Some(reason) => Self::reply(out, token, Err(reason)),
+            None if self.any_claim_pending_for(&key) => {
+                out.push(Action::SetTimer {
+                    timer: Timer::ParkedDeadline,
+                    after: until.saturating_duration_since(now),
+                });
+                self.parked.push(ParkedArrival {
+                    token,
+                    identity,
+                    arrival,
+                    until,
+                });
+            }
+            None => {
+                let op = Op::MoveDone { identity, arrival };
+                self.submit_by(now, op, Some(token), until, out)
+            }
+        }
+    }
+
+    /// Sends on the parked arrivals whose identity has no claim in flight
+    /// any more, and refuses those parked too long. (While one is parked a
+    /// claim is pending, so the retry timer brings an input at least every
+    /// retry interval.)
+    fn unpark_arrivals(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let parked = std::mem::take(&mut self.parked);
+        for p in parked {
+            let key = NameKey::Identity(p.identity.clone());
+            if now >= p.until {
+                Self::reply(out, p.token, Err(Refusal::LeaderTimeout));
+            } else if self.any_claim_pending_for(&key) {
+                self.parked.push(p);
+            } else {
+                self.accept_move(now, p.token, p.identity, p.arrival, p.until, out);
+            }
+        }
+    }
+
+    /// The announced entry of `identity` if it is moving to this server.
+    fn move_here(&self, identity: &str) -> Option<&IdentityEntry> {
+        self.replica
+            .identities
+            .get(identity)
+            .filter(|e| e.moving_to.as_ref() == Some(&self.id))
+    }
+
+    /// Whether `key` is an identity moving to this server, or with an
+    /// arrival waiting here.
+    fn moving_here(&self, key: &NameKey) -> bool {
+        let NameKey::Identity(identity) = key else {
+            return false;
+        };
+        self.move_here(identity).is_some() || self.parked.iter().any(|p| p.identity == *identity)
+    }
+
     fn on_local(&mut self, now: Instant, token: u64, request: LocalRequest, out: &mut Vec<Action>) {
         match request {
             LocalRequest::Claim(name) => {
                 let key = name.key();
                 let refusal = if !name.is_valid() {
                     Some(Refusal::Invalid)
-                } else if self.own_has(&key) || self.claim_pending_for(&key) {
+                } else if self.own_has(&key)
+                    || self.claim_pending_for(&key)
+                    || self.moving_here(&key)
+                {
+                    // A name moving here is its mover's: a flood of claims
+                    // of it must not hold its arrival up (see `parked`).
                     Some(Refusal::Taken)
                 } else if self.config.require_majority && !self.has_majority() {
                     Some(self.no_majority())
@@ -823,31 +943,18 @@ impl Registry {
                 }
             }
             LocalRequest::AcceptMove { identity, arrival } => {
-                // A client connected here refuses it; an identity merely
-                // reserved here (its client moved away and may be coming
-                // back) is for the leader to decide.
-                let key = NameKey::Identity(identity.clone());
-                let refusal = if !is_valid_name(&identity)
-                    || self.holds(&Name::Identity(identity.clone()))
-                    || self.claim_pending_for(&key)
-                {
-                    Some(Refusal::NotMoving)
-                } else if self.pending.len() >= MAX_PENDING {
-                    Some(Refusal::Busy)
-                } else {
-                    None
-                };
-                match refusal {
-                    Some(reason) => Self::reply(out, token, Err(reason)),
-                    None => {
-                        let op = Op::MoveDone { identity, arrival };
-                        self.submit(now, op, Some(token), out)
-                    }
-                }
+                let until = later(now, self.config.claim_timeout);
+                self.accept_move(now, token, identity, arrival, until, out)
             }
             LocalRequest::Release(name) => {
                 Self::reply(out, token, Ok(()));
                 let key = name.key();
+                // An arrival of it still parked: its client is gone too.
+                if let NameKey::Identity(identity) = &key {
+                    for p in self.parked.extract_if(.., |p| p.identity == *identity) {
+                        Self::reply(out, p.token, Err(Refusal::Cancelled));
+                    }
+                }
                 // A claim still in flight for this name: its client is gone.
                 let ids: Vec<u64> = self
                     .pending_keys
@@ -1018,6 +1125,8 @@ impl Registry {
                     self.with_leader(|reg, lead| reg.flush_queue(lead, now, out));
                 }
             }
+            // `handle` unparks (or refuses) after every input.
+            Timer::ParkedDeadline => {}
         }
     }
 }
