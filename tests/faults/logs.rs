@@ -37,6 +37,36 @@ pub fn observed_downs(dir: &Path, wall0: f64) -> Vec<Down> {
     downs
 }
 
+/// Every `leader_elected` the nodes logged: (time on the lab's clock,
+/// observer index), sorted by time.
+pub fn leader_changes(dir: &Path, wall0: f64) -> Vec<(Secs, usize)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(observer) = name
+            .strip_prefix('s')
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok())
+            .filter(|_| name.ends_with(".log"))
+        else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        for line in text.lines().filter(|l| l.contains(" leader_elected ")) {
+            if let Some(t) = line.split_whitespace().next().and_then(unix_time) {
+                out.push((t - wall0, observer - 1));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out
+}
+
 /// The silences in one node's log; one still open at the log's end (the
 /// process was killed, or the run ended) ends at its last line.
 fn downs_in(text: &str, observer: usize, wall0: f64) -> Vec<Down> {
