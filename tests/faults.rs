@@ -26,7 +26,11 @@
 //!
 //! Runs as root with `ip` and `nft` (`.ci/run` installs them); skips, saying
 //! why, elsewhere. `CHATMESH_FAULT_SEED` picks the schedule (default 1),
-//! `CHATMESH_FAULT_SECS` its length (default 75).
+//! `CHATMESH_FAULT_SECS` its length (default 75), `CHATMESH_FAULT_KINDS` the
+//! kinds of fault kept; `CHATMESH_FAULT_KEEP=1` keeps the lab's files (logs,
+//! history) even when the run passes. Kept files live under the temporary
+//! directory, and the next test process sweeps those of dead processes: run
+//! with `TMPDIR=/some/dir` to keep them for good.
 
 #[path = "faults/clients.rs"]
 mod clients;
@@ -239,6 +243,10 @@ fn run(seed: u64, fault_time: Duration) -> Result<(), String> {
     recovers(&lab, seed, &mut findings);
     let elections = logs::leader_changes(&lab.dir, wall0);
     settles(&faults.held, &elections, &mut findings);
+    stalls(&faults.held, &sessions);
+    if std::env::var_os("CHATMESH_FAULT_KEEP").is_some() {
+        lab.keep_dir();
+    }
 
     let report = report(seed, &findings, &faults.changes, &sessions, &lab);
     println!("{}", report.summary);
@@ -376,6 +384,40 @@ fn settles(held: &[(Secs, Secs, String)], elections: &[(Secs, usize)], findings:
         }
     }
     println!("elections while faults held, after settling: {total} leader change(s) logged in all");
+}
+
+/// Prints, for every held fault, the longest stretch in which no client
+/// anywhere was granted a name, when it is over 2 s: a cluster that still
+/// has a connected majority should keep granting (a figure, not a rule: the
+/// pools are small, so a quiet second can also be names all taken).
+fn stalls(held: &[(Secs, Secs, String)], sessions: &[history::Session]) {
+    let mut grants: Vec<Secs> = sessions
+        .iter()
+        .flat_map(|s| s.requests.iter())
+        .filter(|r| r.granted)
+        .filter_map(|r| r.answered)
+        .collect();
+    grants.sort_by(f64::total_cmp);
+    let mut longest: (Secs, String) = (0.0, String::new());
+    for (from, to, what) in held {
+        let mut at = *from;
+        let mut gap: Secs = 0.0;
+        for &t in grants.iter().filter(|&&t| t > *from && t < *to) {
+            gap = gap.max(t - at);
+            at = t;
+        }
+        gap = gap.max(to - at);
+        if gap > 2.0 {
+            println!("no grant anywhere for {gap:.2} s while held: t={from:.3}..{to:.3} {what}");
+        }
+        if gap > longest.0 {
+            longest = (gap, what.clone());
+        }
+    }
+    println!(
+        "longest stretch without a grant while a fault held: {:.2} s ({})",
+        longest.0, longest.1
+    );
 }
 
 /// The fault runner: applies states to the lab and records each change.
