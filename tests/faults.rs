@@ -239,7 +239,15 @@ fn run(seed: u64, fault_time: Duration) -> Result<(), String> {
         .unwrap_or_else(|e| panic!("clients: {e}"));
 
     let downs = logs::observed_downs(&lab.dir, wall0);
-    let mut findings = history::check(&sessions, &faults.changes, &downs, NODES, limits);
+    let decisions = logs::grant_decisions(&lab.dir, wall0);
+    let mut findings = history::check_with(
+        &sessions,
+        &faults.changes,
+        &downs,
+        &decisions,
+        NODES,
+        limits,
+    );
     recovers(&lab, seed, &mut findings);
     let elections = logs::leader_changes(&lab.dir, wall0);
     settles(&faults.held, &elections, &mut findings);

@@ -248,6 +248,30 @@ pub fn check(
     n: usize,
     limits: Limits,
 ) -> Findings {
+    check_with(sessions, changes, downs, &[], n, limits)
+}
+
+/// A grant as the deciding leader logged it (`claim_granted`): when, to
+/// which server's client (0-based), and the name.
+#[derive(Clone, Debug)]
+pub struct Decision {
+    pub at: Secs,
+    pub asker: usize,
+    pub kind: Kind,
+    pub name: String,
+}
+
+/// [`check`], with the leaders' logged decisions: rule 5 then judges a grant
+/// at the moment it was decided rather than when its client heard of it (an
+/// answer decided before a cut and delivered after it is not a zombie's).
+pub fn check_with(
+    sessions: &[Session],
+    changes: &[Change],
+    downs: &[Down],
+    decisions: &[Decision],
+    n: usize,
+    limits: Limits,
+) -> Findings {
     let mut f = Findings {
         sessions: sessions.len(),
         ..Findings::default()
@@ -268,7 +292,7 @@ pub fn check(
     no_name_twice(sessions, changes, downs, n, limits, &mut f);
     minority_grants_nothing(sessions, changes, n, limits, &mut f);
     every_request_answered(sessions, changes, n, limits, &mut f);
-    no_grant_over_a_live_holder(sessions, changes, downs, n, &mut f);
+    no_grant_over_a_live_holder(sessions, changes, downs, decisions, n, &mut f);
     f
 }
 
@@ -317,6 +341,7 @@ fn no_grant_over_a_live_holder(
     sessions: &[Session],
     changes: &[Change],
     downs: &[Down],
+    decisions: &[Decision],
     n: usize,
     f: &mut Findings,
 ) {
@@ -339,18 +364,35 @@ fn no_grant_over_a_live_holder(
                 {
                     continue;
                 }
-                let isolated = states_during(changes, h.start, g.start)
+                // When g was decided: the last logged decision of this name
+                // for a's clients before its client heard of it (the node
+                // logs and the clients share the machine's clock; 50 ms
+                // covers the rounding of the two conversions).
+                let decided = decisions
+                    .iter()
+                    .filter(|d| d.asker == a && d.kind == kind && d.name == name)
+                    .filter(|d| d.at <= g.start + 0.05)
+                    .map(|d| d.at)
+                    .fold(None, |last: Option<Secs>, t| {
+                        Some(last.map_or(t, |l| l.max(t)))
+                    })
+                    .unwrap_or(g.start);
+                if decided <= h.start {
+                    continue; // decided before h was granted: h is the later grant
+                }
+                let isolated = states_during(changes, h.start, decided)
                     .any(|state| !state.up(b) || state.side(b) < majority);
                 let logged_down = downs.iter().any(|d| {
-                    d.peer == b && d.observer != a && d.to >= h.start && d.from <= g.start
+                    d.peer == b && d.observer != a && d.to >= h.start && d.from <= decided
                 });
                 if isolated || logged_down {
                     continue;
                 }
                 let mut text = format!(
-                    "(5) {kind:?} {name} granted on s{} at t={:.3} while a client of s{} held it \
-                     since t={:.3}, and s{} kept a majority and no other server logged it \
-                     down meanwhile (nothing could have freed the name)\n",
+                    "(5) {kind:?} {name} granted on s{} at t={:.3} (decided at t={decided:.3}) \
+                     while a client of s{} held it since t={:.3}, and s{} kept a majority and \
+                     no other server logged it down meanwhile (nothing could have freed the \
+                     name)\n",
                     a + 1,
                     g.start,
                     b + 1,
@@ -832,6 +874,29 @@ mod tests {
         ];
         let f = check(&sessions, &changes, &[], 5, LIMITS);
         assert_eq!(of_rule(&f, "(1)"), 0, "{:?}", f.violations);
+        assert_eq!(of_rule(&f, "(5)"), 1, "{:?}", f.violations);
+    }
+
+    #[test]
+    fn a_grant_decided_before_the_other_holder_was_granted_is_not_rule_5s() {
+        // Decided on s1's behalf at t=11 (before s3's client got the name at
+        // t=12), heard by s1's client only after its pause: the later grant
+        // is s3's, and s1 was paused then.
+        let changes = pause_timeline();
+        let sessions = [
+            session(1, 0, Kind::Identity, 20.2, 20.5),
+            session(2, 2, Kind::Identity, 12.0, 30.0),
+        ];
+        let decided = |at| Decision {
+            at,
+            asker: 0,
+            kind: Kind::Identity,
+            name: "user01".into(),
+        };
+        let f = check_with(&sessions, &changes, &[], &[decided(11.0)], 5, LIMITS);
+        assert_eq!(of_rule(&f, "(5)"), 0, "{:?}", f.violations);
+        // Decided after the wake: the zombie's.
+        let f = check_with(&sessions, &changes, &[], &[decided(20.15)], 5, LIMITS);
         assert_eq!(of_rule(&f, "(5)"), 1, "{:?}", f.violations);
     }
 
