@@ -460,6 +460,7 @@ impl Registry {
         }
         if lead.based {
             self.lead_holdings(lead, now, from, report, out);
+            self.flush_queue(lead, now, out);
             self.lead_check_purges(lead, now, out);
             return;
         }
@@ -520,7 +521,13 @@ impl Registry {
         for identity in moving {
             self.expire_move_at(lead, now, &identity, out);
         }
-        // Own holdings first: they are this server's own truth.
+        // Own holdings first: they are this server's own truth. Every
+        // report is merged before anything queued is decided: the base is
+        // the most advanced replica, which lacks its reporter's own names
+        // (they are in the report's holdings), and once the sync deadline
+        // has passed nothing else holds the queue back. Deciding after the
+        // first merge granted names a majority had committed to the
+        // reporters still to be merged (tests/faults, leaderoneway).
         let mut reports: Vec<(ServerId, HoldingsReport)> = reports.into_iter().collect();
         reports.sort_by_key(|(from, _)| *from != self.id);
         for (from, report) in reports {
@@ -1247,7 +1254,6 @@ impl Registry {
             // earlier leader, a name lost to a later grant) is not its own.
             self.on_snapshot(now, lead.seq, identities, rooms, out);
         }
-        self.flush_queue(lead, now, out);
     }
 
     /// Decides parked requests once no live server's holdings are awaited.

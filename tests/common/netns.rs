@@ -357,6 +357,25 @@ impl NetLab {
         }
     }
 
+    /// SIGSTOP (`stop`) or SIGCONT to node `i`: a stopped process keeps its
+    /// sockets open and does nothing, as a server starved or swapped out.
+    pub fn pause(&self, i: usize, stop: bool) -> Result<(), String> {
+        let child = self.children[i]
+            .as_ref()
+            .ok_or_else(|| format!("{} is not running", self.id(i)))?;
+        let signal = if stop { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill(2) on our own child, which has not been reaped (we
+        // hold its Child and only wait in kill9), so the pid is still its.
+        if unsafe { libc::kill(child.id() as libc::pid_t, signal) } != 0 {
+            return Err(format!(
+                "signal {signal} to {}: {}",
+                self.id(i),
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether node `i` was started and not killed.
     pub fn is_running(&self, i: usize) -> bool {
         self.children[i].is_some()

@@ -70,6 +70,9 @@ impl Session {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetState {
     pub running: Vec<bool>,
+    /// Stopped with SIGSTOP: the process exists (its sockets stay open, its
+    /// clients keep their connections) but does nothing until SIGCONT.
+    pub paused: Vec<bool>,
     /// `deaf[a][b]`: a's kernel drops mesh datagrams from b.
     pub deaf: Vec<Vec<bool>>,
     /// Random loss of arriving mesh datagrams, per node, in percent.
@@ -81,6 +84,7 @@ impl NetState {
     pub fn whole(n: usize) -> NetState {
         NetState {
             running: vec![true; n],
+            paused: vec![false; n],
             deaf: vec![vec![false; n]; n],
             loss: vec![0; n],
         }
@@ -89,13 +93,18 @@ impl NetState {
     /// Both running, and neither drops the other's datagrams (loss is not a
     /// cut: the system is built to ride it out).
     pub fn talk(&self, a: usize, b: usize) -> bool {
-        self.running[a] && self.running[b] && !self.deaf[a][b] && !self.deaf[b][a]
+        self.up(a) && self.up(b) && !self.deaf[a][b] && !self.deaf[b][a]
+    }
+
+    /// Running and not paused.
+    pub fn up(&self, a: usize) -> bool {
+        self.running[a] && !self.paused[a]
     }
 
     /// How many servers a's side has (a included): the servers reachable
-    /// from a over links that work both ways. 0 if a is not running.
+    /// from a over links that work both ways. 0 if a is not running or paused.
     pub fn side(&self, a: usize) -> usize {
-        if !self.running[a] {
+        if !self.up(a) {
             return 0;
         }
         let n = self.running.len();
@@ -113,10 +122,11 @@ impl NetState {
         seen.iter().filter(|&&s| s).count()
     }
 
-    /// The state with every link whole (who runs unchanged).
+    /// The state with every link whole (who runs, and who is paused, unchanged).
     pub fn healed(&self) -> NetState {
         NetState {
             running: self.running.clone(),
+            paused: self.paused.clone(),
             ..NetState::whole(self.running.len())
         }
     }
@@ -238,6 +248,30 @@ pub fn check(
     n: usize,
     limits: Limits,
 ) -> Findings {
+    check_with(sessions, changes, downs, &[], n, limits)
+}
+
+/// A grant as the deciding leader logged it (`claim_granted`): when, to
+/// which server's client (0-based), and the name.
+#[derive(Clone, Debug)]
+pub struct Decision {
+    pub at: Secs,
+    pub asker: usize,
+    pub kind: Kind,
+    pub name: String,
+}
+
+/// [`check`], with the leaders' logged decisions: rule 5 then judges a grant
+/// at the moment it was decided rather than when its client heard of it (an
+/// answer decided before a cut and delivered after it is not a zombie's).
+pub fn check_with(
+    sessions: &[Session],
+    changes: &[Change],
+    downs: &[Down],
+    decisions: &[Decision],
+    n: usize,
+    limits: Limits,
+) -> Findings {
     let mut f = Findings {
         sessions: sessions.len(),
         ..Findings::default()
@@ -257,8 +291,128 @@ pub fn check(
     }
     no_name_twice(sessions, changes, downs, n, limits, &mut f);
     minority_grants_nothing(sessions, changes, n, limits, &mut f);
-    every_request_answered(sessions, changes, limits, &mut f);
+    every_request_answered(sessions, changes, n, limits, &mut f);
+    no_grant_over_a_live_holder(sessions, changes, downs, decisions, n, &mut f);
     f
+}
+
+/// The states in force at some moment of `[from, to]` (a change counts from
+/// its start: while it is applied, either state may hold).
+fn states_during(changes: &[Change], from: Secs, to: Secs) -> impl Iterator<Item = &NetState> {
+    let first = changes.iter().rposition(|c| c.start <= from).unwrap_or(0);
+    changes[first..]
+        .iter()
+        .take_while(move |c| c.start <= to)
+        .map(|c| &c.state)
+}
+
+/// When server `a` may have been paused: from the start of the change that
+/// paused it to the end of the one that resumed it.
+fn paused_spans(changes: &[Change], a: usize) -> Vec<(Secs, Secs)> {
+    let mut out = Vec::new();
+    let mut since = None;
+    for c in changes {
+        match (since, c.state.paused[a]) {
+            (None, true) => since = Some(c.start),
+            (Some(from), false) => {
+                out.push((from, c.end));
+                since = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(from) = since {
+        out.push((from, f64::INFINITY));
+    }
+    out
+}
+
+/// Rule 5: a name is granted only once its earlier holder's server could
+/// have been purged. A grant that arrives while a client of another server
+/// `b` holds the name (granted earlier) is a double grant unless `b` was cut
+/// off from a majority, stopped or paused at some moment in between, or
+/// some server other than the granting one logged `b` down meanwhile (the
+/// registry frees a server's names only when a majority sees it down). This
+/// is stricter than rule 1 in one way that matters: it does not wait for
+/// the two servers to talk. A zombie leader (paused, or cut off) that wakes
+/// and grants what the majority's leader granted meanwhile breaks it at the
+/// moment of the grant, even if the heal evicts one holder a second later.
+fn no_grant_over_a_live_holder(
+    sessions: &[Session],
+    changes: &[Change],
+    downs: &[Down],
+    decisions: &[Decision],
+    n: usize,
+    f: &mut Findings,
+) {
+    let majority = n / 2 + 1;
+    let mut by_name: BTreeMap<(Kind, &str), Vec<(usize, &Hold)>> = BTreeMap::new();
+    for (i, s) in sessions.iter().enumerate() {
+        for h in &s.holds {
+            by_name.entry((h.kind, &h.name)).or_default().push((i, h));
+        }
+    }
+    for ((kind, name), holds) in by_name {
+        for &(i, h) in &holds {
+            for &(j, g) in &holds {
+                let (b, a) = (sessions[i].server, sessions[j].server);
+                // h earlier, g granted while h still held, on another server.
+                if sessions[i].client == sessions[j].client
+                    || a == b
+                    || h.start >= g.start
+                    || h.end.is_some_and(|end| end <= g.start)
+                {
+                    continue;
+                }
+                // When g was decided: the last logged decision of this name
+                // for a's clients before its client heard of it (the node
+                // logs and the clients share the machine's clock; 50 ms
+                // covers the rounding of the two conversions).
+                let decided = decisions
+                    .iter()
+                    .filter(|d| d.asker == a && d.kind == kind && d.name == name)
+                    .filter(|d| d.at <= g.start + 0.05)
+                    .map(|d| d.at)
+                    .fold(None, |last: Option<Secs>, t| {
+                        Some(last.map_or(t, |l| l.max(t)))
+                    })
+                    .unwrap_or(g.start);
+                if decided <= h.start {
+                    continue; // decided before h was granted: h is the later grant
+                }
+                let isolated = states_during(changes, h.start, decided)
+                    .any(|state| !state.up(b) || state.side(b) < majority);
+                let logged_down = downs.iter().any(|d| {
+                    d.peer == b && d.observer != a && d.to >= h.start && d.from <= decided
+                });
+                if isolated || logged_down {
+                    continue;
+                }
+                let mut text = format!(
+                    "(5) {kind:?} {name} granted on s{} at t={:.3} (decided at t={decided:.3}) \
+                     while a client of s{} held it since t={:.3}, and s{} kept a majority and \
+                     no other server logged it down meanwhile (nothing could have freed the \
+                     name)\n",
+                    a + 1,
+                    g.start,
+                    b + 1,
+                    h.start,
+                    b + 1
+                );
+                history(&mut text, &sessions[i]);
+                history(&mut text, &sessions[j]);
+                network(&mut text, changes, h.start - 3.0, g.start + 3.0);
+                silences(
+                    &mut text,
+                    downs,
+                    (a.min(b), a.max(b)),
+                    h.start - 3.0,
+                    g.start + 3.0,
+                );
+                f.violations.push(text);
+            }
+        }
+    }
 }
 
 /// Rule 1: no name held by two clients at once on one server, or on two
@@ -432,11 +586,22 @@ fn minority_grants_nothing(
 fn every_request_answered(
     sessions: &[Session],
     changes: &[Change],
+    n: usize,
     limits: Limits,
     f: &mut Findings,
 ) {
+    let paused: Vec<Vec<(Secs, Secs)>> = (0..n).map(|a| paused_spans(changes, a)).collect();
     for s in sessions {
         for r in &s.requests {
+            // A paused server answers nothing until it is resumed; its
+            // clients wait (and may give up) without it being a fault.
+            let latest = r.answered.unwrap_or(f64::INFINITY);
+            if paused[s.server]
+                .iter()
+                .any(|&(from, to)| from <= latest && r.sent <= to)
+            {
+                continue;
+            }
             let waited = r.answered.map(|a| a - r.sent);
             if let Some(w) = waited {
                 f.slowest_answer = f.slowest_answer.max(w);
@@ -537,6 +702,11 @@ mod tests {
         }
     }
 
+    /// The violations of one rule, `"(1)"` say.
+    fn of_rule(f: &Findings, rule: &str) -> usize {
+        f.violations.iter().filter(|v| v.starts_with(rule)).count()
+    }
+
     const LIMITS: Limits = Limits {
         heal_allowance: 2.35,
         minority_grace: 1.35,
@@ -578,15 +748,15 @@ mod tests {
         ];
         let f = check(&sessions, &changes, &[], 5, LIMITS);
         assert_eq!(f.violations.len(), 1, "{:?}", f.violations);
-        // Held twice while connected: a violation.
+        // Held twice while connected: a violation (of rule 5 too: s1 never
+        // lost its majority).
         let sessions = [
             session(1, 0, Kind::Room, 2.0, 6.0),
             session(2, 4, Kind::Room, 5.0, 8.0),
         ];
-        assert_eq!(
-            check(&sessions, &changes, &[], 5, LIMITS).violations.len(),
-            1
-        );
+        let f = check(&sessions, &changes, &[], 5, LIMITS);
+        assert_eq!(of_rule(&f, "(1)"), 1, "{:?}", f.violations);
+        assert_eq!(of_rule(&f, "(5)"), 1, "{:?}", f.violations);
         // One after the other: fine.
         let sessions = [
             session(1, 0, Kind::Room, 2.0, 6.0),
@@ -616,9 +786,21 @@ mod tests {
             silent: 0.4,
         }];
         let f = check(&sessions, &changes, &downs, 5, LIMITS);
-        assert!(f.violations.is_empty(), "{:?}", f.violations);
+        assert_eq!(of_rule(&f, "(1)"), 0, "{:?}", f.violations);
         assert_eq!(f.explained.len(), 1);
         assert_eq!(f.unscheduled_silences, 1);
+        // Rule 5 is not excused by the granting server's own silence (only
+        // a majority seeing s1 down frees its names), but by another's.
+        assert_eq!(of_rule(&f, "(5)"), 1, "{:?}", f.violations);
+        let seen_by_s3 = [
+            downs[0].clone(),
+            Down {
+                observer: 2,
+                ..downs[0].clone()
+            },
+        ];
+        let f = check(&sessions, &changes, &seen_by_s3, 5, LIMITS);
+        assert!(f.violations.is_empty(), "{:?}", f.violations);
         // A silence of another pair explains nothing.
         let downs = [Down {
             observer: 3,
@@ -626,7 +808,7 @@ mod tests {
             ..downs[0].clone()
         }];
         let f = check(&sessions, &changes, &downs, 5, LIMITS);
-        assert_eq!(f.violations.len(), 1);
+        assert_eq!(of_rule(&f, "(1)"), 1, "{:?}", f.violations);
         assert!(f.explained.is_empty());
     }
 
@@ -660,6 +842,83 @@ mod tests {
         );
         s.requests[0].answered = Some(s.requests[0].sent + 6.0);
         assert_eq!(check(&[s], &changes, &[], 5, LIMITS).violations.len(), 1);
+    }
+
+    /// s1 paused from t=10 to t=20.
+    fn pause_timeline() -> Vec<Change> {
+        let mut paused = NetState::whole(5);
+        paused.paused[0] = true;
+        vec![
+            change(0.0, NetState::whole(5)),
+            change(10.0, paused),
+            change(20.0, NetState::whole(5)),
+        ]
+    }
+
+    #[test]
+    fn a_zombie_grant_over_the_majoritys_holder_is_a_violation_at_once() {
+        let changes = pause_timeline();
+        // s1's holder from before the pause, s3's granted during it, s1's
+        // holder gone 1 s after the resume: allowed.
+        let sessions = [
+            session(1, 0, Kind::Identity, 5.0, 21.0),
+            session(2, 2, Kind::Identity, 12.0, 30.0),
+        ];
+        let f = check(&sessions, &changes, &[], 5, LIMITS);
+        assert!(f.violations.is_empty(), "{:?}", f.violations);
+        // s1 wakes and grants the name s3's client has held since t=12,
+        // even if only for a moment: rule 1 allows it, rule 5 does not.
+        let sessions = [
+            session(1, 0, Kind::Identity, 20.2, 20.5),
+            session(2, 2, Kind::Identity, 12.0, 30.0),
+        ];
+        let f = check(&sessions, &changes, &[], 5, LIMITS);
+        assert_eq!(of_rule(&f, "(1)"), 0, "{:?}", f.violations);
+        assert_eq!(of_rule(&f, "(5)"), 1, "{:?}", f.violations);
+    }
+
+    #[test]
+    fn a_grant_decided_before_the_other_holder_was_granted_is_not_rule_5s() {
+        // Decided on s1's behalf at t=11 (before s3's client got the name at
+        // t=12), heard by s1's client only after its pause: the later grant
+        // is s3's, and s1 was paused then.
+        let changes = pause_timeline();
+        let sessions = [
+            session(1, 0, Kind::Identity, 20.2, 20.5),
+            session(2, 2, Kind::Identity, 12.0, 30.0),
+        ];
+        let decided = |at| Decision {
+            at,
+            asker: 0,
+            kind: Kind::Identity,
+            name: "user01".into(),
+        };
+        let f = check_with(&sessions, &changes, &[], &[decided(11.0)], 5, LIMITS);
+        assert_eq!(of_rule(&f, "(5)"), 0, "{:?}", f.violations);
+        // Decided after the wake: the zombie's.
+        let f = check_with(&sessions, &changes, &[], &[decided(20.15)], 5, LIMITS);
+        assert_eq!(of_rule(&f, "(5)"), 1, "{:?}", f.violations);
+    }
+
+    #[test]
+    fn a_request_to_a_paused_server_may_wait_until_it_resumes() {
+        let changes = pause_timeline();
+        let mut s = session(1, 0, Kind::Identity, 12.0, 22.0);
+        s.requests[0].answered = Some(20.5);
+        assert!(
+            check(&[s.clone()], &changes, &[], 5, LIMITS)
+                .violations
+                .is_empty()
+        );
+        s.requests[0].answered = None;
+        assert!(
+            check(&[s.clone()], &changes, &[], 5, LIMITS)
+                .violations
+                .is_empty()
+        );
+        // Sent after the resume: the usual limit.
+        s.requests[0].sent = 21.0;
+        assert_eq!(of_rule(&check(&[s], &changes, &[], 5, LIMITS), "(3)"), 1);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use crate::history::{Down, Secs};
+use crate::history::{Decision, Down, Kind, Secs};
 
 /// Every silence logged by the nodes whose logs are in `dir` (`s<i>.<start>.log`);
 /// `wall0` is the unix time of the lab's t=0.
@@ -35,6 +35,86 @@ pub fn observed_downs(dir: &Path, wall0: f64) -> Vec<Down> {
     }
     downs.sort_by(|a, b| a.from.total_cmp(&b.from));
     downs
+}
+
+/// Every `leader_elected` the nodes logged: (time on the lab's clock,
+/// observer index), sorted by time.
+pub fn leader_changes(dir: &Path, wall0: f64) -> Vec<(Secs, usize)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(observer) = name
+            .strip_prefix('s')
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok())
+            .filter(|_| name.ends_with(".log"))
+        else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        for line in text.lines().filter(|l| l.contains(" leader_elected ")) {
+            if let Some(t) = line.split_whitespace().next().and_then(unix_time) {
+                out.push((t - wall0, observer - 1));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out
+}
+
+/// Every `claim_granted` a leader logged: `claim_granted asker=s2
+/// name=identity user04` (or `name=room room03`), on the lab's clock.
+pub fn grant_decisions(dir: &Path, wall0: f64) -> Vec<Decision> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with('s') && name.ends_with(".log")) {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        out.extend(decisions_in(&text, wall0));
+    }
+    out.sort_by(|a, b| a.at.total_cmp(&b.at));
+    out
+}
+
+fn decisions_in(text: &str, wall0: f64) -> Vec<Decision> {
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| l.contains(" claim_granted ")) {
+        let Some(t) = line.split_whitespace().next().and_then(unix_time) else {
+            continue;
+        };
+        let Some(asker) = field(line, "asker=s").and_then(|p| p.parse::<usize>().ok()) else {
+            continue;
+        };
+        let Some(rest) = line.split("name=").nth(1) else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let kind = match words.next() {
+            Some("identity") => Kind::Identity,
+            Some("room") => Kind::Room,
+            _ => continue,
+        };
+        let Some(name) = words.next() else { continue };
+        out.push(Decision {
+            at: t - wall0,
+            asker: asker - 1,
+            kind,
+            name: name.to_owned(),
+        });
+    }
+    out
 }
 
 /// The silences in one node's log; one still open at the log's end (the
@@ -145,4 +225,25 @@ fn node_log_lines_give_silences_on_the_lab_clock() {
     assert!((s4.from - 0.100641).abs() < 1e-6 && (s4.to - 1.250641).abs() < 1e-6);
     let s2 = downs.iter().find(|d| d.peer == 1).unwrap();
     assert!((s2.from - 0.8).abs() < 1e-6 && (s2.to - 2.0).abs() < 1e-6);
+}
+
+#[test]
+fn node_log_lines_give_grant_decisions() {
+    let wall0 = unix_time("2026-11-26T14:28:39.000000Z").unwrap();
+    let log = "\
+2026-11-26T14:28:39.500000Z DEBUG chatmesh::cluster: claim_granted asker=s2 name=identity user04
+2026-11-26T14:28:39.600000Z  INFO chatmesh::cluster: claim_denied asker=s5 name=identity user01 reason=name already taken
+2026-11-26T14:28:40.000000Z DEBUG chatmesh::cluster: claim_granted asker=s5 name=room room09
+";
+    let d = decisions_in(log, wall0);
+    assert_eq!(d.len(), 2);
+    assert_eq!(
+        (d[0].asker, d[0].kind, d[0].name.as_str()),
+        (1, Kind::Identity, "user04")
+    );
+    assert!((d[0].at - 0.5).abs() < 1e-6);
+    assert_eq!(
+        (d[1].asker, d[1].kind, d[1].name.as_str()),
+        (4, Kind::Room, "room09")
+    );
 }

@@ -90,6 +90,36 @@ pub enum Fault {
     Kill { who: Who, down_ms: u64 },
     /// Random loss of this percentage on every node's arriving mesh datagrams.
     Loss { percent: u8 },
+    /// A non-transitive partition: only the pairs named are cut (both ways),
+    /// everyone else still talks, so the two ends of a cut both reach the
+    /// servers in between.
+    Cut { shape: CutShape },
+    /// Every link into (`deaf`) or out of (`!deaf`) the leader cut one way:
+    /// a leader that sends but hears nothing, or hears but is not heard.
+    LeaderOneWay { deaf: bool },
+    /// SIGSTOP for `paused_ms`, then SIGCONT: a zombie that wakes up.
+    Pause { who: Who, paused_ms: u64 },
+    /// `kill -9` and an immediate restart with the same id.
+    Restart { who: Who },
+    /// Splits shorter than the failure timeout, each followed by a whole
+    /// network as short, over and over for the step's hold time.
+    Flutter {
+        minority: Minority,
+        cut_ms: u64,
+        whole_ms: u64,
+    },
+}
+
+/// Which pairs a [`Fault::Cut`] cuts.
+#[derive(Clone, Debug)]
+pub enum CutShape {
+    /// The leader and one follower (`offset` after it).
+    LeaderFromOne { offset: usize },
+    /// Two followers (`offsets` after the leader): the leader hears both.
+    TwoFollowers { offsets: (usize, usize) },
+    /// The leader from every follower but one (`keep` after it): the others
+    /// are a majority without the leader, the kept one talks to both sides.
+    LeaderFromAllBut { keep: usize },
 }
 
 impl Fault {
@@ -101,12 +131,28 @@ impl Fault {
             Fault::OneWay { .. } => "oneway",
             Fault::Kill { .. } => "kill",
             Fault::Loss { .. } => "loss",
+            Fault::Cut { .. } => "cut",
+            Fault::LeaderOneWay { .. } => "leaderoneway",
+            Fault::Pause { .. } => "pause",
+            Fault::Restart { .. } => "restart",
+            Fault::Flutter { .. } => "flutter",
         }
     }
 }
 
 /// Every kind of fault.
-pub const KINDS: [&str; 5] = ["split", "flap", "oneway", "kill", "loss"];
+pub const KINDS: [&str; 10] = [
+    "split",
+    "flap",
+    "oneway",
+    "kill",
+    "loss",
+    "cut",
+    "leaderoneway",
+    "pause",
+    "restart",
+    "flutter",
+];
 
 /// A fault held for `hold_ms` (where it has a hold), then undone, then
 /// `pause_ms` of a whole network.
@@ -128,7 +174,7 @@ pub fn schedule(seed: u64, n: usize) -> Vec<Step> {
     for _ in 0..STEPS {
         let roll = rng.below(100);
         let (fault, hold_ms) = match roll {
-            0..=24 => {
+            0..=16 => {
                 let minority = minority(&mut rng, n);
                 let loss = if rng.chance(25) {
                     rng.between(5, 15) as u8
@@ -137,19 +183,19 @@ pub fn schedule(seed: u64, n: usize) -> Vec<Step> {
                 };
                 (Fault::Split { minority, loss }, rng.between(1500, 6000))
             }
-            25..=39 => {
+            17..=26 => {
                 let count = rng.between(3, 6);
                 let splits = (0..count)
                     .map(|_| (minority(&mut rng, n), rng.between(200, 1500)))
                     .collect();
                 (Fault::Flap { splits }, 0)
             }
-            40..=54 => {
+            27..=36 => {
                 let deaf = who(&mut rng, n);
                 let from = who(&mut rng, n);
                 (Fault::OneWay { deaf, from }, rng.between(1500, 5000))
             }
-            55..=79 => {
+            37..=53 => {
                 let who = if rng.chance(70) {
                     Who::Leader {
                         else_node: rng.below(n as u64) as usize,
@@ -160,11 +206,69 @@ pub fn schedule(seed: u64, n: usize) -> Vec<Step> {
                 let down_ms = rng.between(1500, 5000);
                 (Fault::Kill { who, down_ms }, 0)
             }
-            _ => (
+            54..=62 => (
                 Fault::Loss {
                     percent: rng.between(10, 25) as u8,
                 },
                 rng.between(2000, 8000),
+            ),
+            63..=74 => {
+                let offset = |rng: &mut Rng| rng.between(1, n as u64 - 1) as usize;
+                let shape = match rng.below(3) {
+                    0 => CutShape::LeaderFromOne {
+                        offset: offset(&mut rng),
+                    },
+                    1 => {
+                        let a = offset(&mut rng);
+                        let mut b = offset(&mut rng);
+                        if b == a {
+                            b = a % (n - 1) + 1;
+                        }
+                        CutShape::TwoFollowers { offsets: (a, b) }
+                    }
+                    _ => CutShape::LeaderFromAllBut {
+                        keep: offset(&mut rng),
+                    },
+                };
+                (Fault::Cut { shape }, rng.between(2000, 7000))
+            }
+            75..=82 => (
+                Fault::LeaderOneWay {
+                    deaf: rng.chance(50),
+                },
+                rng.between(1500, 5000),
+            ),
+            83..=91 => {
+                let who = if rng.chance(70) {
+                    Who::Leader {
+                        else_node: rng.below(n as u64) as usize,
+                    }
+                } else {
+                    Who::Node(rng.below(n as u64) as usize)
+                };
+                (
+                    Fault::Pause {
+                        who,
+                        paused_ms: rng.between(2000, 10000),
+                    },
+                    0,
+                )
+            }
+            92..=95 => (
+                Fault::Restart {
+                    who: Who::Leader {
+                        else_node: rng.below(n as u64) as usize,
+                    },
+                },
+                0,
+            ),
+            _ => (
+                Fault::Flutter {
+                    minority: minority(&mut rng, n),
+                    cut_ms: rng.between(50, 250),
+                    whole_ms: rng.between(80, 300),
+                },
+                rng.between(5000, 12000),
             ),
         };
         let pause_ms = if rng.chance(20) {
@@ -213,6 +317,21 @@ impl fmt::Display for Ids<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ids: Vec<String> = self.0.iter().map(|i| format!("s{}", i + 1)).collect();
         write!(f, "{{{}}}", ids.join(","))
+    }
+}
+
+#[test]
+fn every_kind_is_drawn_early_in_a_default_schedule() {
+    // A default run gets through some 25-40 steps: each kind should have a
+    // fair chance to be among them.
+    for seed in [1, 11] {
+        let steps = schedule(seed, 5);
+        for kind in KINDS {
+            assert!(
+                steps[..100].iter().any(|s| s.fault.kind() == kind),
+                "seed {seed}: no {kind} in the first 100 steps"
+            );
+        }
     }
 }
 

@@ -511,3 +511,57 @@ fn an_eviction_is_obeyed_only_from_the_leader_followed_at_its_term() {
         rooms: vec![],
     }));
 }
+
+/// Found by tests/faults (seed 11, kinds leaderoneway): the leader s5 is
+/// heard by nobody but hears everyone. The other four elect s4 at term 9;
+/// s5, told of the election by a follower's `Election`, re-announces itself
+/// at the same term 9 (its `Coordinator` is lost). s4's term grants a name
+/// to a client of s2; s5's own client asks for the same name and s5, which
+/// leads an epoch (9, s5) nobody follows yet, queues the claim. At the heal
+/// the four adopt (9, s5), the newer epoch by rank, and s5 must not grant
+/// the name s4's majority committed.
+#[test]
+fn a_leader_nobody_heard_does_not_grant_what_the_same_terms_lower_leader_committed() {
+    let mut sim = Sim::new(5, 11, true);
+    // s5 (index 4) leads at term 1. From now on nobody hears s5.
+    sim.cut_oneway(&[4], &[0, 1, 2, 3]);
+    sim.run_for(ms(200));
+    // The four elect s4 (index 3) at term 2; s5 announces itself at term 2.
+    let term = 2;
+    for m in 0..4 {
+        let input = Input::LeaderChanged {
+            leader: Some(sid(3)),
+            term,
+        };
+        sim.input_later(m, ms(1), input);
+    }
+    let input = Input::LeaderChanged {
+        leader: Some(sid(4)),
+        term,
+    };
+    sim.input_later(4, ms(1), input);
+    sim.run_for(ms(700));
+    assert!(sim.node(3).is_leader() && sim.node(4).is_leader());
+    let on_s5 = sim.claim(4, ident("user14"));
+    sim.run_for(ms(100));
+    let on_s2 = sim.claim(1, ident("user14"));
+    sim.run_for(ms(300));
+    assert_eq!(sim.result(on_s2), Some(&Ok(())), "s4's majority grants");
+    assert!(sim.result(on_s5).is_none(), "s5 has no majority");
+    // Heal: every server hears s5 again; s1 and s2 follow (2, s5) first.
+    sim.heal();
+    for m in 0..2 {
+        let input = Input::LeaderChanged {
+            leader: Some(sid(4)),
+            term,
+        };
+        sim.input_later(m, ms(1), input);
+    }
+    sim.run_for(ms(1500));
+    assert_ne!(
+        sim.result(on_s5),
+        Some(&Ok(())),
+        "s5 granted user14 while s2's client (granted by s4's majority) held it; holders: {:?}",
+        sim.holdings().get(&ident("user14").key())
+    );
+}
