@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use chatmesh::config::Limits;
+use common::process::{single_node_config, spawn_node};
 use common::{
     DEADLINE, Raw, Via, expect_slow_readers_reset_and_freed, expect_the_room_goes_on,
     kernel_socket, room_change, start_node, start_node_with, talk_until_slow_readers_leave,
@@ -396,4 +397,54 @@ async fn an_evicted_client_that_never_reads_is_reset() {
     println!("evicted with 100 messages of 4 KB unread; reset after {took:?}");
     talker.expect_nothing_more().await;
     node.stop().await;
+}
+
+/// Sends one line to a fresh TCP connection of the node at `addr`.
+fn send_line(addr: &str, line: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.write_all(format!("{line}\n").as_bytes()).expect("send");
+    s
+}
+
+/// A client's identity is logged escaped: before, anyone could put terminal
+/// escape sequences in the operator's log before login, and forge whole log
+/// lines (a raw CR LF ends the real line). Found by the s12 hostile-client
+/// review.
+#[test]
+fn client_text_is_logged_without_raw_control_characters() {
+    let config = single_node_config("s12-log-escape");
+    let (mut node, addr) = spawn_node(&config);
+    let evil = r#"{"type":"newidentity","identity":"Ev\u001b[31mRED\u001b[0m\r\n2026-11-27T00:00:00.000000Z  INFO chatmesh::node: FORGED"}"#;
+    let _s = send_line(&addr, evil);
+    let line = node.wait_line("claim_denied");
+    assert!(
+        !line.contains('\u{1b}') && !line.contains('\r'),
+        "raw control characters from a client in the log: {line:?}"
+    );
+    node.signal(libc::SIGTERM);
+}
+
+/// A logged-in client's refused `createroom` logs the room id cut short:
+/// it logged the whole id, one log line of 60 KB per request with a 60 KB
+/// id, and one connection grew the log by 126 MB a second (s12 hostile-client
+/// review).
+#[test]
+fn a_refused_room_id_is_logged_bounded() {
+    let config = single_node_config("s12-log-bound");
+    let (mut node, addr) = spawn_node(&config);
+    let long = "r".to_owned() + &"-".repeat(60_000);
+    let mut s = send_line(&addr, r#"{"type":"newidentity","identity":"Logger"}"#);
+    {
+        use std::io::Write;
+        let line = format!("{{\"type\":\"createroom\",\"roomid\":\"{long}\"}}\n");
+        s.write_all(line.as_bytes()).expect("send");
+    }
+    let line = node.wait_line("claim_denied: room refused");
+    assert!(
+        line.len() < 4096,
+        "one refused createroom wrote a log line of {} bytes",
+        line.len()
+    );
+    node.signal(libc::SIGTERM);
 }

@@ -318,7 +318,7 @@ impl Session {
 
     async fn new_identity(&mut self, identity: String) -> Flow {
         let refuse = |session: &Self, why: &str| {
-            info!(%identity, reason = why, "claim_denied: identity refused");
+            info!(identity = %Logged(&identity), reason = why, "claim_denied: identity refused");
             session.reply(ServerMessage::NewIdentity {
                 approved: Approved(false),
             });
@@ -360,7 +360,7 @@ impl Session {
         let former = if valid_room_ref(&former) && self.known_hall_or_room_id(&former) {
             former
         } else {
-            info!(%identity, "movejoin with an invalid former room; relayed as an arrival");
+            info!(identity = %Logged(&identity), "movejoin with an invalid former room; relayed as an arrival");
             String::new()
         };
         // A token longer than any we make is wrong without asking anybody.
@@ -379,7 +379,7 @@ impl Session {
         if !accepted || !self.enter(&identity, reply.encode(), &former, Some(&room)) {
             // The token itself is never logged.
             info!(
-                %identity,
+                identity = %Logged(&identity),
                 peer = %self.peer_ip,
                 with_token = token.is_some(),
                 "movejoin refused: not moving here, or wrong token or address"
@@ -390,7 +390,7 @@ impl Session {
             });
             return Flow::Close;
         }
-        info!(%identity, %former, room = %room, "client moved in");
+        info!(%identity, %former, room = %Logged(&room), "client moved in");
         Flow::Continue
     }
 
@@ -418,7 +418,7 @@ impl Session {
     async fn create_room(&mut self, identity: &str, room: String) {
         let chat = self.chat.clone();
         let refuse = |why: &str| {
-            info!(%identity, %room, reason = why, "claim_denied: room refused");
+            info!(%identity, room = %Logged(&room), reason = why, "claim_denied: room refused");
             self.reply(ServerMessage::CreateRoom {
                 roomid: room.clone(),
                 approved: Approved(false),
@@ -457,5 +457,57 @@ impl Session {
                     timeout.as_millis()
                 ))
             })
+    }
+}
+
+/// Text a client chose, as a log field: control and invisible formatting
+/// characters escaped (`\u{1b}`), so a client can neither colour an
+/// operator's terminal nor forge log lines; and cut to [`LOGGED_CHARS`]
+/// characters with the length it had, so one request cannot make a log
+/// line of its size (a 60 KB room id refused over and over grew the log
+/// about as fast as the client sent). Names already checked need none of it.
+struct Logged<'a>(&'a str);
+
+/// Characters of client text a log line shows.
+const LOGGED_CHARS: usize = 64;
+
+impl std::fmt::Display for Logged<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        for (i, c) in self.0.chars().enumerate() {
+            if i == LOGGED_CHARS {
+                return write!(f, "...({} bytes)", self.0.len());
+            }
+            let invisible = matches!(
+                c,
+                '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}'
+            );
+            if c.is_control() || invisible {
+                write!(f, "\\u{{{:x}}}", u32::from(c))?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod logged_tests {
+    use super::*;
+
+    #[test]
+    fn client_text_is_logged_escaped_and_cut() {
+        assert_eq!(Logged("Adel").to_string(), "Adel");
+        assert_eq!(
+            Logged("Ev\u{1b}[31m\r\nX\u{202e}\u{85}").to_string(),
+            "Ev\\u{1b}[31m\\u{d}\\u{a}X\\u{202e}\\u{85}"
+        );
+        let long = "r".repeat(60_000);
+        let shown = Logged(&long).to_string();
+        assert_eq!(
+            shown,
+            format!("{}...(60000 bytes)", "r".repeat(LOGGED_CHARS))
+        );
     }
 }
