@@ -538,3 +538,102 @@ async fn websocket_clients_that_never_read_are_reset_at_their_drop() {
     expect_the_room_goes_on(&mut talker, &mut listener, HALL, &leavers).await;
     node.stop().await;
 }
+
+/// The smallest outbox the config accepts: twice the longest line. Single
+/// server lines or blocks can be longer than that (at the default 1 MiB
+/// outbox: a room of about 10,000 members deleted, or a `who` of about
+/// 55,000): the s12 hostile-client review found every recipient of one
+/// dropped as too slow.
+fn small_outbox() -> Limits {
+    Limits {
+        max_line_bytes: 2048,
+        outbox_bytes: 4096,
+        ..Limits::default()
+    }
+}
+
+/// Reads lines until the answer to a `who`, so that nothing is left queued.
+async fn settle(c: &mut Raw) {
+    c.send(r#"{"type":"who"}"#).await;
+    loop {
+        let got: Value = c
+            .next()
+            .await
+            .unwrap_or_else(|| panic!("{}: closed while settling", c.name));
+        if got["type"] == "roomcontents" {
+            return;
+        }
+    }
+}
+
+/// A room of 60 members (16-letter names) is deleted by its owner. Every
+/// member reads at once, and no line is longer than 110 bytes, but the 60
+/// moves go out as one block of about 6 KB to each member and to the hall,
+/// bigger than the outbox: nobody who reads may be dropped for it.
+/// PROTOCOL.md: every member moves to the main hall, each move announced to
+/// the room and the hall.
+#[tokio::test]
+async fn deleting_a_big_room_drops_no_member_that_reads() {
+    let node = start_node_with(small_outbox()).await;
+    let addr = node.client_addr();
+    let mut owner = Raw::join(Via::Tcp, addr, "OwnerOwnerOwner1", HALL).await;
+    let mut watcher = Raw::join(Via::Tcp, addr, "WatcherWatcher01", HALL).await;
+    owner
+        .send(r#"{"type":"createroom","roomid":"Crowded"}"#)
+        .await;
+    settle(&mut owner).await;
+    let mut members = Vec::new();
+    for i in 0..60 {
+        let name = format!("Member{i:010}");
+        let mut m = Raw::join(Via::Tcp, addr, &name, HALL).await;
+        m.send(r#"{"type":"joinroom","roomid":"Crowded"}"#).await;
+        settle(&mut m).await;
+        members.push(m);
+    }
+    for c in members
+        .iter_mut()
+        .chain([&mut owner, &mut watcher].into_iter())
+    {
+        settle(c).await;
+    }
+    owner
+        .send(r#"{"type":"deleteroom","roomid":"Crowded"}"#)
+        .await;
+    owner
+        .expect(r#"{"type":"deleteroom","roomid":"Crowded","approved":"true"}"#)
+        .await;
+    let mut moved = vec!["OwnerOwnerOwner1".to_owned()];
+    moved.extend(members.iter().map(|m| m.name.clone()));
+    for c in [&mut members[0], &mut watcher] {
+        for who in &moved {
+            c.expect(&room_change(who, "Crowded", HALL)).await;
+        }
+        c.expect_nothing_more().await;
+    }
+}
+
+/// `who` in a hall of 250 (16-letter names): the answer is about 4.8 KB,
+/// one line, bigger than the outbox: the asker, who reads at once, is
+/// answered, not dropped.
+#[tokio::test]
+async fn who_in_a_big_hall_is_answered_not_dropped() {
+    let node = start_node_with(small_outbox()).await;
+    let addr = node.client_addr();
+    let mut clients = Vec::new();
+    for i in 0..250 {
+        let name = format!("Hall{i:012}");
+        clients.push(Raw::join(Via::Tcp, addr, &name, HALL).await);
+    }
+    let asker = clients.last_mut().expect("250 clients");
+    asker.send(r#"{"type":"who"}"#).await;
+    loop {
+        let got = asker
+            .next()
+            .await
+            .expect("the asker gets its roomcontents, not a reset");
+        if got["type"] == "roomcontents" {
+            assert_eq!(got["identities"].as_array().map(Vec::len), Some(250));
+            break;
+        }
+    }
+}

@@ -99,7 +99,15 @@ impl Outbox {
         if state.dead || state.finishing {
             return false;
         }
-        if state.bytes + line.len() > self.limit {
+        // A line is taken while the queue is under the limit, whatever its
+        // size, so the queue may pass the limit by one line or block: a
+        // block one server event makes (a room's deletion moving all its
+        // members, a `who` of a big room) can outgrow the limit, and a
+        // reader that keeps up must not be dropped for it (every member of
+        // a deleted room of 1,600 was, at a 128 KiB outbox). Such a block is
+        // bounded by the server's own state and shared by its recipients; a
+        // client that does not read is dropped at the next line.
+        if state.bytes >= self.limit {
             state.dead = true;
             state.overflowed = true;
             state.queue.clear();
@@ -400,14 +408,31 @@ mod tests {
     async fn overflow_drops_the_session() {
         let outbox = Outbox::new(10);
         assert!(outbox.push(Bytes::from_static(b"12345\n")));
+        // Under the limit before it: taken, and the queue is over the limit.
+        assert!(outbox.push(Bytes::from_static(b"12345\n")));
         assert!(!outbox.overflowed());
-        assert!(!outbox.push(Bytes::from_static(b"12345\n")));
+        assert!(!outbox.push(Bytes::from_static(b"1\n")));
         assert!(outbox.dropped().is_cancelled());
         assert!(outbox.overflowed());
         let mut out = Vec::new();
         let end = outbox.write_to(&mut out, &WriteTurns::new()).await;
         assert!(out.is_empty(), "a dropped session's queue is discarded");
         assert_eq!(end, WriterEnd::Dropped);
+    }
+
+    #[tokio::test]
+    async fn a_block_over_the_limit_is_taken_while_the_queue_has_room() {
+        let outbox = Outbox::new(10);
+        assert!(outbox.push(Bytes::from_static(b"ok\n")));
+        assert!(outbox.push(Bytes::from_static(b"a block of 26 bytes, one\n")));
+        assert!(!outbox.overflowed());
+        // Taken by the writer: the queue is empty again.
+        let batch = outbox.next_batch().await.expect("the lines");
+        assert_eq!(batch.len(), 2);
+        assert!(outbox.push(Bytes::from_static(b"another block, 26 bytes\n")));
+        // Not read meanwhile: the next line drops it.
+        assert!(!outbox.push(Bytes::from_static(b"1\n")));
+        assert!(outbox.overflowed());
     }
 
     #[tokio::test]
@@ -443,7 +468,9 @@ mod tests {
         assert!(outbox.push(Bytes::from_static(b"hello\n")));
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!writer.is_finished(), "the writer is stuck in its write");
-        assert!(!outbox.push(Bytes::from(vec![b'x'; 101])), "overflow");
+        // One block over the limit fits a queue under it; the next line does not.
+        assert!(outbox.push(Bytes::from(vec![b'x'; 101])));
+        assert!(!outbox.push(Bytes::from_static(b"more\n")), "overflow");
         let end = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
         assert_eq!(
             end.expect("the drop ends the writer").expect("no panic"),
