@@ -28,9 +28,8 @@
 //! why, elsewhere. `CHATMESH_FAULT_SEED` picks the schedule (default 1),
 //! `CHATMESH_FAULT_SECS` its length (default 75), `CHATMESH_FAULT_KINDS` the
 //! kinds of fault kept; `CHATMESH_FAULT_KEEP=1` keeps the lab's files (logs,
-//! history) even when the run passes. Kept files live under the temporary
-//! directory, and the next test process sweeps those of dead processes: run
-//! with `TMPDIR=/some/dir` to keep them for good.
+//! history) even when the run passes; kept directories are marked so that
+//! later test processes do not sweep them away (remove them by hand).
 
 #[path = "faults/clients.rs"]
 mod clients;

@@ -41,8 +41,13 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
-/// Removes the entries of `root` named `<pid>-...` whose process is gone.
-/// Where `/proc` is missing, no process can be told alive, so none is removed.
+/// A file in a test's temporary directory that keeps it from the sweep of
+/// dead processes' directories (a failed run's logs, kept for reading).
+pub const KEPT: &str = "KEPT";
+
+/// Removes the entries of `root` named `<pid>-...` whose process is gone
+/// (unless marked [`KEPT`]). Where `/proc` is missing, no process can be
+/// told alive, so none is removed.
 fn sweep_dead(root: &Path) {
     if !Path::new("/proc/self").exists() {
         return;
@@ -61,6 +66,7 @@ fn sweep_dead(root: &Path) {
         if !pid.is_empty()
             && pid.bytes().all(|b| b.is_ascii_digit())
             && !Path::new("/proc").join(&pid).exists()
+            && !entry.path().join(KEPT).exists()
         {
             let _ = std::fs::remove_dir_all(entry.path());
         }

@@ -484,6 +484,8 @@ impl Drop for NetLab {
             }
         }
         if self.keep_dir || std::thread::panicking() {
+            // Marked, so that later test processes do not sweep it away.
+            let _ = std::fs::write(self.dir.join(super::KEPT), "");
             eprintln!("lab files kept in {}", self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
