@@ -446,5 +446,21 @@ fn a_refused_room_id_is_logged_bounded() {
         "one refused createroom wrote a log line of {} bytes",
         line.len()
     );
+    // Repeated: the first 16 refusals at info, then a note, then nothing
+    // more at info however many follow (the room created last is the
+    // marker that every earlier line was logged).
+    {
+        use std::io::Write;
+        let refused = r#"{"type":"createroom","roomid":"x"}"#;
+        for _ in 0..100 {
+            s.write_all(format!("{refused}\n").as_bytes())
+                .expect("send");
+        }
+        s.write_all(b"{\"type\":\"createroom\",\"roomid\":\"Marker\"}\n")
+            .expect("send");
+    }
+    node.wait_line("room created");
+    assert_eq!(node.count_seen("claim_denied: room refused"), 16);
+    assert_eq!(node.count_seen("further refusals are logged at debug"), 1);
     node.signal(libc::SIGTERM);
 }

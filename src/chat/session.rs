@@ -57,7 +57,14 @@ struct Session {
     peer_ip: IpAddr,
     /// Which port of another server a `route` names.
     transport: Transport,
+    /// Refused `createroom`s so far: the first [`ROOM_REFUSALS_LOGGED`] are
+    /// logged at info, the rest at debug, so one client repeating a refused
+    /// request cannot fill the log (the session stays open after each).
+    room_refusals: u32,
 }
+
+/// Refused `createroom`s of one session logged at info.
+const ROOM_REFUSALS_LOGGED: u32 = 16;
 
 /// Which kind of connection a session runs on: it decides which port of
 /// another server a `route` names.
@@ -117,6 +124,7 @@ where
         phase: Phase::Handshake,
         peer_ip,
         transport,
+        room_refusals: 0,
     };
     let handshake_deadline = Instant::now() + limits.handshake_timeout;
     let mut moved_at = None;
@@ -417,21 +425,35 @@ impl Session {
 
     async fn create_room(&mut self, identity: &str, room: String) {
         let chat = self.chat.clone();
-        let refuse = |why: &str| {
-            info!(%identity, room = %Logged(&room), reason = why, "claim_denied: room refused");
-            self.reply(ServerMessage::CreateRoom {
+        let refuse = |session: &mut Self, why: &str| {
+            session.room_refusals = session.room_refusals.saturating_add(1);
+            match session.room_refusals {
+                n if n < ROOM_REFUSALS_LOGGED => {
+                    info!(%identity, room = %Logged(&room), reason = why, "claim_denied: room refused");
+                }
+                ROOM_REFUSALS_LOGGED => info!(
+                    %identity,
+                    room = %Logged(&room),
+                    reason = why,
+                    "claim_denied: room refused; this client's further refusals are logged at debug"
+                ),
+                _ => {
+                    debug!(%identity, room = %Logged(&room), reason = why, "claim_denied: room refused");
+                }
+            }
+            session.reply(ServerMessage::CreateRoom {
                 roomid: room.clone(),
                 approved: Approved(false),
             });
         };
         if !valid_name(&room) {
-            return refuse("invalid room id");
+            return refuse(self, "invalid room id");
         }
         if chat.owns_room(identity) {
-            return refuse("client already owns a room");
+            return refuse(self, "client already owns a room");
         }
         if chat.has_room(&room) {
-            return refuse("room id in use");
+            return refuse(self, "room id in use");
         }
         match self
             .claim(chat.directory().claim_room(&room, identity))
@@ -441,7 +463,7 @@ impl Session {
                 info!(%identity, %room, "room created");
                 chat.create_room(identity, &room);
             }
-            Err(why) => refuse(&why),
+            Err(why) => refuse(self, &why),
         }
     }
 

@@ -97,6 +97,11 @@ impl Proc {
         }
     }
 
+    /// How many output lines read so far contain `needle`.
+    pub fn count_seen(&self, needle: &str) -> usize {
+        self.seen.iter().filter(|l| l.contains(needle)).count()
+    }
+
     /// Waits for an output line containing `needle` that no earlier call
     /// matched; returns it.
     pub fn wait_line(&mut self, needle: &str) -> String {
