@@ -11,28 +11,34 @@ use std::path::Path;
 
 use crate::history::{Decision, Down, Kind, Secs};
 
-/// Every silence logged by the nodes whose logs are in `dir` (`s<i>.<start>.log`);
+/// Every node log in `dir` (`s<i>.<start>.log`, one per start of server
+/// `i`): the server's index and the log's text.
+fn node_logs(dir: &Path) -> Vec<(usize, String)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let server = name
+                .strip_prefix('s')
+                .and_then(|rest| rest.split('.').next())
+                .and_then(|i| i.parse::<usize>().ok())
+                .filter(|&i| i >= 1 && name.ends_with(".log"))?;
+            let text = std::fs::read_to_string(entry.path()).ok()?;
+            Some((server - 1, text))
+        })
+        .collect()
+}
+
+/// Every silence logged by the nodes whose logs are in `dir`;
 /// `wall0` is the unix time of the lab's t=0.
 pub fn observed_downs(dir: &Path, wall0: f64) -> Vec<Down> {
-    let mut downs = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return downs;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(observer) = name
-            .strip_prefix('s')
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|i| i.parse::<usize>().ok())
-            .filter(|_| name.ends_with(".log"))
-        else {
-            continue;
-        };
-        let Ok(text) = std::fs::read_to_string(entry.path()) else {
-            continue;
-        };
-        downs.extend(downs_in(&text, observer - 1, wall0));
-    }
+    let mut downs: Vec<Down> = node_logs(dir)
+        .iter()
+        .flat_map(|(observer, text)| downs_in(text, *observer, wall0))
+        .collect();
     downs.sort_by(|a, b| a.from.total_cmp(&b.from));
     downs
 }
@@ -41,25 +47,10 @@ pub fn observed_downs(dir: &Path, wall0: f64) -> Vec<Down> {
 /// observer index), sorted by time.
 pub fn leader_changes(dir: &Path, wall0: f64) -> Vec<(Secs, usize)> {
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(observer) = name
-            .strip_prefix('s')
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|i| i.parse::<usize>().ok())
-            .filter(|_| name.ends_with(".log"))
-        else {
-            continue;
-        };
-        let Ok(text) = std::fs::read_to_string(entry.path()) else {
-            continue;
-        };
+    for (observer, text) in node_logs(dir) {
         for line in text.lines().filter(|l| l.contains(" leader_elected ")) {
             if let Some(t) = line.split_whitespace().next().and_then(unix_time) {
-                out.push((t - wall0, observer - 1));
+                out.push((t - wall0, observer));
             }
         }
     }
@@ -70,20 +61,10 @@ pub fn leader_changes(dir: &Path, wall0: f64) -> Vec<(Secs, usize)> {
 /// Every `claim_granted` a leader logged: `claim_granted asker=s2
 /// name=identity user04` (or `name=room room03`), on the lab's clock.
 pub fn grant_decisions(dir: &Path, wall0: f64) -> Vec<Decision> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !(name.starts_with('s') && name.ends_with(".log")) {
-            continue;
-        }
-        let Ok(text) = std::fs::read_to_string(entry.path()) else {
-            continue;
-        };
-        out.extend(decisions_in(&text, wall0));
-    }
+    let mut out: Vec<Decision> = node_logs(dir)
+        .iter()
+        .flat_map(|(_, text)| decisions_in(text, wall0))
+        .collect();
     out.sort_by(|a, b| a.at.total_cmp(&b.at));
     out
 }
