@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -396,6 +396,9 @@ pub async fn run(
                 for transition in detector.tick(now) {
                     driver.transition(&mut election, transition);
                 }
+                if config.quorum == Quorum::Majority {
+                    go_silent_in_a_minority(&driver.mesh, &detector, &members, timing.failure_timeout);
+                }
                 refresh(&view, &detector, &election, &driver.registry, &members, &driver.me);
             }
             Some(expired) = futures_util::StreamExt::next(&mut driver.timers), if !driver.timers.is_empty() => {
@@ -438,6 +441,36 @@ pub async fn run(
                 }
                 driver.flush();
             }
+        }
+    }
+}
+
+/// While this server hears fewer than a majority (itself included), closes
+/// every link to a peer it does not hear that carried nothing for the
+/// failure timeout ([`Mesh::drop_silent_link`]).
+///
+/// A server that hears nobody but is heard by all (every datagram to it
+/// dropped) would otherwise stay alive in every peer's eyes until QUIC's idle
+/// timeout closed its links: as the leader it refuses every claim ("no
+/// majority") and, heard, it keeps the others from electing anyone, so no
+/// server grants anything for seconds. Closed links make it down for its
+/// peers at once (the close frames go the way that still works), and while
+/// it stays deaf no new link can come up. With a majority this does nothing:
+/// a server that does not hear one peer keeps its link open (a replacement is
+/// dialed meanwhile), and the peer keeps following it.
+fn go_silent_in_a_minority(
+    mesh: &Mesh,
+    detector: &FailureDetector,
+    members: &[ServerId],
+    failure_timeout: Duration,
+) {
+    let alive = detector.alive_peers();
+    if alive.len() + 1 > members.len() / 2 {
+        return;
+    }
+    for peer in members {
+        if *peer != *detector.me() && !alive.contains(peer) {
+            mesh.drop_silent_link(peer, failure_timeout);
         }
     }
 }

@@ -97,6 +97,9 @@ mod close_code {
     pub const PROTOCOL: u32 = 2;
     /// Its certificate names no configured server.
     pub const UNKNOWN_PEER: u32 = 3;
+    /// Nothing heard on it for the failure timeout: the peer was declared
+    /// down ([`super::Mesh::drop_silent_link`]).
+    pub const NOT_HEARD: u32 = 4;
     /// Simulated crash in tests: not a clean shutdown.
     pub const CRASH: u32 = 99;
 }
@@ -544,6 +547,41 @@ impl Mesh {
         self.inner.endpoint.set_server_config(None);
         for link in self.links().values() {
             link.connection.close(close_code::CRASH.into(), b"");
+        }
+    }
+
+    /// Closes every connection to `peer` (the link, and any kept for a
+    /// handover) if the link carried nothing from `peer` for `silence` (the
+    /// failure timeout: the detector declared `peer` down). A link that did
+    /// carry something meanwhile stays: the detector only lagged (the
+    /// cluster task drops heartbeats it has no room for).
+    ///
+    /// A cut that drops only what `peer` sends here would otherwise leave the
+    /// link open at `peer`'s end until QUIC's idle timeout: `peer` goes on
+    /// hearing this server's heartbeats, and takes it for alive (a leader
+    /// that hears nobody would keep every server from electing another).
+    /// The close frame travels the direction that still works, so `peer`
+    /// sees this server down at once, as after a two-way cut. The dial loop
+    /// then dials again at once; a new link comes up only if both directions
+    /// carry again.
+    pub fn drop_silent_link(&self, peer: &str, silence: Duration) {
+        let links = self.links();
+        let Some(link) = links.get(peer) else {
+            return;
+        };
+        let silent_ms = self
+            .clock_ms()
+            .saturating_sub(link.heard_ms.load(Ordering::Relaxed));
+        if silent_ms < silence.as_millis() as u64 || link.connection.close_reason().is_some() {
+            return;
+        }
+        let mut connections = vec![link.connection.clone()];
+        connections.extend(link.handover.iter().cloned());
+        connections.extend(link.previous.iter().map(|p| p.connection.clone()));
+        drop(links);
+        info!(peer = %peer, silent_ms, "closing the mesh link to a peer not heard, so that it sees this server down too");
+        for connection in connections {
+            connection.close(close_code::NOT_HEARD.into(), b"not heard");
         }
     }
 

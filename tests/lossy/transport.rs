@@ -522,16 +522,72 @@ async fn a_one_way_cut_keeps_the_election_usable_and_heals_into_one_leader() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_hears_nobody_is_replaced_before_its_links_idle_out() {
+    let _serial = serial().await;
+    trace_if_asked();
+    let seed = 7250;
+    println!(
+        "scenario deaf leader: 5 servers, s5 (the leader) hears nothing from anyone for 6 s, everyone still hears s5"
+    );
+    let cluster = start_cluster(5, |i| Some(seeded(CLEAN, seed, i))).await;
+    let all = [0, 1, 2, 3, 4];
+    let others = [0, 1, 2, 3];
+    let timing = cluster.config.timing.clone();
+    cluster
+        .wait_stable(&all, 4, Duration::from_secs(1), Duration::from_secs(20))
+        .await;
+    for peer in others {
+        cluster
+            .impair(4)
+            .cut_dir(cluster.mesh_addrs[peer], Direction::Inbound);
+    }
+    let cut_at = Instant::now();
+    // s5 refuses every claim ("no majority") and, while the others hear its
+    // heartbeats, nobody elects another leader: without s5 closing its links,
+    // that lasts until QUIC's idle timeout (at least 3 s) closes them.
+    let within = Duration::from_millis(2500);
+    let (took, term) = cluster.wait_agree(&others, 3, within).await;
+    println!(
+        "s1-s4 agree on s4 at term {term} {took:?} after s5 went deaf (failure timeout {:?}; idle timeout at least 3 s)",
+        timing.failure_timeout
+    );
+    let s1 = cluster.node(0).view();
+    assert!(
+        !s1.members[4].alive,
+        "s1 sees the deaf s5 down: {:?}",
+        s1.members[4]
+    );
+    // While s5 stays deaf no link to it comes back: s4 keeps the lead.
+    while cut_at.elapsed() < Duration::from_secs(6) {
+        assert!(
+            cluster.agree(&others, 3) == Some(term),
+            "s1-s4 kept s4 at term {term} while s5 stayed deaf; at {:?}: {:?}",
+            cut_at.elapsed(),
+            others.map(|i| cluster.node(i).view())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.impair(4).heal_all();
+    let (took, new_term) = cluster.wait_agree(&all, 4, Duration::from_secs(10)).await;
+    println!("healed: all agree on s5 at term {new_term} {took:?} later");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_link_is_replaced_and_both_ends_say_so() {
     let _serial = serial().await;
     trace_if_asked();
     println!(
-        "scenario silent link: 2 servers, cut both ways for 1 s (over the failure timeout, under the idle timeout), then healed"
+        "scenario silent link: 3 servers, s1 and s2 cut from each other both ways for 1 s (over the failure timeout, under the idle timeout), then healed"
     );
-    let cluster = start_cluster(2, |i| Some(seeded(CLEAN, 7300, i))).await;
+    // Both ends still hear s3, so each keeps a majority and its link open
+    // (a server in a minority closes its silent links instead: see
+    // `a_leader_that_hears_nobody_is_replaced_before_its_links_idle_out`).
+    let cluster = start_cluster(3, |i| Some(seeded(CLEAN, 7300, i))).await;
     let both = [0, 1];
+    let all = [0, 1, 2];
     cluster
-        .wait_stable(&both, 1, Duration::from_secs(1), Duration::from_secs(20))
+        .wait_stable(&all, 2, Duration::from_secs(1), Duration::from_secs(20))
         .await;
     cut(&cluster, &[0], &[1]);
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -562,9 +618,9 @@ async fn a_silent_link_is_replaced_and_both_ends_say_so() {
         replaced.iter().all(|&n| n >= 1),
         "both ends saw the link replaced"
     );
-    let (took, _) = cluster.wait_agree(&both, 1, Duration::from_secs(10)).await;
+    let (took, _) = cluster.wait_agree(&all, 2, Duration::from_secs(10)).await;
     println!(
-        "both alive with one leader {took:?} later; s1->s2 {}",
+        "all alive with one leader {took:?} later; s1->s2 {}",
         link(&cluster, 0, 1)
     );
     // The old connection outlives the cut (idle timeout), so no end ever
