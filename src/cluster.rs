@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -374,6 +374,7 @@ pub async fn run(
     // peers; start as soon as every peer is linked.
     let boot_deadline = start + timing.failure_timeout;
     let mut started = false;
+    let mut minority = Minority::default();
 
     loop {
         if !started
@@ -397,7 +398,7 @@ pub async fn run(
                     driver.transition(&mut election, transition);
                 }
                 if config.quorum == Quorum::Majority {
-                    go_silent_in_a_minority(&driver.mesh, &detector, &members, timing.failure_timeout);
+                    minority.tick(now, &driver.mesh, &detector, &members, timing);
                 }
                 refresh(&view, &detector, &election, &driver.registry, &members, &driver.me);
             }
@@ -445,8 +446,8 @@ pub async fn run(
     }
 }
 
-/// While this server hears fewer than a majority (itself included), closes
-/// every link to a peer it does not hear that carried nothing for the
+/// While this server hears fewer than a majority (itself included), it
+/// closes every link to a peer it does not hear that carried nothing for the
 /// failure timeout ([`Mesh::drop_silent_link`]).
 ///
 /// A server that hears nobody but is heard by all (every datagram to it
@@ -458,19 +459,39 @@ pub async fn run(
 /// it stays deaf no new link can come up. With a majority this does nothing:
 /// a server that does not hear one peer keeps its link open (a replacement is
 /// dialed meanwhile), and the peer keeps following it.
-fn go_silent_in_a_minority(
-    mesh: &Mesh,
-    detector: &FailureDetector,
-    members: &[ServerId],
-    failure_timeout: Duration,
-) {
-    let alive = detector.alive_peers();
-    if alive.len() + 1 > members.len() / 2 {
-        return;
-    }
-    for peer in members {
-        if *peer != *detector.me() && !alive.contains(peer) {
-            mesh.drop_silent_link(peer, failure_timeout);
+#[derive(Default)]
+struct Minority {
+    /// When this server was first seen in a minority, since when it has
+    /// stayed in one.
+    since: Option<std::time::Instant>,
+}
+
+impl Minority {
+    /// Called on every heartbeat tick. Acts only once the minority has been
+    /// seen on two ticks: after this server's own thread stalled (a pause, a
+    /// long snapshot), the first tick finds every peer silent, and the
+    /// heartbeats queued meanwhile are read before the next one.
+    fn tick(
+        &mut self,
+        now: std::time::Instant,
+        mesh: &Mesh,
+        detector: &FailureDetector,
+        members: &[ServerId],
+        timing: &crate::config::Timing,
+    ) {
+        let alive = detector.alive_peers();
+        if alive.len() + 1 > members.len() / 2 {
+            self.since = None;
+            return;
+        }
+        let since = *self.since.get_or_insert(now);
+        if now.duration_since(since) < timing.heartbeat_interval / 2 {
+            return;
+        }
+        for peer in members {
+            if *peer != *detector.me() && !alive.contains(peer) {
+                mesh.drop_silent_link(peer, timing.failure_timeout);
+            }
         }
     }
 }
