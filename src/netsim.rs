@@ -681,7 +681,10 @@ fn parse_probability(key: &str, value: &str) -> Result<f64, ImpairmentError> {
     let x: f64 = number
         .parse()
         .map_err(|_| bad("expected a percentage like 20% or a fraction like 0.2"))?;
-    let p = x / scale;
+    // Kept to the precision it is printed with (six decimals of a percent),
+    // so that what is printed reads back as the same setting: 1e-22% would
+    // otherwise be a loss that prints as `loss=0%`, which reads back as none.
+    let p = (x / scale * 1e8).round() / 1e8;
     if p.is_finite() && (0.0..=1.0).contains(&p) {
         Ok(p)
     } else {
@@ -2118,6 +2121,23 @@ mod tests {
         let printed = imp.to_string();
         println!("printed: {printed}");
         assert_eq!(Impairment::parse(&printed).expect("own output parses"), imp);
+    }
+
+    #[test]
+    fn a_probability_below_the_printed_precision_is_none_and_reads_back_so() {
+        // Found by `cargo fuzz run impairment`: it printed as `loss=0%`.
+        let tiny = Impairment::parse("loss=.0000000000000000000001345881698%").expect("valid");
+        assert!(tiny.is_none(), "{tiny:?}");
+        assert_eq!(tiny.to_string(), "none");
+        // The smallest step printed is kept exactly.
+        let step = Impairment::parse("loss=0.000001%").expect("valid");
+        assert_eq!(step.to_string(), "loss=0.000001%");
+        assert_eq!(
+            Impairment::parse(&step.to_string())
+                .expect("valid")
+                .to_string(),
+            step.to_string()
+        );
     }
 
     #[test]
