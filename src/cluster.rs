@@ -461,8 +461,8 @@ pub async fn run(
 /// dialed meanwhile), and the peer keeps following it.
 #[derive(Default)]
 struct Minority {
-    /// When this server was first seen in a minority, since when it has
-    /// stayed in one.
+    /// Since when this server has heard fewer than a majority (`None` while
+    /// it hears one).
     since: Option<std::time::Instant>,
 }
 
