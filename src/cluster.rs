@@ -398,7 +398,10 @@ pub async fn run(
                     driver.transition(&mut election, transition);
                 }
                 if config.quorum == Quorum::Majority {
-                    minority.tick(now, &driver.mesh, &detector, &members, timing);
+                    let alive = detector.alive_peers();
+                    for peer in minority.tick(now, &driver.me, &alive, &members, timing.heartbeat_interval) {
+                        driver.mesh.drop_silent_link(&peer, timing.failure_timeout);
+                    }
                 }
                 refresh(&view, &detector, &election, &driver.registry, &members, &driver.me);
             }
@@ -467,32 +470,33 @@ struct Minority {
 }
 
 impl Minority {
-    /// Called on every heartbeat tick. Acts only once the minority has been
-    /// seen on two ticks: after this server's own thread stalled (a pause, a
-    /// long snapshot), the first tick finds every peer silent, and the
-    /// heartbeats queued meanwhile are read before the next one.
+    /// Called on every heartbeat tick with the peers the detector hears:
+    /// the peers whose silent links to close now. None while this server
+    /// hears a majority, nor on the first tick of a minority: after this
+    /// server's own thread stalled (a pause, a long snapshot), that tick finds
+    /// every peer silent, and the heartbeats queued meanwhile are read before
+    /// the next one.
     fn tick(
         &mut self,
         now: std::time::Instant,
-        mesh: &Mesh,
-        detector: &FailureDetector,
+        me: &str,
+        alive: &[ServerId],
         members: &[ServerId],
-        timing: &crate::config::Timing,
-    ) {
-        let alive = detector.alive_peers();
+        heartbeat_interval: std::time::Duration,
+    ) -> Vec<ServerId> {
         if alive.len() + 1 > members.len() / 2 {
             self.since = None;
-            return;
+            return Vec::new();
         }
         let since = *self.since.get_or_insert(now);
-        if now.duration_since(since) < timing.heartbeat_interval / 2 {
-            return;
+        if now.duration_since(since) < heartbeat_interval / 2 {
+            return Vec::new();
         }
-        for peer in members {
-            if *peer != *detector.me() && !alive.contains(peer) {
-                mesh.drop_silent_link(peer, timing.failure_timeout);
-            }
-        }
+        members
+            .iter()
+            .filter(|peer| *peer != me && !alive.contains(peer))
+            .cloned()
+            .collect()
     }
 }
 
@@ -882,6 +886,61 @@ fn refresh(
 mod tests {
     use super::*;
     use registry::RegistryMessage::{Ack, HoldingsRequest};
+    use std::time::Duration;
+
+    fn ids(names: &[&str]) -> Vec<ServerId> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn a_server_in_a_minority_silences_the_peers_it_does_not_hear_from_its_second_tick() {
+        let members = ids(&["s1", "s2", "s3", "s4", "s5"]);
+        let beat = Duration::from_millis(20);
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut minority = Minority::default();
+        // Hearing nobody: nothing on the first tick (the server's own thread
+        // may have stalled), every other server on the next.
+        assert!(minority.tick(at(0), "s5", &[], &members, beat).is_empty());
+        assert_eq!(
+            minority.tick(at(20), "s5", &[], &members, beat),
+            ids(&["s1", "s2", "s3", "s4"])
+        );
+        // Two of five (itself and s1) is a minority: the others, not s1.
+        assert_eq!(
+            minority.tick(at(40), "s5", &ids(&["s1"]), &members, beat),
+            ids(&["s2", "s3", "s4"])
+        );
+        // Three of five is a majority: nothing, and the wait starts over.
+        assert!(
+            minority
+                .tick(at(60), "s5", &ids(&["s1", "s2"]), &members, beat)
+                .is_empty()
+        );
+        assert!(minority.tick(at(80), "s5", &[], &members, beat).is_empty());
+        assert_eq!(minority.tick(at(100), "s5", &[], &members, beat).len(), 4);
+    }
+
+    #[test]
+    fn a_majority_is_more_than_half_of_the_members_counting_the_server_itself() {
+        let beat = Duration::from_millis(20);
+        let t0 = std::time::Instant::now();
+        let later = t0 + beat;
+        let silenced = |members: &[&str], alive: &[&str]| {
+            let mut minority = Minority::default();
+            let members = ids(members);
+            minority.tick(t0, "s1", &ids(alive), &members, beat);
+            minority.tick(later, "s1", &ids(alive), &members, beat)
+        };
+        assert!(silenced(&["s1", "s2"], &["s2"]).is_empty());
+        assert_eq!(silenced(&["s1", "s2"], &[]), ids(&["s2"]));
+        assert!(silenced(&["s1", "s2", "s3"], &["s3"]).is_empty());
+        assert_eq!(
+            silenced(&["s1", "s2", "s3", "s4"], &["s2"]),
+            ids(&["s3", "s4"])
+        );
+        assert!(silenced(&["s1", "s2", "s3", "s4"], &["s2", "s4"]).is_empty());
+    }
 
     #[test]
     fn only_the_highest_ack_per_leader_and_term_goes_in_place_of_the_last() {
