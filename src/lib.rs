@@ -44,6 +44,7 @@ pub mod http;
 pub mod journal;
 pub mod lines;
 pub mod listener;
+pub mod logging;
 pub mod mesh;
 pub mod netsim;
 pub mod node;

@@ -152,7 +152,13 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let is_client = matches!(cli.command, Command::Client { .. });
-    init_tracing(cli.log_format, is_client);
+    let log_flush = match init_tracing(cli.log_format, is_client) {
+        Ok(flush) => flush,
+        Err(e) => {
+            eprintln!("error: cannot start the log writer thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = tokio::runtime::Runtime::new()
         .context("cannot start the async runtime")
         .and_then(|runtime| {
@@ -162,6 +168,8 @@ fn main() -> ExitCode {
             runtime.shutdown_background();
             result
         });
+    // Every line logged is out before the error line below.
+    drop(log_flush);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -283,7 +291,9 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn init_tracing(format: LogFormat, quiet: bool) {
+/// Logs go to stderr through a writer thread (see `chatmesh::logging`);
+/// the returned guard writes out what is left when dropped.
+fn init_tracing(format: LogFormat, quiet: bool) -> std::io::Result<chatmesh::logging::Flush> {
     use tracing_subscriber::EnvFilter;
     // The client's screen is for chat; it logs only warnings unless asked.
     // rustyline's own warnings (a terminal that does not report the cursor)
@@ -294,12 +304,15 @@ fn init_tracing(format: LogFormat, quiet: bool) {
         "info"
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let (writer, flush) = chatmesh::logging::spawn(std::io::stderr())?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_timer(chatmesh::logging::Timestamp)
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    Ok(flush)
 }

@@ -769,3 +769,57 @@ fn a_client_whose_servers_are_down_backs_off_says_what_each_answered_and_comes_b
     client.close_stdin();
     assert!(client.wait_exit());
 }
+
+/// A node whose stderr nobody reads (a terminal paused, `chatmesh up | less`
+/// left on its first page) keeps serving: its threads never wait on the
+/// pipe behind stderr, whose 64 KiB fill after a few hundred lines. Lines
+/// wait in a bounded buffer instead, and come out once the pipe is read again.
+#[test]
+fn a_node_whose_log_nobody_reads_keeps_serving() {
+    use std::io::{BufRead, BufReader};
+    let config = single_node_config("unread-log");
+    let certs = certs().display().to_string();
+    let mut child = Command::new(BIN)
+        .args(["node", "--config", &config, "--id", "s1", "--certs", &certs])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the node");
+    let mut log = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(log.read_line(&mut line).unwrap() > 0, "the node exited");
+        if let Some(rest) = line.split("client_addr=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    // Nobody reads stderr from here on. Each identity logs two lines of
+    // about 150 bytes ("client identified", "client disconnected"): 2,000
+    // of them are several times what the pipe holds.
+    let claims = 2_000;
+    for i in 0..claims {
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        stream.set_read_timeout(Some(common::DEADLINE)).unwrap();
+        writeln!(stream, r#"{{"type":"newidentity","identity":"unread{i}"}}"#).unwrap();
+        let mut reply = String::new();
+        BufReader::new(&stream)
+            .read_line(&mut reply)
+            .unwrap_or_else(|e| panic!("claim {i} of {claims} got no answer: {e}"));
+        assert!(reply.contains(r#""approved":"true""#), "claim {i}: {reply}");
+    }
+    // Read again: the lines held meanwhile come out, the last claim's too,
+    // and the node stops cleanly.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let rest: Vec<String> = log.lines().map_while(Result::ok).collect();
+    let last = format!("unread{}", claims - 1);
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("client disconnected") && l.contains(&last)),
+        "the last claim's lines are missing from the log"
+    );
+    assert!(rest.iter().any(|l| l.contains("stopped")), "no clean stop");
+    assert!(child.wait().unwrap().success());
+}
