@@ -12,14 +12,14 @@
 //! - no chat session or cluster thread waits on the disk or pipe behind
 //!   stderr (a cluster thread stuck in a write sends no heartbeats, and the
 //!   other servers would see this server down);
-//! - a busy server makes one `write` per batch, not one per line (at 20,000
-//!   claims/s each server logs about 30,000 lines/s);
+//! - a busy server makes one `write` per batch, not one per line;
 //! - memory is bounded: past [`MAX_BUFFERED`] bytes waiting, lines are
 //!   dropped and counted, and the next batch says how many.
 //!
 //! Lines reach stderr at most [`GATHER`] after they are logged, and whatever
-//! is buffered is written when the [`Flush`] guard is dropped (normal exit).
-//! A `kill -9` loses at most the last [`GATHER`] of lines.
+//! is buffered is written when the [`Flush`] guard is dropped (normal exit),
+//! waiting at most [`EXIT_WAIT`] for a stderr that is not read. A `kill -9`
+//! loses at most the last [`GATHER`] of lines.
 
 use std::cell::RefCell;
 use std::io::Write;
@@ -82,6 +82,9 @@ fn civil_date(days: u64) -> (u64, u64, u64) {
 
 /// How long the writer lets lines gather after the first one.
 pub const GATHER: Duration = Duration::from_millis(5);
+
+/// How long the [`Flush`] guard waits for the last lines to be written.
+pub const EXIT_WAIT: Duration = Duration::from_secs(2);
 
 /// Bytes of log waiting for the writer, at most.
 pub const MAX_BUFFERED: usize = 4 << 20;
@@ -203,7 +206,16 @@ impl Drop for Flush {
     fn drop(&mut self) {
         self.shared.lock().closed = true;
         self.shared.wake.notify_one();
-        if let Some(thread) = self.thread.take() {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        // A writer stuck on a stderr nobody reads must not keep the process
+        // from exiting: past the wait, it is left behind (and ends with it).
+        let deadline = std::time::Instant::now() + EXIT_WAIT;
+        while !thread.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if thread.is_finished() {
             let _ = thread.join();
         }
     }
@@ -279,6 +291,36 @@ mod tests {
         writer.write_all(b"last words\n").unwrap();
         drop(flush);
         assert_eq!(sink.text(), "last words\n");
+    }
+
+    #[test]
+    fn dropping_the_guard_gives_up_on_an_output_that_never_takes_a_line() {
+        /// An output that never returns.
+        struct Stuck;
+        impl Write for Stuck {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                loop {
+                    std::thread::park();
+                }
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (mut writer, flush) = spawn(Stuck).unwrap();
+        writer.write_all(b"never written\n").unwrap();
+        // Dropped on a thread of its own, so that a guard that waits
+        // forever fails this test instead of hanging it.
+        let (done, dropped) = std::sync::mpsc::channel();
+        let start = Instant::now();
+        std::thread::spawn(move || {
+            drop(flush);
+            let _ = done.send(start.elapsed());
+        });
+        let waited = dropped
+            .recv_timeout(EXIT_WAIT * 5)
+            .expect("the guard still waits after five times EXIT_WAIT");
+        assert!(waited >= EXIT_WAIT, "gave up after {waited:?}");
     }
 
     #[test]
