@@ -337,10 +337,12 @@ impl Registry {
         self.lead_check_purges(lead, now, out);
     }
 
-    /// Frees the names of every server that this leader and enough live
-    /// followers to make a quorum see down. A server that only this leader
-    /// cannot hear keeps its names: it may be serving clients that others
-    /// can talk to.
+    /// Frees the names of every server that this leader and every live
+    /// follower see down, when they make a quorum. A server that some live
+    /// server still hears keeps its names: it may be serving clients, and
+    /// within servers that can talk no name is held twice (under a
+    /// non-transitive cut, the majority that lost an old leader must not
+    /// hand its names to clients of a server that still talks to it).
     pub(super) fn lead_check_purges(
         &mut self,
         lead: &mut LeaderState,
@@ -355,12 +357,11 @@ impl Registry {
             .iter()
             .filter(|s| !self.is_live(s) && !lead.purged.contains(*s))
             .filter(|s| {
-                let votes = 1 + self
-                    .live
-                    .iter()
-                    .filter(|v| lead.down_votes.get(*v).is_some_and(|d| d.contains(*s)))
-                    .count();
-                votes >= self.quorum()
+                let sees_down =
+                    |v: &ServerId| lead.down_votes.get(v).is_some_and(|d| d.contains(*s));
+                let live = self.live.iter().filter(|v| **v != self.id);
+                let votes = 1 + live.clone().filter(|v| sees_down(v)).count();
+                live.clone().all(sees_down) && votes >= self.quorum()
             })
             .cloned()
             .collect();

@@ -374,7 +374,7 @@ pub struct HoldingsReport {
     /// The sender's replica: every other server's rooms, as of `position`.
     pub replica_rooms: Vec<RoomEntry>,
     /// Servers the sender's failure detector sees down: a leader frees a
-    /// server's names only when a majority sees it down.
+    /// server's names only when a majority, and every live server, sees it down.
     pub down: Vec<ServerId>,
 }
 

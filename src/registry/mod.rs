@@ -84,8 +84,10 @@
 //!   detectors see down ([`RegistryMessage::Liveness`], and in every
 //!   report). The leader removes everything a server held and announces
 //!   [`Change::PurgeServer`] only when a majority (itself included) sees that
-//!   server down: a server that only the leader cannot hear may be serving
-//!   clients that the others talk to, and keeps its names.
+//!   server down and every live follower does too: a server that the leader
+//!   cannot hear, or that some live server still hears (a non-transitive
+//!   cut), may be serving clients that servers it talks to serve too, and
+//!   keeps its names.
 //! - **Heal / restart**: when a server comes back, the leader merges its
 //!   holdings. Two holders of one name are resolved by [`Stamp`]: the later
 //!   grant wins (under a majority quorum, the later grant is the one the
@@ -115,7 +117,8 @@
 //!   later one: positions are ordered, and a later leader's state includes
 //!   everything its predecessors committed) holds it. So the base holds
 //!   every committed grant, including those of servers the new leader cannot
-//!   hear, and those names stay taken until a majority sees their server down.
+//!   hear, and those names stay taken until a majority, and every live
+//!   server, sees their server down.
 //! - Request ids are `(incarnation, id)`; the leader caches its answers per
 //!   asker, so a retried request gets the same answer (a grant only once
 //!   committed). An asker accepts answers only from its current leader and
@@ -652,7 +655,8 @@ impl Registry {
     }
 
     /// Tells the leader which servers this one sees down (a leader frees a
-    /// server's names only when a majority sees it down).
+    /// server's names only when a majority, and every live server, sees it
+    /// down).
     fn send_liveness(&mut self, out: &mut Vec<Action>) {
         let Some(leader) = self.reachable_leader() else {
             return;

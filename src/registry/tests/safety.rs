@@ -155,7 +155,7 @@ fn a_server_that_reported_to_a_newer_leader_never_acknowledges_the_older_one() {
 }
 
 #[test]
-fn a_new_leader_keeps_the_names_of_a_server_it_cannot_hear_until_a_majority_sees_it_down() {
+fn a_new_leader_keeps_the_names_of_a_server_it_cannot_hear_until_every_live_server_sees_it_down() {
     // s4 is elected at term 2 by s1..s3; it cannot hear s5, the old
     // leader, whose client holds "Adel" (committed at term 1: s1 has it).
     let now = Instant::now();
@@ -215,8 +215,25 @@ fn a_new_leader_keeps_the_names_of_a_server_it_cannot_hear_until_a_majority_sees
     };
     let out = reg.handle(now, down("s1"));
     assert!(registered(&reg, "Adel").is_some(), "{out:?}");
-    // s2 as well: a majority sees s5 down, its names are free.
+    // s2 as well: a majority sees s5 down, but s3 still hears it (a
+    // non-transitive cut: s5 is cut from s1, s2 and s4 only). s3 may talk to
+    // s5, whose client holds "Adel": s5 keeps its names, or a client of s3
+    // could be granted "Adel" while s5's holds it.
     let out = reg.handle(now, down("s2"));
+    assert!(registered(&reg, "Adel").is_some(), "{out:?}");
+    ack_all(&mut reg, now);
+    let out = reg.handle(
+        now,
+        msg("s3", request(2, 1, 2, 2, Op::Claim(ident("Adel")))),
+    );
+    assert_eq!(
+        answers(&out)[0].2,
+        Verdict::Refused {
+            reason: Refusal::Taken
+        }
+    );
+    // s3 sees s5 down too: every live server does, its names are free.
+    let out = reg.handle(now, down("s3"));
     assert!(out.contains(&Action::Log(LogEvent::ServerPurged {
         server: "s5".into(),
         identities: 1,
@@ -226,7 +243,7 @@ fn a_new_leader_keeps_the_names_of_a_server_it_cannot_hear_until_a_majority_sees
     ack_all(&mut reg, now);
     let mut out = reg.handle(
         now,
-        msg("s3", request(2, 1, 2, 2, Op::Claim(ident("Adel")))),
+        msg("s3", request(2, 1, 3, 3, Op::Claim(ident("Adel")))),
     );
     out.extend(ack_all(&mut reg, now));
     assert!(matches!(answers(&out)[0].2, Verdict::Granted { .. }));
