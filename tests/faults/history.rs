@@ -332,7 +332,8 @@ fn paused_spans(changes: &[Change], a: usize) -> Vec<(Secs, Secs)> {
 /// `b` holds the name (granted earlier) is a double grant unless `b` was cut
 /// off from a majority, stopped or paused at some moment in between, or
 /// some server other than the granting one logged `b` down meanwhile (the
-/// registry frees a server's names only when a majority sees it down). This
+/// registry frees a server's names only when a majority, and every live
+/// server, sees it down). This
 /// is stricter than rule 1 in one way that matters: it does not wait for
 /// the two servers to talk. A zombie leader (paused, or cut off) that wakes
 /// and grants what the majority's leader granted meanwhile breaks it at the
