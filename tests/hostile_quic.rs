@@ -2,7 +2,8 @@
 //! handshake and never open a stream, end their stream in the middle of a
 //! line (FIN or RESET), open more streams than the server allows, stop the
 //! server's sending side, never read while their room floods, vanish right
-//! after `newidentity`, or come twenty at once over `max_clients`.
+//! after `newidentity`, come twenty at once over `max_clients`, or send a
+//! handshake's first datagram and nothing more.
 //!
 //! Every case asserts that (a) nothing panics in the server and nothing
 //! leaks: the hostile client's slot comes back and its name can be claimed
@@ -879,4 +880,80 @@ async fn try_identify(endpoint: &quinn::Endpoint, addr: SocketAddr, name: &str) 
                 .unwrap(),
         ),
     }
+}
+
+/// Sends the first datagram of a QUIC handshake (a client Initial) to
+/// `addr` from a fresh UDP socket and nothing after it: a client that never
+/// finishes its handshake, or one whose source address is forged (it never
+/// gets the server's answer). Returns the socket and the first datagram the
+/// server answered with (within [`DEADLINE`]).
+async fn bare_initial(addr: SocketAddr) -> (tokio::net::UdpSocket, Vec<u8>) {
+    let crypto = chatmesh::tls::chat_client_config(&certs().join("ca.pem")).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
+    let config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut endpoint = quinn_proto::Endpoint::new(
+        Arc::new(quinn::EndpointConfig::default()),
+        None,
+        false,
+        Some([7; 32]),
+    );
+    let now = std::time::Instant::now();
+    let (_, mut connection) = endpoint.connect(now, config, addr, "localhost").unwrap();
+    let mut initial = Vec::new();
+    let transmit = connection
+        .poll_transmit(now, 1, &mut initial)
+        .expect("a client Initial to send");
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket
+        .send_to(&initial[..transmit.size], addr)
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 65536];
+    let (got, from) = tokio::time::timeout(DEADLINE, socket.recv_from(&mut answer))
+        .await
+        .expect("the server answers the Initial")
+        .unwrap();
+    assert_eq!(from, addr);
+    answer.truncate(got);
+    (socket, answer)
+}
+
+/// Case 8: a QUIC Initial whose sender never goes on (a client that stalls
+/// its handshake, or anyone forging the source address of a single UDP
+/// datagram) takes no client slot: the slots are shared with TCP, so
+/// `max_clients` such datagrams every handshake timeout would otherwise keep
+/// every new client out. The server answers with a Retry, and a client
+/// that gets it (quinn does this itself) is served as usual.
+#[tokio::test]
+async fn a_handshake_that_never_finishes_takes_no_client_slot() {
+    let (node, mut tcp, mut quic) = start(Limits {
+        max_clients: Some(3),
+        ..Limits::default()
+    })
+    .await;
+    let addr = node.client_addr();
+    let slots = node.client_slots().clone();
+    let mut stalled = Vec::new();
+    for _ in 0..5 {
+        stalled.push(bare_initial(addr).await);
+    }
+    // The server has answered each: whatever it holds for them, it holds now.
+    assert_eq!(slots.in_use(), 2, "half-open handshakes hold client slots");
+    for (_, answer) in &stalled {
+        // A long-header packet of type Retry (RFC 9000, 17.2.5; the fixed
+        // bit, 0x40, may be greased).
+        assert_eq!(answer[0] & 0xb0, 0xb0, "not a Retry: {:02x?}", &answer[..8]);
+    }
+    // The third slot is free for a real client, over TCP or over QUIC.
+    for via in [Via::Tcp, Via::Quic] {
+        let mut c = Raw::join(via, addr, "Newcomer", HALL).await;
+        both_expect(&mut tcp, &mut quic, &room_change("Newcomer", "", HALL)).await;
+        c.send(r#"{"type":"quit"}"#).await;
+        c.expect(&room_change("Newcomer", HALL, "")).await;
+        both_expect(&mut tcp, &mut quic, &room_change("Newcomer", HALL, "")).await;
+        drop(c);
+        wait_for("Newcomer's slot free", || slots.in_use() == 2).await;
+    }
+    drop(stalled);
+    finish(node, tcp, quic, "after").await;
 }
