@@ -671,8 +671,9 @@ async fn a_client_gone_right_after_newidentity_leaves_its_name_free() {
 /// Case 6, the silent way: a client that sends `newidentity` and, once the
 /// server has let it in, vanishes without reading the reply or closing
 /// anything (its process, here its runtime, gone): the server learns of it
-/// only from QUIC's idle timeout (30 s), and then it leaves its room and its
-/// name is free again.
+/// only from its QUIC idle timeout (30 s; the client asked for none, so the
+/// server's own is in force), and then it leaves its room and its name is
+/// free again.
 #[tokio::test]
 async fn a_client_that_vanishes_after_newidentity_is_freed_at_the_idle_timeout() {
     const IDLE: Duration = Duration::from_secs(30);
@@ -687,7 +688,11 @@ async fn a_client_that_vanishes_after_newidentity_is_freed_at_the_idle_timeout()
             .build()
             .unwrap();
         let held = runtime.block_on(async move {
-            let hostile = Hostile::connect(addr).await;
+            // It asks for no idle timeout at all, so the server's own one
+            // is the one in force.
+            let mut forever = quinn::TransportConfig::default();
+            forever.max_idle_timeout(None);
+            let hostile = Hostile::connect_with(addr, Some(forever)).await;
             let (mut send, recv) = hostile.connection.open_bi().await.unwrap();
             send.write_all(b"{\"type\":\"newidentity\",\"identity\":\"Vanisher\"}\n")
                 .await
