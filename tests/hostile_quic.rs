@@ -2,8 +2,8 @@
 //! handshake and never open a stream, end their stream in the middle of a
 //! line (FIN or RESET), open more streams than the server allows, stop the
 //! server's sending side, never read while their room floods, vanish right
-//! after `newidentity`, come twenty at once over `max_clients`, or send a
-//! handshake's first datagram and nothing more.
+//! after `newidentity`, come twenty at once over `max_clients`, send a
+//! handshake's first datagram and nothing more, or change address mid-session.
 //!
 //! Every case asserts that (a) nothing panics in the server and nothing
 //! leaks: the hostile client's slot comes back and its name can be claimed
@@ -200,12 +200,12 @@ async fn visits_before(c: &mut Raw, name: &str, said: &str) -> usize {
 
 /// A QUIC client of its own (its own UDP socket), with `transport` if given.
 struct Hostile {
-    /// Held: the connection lives on this endpoint's socket.
-    _endpoint: quinn::Endpoint,
+    /// The socket the connection lives on.
+    endpoint: quinn::Endpoint,
     connection: quinn::Connection,
 }
 
-fn client_endpoint(transport: Option<quinn::TransportConfig>) -> quinn::Endpoint {
+fn clientendpoint(transport: Option<quinn::TransportConfig>) -> quinn::Endpoint {
     let crypto = chatmesh::tls::chat_client_config(&certs().join("ca.pem")).unwrap();
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -223,14 +223,14 @@ impl Hostile {
     }
 
     async fn connect_with(addr: SocketAddr, transport: Option<quinn::TransportConfig>) -> Hostile {
-        let endpoint = client_endpoint(transport);
+        let endpoint = clientendpoint(transport);
         let connection =
             tokio::time::timeout(DEADLINE, endpoint.connect(addr, "localhost").unwrap())
                 .await
                 .expect("handshake in time")
                 .expect("handshake");
         Hostile {
-            _endpoint: endpoint,
+            endpoint,
             connection,
         }
     }
@@ -761,7 +761,7 @@ async fn a_crowd_of_quic_clients_over_max_clients_is_refused_and_slots_come_back
     })
     .await;
     let addr = node.client_addr();
-    let endpoint = client_endpoint(None);
+    let endpoint = clientendpoint(None);
     let mut tries = tokio::task::JoinSet::new();
     for i in 0..CROWD {
         let endpoint = endpoint.clone();
@@ -969,4 +969,45 @@ async fn a_handshake_that_never_finishes_takes_no_client_slot() {
     }
     drop(stalled);
     finish(node, tcp, quic, "after").await;
+}
+
+/// Case 9: a client that changes its address in the middle of its session
+/// (QUIC connection migration: a new UDP socket, as a phone moving from
+/// Wi-Fi to mobile data). The session goes on over the new path, in both
+/// directions, on its one slot; then it quits and its name is free.
+#[tokio::test]
+async fn a_client_that_migrates_keeps_its_session_and_one_slot() {
+    let (node, mut tcp, mut quic) = start(Limits::default()).await;
+    let addr = node.client_addr();
+    let hostile = Hostile::connect(addr).await;
+    let mut stream = hostile.login("Roamer", &mut tcp, &mut quic).await;
+    let before = hostile.endpoint.local_addr().unwrap();
+    hostile
+        .endpoint
+        .rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .unwrap();
+    assert_ne!(hostile.endpoint.local_addr().unwrap(), before);
+    stream
+        .send(r#"{"type":"message","content":"from my new address"}"#)
+        .await;
+    both_expect(
+        &mut tcp,
+        &mut quic,
+        r#"{"type":"message","identity":"Roamer","content":"from my new address"}"#,
+    )
+    .await;
+    quic.send(r#"{"type":"message","content":"heard you"}"#)
+        .await;
+    let said = format!(r#"{{"type":"message","identity":"{QUIC_NAME}","content":"heard you"}}"#);
+    stream.expect(&said).await;
+    tcp.expect(&said).await;
+    assert_eq!(node.client_slots().in_use(), 3);
+    assert_eq!(node.chat().counts().sessions, 3);
+    stream.send(r#"{"type":"quit"}"#).await;
+    stream.expect(&room_change("Roamer", HALL, "")).await;
+    assert!(matches!(stream.next().await, Err(Ended::Fin)));
+    both_expect(&mut tcp, &mut quic, &room_change("Roamer", HALL, "")).await;
+    drop(stream);
+    drop(hostile);
+    finish_with_reclaims(node, tcp, quic, &["Roamer"]).await;
 }
