@@ -422,11 +422,12 @@ pub async fn serve_quic(
         };
         let Some(incoming) = incoming else { break };
         // A slot only for a client that has shown it receives at its source
-        // address: the first one datagram could forge. Else one Initial per
-        // slot every handshake timeout keeps every new client out, TCP ones
-        // too (TCP has no such hole: the kernel accepts after the handshake).
+        // address. Else a client Initial, one datagram whose source address
+        // anyone can forge, held a slot for the handshake timeout, and one
+        // per slot every timeout kept every new client out, TCP ones too
+        // (TCP has no such hole: the kernel accepts after its handshake).
         // The Retry costs a fresh client one round trip; quinn's client
-        // retries by itself, and a spoofer never sees the Retry.
+        // answers it by itself, and a spoofer never sees it.
         if !incoming.remote_address_validated() {
             if let Err(e) = incoming.retry() {
                 // Cannot happen (an unvalidated Initial may always be
