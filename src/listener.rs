@@ -403,9 +403,9 @@ async fn tcp_session(
 /// (beyond this, refusals are a bare QUIC refusal, which costs nothing).
 const QUIC_REFUSALS_AT_ONCE: usize = 64;
 
-/// Accepts QUIC clients until `shutdown`, each while a slot is free; a
-/// client over the limit sees the connection closed with a reason naming it.
-/// Then closes the endpoint.
+/// Accepts QUIC clients until `shutdown`, each while a slot is free and
+/// once a Retry has validated its address; a client over the limit sees
+/// the connection closed with a reason naming it. Then closes the endpoint.
 pub async fn serve_quic(
     endpoint: quinn::Endpoint,
     chat: Arc<ChatServer>,
@@ -421,6 +421,21 @@ pub async fn serve_quic(
             incoming = endpoint.accept() => incoming,
         };
         let Some(incoming) = incoming else { break };
+        // A slot only for a client that has shown it receives at its source
+        // address. Else a client Initial, one datagram whose source address
+        // anyone can forge, held a slot for the handshake timeout, and one
+        // per slot every timeout kept every new client out, TCP ones too
+        // (TCP has no such hole: the kernel accepts after its handshake).
+        // The Retry costs a fresh client one round trip; quinn's client
+        // answers it by itself, and a spoofer never sees it.
+        if !incoming.remote_address_validated() {
+            if let Err(e) = incoming.retry() {
+                // Cannot happen (an unvalidated Initial may always be
+                // retried), but if it did: no answer, no slot.
+                e.into_incoming().ignore();
+            }
+            continue;
+        }
         let peer = incoming.remote_address();
         let Some(slot) = slots.take() else {
             refusals.refused(&slots, peer);
