@@ -96,6 +96,8 @@ struct Pending {
     dropped: u64,
     /// No more lines will come: write what is left and stop.
     closed: bool,
+    /// The writer has written what was left after `closed` and stopped.
+    finished: bool,
 }
 
 #[derive(Default)]
@@ -103,6 +105,8 @@ struct Shared {
     pending: Mutex<Pending>,
     /// Signalled when the first line lands in an empty buffer, and on close.
     wake: Condvar,
+    /// Signalled when the writer has finished.
+    finished: Condvar,
 }
 
 impl Shared {
@@ -170,6 +174,8 @@ fn write_batches(shared: &Shared, mut out: impl Write) {
         let _ = out.write_all(&batch).and_then(|()| out.flush());
         batch.clear();
         if closed {
+            shared.lock().finished = true;
+            shared.finished.notify_all();
             return;
         }
     }
@@ -204,18 +210,19 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BatchedStderr {
 
 impl Drop for Flush {
     fn drop(&mut self) {
-        self.shared.lock().closed = true;
+        let mut pending = self.shared.lock();
+        pending.closed = true;
         self.shared.wake.notify_one();
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
         // A writer stuck on a stderr nobody reads must not keep the process
         // from exiting: past the wait, it is left behind (and ends with it).
-        let deadline = std::time::Instant::now() + EXIT_WAIT;
-        while !thread.is_finished() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        if thread.is_finished() {
+        let (pending, _) = self
+            .shared
+            .finished
+            .wait_timeout_while(pending, EXIT_WAIT, |p| !p.finished)
+            .unwrap_or_else(|e| e.into_inner());
+        let finished = pending.finished;
+        drop(pending);
+        if let Some(thread) = self.thread.take().filter(|_| finished) {
             let _ = thread.join();
         }
     }

@@ -250,6 +250,60 @@ fn a_new_leader_keeps_the_names_of_a_server_it_cannot_hear_until_every_live_serv
 }
 
 #[test]
+fn a_leader_left_with_a_minority_frees_no_names_though_every_live_server_sees_them_down() {
+    // s4 leads at term 2 with s1..s3's reports; s5's client holds "Adel".
+    // Then s2 and s3 go silent too: s4 hears only s1, and the two of them
+    // see s2, s3 and s5 down. Every live server agrees, but two of five are
+    // no majority: the names stay (the other three may be serving them).
+    let now = Instant::now();
+    let mut reg = Registry::new("s4".into(), ids(5), test_config(true), 1);
+    for peer in ["s1", "s2", "s3"] {
+        reg.handle(now, Input::PeerUp(peer.into()));
+    }
+    reg.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some("s4".into()),
+            term: 2,
+        },
+    );
+    let adel = entry("Adel", "s5", (1, 3, "s5"));
+    let with_adel = HoldingsReport {
+        position: Position {
+            term: 1,
+            rank: 4,
+            seq: 7,
+        },
+        replica_identities: vec![adel.clone()],
+        ..empty_report(1)
+    };
+    let holdings = |report| RegistryMessage::Holdings { term: 2, report };
+    reg.handle(now, msg("s1", holdings(with_adel)));
+    reg.handle(now, msg("s2", holdings(empty_report(1))));
+    reg.handle(now, msg("s3", holdings(empty_report(1))));
+    ack_all(&mut reg, now);
+    assert_eq!(registered(&reg, "Adel"), Some(adel.clone()));
+    let mut out = reg.handle(now, Input::PeerDown("s2".into()));
+    out.extend(reg.handle(now, Input::PeerDown("s3".into())));
+    out.extend(reg.handle(
+        now,
+        msg(
+            "s1",
+            RegistryMessage::Liveness {
+                term: 2,
+                down: vec!["s2".into(), "s3".into(), "s5".into()],
+            },
+        ),
+    ));
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::Log(LogEvent::ServerPurged { .. }))),
+        "{out:?}"
+    );
+    assert_eq!(registered(&reg, "Adel"), Some(adel));
+}
+
+#[test]
 fn the_base_is_the_most_advanced_replica_of_the_quorum() {
     // Two followers report replicas of the old leader s3 at different
     // points: "Adel" was released at announcement 8, which only s2 saw.
