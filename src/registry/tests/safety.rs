@@ -154,11 +154,9 @@ fn a_server_that_reported_to_a_newer_leader_never_acknowledges_the_older_one() {
     assert_eq!(reg.identity_server("Bob"), None);
 }
 
-#[test]
-fn a_new_leader_keeps_the_names_of_a_server_it_cannot_hear_until_every_live_server_sees_it_down() {
-    // s4 is elected at term 2 by s1..s3; it cannot hear s5, the old
-    // leader, whose client holds "Adel" (committed at term 1: s1 has it).
-    let now = Instant::now();
+/// s4 of five, elected at term 2 by s1..s3, which it hears; it does not
+/// hear s5.
+fn s4_elected_without_s5(now: Instant) -> Registry {
     let mut reg = Registry::new("s4".into(), ids(5), test_config(true), 1);
     for peer in ["s1", "s2", "s3"] {
         reg.handle(now, Input::PeerUp(peer.into()));
@@ -170,6 +168,15 @@ fn a_new_leader_keeps_the_names_of_a_server_it_cannot_hear_until_every_live_serv
             term: 2,
         },
     );
+    reg
+}
+
+#[test]
+fn a_new_leader_keeps_the_names_of_a_server_it_cannot_hear_until_every_live_server_sees_it_down() {
+    // s4 is elected at term 2 by s1..s3; it cannot hear s5, the old
+    // leader, whose client holds "Adel" (committed at term 1: s1 has it).
+    let now = Instant::now();
+    let mut reg = s4_elected_without_s5(now);
     let adel = entry("Adel", "s5", (1, 3, "s5"));
     let advanced = HoldingsReport {
         incarnation: 1,
@@ -256,17 +263,7 @@ fn a_leader_left_with_a_minority_frees_no_names_though_every_live_server_sees_th
     // see s2, s3 and s5 down. Every live server agrees, but two of five are
     // no majority: the names stay (the other three may be serving them).
     let now = Instant::now();
-    let mut reg = Registry::new("s4".into(), ids(5), test_config(true), 1);
-    for peer in ["s1", "s2", "s3"] {
-        reg.handle(now, Input::PeerUp(peer.into()));
-    }
-    reg.handle(
-        now,
-        Input::LeaderChanged {
-            leader: Some("s4".into()),
-            term: 2,
-        },
-    );
+    let mut reg = s4_elected_without_s5(now);
     let adel = entry("Adel", "s5", (1, 3, "s5"));
     let with_adel = HoldingsReport {
         position: Position {
