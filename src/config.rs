@@ -171,7 +171,16 @@ pub struct Limits {
     /// the buffer to 4 MiB for a client that does not read, so a slow reader
     /// would hold four times the outbox before it is dropped.
     pub send_buffer_bytes: usize,
+    /// Least time between two writes to one client of events other clients
+    /// caused (zero: each goes out at once). Events that come meanwhile go
+    /// out together in one write; a client's answers to its own requests
+    /// never wait for it (see `chat::Outbox`).
+    pub event_pace: Duration,
 }
+
+/// The longest `event_pace` a config may set: more would make a busy room
+/// visibly lag.
+pub const MAX_EVENT_PACE: Duration = Duration::from_millis(100);
 
 impl Default for Limits {
     fn default() -> Self {
@@ -185,6 +194,7 @@ impl Default for Limits {
             // Plenty for a chat line stream (a loopback or LAN client drains
             // it at once); the outbox is the real buffer.
             send_buffer_bytes: 64 * 1024,
+            event_pace: Duration::from_millis(1),
         }
     }
 }
@@ -338,6 +348,7 @@ struct RawLimits {
     move_timeout_ms: Option<u64>,
     max_clients: Option<toml::Spanned<usize>>,
     send_buffer_bytes: Option<toml::Spanned<usize>>,
+    event_pace_ms: Option<toml::Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -470,6 +481,20 @@ fn parse_toml(text: &str, origin: &str) -> Result<ClusterConfig, ConfigError> {
                 limits.outbox_bytes, limits.max_line_bytes
             ),
         ));
+    }
+    if let Some(pace) = &raw.limits.event_pace_ms {
+        let ms = *pace.get_ref();
+        if ms > MAX_EVENT_PACE.as_millis() as u64 {
+            return Err(invalid(
+                origin,
+                Some(line_of(text, pace.span().start)),
+                format!(
+                    "field limits.event_pace_ms ({ms}) must be at most {}: events would lag that long",
+                    MAX_EVENT_PACE.as_millis()
+                ),
+            ));
+        }
+        limits.event_pace = Duration::from_millis(ms);
     }
     let mut max_clients = 0;
     size("max_clients", &raw.limits.max_clients, 1, &mut max_clients)?;
@@ -728,6 +753,21 @@ mod tests {
             ),
             (1024, 4096, Some(500), 8192)
         );
+        assert_eq!(limits.event_pace, Duration::from_millis(1), "the default");
+
+        for (ms, pace) in [("0", Some(0)), ("100", Some(100)), ("101", None)] {
+            let text = format!("{servers}[limits]\nevent_pace_ms = {ms}\n");
+            match (ClusterConfig::parse(&text, "c.toml"), pace) {
+                (Ok(config), Some(pace)) => {
+                    assert_eq!(config.limits.event_pace, Duration::from_millis(pace));
+                }
+                (Err(e), None) => assert_eq!(
+                    e.to_string(),
+                    "c.toml line 7: field limits.event_pace_ms (101) must be at most 100: events would lag that long"
+                ),
+                (other, _) => panic!("event_pace_ms = {ms}: {other:?}"),
+            }
+        }
 
         // One 5 KB message would drop every member of a room.
         let small_outbox =

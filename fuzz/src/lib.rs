@@ -408,6 +408,7 @@ pub fn to_toml(config: &ClusterConfig) -> String {
         move_timeout,
         max_clients,
         send_buffer_bytes,
+        event_pace,
     } = &config.limits;
     let mut limits: toml::Table = [
         ("max_line_bytes", int(*max_line_bytes)),
@@ -416,6 +417,7 @@ pub fn to_toml(config: &ClusterConfig) -> String {
         ("claim_timeout_ms", ms(*claim_timeout)),
         ("move_timeout_ms", ms(*move_timeout)),
         ("send_buffer_bytes", int(*send_buffer_bytes)),
+        ("event_pace_ms", ms(*event_pace)),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

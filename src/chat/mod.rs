@@ -918,4 +918,76 @@ mod tests {
         shutdown.cancel();
         task.await.expect("the eviction task ends at shutdown");
     }
+
+    /// A client of a session over an in-memory pipe.
+    struct Piped {
+        lines: crate::lines::LineReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>,
+        writer: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    }
+
+    impl Piped {
+        fn connect(chat: &Arc<ChatServer>) -> Piped {
+            let (client, server) = tokio::io::duplex(1 << 16);
+            let (reader, writer) = tokio::io::split(server);
+            tokio::spawn(run_session(
+                chat.clone(),
+                reader,
+                writer,
+                [127, 0, 0, 1].into(),
+                CancellationToken::new(),
+            ));
+            let (lines, writer) = tokio::io::split(client);
+            Piped {
+                lines: crate::lines::LineReader::new(lines, 1 << 16),
+                writer,
+            }
+        }
+
+        async fn send(&mut self, line: &str) {
+            use tokio::io::AsyncWriteExt;
+            self.writer.write_all(line.as_bytes()).await.unwrap();
+        }
+
+        /// The next line within `within` (of the paused clock), if any.
+        async fn line(&mut self, within: Duration) -> Option<String> {
+            let line = tokio::time::timeout(within, self.lines.next_line()).await;
+            let line = line.ok()?.expect("no read error")?;
+            Some(String::from_utf8_lossy(line).into_owned())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_is_answered_at_once_with_the_events_the_pace_held_back() {
+        // A pace far longer than any wait below: whatever the pace holds
+        // back only comes out early through the session's flush.
+        let limits = Limits {
+            event_pace: Duration::from_secs(600),
+            ..Limits::default()
+        };
+        let chat = ChatServer::new("s1".to_owned(), limits, Arc::new(Grants), None);
+        let second = Duration::from_secs(1);
+        let line = |b: Bytes| String::from_utf8_lossy(&b).trim_end().to_owned();
+        let mut adel = Piped::connect(&chat);
+        adel.send("{\"type\":\"newidentity\",\"identity\":\"Adel\"}\n")
+            .await;
+        assert_eq!(
+            adel.line(second).await.as_deref(),
+            Some("{\"type\":\"newidentity\",\"approved\":\"true\"}")
+        );
+        let arrival = line(room_change("Adel", "", "MainHall-s1"));
+        assert_eq!(adel.line(second).await, Some(arrival));
+
+        let mut bob = Piped::connect(&chat);
+        bob.send("{\"type\":\"newidentity\",\"identity\":\"Bob\"}\n")
+            .await;
+        assert!(bob.line(second).await.is_some(), "Bob is answered at once");
+        // Adel wrote a moment ago: Bob's arrival waits for the pace...
+        assert_eq!(adel.line(second * 10).await, None);
+        // ...until Adel asks something: then it comes, before the answer.
+        adel.send("{\"type\":\"who\"}\n").await;
+        let bob_arrived = line(room_change("Bob", "", "MainHall-s1"));
+        assert_eq!(adel.line(second).await, Some(bob_arrived));
+        let contents = adel.line(second).await.expect("the answer to who, at once");
+        assert!(contents.contains("roomcontents"), "{contents}");
+    }
 }

@@ -2,6 +2,16 @@
 //! writer task, so a slow reader costs only its own memory and never stalls the
 //! room that broadcasts to it.
 //!
+//! Events other clients cause (their messages, their comings and goings) are
+//! coalesced: a writer that wrote less than the outbox's pace ago waits out
+//! the rest of it before writing again, and then writes everything queued
+//! meanwhile in one go. The first event after a quiet spell goes out at once;
+//! a client that gets a stream of them gets one write per pace instead of one
+//! per event, which saves a system call and a wake-up of the client for each
+//! line it would have had on its own. The session's own answers do not wait:
+//! once it has handled a request it flushes ([`Outbox::flush`]), and the
+//! answer goes out at once with whatever was queued before it.
+//!
 //! Lines are [`Bytes`]: a line (or a block of lines) sent to a whole room is
 //! one buffer that every recipient's queue shares, and the writer hands the
 //! queued buffers to the transport as they are (vectored writes), never
@@ -14,10 +24,12 @@ use std::io::IoSlice;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// The queue of lines waiting to be written to one client.
@@ -26,7 +38,12 @@ pub struct Outbox {
     wake: Notify,
     /// A wake-up is owed to the writer (see [`Outbox::push_unwoken`]).
     wake_pending: AtomicBool,
+    /// The writer waits out the pace, and writes what comes meanwhile when
+    /// it is over: new lines need no wake-up. Changed under the state lock.
+    pacing: AtomicBool,
     limit: usize,
+    /// Least time between two writes of events (zero: no coalescing).
+    pace: Duration,
     dropped: CancellationToken,
     /// Fires when the session is told to finish.
     finishing: CancellationToken,
@@ -42,6 +59,8 @@ struct State {
     dead: bool,
     /// Dropped because the client let more than the limit pile up.
     overflowed: bool,
+    /// Write what is queued now, without waiting out the pace.
+    urgent: bool,
 }
 
 /// How a session's writer ended.
@@ -63,20 +82,41 @@ impl Outbox {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             wake_pending: AtomicBool::new(false),
+            pacing: AtomicBool::new(false),
             limit,
+            pace: Duration::ZERO,
             dropped: CancellationToken::new(),
             finishing: CancellationToken::new(),
         }
     }
 
-    /// Queues a line and wakes the writer. Drops the whole session when the
-    /// client has let more than the limit pile up; returns false once the
-    /// session is dropped.
+    /// This outbox with events coalesced to at most one write per `pace`
+    /// (see the module docs).
+    pub fn paced(mut self, pace: Duration) -> Self {
+        self.pace = pace;
+        self
+    }
+
+    /// Queues a line and wakes the writer, which writes it within the pace.
+    /// Drops the whole session when the client has let more than the limit
+    /// pile up; returns false once the session is dropped.
     pub fn push(&self, line: Bytes) -> bool {
         if self.queue(line) {
             self.wake();
         }
         !self.dropped.is_cancelled()
+    }
+
+    /// Has the writer write what is queued now, without waiting out the
+    /// pace: the session's answer to its own client is in it.
+    pub fn flush(&self) {
+        let mut state = self.lock();
+        if state.queue.is_empty() {
+            return;
+        }
+        state.urgent = true;
+        drop(state);
+        self.wake.notify_one();
     }
 
     /// Queues a line without waking the writer. Returns true when the caller
@@ -88,10 +128,14 @@ impl Outbox {
         self.queue(line) && !self.wake_pending.swap(true, Ordering::AcqRel)
     }
 
-    /// Wakes the writer to write what is queued.
+    /// Wakes the writer to write what is queued (within the pace).
     pub fn wake(&self) {
         self.wake_pending.store(false, Ordering::Release);
-        self.wake.notify_one();
+        // A writer waiting out the pace writes the new lines with the rest
+        // when its time comes: waking it now would only send it back to wait.
+        if !self.pacing.load(Ordering::Acquire) {
+            self.wake.notify_one();
+        }
     }
 
     fn queue(&self, line: Bytes) -> bool {
@@ -187,24 +231,47 @@ impl Outbox {
     /// Waits for queued lines and takes them all (the lines themselves are
     /// not copied: a line sent to many clients stays one shared buffer);
     /// `None` when the writer should stop (finished and drained, or dead).
-    async fn next_batch(&self) -> Option<VecDeque<Bytes>> {
+    ///
+    /// Lines are taken at once when they are urgent ([`Outbox::flush`]), the
+    /// session is finishing, or the last write (`last_write`) was at least
+    /// the pace ago; otherwise once the pace since the last write is over.
+    async fn next_batch(&self, last_write: Option<Instant>) -> Option<VecDeque<Bytes>> {
         loop {
-            {
+            let due = {
                 let mut state = self.lock();
                 if state.dead {
                     return None;
                 }
-                if !state.queue.is_empty() {
-                    state.bytes = 0;
-                    return Some(std::mem::take(&mut state.queue));
+                if state.queue.is_empty() {
+                    if state.finishing {
+                        return None;
+                    }
+                    None
+                } else {
+                    let due = last_write
+                        .map(|at| at + self.pace)
+                        .filter(|&due| !state.urgent && !state.finishing && due > Instant::now());
+                    if due.is_none() {
+                        state.bytes = 0;
+                        state.urgent = false;
+                        self.pacing.store(false, Ordering::Release);
+                        return Some(std::mem::take(&mut state.queue));
+                    }
+                    self.pacing.store(true, Ordering::Release);
+                    due
                 }
-                if state.finishing {
-                    return None;
-                }
-            }
+            };
             // notify_one keeps a permit when nobody waits, so a push between
             // the check above and this await is not lost.
-            self.wake.notified().await;
+            match due {
+                Some(due) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(due) => {}
+                        _ = self.wake.notified() => {}
+                    }
+                }
+                None => self.wake.notified().await,
+            }
         }
     }
 
@@ -222,7 +289,8 @@ impl Outbox {
     ) -> WriterEnd {
         // A batch is the queue itself, freed once written: an idle session
         // holds no write buffer, and a busy one no copy of its lines.
-        while let Some(mut batch) = self.next_batch().await {
+        let mut last_write = None;
+        while let Some(mut batch) = self.next_batch(last_write).await {
             // Cancelling the write loses only what the drop discards anyway.
             let written = tokio::select! {
                 biased;
@@ -233,6 +301,9 @@ impl Outbox {
                 tracing::debug!(error = %e, "client write failed");
                 self.kill();
                 return WriterEnd::Interrupted;
+            }
+            if !self.pace.is_zero() {
+                last_write = Some(Instant::now());
             }
         }
         let _ = writer.shutdown().await;
@@ -427,7 +498,7 @@ mod tests {
         assert!(outbox.push(Bytes::from_static(b"a block of 26 bytes, one\n")));
         assert!(!outbox.overflowed());
         // Taken by the writer: the queue is empty again.
-        let batch = outbox.next_batch().await.expect("the lines");
+        let batch = outbox.next_batch(None).await.expect("the lines");
         assert_eq!(batch.len(), 2);
         assert!(outbox.push(Bytes::from_static(b"another block, 26 bytes\n")));
         // Not read meanwhile: the next line drops it.
@@ -635,6 +706,145 @@ mod tests {
         drop(all_turns);
         let written = tokio::time::timeout(std::time::Duration::from_secs(5), big).await;
         assert_eq!(written.expect("in time").expect("no panic"), BIG_WRITE);
+    }
+
+    /// When a write call came, and the bytes it got.
+    type Write = (Instant, Vec<u8>);
+
+    /// A transport that records its write calls.
+    #[derive(Clone, Default)]
+    struct Timed(Arc<std::sync::Mutex<Vec<Write>>>);
+
+    impl Timed {
+        fn writes(&self) -> Vec<Write> {
+            self.0.lock().unwrap().clone()
+        }
+
+        /// Waits until the writer has made `n` writes. The clock is paused
+        /// and jumps to the next timer whenever every task waits, so each
+        /// step here lets the writer run first: its writes keep their times.
+        async fn until(&self, n: usize) -> Vec<Write> {
+            for _ in 0..10_000 {
+                if self.writes().len() >= n {
+                    return self.writes();
+                }
+                tokio::time::sleep(std::time::Duration::from_micros(100)).await;
+            }
+            panic!("{n} writes expected, got {:?}", self.writes());
+        }
+    }
+
+    impl AsyncWrite for Timed {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.0.lock().unwrap().push((Instant::now(), buf.to_vec()));
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    const PACE: std::time::Duration = std::time::Duration::from_millis(10);
+
+    fn paced_writer() -> (Arc<Outbox>, Timed) {
+        let outbox = Arc::new(Outbox::new(1 << 20).paced(PACE));
+        let transport = Timed::default();
+        tokio::spawn({
+            let (outbox, transport) = (outbox.clone(), transport.clone());
+            async move { outbox.write_to(transport, &WriteTurns::new()).await }
+        });
+        (outbox, transport)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_within_the_pace_go_out_together_once_it_is_over() {
+        let (outbox, transport) = paced_writer();
+        let pushed = Instant::now();
+        outbox.push(Bytes::from_static(b"a\n"));
+        let writes = transport.until(1).await;
+        assert_eq!(
+            writes[0],
+            (pushed, b"a\n".to_vec()),
+            "the first event goes at once"
+        );
+        outbox.push(Bytes::from_static(b"b\n"));
+        outbox.push(Bytes::from_static(b"c\n"));
+        let writes = transport.until(2).await;
+        assert_eq!(
+            writes[1],
+            (writes[0].0 + PACE, b"b\nc\n".to_vec()),
+            "the next ones together, a pace after the last write"
+        );
+        // A quiet spell: the next event goes at once again.
+        tokio::time::sleep(PACE * 3).await;
+        let pushed = Instant::now();
+        outbox.push(Bytes::from_static(b"d\n"));
+        let writes = transport.until(3).await;
+        assert_eq!(writes[2], (pushed, b"d\n".to_vec()));
+        assert_eq!(writes.len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_writes_what_waits_for_the_pace_at_once() {
+        let (outbox, transport) = paced_writer();
+        outbox.push(Bytes::from_static(b"event\n"));
+        let first = transport.until(1).await[0].0;
+        outbox.push(Bytes::from_static(b"event\n"));
+        // The writer waits out the pace when the answer comes.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(transport.writes().len(), 1, "the event waits for the pace");
+        let answered = Instant::now();
+        assert!(answered < first + PACE);
+        outbox.push(Bytes::from_static(b"reply\n"));
+        outbox.flush();
+        let writes = transport.until(2).await;
+        assert_eq!(writes[1], (answered, b"event\nreply\n".to_vec()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_finishing_session_writes_its_last_lines_without_waiting_for_the_pace() {
+        let (outbox, transport) = paced_writer();
+        outbox.push(Bytes::from_static(b"a\n"));
+        let first = transport.until(1).await[0].0;
+        let finished = Instant::now();
+        assert!(finished < first + PACE);
+        outbox.push(Bytes::from_static(b"bye\n"));
+        outbox.finish();
+        let writes = transport.until(2).await;
+        assert_eq!(writes[1], (finished, b"bye\n".to_vec()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_pace_every_event_goes_out_at_once() {
+        let outbox = Arc::new(Outbox::new(1 << 20));
+        let transport = Timed::default();
+        tokio::spawn({
+            let (outbox, transport) = (outbox.clone(), transport.clone());
+            async move { outbox.write_to(transport, &WriteTurns::new()).await }
+        });
+        for (i, line) in [b"a\n", b"b\n", b"c\n"].into_iter().enumerate() {
+            let pushed = Instant::now();
+            outbox.push(Bytes::from_static(line));
+            let writes = transport.until(i + 1).await;
+            assert_eq!(writes[i], (pushed, line.to_vec()));
+        }
     }
 
     #[tokio::test]

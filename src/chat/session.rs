@@ -111,7 +111,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let limits = chat.limits().clone();
-    let outbox = Arc::new(Outbox::new(limits.outbox_bytes));
+    let outbox = Arc::new(Outbox::new(limits.outbox_bytes).paced(limits.event_pace));
     let mut writer_task = tokio::spawn({
         let outbox = outbox.clone();
         let chat = chat.clone();
@@ -177,7 +177,12 @@ where
                 Flow::Close
             }
             None => Flow::Close,
-            Some(Ok(Some(line))) => session.handle_line(line).await,
+            Some(Ok(Some(line))) => {
+                let flow = session.handle_line(line).await;
+                // The answer goes out now, not at the pace of events.
+                outbox.flush();
+                flow
+            }
             Some(Ok(None)) => break,
             Some(Err(LineError::TooLong(max))) => {
                 warn!(max, "client line too long; closing");
