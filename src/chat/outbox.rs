@@ -550,13 +550,14 @@ mod tests {
     }
 
     /// A transport that takes at most `max` bytes per call and remembers
-    /// where the bytes it was handed live.
+    /// where the bytes it was handed live, and what each call took when.
     struct Recorder {
         out: Vec<u8>,
         max: usize,
         vectored: bool,
         /// Address and length of every buffer handed over.
         seen: Vec<(usize, usize)>,
+        calls: Timed,
     }
 
     impl Recorder {
@@ -566,7 +567,15 @@ mod tests {
                 max,
                 vectored,
                 seen: Vec::new(),
+                calls: Timed::default(),
             }
+        }
+
+        /// Records a write call that took `out[from..]`.
+        fn called(&mut self, from: usize, written: usize) -> Poll<std::io::Result<usize>> {
+            let took = self.out[from..].to_vec();
+            self.calls.0.lock().unwrap().push((Instant::now(), took));
+            Poll::Ready(Ok(written))
         }
 
         fn take(&mut self, buf: &[u8], room: usize) -> usize {
@@ -583,8 +592,9 @@ mod tests {
             _: &mut std::task::Context<'_>,
             buf: &[u8],
         ) -> Poll<std::io::Result<usize>> {
-            let max = self.max;
-            Poll::Ready(Ok(self.take(buf, max)))
+            let (max, from) = (self.max, self.out.len());
+            let written = self.take(buf, max);
+            self.called(from, written)
         }
 
         fn poll_write_vectored(
@@ -596,7 +606,7 @@ mod tests {
                 let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| b);
                 return self.poll_write(cx, first);
             }
-            let mut written = 0;
+            let (mut written, from) = (0, self.out.len());
             for buf in bufs {
                 let room = self.max - written;
                 written += self.take(buf, room);
@@ -604,7 +614,7 @@ mod tests {
                     break;
                 }
             }
-            Poll::Ready(Ok(written))
+            self.called(from, written)
         }
 
         fn is_write_vectored(&self) -> bool {
@@ -711,7 +721,7 @@ mod tests {
     /// When a write call came, and the bytes it got.
     type Write = (Instant, Vec<u8>);
 
-    /// A transport that records its write calls.
+    /// The write calls a [`Recorder`] took, shared with the test.
     #[derive(Clone, Default)]
     struct Timed(Arc<std::sync::Mutex<Vec<Write>>>);
 
@@ -734,41 +744,21 @@ mod tests {
         }
     }
 
-    impl AsyncWrite for Timed {
-        fn poll_write(
-            self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            self.0.lock().unwrap().push((Instant::now(), buf.to_vec()));
-            Poll::Ready(Ok(buf.len()))
-        }
-
-        fn poll_flush(
-            self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(
-            self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
     const PACE: std::time::Duration = std::time::Duration::from_millis(10);
+
+    /// A writer task draining `outbox` into a [`Recorder`]; its write calls.
+    fn spawn_writer(outbox: &Arc<Outbox>) -> Timed {
+        let transport = Recorder::new(usize::MAX, true);
+        let calls = transport.calls.clone();
+        let outbox = outbox.clone();
+        tokio::spawn(async move { outbox.write_to(transport, &WriteTurns::new()).await });
+        calls
+    }
 
     fn paced_writer() -> (Arc<Outbox>, Timed) {
         let outbox = Arc::new(Outbox::new(1 << 20).paced(PACE));
-        let transport = Timed::default();
-        tokio::spawn({
-            let (outbox, transport) = (outbox.clone(), transport.clone());
-            async move { outbox.write_to(transport, &WriteTurns::new()).await }
-        });
-        (outbox, transport)
+        let calls = spawn_writer(&outbox);
+        (outbox, calls)
     }
 
     #[tokio::test(start_paused = true)]
@@ -834,11 +824,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn without_a_pace_every_event_goes_out_at_once() {
         let outbox = Arc::new(Outbox::new(1 << 20));
-        let transport = Timed::default();
-        tokio::spawn({
-            let (outbox, transport) = (outbox.clone(), transport.clone());
-            async move { outbox.write_to(transport, &WriteTurns::new()).await }
-        });
+        let transport = spawn_writer(&outbox);
         for (i, line) in [b"a\n", b"b\n", b"c\n"].into_iter().enumerate() {
             let pushed = Instant::now();
             outbox.push(Bytes::from_static(line));
