@@ -92,6 +92,12 @@ enum Command {
         /// foreign Origin, is refused). Off by default: those routes answer 404.
         #[arg(long)]
         testing_aids: bool,
+        /// Threads serving client sessions (default: one per core). Nodes
+        /// that share a machine should share its cores: `chatmesh up` gives
+        /// each of its nodes cores / nodes (at least 1). The mesh and the
+        /// registry run on a thread of their own either way.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+        workers: Option<u16>,
     },
     /// Show one server's view of the cluster, from its admin endpoint.
     Status {
@@ -159,7 +165,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = tokio::runtime::Runtime::new()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Command::Node {
+        workers: Some(workers),
+        ..
+    } = &cli.command
+    {
+        runtime.worker_threads(usize::from(*workers));
+    }
+    let result = runtime
+        .build()
         .context("cannot start the async runtime")
         .and_then(|runtime| {
             let result = runtime.block_on(run(cli));
@@ -212,6 +228,7 @@ async fn run(cli: Cli) -> Result<()> {
             certs,
             impair,
             testing_aids,
+            workers: _,
         } => {
             let config = ClusterConfig::load(&config)?;
             let mut options = NodeOptions::new(config, id, certs);

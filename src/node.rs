@@ -251,6 +251,7 @@ impl Node {
             mesh_addr = %mesh.local_addr()?,
             admin_addr = ?admin_addr,
             web_addr = ?web_addr,
+            session_threads = tokio::runtime::Handle::current().metrics().num_workers(),
             "serving clients over TCP and QUIC"
         );
         Ok(Node {

@@ -68,6 +68,50 @@ fn a_refused_identity_is_a_clear_error() {
     assert!(node.wait_exit(), "node exits 0 on SIGINT");
 }
 
+/// The `session_threads` a node's start line reports (its runtime's own count).
+fn session_threads(line: &str) -> usize {
+    line.split("session_threads=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no session_threads in {line:?}"))
+}
+
+#[test]
+fn workers_sets_the_session_threads_and_zero_is_refused() {
+    let config = single_node_config("workers");
+    let certs = certs().display().to_string();
+    let mut node = Proc::spawn(
+        "node",
+        &[
+            "node",
+            "--config",
+            &config,
+            "--id",
+            "s1",
+            "--certs",
+            &certs,
+            "--workers",
+            "3",
+        ],
+    );
+    let line = node.wait_line("serving clients");
+    assert_eq!(session_threads(&line), 3, "{line}");
+    node.signal(libc::SIGTERM);
+    assert!(node.wait_exit());
+
+    let output = Command::new(BIN)
+        .args(["node", "--config", &config, "--id", "s1", "--workers", "0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("invalid value '0' for '--workers <N>'"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn scripted_client_runs_a_whole_script_from_a_pipe() {
     let (_node, addr) = spawn_node(&single_node_config("cli"));
@@ -178,9 +222,17 @@ fn up_runs_every_server_and_stops_them_all() {
     }
     let line = up.wait_line("started s3 (pid");
     assert!(!line.contains("web client"), "s3 has no web port: {line}");
-    for i in 0..3 {
-        up.wait_line(&format!("s{} | ", i + 1));
-    }
+    // Each node serves, and the three share this machine's cores.
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let mut serving: Vec<String> = (0..3)
+        .map(|_| {
+            let line = up.wait_line("serving clients");
+            assert_eq!(session_threads(&line), (cores / 3).max(1), "{line}");
+            line.trim_start()[..2].to_owned()
+        })
+        .collect();
+    serving.sort();
+    assert_eq!(serving, ["s1", "s2", "s3"]);
     for i in 0..3 {
         let addr = format!("127.0.0.1:{}", ports[i * 3]);
         let name = format!("User{i}");

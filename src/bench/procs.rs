@@ -271,6 +271,9 @@ impl ChatCluster {
             self.ids[i].clone(),
             "--certs".to_owned(),
             self.certs.display().to_string(),
+            // The nodes share this machine's cores, as `chatmesh up`'s do.
+            "--workers".to_owned(),
+            crate::up::workers_per_node(self.ids.len()).to_string(),
         ];
         if let Some(spec) = &self.impair {
             args.extend(["--impair".to_owned(), spec.clone()]);
