@@ -28,7 +28,7 @@ pub struct UpOptions {
 /// sharing this machine: its cores split between them, at least one each.
 /// More would only have the nodes' threads take turns on the same cores:
 /// in `bench claims` (3 nodes, 2 cores) one thread per node did the same
-/// work with 15% less CPU than two.
+/// work with 17% less CPU than two.
 pub fn workers_per_node(nodes: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     (cores / nodes.max(1)).max(1)
