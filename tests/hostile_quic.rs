@@ -427,9 +427,7 @@ async fn stream_ended_mid_line(reset: bool) {
         assert!(matches!(stream.next().await, Err(Ended::Fin)));
     }
     hostile.closed_within(DEADLINE).await;
-    let visits = reclaim(Via::Quic, addr, name, DEADLINE, &mut tcp, &mut quic).await;
-    assert_eq!(visits, 0);
-    finish(node, tcp, quic, "after").await;
+    finish_with_reclaims(node, tcp, quic, &[name]).await;
 }
 
 /// Case 3: a client that opens a second bidirectional stream, or a
@@ -743,9 +741,7 @@ async fn a_client_that_vanishes_after_newidentity_is_freed_at_the_idle_timeout()
         "left after {took:?}: not by the idle timeout?"
     );
     tcp.expect(&room_change("Vanisher", HALL, "")).await;
-    let visits = reclaim(Via::Quic, addr, "Vanisher", DEADLINE, &mut tcp, &mut quic).await;
-    assert_eq!(visits, 0);
-    finish(node, tcp, quic, "after").await;
+    finish_with_reclaims(node, tcp, quic, &["Vanisher"]).await;
 }
 
 /// Case 7: twenty QUIC clients at once at a server that takes 5 clients,
