@@ -447,8 +447,9 @@ fn a_refused_room_id_is_logged_bounded() {
         line.len()
     );
     // Repeated: the first 16 refusals at info, then a note, then nothing
-    // more at info however many follow (the room created last is the
-    // marker that every earlier line was logged).
+    // more at info however many follow. The room created last is the
+    // marker that the session handled every earlier line; the node's
+    // "stopped", logged last, that every line it logged is out.
     {
         use std::io::Write;
         let refused = r#"{"type":"createroom","roomid":"x"}"#;
@@ -459,8 +460,24 @@ fn a_refused_room_id_is_logged_bounded() {
         s.write_all(b"{\"type\":\"createroom\",\"roomid\":\"Marker\"}\n")
             .expect("send");
     }
-    node.wait_line("room created");
+    {
+        use std::io::BufRead;
+        s.set_read_timeout(Some(common::DEADLINE)).expect("timeout");
+        let mut replies = std::io::BufReader::new(&s);
+        let mut reply = String::new();
+        while !(reply.contains(r#""roomid":"Marker""#) && reply.contains(r#""approved":"true""#)) {
+            reply.clear();
+            let read = replies
+                .read_line(&mut reply)
+                .expect("the Marker room's answer");
+            assert!(
+                read > 0,
+                "the node closed the connection before creating Marker"
+            );
+        }
+    }
+    node.signal(libc::SIGTERM);
+    node.wait_line("stopped");
     assert_eq!(node.count_seen("claim_denied: room refused"), 16);
     assert_eq!(node.count_seen("further refusals are logged at debug"), 1);
-    node.signal(libc::SIGTERM);
 }

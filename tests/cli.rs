@@ -833,7 +833,8 @@ fn a_node_whose_log_nobody_reads_keeps_serving() {
     let certs = certs().display().to_string();
     let mut child = Command::new(BIN)
         .args(["node", "--config", &config, "--id", "s1", "--certs", &certs])
-        .env("RUST_LOG", "info")
+        // A client's comings and goings are logged at debug.
+        .env("RUST_LOG", "info,chatmesh::chat::session=debug")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -206,7 +206,7 @@ where
     // However the connection ended, an identified client leaves its room.
     if let Phase::Active(identity) = &session.phase {
         session.chat.leave(identity, false);
-        info!(%identity, "client disconnected");
+        debug!(%identity, "client disconnected");
     }
     outbox.finish();
     // A closing session's last lines (a goodbye, an error, what was queued)
@@ -320,7 +320,7 @@ impl Session {
             Request::DeleteRoom { roomid } => chat.delete_room(&identity, &roomid),
             Request::Quit => {
                 chat.leave(&identity, true);
-                info!(%identity, "client quit");
+                debug!(%identity, "client quit");
                 self.phase = Phase::Left;
                 return Flow::Close;
             }
@@ -353,7 +353,7 @@ impl Session {
         if !self.enter(&identity, reply, "", None) {
             return refuse(self, "identity already has a session here");
         }
-        info!(%identity, "client identified");
+        debug!(%identity, "client identified");
         Flow::Continue
     }
 
@@ -465,7 +465,7 @@ impl Session {
             .await
         {
             Ok(()) => {
-                info!(%identity, %room, "room created");
+                debug!(%identity, %room, "room created");
                 chat.create_room(identity, &room);
             }
             Err(why) => refuse(self, &why),
