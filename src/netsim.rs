@@ -1253,12 +1253,15 @@ impl Shared {
         let seed = *impairment
             .seed
             .get_or_insert_with(|| rand::rng().random::<u64>());
+        // The seed is in the impairment's text; it matters once an
+        // impairment is set, here or later through the admin endpoint.
         let mode = if impairment.is_none() {
+            tracing::debug!(%impairment, "mesh socket not impaired");
             0
         } else {
+            tracing::info!(%impairment, "mesh socket impaired");
             MODE_IMPAIRED
         };
-        tracing::info!(impairment = %impairment, seed, "netsim socket impairment");
         Ok(Shared {
             mode: AtomicU8::new(mode),
             config: RwLock::new(Arc::new(impairment)),
