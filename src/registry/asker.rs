@@ -95,7 +95,7 @@ impl Registry {
                 .any(|r| {
                     self.pending
                         .get(&r)
-                        .is_some_and(|o| matches!(o.op, Op::Release(_)))
+                        .is_some_and(|o| matches!(o.op, Op::Release { .. }))
                 })
     }
 
@@ -190,7 +190,7 @@ impl Registry {
         // Releases and cancels must reach the leader eventually, so they never
         // give up; everything a client waits for does.
         let deadline = match op {
-            Op::Release(_) | Op::MoveCancel { .. } => None,
+            Op::Release { .. } | Op::MoveCancel { .. } => None,
             _ => {
                 out.push(Action::SetTimer {
                     timer: Timer::RequestDeadline { id },
@@ -319,9 +319,13 @@ impl Registry {
         let undo = match p.op {
             // Kept in flight above.
             Op::Claim(_) => None,
-            Op::MoveDone { identity, .. } => Some(Op::Release(Name::Identity(identity))),
+            // The stamp of a grant that never came is not known.
+            Op::MoveDone { identity, .. } => Some(Op::Release {
+                name: Name::Identity(identity),
+                stamp: None,
+            }),
             Op::MoveStart { identity, .. } => Some(Op::MoveCancel { identity }),
-            Op::Release(_) | Op::MoveCancel { .. } => None,
+            Op::Release { .. } | Op::MoveCancel { .. } => None,
         };
         if let Some(op) = undo {
             self.submit(now, op, None, out);
@@ -340,10 +344,10 @@ impl Registry {
             return;
         };
         let key = p.op.key();
-        let was_release = matches!(p.op, Op::Release(_));
+        let was_release = matches!(p.op, Op::Release { .. });
         let sets_state = matches!(verdict, Verdict::Granted { .. })
             && !p.abandoned
-            && !matches!(p.op, Op::Release(_));
+            && !matches!(p.op, Op::Release { .. });
         match (p.op, verdict) {
             (Op::Claim(name), Verdict::Granted { stamp }) => {
                 if p.abandoned {
@@ -351,7 +355,8 @@ impl Registry {
                     // here holds the name (the leader's entry is that
                     // client's then, and a release would free it under it).
                     if !self.own_has(&key) {
-                        self.submit(now, Op::Release(name), None, out);
+                        let stamp = Some(stamp);
+                        self.submit(now, Op::Release { name, stamp }, None, out);
                     }
                 } else {
                     match name {
@@ -376,7 +381,9 @@ impl Registry {
             }
             (Op::MoveDone { identity, .. }, Verdict::Granted { stamp }) => {
                 if p.abandoned {
-                    self.submit(now, Op::Release(Name::Identity(identity)), None, out);
+                    let name = Name::Identity(identity);
+                    let stamp = Some(stamp);
+                    self.submit(now, Op::Release { name, stamp }, None, out);
                 } else {
                     self.replica.remove_identity(&identity);
                     self.own.set_identity(IdentityEntry {
@@ -412,7 +419,7 @@ impl Registry {
                     Self::reply(out, token, result);
                 }
             }
-            (Op::Release(_), _) => {}
+            (Op::Release { .. }, _) => {}
             (Op::MoveCancel { identity }, Verdict::Granted { .. }) => {
                 if let Some(entry) = self.own.identities.get_mut(&identity) {
                     entry.moving_to = None;

@@ -670,13 +670,16 @@ impl Registry {
                 }));
                 verdict
             }
-            Op::Release(name) => {
+            Op::Release { name, stamp } => {
+                // Only the holding released: a late release must not free
+                // a later grant of the name to the same asker.
+                let released = |held: &Stamp| stamp.as_ref().is_none_or(|s| s == held);
                 let change = match name {
                     Name::Identity(identity) => lead
                         .registry
                         .identities
                         .get(identity)
-                        .filter(|e| e.server == *asker)
+                        .filter(|e| e.server == *asker && released(&e.stamp))
                         .map(|e| Change::RemoveIdentity {
                             identity: identity.clone(),
                             stamp: e.stamp.clone(),

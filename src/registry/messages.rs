@@ -189,7 +189,16 @@ pub enum Op {
     /// Register a new name for the asker.
     Claim(Name),
     /// Forget a name the asker held.
-    Release(Name),
+    Release {
+        /// The name.
+        name: Name,
+        /// The grant the asker held it by, when it knows it: only that
+        /// holding is released. A release can reach a leader late (queued
+        /// while the leader was cut off), after another leader granted the
+        /// name to the asker again; it must not free that later grant.
+        /// `None`: whatever holding the asker has.
+        stamp: Option<Stamp>,
+    },
     /// The asker's client is moving to server `to`: reserve its identity there.
     MoveStart {
         /// The moving identity.
@@ -216,7 +225,7 @@ pub enum Op {
 impl Op {
     pub(super) fn key(&self) -> NameKey {
         match self {
-            Op::Claim(name) | Op::Release(name) => name.key(),
+            Op::Claim(name) | Op::Release { name, .. } => name.key(),
             Op::MoveStart { identity, .. }
             | Op::MoveDone { identity, .. }
             | Op::MoveCancel { identity } => NameKey::Identity(identity.clone()),

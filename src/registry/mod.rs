@@ -978,11 +978,14 @@ impl Registry {
                     }
                 }
                 let held = match &key {
-                    NameKey::Identity(identity) => self.drop_own_identity(identity).is_some(),
-                    NameKey::Room(room) => self.drop_own_room(room).is_some(),
+                    NameKey::Identity(identity) => {
+                        self.drop_own_identity(identity).map(|e| e.stamp)
+                    }
+                    NameKey::Room(room) => self.drop_own_room(room).map(|r| r.stamp),
                 };
-                if held {
-                    self.submit(now, Op::Release(name), None, out);
+                if let Some(stamp) = held {
+                    let stamp = Some(stamp);
+                    self.submit(now, Op::Release { name, stamp }, None, out);
                 }
             }
         }

@@ -594,20 +594,7 @@ fn a_leader_nobody_heard_does_not_grant_what_the_same_terms_lower_leader_committ
     // s5 (index 4) leads at term 1. From now on nobody hears s5.
     sim.cut_oneway(&[4], &[0, 1, 2, 3]);
     sim.run_for(ms(200));
-    // The four elect s4 (index 3) at term 2; s5 announces itself at term 2.
-    let term = 2;
-    for m in 0..4 {
-        let input = Input::LeaderChanged {
-            leader: Some(sid(3)),
-            term,
-        };
-        sim.input_later(m, ms(1), input);
-    }
-    let input = Input::LeaderChanged {
-        leader: Some(sid(4)),
-        term,
-    };
-    sim.input_later(4, ms(1), input);
+    let term = split_term_under_s5(&mut sim, ms(1));
     sim.run_for(ms(700));
     assert!(sim.node(3).is_leader() && sim.node(4).is_leader());
     let on_s5 = sim.claim(4, ident("user14"));
@@ -616,7 +603,91 @@ fn a_leader_nobody_heard_does_not_grant_what_the_same_terms_lower_leader_committ
     sim.run_for(ms(300));
     assert_eq!(sim.result(on_s2), Some(&Ok(())), "s4's majority grants");
     assert!(sim.result(on_s5).is_none(), "s5 has no majority");
-    // Heal: every server hears s5 again; s1 and s2 follow (2, s5) first.
+    heal_following_s5(&mut sim, term);
+    assert_ne!(
+        sim.result(on_s5),
+        Some(&Ok(())),
+        "s5 granted user14 while s2's client (granted by s4's majority) held it; holders: {:?}",
+        sim.holdings().get(&ident("user14").key())
+    );
+}
+
+/// Found by the faults test (seed 1, one-way cut of the leader): s5 led,
+/// and s3's client released its name just as nobody could hear s5 any more.
+/// s5 kept the release queued while it waited to build its base. The four
+/// elected s4 at s5's new term; s4's majority granted the name to s2, then
+/// (released again) to s3. On the heal s1 and s2 followed s5 first, s5
+/// built its base (with s3's new grant in it), then decided the queued
+/// release: it freed s3's new grant, and granted the name to s5's own
+/// client while s3's client held it. A release now names the grant it
+/// gives back (its stamp), and frees only that.
+#[test]
+fn a_leader_nobody_heard_does_not_grant_a_name_released_to_it_and_regranted_meanwhile() {
+    for seed in 0..40 {
+        let mut sim = Sim::new(5, seed, true);
+        let held = sim.claim(2, ident("user07"));
+        sim.run_for(ms(300));
+        assert_eq!(
+            sim.result(held),
+            Some(&Ok(())),
+            "seed {seed}: s3's first grant"
+        );
+        // s3's client leaves as the cut starts: s5 hears the release.
+        sim.cut_oneway(&[4], &[0, 1, 2, 3]);
+        sim.local(2, LocalRequest::Release(ident("user07")));
+        sim.run_for(ms(5));
+        let term = split_term_under_s5(&mut sim, ms(100));
+        sim.run_for(ms(900));
+        let on_s2 = sim.claim(1, ident("user07"));
+        sim.run_for(ms(300));
+        assert_eq!(
+            sim.result(on_s2),
+            Some(&Ok(())),
+            "seed {seed}: s4 grants s2"
+        );
+        sim.local(1, LocalRequest::Release(ident("user07")));
+        sim.run_for(ms(200));
+        let on_s3 = sim.claim(2, ident("user07"));
+        sim.run_for(ms(300));
+        assert_eq!(
+            sim.result(on_s3),
+            Some(&Ok(())),
+            "seed {seed}: s4 grants s3"
+        );
+        let on_s5 = sim.claim(4, ident("user07"));
+        sim.run_for(ms(300));
+        heal_following_s5(&mut sim, term);
+        assert_ne!(
+            sim.result(on_s5),
+            Some(&Ok(())),
+            "seed {seed}: s5 granted user07 while s3's client held it; holders: {:?}",
+            sim.holdings().get(&ident("user07").key())
+        );
+    }
+}
+
+/// With s5 (index 4) cut off one way: the four others elect s4 (index 3)
+/// at term 2 after `four_after`, and s5 announces itself at term 2 after
+/// 1 ms. Returns the term.
+fn split_term_under_s5(sim: &mut Sim, four_after: Duration) -> u64 {
+    let term = 2;
+    for m in 0..4 {
+        let input = Input::LeaderChanged {
+            leader: Some(sid(3)),
+            term,
+        };
+        sim.input_later(m, four_after, input);
+    }
+    let input = Input::LeaderChanged {
+        leader: Some(sid(4)),
+        term,
+    };
+    sim.input_later(4, ms(1), input);
+    term
+}
+
+/// Heals every cut; s1 and s2 follow s5, the newer epoch of `term`, first.
+fn heal_following_s5(sim: &mut Sim, term: u64) {
     sim.heal();
     for m in 0..2 {
         let input = Input::LeaderChanged {
@@ -626,10 +697,4 @@ fn a_leader_nobody_heard_does_not_grant_what_the_same_terms_lower_leader_committ
         sim.input_later(m, ms(1), input);
     }
     sim.run_for(ms(1500));
-    assert_ne!(
-        sim.result(on_s5),
-        Some(&Ok(())),
-        "s5 granted user14 while s2's client (granted by s4's majority) held it; holders: {:?}",
-        sim.holdings().get(&ident("user14").key())
-    );
 }

@@ -44,7 +44,16 @@ fn every_message_round_trips_through_postcard() {
     };
     let messages = vec![
         request(1, 7, 2, 1, Op::Claim(room("jokes", "Adel"))),
-        request(1, 7, 3, 1, Op::Release(ident("Adel"))),
+        request(
+            1,
+            7,
+            3,
+            1,
+            Op::Release {
+                name: ident("Adel"),
+                stamp: None,
+            },
+        ),
         request(
             1,
             7,
@@ -310,7 +319,19 @@ fn one_announcement_never_holds_two_holdings_of_a_name() {
     );
     out.extend(reg.handle(
         now,
-        msg("s1", request(1, 1, 2, 1, Op::Release(ident("Adel")))),
+        msg(
+            "s1",
+            request(
+                1,
+                1,
+                2,
+                1,
+                Op::Release {
+                    name: ident("Adel"),
+                    stamp: None,
+                },
+            ),
+        ),
     ));
     out.extend(reg.handle(
         now,
@@ -351,7 +372,19 @@ fn dedup_memory_is_bounded() {
     for id in 1..=5000u64 {
         reg.handle(
             now,
-            msg("s1", request(1, 1, id, id, Op::Release(ident("Nobody")))),
+            msg(
+                "s1",
+                request(
+                    1,
+                    1,
+                    id,
+                    id,
+                    Op::Release {
+                        name: ident("Nobody"),
+                        stamp: None,
+                    },
+                ),
+            ),
         );
     }
     let lead = reg.leading.as_ref().expect("leads");
@@ -360,7 +393,19 @@ fn dedup_memory_is_bounded() {
     for id in 1..=5000u64 {
         reg.handle(
             now,
-            msg("s2", request(1, 1, id, 0, Op::Release(ident("Nobody")))),
+            msg(
+                "s2",
+                request(
+                    1,
+                    1,
+                    id,
+                    0,
+                    Op::Release {
+                        name: ident("Nobody"),
+                        stamp: None,
+                    },
+                ),
+            ),
         );
     }
     let lead = reg.leading.as_ref().expect("leads");
@@ -436,7 +481,19 @@ fn leader_without_majority_refuses_new_names_but_releases() {
     // Existing names keep working: a release still goes through.
     let out = reg.handle(
         now,
-        msg("s4", request(1, 1, 3, 3, Op::Release(ident("Keep")))),
+        msg(
+            "s4",
+            request(
+                1,
+                1,
+                3,
+                3,
+                Op::Release {
+                    name: ident("Keep"),
+                    stamp: None,
+                },
+            ),
+        ),
     );
     assert_eq!(announces(&out), 1);
     assert!(
