@@ -133,6 +133,20 @@ fn chaos(seed: u64, require_majority: bool, asymmetric: bool) {
                 sim.wild_elect();
             }
             93..95 => sim.reelect(),
+            // The leader hears everyone and nobody hears it: the others
+            // elect one of theirs at the term it announces itself at, and
+            // after the heal they follow it at that term (its rank is
+            // higher), with what it queued meanwhile still queued.
+            95..97 if asymmetric => {
+                let leader = alive.iter().rev().find(|i| sim.node(**i).is_leader());
+                if let Some(&leader) = leader {
+                    let others: Vec<usize> = (0..5).filter(|i| *i != leader).collect();
+                    sim.cut_oneway(&[leader], &others);
+                    sim.schedule(DETECT + ms(30), Event::Reelect);
+                    let heal = DETECT + ms(sim.rng.random_range(300..1500));
+                    sim.schedule(heal, Event::HealFollowing { leader });
+                }
+            }
             _ => {}
         }
         let pause = ms(sim.rng.random_range(1..=60));

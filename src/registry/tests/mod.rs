@@ -88,6 +88,12 @@ enum Event {
         request: LocalRequest,
     },
     Reelect,
+    /// Heal every cut; every live server then follows `leader` at the
+    /// current term, as Fast Bully's epochs let a cut-off leader of the
+    /// same term and a higher rank take over without a new term.
+    HealFollowing {
+        leader: usize,
+    },
     DetectorTick,
     /// The end of a batch of inputs begun at `node` (see `Sim::input_now`).
     EndBatch {
@@ -505,6 +511,20 @@ impl Sim {
                 }
             }
             Event::Reelect => self.reelect(),
+            Event::HealFollowing { leader } => {
+                self.heal();
+                if self.nodes[leader].is_some() {
+                    let term = self.term;
+                    for m in self.alive() {
+                        let after = ms(self.rng.random_range(0..=20));
+                        let input = Input::LeaderChanged {
+                            leader: Some(sid(leader)),
+                            term,
+                        };
+                        self.input_later(m, after, input);
+                    }
+                }
+            }
             Event::DetectorTick => self.detector_tick(),
             Event::EndBatch { node, inc } => {
                 if inc == self.incs[node]
