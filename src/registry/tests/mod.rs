@@ -312,6 +312,15 @@ impl Sim {
         self.process(node, actions);
     }
 
+    /// Tells `node`, after `after`, that `leader` leads at `term`.
+    fn tell_leader(&mut self, node: usize, leader: usize, term: u64, after: Duration) {
+        let input = Input::LeaderChanged {
+            leader: Some(sid(leader)),
+            term,
+        };
+        self.input_later(node, after, input);
+    }
+
     fn input_later(&mut self, node: usize, after: Duration, input: Input) {
         let inc = self.incs[node];
         self.schedule(after, Event::Input { node, inc, input });
@@ -517,11 +526,7 @@ impl Sim {
                     let term = self.term;
                     for m in self.alive() {
                         let after = ms(self.rng.random_range(0..=20));
-                        let input = Input::LeaderChanged {
-                            leader: Some(sid(leader)),
-                            term,
-                        };
-                        self.input_later(m, after, input);
+                        self.tell_leader(m, leader, term, after);
                     }
                 }
             }
@@ -676,11 +681,7 @@ impl Sim {
                 continue;
             }
             let after = ms(self.rng.random_range(0..=20));
-            let input = Input::LeaderChanged {
-                leader: Some(sid(leader)),
-                term,
-            };
-            self.input_later(m, after, input);
+            self.tell_leader(m, leader, term, after);
         }
     }
 
@@ -713,11 +714,7 @@ impl Sim {
         self.term += 1;
         for m in members {
             let after = ms(self.rng.random_range(0..=20));
-            let input = Input::LeaderChanged {
-                leader: Some(sid(leader)),
-                term: self.term,
-            };
-            self.input_later(*m, after, input);
+            self.tell_leader(*m, leader, self.term, after);
         }
     }
 
@@ -738,11 +735,7 @@ impl Sim {
             for l in leaders {
                 for m in &comp {
                     let after = ms(self.rng.random_range(0..=20));
-                    let input = Input::LeaderChanged {
-                        leader: Some(sid(l)),
-                        term,
-                    };
-                    self.input_later(*m, after, input);
+                    self.tell_leader(*m, l, term, after);
                 }
             }
         }

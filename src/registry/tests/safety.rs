@@ -672,17 +672,9 @@ fn a_leader_nobody_heard_does_not_grant_a_name_released_to_it_and_regranted_mean
 fn split_term_under_s5(sim: &mut Sim, four_after: Duration) -> u64 {
     let term = 2;
     for m in 0..4 {
-        let input = Input::LeaderChanged {
-            leader: Some(sid(3)),
-            term,
-        };
-        sim.input_later(m, four_after, input);
+        sim.tell_leader(m, 3, term, four_after);
     }
-    let input = Input::LeaderChanged {
-        leader: Some(sid(4)),
-        term,
-    };
-    sim.input_later(4, ms(1), input);
+    sim.tell_leader(4, 4, term, ms(1));
     term
 }
 
@@ -690,11 +682,7 @@ fn split_term_under_s5(sim: &mut Sim, four_after: Duration) -> u64 {
 fn heal_following_s5(sim: &mut Sim, term: u64) {
     sim.heal();
     for m in 0..2 {
-        let input = Input::LeaderChanged {
-            leader: Some(sid(4)),
-            term,
-        };
-        sim.input_later(m, ms(1), input);
+        sim.tell_leader(m, 4, term, ms(1));
     }
     sim.run_for(ms(1500));
 }
