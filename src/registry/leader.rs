@@ -688,7 +688,7 @@ impl Registry {
                         .registry
                         .rooms
                         .get(room)
-                        .filter(|r| r.server == *asker)
+                        .filter(|r| r.server == *asker && released(&r.stamp))
                         .map(|r| Change::RemoveRoom {
                             room: room.clone(),
                             stamp: r.stamp.clone(),

@@ -623,45 +623,66 @@ fn a_leader_nobody_heard_does_not_grant_what_the_same_terms_lower_leader_committ
 /// gives back (its stamp), and frees only that.
 #[test]
 fn a_leader_nobody_heard_does_not_grant_a_name_released_to_it_and_regranted_meanwhile() {
+    regranted_while_a_cut_off_leader_kept_the_release(|_| ident("user07"));
+}
+
+/// The same history for a room id: the release of a room names its grant
+/// too.
+#[test]
+fn a_leader_nobody_heard_does_not_grant_a_room_released_to_it_and_regranted_meanwhile() {
+    regranted_while_a_cut_off_leader_kept_the_release(|m| room("room07", &format!("owner{m}")));
+}
+
+/// The history above, over 40 seeds, for the name `name(m)` claims on
+/// server index `m` (a room's owner is claimed there first).
+fn regranted_while_a_cut_off_leader_kept_the_release(name: impl Fn(usize) -> Name) {
     for seed in 0..40 {
         let mut sim = Sim::new(5, seed, true);
-        let held = sim.claim(2, ident("user07"));
+        let key = name(0).key();
+        for m in [1, 2, 4] {
+            if let Name::Room { owner, .. } = name(m) {
+                let owner = sim.claim(m, ident(&owner));
+                sim.run_for(ms(300));
+                assert_eq!(sim.result(owner), Some(&Ok(())), "seed {seed}: owner");
+            }
+        }
+        let held = sim.claim(2, name(2));
         sim.run_for(ms(300));
         assert_eq!(
             sim.result(held),
             Some(&Ok(())),
             "seed {seed}: s3's first grant"
         );
-        // s3's client leaves as the cut starts: s5 hears the release.
+        // s3's client lets go as the cut starts: s5 hears the release.
         sim.cut_oneway(&[4], &[0, 1, 2, 3]);
-        sim.local(2, LocalRequest::Release(ident("user07")));
+        sim.local(2, LocalRequest::Release(name(2)));
         sim.run_for(ms(5));
         let term = split_term_under_s5(&mut sim, ms(100));
         sim.run_for(ms(900));
-        let on_s2 = sim.claim(1, ident("user07"));
+        let on_s2 = sim.claim(1, name(1));
         sim.run_for(ms(300));
         assert_eq!(
             sim.result(on_s2),
             Some(&Ok(())),
             "seed {seed}: s4 grants s2"
         );
-        sim.local(1, LocalRequest::Release(ident("user07")));
+        sim.local(1, LocalRequest::Release(name(1)));
         sim.run_for(ms(200));
-        let on_s3 = sim.claim(2, ident("user07"));
+        let on_s3 = sim.claim(2, name(2));
         sim.run_for(ms(300));
         assert_eq!(
             sim.result(on_s3),
             Some(&Ok(())),
             "seed {seed}: s4 grants s3"
         );
-        let on_s5 = sim.claim(4, ident("user07"));
+        let on_s5 = sim.claim(4, name(4));
         sim.run_for(ms(300));
         heal_following_s5(&mut sim, term);
         assert_ne!(
             sim.result(on_s5),
             Some(&Ok(())),
-            "seed {seed}: s5 granted user07 while s3's client held it; holders: {:?}",
-            sim.holdings().get(&ident("user07").key())
+            "seed {seed}: s5 granted {key:?} while s3's client held it; holders: {:?}",
+            sim.holdings().get(&key)
         );
     }
 }
