@@ -182,8 +182,15 @@ impl Directory for ClusterDirectory {
         self.ask(LocalRequest::Claim(Name::Identity(identity.to_owned())))
     }
 
-    fn release_identity(&self, identity: &str) {
-        self.tell(LocalRequest::Release(Name::Identity(identity.to_owned())));
+    fn release_identity(&self, identity: &str, owned_room: Option<&str>) {
+        let room = owned_room.map(|room| Name::Room {
+            room: room.to_owned(),
+            owner: String::new(),
+        });
+        let identity = Name::Identity(identity.to_owned());
+        self.tell(LocalRequest::Release(
+            room.into_iter().chain([identity]).collect(),
+        ));
     }
 
     fn claim_room(&self, room: &str, owner: &str) -> BoxFuture<Result<(), String>> {
@@ -194,10 +201,10 @@ impl Directory for ClusterDirectory {
     }
 
     fn release_room(&self, room: &str) {
-        self.tell(LocalRequest::Release(Name::Room {
+        self.tell(LocalRequest::Release(vec![Name::Room {
             room: room.to_owned(),
             owner: String::new(),
-        }));
+        }]));
     }
 
     fn rooms(&self) -> Vec<String> {

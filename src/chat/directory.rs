@@ -30,8 +30,9 @@ pub struct RemoteRoom {
 pub trait Directory: Send + Sync + 'static {
     /// Claims an identity for a client of this server.
     fn claim_identity(&self, identity: &str) -> BoxFuture<Result<(), String>>;
-    /// Frees an identity of this server.
-    fn release_identity(&self, identity: &str);
+    /// Frees an identity of this server and, when its client owned one, the
+    /// room it owned (the two go to the leader in one request).
+    fn release_identity(&self, identity: &str, owned_room: Option<&str>);
     /// Claims a room id for a room of this server owned by `owner`.
     fn claim_room(&self, room: &str, owner: &str) -> BoxFuture<Result<(), String>>;
     /// Frees a room id of this server.

@@ -694,10 +694,7 @@ impl ChatServer {
         state.members.remove(identity);
         self.record(NameKind::Identity, identity, false);
         drop(state);
-        if let Some(room) = &owns {
-            self.directory.release_room(room);
-        }
-        self.directory.release_identity(identity);
+        self.directory.release_identity(identity, owns.as_deref());
     }
 }
 
@@ -714,7 +711,7 @@ mod tests {
         fn claim_identity(&self, _: &str) -> BoxFuture<Result<(), String>> {
             Box::pin(async { Ok(()) })
         }
-        fn release_identity(&self, _: &str) {}
+        fn release_identity(&self, _: &str, _: Option<&str>) {}
         fn claim_room(&self, _: &str, _: &str) -> BoxFuture<Result<(), String>> {
             Box::pin(async { Ok(()) })
         }

@@ -423,7 +423,7 @@ impl Session {
         if entered {
             self.phase = Phase::Active(identity.to_owned());
         } else {
-            self.chat.directory().release_identity(identity);
+            self.chat.directory().release_identity(identity, None);
         }
         entered
     }

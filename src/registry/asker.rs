@@ -68,17 +68,20 @@ impl Registry {
     }
 
     fn add_pending(&mut self, id: u64, p: Pending) {
-        self.pending_keys.entry(p.op.key()).or_default().insert(id);
+        for key in p.op.keys() {
+            self.pending_keys.entry(key).or_default().insert(id);
+        }
         self.pending.insert(id, p);
     }
 
     fn remove_pending(&mut self, id: u64) -> Option<Pending> {
         let p = self.pending.remove(&id)?;
-        let key = p.op.key();
-        if let Some(ids) = self.pending_keys.get_mut(&key) {
-            ids.remove(&id);
-            if ids.is_empty() {
-                self.pending_keys.remove(&key);
+        for key in p.op.keys() {
+            if let Some(ids) = self.pending_keys.get_mut(&key) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.pending_keys.remove(&key);
+                }
             }
         }
         Some(p)
@@ -89,14 +92,13 @@ impl Registry {
     /// them in order.
     fn waits_for_release(&self, id: u64, p: &Pending) -> bool {
         matches!(p.op, Op::Claim(_) | Op::MoveDone { .. })
-            && self
-                .pending_ids(&p.op.key())
-                .take_while(|&r| r < id)
-                .any(|r| {
+            && p.op.keys().any(|key| {
+                self.pending_ids(&key).take_while(|&r| r < id).any(|r| {
                     self.pending
                         .get(&r)
-                        .is_some_and(|o| matches!(o.op, Op::Release { .. }))
+                        .is_some_and(|o| matches!(o.op, Op::Release(_)))
                 })
+            })
     }
 
     /// Sends the requests among `ids` that have never been sent and need
@@ -190,7 +192,7 @@ impl Registry {
         // Releases and cancels must reach the leader eventually, so they never
         // give up; everything a client waits for does.
         let deadline = match op {
-            Op::Release { .. } | Op::MoveCancel { .. } => None,
+            Op::Release(_) | Op::MoveCancel { .. } => None,
             _ => {
                 out.push(Action::SetTimer {
                     timer: Timer::RequestDeadline { id },
@@ -320,12 +322,12 @@ impl Registry {
             // Kept in flight above.
             Op::Claim(_) => None,
             // The stamp of a grant that never came is not known.
-            Op::MoveDone { identity, .. } => Some(Op::Release {
+            Op::MoveDone { identity, .. } => Some(Op::Release(vec![Given {
                 name: Name::Identity(identity),
                 stamp: None,
-            }),
+            }])),
             Op::MoveStart { identity, .. } => Some(Op::MoveCancel { identity }),
-            Op::Release { .. } | Op::MoveCancel { .. } => None,
+            Op::Release(_) | Op::MoveCancel { .. } => None,
         };
         if let Some(op) = undo {
             self.submit(now, op, None, out);
@@ -343,20 +345,18 @@ impl Registry {
         let Some(p) = self.remove_pending(id) else {
             return;
         };
-        let key = p.op.key();
-        let was_release = matches!(p.op, Op::Release { .. });
-        let sets_state = matches!(verdict, Verdict::Granted { .. })
-            && !p.abandoned
-            && !matches!(p.op, Op::Release { .. });
+        let keys: Vec<NameKey> = p.op.keys().collect();
+        let was_release = matches!(p.op, Op::Release(_));
+        let sets_state = matches!(verdict, Verdict::Granted { .. }) && !p.abandoned && !was_release;
         match (p.op, verdict) {
             (Op::Claim(name), Verdict::Granted { stamp }) => {
                 if p.abandoned {
                     // Nobody waits for it: give it back, unless a client
                     // here holds the name (the leader's entry is that
                     // client's then, and a release would free it under it).
-                    if !self.own_has(&key) {
+                    if !self.own_has(&name.key()) {
                         let stamp = Some(stamp);
-                        self.submit(now, Op::Release { name, stamp }, None, out);
+                        self.submit(now, Op::Release(vec![Given { name, stamp }]), None, out);
                     }
                 } else {
                     match name {
@@ -383,7 +383,7 @@ impl Registry {
                 if p.abandoned {
                     let name = Name::Identity(identity);
                     let stamp = Some(stamp);
-                    self.submit(now, Op::Release { name, stamp }, None, out);
+                    self.submit(now, Op::Release(vec![Given { name, stamp }]), None, out);
                 } else {
                     self.replica.remove_identity(&identity);
                     self.own.set_identity(IdentityEntry {
@@ -419,7 +419,7 @@ impl Registry {
                     Self::reply(out, token, result);
                 }
             }
-            (Op::Release { .. }, _) => {}
+            (Op::Release(_), _) => {}
             (Op::MoveCancel { identity }, Verdict::Granted { .. }) => {
                 if let Some(entry) = self.own.identities.get_mut(&identity) {
                     entry.moving_to = None;
@@ -441,18 +441,21 @@ impl Registry {
                 }
             }
         }
-        // An acknowledged release may unblock a claim of the same name.
-        let unblocked: Vec<u64> = if was_release {
-            self.pending_ids(&key).collect()
-        } else {
-            Vec::new()
-        };
-        // Marks only matter (and only stay) while the name is held here.
-        if !self.own_has(&key) {
-            self.marks.remove(&key);
-        } else if sets_state {
-            self.marks.insert(key, (self.term, seq));
+        // An acknowledged release may unblock a claim of the same names.
+        let mut unblocked: Vec<u64> = Vec::new();
+        for key in keys {
+            if was_release {
+                unblocked.extend(self.pending_ids(&key));
+            }
+            // Marks only matter (and only stay) while the name is held here.
+            if !self.own_has(&key) {
+                self.marks.remove(&key);
+            } else if sets_state {
+                self.marks.insert(key, (self.term, seq));
+            }
         }
+        unblocked.sort_unstable();
+        unblocked.dedup();
         self.send_new(now, &unblocked, out);
     }
 }

@@ -592,13 +592,12 @@ impl Registry {
             self.record_and_answer(lead, &from, &ticket, verdict, out);
             return;
         }
-        let key = op.key();
-        if lead.open_names.contains(&key) {
+        if op.keys().any(|key| lead.open_names.contains(&key)) {
             self.announce(lead, out);
         }
         let verdict = self.decide(lead, now, &from, &op, out);
         if lead.open.is_some() {
-            lead.open_names.insert(key);
+            lead.open_names.extend(op.keys());
         }
         self.record_and_answer(lead, &from, &ticket, verdict, out);
     }
@@ -670,36 +669,12 @@ impl Registry {
                 }));
                 verdict
             }
-            Op::Release { name, stamp } => {
-                // Only the holding released: a late release must not free
-                // a later grant of the name to the same asker.
-                let released = |held: &Stamp| stamp.as_ref().is_none_or(|s| s == held);
-                let change = match name {
-                    Name::Identity(identity) => lead
-                        .registry
-                        .identities
-                        .get(identity)
-                        .filter(|e| e.server == *asker && released(&e.stamp))
-                        .map(|e| Change::RemoveIdentity {
-                            identity: identity.clone(),
-                            stamp: e.stamp.clone(),
-                        }),
-                    Name::Room { room, .. } => lead
-                        .registry
-                        .rooms
-                        .get(room)
-                        .filter(|r| r.server == *asker && released(&r.stamp))
-                        .map(|r| Change::RemoveRoom {
-                            room: room.clone(),
-                            stamp: r.stamp.clone(),
-                        }),
-                };
-                if let Name::Identity(identity) = name
-                    && change.is_some()
-                {
-                    lead.moves.remove(identity);
-                }
-                self.commit(lead, change.into_iter().collect(), out);
+            Op::Release(given) => {
+                let changes = given
+                    .iter()
+                    .filter_map(|g| Self::released(lead, asker, g))
+                    .collect();
+                self.commit(lead, changes, out);
                 granted(Stamp::default())
             }
             Op::MoveStart {
@@ -803,6 +778,34 @@ impl Registry {
                     self.commit(lead, vec![Change::SetIdentity(stays)], out);
                 }
                 granted(stamp)
+            }
+        }
+    }
+
+    /// The change that frees `given` for `asker`, if the asker holds it by
+    /// that grant: a late release must not free a later grant of the name
+    /// to the same asker.
+    fn released(lead: &mut LeaderState, asker: &ServerId, given: &Given) -> Option<Change> {
+        let by = |held: &Stamp| given.stamp.as_ref().is_none_or(|s| s == held);
+        match &given.name {
+            Name::Identity(identity) => {
+                let e = lead.registry.identities.get(identity)?;
+                if e.server != *asker || !by(&e.stamp) {
+                    return None;
+                }
+                let stamp = e.stamp.clone();
+                lead.moves.remove(identity);
+                Some(Change::RemoveIdentity {
+                    identity: identity.clone(),
+                    stamp,
+                })
+            }
+            Name::Room { room, .. } => {
+                let r = lead.registry.rooms.get(room)?;
+                (r.server == *asker && by(&r.stamp)).then(|| Change::RemoveRoom {
+                    room: room.clone(),
+                    stamp: r.stamp.clone(),
+                })
             }
         }
     }

@@ -188,17 +188,9 @@ pub(super) enum NameKey {
 pub enum Op {
     /// Register a new name for the asker.
     Claim(Name),
-    /// Forget a name the asker held.
-    Release {
-        /// The name.
-        name: Name,
-        /// The grant the asker held it by, when it knows it: only that
-        /// holding is released. A release can reach a leader late (queued
-        /// while the leader was cut off), after another leader granted the
-        /// name to the asker again; it must not free that later grant.
-        /// `None`: whatever holding the asker has.
-        stamp: Option<Stamp>,
-    },
+    /// Forget names the asker held: a client that leaves gives back its
+    /// identity and the room it owns in one request.
+    Release(Vec<Given>),
     /// The asker's client is moving to server `to`: reserve its identity there.
     MoveStart {
         /// The moving identity.
@@ -222,14 +214,30 @@ pub enum Op {
     },
 }
 
+/// A name given back to the leader, and the grant it was held by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Given {
+    /// The name.
+    pub name: Name,
+    /// The grant the asker held it by, when it knows it: only that holding
+    /// is released. A release can reach a leader late (queued while the
+    /// leader was cut off), after another leader granted the name to the
+    /// asker again; it must not free that later grant. `None`: whatever
+    /// holding the asker has.
+    pub stamp: Option<Stamp>,
+}
+
 impl Op {
-    pub(super) fn key(&self) -> NameKey {
-        match self {
-            Op::Claim(name) | Op::Release { name, .. } => name.key(),
+    /// The names the request is about: one, or those a release gives back.
+    pub(super) fn keys(&self) -> impl Iterator<Item = NameKey> + '_ {
+        let (one, given) = match self {
+            Op::Claim(name) => (Some(name.key()), &[][..]),
+            Op::Release(given) => (None, given.as_slice()),
             Op::MoveStart { identity, .. }
             | Op::MoveDone { identity, .. }
-            | Op::MoveCancel { identity } => NameKey::Identity(identity.clone()),
-        }
+            | Op::MoveCancel { identity } => (Some(NameKey::Identity(identity.clone())), &[][..]),
+        };
+        one.into_iter().chain(given.iter().map(|g| g.name.key()))
     }
 
     /// New names and moves wait until the leader knows every live server's
@@ -518,8 +526,10 @@ pub enum LocalRequest {
     /// `newidentity` / `createroom`: claim a new name.
     Claim(Name),
     /// `quit`, disconnect, `deleteroom`, or a room deleted with its owner:
-    /// the name is dropped at once and the reply is immediate.
-    Release(Name),
+    /// the names are dropped at once and the reply is immediate. A leaving
+    /// client's identity and its room go together, in one request to the
+    /// leader.
+    Release(Vec<Name>),
     /// `joinroom` to a room on server `to`: reserve the identity for the move.
     /// Send the client `route` only after this is granted.
     StartMove {

@@ -38,7 +38,9 @@
 //!   from its holdings at once (it is the source of truth) and tells the
 //!   leader, retrying until acknowledged. A later claim of the same name from
 //!   the same server waits until that release is acknowledged, so the two can
-//!   never be reordered.
+//!   never be reordered. A client that leaves gives back its identity and
+//!   the room it owns in one request ([`Op::Release`] names both, each with
+//!   the [`Stamp`] of its grant: the leader frees only those grants).
 //! - **Move** (`joinroom` to a room on another server): the origin A asks
 //!   [`Op::MoveStart`] and from then on counts the identity as reserved, not
 //!   held; the chat layer sends `route` once that is granted. When the client
@@ -950,44 +952,52 @@ impl Registry {
                 let until = later(now, self.config.claim_timeout);
                 self.accept_move(now, token, identity, arrival, until, out)
             }
-            LocalRequest::Release(name) => {
+            LocalRequest::Release(names) => {
                 Self::reply(out, token, Ok(()));
-                let key = name.key();
-                // An arrival of it still parked: its client is gone too.
-                if let NameKey::Identity(identity) = &key {
-                    for p in self.parked.extract_if(.., |p| p.identity == *identity) {
-                        Self::reply(out, p.token, Err(Refusal::Cancelled));
+                let mut given = Vec::new();
+                for name in names {
+                    if let Some(stamp) = self.let_go(name.key(), out) {
+                        let stamp = Some(stamp);
+                        given.push(Given { name, stamp });
                     }
                 }
-                // A claim still in flight for this name: its client is gone.
-                let ids: Vec<u64> = self
-                    .pending_keys
-                    .get(&key)
-                    .map(|ids| ids.iter().copied().collect())
-                    .unwrap_or_default();
-                for id in ids {
-                    let Some(p) = self.pending.get_mut(&id) else {
-                        continue;
-                    };
-                    let claims = matches!(p.op, Op::Claim(_) | Op::MoveDone { .. });
-                    if claims && !p.abandoned && p.op.key() == key {
-                        p.abandoned = true;
-                        if let Some(t) = p.token.take() {
-                            Self::reply(out, t, Err(Refusal::Cancelled));
-                        }
-                    }
-                }
-                let held = match &key {
-                    NameKey::Identity(identity) => {
-                        self.drop_own_identity(identity).map(|e| e.stamp)
-                    }
-                    NameKey::Room(room) => self.drop_own_room(room).map(|r| r.stamp),
-                };
-                if let Some(stamp) = held {
-                    let stamp = Some(stamp);
-                    self.submit(now, Op::Release { name, stamp }, None, out);
+                if !given.is_empty() {
+                    self.submit(now, Op::Release(given), None, out);
                 }
             }
+        }
+    }
+
+    /// The chat layer let go of `key`: an arrival of it still parked and a
+    /// claim of it still in flight have nobody waiting any more, and the
+    /// holding is dropped. Returns the stamp of the holding, if there was
+    /// one: the leader must be told.
+    fn let_go(&mut self, key: NameKey, out: &mut Vec<Action>) -> Option<Stamp> {
+        if let NameKey::Identity(identity) = &key {
+            for p in self.parked.extract_if(.., |p| p.identity == *identity) {
+                Self::reply(out, p.token, Err(Refusal::Cancelled));
+            }
+        }
+        let ids: Vec<u64> = self
+            .pending_keys
+            .get(&key)
+            .map(|ids| ids.iter().copied().collect())
+            .unwrap_or_default();
+        for id in ids {
+            let Some(p) = self.pending.get_mut(&id) else {
+                continue;
+            };
+            // Releases are indexed under their names too: only claims count.
+            if matches!(p.op, Op::Claim(_) | Op::MoveDone { .. }) && !p.abandoned {
+                p.abandoned = true;
+                if let Some(t) = p.token.take() {
+                    Self::reply(out, t, Err(Refusal::Cancelled));
+                }
+            }
+        }
+        match &key {
+            NameKey::Identity(identity) => self.drop_own_identity(identity).map(|e| e.stamp),
+            NameKey::Room(room) => self.drop_own_room(room).map(|r| r.stamp),
         }
     }
 

@@ -53,15 +53,15 @@ fn chaos(seed: u64, require_majority: bool, asymmetric: bool) {
                     .filter(|r| r.owner == who)
                     .map(|r| r.room.clone())
                     .collect();
-                for r in owned {
-                    sim.local(node, LocalRequest::Release(room(&r, &who)));
-                }
-                sim.local(node, LocalRequest::Release(ident(&who)));
+                // As the chat layer does: the room and its owner in one.
+                let names = owned.iter().map(|r| room(r, &who));
+                let names = names.chain([ident(&who)]).collect();
+                sim.local(node, LocalRequest::Release(names));
             }
             60..66 => {
                 let r = pick(&mut sim, &room_ids);
                 if sim.node(node).own.rooms.contains_key(&r) {
-                    sim.local(node, LocalRequest::Release(room(&r, "")));
+                    sim.local(node, LocalRequest::Release(vec![room(&r, "")]));
                 }
             }
             66..76 if !own.is_empty() && alive.len() > 1 => {

@@ -382,7 +382,7 @@ impl Sim {
                             .collect();
                         for r in owned {
                             let inc = self.incs[node];
-                            let request = LocalRequest::Release(room(&r, "Nobody"));
+                            let request = LocalRequest::Release(vec![room(&r, "Nobody")]);
                             self.schedule(Duration::ZERO, Event::Local { node, inc, request });
                         }
                     }

@@ -655,7 +655,7 @@ fn regranted_while_a_cut_off_leader_kept_the_release(name: impl Fn(usize) -> Nam
         );
         // s3's client lets go as the cut starts: s5 hears the release.
         sim.cut_oneway(&[4], &[0, 1, 2, 3]);
-        sim.local(2, LocalRequest::Release(name(2)));
+        sim.local(2, LocalRequest::Release(vec![name(2)]));
         sim.run_for(ms(5));
         let term = split_term_under_s5(&mut sim, ms(100));
         sim.run_for(ms(900));
@@ -666,7 +666,7 @@ fn regranted_while_a_cut_off_leader_kept_the_release(name: impl Fn(usize) -> Nam
             Some(&Ok(())),
             "seed {seed}: s4 grants s2"
         );
-        sim.local(1, LocalRequest::Release(name(1)));
+        sim.local(1, LocalRequest::Release(vec![name(1)]));
         sim.run_for(ms(200));
         let on_s3 = sim.claim(2, name(2));
         sim.run_for(ms(300));

@@ -49,10 +49,16 @@ fn every_message_round_trips_through_postcard() {
             7,
             3,
             1,
-            Op::Release {
-                name: ident("Adel"),
-                stamp: None,
-            },
+            Op::Release(vec![
+                Given {
+                    name: room("jokes", ""),
+                    stamp: Some(stamp.clone()),
+                },
+                Given {
+                    name: ident("Adel"),
+                    stamp: None,
+                },
+            ]),
         ),
         request(
             1,
@@ -326,10 +332,10 @@ fn one_announcement_never_holds_two_holdings_of_a_name() {
                 1,
                 2,
                 1,
-                Op::Release {
+                Op::Release(vec![Given {
                     name: ident("Adel"),
                     stamp: None,
-                },
+                }]),
             ),
         ),
     ));
@@ -379,10 +385,10 @@ fn dedup_memory_is_bounded() {
                     1,
                     id,
                     id,
-                    Op::Release {
+                    Op::Release(vec![Given {
                         name: ident("Nobody"),
                         stamp: None,
-                    },
+                    }]),
                 ),
             ),
         );
@@ -400,10 +406,10 @@ fn dedup_memory_is_bounded() {
                     1,
                     id,
                     0,
-                    Op::Release {
+                    Op::Release(vec![Given {
                         name: ident("Nobody"),
                         stamp: None,
-                    },
+                    }]),
                 ),
             ),
         );
@@ -488,10 +494,10 @@ fn leader_without_majority_refuses_new_names_but_releases() {
                 1,
                 3,
                 3,
-                Op::Release {
+                Op::Release(vec![Given {
                     name: ident("Keep"),
                     stamp: None,
-                },
+                }]),
             ),
         ),
     );
@@ -905,14 +911,19 @@ fn release_frees_the_name_everywhere() {
     sim.claim(0, room("jokes", "Adel"));
     sim.run_for(ms(100));
     assert_eq!(sim.node(2).room_server("jokes").as_deref(), Some("s1"));
-    sim.local(0, LocalRequest::Release(room("jokes", "Adel")));
-    sim.local(0, LocalRequest::Release(ident("Adel")));
+    sim.local(0, LocalRequest::Release(vec![room("jokes", "Adel")]));
+    sim.local(0, LocalRequest::Release(vec![ident("Adel")]));
     // Released locally at once.
     assert!(!sim.node(0).holds(&ident("Adel")));
     sim.run_for(ms(100));
+    adel_and_jokes_are_free_for_s2(&mut sim);
+}
+
+/// Adel and its room jokes are free on every server, and s2 can have them.
+fn adel_and_jokes_are_free_for_s2(sim: &mut Sim) {
     for i in 0..3 {
-        assert_eq!(sim.node(i).identity_server("Adel"), None);
-        assert_eq!(sim.node(i).room("jokes"), None);
+        assert_eq!(sim.node(i).identity_server("Adel"), None, "s{}", i + 1);
+        assert_eq!(sim.node(i).room("jokes"), None, "s{}", i + 1);
     }
     let again = sim.claim(1, ident("Adel"));
     sim.run_for(ms(100));
@@ -923,6 +934,88 @@ fn release_frees_the_name_everywhere() {
     sim.assert_converged();
 }
 
+/// A client that leaves gives back its identity and the room it owns in
+/// one request, each with the grant it held it by, and both are free
+/// everywhere after.
+#[test]
+fn a_leaving_client_gives_back_its_identity_and_room_in_one_request() {
+    let mut sim = Sim::new(3, 2, true);
+    sim.claim(0, ident("Adel"));
+    sim.run_for(ms(100));
+    sim.claim(0, room("jokes", "Adel"));
+    sim.run_for(ms(100));
+    let held = |sim: &Sim| {
+        let own = &sim.node(0).own;
+        (
+            own.identities.get("Adel").map(|e| e.stamp.clone()),
+            own.rooms.get("jokes").map(|r| r.stamp.clone()),
+        )
+    };
+    let (Some(identity_stamp), Some(room_stamp)) = held(&sim) else {
+        panic!("s1 holds Adel and jokes");
+    };
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let requests = Rc::new(RefCell::new(Vec::new()));
+    let seen = requests.clone();
+    sim.lose = Some(Box::new(move |from, _, msg| {
+        if let RegistryMessage::Request { op, .. } = msg
+            && from == 0
+        {
+            seen.borrow_mut().push(op.clone());
+        }
+        false
+    }));
+    sim.local(
+        0,
+        LocalRequest::Release(vec![room("jokes", ""), ident("Adel")]),
+    );
+    assert_eq!(held(&sim), (None, None), "dropped here at once");
+    sim.run_for(ms(100));
+    assert_eq!(
+        *requests.borrow(),
+        vec![Op::Release(vec![
+            Given {
+                name: room("jokes", ""),
+                stamp: Some(room_stamp),
+            },
+            Given {
+                name: ident("Adel"),
+                stamp: Some(identity_stamp),
+            },
+        ])],
+        "one request, naming both grants"
+    );
+    adel_and_jokes_are_free_for_s2(&mut sim);
+}
+
+/// Claims of either name a release gives back wait for its answer: the
+/// leader must see the release first, though messages overtake each other.
+#[test]
+fn claims_behind_a_release_of_two_names_stay_in_order() {
+    for seed in 0..50 {
+        let mut sim = Sim::new(3, seed, true);
+        sim.delay_ms = (1, 40);
+        sim.claim(0, ident("Adel"));
+        sim.claim(0, ident("Bob"));
+        sim.run_for(ms(200));
+        sim.claim(0, room("jokes", "Adel"));
+        sim.run_for(ms(200));
+        // Adel quits (its room goes with it); Bob takes the room id at
+        // once, and Adel comes back under the same name.
+        sim.local(
+            0,
+            LocalRequest::Release(vec![room("jokes", ""), ident("Adel")]),
+        );
+        let room_again = sim.claim(0, room("jokes", "Bob"));
+        let again = sim.claim(0, ident("Adel"));
+        sim.run_for(ms(500));
+        assert_eq!(sim.result(room_again), Some(&Ok(())), "seed {seed}: room");
+        assert_eq!(sim.result(again), Some(&Ok(())), "seed {seed}: identity");
+        sim.assert_converged();
+    }
+}
+
 #[test]
 fn release_then_reclaim_on_the_same_server_stays_in_order() {
     for seed in 0..50 {
@@ -931,7 +1024,7 @@ fn release_then_reclaim_on_the_same_server_stays_in_order() {
         sim.claim(0, ident("Adel"));
         sim.run_for(ms(200));
         // Quit and immediately reconnect with the same name.
-        sim.local(0, LocalRequest::Release(ident("Adel")));
+        sim.local(0, LocalRequest::Release(vec![ident("Adel")]));
         let again = sim.claim(0, ident("Adel"));
         sim.run_for(ms(500));
         assert_eq!(sim.result(again), Some(&Ok(())), "seed {seed}");
@@ -947,7 +1040,7 @@ fn claim_behind_a_release_goes_as_soon_as_the_release_is_answered() {
         let mut sim = Sim::new(3, seed, true);
         sim.claim(0, ident("Adel"));
         sim.run_for(ms(200));
-        sim.local(0, LocalRequest::Release(ident("Adel")));
+        sim.local(0, LocalRequest::Release(vec![ident("Adel")]));
         let again = sim.claim(0, ident("Adel"));
         sim.run_for(ms(150));
         assert_eq!(sim.result(again), Some(&Ok(())), "seed {seed}");
@@ -1053,7 +1146,7 @@ fn no_majority_refuses_with_reason_and_keeps_existing_names() {
     assert_eq!(sim.node(2).identity_server("Keep").as_deref(), Some("s3"));
     // A release frees the name here at once; the registry follows once a
     // majority is back to acknowledge it.
-    sim.local(2, LocalRequest::Release(ident("Keep")));
+    sim.local(2, LocalRequest::Release(vec![ident("Keep")]));
     sim.run_for(ms(50));
     assert!(!sim.node(2).holds(&ident("Keep")));
     assert_eq!(sim.node(2).counts().pending, 1, "waits for a majority");
