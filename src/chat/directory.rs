@@ -24,7 +24,10 @@ pub struct RemoteRoom {
 /// The cluster-wide namespace as one server's chat sees it.
 ///
 /// Claims answer `Err(reason)` when the name is taken, invalid, or cannot be
-/// granted now (no leader, no majority); the reason goes to the log.
+/// granted now (no leader, no majority); the reason goes to the log. Every
+/// claim and move is answered within the claim timeout (the cluster's
+/// registry gives up on a request at its deadline): sessions wait for the
+/// answer without a timer of their own, one fewer per claim.
 /// Implementations must not call back into the chat server while holding a
 /// lock of their own (the chat server calls them while holding its own lock).
 pub trait Directory: Send + Sync + 'static {

@@ -205,16 +205,11 @@ impl Rooms {
         queue_for_each(members, unwoken, recipients, line, paced);
     }
 
-    /// Sends to every one of `identities`.
-    fn send_to_all(&mut self, identities: &[String], line: &Bytes) {
+    /// Sends to every one of `identities` but `except`.
+    fn send_to_all(&mut self, identities: &[String], line: &Bytes, except: Option<&str>) {
         let paced = identities.len() > WAKE_AT_ONCE;
-        queue_for_each(
-            &self.members,
-            &mut self.unwoken,
-            identities.iter(),
-            line,
-            paced,
-        );
+        let recipients = identities.iter().filter(|m| Some(m.as_str()) != except);
+        queue_for_each(&self.members, &mut self.unwoken, recipients, line, paced);
     }
 
     fn remove_from_room(&mut self, room: &str, identity: &str) {
@@ -573,7 +568,7 @@ impl ChatServer {
         let mut state = self.lock();
         for room in rooms {
             if room != &self.main_hall {
-                self.remove_room(&mut state, room);
+                self.remove_room(&mut state, room, None);
             }
         }
         // Rooms of evicted owners that were not evicted themselves are freed.
@@ -583,7 +578,7 @@ impl ChatServer {
                 continue;
             };
             if let Some(room) = owns {
-                self.remove_room(&mut state, &room);
+                self.remove_room(&mut state, &room, None);
                 if !rooms.contains(&room) {
                     orphaned.push(room);
                 }
@@ -620,7 +615,7 @@ impl ChatServer {
         };
         state.send(identity, &reply.encode());
         if owned {
-            self.remove_room(&mut state, room);
+            self.remove_room(&mut state, room, None);
             drop(state);
             self.directory.release_room(room);
         }
@@ -632,7 +627,9 @@ impl ChatServer {
     /// Everyone told gets the same lines in the same order (the moves in the
     /// room's join order), so they are encoded once into one block that every
     /// recipient's outbox shares: one push per recipient, not one per move.
-    fn remove_room(&self, state: &mut Rooms, room: &str) {
+    /// `gone`: a member whose connection is gone (an owner that dropped
+    /// it), who is told nothing.
+    fn remove_room(&self, state: &mut Rooms, room: &str, gone: Option<&str>) {
         let Some(removed) = state.rooms.remove(room) else {
             return;
         };
@@ -649,7 +646,7 @@ impl ChatServer {
         // The hall as it was, then the room's members: together the audience
         // of every move.
         state.broadcast(hall, &moves, None);
-        state.send_to_all(&removed.members, &moves);
+        state.send_to_all(&removed.members, &moves, gone);
         for moved in &removed.members {
             state.add_to_room(hall, moved);
         }
@@ -679,7 +676,8 @@ impl ChatServer {
             return;
         };
         if let Some(room) = &owns {
-            self.remove_room(&mut state, room);
+            let gone = (!tell_client).then_some(identity);
+            self.remove_room(&mut state, room, gone);
         }
         let Some(member) = state.members.get(identity) else {
             return;
@@ -853,6 +851,38 @@ mod tests {
                 client.take(),
                 vec![Bytes::from(moves.clone()), gone.clone()]
             );
+        }
+        // Its connection is gone: nothing is written to it.
+        assert_eq!(members[0].take(), Vec::<Bytes>::new());
+    }
+
+    /// An owner that quits hears its room go and its own leaving, as the
+    /// others do (PROTOCOL.md, quit); one that dropped its connection
+    /// hears nothing: writing to it would only draw a reset.
+    #[test]
+    fn an_owner_that_quits_is_told_and_one_that_dropped_is_not() {
+        for quits in [true, false] {
+            let chat = server();
+            let owner = enter(&chat, "Owner");
+            chat.create_room("Owner", "jokes");
+            let member = enter(&chat, "Member");
+            assert!(matches!(
+                chat.join_room("Member", "jokes"),
+                JoinOutcome::Done
+            ));
+            owner.take();
+            member.take();
+            chat.leave("Owner", quits);
+            let moves = [
+                room_change("Owner", "jokes", "MainHall-s1"),
+                room_change("Member", "jokes", "MainHall-s1"),
+            ]
+            .concat();
+            let gone = room_change("Owner", "MainHall-s1", "");
+            let told = vec![Bytes::from(moves), gone];
+            assert_eq!(member.take(), told, "quits: {quits}");
+            let expected = if quits { told } else { Vec::new() };
+            assert_eq!(owner.take(), expected, "quits: {quits}");
         }
     }
 

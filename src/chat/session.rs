@@ -304,7 +304,7 @@ impl Session {
                     let start =
                         chat.directory()
                             .start_move(&identity, &remote, &token, self.peer_ip);
-                    match self.claim(start).await {
+                    match start.await {
                         Ok(()) => {
                             chat.move_out(&identity, &roomid, &remote, &token);
                             info!(%identity, room = %roomid, to = %remote.server, "client routed to another server");
@@ -340,10 +340,7 @@ impl Session {
         if !valid_name(&identity) {
             return refuse(self, "invalid identity");
         }
-        if let Err(why) = self
-            .claim(self.chat.directory().claim_identity(&identity))
-            .await
-        {
+        if let Err(why) = self.chat.directory().claim_identity(&identity).await {
             return refuse(self, &why);
         }
         let reply = ServerMessage::NewIdentity {
@@ -460,30 +457,13 @@ impl Session {
         if chat.has_room(&room) {
             return refuse(self, "room id in use");
         }
-        match self
-            .claim(chat.directory().claim_room(&room, identity))
-            .await
-        {
+        match chat.directory().claim_room(&room, identity).await {
             Ok(()) => {
                 debug!(%identity, %room, "room created");
                 chat.create_room(identity, &room);
             }
             Err(why) => refuse(self, &why),
         }
-    }
-
-    /// Waits for a directory claim, at most the claim timeout (the directory
-    /// enforces it too; this is the backstop).
-    async fn claim(&self, claim: super::BoxFuture<Result<(), String>>) -> Result<(), String> {
-        let timeout = self.chat.limits().claim_timeout + std::time::Duration::from_millis(500);
-        tokio::time::timeout(timeout, claim)
-            .await
-            .unwrap_or_else(|_| {
-                Err(format!(
-                    "no answer from the leader within {} ms",
-                    timeout.as_millis()
-                ))
-            })
     }
 }
 
