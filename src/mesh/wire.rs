@@ -16,8 +16,11 @@ use crate::election::ElectionMessage;
 use crate::registry::RegistryMessage;
 
 /// Version of every frame and datagram format below. 2: registry moves
-/// carry the `movejoin` proof (issue 12).
-pub const WIRE_VERSION: u8 = 2;
+/// carry the `movejoin` proof (issue 12). 3: a registry release names the
+/// grants it gives back (their stamps), several at once, and an arrival
+/// names the move it completes: a server of an older version is refused at
+/// `Hello` instead of misreading them.
+pub const WIRE_VERSION: u8 = 3;
 
 /// Largest stream frame accepted; checked before anything is allocated, and
 /// the body's buffer grows only as its bytes arrive. A registry snapshot or

@@ -321,10 +321,13 @@ impl Registry {
         let undo = match p.op {
             // Kept in flight above.
             Op::Claim(_) => None,
-            // The stamp of a grant that never came is not known.
-            Op::MoveDone { identity, .. } => Some(Op::Release(vec![Given {
+            // The move's grant if this server saw the move announced;
+            // otherwise whatever this server holds under the name.
+            Op::MoveDone {
+                identity, stamp, ..
+            } => Some(Op::Release(vec![Given {
                 name: Name::Identity(identity),
-                stamp: None,
+                stamp,
             }])),
             Op::MoveStart { identity, .. } => Some(Op::MoveCancel { identity }),
             Op::Release(_) | Op::MoveCancel { .. } => None,

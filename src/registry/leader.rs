@@ -712,7 +712,13 @@ impl Registry {
                 self.expire_move_at(lead, now, identity, out);
                 granted(stamp)
             }
-            Op::MoveDone { identity, arrival } => {
+            Op::MoveDone {
+                identity,
+                arrival,
+                stamp,
+            } => {
+                // Only the move the asker saw announced, if it saw one.
+                let this_move = |e: &IdentityEntry| stamp.as_ref().is_none_or(|s| *s == e.stamp);
                 // Re-homed here under an earlier leader, whose answer never
                 // came: the arrival is done. (The asker sends one `MoveDone`
                 // per identity at a time and none while it holds the
@@ -721,6 +727,7 @@ impl Registry {
                 if let Some(e) = lead.registry.identities.get(identity)
                     && e.server == *asker
                     && e.moving_to.is_none()
+                    && this_move(e)
                 {
                     return granted(e.stamp.clone());
                 }
@@ -728,7 +735,7 @@ impl Registry {
                     .registry
                     .identities
                     .get(identity)
-                    .filter(|e| e.moving_to.as_ref() == Some(asker))
+                    .filter(|e| e.moving_to.as_ref() == Some(asker) && this_move(e))
                     .cloned()
                 else {
                     return refused(Refusal::NotMoving);

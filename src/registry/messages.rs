@@ -206,6 +206,12 @@ pub enum Op {
         identity: String,
         /// What the `movejoin` showed.
         arrival: Arrival,
+        /// The grant the identity moves with, when the asker's replica
+        /// shows the move: the leader completes only that move, and if the
+        /// answer never comes, the asker's undo releases only that grant.
+        /// `None`: the move was not announced here yet (the client came
+        /// first); the leader completes whatever move to the asker it has.
+        stamp: Option<Stamp>,
     },
     /// Undo a `MoveStart` the asker gave up on.
     MoveCancel {

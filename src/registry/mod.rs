@@ -55,7 +55,10 @@
 //!   ([`Arrival::proves`]). A wrong arrival is refused with
 //!   [`Refusal::WrongMoveProof`] and changes nothing: the move stays open
 //!   for the real client. The identity is re-homed to B with its original
-//!   stamp. A move that does
+//!   stamp. B's `MoveDone` names that stamp when B's replica shows the move,
+//!   and the leader then completes only that move; if its answer never
+//!   comes, B's undo releases only that grant (a late undo must not free a
+//!   later grant of the identity to B). A move that does
 //!   not arrive within [`RegistryConfig::move_timeout`] is released by the
 //!   **leader**: it is the one place that sees both the start and the
 //!   arrival, so it decides atomically which came first. A move the origin
@@ -845,7 +848,12 @@ impl Registry {
                 });
             }
             None => {
-                let op = Op::MoveDone { identity, arrival };
+                let stamp = self.move_here(&identity).map(|e| e.stamp.clone());
+                let op = Op::MoveDone {
+                    identity,
+                    arrival,
+                    stamp,
+                };
                 self.submit_by(now, op, Some(token), until, out)
             }
         }

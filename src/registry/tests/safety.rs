@@ -482,6 +482,7 @@ fn a_stale_move_expiry_timer_leaves_a_newer_move_alone() {
     let done = Op::MoveDone {
         identity: "Adel".into(),
         arrival: arrival(),
+        stamp: None,
     };
     decide(&mut reg, t0 + ms(100), "s2", 1, done);
     // The client moves on from s2 at t0 + 500 ms: its move expires at t0 + 1500 ms.
@@ -505,6 +506,55 @@ fn a_stale_move_expiry_timer_leaves_a_newer_move_alone() {
         }),
     );
     assert_eq!(registered(&reg, "Adel"), None, "the second move expired");
+}
+
+/// An arrival that names the move's grant completes only that move: one
+/// naming another grant (a move the asker saw announced before the name
+/// was freed and granted again) is refused and leaves the move open.
+#[test]
+fn an_arrival_completes_only_the_move_it_names() {
+    let (mut reg, t0) = hand_leader(3, true);
+    let decide = |reg: &mut Registry, from: &str, id, op| {
+        let mut out = reg.handle(t0, msg(from, request(1, 1, id, id, op)));
+        out.extend(ack_all(reg, t0));
+        answers(&out)
+    };
+    decide(&mut reg, "s1", 1, Op::Claim(ident("Adel")));
+    let start = Op::MoveStart {
+        identity: "Adel".into(),
+        to: "s2".into(),
+        proof: proof(),
+    };
+    decide(&mut reg, "s1", 2, start);
+    let moving = registered(&reg, "Adel").expect("registered");
+    let done = |stamp| Op::MoveDone {
+        identity: "Adel".into(),
+        arrival: arrival(),
+        stamp,
+    };
+    let other = Stamp {
+        seq: moving.stamp.seq + 100,
+        ..moving.stamp.clone()
+    };
+    let refused = decide(&mut reg, "s2", 1, done(Some(other)));
+    let not_moving = Verdict::Refused {
+        reason: Refusal::NotMoving,
+    };
+    assert_eq!(refused, vec![("s2".into(), 1, not_moving)]);
+    assert_eq!(
+        registered(&reg, "Adel"),
+        Some(moving.clone()),
+        "still moving"
+    );
+    let granted = decide(&mut reg, "s2", 2, done(Some(moving.stamp.clone())));
+    let verdict = Verdict::Granted {
+        stamp: moving.stamp.clone(),
+    };
+    assert_eq!(granted, vec![("s2".into(), 2, verdict)]);
+    assert_eq!(
+        registered(&reg, "Adel").map(|e| (e.server, e.moving_to)),
+        Some(("s2".into(), None))
+    );
 }
 
 #[test]
@@ -623,19 +673,100 @@ fn a_leader_nobody_heard_does_not_grant_what_the_same_terms_lower_leader_committ
 /// gives back (its stamp), and frees only that.
 #[test]
 fn a_leader_nobody_heard_does_not_grant_a_name_released_to_it_and_regranted_meanwhile() {
-    regranted_while_a_cut_off_leader_kept_the_release(|_| ident("user07"));
+    regranted_while_a_cut_off_leader_kept_the_release(
+        |_| ident("user07"),
+        let_go_as_the_cut_starts,
+    );
 }
 
 /// The same history for a room id: the release of a room names its grant
 /// too.
 #[test]
 fn a_leader_nobody_heard_does_not_grant_a_room_released_to_it_and_regranted_meanwhile() {
-    regranted_while_a_cut_off_leader_kept_the_release(|m| room("room07", &format!("owner{m}")));
+    regranted_while_a_cut_off_leader_kept_the_release(
+        |m| room("room07", &format!("owner{m}")),
+        let_go_as_the_cut_starts,
+    );
 }
 
-/// The history above, over 40 seeds, for the name `name(m)` claims on
-/// server index `m` (a room's owner is claimed there first).
-fn regranted_while_a_cut_off_leader_kept_the_release(name: impl Fn(usize) -> Name) {
+/// The same history for an arrival whose answer never came: s3 gives up
+/// on its `movejoin` as the cut starts, and the release that undoes it
+/// names the move's grant, as s3's replica showed the move.
+#[test]
+fn a_leader_nobody_heard_does_not_grant_an_arrival_given_up_and_regranted_meanwhile() {
+    regranted_while_a_cut_off_leader_kept_the_release(
+        |_| ident("user07"),
+        give_up_an_arrival_as_the_cut_starts,
+    );
+}
+
+/// s3 claims `name(2)`; s3's client lets go of it as the one-way cut of
+/// s5 starts: s5 hears the release.
+fn let_go_as_the_cut_starts(sim: &mut Sim, seed: u64, name: &dyn Fn(usize) -> Name) {
+    let held = sim.claim(2, name(2));
+    sim.run_for(ms(300));
+    assert_eq!(
+        sim.result(held),
+        Some(&Ok(())),
+        "seed {seed}: s3's first grant"
+    );
+    sim.cut_oneway(&[4], &[0, 1, 2, 3]);
+    sim.local(2, LocalRequest::Release(vec![name(2)]));
+}
+
+/// A client of s1 moves to s3; s5 grants the arrival, but its answer to s3
+/// is lost, and s3 gives up on it (and releases the name) just as the
+/// one-way cut of s5 starts: s5 hears the release.
+fn give_up_an_arrival_as_the_cut_starts(sim: &mut Sim, seed: u64, name: &dyn Fn(usize) -> Name) {
+    let Name::Identity(identity) = name(0) else {
+        unreachable!("a move is of an identity");
+    };
+    let held = sim.claim(0, name(0));
+    sim.run_for(ms(300));
+    let start = sim.local(
+        0,
+        LocalRequest::StartMove {
+            identity: identity.clone(),
+            to: sid(2),
+            proof: proof(),
+        },
+    );
+    sim.run_for(ms(300));
+    assert_eq!(
+        (sim.result(held), sim.result(start)),
+        (Some(&Ok(())), Some(&Ok(()))),
+        "seed {seed}: s1's grant and move"
+    );
+    sim.lose = Some(Box::new(|_, to, m| {
+        to == 2 && matches!(m, RegistryMessage::Answer { .. })
+    }));
+    let arrived = sim.local(
+        2,
+        LocalRequest::AcceptMove {
+            identity,
+            arrival: arrival(),
+        },
+    );
+    sim.run_for(sim.cfg.claim_timeout - ms(1));
+    sim.cut_oneway(&[4], &[0, 1, 2, 3]);
+    sim.run_for(ms(1));
+    assert_eq!(
+        sim.result(arrived),
+        Some(&Err(Refusal::LeaderTimeout)),
+        "seed {seed}: s3 gave up on the arrival"
+    );
+    sim.lose = None;
+}
+
+/// The history of the faults test's seed 1, over 40 seeds, for the name
+/// `name(m)` claims on server index `m` (a room's owner is claimed there
+/// first): `let_go` ends with s3 letting go of the name as s5 is cut off
+/// one way; s4's majority then grants the name to s2 and, released, to s3
+/// again; s5's own client asks for it; after the heal everyone follows s5.
+fn regranted_while_a_cut_off_leader_kept_the_release(
+    name: impl Fn(usize) -> Name,
+    let_go: fn(&mut Sim, u64, &dyn Fn(usize) -> Name),
+) {
     for seed in 0..40 {
         let mut sim = Sim::new(5, seed, true);
         let key = name(0).key();
@@ -646,16 +777,7 @@ fn regranted_while_a_cut_off_leader_kept_the_release(name: impl Fn(usize) -> Nam
                 assert_eq!(sim.result(owner), Some(&Ok(())), "seed {seed}: owner");
             }
         }
-        let held = sim.claim(2, name(2));
-        sim.run_for(ms(300));
-        assert_eq!(
-            sim.result(held),
-            Some(&Ok(())),
-            "seed {seed}: s3's first grant"
-        );
-        // s3's client lets go as the cut starts: s5 hears the release.
-        sim.cut_oneway(&[4], &[0, 1, 2, 3]);
-        sim.local(2, LocalRequest::Release(vec![name(2)]));
+        let_go(&mut sim, seed, &name);
         sim.run_for(ms(5));
         let term = split_term_under_s5(&mut sim, ms(100));
         sim.run_for(ms(900));

@@ -79,6 +79,7 @@ fn every_message_round_trips_through_postcard() {
             Op::MoveDone {
                 identity: "Adel".into(),
                 arrival: arrival(),
+                stamp: Some(stamp.clone()),
             },
         ),
         request(
@@ -186,6 +187,7 @@ fn garbage_from_the_network_does_not_panic() {
             Op::MoveDone {
                 identity: "".into(),
                 arrival: arrival(),
+                stamp: Some(Stamp::default()),
             },
         ),
         request(
