@@ -586,6 +586,12 @@ impl Registry {
                 });
                 return;
             }
+            // A release or cancel is sent again until it is answered, and
+            // a refusal would end it with its names still registered here:
+            // left unanswered, its next retry finds room.
+            if !op.waits_for_sync() {
+                return;
+            }
             let verdict = Verdict::Refused {
                 reason: Refusal::Busy,
             };

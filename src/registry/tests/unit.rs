@@ -172,6 +172,47 @@ fn every_message_round_trips_through_postcard() {
     );
 }
 
+/// A new leader queues what it cannot decide before its base is built, up
+/// to `LEADER_QUEUE`; past that a claim is refused (its client may try
+/// again), but a release is left unanswered: its asker sends it again
+/// until answered, and a refusal would end it with the names still
+/// registered (leaked until the asker's next report).
+#[test]
+fn a_full_queue_refuses_claims_but_leaves_releases_to_their_retry() {
+    let now = Instant::now();
+    let ids: Vec<ServerId> = (0..3).map(sid).collect();
+    let mut reg = Registry::new(sid(2), ids, test_config(true), 1);
+    reg.handle(now, Input::PeerUp(sid(0)));
+    reg.handle(now, Input::PeerUp(sid(1)));
+    let leads = Input::LeaderChanged {
+        leader: Some(sid(2)),
+        term: 1,
+    };
+    reg.handle(now, leads);
+    for id in 1..=LEADER_QUEUE as u64 {
+        let claim = Op::Claim(ident(&format!("user{id}")));
+        let out = reg.handle(now, msg("s1", request(1, 1, id, 1, claim)));
+        assert_eq!(answers(&out), vec![], "queued, no base yet");
+    }
+    let id = LEADER_QUEUE as u64 + 1;
+    let claim = Op::Claim(ident("Late"));
+    let out = reg.handle(now, msg("s1", request(1, 1, id, 1, claim)));
+    let busy = Verdict::Refused {
+        reason: Refusal::Busy,
+    };
+    assert_eq!(answers(&out), vec![("s1".into(), id, busy)]);
+    let release = Op::Release(vec![Given {
+        name: ident("Adel"),
+        stamp: None,
+    }]);
+    let out = reg.handle(now, msg("s1", request(1, 1, id + 1, 1, release)));
+    assert_eq!(
+        answers(&out),
+        vec![],
+        "no refusal: the retry brings it again"
+    );
+}
+
 #[test]
 fn garbage_from_the_network_does_not_panic() {
     let (mut reg, now) = hand_leader(3, true);
