@@ -218,6 +218,64 @@ async fn a_crashed_server_names_and_rooms_are_freed_on_every_survivor() {
     cluster.stop().await;
 }
 
+/// A client that leaves (quits, or drops its connection) gives its
+/// identity and the room it owns back in one release: both are free on
+/// every server after, and another server's client gets them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_that_leaves_frees_its_identity_and_room_on_every_server() {
+    let cluster = formed(3).await;
+    let a1 = cluster.node(0).client_addr();
+    let a2 = cluster.node(1).client_addr();
+    let a3 = cluster.node(2).client_addr();
+    let mut watcher = Raw::join(Via::Tcp, a3, "Watcher", &hall(2)).await;
+    for (quits, name, room) in [(true, "Adel", "jokes"), (false, "Bob", "puns")] {
+        let mut owner = Raw::join(Via::Tcp, a1, name, &hall(0)).await;
+        owner
+            .send(&format!(r#"{{"type":"createroom","roomid":"{room}"}}"#))
+            .await;
+        owner
+            .expect(&format!(
+                r#"{{"type":"createroom","roomid":"{room}","approved":"true"}}"#
+            ))
+            .await;
+        owner.expect(&room_change(name, &hall(0), room)).await;
+        if quits {
+            owner.send(r#"{"type":"quit"}"#).await;
+            owner.expect(&room_change(name, room, &hall(0))).await;
+            owner.expect(&room_change(name, &hall(0), "")).await;
+            owner.expect_closed().await;
+        } else {
+            drop(owner);
+        }
+        // s3 stops listing the room once the release is announced.
+        let left = Instant::now();
+        loop {
+            watcher.send(r#"{"type":"list"}"#).await;
+            let list = watcher.next().await.expect("watcher connected");
+            let rooms = serde_json::json!(["MainHall-s1", "MainHall-s2", "MainHall-s3"]);
+            if list["rooms"] == rooms {
+                break;
+            }
+            assert!(
+                left.elapsed() < Duration::from_secs(10),
+                "{room} still listed after {name} left (quit: {quits}): {list}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut again = claim_until_granted(a2, name, name).await;
+        again.expect(&room_change(name, "", &hall(1))).await;
+        again
+            .send(&format!(r#"{{"type":"createroom","roomid":"{room}"}}"#))
+            .await;
+        again
+            .expect(&format!(
+                r#"{{"type":"createroom","roomid":"{room}","approved":"true"}}"#
+            ))
+            .await;
+    }
+    cluster.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_with_100_claims_in_flight_grants_no_name_twice() {
     let mut cluster = formed(3).await;
