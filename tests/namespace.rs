@@ -230,15 +230,7 @@ async fn an_owner_that_leaves_frees_its_identity_and_room_on_every_server() {
     let mut watcher = Raw::join(Via::Tcp, a3, "Watcher", &hall(2)).await;
     for (quits, name, room) in [(true, "Adel", "jokes"), (false, "Bob", "puns")] {
         let mut owner = Raw::join(Via::Tcp, a1, name, &hall(0)).await;
-        owner
-            .send(&format!(r#"{{"type":"createroom","roomid":"{room}"}}"#))
-            .await;
-        owner
-            .expect(&format!(
-                r#"{{"type":"createroom","roomid":"{room}","approved":"true"}}"#
-            ))
-            .await;
-        owner.expect(&room_change(name, &hall(0), room)).await;
+        owner.create_room(room, &hall(0)).await;
         if quits {
             owner.send(r#"{"type":"quit"}"#).await;
             owner.expect(&room_change(name, room, &hall(0))).await;
@@ -264,14 +256,7 @@ async fn an_owner_that_leaves_frees_its_identity_and_room_on_every_server() {
         }
         let mut again = claim_until_granted(a2, name, name).await;
         again.expect(&room_change(name, "", &hall(1))).await;
-        again
-            .send(&format!(r#"{{"type":"createroom","roomid":"{room}"}}"#))
-            .await;
-        again
-            .expect(&format!(
-                r#"{{"type":"createroom","roomid":"{room}","approved":"true"}}"#
-            ))
-            .await;
+        again.create_room(room, &hall(1)).await;
     }
     cluster.stop().await;
 }

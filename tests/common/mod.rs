@@ -301,6 +301,18 @@ impl Raw {
         c
     }
 
+    /// Creates `room` from `former`, consuming the approval and its own move.
+    pub async fn create_room(&mut self, room: &str, former: &str) {
+        self.send(&format!(r#"{{"type":"createroom","roomid":"{room}"}}"#))
+            .await;
+        self.expect(&format!(
+            r#"{{"type":"createroom","roomid":"{room}","approved":"true"}}"#
+        ))
+        .await;
+        let name = self.name.clone();
+        self.expect(&room_change(&name, former, room)).await;
+    }
+
     /// Sends one line (a newline is added).
     pub async fn send(&mut self, line: &str) {
         self.send_raw(format!("{line}\n").as_bytes()).await;
