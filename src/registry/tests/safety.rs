@@ -536,11 +536,11 @@ fn an_arrival_completes_only_the_move_it_names() {
         seq: moving.stamp.seq + 100,
         ..moving.stamp.clone()
     };
-    let refused = decide(&mut reg, "s2", 1, done(Some(other)));
+    let refused = decide(&mut reg, "s2", 1, done(Some(other.clone())));
     let not_moving = Verdict::Refused {
         reason: Refusal::NotMoving,
     };
-    assert_eq!(refused, vec![("s2".into(), 1, not_moving)]);
+    assert_eq!(refused, vec![("s2".into(), 1, not_moving.clone())]);
     assert_eq!(
         registered(&reg, "Adel"),
         Some(moving.clone()),
@@ -550,10 +550,21 @@ fn an_arrival_completes_only_the_move_it_names() {
     let verdict = Verdict::Granted {
         stamp: moving.stamp.clone(),
     };
-    assert_eq!(granted, vec![("s2".into(), 2, verdict)]);
+    assert_eq!(granted, vec![("s2".into(), 2, verdict.clone())]);
     assert_eq!(
         registered(&reg, "Adel").map(|e| (e.server, e.moving_to)),
         Some(("s2".into(), None))
+    );
+    // Re-homed already (an earlier leader's answer lost): the retry of this
+    // move is granted again, an arrival naming another grant is not.
+    assert_eq!(
+        decide(&mut reg, "s2", 3, done(Some(other))),
+        vec![("s2".into(), 3, not_moving)]
+    );
+    let retry = done(Some(moving.stamp.clone()));
+    assert_eq!(
+        decide(&mut reg, "s2", 4, retry),
+        vec![("s2".into(), 4, verdict)]
     );
 }
 
