@@ -19,8 +19,9 @@ use crate::registry::RegistryMessage;
 /// carry the `movejoin` proof (issue 12). 3: a registry release names the
 /// grants it gives back (their stamps), several at once, and an arrival
 /// names the move it completes: a server of an older version is refused at
-/// `Hello` instead of misreading them.
-pub const WIRE_VERSION: u8 = 3;
+/// `Hello` instead of misreading them. 4: every released grant is named
+/// (the stamp is no longer optional).
+pub const WIRE_VERSION: u8 = 4;
 
 /// Largest stream frame accepted; checked before anything is allocated, and
 /// the body's buffer grows only as its bytes arrive. A registry snapshot or

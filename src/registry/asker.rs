@@ -52,13 +52,24 @@ impl Registry {
             })
     }
 
-    /// Whether a claim of `key` is in flight, abandoned or not: if granted,
-    /// its answer makes this server hold the name (or release it).
+    /// Whether an arrival of `key` is in flight, abandoned or not: if
+    /// granted, the leader registers the identity to this server.
+    pub(super) fn any_arrival_pending_for(&self, key: &NameKey) -> bool {
+        self.pending_ids(key).any(|id| {
+            self.pending
+                .get(&id)
+                .is_some_and(|p| matches!(p.op, Op::MoveDone { .. }))
+        })
+    }
+
+    /// Whether a claim or an arrival of `key` is in flight, abandoned or
+    /// not: if granted, its answer makes this server hold the name (or
+    /// release it).
     pub(super) fn any_claim_pending_for(&self, key: &NameKey) -> bool {
         self.pending_ids(key).any(|id| {
             self.pending
                 .get(&id)
-                .is_some_and(|p| matches!(p.op, Op::Claim(_)))
+                .is_some_and(|p| matches!(p.op, Op::Claim(_) | Op::MoveDone { .. }))
         })
     }
 
@@ -296,11 +307,17 @@ impl Registry {
         // cost a release the retry has to wait for, and with it two more
         // commits under the same deadline: the retry timed out too, and the
         // next one, over and over (the names-free regression of issue #11).
-        // A grant that arrives with nobody waiting is released then.
+        // A grant that arrives with nobody waiting is released then. An
+        // arrival stays in flight the same way: only its answer names the
+        // grant an undo may release (the move's announcement may not have
+        // reached this server), and a release of whatever this server holds
+        // under the name, queued at a leader nobody hears, could free a
+        // later grant of it to this server. Another arrival of the identity
+        // waits meanwhile (see `accept_move`).
         if let Some(p) = self
             .pending
             .get_mut(&id)
-            .filter(|p| matches!(p.op, Op::Claim(_)))
+            .filter(|p| matches!(p.op, Op::Claim(_) | Op::MoveDone { .. }))
         {
             p.deadline = None;
             p.abandoned = true;
@@ -315,25 +332,11 @@ impl Registry {
         if let Some(token) = p.token {
             Self::reply(out, token, Err(reason));
         }
-        // The leader may have granted it anyway: undo, so nothing leaks. (An
-        // abandoned move stays reserved until its cancel is acknowledged:
-        // the target may have taken the identity meanwhile.)
-        let undo = match p.op {
-            // Kept in flight above.
-            Op::Claim(_) => None,
-            // The move's grant if this server saw the move announced;
-            // otherwise whatever this server holds under the name.
-            Op::MoveDone {
-                identity, stamp, ..
-            } => Some(Op::Release(vec![Given {
-                name: Name::Identity(identity),
-                stamp,
-            }])),
-            Op::MoveStart { identity, .. } => Some(Op::MoveCancel { identity }),
-            Op::Release(_) | Op::MoveCancel { .. } => None,
-        };
-        if let Some(op) = undo {
-            self.submit(now, op, None, out);
+        // The leader may have granted the move anyway: cancel it, so
+        // nothing leaks. (An abandoned move stays reserved until its cancel
+        // is acknowledged: the target may have taken the identity meanwhile.)
+        if let Op::MoveStart { identity, .. } = p.op {
+            self.submit(now, Op::MoveCancel { identity }, None, out);
         }
     }
 
@@ -358,7 +361,6 @@ impl Registry {
                     // here holds the name (the leader's entry is that
                     // client's then, and a release would free it under it).
                     if !self.own_has(&name.key()) {
-                        let stamp = Some(stamp);
                         self.submit(now, Op::Release(vec![Given { name, stamp }]), None, out);
                     }
                 } else {
@@ -385,7 +387,6 @@ impl Registry {
             (Op::MoveDone { identity, .. }, Verdict::Granted { stamp }) => {
                 if p.abandoned {
                     let name = Name::Identity(identity);
-                    let stamp = Some(stamp);
                     self.submit(now, Op::Release(vec![Given { name, stamp }]), None, out);
                 } else {
                     self.replica.remove_identity(&identity);

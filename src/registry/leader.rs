@@ -799,7 +799,7 @@ impl Registry {
     /// that grant: a late release must not free a later grant of the name
     /// to the same asker.
     fn released(lead: &mut LeaderState, asker: &ServerId, given: &Given) -> Option<Change> {
-        let by = |held: &Stamp| given.stamp.as_ref().is_none_or(|s| s == held);
+        let by = |held: &Stamp| given.stamp == *held;
         match &given.name {
             Name::Identity(identity) => {
                 let e = lead.registry.identities.get(identity)?;

@@ -207,10 +207,11 @@ pub enum Op {
         /// What the `movejoin` showed.
         arrival: Arrival,
         /// The grant the identity moves with, when the asker's replica
-        /// shows the move: the leader completes only that move, and if the
-        /// answer never comes, the asker's undo releases only that grant.
-        /// `None`: the move was not announced here yet (the client came
-        /// first); the leader completes whatever move to the asker it has.
+        /// shows the move: the leader completes only that move. `None`: the
+        /// move was not announced here yet (the client came first); the
+        /// leader completes whatever move to the asker it has. (An arrival
+        /// nobody waits for any more is undone by the stamp its answer
+        /// names, never by this one.)
         stamp: Option<Stamp>,
     },
     /// Undo a `MoveStart` the asker gave up on.
@@ -225,12 +226,11 @@ pub enum Op {
 pub struct Given {
     /// The name.
     pub name: Name,
-    /// The grant the asker held it by, when it knows it: only that holding
-    /// is released. A release can reach a leader late (queued while the
-    /// leader was cut off), after another leader granted the name to the
-    /// asker again; it must not free that later grant. `None`: whatever
-    /// holding the asker has.
-    pub stamp: Option<Stamp>,
+    /// The grant the asker held it by: only that holding is released. A
+    /// release can reach a leader late (queued while the leader was cut
+    /// off), after another leader granted the name to the asker again; it
+    /// must not free that later grant.
+    pub stamp: Stamp,
 }
 
 impl Op {

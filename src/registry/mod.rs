@@ -56,11 +56,14 @@
 //!   [`Refusal::WrongMoveProof`] and changes nothing: the move stays open
 //!   for the real client. The identity is re-homed to B with its original
 //!   stamp. B's `MoveDone` names that stamp when B's replica shows the move,
-//!   and the leader then completes only that move; if its answer never
-//!   comes, B's undo releases only that grant (a late undo must not free a
-//!   later grant of the identity to B). A move that does
-//!   not arrive within [`RegistryConfig::move_timeout`] is released by the
-//!   **leader**: it is the one place that sees both the start and the
+//!   and the leader then completes only that move. An arrival B gives up on
+//!   stays in flight like a claim until its answer comes, and a grant then
+//!   is released by the stamp the answer names (a release of whatever B
+//!   holds, reaching a leader late, could free a later grant of the
+//!   identity to B); another arrival of the identity at B waits for that
+//!   answer. A move that does not arrive within
+//!   [`RegistryConfig::move_timeout`] is released by the **leader**: it is
+//!   the one place that sees both the start and the
 //!   arrival, so it decides atomically which came first. A move the origin
 //!   gives up on is cancelled ([`Op::MoveCancel`]).
 //! - **Commit**: every change is announced with a number
@@ -274,8 +277,12 @@ pub struct Registry {
     /// identity, sent before the move was known here, to be answered: a
     /// claim and an arrival of one name are never in flight together (the
     /// leader would grant a claim of a name its asker holds, so both would
-    /// win). Meanwhile new claims of the name are refused here. Tried again
-    /// after every input; at most `MAX_PENDING`.
+    /// win). An arrival also waits for an earlier one that nobody waits for
+    /// any more (timed out, or its client left): the leader would grant both
+    /// (the second as the identity's re-homed grant), and the release that
+    /// undoes the first would free the name under the second's client.
+    /// Meanwhile new claims of the name are refused here. Tried again after
+    /// every input; at most `MAX_PENDING`.
     parked: Vec<ParkedArrival>,
 }
 
@@ -889,12 +896,16 @@ impl Registry {
     }
 
     /// Whether `key` is an identity moving to this server, or with an
-    /// arrival waiting here.
+    /// arrival waiting here or in flight (abandoned too: the leader grants
+    /// a claim of an identity registered to its asker, and the release
+    /// that undoes a granted arrival nobody waits for would free it).
     fn moving_here(&self, key: &NameKey) -> bool {
         let NameKey::Identity(identity) = key else {
             return false;
         };
-        self.move_here(identity).is_some() || self.parked.iter().any(|p| p.identity == *identity)
+        self.move_here(identity).is_some()
+            || self.parked.iter().any(|p| p.identity == *identity)
+            || self.any_arrival_pending_for(key)
     }
 
     fn on_local(&mut self, now: Instant, token: u64, request: LocalRequest, out: &mut Vec<Action>) {
@@ -965,7 +976,6 @@ impl Registry {
                 let mut given = Vec::new();
                 for name in names {
                     if let Some(stamp) = self.let_go(name.key(), out) {
-                        let stamp = Some(stamp);
                         given.push(Given { name, stamp });
                     }
                 }

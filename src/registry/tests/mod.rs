@@ -891,6 +891,25 @@ fn request(term: u64, incarnation: u64, id: u64, resolved_below: u64, op: Op) ->
     }
 }
 
+/// A release of the identity `name` as the leader `reg` has it registered
+/// (its grant's stamp), or of a grant nobody holds if it has none.
+fn release_of(reg: &Registry, name: &str) -> Op {
+    let stamp = reg
+        .leading
+        .as_ref()
+        .and_then(|lead| lead.registry.identities.get(name))
+        .map(|e| e.stamp.clone())
+        .unwrap_or(Stamp {
+            term: 0,
+            seq: 0,
+            leader: "nobody".into(),
+        });
+    Op::Release(vec![Given {
+        name: ident(name),
+        stamp,
+    }])
+}
+
 fn msg(from: &str, msg: RegistryMessage) -> Input {
     Input::Message {
         from: from.to_string(),

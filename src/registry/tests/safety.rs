@@ -725,15 +725,46 @@ fn let_go_as_the_cut_starts(sim: &mut Sim, seed: u64, name: &dyn Fn(usize) -> Na
     sim.local(2, LocalRequest::Release(vec![name(2)]));
 }
 
+/// The same history for an arrival that reached s3 before the move's
+/// announcement did: s3's `MoveDone` cannot name the move's grant. s3 must
+/// not undo it with a release of whatever it holds under the name: it
+/// keeps the arrival in flight until an answer names the grant.
+#[test]
+fn a_leader_nobody_heard_does_not_grant_an_unannounced_arrival_given_up_and_regranted_meanwhile() {
+    regranted_while_a_cut_off_leader_kept_the_release(
+        |_| ident("user07"),
+        give_up_an_unannounced_arrival_as_the_cut_starts,
+    );
+}
+
 /// A client of s1 moves to s3; s5 grants the arrival, but its answer to s3
 /// is lost, and s3 gives up on it (and releases the name) just as the
 /// one-way cut of s5 starts: s5 hears the release.
 fn give_up_an_arrival_as_the_cut_starts(sim: &mut Sim, seed: u64, name: &dyn Fn(usize) -> Name) {
+    give_up_an_arrival(sim, seed, name, false);
+}
+
+/// [`give_up_an_arrival_as_the_cut_starts`], with the announcements to s3
+/// lost from before the move: its arrival comes first.
+fn give_up_an_unannounced_arrival_as_the_cut_starts(
+    sim: &mut Sim,
+    seed: u64,
+    name: &dyn Fn(usize) -> Name,
+) {
+    give_up_an_arrival(sim, seed, name, true);
+}
+
+fn give_up_an_arrival(sim: &mut Sim, seed: u64, name: &dyn Fn(usize) -> Name, unannounced: bool) {
     let Name::Identity(identity) = name(0) else {
         unreachable!("a move is of an identity");
     };
     let held = sim.claim(0, name(0));
     sim.run_for(ms(300));
+    if unannounced {
+        sim.lose = Some(Box::new(|_, to, m| {
+            to == 2 && matches!(m, RegistryMessage::Announce { .. })
+        }));
+    }
     let start = sim.local(
         0,
         LocalRequest::StartMove {
@@ -748,8 +779,10 @@ fn give_up_an_arrival_as_the_cut_starts(sim: &mut Sim, seed: u64, name: &dyn Fn(
         (Some(&Ok(())), Some(&Ok(()))),
         "seed {seed}: s1's grant and move"
     );
-    sim.lose = Some(Box::new(|_, to, m| {
-        to == 2 && matches!(m, RegistryMessage::Answer { .. })
+    sim.lose = Some(Box::new(move |_, to, m| {
+        to == 2
+            && (matches!(m, RegistryMessage::Answer { .. })
+                || unannounced && matches!(m, RegistryMessage::Announce { .. }))
     }));
     let arrived = sim.local(
         2,

@@ -52,11 +52,11 @@ fn every_message_round_trips_through_postcard() {
             Op::Release(vec![
                 Given {
                     name: room("jokes", ""),
-                    stamp: Some(stamp.clone()),
+                    stamp: stamp.clone(),
                 },
                 Given {
                     name: ident("Adel"),
-                    stamp: None,
+                    stamp: stamp.clone(),
                 },
             ]),
         ),
@@ -201,10 +201,7 @@ fn a_full_queue_refuses_claims_but_leaves_releases_to_their_retry() {
         reason: Refusal::Busy,
     };
     assert_eq!(answers(&out), vec![("s1".into(), id, busy)]);
-    let release = Op::Release(vec![Given {
-        name: ident("Adel"),
-        stamp: None,
-    }]);
+    let release = release_of(&reg, "Adel");
     let out = reg.handle(now, msg("s1", request(1, 1, id + 1, 1, release)));
     assert_eq!(
         answers(&out),
@@ -368,19 +365,7 @@ fn one_announcement_never_holds_two_holdings_of_a_name() {
     );
     out.extend(reg.handle(
         now,
-        msg(
-            "s1",
-            request(
-                1,
-                1,
-                2,
-                1,
-                Op::Release(vec![Given {
-                    name: ident("Adel"),
-                    stamp: None,
-                }]),
-            ),
-        ),
+        msg("s1", request(1, 1, 2, 1, release_of(&reg, "Adel"))),
     ));
     out.extend(reg.handle(
         now,
@@ -421,19 +406,7 @@ fn dedup_memory_is_bounded() {
     for id in 1..=5000u64 {
         reg.handle(
             now,
-            msg(
-                "s1",
-                request(
-                    1,
-                    1,
-                    id,
-                    id,
-                    Op::Release(vec![Given {
-                        name: ident("Nobody"),
-                        stamp: None,
-                    }]),
-                ),
-            ),
+            msg("s1", request(1, 1, id, id, release_of(&reg, "Nobody"))),
         );
     }
     let lead = reg.leading.as_ref().expect("leads");
@@ -442,19 +415,7 @@ fn dedup_memory_is_bounded() {
     for id in 1..=5000u64 {
         reg.handle(
             now,
-            msg(
-                "s2",
-                request(
-                    1,
-                    1,
-                    id,
-                    0,
-                    Op::Release(vec![Given {
-                        name: ident("Nobody"),
-                        stamp: None,
-                    }]),
-                ),
-            ),
+            msg("s2", request(1, 1, id, 0, release_of(&reg, "Nobody"))),
         );
     }
     let lead = reg.leading.as_ref().expect("leads");
@@ -530,19 +491,7 @@ fn leader_without_majority_refuses_new_names_but_releases() {
     // Existing names keep working: a release still goes through.
     let out = reg.handle(
         now,
-        msg(
-            "s4",
-            request(
-                1,
-                1,
-                3,
-                3,
-                Op::Release(vec![Given {
-                    name: ident("Keep"),
-                    stamp: None,
-                }]),
-            ),
-        ),
+        msg("s4", request(1, 1, 3, 3, release_of(&reg, "Keep"))),
     );
     assert_eq!(announces(&out), 1);
     assert!(
@@ -1020,11 +969,11 @@ fn a_leaving_client_gives_back_its_identity_and_room_in_one_request() {
         vec![Op::Release(vec![
             Given {
                 name: room("jokes", ""),
-                stamp: Some(room_stamp),
+                stamp: room_stamp,
             },
             Given {
                 name: ident("Adel"),
-                stamp: Some(identity_stamp),
+                stamp: identity_stamp,
             },
         ])],
         "one request, naming both grants"
@@ -1375,6 +1324,70 @@ fn move_start_and_done() {
     sim.run_for(ms(1500));
     assert_eq!(sim.holders(&ident("Adel")), vec![1]);
     sim.assert_converged();
+}
+
+/// A second arrival of an identity while the first is still in flight,
+/// abandoned (its client left before the answer came): the second waits
+/// for the first's answer. Sent at once, it was granted too (as the
+/// identity's re-homed grant), and the release that undid the first then
+/// freed the identity under the second's client: s2 held Adel while the
+/// leader had it free, and s3 was granted it as well.
+#[test]
+fn a_second_arrival_waits_for_an_abandoned_one() {
+    after_an_abandoned_arrival(|| LocalRequest::AcceptMove {
+        identity: "Adel".into(),
+        arrival: arrival(),
+    });
+}
+
+/// The same for a claim of the identity on the arrival's server: the
+/// leader grants a claim of a name registered to its asker (by the
+/// arrival), so the first arrival's undo would free it the same way.
+#[test]
+fn a_claim_behind_an_abandoned_arrival_is_refused() {
+    after_an_abandoned_arrival(|| LocalRequest::Claim(ident("Adel")));
+}
+
+/// s1's `Adel` moves to s2; s2's arrival is answered, but the answers are
+/// lost and its client leaves. `second` then asks s2 for `Adel`. Whatever
+/// it is told, s2 holds `Adel` exactly when it was granted, and s3 can
+/// claim `Adel` exactly when s2 does not hold it.
+fn after_an_abandoned_arrival(second: fn() -> LocalRequest) {
+    for seed in 0..20 {
+        let mut sim = Sim::new(3, seed, true);
+        start_move(&mut sim);
+        sim.lose = Some(Box::new(|_, to, m| {
+            to == 1 && matches!(m, RegistryMessage::Answer { .. })
+        }));
+        let first = sim.local(
+            1,
+            LocalRequest::AcceptMove {
+                identity: "Adel".into(),
+                arrival: arrival(),
+            },
+        );
+        sim.run_for(ms(50));
+        sim.local(1, LocalRequest::Release(vec![ident("Adel")]));
+        assert_eq!(sim.result(first), Some(&Err(Refusal::Cancelled)));
+        let second = sim.local(1, second());
+        sim.run_for(ms(20));
+        sim.lose = None;
+        sim.run_for(ms(1000));
+        let on_s2 = sim.holders(&ident("Adel")) == vec![1];
+        assert_eq!(
+            sim.result(second).map(Result::is_ok),
+            Some(on_s2),
+            "seed {seed}: the second request's answer and s2's holdings"
+        );
+        let on_s3 = sim.claim(2, ident("Adel"));
+        sim.run_for(ms(300));
+        assert_eq!(
+            sim.result(on_s3).map(Result::is_ok),
+            Some(!on_s2),
+            "seed {seed}: s3's claim, with s2 holding Adel: {on_s2}"
+        );
+        sim.assert_converged();
+    }
 }
 
 #[test]
