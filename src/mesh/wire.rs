@@ -20,7 +20,7 @@ use crate::registry::RegistryMessage;
 /// grants it gives back (their stamps), several at once, and an arrival
 /// names the move it completes: a server of an older version is refused at
 /// `Hello` instead of misreading them. 4: every released grant is named
-/// (the stamp is no longer optional).
+/// (the stamp is no longer optional), and a move cancel names the move.
 pub const WIRE_VERSION: u8 = 4;
 
 /// Largest stream frame accepted; checked before anything is allocated, and

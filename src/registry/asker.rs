@@ -335,8 +335,11 @@ impl Registry {
         // The leader may have granted the move anyway: cancel it, so
         // nothing leaks. (An abandoned move stays reserved until its cancel
         // is acknowledged: the target may have taken the identity meanwhile.)
-        if let Op::MoveStart { identity, .. } = p.op {
-            self.submit(now, Op::MoveCancel { identity }, None, out);
+        if let Op::MoveStart {
+            identity, proof, ..
+        } = p.op
+        {
+            self.submit(now, Op::MoveCancel { identity, proof }, None, out);
         }
     }
 
@@ -424,13 +427,18 @@ impl Registry {
                 }
             }
             (Op::Release(_), _) => {}
-            (Op::MoveCancel { identity }, Verdict::Granted { .. }) => {
-                if let Some(entry) = self.own.identities.get_mut(&identity) {
+            (Op::MoveCancel { identity, proof }, Verdict::Granted { .. }) => {
+                if let Some(entry) = self
+                    .own
+                    .identities
+                    .get_mut(&identity)
+                    .filter(|e| e.move_proof.as_ref() == Some(&proof))
+                {
                     entry.moving_to = None;
                     entry.move_proof = None;
                 }
             }
-            (Op::MoveCancel { identity }, Verdict::Refused { reason }) => {
+            (Op::MoveCancel { identity, .. }, Verdict::Refused { reason }) => {
                 self.move_refused(now, &identity, None, &reason, out);
             }
             (Op::MoveStart { identity, to, .. }, Verdict::Refused { reason }) => {

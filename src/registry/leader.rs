@@ -774,14 +774,16 @@ impl Registry {
                 self.commit(lead, vec![Change::SetIdentity(arrived)], out);
                 granted(stamp)
             }
-            Op::MoveCancel { identity } => {
+            Op::MoveCancel { identity, proof } => {
                 let entry = match lead.registry.identities.get(identity) {
                     Some(e) if e.server == *asker => e.clone(),
                     Some(_) => return refused(Refusal::Taken),
                     None => return refused(Refusal::NotOwner),
                 };
                 let stamp = entry.stamp.clone();
-                if entry.moving_to.is_some() {
+                // Only the move given up on: a late cancel must not cancel
+                // a later move of the identity.
+                if entry.moving_to.is_some() && entry.move_proof.as_ref() == Some(proof) {
                     lead.moves.remove(identity);
                     let stays = IdentityEntry {
                         moving_to: None,

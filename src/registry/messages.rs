@@ -218,6 +218,11 @@ pub enum Op {
     MoveCancel {
         /// The identity that stays.
         identity: String,
+        /// The proof of the move given up on: the leader cancels only that
+        /// move. A cancel can reach a leader late (queued while the leader
+        /// was cut off), after the identity started another move; it must
+        /// not cancel that one.
+        proof: MoveProof,
     },
 }
 
@@ -241,7 +246,9 @@ impl Op {
             Op::Release(given) => (None, given.as_slice()),
             Op::MoveStart { identity, .. }
             | Op::MoveDone { identity, .. }
-            | Op::MoveCancel { identity } => (Some(NameKey::Identity(identity.clone())), &[][..]),
+            | Op::MoveCancel { identity, .. } => {
+                (Some(NameKey::Identity(identity.clone())), &[][..])
+            }
         };
         one.into_iter().chain(given.iter().map(|g| g.name.key()))
     }

@@ -65,7 +65,8 @@
 //!   [`RegistryConfig::move_timeout`] is released by the **leader**: it is
 //!   the one place that sees both the start and the
 //!   arrival, so it decides atomically which came first. A move the origin
-//!   gives up on is cancelled ([`Op::MoveCancel`]).
+//!   gives up on is cancelled ([`Op::MoveCancel`], naming the move's proof:
+//!   a late cancel must not cancel a later move of the identity).
 //! - **Commit**: every change is announced with a number
 //!   ([`RegistryMessage::Announce`]); each follower applies announcements in
 //!   order and acknowledges the last one applied ([`RegistryMessage::Ack`]).

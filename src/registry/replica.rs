@@ -29,7 +29,7 @@ impl Registry {
         let cancel_pending = self
             .pending
             .values()
-            .any(|p| matches!(&p.op, Op::MoveCancel { identity: i } if i == identity));
+            .any(|p| matches!(&p.op, Op::MoveCancel { identity: i, .. } if i == identity));
         match reason {
             Refusal::Taken => {
                 if self.drop_own_identity(identity).is_some() {
@@ -95,7 +95,9 @@ impl Registry {
             .get(identity)
             .is_some_and(|e| e.moving_to.is_none())
             || self.pending.values().any(|p| match &p.op {
-                Op::MoveStart { identity: i, .. } | Op::MoveCancel { identity: i } => i == identity,
+                Op::MoveStart { identity: i, .. } | Op::MoveCancel { identity: i, .. } => {
+                    i == identity
+                }
                 _ => false,
             })
     }

@@ -89,6 +89,7 @@ fn every_message_round_trips_through_postcard() {
             1,
             Op::MoveCancel {
                 identity: "Adel".into(),
+                proof: proof(),
             },
         ),
         RegistryMessage::Answer {
@@ -1388,6 +1389,56 @@ fn after_an_abandoned_arrival(second: fn() -> LocalRequest) {
         );
         sim.assert_converged();
     }
+}
+
+/// A cancel names the move it gives up on: one that reaches the leader
+/// late (kept queued while the leader was cut off), after the identity
+/// started another move, leaves that move open.
+#[test]
+fn a_move_cancel_cancels_only_the_move_it_names() {
+    let (mut reg, now) = hand_leader(3, true);
+    reg.handle(
+        now,
+        msg("s1", request(1, 1, 1, 1, Op::Claim(ident("Adel")))),
+    );
+    ack_all(&mut reg, now);
+    let start = |token: &str| Op::MoveStart {
+        identity: "Adel".into(),
+        to: "s2".into(),
+        proof: MoveProof {
+            token: token.into(),
+            ..proof()
+        },
+    };
+    let cancel = |token: &str| Op::MoveCancel {
+        identity: "Adel".into(),
+        proof: MoveProof {
+            token: token.into(),
+            ..proof()
+        },
+    };
+    let moving = |reg: &Registry| {
+        let lead = reg.leading.as_ref().expect("leads");
+        let entry = &lead.registry.identities["Adel"];
+        entry.move_proof.as_ref().map(|p| p.token.clone())
+    };
+    reg.handle(now, msg("s1", request(1, 1, 2, 2, start("first"))));
+    ack_all(&mut reg, now);
+    reg.handle(now, msg("s1", request(1, 1, 3, 3, cancel("first"))));
+    ack_all(&mut reg, now);
+    assert_eq!(moving(&reg), None, "the first move is cancelled");
+    reg.handle(now, msg("s1", request(1, 1, 4, 4, start("second"))));
+    ack_all(&mut reg, now);
+    let out = reg.handle(now, msg("s1", request(1, 1, 5, 5, cancel("first"))));
+    assert!(
+        matches!(answers(&out)[..], [(_, 5, Verdict::Granted { .. })]),
+        "{out:?}"
+    );
+    assert_eq!(announces(&out), 0, "nothing changes");
+    assert_eq!(moving(&reg).as_deref(), Some("second"), "still moving");
+    let out = reg.handle(now, msg("s1", request(1, 1, 6, 6, cancel("second"))));
+    assert_eq!(announces(&out), 1);
+    assert_eq!(moving(&reg), None, "the second move is cancelled");
 }
 
 #[test]
