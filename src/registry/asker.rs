@@ -121,6 +121,7 @@ impl Registry {
             return;
         };
         let resolved_below = self.pending.keys().next().copied().unwrap_or(self.next_id);
+        let down = self.down_list();
         for &id in ids {
             let ready = self
                 .pending
@@ -138,6 +139,7 @@ impl Registry {
                     resolved_below,
                 },
                 op: p.op.clone(),
+                down: down.clone(),
             };
             self.send(&leader, msg, out);
         }
@@ -233,6 +235,7 @@ impl Registry {
             return;
         };
         let resolved_below = self.pending.keys().next().copied().unwrap_or(self.next_id);
+        let down = self.down_list();
         let waiting: HashSet<u64> = self
             .pending
             .iter()
@@ -258,6 +261,7 @@ impl Registry {
                     resolved_below,
                 },
                 op: p.op.clone(),
+                down: down.clone(),
             });
         }
         for msg in messages {
@@ -389,8 +393,11 @@ impl Registry {
             }
             (Op::MoveDone { identity, .. }, Verdict::Granted { stamp }) => {
                 if p.abandoned {
+                    // As for a claim: never free what a client here holds.
                     let name = Name::Identity(identity);
-                    self.submit(now, Op::Release(vec![Given { name, stamp }]), None, out);
+                    if !self.holds(&name) {
+                        self.submit(now, Op::Release(vec![Given { name, stamp }]), None, out);
+                    }
                 } else {
                     self.replica.remove_identity(&identity);
                     self.own.set_identity(IdentityEntry {

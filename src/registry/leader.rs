@@ -323,6 +323,27 @@ impl Registry {
         }
     }
 
+    /// The view a request came with: taken as the asker's liveness when it
+    /// differs from the last one known (usually both are empty).
+    pub(super) fn lead_view(
+        &mut self,
+        lead: &mut LeaderState,
+        now: Instant,
+        from: &ServerId,
+        down: Vec<ServerId>,
+        out: &mut Vec<Action>,
+    ) {
+        if *from == self.id {
+            return;
+        }
+        let known = lead.down_votes.get(from);
+        let same =
+            known.is_some_and(|d| d.len() == down.len() && down.iter().all(|s| d.contains(s)));
+        if !same {
+            self.lead_liveness(lead, now, from, down, out);
+        }
+    }
+
     /// A follower says which servers it sees down.
     pub(super) fn lead_liveness(
         &mut self,
@@ -368,6 +389,25 @@ impl Registry {
         for server in down {
             self.lead_purge(lead, now, &server, out);
         }
+    }
+
+    /// A server whose names this leader freed (and still sees down) that
+    /// `asker` has not said it sees down. A server is freed only when every
+    /// live follower sees it down, but one that was down itself then (cut
+    /// off with it, on its side of a partition) comes back still hearing
+    /// it: a name freed from that server, granted to the asker, would be
+    /// held twice on two servers that talk (the faults test found this
+    /// under a fluttering partition). Its claims wait until the asker sees
+    /// the server down too, or the server is back and its names merged.
+    fn heard_purged(&self, lead: &LeaderState, asker: &ServerId) -> Option<ServerId> {
+        if *asker == self.id {
+            return None;
+        }
+        let sees_down = lead.down_votes.get(asker);
+        lead.purged
+            .iter()
+            .find(|s| *s != asker && !sees_down.is_some_and(|d| d.contains(*s)))
+            .cloned()
     }
 
     /// Sends `peer` what it has not acknowledged: recent announcements
@@ -727,9 +767,10 @@ impl Registry {
                 let this_move = |e: &IdentityEntry| stamp.as_ref().is_none_or(|s| *s == e.stamp);
                 // Re-homed here under an earlier leader, whose answer never
                 // came: the arrival is done. (The asker sends one `MoveDone`
-                // per identity at a time and none while it holds the
-                // identity, so this is the retry of the request that was
-                // granted, not somebody else's.)
+                // per identity at a time, and none while a client of its own
+                // has the identity, held or moving away but not routed yet,
+                // so this is the retry of the request that was granted, not
+                // somebody else's.)
                 if let Some(e) = lead.registry.identities.get(identity)
                     && e.server == *asker
                     && e.moving_to.is_none()
@@ -838,6 +879,9 @@ impl Registry {
         }
         if !self.is_live(asker) {
             return refused(Refusal::AskerDown);
+        }
+        if let Some(server) = self.heard_purged(lead, asker) {
+            return refused(Refusal::HearsDownServer { server });
         }
         if self.config.require_majority && !self.has_majority() {
             return refused(self.no_majority());

@@ -342,6 +342,15 @@ pub enum Refusal {
     /// The leader considers the asking server down.
     #[error("the leader considers this server down")]
     AskerDown,
+    /// The asking server still hears a server whose names the leader freed
+    /// (a majority found it down): that server may still be serving the
+    /// clients of those names, and no name is held twice on servers that
+    /// talk. Answered until the two agree again.
+    #[error("this server still hears {server}, which the rest of the cluster found down")]
+    HearsDownServer {
+        /// The server the leader freed and the asker still hears.
+        server: ServerId,
+    },
     /// The chat layer released the name while its claim was in flight.
     #[error("request cancelled")]
     Cancelled,
@@ -436,6 +445,10 @@ pub enum RegistryMessage {
         ticket: Ticket,
         /// What to do.
         op: Op,
+        /// The servers the sender sees down as it sends this: the leader's
+        /// view of what the asker hears is never older than its request
+        /// (see [`Refusal::HearsDownServer`]).
+        down: Vec<ServerId>,
     },
     /// Leader -> asker: the decision on a request.
     Answer {

@@ -96,7 +96,11 @@
 //!   server down and every live follower does too: a server that the leader
 //!   cannot hear, or that some live server still hears (a non-transitive
 //!   cut), may be serving clients that servers it talks to serve too, and
-//!   keeps its names.
+//!   keeps its names. A follower that was down itself then (cut off on the
+//!   freed server's side) may come back still hearing it: its claims are
+//!   refused ([`Refusal::HearsDownServer`]) until it sees that server down
+//!   too or the server is back. Every request carries the asker's view, so
+//!   the leader judges it by the view it was sent with.
 //! - **Heal / restart**: when a server comes back, the leader merges its
 //!   holdings. Two holders of one name are resolved by [`Stamp`]: the later
 //!   grant wins (under a majority quorum, the later grant is the one the
@@ -721,9 +725,15 @@ impl Registry {
             return;
         }
         match msg {
-            RegistryMessage::Request { term, ticket, op } => {
+            RegistryMessage::Request {
+                term,
+                ticket,
+                op,
+                down,
+            } => {
                 if self.is_leader() && term <= self.term {
                     self.with_leader(|reg, lead| {
+                        reg.lead_view(lead, now, &from, down, out);
                         reg.lead_request(lead, now, from, ticket, op, out)
                     });
                 }
@@ -817,11 +827,13 @@ impl Registry {
         out: &mut Vec<Action>,
     ) {
         let key = NameKey::Identity(identity.clone());
-        // A client connected here refuses it; an identity merely reserved
-        // here (its client moved away and may be coming back) is for the
-        // leader to decide.
-        let refusal = if !is_valid_name(&identity) || self.holds(&Name::Identity(identity.clone()))
-        {
+        // A client connected here refuses it (one holding the identity, or
+        // moving away but not routed yet: the leader may still have the
+        // identity here, not moving, and would take the arrival for the
+        // retry of one it granted). An identity merely reserved here (its
+        // client moved away and may be coming back) is for the leader to
+        // decide.
+        let refusal = if !is_valid_name(&identity) || self.client_here(&identity) {
             Some(Refusal::NotMoving)
         } else if self
             .move_here(&identity)

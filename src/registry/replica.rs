@@ -26,10 +26,18 @@ impl Registry {
         reason: &Refusal,
         out: &mut Vec<Action>,
     ) {
-        let cancel_pending = self
-            .pending
-            .values()
-            .any(|p| matches!(&p.op, Op::MoveCancel { identity: i, .. } if i == identity));
+        // Only a cancel of the move the entry shows clears it when granted:
+        // one of an earlier move (given up on before the client let go of
+        // the identity and claimed it again) would leave it reserved.
+        let shown = self
+            .own
+            .identities
+            .get(identity)
+            .and_then(|e| e.move_proof.as_ref());
+        let cancel_pending = self.pending.values().any(|p| {
+            matches!(&p.op, Op::MoveCancel { identity: i, proof }
+                if i == identity && Some(proof) == shown)
+        });
         match reason {
             Refusal::Taken => {
                 if self.drop_own_identity(identity).is_some() {

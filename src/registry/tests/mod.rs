@@ -879,6 +879,7 @@ fn empty_report(incarnation: u64) -> HoldingsReport {
     }
 }
 
+/// A request from a server that sees nobody down.
 fn request(term: u64, incarnation: u64, id: u64, resolved_below: u64, op: Op) -> RegistryMessage {
     RegistryMessage::Request {
         term,
@@ -888,7 +889,16 @@ fn request(term: u64, incarnation: u64, id: u64, resolved_below: u64, op: Op) ->
             resolved_below,
         },
         op,
+        down: vec![],
     }
+}
+
+/// `request`, from a server that sees `servers` down.
+fn seeing_down(mut request: RegistryMessage, servers: &[&str]) -> RegistryMessage {
+    if let RegistryMessage::Request { down, .. } = &mut request {
+        *down = servers.iter().map(|s| s.to_string()).collect();
+    }
+    request
 }
 
 /// A release of the identity `name` as the leader `reg` has it registered

@@ -248,12 +248,77 @@ fn a_new_leader_keeps_the_names_of_a_server_it_cannot_hear_until_every_live_serv
     })));
     assert_eq!(registered(&reg, "Adel"), None);
     ack_all(&mut reg, now);
+    let claim = request(2, 1, 3, 3, Op::Claim(ident("Adel")));
+    let mut out = reg.handle(now, msg("s3", seeing_down(claim, &["s5"])));
+    out.extend(ack_all(&mut reg, now));
+    assert!(matches!(answers(&out)[0].2, Verdict::Granted { .. }));
+}
+
+/// Found by the faults test (seed 1, a fluttering partition {s1,s2} |
+/// {s3,s4,s5}): the leader s5 and everyone it heard saw s1 down and freed
+/// its names; s2, cut off with s1, was down for s5 then, so its view did
+/// not count. s2 came back first, still hearing s1, and was granted a name
+/// s1's client held: one name on two servers that talk. A server that
+/// hears a server whose names were freed has its claims refused until it
+/// sees that server down too (or that server is back and merged).
+#[test]
+fn a_server_that_still_hears_a_freed_server_is_not_given_its_names() {
+    let (mut reg, now) = hand_leader(5, true);
     let mut out = reg.handle(
         now,
-        msg("s3", request(2, 1, 3, 3, Op::Claim(ident("Adel")))),
+        msg("s1", request(1, 1, 1, 1, Op::Claim(ident("Adel")))),
     );
     out.extend(ack_all(&mut reg, now));
     assert!(matches!(answers(&out)[0].2, Verdict::Granted { .. }));
+    // s1 and s2 are cut off from the rest.
+    reg.handle(now, Input::PeerDown("s1".into()));
+    reg.handle(now, Input::PeerDown("s2".into()));
+    let mut out = Vec::new();
+    for from in ["s3", "s4"] {
+        let down = vec!["s1".into(), "s2".into()];
+        let liveness = RegistryMessage::Liveness { term: 1, down };
+        out.extend(reg.handle(now, msg(from, liveness)));
+    }
+    assert!(out.contains(&Action::Log(LogEvent::ServerPurged {
+        server: "s1".into(),
+        identities: 1,
+        rooms: 0,
+    })));
+    ack_all(&mut reg, now);
+    // s2 is back; s1 is not, and s2 still hears it.
+    reg.handle(now, Input::PeerUp("s2".into()));
+    // Its report (a newer one than its first) still hears s1.
+    let report = RegistryMessage::Holdings {
+        term: 1,
+        report: HoldingsReport {
+            version: 2,
+            down: vec!["s3".into(), "s4".into(), "s5".into()],
+            ..empty_report(1)
+        },
+    };
+    reg.handle(now, msg("s2", report));
+    ack_all(&mut reg, now);
+    let claim = |id| request(1, 1, id, id, Op::Claim(ident("Adel")));
+    let out = reg.handle(now, msg("s2", claim(2)));
+    assert_eq!(
+        answers(&out),
+        vec![(
+            "s2".into(),
+            2,
+            Verdict::Refused {
+                reason: Refusal::HearsDownServer {
+                    server: "s1".into()
+                }
+            }
+        )]
+    );
+    // Once s2 sees s1 down too, the name is its to have.
+    let mut out = reg.handle(now, msg("s2", seeing_down(claim(3), &["s1"])));
+    out.extend(ack_all(&mut reg, now));
+    assert!(
+        matches!(answers(&out)[..], [(_, 3, Verdict::Granted { .. })]),
+        "{out:?}"
+    );
 }
 
 #[test]

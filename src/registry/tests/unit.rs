@@ -1441,6 +1441,131 @@ fn a_move_cancel_cancels_only_the_move_it_names() {
     assert_eq!(moving(&reg), None, "the second move is cancelled");
 }
 
+/// An impostor's `movejoin` at the server whose own client has the
+/// identity and is moving away, before the leader heard of the move: the
+/// leader has the identity there, not moving, and took the arrival for the
+/// retry of one it had granted (no proof checked), so the impostor got the
+/// identity. The server refuses it itself now.
+#[test]
+fn an_arrival_at_the_origin_of_a_move_not_yet_routed_is_refused() {
+    let mut sim = Sim::new(3, 5, true);
+    sim.claim(0, ident("Adel"));
+    sim.run_for(ms(100));
+    sim.lose = Some(Box::new(|from, _, m| {
+        from == 0
+            && matches!(
+                m,
+                RegistryMessage::Request {
+                    op: Op::MoveStart { .. },
+                    ..
+                }
+            )
+    }));
+    sim.local(
+        0,
+        LocalRequest::StartMove {
+            identity: "Adel".into(),
+            to: "s2".into(),
+            proof: proof(),
+        },
+    );
+    sim.run_for(ms(10));
+    let impostor = sim.local(
+        0,
+        LocalRequest::AcceptMove {
+            identity: "Adel".into(),
+            arrival: Arrival {
+                token: None,
+                ip: std::net::IpAddr::from([10, 0, 0, 66]),
+            },
+        },
+    );
+    sim.run_for(ms(100));
+    assert_eq!(sim.result(impostor), Some(&Err(Refusal::NotMoving)));
+}
+
+/// s1 gives up on a move of `Adel` and cancels it, and the cancel's answer
+/// is late; meanwhile the client leaves, `Adel` is granted to s1 again, and
+/// a move of the new client is refused. That refusal must clear the
+/// reservation itself: the late cancel names the first move, and its
+/// answer clears only that one (it left `Adel` reserved for good, and a
+/// reserved identity's client is not evicted when the leader drops it).
+#[test]
+fn a_refused_move_is_not_left_reserved_behind_the_cancel_of_an_earlier_one() {
+    let cfg = test_config(true);
+    let mut now = Instant::now();
+    let mut reg = Registry::new("s1".into(), vec![sid(0), sid(1), sid(2)], cfg.clone(), 1);
+    reg.handle(now, Input::PeerUp("s2".into()));
+    reg.handle(now, Input::PeerUp("s3".into()));
+    let follow = Input::LeaderChanged {
+        leader: Some("s3".into()),
+        term: 1,
+    };
+    reg.handle(now, follow);
+    let snapshot = RegistryMessage::Snapshot {
+        term: 1,
+        seq: 0,
+        identities: vec![],
+        rooms: vec![],
+    };
+    reg.handle(now, msg("s3", snapshot));
+    // Request ids go up by one per request: the claim is 1.
+    let answer = |id, seq, verdict| {
+        msg(
+            "s3",
+            RegistryMessage::Answer {
+                term: 1,
+                incarnation: 1,
+                id,
+                seq,
+                verdict,
+            },
+        )
+    };
+    let granted = |seq| Verdict::Granted {
+        stamp: Stamp {
+            term: 1,
+            seq,
+            leader: "s3".into(),
+        },
+    };
+    let local = |token, request| Input::Local { token, request };
+    let start = |token: &str| LocalRequest::StartMove {
+        identity: "Adel".into(),
+        to: "s2".into(),
+        proof: MoveProof {
+            token: token.into(),
+            ..proof()
+        },
+    };
+    reg.handle(now, local(1, LocalRequest::Claim(ident("Adel"))));
+    reg.handle(now, answer(1, 1, granted(1)));
+    assert!(reg.holds(&ident("Adel")));
+    // The move (2) is never answered: given up on, cancelled (3).
+    reg.handle(now, local(2, start("first")));
+    now += cfg.claim_timeout;
+    reg.handle(now, Input::Timer(Timer::RequestDeadline { id: 2 }));
+    // The client leaves (release 4, acknowledged) and Adel is claimed
+    // again (5), and its move (6) refused.
+    reg.handle(now, local(3, LocalRequest::Release(vec![ident("Adel")])));
+    reg.handle(now, answer(4, 3, granted(3)));
+    reg.handle(now, local(4, LocalRequest::Claim(ident("Adel"))));
+    reg.handle(now, answer(5, 4, granted(4)));
+    assert!(reg.holds(&ident("Adel")), "granted again");
+    reg.handle(now, local(5, start("second")));
+    let target_down = Verdict::Refused {
+        reason: Refusal::TargetDown,
+    };
+    let out = reg.handle(now, answer(6, 4, target_down));
+    assert_eq!(replies(&out), vec![(5, Err(Refusal::TargetDown))]);
+    // The first move's cancel is answered at last.
+    reg.handle(now, answer(3, 2, granted(1)));
+    assert!(
+        reg.holds(&ident("Adel")),
+        "the new client's Adel is its own again, not reserved"
+    );
+}
+
 #[test]
 fn move_that_never_arrives_is_released() {
     let mut sim = Sim::new(3, 8, true);
