@@ -20,7 +20,9 @@ use crate::registry::RegistryMessage;
 /// grants it gives back (their stamps), several at once, and an arrival
 /// names the move it completes: a server of an older version is refused at
 /// `Hello` instead of misreading them. 4: every released grant is named
-/// (the stamp is no longer optional), and a move cancel names the move.
+/// (the stamp is no longer optional), a move cancel names the move, a
+/// request carries the asker's view of who is down, and a refusal may say
+/// the asker still hears a server whose names were freed.
 pub const WIRE_VERSION: u8 = 4;
 
 /// Largest stream frame accepted; checked before anything is allocated, and

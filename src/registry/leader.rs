@@ -92,7 +92,9 @@ pub(super) struct LeaderState {
     pub(super) recent: VecDeque<Sent>,
     /// Servers each follower's failure detector sees down, as it last said.
     pub(super) down_votes: HashMap<ServerId, BTreeSet<ServerId>>,
-    /// Servers whose names were freed in this term, until they come back up.
+    /// Servers whose names were freed in this term (or, down and holding
+    /// nothing when the base was built, maybe in an earlier one), until
+    /// their holdings are merged again.
     pub(super) purged: BTreeSet<ServerId>,
     /// The announcement being filled, numbered `seq` already: what is
     /// decided while the runtime hands the registry a batch of inputs goes
@@ -391,21 +393,26 @@ impl Registry {
         }
     }
 
-    /// A server whose names this leader freed (and still sees down) that
-    /// `asker` has not said it sees down. A server is freed only when every
-    /// live follower sees it down, but one that was down itself then (cut
-    /// off with it, on its side of a partition) comes back still hearing
-    /// it: a name freed from that server, granted to the asker, would be
-    /// held twice on two servers that talk (the faults test found this
-    /// under a fluttering partition). Its claims wait until the asker sees
-    /// the server down too, or the server is back and its names merged.
+    /// A server whose names were freed (by this leader, or, when it is down
+    /// and holds nothing in the registry, maybe by an earlier one), and not
+    /// merged back since, that `asker` has not said it sees down. A server
+    /// is freed only when every live follower sees it down, but one that
+    /// was down itself then (cut off with it, on its side of a partition)
+    /// comes back still hearing it: a name freed from that server, granted
+    /// to the asker, would be held twice on two servers that talk (the
+    /// faults test found this under a fluttering partition). Its claims and
+    /// arrivals wait until the asker sees the server down too, or the
+    /// server's holdings are merged again (not merely seen up: it may go
+    /// down again before it reports).
     fn heard_purged(&self, lead: &LeaderState, asker: &ServerId) -> Option<ServerId> {
         if *asker == self.id {
             return None;
         }
+        // One that is up again waits in `unsynced` (see `blocked`).
         let sees_down = lead.down_votes.get(asker);
         lead.purged
             .iter()
+            .filter(|s| !self.is_live(s))
             .find(|s| *s != asker && !sees_down.is_some_and(|d| d.contains(*s)))
             .cloned()
     }
@@ -574,6 +581,21 @@ impl Registry {
         for (from, report) in reports {
             self.lead_holdings(lead, now, from, report, out);
         }
+        // A down server with no name in the registry may be one an earlier
+        // leader freed: counted as freed until its holdings are merged, so
+        // a server that still hears it is not given its names (see
+        // `heard_purged`).
+        let freed: Vec<ServerId> = self
+            .servers
+            .iter()
+            .filter(|s| !self.is_live(s))
+            .filter(|s| {
+                !lead.registry.identities.values().any(|e| e.server == **s)
+                    && !lead.registry.rooms.values().any(|r| r.server == **s)
+            })
+            .cloned()
+            .collect();
+        lead.purged.extend(freed);
         self.lead_check_purges(lead, now, out);
         self.flush_queue(lead, now, out);
     }
@@ -797,6 +819,11 @@ impl Registry {
                 }
                 if !self.is_live(asker) {
                     return refused(Refusal::AskerDown);
+                }
+                // An identity freed from a server the asker still hears may
+                // be held there: not re-homed to the asker either.
+                if let Some(server) = self.heard_purged(lead, asker) {
+                    return refused(Refusal::HearsDownServer { server });
                 }
                 let stamp = entry.stamp.clone();
                 took(
@@ -1304,6 +1331,9 @@ impl Registry {
             self.send(&server, msg, out);
         }
         lead.unsynced.remove(&from);
+        // Its names are its own again (those it still holds re-registered):
+        // servers that hear it may be given the rest.
+        lead.purged.remove(&from);
         let identities = lead.registry.identities.values().cloned().collect();
         let rooms = lead.registry.rooms.values().cloned().collect();
         if from != self.id {

@@ -97,10 +97,12 @@
 //!   cannot hear, or that some live server still hears (a non-transitive
 //!   cut), may be serving clients that servers it talks to serve too, and
 //!   keeps its names. A follower that was down itself then (cut off on the
-//!   freed server's side) may come back still hearing it: its claims are
-//!   refused ([`Refusal::HearsDownServer`]) until it sees that server down
-//!   too or the server is back. Every request carries the asker's view, so
-//!   the leader judges it by the view it was sent with.
+//!   freed server's side) may come back still hearing it: its claims and
+//!   arrivals are refused ([`Refusal::HearsDownServer`]) until it sees that
+//!   server down too or the server's holdings are merged again (a new
+//!   leader counts every down server holding nothing in its base as freed).
+//!   Every request carries the asker's view, so the leader judges it by the
+//!   view it was sent with.
 //! - **Heal / restart**: when a server comes back, the leader merges its
 //!   holdings. Two holders of one name are resolved by [`Stamp`]: the later
 //!   grant wins (under a majority quorum, the later grant is the one the
@@ -1043,7 +1045,6 @@ impl Registry {
             let deadline = later(now, self.config.sync_timeout);
             if let Some(lead) = self.leading.as_mut() {
                 lead.unsynced.insert(peer.clone(), deadline);
-                lead.purged.remove(&peer);
             }
             let msg = RegistryMessage::HoldingsRequest { term: self.term };
             self.send(&peer, msg, out);

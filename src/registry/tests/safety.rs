@@ -299,24 +299,94 @@ fn a_server_that_still_hears_a_freed_server_is_not_given_its_names() {
     reg.handle(now, msg("s2", report));
     ack_all(&mut reg, now);
     let claim = |id| request(1, 1, id, id, Op::Claim(ident("Adel")));
-    let out = reg.handle(now, msg("s2", claim(2)));
-    assert_eq!(
-        answers(&out),
+    let refused = |id| {
         vec![(
-            "s2".into(),
-            2,
+            "s2".to_string(),
+            id,
             Verdict::Refused {
                 reason: Refusal::HearsDownServer {
-                    server: "s1".into()
-                }
-            }
+                    server: "s1".into(),
+                },
+            },
         )]
-    );
+    };
+    let out = reg.handle(now, msg("s2", claim(2)));
+    assert_eq!(answers(&out), refused(2));
+    // s1 flutters: seen up, and down again before its holdings came.
+    reg.handle(now, Input::PeerUp("s1".into()));
+    reg.handle(now, Input::PeerDown("s1".into()));
+    let out = reg.handle(now, msg("s2", claim(3)));
+    assert_eq!(answers(&out), refused(3), "s1's names were not merged back");
+    // Nor is an identity re-homed to s2 by a move (s3 sees s1 down).
+    let from_s3 = |id, op| msg("s3", seeing_down(request(1, 1, id, id, op), &["s1"]));
+    let mut out = reg.handle(now, from_s3(1, Op::Claim(ident("Bob"))));
+    let start = Op::MoveStart {
+        identity: "Bob".into(),
+        to: "s2".into(),
+        proof: proof(),
+    };
+    out.extend(ack_all(&mut reg, now));
+    out.extend(reg.handle(now, from_s3(2, start)));
+    out.extend(ack_all(&mut reg, now));
+    assert_eq!(answers(&out).len(), 2, "Bob granted and moving: {out:?}");
+    let arrive = Op::MoveDone {
+        identity: "Bob".into(),
+        arrival: arrival(),
+        stamp: None,
+    };
+    let out = reg.handle(now, msg("s2", request(1, 1, 4, 4, arrive)));
+    assert_eq!(answers(&out), refused(4));
     // Once s2 sees s1 down too, the name is its to have.
-    let mut out = reg.handle(now, msg("s2", seeing_down(claim(3), &["s1"])));
+    let mut out = reg.handle(now, msg("s2", seeing_down(claim(5), &["s1"])));
     out.extend(ack_all(&mut reg, now));
     assert!(
-        matches!(answers(&out)[..], [(_, 3, Verdict::Granted { .. })]),
+        matches!(answers(&out)[..], [(_, 5, Verdict::Granted { .. })]),
+        "{out:?}"
+    );
+}
+
+/// A new leader does not know which servers an earlier one freed: a down
+/// server holding nothing in its base counts as freed until its holdings
+/// are merged, so a server that hears it gets none of the names. (The new
+/// leader does not free it again itself: s2 still hears it.)
+#[test]
+fn a_new_leader_counts_a_down_server_holding_nothing_as_freed() {
+    let now = Instant::now();
+    let ids: Vec<ServerId> = (0..5).map(sid).collect();
+    let mut reg = Registry::new(sid(4), ids, test_config(true), 1);
+    // s5 leads s2, s3 and s4; s1 is down for all but s2, and holds nothing
+    // in any replica (an earlier leader freed its names).
+    for peer in ["s2", "s3", "s4"] {
+        reg.handle(now, Input::PeerUp(peer.into()));
+    }
+    let lead = Input::LeaderChanged {
+        leader: Some(sid(4)),
+        term: 1,
+    };
+    reg.handle(now, lead);
+    for (peer, down) in [("s2", vec![]), ("s3", vec!["s1"]), ("s4", vec!["s1"])] {
+        let report = RegistryMessage::Holdings {
+            term: 1,
+            report: HoldingsReport {
+                down: down.into_iter().map(String::from).collect(),
+                ..empty_report(1)
+            },
+        };
+        reg.handle(now, msg(peer, report));
+    }
+    ack_all(&mut reg, now);
+    let claim = |id| request(1, 1, id, id, Op::Claim(ident("Adel")));
+    let out = reg.handle(now, msg("s2", claim(1)));
+    let refused = Verdict::Refused {
+        reason: Refusal::HearsDownServer {
+            server: "s1".into(),
+        },
+    };
+    assert_eq!(answers(&out), vec![("s2".into(), 1, refused)]);
+    let mut out = reg.handle(now, msg("s2", seeing_down(claim(2), &["s1"])));
+    out.extend(ack_all(&mut reg, now));
+    assert!(
+        matches!(answers(&out)[..], [(_, 2, Verdict::Granted { .. })]),
         "{out:?}"
     );
 }
