@@ -30,11 +30,17 @@ impl Registry {
         }
     }
 
+    /// Whether a request about `key` that `what` picks is in flight.
+    fn pending_for(&self, key: &NameKey, what: impl Fn(&Pending) -> bool) -> bool {
+        self.pending_ids(key)
+            .any(|id| self.pending.get(&id).is_some_and(&what))
+    }
+
+    /// Whether a claim or an arrival of `key` is in flight with a client
+    /// waiting for it.
     pub(super) fn claim_pending_for(&self, key: &NameKey) -> bool {
-        self.pending_ids(key).any(|id| {
-            self.pending
-                .get(&id)
-                .is_some_and(|p| matches!(p.op, Op::Claim(_) | Op::MoveDone { .. }) && !p.abandoned)
+        self.pending_for(key, |p| {
+            matches!(p.op, Op::Claim(_) | Op::MoveDone { .. }) && !p.abandoned
         })
     }
 
@@ -44,33 +50,20 @@ impl Registry {
             NameKey::Identity(identity) => self.parked.iter().any(|p| p.identity == *identity),
             NameKey::Room(_) => false,
         };
-        parked
-            || self.pending_ids(key).any(|id| {
-                self.pending
-                    .get(&id)
-                    .is_some_and(|p| matches!(p.op, Op::MoveDone { .. }) && !p.abandoned)
-            })
+        parked || self.pending_for(key, |p| matches!(p.op, Op::MoveDone { .. }) && !p.abandoned)
     }
 
     /// Whether an arrival of `key` is in flight, abandoned or not: if
     /// granted, the leader registers the identity to this server.
     pub(super) fn any_arrival_pending_for(&self, key: &NameKey) -> bool {
-        self.pending_ids(key).any(|id| {
-            self.pending
-                .get(&id)
-                .is_some_and(|p| matches!(p.op, Op::MoveDone { .. }))
-        })
+        self.pending_for(key, |p| matches!(p.op, Op::MoveDone { .. }))
     }
 
     /// Whether a claim or an arrival of `key` is in flight, abandoned or
     /// not: if granted, its answer makes this server hold the name (or
     /// release it).
     pub(super) fn any_claim_pending_for(&self, key: &NameKey) -> bool {
-        self.pending_ids(key).any(|id| {
-            self.pending
-                .get(&id)
-                .is_some_and(|p| matches!(p.op, Op::Claim(_) | Op::MoveDone { .. }))
-        })
+        self.pending_for(key, |p| matches!(p.op, Op::Claim(_) | Op::MoveDone { .. }))
     }
 
     /// The ids of the pending requests about `key`, oldest first.

@@ -413,7 +413,7 @@ impl Registry {
         lead.purged
             .iter()
             .filter(|s| !self.is_live(s))
-            .find(|s| *s != asker && !sees_down.is_some_and(|d| d.contains(*s)))
+            .find(|s| !sees_down.is_some_and(|d| d.contains(*s)))
             .cloned()
     }
 

@@ -345,6 +345,28 @@ fn a_server_that_still_hears_a_freed_server_is_not_given_its_names() {
     );
 }
 
+/// A freed server that is up again but never reports is left to the sync
+/// wait, which ends at the sync timeout: it must not keep every server that
+/// hears it from new names for ever.
+#[test]
+fn a_freed_server_up_again_holds_claims_back_only_until_the_sync_timeout() {
+    let (mut reg, now) = hand_leader(5, true);
+    reg.handle(now, Input::PeerDown("s1".into()));
+    for from in ["s2", "s3", "s4"] {
+        let down = vec!["s1".into()];
+        reg.handle(now, msg(from, RegistryMessage::Liveness { term: 1, down }));
+    }
+    reg.handle(now, Input::PeerUp("s1".into()));
+    let later = now + test_config(true).sync_timeout + ms(1);
+    let claim = request(1, 1, 1, 1, Op::Claim(ident("Adel")));
+    let mut out = reg.handle(later, msg("s2", claim));
+    out.extend(ack_all(&mut reg, later));
+    assert!(
+        matches!(answers(&out)[..], [(_, 1, Verdict::Granted { .. })]),
+        "{out:?}"
+    );
+}
+
 /// A new leader does not know which servers an earlier one freed: a down
 /// server holding nothing in its base counts as freed until its holdings
 /// are merged, so a server that hears it gets none of the names. (The new
