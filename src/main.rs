@@ -153,6 +153,14 @@ enum Command {
     /// Measure chatmesh beside ngircd and nats-server (started, and installed
     /// if missing, by the bench): a table on stdout, JSON and SVG in --out.
     Bench(chatmesh::bench::BenchOptions),
+    /// Started by `bench claims`: its floor, a server of the claims requests
+    /// alone with no cluster, on loopback.
+    #[command(hide = true)]
+    ClaimsFloor {
+        /// Loopback ports to listen on, one server each, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ports: Vec<u16>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -305,6 +313,7 @@ async fn run(cli: Cli) -> Result<()> {
             .await
         }
         Command::Bench(options) => chatmesh::bench::run(options).await,
+        Command::ClaimsFloor { ports } => chatmesh::bench::floor::serve(&ports).await,
     }
 }
 

@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use tokio::sync::Barrier;
 
-use super::procs::{ChatCluster, CpuMeter};
+use super::procs::{ChatCluster, CpuMeter, Server, free_ports};
 use super::report::{self, Plot, Report};
 use super::wire::{self, Reader, Writer};
 use super::{BenchOptions, Runs, progress, ticker};
@@ -205,40 +205,85 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
         until_granted(cluster.client_ports[server], server, deadline).await?;
     }
 
+    let floor = if options.no_peers {
+        None
+    } else {
+        Some(start_floor(&cluster.dir.0, deadline).await?)
+    };
+
     let pids = cluster.pids();
-    let runs = Runs::collect(
-        options.runs(),
-        |run| {
+    let describe = |r: &RunResult| {
+        format!(
+            "{:.0} granted/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms; {} duplicates; CPU bench {:.2} s, servers {:.2} s",
+            r.all.granted_per_s,
+            r.all.p50_ms,
+            r.all.p99_ms,
+            r.all.max_ms,
+            r.duplicates,
+            r.bench_cpu_s,
+            r.server_cpu_s.iter().sum::<f64>()
+        )
+    };
+    // The floor's runs alternate with chatmesh's, so a machine that slows
+    // down or speeds up mid-bench weighs on both alike.
+    let mut runs = Runs::default();
+    let mut floor_runs = Runs::default();
+    for run in 0..options.runs() {
+        let tag = char::from(b'a' + (run % 26) as u8);
+        progress(format!(
+            "claims: {} clients x {} identities (+ a room each), {:.0}% contested, run {}/{}",
+            load.triples * SERVERS,
+            load.rounds,
+            load.contested * 100.0,
+            run + 1,
+            options.runs()
+        ));
+        runs.absorb(
+            Runs::collect(
+                1,
+                |_| one_run(&cluster.client_ports, &pids, load, tag, deadline),
+                describe,
+            )
+            .await,
+        );
+        if let Some((server, ports)) = &floor {
+            let pid = [server.pid()];
             progress(format!(
-                "claims: {} clients x {} identities (+ a room each), {:.0}% contested, run {}/{}",
-                load.triples * SERVERS,
-                load.rounds,
-                load.contested * 100.0,
+                "claims floor (no cluster), run {}/{}",
                 run + 1,
                 options.runs()
             ));
-            let tag = char::from(b'a' + (run % 26) as u8);
-            one_run(&cluster.client_ports, &pids, load, tag, deadline)
-        },
-        |r| {
-            format!(
-                "{:.0} granted/s, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms; {} duplicates; CPU bench {:.2} s, servers {:.2} s",
-                r.all.granted_per_s,
-                r.all.p50_ms,
-                r.all.p99_ms,
-                r.all.max_ms,
-                r.duplicates,
-                r.bench_cpu_s,
-                r.server_cpu_s.iter().sum::<f64>()
-            )
-        },
-    )
-    .await;
+            floor_runs.absorb(
+                Runs::collect(1, |_| one_run(ports, &pid, load, tag, deadline), describe).await,
+            );
+        }
+    }
     drop(cluster);
+    let floor_runs = floor.is_some().then_some(floor_runs);
+    drop(floor);
     if runs.ok.is_empty() {
         bail!("every claims run failed: {}", runs.errors.join("; "));
     }
-    Ok(build_report(options, load, runs))
+    Ok(build_report(options, load, runs, floor_runs))
+}
+
+/// Starts the floor (`chatmesh claims-floor`) on three free loopback ports,
+/// its log in `dir`, and waits until it listens.
+async fn start_floor(dir: &std::path::Path, within: Duration) -> Result<(Server, Vec<u16>)> {
+    let ports = free_ports(SERVERS)?;
+    let exe = std::env::current_exe().context("cannot find the chatmesh executable")?;
+    let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+    let args = [
+        "claims-floor".to_owned(),
+        "--ports".to_owned(),
+        list.join(","),
+    ];
+    let mut server = Server::spawn("claims-floor", &exe, &args, dir)?;
+    server.wait_log("claims floor listening").await?;
+    for (i, &port) in ports.iter().enumerate() {
+        until_granted(port, i, within).await?;
+    }
+    Ok((server, ports))
 }
 
 /// Claims a probe identity on `server` until one is granted: the leader is
@@ -412,7 +457,12 @@ async fn claim(
     Ok((wire::approved(&reply?), micros))
 }
 
-fn build_report(options: &BenchOptions, load: Load, runs: Runs<RunResult>) -> Report {
+fn build_report(
+    options: &BenchOptions,
+    load: Load,
+    runs: Runs<RunResult>,
+    floor: Option<Runs<RunResult>>,
+) -> Report {
     let Some(median) = runs.median(|r| r.all.granted_per_s) else {
         unreachable!("build_report is called with at least one run");
     };
@@ -464,6 +514,17 @@ fn build_report(options: &BenchOptions, load: Load, runs: Runs<RunResult>) -> Re
         ));
     }
 
+    let floor_median = floor
+        .as_ref()
+        .and_then(|f| f.median(|r| r.all.granted_per_s));
+    if let Some(f) = &floor_median {
+        rows.push(row(
+            "floor (no cluster)".to_owned(),
+            &f.all,
+            [seconds(f.bench_cpu_s), seconds(f.server_cpu_s.iter().sum())],
+        ));
+    }
+
     let all = &median.all;
     let met = all.granted_per_s >= TARGET_PER_S && all.p99_ms < TARGET_P99_MS;
     let targets = vec![report::target(
@@ -496,8 +557,52 @@ fn build_report(options: &BenchOptions, load: Load, runs: Runs<RunResult>) -> Re
             median.elapsed_s,
             std::thread::available_parallelism().map_or(0, |n| n.get())
         ),
-        "peers: none (ngircd and nats-server have no cluster-wide claim to compare)".to_owned(),
     ];
+    let floor_json = match (&floor, &floor_median) {
+        (Some(floor), Some(f)) => {
+            let per_grant = |cpu_s: f64| cpu_s * 1e6 / f.all.granted.max(1) as f64;
+            let rates =
+                |runs: &[RunResult]| runs.iter().map(|r| r.all.granted_per_s).collect::<Vec<_>>();
+            let (lo, hi) = report::ratio_range(&rates(&runs), &rates(&floor.ok));
+            notes.push(format!(
+                "floor: one process with no cluster, {SERVERS} ports with a main hall each, every claim checked against one hash set (main-hall roomchanges sent as the protocol says), driven by the same load generator: {:.0} granted/s, p99 {:.2} ms, CPU per granted claim: server {:.0} us, bench {:.0} us",
+                f.all.granted_per_s,
+                f.all.p99_ms,
+                per_grant(f.server_cpu_s.iter().sum()),
+                per_grant(f.bench_cpu_s),
+            ));
+            notes.push(if options.quick {
+                "chatmesh / floor: not meaningful with --quick (runs of milliseconds measure start-up, not throughput)".to_owned()
+            } else {
+                format!(
+                    "chatmesh / floor: {} of the floor's granted/s (min-max over every pair of runs {lo:.2}x-{hi:.2}x): what the cluster's agreement costs against the same requests answered by one process",
+                    report::ratio(all.granted_per_s, f.all.granted_per_s),
+                )
+            });
+            for error in &floor.errors {
+                notes.push(format!("a floor run failed: {error}"));
+            }
+            serde_json::json!({
+                "median": f,
+                "runs": floor.ok,
+                "errors": floor.errors,
+                "ratio": all.granted_per_s / f.all.granted_per_s.max(f64::MIN_POSITIVE),
+                "ratio_min": lo,
+                "ratio_max": hi,
+            })
+        }
+        (Some(floor), None) => {
+            notes.push(format!(
+                "every floor run failed: {}",
+                floor.errors.join("; ")
+            ));
+            serde_json::Value::Null
+        }
+        (None, _) => {
+            notes.push("floor skipped (--no-peers)".to_owned());
+            serde_json::Value::Null
+        }
+    };
     if all.granted > 0 {
         let per_grant = |cpu_s: f64| cpu_s * 1e6 / all.granted as f64;
         let (servers_us, bench_us) = (per_grant(total_cpu), per_grant(median.bench_cpu_s));
@@ -542,18 +647,22 @@ fn build_report(options: &BenchOptions, load: Load, runs: Runs<RunResult>) -> Re
         "median": median,
         "runs": runs,
         "errors": errors,
+        "floor": floor_json,
         "targets": targets,
         "notes": notes,
     });
-    let bars = vec![
+    let mut bars = vec![
         (
             "chatmesh identities".to_owned(),
             median.identities.granted_per_s,
         ),
         ("chatmesh room ids".to_owned(), median.rooms.granted_per_s),
         ("chatmesh all".to_owned(), all.granted_per_s),
-        ("target".to_owned(), TARGET_PER_S),
     ];
+    if let Some(f) = &floor_median {
+        bars.push(("floor (no cluster)".to_owned(), f.all.granted_per_s));
+    }
+    bars.push(("target".to_owned(), TARGET_PER_S));
     Report {
         scenario: "claims".to_owned(),
         header: [
@@ -573,7 +682,11 @@ fn build_report(options: &BenchOptions, load: Load, runs: Runs<RunResult>) -> Re
         notes,
         json,
         plot: Plot {
-            title: "claims: granted claims per second on 3 servers (median run)".to_owned(),
+            title: if options.quick {
+                "claims --quick: a smoke test, NOT a measurement (runs of milliseconds)".to_owned()
+            } else {
+                "claims: granted claims per second on 3 servers (median run)".to_owned()
+            },
             unit: "claims/s".to_owned(),
             bars,
         },

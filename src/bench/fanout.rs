@@ -923,16 +923,8 @@ fn build_report(
 /// The lowest and highest ratio of chatmesh's deliveries/s to a peer's over
 /// every pair of runs ((0, 0) when either has none).
 fn ratio_range(chatmesh: &[RunResult], peer: &[RunResult]) -> (f64, f64) {
-    let rates = |runs: &[RunResult]| -> (f64, f64) {
-        runs.iter().fold((f64::INFINITY, 0.0_f64), |(lo, hi), r| {
-            (lo.min(r.deliveries_per_s), hi.max(r.deliveries_per_s))
-        })
-    };
-    let ((c_lo, c_hi), (p_lo, p_hi)) = (rates(chatmesh), rates(peer));
-    if chatmesh.is_empty() || peer.is_empty() || p_lo <= 0.0 {
-        return (0.0, 0.0);
-    }
-    (c_lo / p_hi, c_hi / p_lo)
+    let rates = |runs: &[RunResult]| runs.iter().map(|r| r.deliveries_per_s).collect::<Vec<_>>();
+    report::ratio_range(&rates(chatmesh), &rates(peer))
 }
 
 /// The targets, checked against the medians.

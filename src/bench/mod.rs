@@ -18,6 +18,7 @@ pub mod claims;
 pub mod conns;
 pub mod failover;
 pub mod fanout;
+pub mod floor;
 pub mod procs;
 pub mod report;
 pub mod scale;
@@ -189,6 +190,15 @@ pub(crate) struct Runs<T> {
     pub errors: Vec<String>,
 }
 
+impl<T> Default for Runs<T> {
+    fn default() -> Self {
+        Runs {
+            ok: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+}
+
 impl<T: Clone> Runs<T> {
     /// Runs `one(run)` for run 0..`count`, printing each result as
     /// `describe` writes it, or why it failed.
@@ -197,10 +207,7 @@ impl<T: Clone> Runs<T> {
         F: FnMut(usize) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let mut runs = Runs {
-            ok: Vec::new(),
-            errors: Vec::new(),
-        };
+        let mut runs = Runs::default();
         for run in 0..count {
             match one(run).await {
                 Ok(result) => {
@@ -214,6 +221,12 @@ impl<T: Clone> Runs<T> {
             }
         }
         runs
+    }
+
+    /// Adds the runs and failures of `other`.
+    pub fn absorb(&mut self, other: Runs<T>) {
+        self.ok.extend(other.ok);
+        self.errors.extend(other.errors);
     }
 
     /// The median run by `key` (None if every run failed).

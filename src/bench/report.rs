@@ -150,6 +150,22 @@ pub fn latency_ms(micros: &[u32]) -> (f64, f64, f64) {
     (quantile(&ms, 0.5), quantile(&ms, 0.99), quantile(&ms, 1.0))
 }
 
+/// The lowest and highest ratio of one of `ours` to one of `theirs` over
+/// every pair ((0, 0) when either is empty or a rate of theirs is not
+/// positive).
+pub fn ratio_range(ours: &[f64], theirs: &[f64]) -> (f64, f64) {
+    let span = |rates: &[f64]| {
+        rates.iter().fold((f64::INFINITY, 0.0_f64), |(lo, hi), &r| {
+            (lo.min(r), hi.max(r))
+        })
+    };
+    let ((o_lo, o_hi), (t_lo, t_hi)) = (span(ours), span(theirs));
+    if ours.is_empty() || theirs.is_empty() || t_lo <= 0.0 {
+        return (0.0, 0.0);
+    }
+    (o_lo / t_hi, o_hi / t_lo)
+}
+
 /// `x / y` as "1.23x", or "-" when `y` is not positive.
 pub fn ratio(x: f64, y: f64) -> String {
     if y > 0.0 {
