@@ -7,15 +7,22 @@
 //! name is granted if it is not in one shared set, and freed when its
 //! client hangs up: contested names are still granted once, so the
 //! generator's checks hold. It does what the protocol makes a server do for
-//! these requests, the main hall's `roomchange` broadcasts included, and
-//! nothing more: no other request, no limits, no logging. It is started by
-//! the bench (`chatmesh claims-floor`, a hidden command) on loopback only.
+//! these requests, the main hall's `roomchange` broadcasts included (on a
+//! hang-up too: the room's deletion moves its owner to the main hall, then
+//! the owner quits from there), and nothing more: no other request, no name
+//! validation or JSON escaping (the generator's names need neither), one
+//! set for identities and room ids (the generator's never clash), no limits,
+//! no timeouts, no logging. So it is a floor, not chatmesh without its
+//! cluster. It is started by the bench (`chatmesh claims-floor`, a hidden
+//! command) on loopback only.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
+use bytes::Bytes;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -27,7 +34,10 @@ use crate::lines::LineReader;
 const MAX_LINE: usize = 1024;
 
 /// What one connection is sent: whole lines.
-type Outbox = mpsc::UnboundedSender<Vec<u8>>;
+type Outbox = mpsc::UnboundedSender<Bytes>;
+
+/// Connections in a main hall, by connection number.
+type Hall = HashMap<u64, Outbox>;
 
 /// The state shared by every port.
 #[derive(Default)]
@@ -40,8 +50,7 @@ struct Floor {
 /// One port: a server with its main hall.
 struct Port {
     hall_name: String,
-    /// Connections in the main hall, by connection number.
-    hall: Mutex<HashMap<u64, Outbox>>,
+    hall: Mutex<Hall>,
 }
 
 #[derive(Deserialize)]
@@ -69,10 +78,13 @@ pub async fn serve(ports: &[u16]) -> Result<()> {
         let floor = floor.clone();
         accepting.spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                tokio::spawn(session(stream, floor.clone(), port.clone()));
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        tokio::spawn(session(stream, floor.clone(), port.clone()));
+                    }
+                    // Out of descriptors, say: do not spin on it.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
             }
         });
     }
@@ -81,22 +93,21 @@ pub async fn serve(ports: &[u16]) -> Result<()> {
     Ok(())
 }
 
-fn roomchange(identity: &str, former: &str, room: &str) -> Vec<u8> {
-    format!(
+fn roomchange(identity: &str, former: &str, room: &str) -> Bytes {
+    Bytes::from(format!(
         "{{\"type\":\"roomchange\",\"identity\":\"{identity}\",\"former\":\"{former}\",\"roomid\":\"{room}\"}}\n"
-    )
-    .into_bytes()
+    ))
+}
+
+fn broadcast(hall: &Hall, line: &Bytes) {
+    for member in hall.values() {
+        let _ = member.send(line.clone());
+    }
 }
 
 impl Port {
-    fn hall(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Outbox>> {
+    fn hall(&self) -> std::sync::MutexGuard<'_, Hall> {
         self.hall.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn broadcast(&self, line: &[u8]) {
-        for member in self.hall().values() {
-            let _ = member.send(line.to_vec());
-        }
     }
 }
 
@@ -113,13 +124,15 @@ impl Floor {
     }
 }
 
-/// One client: `newidentity`, then any number of `createroom`s; hanging up
-/// frees its names and tells the main hall if it was still there.
+/// One client: `newidentity`, then `createroom`s until one is granted;
+/// hanging up deletes its room and takes it out of the main hall, as a quit
+/// does, and frees its names. Each change of the main hall and its
+/// broadcast happen under one lock, so every member sees them in one order.
 async fn session(stream: TcpStream, floor: Arc<Floor>, port: Arc<Port>) {
     let _ = stream.set_nodelay(true);
     let id = floor.next_connection.fetch_add(1, Ordering::Relaxed);
     let (read, mut write) = stream.into_split();
-    let (outbox, mut queued) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (outbox, mut queued) = mpsc::unbounded_channel::<Bytes>();
     // Everything queued while a write was under way goes out in one write.
     let writer = tokio::spawn(async move {
         let mut batch = Vec::new();
@@ -136,7 +149,6 @@ async fn session(stream: TcpStream, floor: Arc<Floor>, port: Arc<Port>) {
     });
     let mut lines = LineReader::new(read, MAX_LINE);
     let mut identity: Option<String> = None;
-    let mut in_hall = false;
     let mut room: Option<String> = None;
     while let Ok(Some(line)) = lines.next_line().await {
         let Ok(request) = serde_json::from_slice::<Request>(line) else {
@@ -145,31 +157,31 @@ async fn session(stream: TcpStream, floor: Arc<Floor>, port: Arc<Port>) {
         match (request.kind, request.identity, request.roomid, &identity) {
             ("newidentity", Some(name), _, None) => {
                 if !floor.claim(name) {
-                    let _ = outbox
-                        .send(b"{\"type\":\"newidentity\",\"approved\":\"false\"}\n".to_vec());
+                    let _ = outbox.send(Bytes::from_static(
+                        b"{\"type\":\"newidentity\",\"approved\":\"false\"}\n",
+                    ));
                     break;
                 }
-                let _ = outbox.send(b"{\"type\":\"newidentity\",\"approved\":\"true\"}\n".to_vec());
-                port.hall().insert(id, outbox.clone());
-                in_hall = true;
-                port.broadcast(&roomchange(name, "", &port.hall_name));
+                let _ = outbox.send(Bytes::from_static(
+                    b"{\"type\":\"newidentity\",\"approved\":\"true\"}\n",
+                ));
+                let mut hall = port.hall();
+                hall.insert(id, outbox.clone());
+                broadcast(&hall, &roomchange(name, "", &port.hall_name));
                 identity = Some(name.to_owned());
             }
             ("createroom", _, Some(name), Some(me)) => {
                 let granted = room.is_none() && floor.claim(name);
                 let approved = if granted { "true" } else { "false" };
-                let _ = outbox.send(
-                    format!(
-                        "{{\"type\":\"createroom\",\"roomid\":\"{name}\",\"approved\":\"{approved}\"}}\n"
-                    )
-                    .into_bytes(),
-                );
+                let _ = outbox.send(Bytes::from(format!(
+                    "{{\"type\":\"createroom\",\"roomid\":\"{name}\",\"approved\":\"{approved}\"}}\n"
+                )));
                 if granted {
                     let change = roomchange(me, &port.hall_name, name);
+                    let mut hall = port.hall();
+                    hall.remove(&id);
                     let _ = outbox.send(change.clone());
-                    port.hall().remove(&id);
-                    in_hall = false;
-                    port.broadcast(&change);
+                    broadcast(&hall, &change);
                     room = Some(name.to_owned());
                 }
             }
@@ -177,10 +189,15 @@ async fn session(stream: TcpStream, floor: Arc<Floor>, port: Arc<Port>) {
         }
     }
     if let Some(me) = &identity {
-        if in_hall {
-            port.hall().remove(&id);
-            port.broadcast(&roomchange(me, &port.hall_name, ""));
+        let mut hall = port.hall();
+        hall.remove(&id);
+        if let Some(room) = &room {
+            // The room is deleted: its owner (gone) moves to the main hall...
+            broadcast(&hall, &roomchange(me, room, &port.hall_name));
         }
+        // ...and quits from there.
+        broadcast(&hall, &roomchange(me, &port.hall_name, ""));
+        drop(hall);
         floor.free(me);
     }
     if let Some(room) = &room {
@@ -269,8 +286,44 @@ mod tests {
                 .unwrap()
         );
 
-        // Hanging up frees both names.
+        // Hanging up deletes the room, moving its owner to the main hall,
+        // then quits from there: the main hall hears both.
+        let (mut watcher, mut watcher_writer) = connect_plain(ports[0]).await.unwrap();
+        assert!(
+            chat_claim(
+                &mut watcher,
+                &mut watcher_writer,
+                "newidentity",
+                "identity",
+                "Watch"
+            )
+            .await
+            .unwrap()
+        );
         drop(first);
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            let line = wire::chat_reply(&mut watcher, "roomchange", "watching")
+                .await
+                .unwrap();
+            seen.push((
+                line["identity"].to_string(),
+                line["former"].to_string(),
+                line["roomid"].to_string(),
+            ));
+        }
+        let change =
+            |i: &str, f: &str, r: &str| (format!("{i:?}"), format!("{f:?}"), format!("{r:?}"));
+        assert_eq!(
+            seen,
+            [
+                change("Watch", "", "MainHall-f1"),
+                change("Adel", "jokes", "MainHall-f1"),
+                change("Adel", "MainHall-f1", ""),
+            ]
+        );
+
+        // Hanging up frees both names.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             let (mut r, mut w) = connect_plain(ports[1]).await.unwrap();

@@ -67,7 +67,8 @@ pub struct BenchOptions {
     /// Run small (seconds): fewer rooms, members, messages, repetitions and kills.
     #[arg(long)]
     pub quick: bool,
-    /// Measure chatmesh alone: do not start (or install) ngircd and nats-server.
+    /// Measure chatmesh alone: do not start (or install) ngircd and nats-server,
+    /// nor the floor of `claims`.
     #[arg(long)]
     pub no_peers: bool,
     /// Do not install missing peers with apt-get; print the command instead and skip them.
