@@ -233,6 +233,61 @@ async fn a_slow_reader_is_dropped_and_does_not_stall_the_room() {
     node.stop().await;
 }
 
+/// One write of many chat lines (an adversary's 6 MB burst once dropped
+/// every member of the room): the readers, who read as fast as they can,
+/// are not dropped; the sender is slowed to their pace instead.
+#[tokio::test]
+async fn a_burst_from_one_sender_does_not_drop_readers_that_keep_up() {
+    let node = start_node_with(Limits {
+        outbox_bytes: 64 * 1024,
+        ..Limits::default()
+    })
+    .await;
+    let addr = node.client_addr();
+    let mut talker = Raw::join(Via::Tcp, addr, "Talker", HALL).await;
+    let mut readers = Vec::new();
+    for name in ["Reader1", "Reader2", "Reader3"] {
+        let reader = Raw::join(Via::Tcp, addr, name, HALL).await;
+        talker.expect(&room_change(name, "", HALL)).await;
+        readers.push(reader);
+    }
+    // 400 lines of 4 KB, 25 times the outbox, in one write.
+    const LINES: usize = 400;
+    let line = format!(r#"{{"type":"message","content":"{}"}}"#, "z".repeat(4000)) + "\n";
+    let reading: Vec<_> = readers
+        .into_iter()
+        .map(|mut reader| {
+            tokio::spawn(async move {
+                let mut got = 0;
+                while got < LINES {
+                    match reader.next().await {
+                        Some(msg) if msg["type"] == "message" => got += 1,
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+                (got, reader)
+            })
+        })
+        .collect();
+    talker.send_raw(line.repeat(LINES).as_bytes()).await;
+    let mut still_here = Vec::new();
+    for reading in reading {
+        let (got, reader) = tokio::time::timeout(DEADLINE * 3, reading)
+            .await
+            .expect("every reader got the burst in time")
+            .expect("reader task");
+        assert_eq!(
+            got, LINES,
+            "a reader was dropped after {got} of {LINES} lines"
+        );
+        still_here.push(reader);
+    }
+    // Nobody left: the server dropped no one.
+    assert_eq!(node.chat().counts().sessions, 4);
+    node.stop().await;
+}
+
 #[tokio::test]
 async fn clients_that_never_read_are_reset_at_their_drop_and_the_room_goes_on() {
     const SLOW: usize = 10;

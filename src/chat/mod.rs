@@ -128,6 +128,7 @@ fn queue_for_each<'a>(
         } else if member.outbox.push_unwoken(line.clone()) {
             unwoken.push(member.outbox.clone());
         }
+        outbox::note_if_congested(&member.outbox);
     }
 }
 
@@ -187,6 +188,7 @@ impl Rooms {
     fn send(&self, identity: &str, line: &Bytes) {
         if let Some(member) = self.members.get(identity) {
             member.outbox.push(line.clone());
+            outbox::note_if_congested(&member.outbox);
         }
     }
 

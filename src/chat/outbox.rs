@@ -12,17 +12,28 @@
 //! once it has handled a request it flushes ([`Outbox::flush`]), and the
 //! answer goes out at once with whatever was queued before it.
 //!
+//! A reader that keeps up is never dropped for a sender's burst: once a line
+//! leaves an outbox more than half full, the session whose request sent it
+//! reads no further request until the writer has taken the queue, for at
+//! most [`SLOW_READER_GRACE`] from when the outbox first went over half
+//! ([`noting_congestion`], [`wait_for_readers`]). The sender is slowed to
+//! the pace of its readers; a reader that does not read holds a sender back
+//! that long once, then fills its outbox and is dropped. Before, one client's
+//! single 4 MB write of chat lines dropped every member of its room,
+//! however fast they read: the lines reached their outboxes at memory speed.
+//!
 //! Lines are [`Bytes`]: a line (or a block of lines) sent to a whole room is
 //! one buffer that every recipient's queue shares, and the writer hands the
 //! queued buffers to the transport as they are (vectored writes), never
 //! copying its queue into a buffer of its own (a transport without vectored
 //! writes gets small lines copied together, a few KiB per write).
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::IoSlice;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -32,10 +43,50 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// Longest a sender is held back by one reader's outbox over half full
+/// (see the module docs), counted from when it went over.
+pub const SLOW_READER_GRACE: Duration = Duration::from_secs(1);
+
+tokio::task_local! {
+    /// Outboxes the current request's lines left more than half full.
+    static CONGESTED: RefCell<Vec<Arc<Outbox>>>;
+}
+
+/// Runs `request` (a session handling one request), and returns with its
+/// output the outboxes its lines left more than half full.
+pub async fn noting_congestion<F: Future>(request: F) -> (F::Output, Vec<Arc<Outbox>>) {
+    CONGESTED
+        .scope(RefCell::new(Vec::new()), async move {
+            let output = request.await;
+            (output, CONGESTED.with(RefCell::take))
+        })
+        .await
+}
+
+/// Notes `outbox`, just given a line, if it is more than half full, for the
+/// request under way ([`noting_congestion`]; nothing outside one).
+pub fn note_if_congested(outbox: &Arc<Outbox>) {
+    if outbox.congested.load(Ordering::Acquire) {
+        let _ = CONGESTED.try_with(|noted| noted.borrow_mut().push(outbox.clone()));
+    }
+}
+
+/// Waits until each of `outboxes` has had its queue taken by its writer,
+/// closed, or been over half full for [`SLOW_READER_GRACE`].
+pub async fn wait_for_readers(outboxes: &[Arc<Outbox>]) {
+    for outbox in outboxes {
+        outbox.room_for_more(SLOW_READER_GRACE).await;
+    }
+}
+
 /// The queue of lines waiting to be written to one client.
 pub struct Outbox {
     state: Mutex<State>,
     wake: Notify,
+    /// Wakes senders waiting for the writer to take the queue.
+    taken: Notify,
+    /// The queue is over half the limit (`State::congested_since` is set).
+    congested: AtomicBool,
     /// A wake-up is owed to the writer (see [`Outbox::push_unwoken`]).
     wake_pending: AtomicBool,
     /// The writer waits out the pace, and writes what comes meanwhile when
@@ -61,6 +112,8 @@ struct State {
     overflowed: bool,
     /// Write what is queued now, without waiting out the pace.
     urgent: bool,
+    /// Since when the queue has been over half the limit.
+    congested_since: Option<Instant>,
 }
 
 /// How a session's writer ended.
@@ -81,6 +134,8 @@ impl Outbox {
         Outbox {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
+            taken: Notify::new(),
+            congested: AtomicBool::new(false),
             wake_pending: AtomicBool::new(false),
             pacing: AtomicBool::new(false),
             limit,
@@ -161,11 +216,39 @@ impl Outbox {
             // the span of whichever client's line overflowed it.
             self.dropped.cancel();
             self.wake.notify_one();
+            self.taken.notify_waiters();
             return false;
         }
         state.bytes += line.len();
         state.queue.push_back(line);
+        if state.bytes > self.limit / 2 && state.congested_since.is_none() {
+            state.congested_since = Some(Instant::now());
+            self.congested.store(true, Ordering::Release);
+        }
         true
+    }
+
+    /// Waits until the writer has taken the queue (or the session ended),
+    /// if it is over half the limit: for at most `grace` from when it went
+    /// over.
+    async fn room_for_more(&self, grace: Duration) {
+        loop {
+            let taken = self.taken.notified();
+            tokio::pin!(taken);
+            // Registered before the check: a take between the two still wakes it.
+            taken.as_mut().enable();
+            let until = {
+                let state = self.lock();
+                match state.congested_since {
+                    Some(since) if !state.dead && !state.finishing => since + grace,
+                    _ => return,
+                }
+            };
+            tokio::select! {
+                _ = taken => {}
+                _ = tokio::time::sleep_until(until) => return,
+            }
+        }
     }
 
     /// Writes what is queued, then closes the connection. Later pushes are ignored.
@@ -173,6 +256,7 @@ impl Outbox {
         self.lock().finishing = true;
         self.finishing.cancel();
         self.wake.notify_one();
+        self.taken.notify_waiters();
     }
 
     /// Fires when the session was told to finish (evicted, or ending): it
@@ -190,6 +274,7 @@ impl Outbox {
         drop(state);
         self.dropped.cancel();
         self.wake.notify_one();
+        self.taken.notify_waiters();
     }
 
     /// Whether the session was dropped because its client was too slow.
@@ -209,6 +294,9 @@ impl Outbox {
         let mut state = self.lock();
         state.queue.clear();
         state.bytes = 0;
+        state.congested_since = None;
+        self.congested.store(false, Ordering::Release);
+        self.taken.notify_waiters();
     }
 
     /// Whether the session was told to finish (tests).
@@ -255,6 +343,10 @@ impl Outbox {
                         state.bytes = 0;
                         state.urgent = false;
                         self.pacing.store(false, Ordering::Release);
+                        if state.congested_since.take().is_some() {
+                            self.congested.store(false, Ordering::Release);
+                            self.taken.notify_waiters();
+                        }
                         return Some(std::mem::take(&mut state.queue));
                     }
                     self.pacing.store(true, Ordering::Release);
@@ -459,9 +551,69 @@ fn consume(batch: &mut VecDeque<Bytes>, mut written: usize) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use super::*;
+
+    /// Pushes `bytes` bytes within a request and returns the outboxes it
+    /// noted as congested.
+    async fn push_noting(outbox: &Arc<Outbox>, bytes: usize) -> Vec<Arc<Outbox>> {
+        let ((), noted) = noting_congestion(async {
+            outbox.push(Bytes::from(vec![b'x'; bytes]));
+            note_if_congested(outbox);
+        })
+        .await;
+        noted
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sender_waits_for_a_reader_over_half_full_until_its_queue_is_taken_or_the_grace_is_over()
+     {
+        let outbox = Arc::new(Outbox::new(100));
+        assert!(
+            push_noting(&outbox, 50).await.is_empty(),
+            "half full is not over"
+        );
+        let noted = push_noting(&outbox, 1).await;
+        assert_eq!(noted.len(), 1);
+        // Nobody takes the queue (a reader that does not read): the sender
+        // waits out the grace, once.
+        let start = Instant::now();
+        wait_for_readers(&noted).await;
+        assert_eq!(start.elapsed(), SLOW_READER_GRACE);
+        let noted = push_noting(&outbox, 1).await;
+        wait_for_readers(&noted).await;
+        assert_eq!(
+            start.elapsed(),
+            SLOW_READER_GRACE,
+            "the grace runs from when it went over"
+        );
+
+        // Taken by the writer: a new episode, which ends when the queue is
+        // taken again.
+        assert!(outbox.next_batch(None).await.is_some());
+        assert!(push_noting(&outbox, 40).await.is_empty());
+        let noted = push_noting(&outbox, 40).await;
+        let writer = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                outbox.next_batch(None).await.map(|batch| batch.len())
+            })
+        };
+        let start = Instant::now();
+        wait_for_readers(&noted).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+        assert_eq!(writer.await.unwrap(), Some(2));
+
+        // Outside a request nothing is noted; a dropped session holds no one.
+        outbox.push(Bytes::from(vec![b'x'; 60]));
+        note_if_congested(&outbox);
+        let noted = push_noting(&outbox, 1).await;
+        outbox.kill();
+        let start = Instant::now();
+        wait_for_readers(&noted).await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
 
     #[tokio::test]
     async fn drains_in_order_then_finishes() {

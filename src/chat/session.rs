@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::outbox::{noting_congestion, wait_for_readers};
 use super::{ChatServer, JoinOutcome, Outbox, WriterEnd};
 use crate::client_proto::{
     Approved, MAX_MOVE_TOKEN, Request, ServerMessage, new_move_token, valid_name, valid_room_ref,
@@ -178,9 +179,12 @@ where
             }
             None => Flow::Close,
             Some(Ok(Some(line))) => {
-                let flow = session.handle_line(line).await;
+                let (flow, congested) = noting_congestion(session.handle_line(line)).await;
                 // The answer goes out now, not at the pace of events.
                 outbox.flush();
+                // No further request while this one's lines fill the
+                // outboxes of readers faster than they are written.
+                wait_for_readers(&congested).await;
                 flow
             }
             Some(Ok(None)) => break,
