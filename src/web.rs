@@ -11,6 +11,7 @@
 //! frame, a frame over the size limit or a broken connection ends the input,
 //! which ends that session.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use axum::Router;
@@ -26,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span};
 
-use crate::chat::{ChatServer, SessionEnd, Transport, run_session_on};
+use crate::chat::{ChatServer, Logged, SessionEnd, Transport, run_session_on};
 use crate::config::ClusterConfig;
 use crate::http;
 use crate::lines::LineReader;
@@ -212,6 +213,33 @@ fn origin_allowed(headers: &HeaderMap, origins: &[String]) -> bool {
     }
 }
 
+/// The second (of the Unix clock) a refused origin was last logged at info.
+static ORIGIN_REFUSAL_LOGGED: AtomicU64 = AtomicU64::new(u64::MAX);
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Whether `now_s` is a second `last` has not seen yet (and notes it): one
+/// event a second goes to the log at info. Anyone who reaches the web port
+/// can be refused as fast as it asks, without logging in.
+fn first_this_second(last: &AtomicU64, now_s: u64) -> bool {
+    last.swap(now_s, Ordering::Relaxed) != now_s
+}
+
+/// A request's `Origin` as a log field: escaped and cut short, since it is
+/// the client's own text (a 350 KB one, logged whole, grew the log by
+/// 200 MB a second).
+fn origin_for_log(headers: &HeaderMap) -> String {
+    let origin = headers
+        .get(header::ORIGIN)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    Logged(&origin).to_string()
+}
+
 async fn chat_upgrade(
     State(web): State<Arc<WebState>>,
     ConnectInfo(connection): ConnectInfo<http::Peer>,
@@ -220,7 +248,12 @@ async fn chat_upgrade(
 ) -> Response {
     let peer = connection.addr;
     if !origin_allowed(&headers, &web.origins) {
-        info!(%peer, origin = ?headers.get(header::ORIGIN), "WebSocket refused: foreign origin");
+        let origin = origin_for_log(&headers);
+        if first_this_second(&ORIGIN_REFUSAL_LOGGED, unix_seconds()) {
+            info!(%peer, %origin, "WebSocket refused: foreign origin (more this second at debug)");
+        } else {
+            debug!(%peer, %origin, "WebSocket refused: foreign origin");
+        }
         return (
             StatusCode::FORBIDDEN,
             "this page's origin may not open chat sessions here\n",
@@ -385,6 +418,23 @@ async fn ws_session(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_origin_is_logged_short_and_once_a_second() {
+        let mut headers = HeaderMap::new();
+        let long = format!("http://e{}", "A".repeat(350_000));
+        headers.insert(header::ORIGIN, HeaderValue::from_str(&long).unwrap());
+        let logged = origin_for_log(&headers);
+        assert!(logged.len() < 100, "{logged}");
+        assert!(logged.ends_with("bytes)"), "{logged}");
+        assert_eq!(origin_for_log(&HeaderMap::new()), "");
+
+        let last = AtomicU64::new(u64::MAX);
+        assert!(first_this_second(&last, 100));
+        assert!(!first_this_second(&last, 100));
+        assert!(!first_this_second(&last, 100));
+        assert!(first_this_second(&last, 101));
+    }
 
     #[test]
     fn the_page_policy_allows_only_the_pages_own_script_and_style() {

@@ -239,6 +239,9 @@ async fn an_invalid_former_is_never_relayed() {
         // Shaped like main halls, but of no server of the cluster.
         "MainHall-s9".to_owned(),
         "MainHall-admin".to_owned(),
+        // The room it moves into: relayed, it would read as a refused join
+        // ("F == R").
+        "jokes".to_owned(),
     ];
     for (i, former) in hostile.iter().enumerate() {
         let name = format!("Mover{i}");

@@ -134,6 +134,17 @@ async fn route_from_a_websocket_names_the_web_port_and_the_move_completes() {
     let token = bob.expect_route("jokes", s1_web.port()).await;
     // Like the page, Bob closes the old session himself.
     drop(bob);
+    // A page always echoes its token, so a movejoin without one does not
+    // complete a web client's move, even from its address (behind a proxy,
+    // every browser has the same one).
+    let mut impostor = Raw::connect(Via::Tcp, s1.client_addr(), "Impostor").await;
+    impostor
+        .send(r#"{"type":"movejoin","former":"MainHall-s2","roomid":"jokes","identity":"Bob"}"#)
+        .await;
+    impostor
+        .expect(r#"{"type":"serverchange","approved":"false","serverid":"s1"}"#)
+        .await;
+    impostor.expect_closed().await;
     let mut moved = Raw::connect_ws(s1_web, "Bob@s1").await;
     moved
         .send(&format!(

@@ -38,6 +38,7 @@ use tracing::debug;
 
 pub use directory::{BoxFuture, Directory, RemoteRoom};
 pub use outbox::{Outbox, WriteTurns, WriterEnd};
+pub(crate) use session::Logged;
 pub use session::{SessionEnd, Transport, run_session, run_session_on};
 
 use crate::ServerId;

@@ -305,9 +305,15 @@ impl Session {
                     // One token per move: only this client learns it (in
                     // `route`), and the destination checks it (issue 12).
                     let token = new_move_token();
-                    let start =
-                        chat.directory()
-                            .start_move(&identity, &remote, &token, self.peer_ip);
+                    // A web page always echoes the token: its move has no
+                    // address to be completed from without one (behind a
+                    // proxy or NAT, every browser has the same address).
+                    let ip = if self.transport == Transport::Web {
+                        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+                    } else {
+                        self.peer_ip
+                    };
+                    let start = chat.directory().start_move(&identity, &remote, &token, ip);
                     match start.await {
                         Ok(()) => {
                             chat.move_out(&identity, &roomid, &remote, &token);
@@ -369,9 +375,13 @@ impl Session {
         // `former` is relayed to the room in `roomchange`: anything that is
         // not a room id or the main hall of a server of the cluster (a
         // hostile client's text, escape sequences, "MainHall-admin") becomes
-        // "", which reads as a plain arrival. Refusing
+        // "", which reads as a plain arrival. So does the room it moves into:
+        // relayed, `roomchange(I, R, R)` would read as a refused join. Refusing
         // instead would cost a client with a garbled `former` its move.
-        let former = if valid_room_ref(&former) && self.known_hall_or_room_id(&former) {
+        let former = if valid_room_ref(&former)
+            && former != room
+            && self.known_hall_or_room_id(&former)
+        {
             former
         } else {
             info!(identity = %Logged(&identity), "movejoin with an invalid former room; relayed as an arrival");
@@ -477,7 +487,7 @@ impl Session {
 /// characters with the length it had, so one request cannot make a log
 /// line of its size (a 60 KB room id refused over and over grew the log
 /// about as fast as the client sent). Names already checked need none of it.
-struct Logged<'a>(&'a str);
+pub(crate) struct Logged<'a>(pub(crate) &'a str);
 
 /// Characters of client text a log line shows.
 const LOGGED_CHARS: usize = 64;

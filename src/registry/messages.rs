@@ -78,7 +78,10 @@ pub struct IdentityEntry {
 pub struct MoveProof {
     /// The unguessable one-time token sent to the client in `route`.
     pub token: String,
-    /// The client's source IP address on the origin server.
+    /// The client's source IP address on the origin server; unspecified
+    /// (`0.0.0.0`, which no connection comes from) for a client that always
+    /// echoes the token (a web page), whose move no `movejoin` without the
+    /// token completes.
     pub ip: IpAddr,
 }
 
