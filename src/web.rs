@@ -375,7 +375,10 @@ async fn ws_session(
                     reason: Utf8Bytes::from_static("binary frames are not taken; send text"),
                 },
             };
-            let _ = sink.send(Message::Close(Some(frame))).await;
+            if sink.send(Message::Close(Some(frame))).await.is_err() {
+                // Closed by the client first: its close is answered instead.
+                let _ = sink.close().await;
+            }
         }
     };
     let session = run_session_on(

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::inproc::web_cluster;
-use common::{DEADLINE, Raw, Via, room_change, start_node};
+use common::{DEADLINE, Raw, Via, room_change, start_node, wait_for};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,6 +27,19 @@ async fn open_ws(web: SocketAddr) -> WsStream {
     let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{web}/chat"))
         .await
         .expect("WebSocket connects");
+    ws
+}
+
+/// A raw WebSocket to `web`'s `/chat` whose client is `name`, in the main hall.
+async fn identified_ws(web: SocketAddr, name: &str) -> WsStream {
+    let mut ws = open_ws(web).await;
+    send(
+        &mut ws,
+        &format!(r#"{{"type":"newidentity","identity":"{name}"}}"#),
+    )
+    .await;
+    expect(&mut ws, r#"{"type":"newidentity","approved":"true"}"#).await;
+    expect(&mut ws, &room_change(name, "", HALL)).await;
     ws
 }
 
@@ -172,10 +185,7 @@ async fn route_from_a_websocket_names_the_web_port_and_the_move_completes() {
 async fn a_bad_frame_gets_an_error_and_the_session_goes_on() {
     let node = start_node().await;
     let web = node.web_addr().expect("web port");
-    let mut ws = open_ws(web).await;
-    send(&mut ws, r#"{"type":"newidentity","identity":"Adel"}"#).await;
-    expect(&mut ws, r#"{"type":"newidentity","approved":"true"}"#).await;
-    expect(&mut ws, &room_change("Adel", "", HALL)).await;
+    let mut ws = identified_ws(web, "Adel").await;
     for bad in [
         "not json",
         r#"{"type":"fly"}"#,
@@ -412,6 +422,7 @@ async fn a_web_connection_not_upgraded_in_time_is_closed_and_websockets_live_on(
     let node = common::start_node_with(limits).await;
     let web = node.web_addr().unwrap();
     let slots = node.client_slots().clone();
+    let adel_since = std::time::Instant::now();
     let mut adel = Raw::join(Via::Ws, node.client_addr(), "Adel", HALL).await;
     // Two clients dribbling request headers, and one idle between two
     // requests on a keep-alive connection: each holds a slot, for a while.
@@ -449,7 +460,10 @@ async fn a_web_connection_not_upgraded_in_time_is_closed_and_websockets_live_on(
     );
     common::wait_for("only the WebSocket's slot in use", || slots.in_use() == 1).await;
     // The WebSocket session, upgraded in time, lives on past the deadline.
-    assert!(idle_since.elapsed() > within);
+    // (The idle connection's deadline ran from its request, sent after
+    // Adel connected, and it is closed: Adel's has passed. `idle_since` was
+    // taken after the server's clock for it started, so it may lag.)
+    assert!(adel_since.elapsed() > within);
     let mut bob = Raw::join(Via::Tcp, node.client_addr(), "Bob", HALL).await;
     adel.expect(&room_change("Bob", "", HALL)).await;
     adel.send(r#"{"type":"message","content":"still here"}"#)
@@ -619,4 +633,25 @@ async fn the_page_script_chats_follows_a_route_and_reconnects() {
         seen.join("\n")
     );
     cluster.stop().await;
+}
+
+/// A client's close frame is answered with one (RFC 6455 5.5.1), so a
+/// browser's `ws.close()` ends cleanly; the session ends with it.
+#[tokio::test]
+async fn a_close_from_the_client_is_answered_with_a_close() {
+    let node = start_node().await;
+    let web = node.web_addr().expect("web port");
+    let mut ws = identified_ws(web, "Closer").await;
+    ws.send(Message::Close(Some(
+        tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        },
+    )))
+    .await
+    .expect("close sent");
+    assert_eq!(next_frame(&mut ws).await, Err(Some(CloseCode::Normal)));
+    let chat = node.chat().clone();
+    wait_for("the session to end", || chat.counts().sessions == 0).await;
+    node.stop().await;
 }
