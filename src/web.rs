@@ -273,6 +273,11 @@ async fn chat_upgrade(
     upgrade
         .max_message_size(frame_max)
         .max_frame_size(frame_max)
+        // The WebSocket layer allocates its read buffer up front (128 KiB by
+        // default, about 30 times what a TCP session holds), and anyone may
+        // open sessions without logging in: small reads, grown only for a
+        // frame that needs it.
+        .read_buffer_size(WS_READ_BUFFER)
         .on_upgrade(move |socket| {
             tasks.track_future(
                 ws_session(socket, connection, chat, shutdown)
@@ -280,6 +285,9 @@ async fn chat_upgrade(
             )
         })
 }
+
+/// Bytes a WebSocket session reads at a time (see `chat_upgrade`).
+const WS_READ_BUFFER: usize = 4 * 1024;
 
 /// Why the server closes a WebSocket, sent in its close frame.
 #[derive(Clone, Copy)]
