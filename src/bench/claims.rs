@@ -205,18 +205,19 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
         until_granted(cluster.client_ports[server], server, deadline).await?;
     }
 
-    let mut floor_failed = None;
-    let floor = if options.no_peers {
-        None
-    } else {
-        match start_floor(&cluster.dir.0, deadline).await {
+    // The floor's runs, or why it has none (`None`: skipped).
+    let mut floor_runs = (!options.no_peers).then(Runs::default);
+    let floor = match &mut floor_runs {
+        None => None,
+        Some(failures) => match start_floor(&cluster.dir.0, deadline).await {
             Ok(floor) => Some(floor),
             Err(e) => {
-                progress(format!("the floor did not start: {e:#}"));
-                floor_failed = Some(format!("the floor did not start: {e:#}"));
+                let why = format!("the floor did not start: {e:#}");
+                progress(why.clone());
+                failures.errors.push(why);
                 None
             }
-        }
+        },
     };
 
     let pids = cluster.pids();
@@ -235,7 +236,6 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
     // The floor's runs alternate with chatmesh's, so a machine that slows
     // down or speeds up mid-bench weighs on both alike.
     let mut runs = Runs::default();
-    let mut floor_runs = Runs::default();
     for run in 0..options.runs() {
         let tag = char::from(b'a' + (run % 26) as u8);
         progress(format!(
@@ -258,7 +258,7 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
                     )
                     .await,
                 );
-            } else if let Some((server, ports)) = &floor {
+            } else if let (Some((server, ports)), Some(floor_runs)) = (&floor, &mut floor_runs) {
                 let pid = [server.pid()];
                 progress(format!(
                     "claims floor (no cluster), run {}/{}",
@@ -272,14 +272,6 @@ pub async fn run(options: &BenchOptions) -> Result<Report> {
         }
     }
     drop(cluster);
-    let floor_runs = match (&floor, floor_failed) {
-        (Some(_), _) => Some(floor_runs),
-        (None, Some(why)) => Some(Runs {
-            ok: Vec::new(),
-            errors: vec![why],
-        }),
-        (None, None) => None,
-    };
     drop(floor);
     if runs.ok.is_empty() {
         bail!("every claims run failed: {}", runs.errors.join("; "));

@@ -220,10 +220,16 @@ mod tests {
         let ports = free_ports(2).expect("free ports");
         let floor_ports = ports.clone();
         let server = tokio::spawn(async move { serve(&floor_ports).await });
+        let listening = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let mut first = loop {
             if let Ok(connection) = connect_plain(ports[0]).await {
                 break connection;
             }
+            assert!(!server.is_finished(), "the floor did not start");
+            assert!(
+                std::time::Instant::now() < listening,
+                "the floor never listened"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         };
         let (reader, writer) = (&mut first.0, &mut first.1);
