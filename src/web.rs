@@ -289,13 +289,51 @@ async fn chat_upgrade(
 /// Bytes a WebSocket session reads at a time (see `chat_upgrade`).
 const WS_READ_BUFFER: usize = 4 * 1024;
 
-/// Why the server closes a WebSocket, sent in its close frame.
-#[derive(Clone, Copy)]
+/// Why the server closes a WebSocket, sent in its close frame (RFC 6455 7.4.1).
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum CloseWhy {
-    /// The session ended.
+    /// The session ended (1000).
     Done,
     /// The client sent a binary frame (1003: unsupported data).
     Binary,
+    /// A text frame that is not UTF-8 (1007).
+    NotUtf8,
+    /// A frame or message over the size limit (1009).
+    TooBig,
+    /// A framing violation: unmasked or fragmented control frames, reserved
+    /// bits or opcodes, a stray continuation (1002).
+    Protocol,
+}
+
+impl CloseWhy {
+    /// Why to close after `error` from the WebSocket layer. Errors of the
+    /// connection itself (a reset, an I/O error) leave nothing to tell.
+    fn for_error(error: &axum::Error) -> CloseWhy {
+        use std::error::Error as _;
+        match error
+            .source()
+            .and_then(|e| e.downcast_ref::<tungstenite::Error>())
+        {
+            Some(tungstenite::Error::Utf8(_)) => CloseWhy::NotUtf8,
+            Some(tungstenite::Error::Capacity(_)) => CloseWhy::TooBig,
+            Some(tungstenite::Error::Protocol(_)) => CloseWhy::Protocol,
+            _ => CloseWhy::Done,
+        }
+    }
+
+    fn frame(self) -> CloseFrame {
+        let (code, reason) = match self {
+            CloseWhy::Done => (1000, "session ended"),
+            CloseWhy::Binary => (1003, "binary frames are not taken; send text"),
+            CloseWhy::NotUtf8 => (1007, "text frames must be UTF-8"),
+            CloseWhy::TooBig => (1009, "frame over the line size limit"),
+            CloseWhy::Protocol => (1002, "WebSocket protocol violation"),
+        };
+        CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        }
+    }
 }
 
 /// One WebSocket chat session: the session logic on two pipes, and two
@@ -333,6 +371,7 @@ async fn ws_session(
                     Err(e) => {
                         // Oversize frames, protocol violations, resets.
                         info!(error = %e, "WebSocket input failed; closing the session");
+                        *why.lock().unwrap_or_else(|e| e.into_inner()) = CloseWhy::for_error(&e);
                         break;
                     }
                 };
@@ -370,19 +409,12 @@ async fn ws_session(
                     .await
                     .is_err()
                 {
-                    return;
+                    // Closed by the client (its close frame may still wait
+                    // for an answer), or the connection failed.
+                    break;
                 }
             }
-            let frame = match *why.lock().unwrap_or_else(|e| e.into_inner()) {
-                CloseWhy::Done => CloseFrame {
-                    code: 1000,
-                    reason: Utf8Bytes::from_static("session ended"),
-                },
-                CloseWhy::Binary => CloseFrame {
-                    code: 1003,
-                    reason: Utf8Bytes::from_static("binary frames are not taken; send text"),
-                },
-            };
+            let frame = why.lock().unwrap_or_else(|e| e.into_inner()).frame();
             if sink.send(Message::Close(Some(frame))).await.is_err() {
                 // Closed by the client first: its close is answered instead.
                 let _ = sink.close().await;

@@ -635,6 +635,14 @@ async fn the_page_script_chats_follows_a_route_and_reconnects() {
     cluster.stop().await;
 }
 
+/// A client's close frame with code 1000.
+fn bye() -> Message {
+    Message::Close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    }))
+}
+
 /// A client's close frame is answered with one (RFC 6455 5.5.1), so a
 /// browser's `ws.close()` ends cleanly; the session ends with it.
 #[tokio::test]
@@ -642,16 +650,89 @@ async fn a_close_from_the_client_is_answered_with_a_close() {
     let node = start_node().await;
     let web = node.web_addr().expect("web port");
     let mut ws = identified_ws(web, "Closer").await;
-    ws.send(Message::Close(Some(
-        tokio_tungstenite::tungstenite::protocol::CloseFrame {
-            code: CloseCode::Normal,
-            reason: "bye".into(),
-        },
-    )))
-    .await
-    .expect("close sent");
+    ws.send(bye()).await.expect("close sent");
     assert_eq!(next_frame(&mut ws).await, Err(Some(CloseCode::Normal)));
     let chat = node.chat().clone();
     wait_for("the session to end", || chat.counts().sessions == 0).await;
+    node.stop().await;
+}
+
+/// A close right behind a request, in the same burst, is answered with a
+/// close too: the session's reply to the request cannot follow the client's
+/// close (RFC 6455 5.5.1), and failing to send it must not skip the answer.
+#[tokio::test]
+async fn a_close_right_behind_a_request_is_answered_with_a_close() {
+    let node = start_node().await;
+    let web = node.web_addr().expect("web port");
+    let mut ws = identified_ws(web, "Hasty").await;
+    ws.feed(Message::text(r#"{"type":"who"}"#)).await.unwrap();
+    ws.feed(bye()).await.unwrap();
+    ws.flush().await.expect("who and close sent in one burst");
+    let close = loop {
+        match next_frame(&mut ws).await {
+            // The reply may beat the close to the server's reader.
+            Ok(reply) => assert_eq!(reply["type"], "roomcontents", "got {reply}"),
+            Err(close) => break close,
+        }
+    };
+    assert_eq!(close, Some(CloseCode::Normal), "the close is answered");
+    let chat = node.chat().clone();
+    wait_for("the session to end", || chat.counts().sessions == 0).await;
+    node.stop().await;
+}
+
+/// A frame the WebSocket layer refuses closes that session with the code
+/// that says why (RFC 6455 7.4.1), and nobody else's.
+#[tokio::test]
+async fn a_bad_websocket_frame_is_closed_with_its_code() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let node = start_node().await;
+    let addr = node.client_addr();
+    let web = node.web_addr().expect("web port");
+    let mut bob = Raw::join(Via::Tcp, addr, "Bob", HALL).await;
+    let max = node.chat().limits().max_line_bytes;
+    let half = vec![b' '; max / 2 + 1];
+    let cases: [(&str, Vec<Frame>, CloseCode); 3] = [
+        (
+            "a text frame that is not UTF-8",
+            vec![Frame::message(
+                b"{\"type\":\"who\"}\xff".to_vec(),
+                OpCode::Data(Data::Text),
+                true,
+            )],
+            CloseCode::Invalid,
+        ),
+        (
+            "a reserved opcode",
+            vec![Frame::message(
+                br#"{"type":"who"}"#.to_vec(),
+                OpCode::Data(Data::Reserved(3)),
+                true,
+            )],
+            CloseCode::Protocol,
+        ),
+        (
+            "a message of fragments longer than a line may be",
+            vec![
+                Frame::message(half.clone(), OpCode::Data(Data::Text), false),
+                Frame::message(half.clone(), OpCode::Data(Data::Continue), false),
+            ],
+            CloseCode::Size,
+        ),
+    ];
+    for (i, (what, frames, code)) in cases.into_iter().enumerate() {
+        let name = format!("Bad{i}");
+        let mut ws = identified_ws(web, &name).await;
+        bob.expect(&room_change(&name, "", HALL)).await;
+        for frame in frames {
+            ws.send(Message::Frame(frame)).await.expect("frame sent");
+        }
+        assert_eq!(next_frame(&mut ws).await, Err(Some(code)), "{what}");
+        bob.expect(&room_change(&name, HALL, "")).await;
+    }
+    bob.send(r#"{"type":"who"}"#).await;
+    let who = bob.next().await.expect("Bob's session goes on");
+    assert_eq!(who["identities"], serde_json::json!(["Bob"]));
     node.stop().await;
 }
