@@ -525,3 +525,78 @@ async fn newidentity_claims_for_a_moving_name_do_not_refuse_its_movejoin() {
     );
     cluster.stop().await;
 }
+
+/// A `quit` on the old connection after a `route` (the user quit while the
+/// client was being routed) is a quit: the client is told it left the room
+/// it was routed to and the connection closes, its identity is free at
+/// once (not held for `move_timeout`), and the move can no longer complete.
+/// Found by a classic-client tester: the quit got an error, the connection
+/// stayed open and the name was taken for 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quit_after_a_route_gives_the_move_up_and_frees_the_name() {
+    let cluster = start_cluster(3, |_| None).await;
+    let (s1, s2, mut adel) = jokes_on_s1(&cluster).await;
+    let mut vera = Raw::join(Via::Tcp, s2, "Vera", "MainHall-s2").await;
+    vera.send(r#"{"type":"joinroom","roomid":"jokes"}"#).await;
+    let token = vera.expect_route("jokes", s1.port()).await;
+    vera.send(r#"{"type":"quit"}"#).await;
+    vera.expect(&room_change("Vera", "jokes", "")).await;
+    vera.expect_closed().await;
+    // Free everywhere well before the 10 s move timeout.
+    let started = Instant::now();
+    let mut again = loop {
+        let mut c = Raw::connect(Via::Tcp, s1, "Vera again").await;
+        c.send(r#"{"type":"newidentity","identity":"Vera"}"#).await;
+        if c.next().await.expect("an answer")["approved"] == "true" {
+            break c;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "Vera still taken 5 s after she quit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    again.expect(&room_change("Vera", "", "MainHall-s1")).await;
+    // The given-up move cannot be completed, not even with its token.
+    let mut late = Raw::connect(Via::Tcp, s1, "late Vera").await;
+    late.send(&movejoin_line("Vera", "MainHall-s2", Some(&token)))
+        .await;
+    late.expect(r#"{"type":"serverchange","approved":"false","serverid":"s1"}"#)
+        .await;
+    late.expect_closed().await;
+    adel.send(r#"{"type":"who"}"#).await;
+    adel.expect(r#"{"type":"roomcontents","roomid":"jokes","identities":["Adel"],"owner":"Adel"}"#)
+        .await;
+    cluster.stop().await;
+}
+
+/// A client routed to a server that dies before it arrives can come back
+/// under its name as soon as the cluster frees the dead server's names, not
+/// only after `move_timeout` (10 s here): its move ends with that server.
+/// Found by a classic-client tester (the name was taken for 10.5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_to_a_server_that_dies_frees_the_name_with_its_names() {
+    let mut cluster = start_cluster(3, |_| None).await;
+    let (s1, s2, _adel) = jokes_on_s1(&cluster).await;
+    let mut vera = Raw::join(Via::Tcp, s2, "Vera", "MainHall-s2").await;
+    vera.send(r#"{"type":"joinroom","roomid":"jokes"}"#).await;
+    vera.expect_route("jokes", s1.port()).await;
+    drop(vera);
+    let crashed = Instant::now();
+    cluster.crash(0).await;
+    loop {
+        let mut c = Raw::connect(Via::Tcp, s2, "Vera again").await;
+        c.send(r#"{"type":"newidentity","identity":"Vera"}"#).await;
+        if c.next().await.expect("an answer")["approved"] == "true" {
+            c.expect(&room_change("Vera", "", "MainHall-s2")).await;
+            break;
+        }
+        assert!(
+            crashed.elapsed() < Duration::from_secs(6),
+            "Vera still taken 6 s after her destination crashed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("Vera free again {:?} after s1 crashed", crashed.elapsed());
+    cluster.stop().await;
+}

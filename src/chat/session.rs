@@ -37,8 +37,8 @@ enum Phase {
     Handshake,
     /// Identified, in a room of this server.
     Active(String),
-    /// Sent `route`; the client is on its way to another server.
-    Moved,
+    /// Sent `route` for `room`; the client is on its way to another server.
+    Moved { identity: String, room: String },
     /// Quit: nothing more to clean up.
     Left,
 }
@@ -132,7 +132,7 @@ where
     loop {
         let deadline = match session.phase {
             Phase::Handshake => Some(handshake_deadline),
-            Phase::Moved => moved_at.map(|t: Instant| t + MOVE_LINGER),
+            Phase::Moved { .. } => moved_at.map(|t: Instant| t + MOVE_LINGER),
             Phase::Active(_) | Phase::Left => None,
         };
         let read = async {
@@ -200,7 +200,7 @@ where
                 break;
             }
         };
-        if matches!(session.phase, Phase::Moved) && moved_at.is_none() {
+        if matches!(session.phase, Phase::Moved { .. }) && moved_at.is_none() {
             moved_at = Some(Instant::now());
         }
         if let Flow::Close = flow {
@@ -270,7 +270,19 @@ impl Session {
                 self.reply(ServerMessage::error("send newidentity first"));
                 return Flow::Continue;
             }
-            (Phase::Moved | Phase::Left, _) => {
+            (Phase::Moved { identity, room }, Request::Quit) => {
+                // A quit before the move completed (a user quitting while
+                // the client was being routed): the move is given up and the
+                // identity freed at once, not held for the move timeout. If
+                // the client arrived at the other server first, that server
+                // holds the identity and the release frees nothing.
+                self.chat.directory().release_identity(identity, None);
+                self.reply(ServerMessage::room_change(identity, room, ""));
+                info!(%identity, room = %room, "client quit before arriving; move given up");
+                self.phase = Phase::Left;
+                return Flow::Close;
+            }
+            (Phase::Moved { .. } | Phase::Left, _) => {
                 self.reply(ServerMessage::error(
                     "this session moved to another server; connect there",
                 ));
@@ -318,7 +330,10 @@ impl Session {
                         Ok(()) => {
                             chat.move_out(&identity, &roomid, &remote, &token);
                             info!(%identity, room = %roomid, to = %remote.server, "client routed to another server");
-                            self.phase = Phase::Moved;
+                            self.phase = Phase::Moved {
+                                identity: identity.clone(),
+                                room: roomid.clone(),
+                            };
                         }
                         Err(why) => {
                             info!(%identity, room = %roomid, reason = %why, "move refused");

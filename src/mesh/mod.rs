@@ -641,7 +641,13 @@ impl Mesh {
                         Ok(connection) => mesh.accepted(connection).await,
                         Err(e) => {
                             mesh.inner.counters.links_refused.fetch_add(1, Ordering::Relaxed);
-                            warn!(%remote, error = %e, "mesh connection refused during the handshake (certificate not from the cluster CA?)");
+                            if is_certificate_error(&e) {
+                                warn!(%remote, error = %e, "mesh connection refused: its certificate is not one of this cluster's");
+                            } else {
+                                // A dialer that gave up, loss or a pause
+                                // mid-handshake: it dials again.
+                                debug!(%remote, error = %e, "mesh handshake did not complete");
+                            }
                         }
                     }
                 }
@@ -1343,6 +1349,19 @@ impl Mesh {
 /// Whether a `Hello` is the one expected from `peer`, the configured peer
 /// (never `me`) that its certificate names: so the id it claims must be a
 /// configured peer, not this server, and the one in its certificate.
+/// Whether a failed handshake was TLS refusing the peer's certificate (a
+/// server of another cluster, or a certificate not made by this cluster's
+/// CA), as opposed to a handshake cut short by the network or the peer.
+fn is_certificate_error(error: &quinn::ConnectionError) -> bool {
+    let code = match error {
+        quinn::ConnectionError::TransportError(e) => e.code,
+        quinn::ConnectionError::ConnectionClosed(close) => close.error_code,
+        _ => return false,
+    };
+    // TLS alerts travel as QUIC's crypto error codes (RFC 9001 4.8).
+    (0x100..0x200).contains(&u64::from(code))
+}
+
 fn check_hello(me: &str, peer: &str, version: u8, id: &str) -> Result<(), String> {
     if version != WIRE_VERSION {
         return Err(format!(
@@ -1618,6 +1637,38 @@ mod tests {
 
     /// `failure_timeout`: the silence after which a link gets a replacement
     /// dialed (no heartbeats run unless the test sends them).
+    #[test]
+    fn only_a_tls_alert_is_called_a_certificate_problem() {
+        use quinn_proto::{TransportError, TransportErrorCode};
+        let alert = |code| TransportError {
+            code: TransportErrorCode::crypto(code),
+            frame: None,
+            reason: "invalid peer certificate: UnknownIssuer".into(),
+        };
+        // unknown_ca (48), from our TLS or from the peer's close.
+        assert!(is_certificate_error(
+            &quinn::ConnectionError::TransportError(alert(48))
+        ));
+        let closed = quinn_proto::ConnectionClose {
+            error_code: TransportErrorCode::crypto(42),
+            frame_type: None,
+            reason: bytes::Bytes::from_static(b"bad certificate"),
+        };
+        assert!(is_certificate_error(
+            &quinn::ConnectionError::ConnectionClosed(closed)
+        ));
+        // A duplicated or damaged first packet, or a dialer gone quiet.
+        let garbled = TransportError {
+            code: TransportErrorCode::PROTOCOL_VIOLATION,
+            frame: None,
+            reason: "authentication failed".into(),
+        };
+        assert!(!is_certificate_error(
+            &quinn::ConnectionError::TransportError(garbled)
+        ));
+        assert!(!is_certificate_error(&quinn::ConnectionError::TimedOut));
+    }
+
     async fn linked_pair(tag: &str, failure_timeout: Duration) -> Pair {
         let (sock1, _) = crate::netsim::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
         let (sock2, _) = crate::netsim::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();

@@ -595,6 +595,9 @@ impl Registry {
             })
             .cloned()
             .collect();
+        for server in &freed {
+            self.end_moves_to(lead, server, out);
+        }
         lead.purged.extend(freed);
         self.lead_check_purges(lead, now, out);
         self.flush_queue(lead, now, out);
@@ -997,6 +1000,28 @@ impl Registry {
         if lead.moves.get(identity).is_none_or(|due| now < *due) {
             return;
         }
+        self.end_move(lead, identity, out);
+    }
+
+    /// Frees the moves to `server`, whose names the cluster freed: their
+    /// clients cannot arrive there (an arrival it asks for later is refused,
+    /// `NotMoving`), so each identity is free now rather than at its move
+    /// timeout (a client whose new server died can come back under its name).
+    fn end_moves_to(&mut self, lead: &mut LeaderState, server: &ServerId, out: &mut Vec<Action>) {
+        let moving: Vec<String> = lead
+            .registry
+            .identities
+            .values()
+            .filter(|e| e.moving_to.as_ref() == Some(server))
+            .map(|e| e.identity.clone())
+            .collect();
+        for identity in moving {
+            self.end_move(lead, &identity, out);
+        }
+    }
+
+    /// Frees `identity`, reserved for a move that will not arrive.
+    fn end_move(&mut self, lead: &mut LeaderState, identity: &str, out: &mut Vec<Action>) {
         lead.moves.remove(identity);
         let Some(entry) = lead.registry.identities.get(identity).cloned() else {
             return;
@@ -1054,6 +1079,7 @@ impl Registry {
             };
             self.commit(lead, vec![change], out);
         }
+        self.end_moves_to(lead, server, out);
         out.push(Action::Log(LogEvent::ServerPurged {
             server: server.clone(),
             identities: identities.len(),

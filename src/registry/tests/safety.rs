@@ -48,6 +48,20 @@ fn entry(identity: &str, server: &str, stamp: (u64, u64, &str)) -> IdentityEntry
     }
 }
 
+/// `op` from `from` (ticket `id`) decided by the leader `reg` at `at`, every
+/// announcement acknowledged: the answers.
+fn decide(
+    reg: &mut Registry,
+    at: Instant,
+    from: &str,
+    id: u64,
+    op: Op,
+) -> Vec<(ServerId, u64, Verdict)> {
+    let mut out = reg.handle(at, msg(from, request(1, 1, id, id, op)));
+    out.extend(ack_all(reg, at));
+    answers(&out)
+}
+
 fn registered(reg: &Registry, identity: &str) -> Option<IdentityEntry> {
     let lead = reg.leading.as_ref().expect("leads");
     lead.registry.identities.get(identity).cloned()
@@ -503,6 +517,56 @@ fn the_base_is_the_most_advanced_replica_of_the_quorum() {
     assert_eq!(registered(&reg, "Adel"), None, "released at 8");
 }
 
+/// A new leader counts a down server that holds nothing as freed (an
+/// earlier leader may have freed it): a move to it ends then too.
+#[test]
+fn a_new_leader_ends_the_moves_to_a_down_server_that_holds_nothing() {
+    let now = Instant::now();
+    let mut reg = Registry::new("s2".into(), ids(3), test_config(true), 1);
+    reg.handle(now, Input::PeerUp("s1".into()));
+    reg.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some("s2".into()),
+            term: 5,
+        },
+    );
+    let moving = |identity: &str, to: &str| IdentityEntry {
+        moving_to: Some(to.into()),
+        move_proof: Some(proof()),
+        ..entry(identity, "s1", (4, 3, "s3"))
+    };
+    let report = HoldingsReport {
+        incarnation: 1,
+        version: 1,
+        issued_below: 1,
+        position: Position {
+            term: 4,
+            rank: 2,
+            seq: 3,
+        },
+        identities: vec![moving("Adel", "s3"), moving("Cara", "s2")],
+        replica_identities: vec![moving("Adel", "s3"), moving("Cara", "s2")],
+        ..Default::default()
+    };
+    let holdings = RegistryMessage::Holdings { term: 5, report };
+    reg.handle(now, msg("s1", holdings));
+    ack_all(&mut reg, now);
+    assert!(reg.leading.as_ref().expect("leads").based);
+    assert_eq!(
+        registered(&reg, "Adel"),
+        None,
+        "s3 is down and holds nothing"
+    );
+    assert_eq!(
+        registered(&reg, "Cara")
+            .and_then(|e| e.moving_to)
+            .as_deref(),
+        Some("s2"),
+        "a move to a live server stays"
+    );
+}
+
 #[test]
 fn a_replaced_link_gets_the_unacknowledged_announcements_again() {
     let (mut reg, now) = hand_leader(3, true);
@@ -624,11 +688,6 @@ fn a_late_report_does_not_re_register_a_name_its_server_lost() {
 #[test]
 fn a_stale_move_expiry_timer_leaves_a_newer_move_alone() {
     let (mut reg, t0) = hand_leader(3, true);
-    let decide = |reg: &mut Registry, at, from: &str, id, op| {
-        let mut out = reg.handle(at, msg(from, request(1, 1, id, id, op)));
-        out.extend(ack_all(reg, at));
-        answers(&out)
-    };
     decide(&mut reg, t0, "s1", 1, Op::Claim(ident("Adel")));
     let to = |s: &str| Op::MoveStart {
         identity: "Adel".into(),
@@ -665,24 +724,84 @@ fn a_stale_move_expiry_timer_leaves_a_newer_move_alone() {
     assert_eq!(registered(&reg, "Adel"), None, "the second move expired");
 }
 
+/// A move to a server whose names the cluster frees ends with it: the
+/// identity is free at once, not at the move timeout (a client whose new
+/// server died can come back under its name), and the freed server's late
+/// arrival is refused. A move to another server is left alone.
+#[test]
+fn a_move_to_a_freed_server_ends_when_it_is_freed() {
+    let (mut reg, t0) = hand_leader(3, true);
+    let start = |identity: &str, to: &str| Op::MoveStart {
+        identity: identity.into(),
+        to: to.into(),
+        proof: proof(),
+    };
+    decide(&mut reg, t0, "s1", 1, Op::Claim(ident("Adel")));
+    decide(&mut reg, t0, "s1", 2, Op::Claim(ident("Cara")));
+    decide(&mut reg, t0, "s1", 3, start("Adel", "s2"));
+    decide(&mut reg, t0, "s1", 4, start("Cara", "s3"));
+    let mut out = reg.handle(t0, Input::PeerDown("s2".into()));
+    let liveness = RegistryMessage::Liveness {
+        term: 1,
+        down: vec!["s2".into()],
+    };
+    out.extend(reg.handle(t0, msg("s1", liveness)));
+    out.extend(ack_all(&mut reg, t0));
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::Log(LogEvent::ServerPurged { .. }))),
+        "s2 freed: {out:?}"
+    );
+    assert_eq!(registered(&reg, "Adel"), None, "its move ended with s2");
+    assert_eq!(
+        registered(&reg, "Cara")
+            .and_then(|e| e.moving_to)
+            .as_deref(),
+        Some("s3"),
+        "a move elsewhere stays"
+    );
+    // s2 was only cut off, and its client arrives: too late.
+    reg.handle(t0, Input::PeerUp("s2".into()));
+    let report = RegistryMessage::Holdings {
+        term: 1,
+        report: HoldingsReport {
+            version: 2,
+            ..empty_report(1)
+        },
+    };
+    reg.handle(t0, msg("s2", report));
+    let done = Op::MoveDone {
+        identity: "Adel".into(),
+        arrival: arrival(),
+        stamp: None,
+    };
+    let refused = decide(&mut reg, t0, "s2", 1, done);
+    assert_eq!(
+        refused,
+        vec![(
+            "s2".into(),
+            1,
+            Verdict::Refused {
+                reason: Refusal::NotMoving
+            }
+        )]
+    );
+    assert_eq!(registered(&reg, "Adel"), None);
+}
+
 /// An arrival that names the move's grant completes only that move: one
 /// naming another grant (a move the asker saw announced before the name
 /// was freed and granted again) is refused and leaves the move open.
 #[test]
 fn an_arrival_completes_only_the_move_it_names() {
     let (mut reg, t0) = hand_leader(3, true);
-    let decide = |reg: &mut Registry, from: &str, id, op| {
-        let mut out = reg.handle(t0, msg(from, request(1, 1, id, id, op)));
-        out.extend(ack_all(reg, t0));
-        answers(&out)
-    };
-    decide(&mut reg, "s1", 1, Op::Claim(ident("Adel")));
+    decide(&mut reg, t0, "s1", 1, Op::Claim(ident("Adel")));
     let start = Op::MoveStart {
         identity: "Adel".into(),
         to: "s2".into(),
         proof: proof(),
     };
-    decide(&mut reg, "s1", 2, start);
+    decide(&mut reg, t0, "s1", 2, start);
     let moving = registered(&reg, "Adel").expect("registered");
     let done = |stamp| Op::MoveDone {
         identity: "Adel".into(),
@@ -693,7 +812,7 @@ fn an_arrival_completes_only_the_move_it_names() {
         seq: moving.stamp.seq + 100,
         ..moving.stamp.clone()
     };
-    let refused = decide(&mut reg, "s2", 1, done(Some(other.clone())));
+    let refused = decide(&mut reg, t0, "s2", 1, done(Some(other.clone())));
     let not_moving = Verdict::Refused {
         reason: Refusal::NotMoving,
     };
@@ -703,7 +822,7 @@ fn an_arrival_completes_only_the_move_it_names() {
         Some(moving.clone()),
         "still moving"
     );
-    let granted = decide(&mut reg, "s2", 2, done(Some(moving.stamp.clone())));
+    let granted = decide(&mut reg, t0, "s2", 2, done(Some(moving.stamp.clone())));
     let verdict = Verdict::Granted {
         stamp: moving.stamp.clone(),
     };
@@ -715,12 +834,12 @@ fn an_arrival_completes_only_the_move_it_names() {
     // Re-homed already (an earlier leader's answer lost): the retry of this
     // move is granted again, an arrival naming another grant is not.
     assert_eq!(
-        decide(&mut reg, "s2", 3, done(Some(other))),
+        decide(&mut reg, t0, "s2", 3, done(Some(other))),
         vec![("s2".into(), 3, not_moving)]
     );
     let retry = done(Some(moving.stamp.clone()));
     assert_eq!(
-        decide(&mut reg, "s2", 4, retry),
+        decide(&mut reg, t0, "s2", 4, retry),
         vec![("s2".into(), 4, verdict)]
     );
 }
