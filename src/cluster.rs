@@ -242,6 +242,16 @@ impl Directory for ClusterDirectory {
         })
     }
 
+    fn give_up_move(&self, identity: &str, token: &str, client_ip: IpAddr) {
+        self.tell(LocalRequest::GiveUpMove {
+            identity: identity.to_owned(),
+            proof: MoveProof {
+                token: token.to_owned(),
+                ip: client_ip,
+            },
+        });
+    }
+
     fn accept_move(&self, identity: &str, token: Option<&str>, ip: IpAddr) -> BoxFuture<bool> {
         let request = LocalRequest::AcceptMove {
             identity: identity.to_owned(),

@@ -526,6 +526,22 @@ async fn newidentity_claims_for_a_moving_name_do_not_refuse_its_movejoin() {
     cluster.stop().await;
 }
 
+/// `name` joins s2's main hall and asks to join `jokes` on s1: its
+/// connection, routed, and the move's token.
+async fn routed_to_jokes(s2: SocketAddr, s1: SocketAddr, name: &str) -> (Raw, String) {
+    let mut c = Raw::join(Via::Tcp, s2, name, "MainHall-s2").await;
+    c.send(r#"{"type":"joinroom","roomid":"jokes"}"#).await;
+    let token = c.expect_route("jokes", s1.port()).await;
+    (c, token)
+}
+
+/// `name` on `c`, last in `room`, quits: the goodbye, then the close.
+async fn quits(mut c: Raw, name: &str, room: &str) {
+    c.send(r#"{"type":"quit"}"#).await;
+    c.expect(&room_change(name, room, "")).await;
+    c.expect_closed().await;
+}
+
 /// A `quit` on the old connection after a `route` (the user quit while the
 /// client was being routed) is a quit: the client is told it left the room
 /// it was routed to and the connection closes, its identity is free at
@@ -536,12 +552,8 @@ async fn newidentity_claims_for_a_moving_name_do_not_refuse_its_movejoin() {
 async fn a_quit_after_a_route_gives_the_move_up_and_frees_the_name() {
     let cluster = start_cluster(3, |_| None).await;
     let (s1, s2, mut adel) = jokes_on_s1(&cluster).await;
-    let mut vera = Raw::join(Via::Tcp, s2, "Vera", "MainHall-s2").await;
-    vera.send(r#"{"type":"joinroom","roomid":"jokes"}"#).await;
-    let token = vera.expect_route("jokes", s1.port()).await;
-    vera.send(r#"{"type":"quit"}"#).await;
-    vera.expect(&room_change("Vera", "jokes", "")).await;
-    vera.expect_closed().await;
+    let (vera, token) = routed_to_jokes(s2, s1, "Vera").await;
+    quits(vera, "Vera", "jokes").await;
     // Free everywhere well before the 10 s move timeout.
     let started = Instant::now();
     let mut again = loop {
@@ -578,10 +590,7 @@ async fn a_quit_after_a_route_gives_the_move_up_and_frees_the_name() {
 async fn a_move_to_a_server_that_dies_frees_the_name_with_its_names() {
     let mut cluster = start_cluster(3, |_| None).await;
     let (s1, s2, _adel) = jokes_on_s1(&cluster).await;
-    let mut vera = Raw::join(Via::Tcp, s2, "Vera", "MainHall-s2").await;
-    vera.send(r#"{"type":"joinroom","roomid":"jokes"}"#).await;
-    vera.expect_route("jokes", s1.port()).await;
-    drop(vera);
+    drop(routed_to_jokes(s2, s1, "Vera").await);
     let crashed = Instant::now();
     cluster.crash(0).await;
     loop {
@@ -598,5 +607,87 @@ async fn a_move_to_a_server_that_dies_frees_the_name_with_its_names() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!("Vera free again {:?} after s1 crashed", crashed.elapsed());
+    cluster.stop().await;
+}
+
+/// `movejoin` for `identity` into `room` on `server` (at `addr`) with
+/// `token`, from the room `former`, approved: the client's new connection.
+async fn moved_in(
+    (addr, server): (SocketAddr, &str),
+    identity: &str,
+    (former, room): (&str, &str),
+    token: &str,
+) -> Raw {
+    let mut c = Raw::connect(Via::Tcp, addr, identity).await;
+    c.send(&format!(
+        r#"{{"type":"movejoin","former":"{former}","roomid":"{room}","identity":"{identity}","token":"{token}"}}"#
+    ))
+    .await;
+    c.expect(&format!(
+        r#"{{"type":"serverchange","approved":"true","serverid":"{server}"}}"#
+    ))
+    .await;
+    c.expect(&room_change(identity, former, room)).await;
+    c
+}
+
+/// For `hold`, nobody on `addr` is granted `identity`.
+async fn stays_taken(addr: SocketAddr, identity: &str, hold: Duration) {
+    let until = Instant::now() + hold;
+    while Instant::now() < until {
+        let mut c = Raw::connect(Via::Tcp, addr, "claimant").await;
+        c.send(&format!(
+            r#"{{"type":"newidentity","identity":"{identity}"}}"#
+        ))
+        .await;
+        assert_eq!(
+            c.next().await.expect("an answer")["approved"],
+            "false",
+            "{identity} granted to a second client"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A `quit` on a connection the client left long ago frees nothing that is
+/// held again: not the name granted anew to another client of the same
+/// server, not the name the client brought back by another move (same
+/// grant). Found by a review of the first version of the quit-after-route
+/// fix, which released whatever the server held under the name: both gave
+/// one name to two clients for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quit_on_a_left_connection_frees_nothing_held_again() {
+    let cluster = start_cluster(3, |_| None).await;
+    let (s1, s2, _adel) = jokes_on_s1(&cluster).await;
+    let s3 = cluster.node(2).client_addr();
+    // Granted anew: Vera moves to s1 and quits there; Vega takes the name
+    // on s2; then Vera's first connection says quit.
+    let (vera, token) = routed_to_jokes(s2, s1, "Vera").await;
+    let moved = moved_in((s1, "s1"), "Vera", ("MainHall-s2", "jokes"), &token).await;
+    quits(moved, "Vera", "jokes").await;
+    let mut vega = Raw::join(Via::Tcp, s2, "Vera", "MainHall-s2").await;
+    quits(vera, "Vera", "jokes").await;
+    stays_taken(s3, "Vera", Duration::from_millis(600)).await;
+    vega.send(r#"{"type":"who"}"#).await;
+    assert_eq!(vega.next().await.expect("Vega on")["type"], "roomcontents");
+    // Back by another move: Bob goes s2 -> s1 -> s2 and his first
+    // connection says quit.
+    let mut pat = Raw::join(Via::Tcp, s2, "Pat", "MainHall-s2").await;
+    pat.send(r#"{"type":"createroom","roomid":"puns"}"#).await;
+    pat.expect(r#"{"type":"createroom","roomid":"puns","approved":"true"}"#)
+        .await;
+    let (bob, token) = routed_to_jokes(s2, s1, "Bob").await;
+    let mut on_s1 = moved_in((s1, "s1"), "Bob", ("MainHall-s2", "jokes"), &token).await;
+    on_s1.send(r#"{"type":"joinroom","roomid":"puns"}"#).await;
+    let token = on_s1.expect_route("puns", s2.port()).await;
+    let mut back = moved_in((s2, "s2"), "Bob", ("jokes", "puns"), &token).await;
+    quits(bob, "Bob", "jokes").await;
+    stays_taken(s3, "Bob", Duration::from_millis(600)).await;
+    back.send(r#"{"type":"message","content":"still here"}"#)
+        .await;
+    pat.expect(&room_change("Pat", "MainHall-s2", "puns")).await;
+    pat.expect(&room_change("Bob", "jokes", "puns")).await;
+    pat.expect(r#"{"type":"message","identity":"Bob","content":"still here"}"#)
+        .await;
     cluster.stop().await;
 }

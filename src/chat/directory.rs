@@ -56,6 +56,10 @@ pub trait Directory: Send + Sync + 'static {
         token: &str,
         client_ip: IpAddr,
     ) -> BoxFuture<Result<(), String>>;
+    /// The client of a move started with `token` and `client_ip` quit on
+    /// its old connection before arriving: its identity is freed if it is
+    /// still on that move (not if it arrived, or holds the name here again).
+    fn give_up_move(&self, identity: &str, token: &str, client_ip: IpAddr);
     /// Whether `identity` may arrive here by `movejoin`: it is moving to this
     /// server, and `token` is the move's token, or is `None` and `ip` is the
     /// address the client had on its former server. On success the identity

@@ -732,6 +732,7 @@ mod tests {
         ) -> BoxFuture<Result<(), String>> {
             Box::pin(async { Err("no other server".to_owned()) })
         }
+        fn give_up_move(&self, _: &str, _: &str, _: std::net::IpAddr) {}
         fn accept_move(&self, _: &str, _: Option<&str>, _: std::net::IpAddr) -> BoxFuture<bool> {
             Box::pin(async { false })
         }

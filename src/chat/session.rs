@@ -38,7 +38,13 @@ enum Phase {
     /// Identified, in a room of this server.
     Active(String),
     /// Sent `route` for `room`; the client is on its way to another server.
-    Moved { identity: String, room: String },
+    /// The move's `token` and `ip` name it, should the client quit here.
+    Moved {
+        identity: String,
+        room: String,
+        token: String,
+        ip: IpAddr,
+    },
     /// Quit: nothing more to clean up.
     Left,
 }
@@ -270,15 +276,24 @@ impl Session {
                 self.reply(ServerMessage::error("send newidentity first"));
                 return Flow::Continue;
             }
-            (Phase::Moved { identity, room }, Request::Quit) => {
-                // A quit before the move completed (a user quitting while
-                // the client was being routed): the move is given up and the
-                // identity freed at once, not held for the move timeout. If
-                // the client arrived at the other server first, that server
-                // holds the identity and the release frees nothing.
-                self.chat.directory().release_identity(identity, None);
+            (
+                Phase::Moved {
+                    identity,
+                    room,
+                    token,
+                    ip,
+                },
+                Request::Quit,
+            ) => {
+                // A quit on the connection the client was routed away from
+                // (a user quitting while being routed): the move is given
+                // up and the identity freed at once, not held for the move
+                // timeout. Only that move: if the client arrived meanwhile,
+                // or the name is held here again (granted anew, or back by
+                // another move), nothing is freed.
+                self.chat.directory().give_up_move(identity, token, *ip);
                 self.reply(ServerMessage::room_change(identity, room, ""));
-                info!(%identity, room = %room, "client quit before arriving; move given up");
+                info!(%identity, room = %room, "client quit after its route");
                 self.phase = Phase::Left;
                 return Flow::Close;
             }
@@ -333,6 +348,8 @@ impl Session {
                             self.phase = Phase::Moved {
                                 identity: identity.clone(),
                                 room: roomid.clone(),
+                                token,
+                                ip,
                             };
                         }
                         Err(why) => {

@@ -972,7 +972,9 @@ impl Mesh {
             }
         }
         info!(peer = %peer, remote = %connection.remote_address(), dialed_by_me, replaced, "mesh link up");
-        let span = info_span!("peer", peer = %peer);
+        // Not nested in the caller's span: the dialer's is this same peer
+        // span, which logs read as `peer{peer=s3}:peer{peer=s3}`.
+        let span = info_span!(parent: None, "peer", peer = %peer);
         self.inner.tasks.spawn(
             self.clone()
                 .write_link(

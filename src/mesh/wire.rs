@@ -22,8 +22,9 @@ use crate::registry::RegistryMessage;
 /// `Hello` instead of misreading them. 4: every released grant is named
 /// (the stamp is no longer optional), a move cancel names the move, a
 /// request carries the asker's view of who is down, and a refusal may say
-/// the asker still hears a server whose names were freed.
-pub const WIRE_VERSION: u8 = 4;
+/// the asker still hears a server whose names were freed. 5: a move can be
+/// given up by its client (`MoveGiveUp`), freeing its identity.
+pub const WIRE_VERSION: u8 = 5;
 
 /// Largest stream frame accepted; checked before anything is allocated, and
 /// the body's buffer grows only as its bytes arrive. A registry snapshot or

@@ -97,11 +97,9 @@ impl Registry {
     fn waits_for_release(&self, id: u64, p: &Pending) -> bool {
         matches!(p.op, Op::Claim(_) | Op::MoveDone { .. })
             && p.op.keys().any(|key| {
-                self.pending_ids(&key).take_while(|&r| r < id).any(|r| {
-                    self.pending
-                        .get(&r)
-                        .is_some_and(|o| matches!(o.op, Op::Release(_)))
-                })
+                self.pending_ids(&key)
+                    .take_while(|&r| r < id)
+                    .any(|r| self.pending.get(&r).is_some_and(|o| o.op.gives_back()))
             })
     }
 
@@ -198,7 +196,7 @@ impl Registry {
         // Releases and cancels must reach the leader eventually, so they never
         // give up; everything a client waits for does.
         let deadline = match op {
-            Op::Release(_) | Op::MoveCancel { .. } => None,
+            Op::Release(_) | Op::MoveCancel { .. } | Op::MoveGiveUp { .. } => None,
             _ => {
                 out.push(Action::SetTimer {
                     timer: Timer::RequestDeadline { id },
@@ -352,7 +350,7 @@ impl Registry {
             return;
         };
         let keys: Vec<NameKey> = p.op.keys().collect();
-        let was_release = matches!(p.op, Op::Release(_));
+        let was_release = p.op.gives_back();
         let sets_state = matches!(verdict, Verdict::Granted { .. }) && !p.abandoned && !was_release;
         match (p.op, verdict) {
             (Op::Claim(name), Verdict::Granted { stamp }) => {
@@ -438,6 +436,9 @@ impl Registry {
                     entry.move_proof = None;
                 }
             }
+            // The own entry went when the client quit; the leader freed
+            // the identity, or it was no longer on that move.
+            (Op::MoveGiveUp { .. }, _) => {}
             (Op::MoveCancel { identity, .. }, Verdict::Refused { reason }) => {
                 self.move_refused(now, &identity, None, &reason, out);
             }

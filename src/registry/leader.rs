@@ -845,7 +845,7 @@ impl Registry {
                 self.commit(lead, vec![Change::SetIdentity(arrived)], out);
                 granted(stamp)
             }
-            Op::MoveCancel { identity, proof } => {
+            Op::MoveCancel { identity, proof } | Op::MoveGiveUp { identity, proof } => {
                 let entry = match lead.registry.identities.get(identity) {
                     Some(e) if e.server == *asker => e.clone(),
                     Some(_) => return refused(Refusal::Taken),
@@ -853,15 +853,24 @@ impl Registry {
                 };
                 let stamp = entry.stamp.clone();
                 // Only the move given up on: a late cancel must not cancel
-                // a later move of the identity.
+                // a later move of the identity, and a client's quit on the
+                // connection it left must not free the identity it holds
+                // again (granted anew, or back by another move).
                 if entry.moving_to.is_some() && entry.move_proof.as_ref() == Some(proof) {
                     lead.moves.remove(identity);
-                    let stays = IdentityEntry {
-                        moving_to: None,
-                        move_proof: None,
-                        ..entry
+                    let change = if matches!(op, Op::MoveGiveUp { .. }) {
+                        Change::RemoveIdentity {
+                            identity: identity.clone(),
+                            stamp: stamp.clone(),
+                        }
+                    } else {
+                        Change::SetIdentity(IdentityEntry {
+                            moving_to: None,
+                            move_proof: None,
+                            ..entry
+                        })
                     };
-                    self.commit(lead, vec![Change::SetIdentity(stays)], out);
+                    self.commit(lead, vec![change], out);
                 }
                 granted(stamp)
             }

@@ -227,6 +227,17 @@ pub enum Op {
         /// not cancel that one.
         proof: MoveProof,
     },
+    /// The moving client quit on its old connection before arriving: free
+    /// the identity, if it is still on that move (the proof names it). If
+    /// the client arrived anyway, or the name was freed and granted again,
+    /// or came back by another move (same stamp), nothing changes: unlike a
+    /// release, this can only free the move it names.
+    MoveGiveUp {
+        /// The identity to free.
+        identity: String,
+        /// The proof of the move given up on.
+        proof: MoveProof,
+    },
 }
 
 /// A name given back to the leader, and the grant it was held by.
@@ -249,11 +260,19 @@ impl Op {
             Op::Release(given) => (None, given.as_slice()),
             Op::MoveStart { identity, .. }
             | Op::MoveDone { identity, .. }
-            | Op::MoveCancel { identity, .. } => {
+            | Op::MoveCancel { identity, .. }
+            | Op::MoveGiveUp { identity, .. } => {
                 (Some(NameKey::Identity(identity.clone())), &[][..])
             }
         };
         one.into_iter().chain(given.iter().map(|g| g.name.key()))
+    }
+
+    /// Whether the request gives a name back: a later claim of that name
+    /// from the same server waits for its answer, so that the leader sees
+    /// the two in order.
+    pub(super) fn gives_back(&self) -> bool {
+        matches!(self, Op::Release(_) | Op::MoveGiveUp { .. })
     }
 
     /// New names and moves wait until the leader knows every live server's
@@ -576,6 +595,14 @@ pub enum LocalRequest {
         identity: String,
         /// What its `movejoin` showed.
         arrival: Arrival,
+    },
+    /// `quit` on the connection a client was routed away from, before it
+    /// arrived: free the identity if it is still on the move `proof` names.
+    GiveUpMove {
+        /// The client that quit.
+        identity: String,
+        /// The move's token and the client's address here.
+        proof: MoveProof,
     },
 }
 

@@ -986,6 +986,19 @@ impl Registry {
                 let until = later(now, self.config.claim_timeout);
                 self.accept_move(now, token, identity, arrival, until, out)
             }
+            LocalRequest::GiveUpMove { identity, proof } => {
+                Self::reply(out, token, Ok(()));
+                // Only the move that client's `route` started: the name may
+                // be held here again by then (granted anew, or back by
+                // another move), and then it is not this client's to free.
+                let on_that_move = self.own.identities.get(&identity).is_some_and(|e| {
+                    e.moving_to.is_some() && e.move_proof.as_ref() == Some(&proof)
+                });
+                if on_that_move {
+                    self.drop_own_identity(&identity);
+                    self.submit(now, Op::MoveGiveUp { identity, proof }, None, out);
+                }
+            }
             LocalRequest::Release(names) => {
                 Self::reply(out, token, Ok(()));
                 let mut given = Vec::new();

@@ -78,7 +78,20 @@ fn chaos(seed: u64, require_majority: bool, asymmetric: bool) {
                     );
                 }
             }
-            76..80 => {
+            76..78 => {
+                // The client of a move out of `node` quits on its old
+                // connection (whether or not one is under way).
+                let name = pick(&mut sim, &names);
+                let proof = proof();
+                sim.local(
+                    node,
+                    LocalRequest::GiveUpMove {
+                        identity: name,
+                        proof,
+                    },
+                );
+            }
+            78..80 => {
                 let name = pick(&mut sim, &names);
                 let arrival = arrival();
                 sim.local(

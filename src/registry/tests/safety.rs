@@ -789,6 +789,65 @@ fn a_move_to_a_freed_server_ends_when_it_is_freed() {
     assert_eq!(registered(&reg, "Adel"), None);
 }
 
+/// A client's quit on the connection it was routed away from frees its
+/// identity only while the identity is still on that move: not once it
+/// arrived, and not once it came back to the same server by another move
+/// with the same grant (found by a review: a plain release there freed the
+/// name under the client holding it again).
+#[test]
+fn a_move_given_up_frees_only_the_move_it_names() {
+    let (mut reg, t0) = hand_leader(3, true);
+    let start = |to: &str, proof| Op::MoveStart {
+        identity: "Adel".into(),
+        to: to.into(),
+        proof,
+    };
+    let give_up = |proof| Op::MoveGiveUp {
+        identity: "Adel".into(),
+        proof,
+    };
+    let done = |token: &str| Op::MoveDone {
+        identity: "Adel".into(),
+        arrival: Arrival {
+            token: Some(token.into()),
+            ..arrival()
+        },
+        stamp: None,
+    };
+    let back = MoveProof {
+        token: "fedcba9876543210fedcba9876543210".into(),
+        ..proof()
+    };
+    // Still on the move: freed.
+    decide(&mut reg, t0, "s1", 1, Op::Claim(ident("Adel")));
+    decide(&mut reg, t0, "s1", 2, start("s2", proof()));
+    decide(&mut reg, t0, "s1", 3, give_up(proof()));
+    assert_eq!(registered(&reg, "Adel"), None, "given up: free");
+    // Moved s1 -> s2 -> s1, keeping its grant: the first move's give-up
+    // changes nothing.
+    decide(&mut reg, t0, "s1", 4, Op::Claim(ident("Adel")));
+    decide(&mut reg, t0, "s1", 5, start("s2", proof()));
+    decide(&mut reg, t0, "s2", 1, done(&proof().token));
+    decide(&mut reg, t0, "s2", 2, start("s1", back.clone()));
+    decide(&mut reg, t0, "s1", 6, done(&back.token));
+    let held = registered(&reg, "Adel").expect("back on s1");
+    assert_eq!(
+        (held.server.as_str(), held.moving_to.as_deref()),
+        ("s1", None)
+    );
+    decide(&mut reg, t0, "s1", 7, give_up(proof()));
+    assert_eq!(registered(&reg, "Adel"), Some(held.clone()), "still held");
+    // On its way again from s1: a give-up of another move leaves it moving.
+    decide(&mut reg, t0, "s1", 8, start("s2", back.clone()));
+    decide(&mut reg, t0, "s1", 9, give_up(proof()));
+    assert_eq!(
+        registered(&reg, "Adel")
+            .and_then(|e| e.moving_to)
+            .as_deref(),
+        Some("s2")
+    );
+}
+
 /// An arrival that names the move's grant completes only that move: one
 /// naming another grant (a move the asker saw announced before the name
 /// was freed and granted again) is refused and leaves the move open.
