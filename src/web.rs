@@ -290,7 +290,7 @@ async fn chat_upgrade(
 const WS_READ_BUFFER: usize = 4 * 1024;
 
 /// Why the server closes a WebSocket, sent in its close frame (RFC 6455 7.4.1).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy)]
 enum CloseWhy {
     /// The session ended (1000).
     Done,

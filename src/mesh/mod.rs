@@ -1348,9 +1348,6 @@ impl Mesh {
     }
 }
 
-/// Whether a `Hello` is the one expected from `peer`, the configured peer
-/// (never `me`) that its certificate names: so the id it claims must be a
-/// configured peer, not this server, and the one in its certificate.
 /// Whether a failed handshake was TLS refusing the peer's certificate (a
 /// server of another cluster, or a certificate not made by this cluster's
 /// CA), as opposed to a handshake cut short by the network or the peer.
@@ -1364,6 +1361,9 @@ fn is_certificate_error(error: &quinn::ConnectionError) -> bool {
     (0x100..0x200).contains(&u64::from(code))
 }
 
+/// Whether a `Hello` is the one expected from `peer`, the configured peer
+/// (never `me`) that its certificate names: so the id it claims must be a
+/// configured peer, not this server, and the one in its certificate.
 fn check_hello(me: &str, peer: &str, version: u8, id: &str) -> Result<(), String> {
     if version != WIRE_VERSION {
         return Err(format!(
@@ -1637,8 +1637,6 @@ mod tests {
         }
     }
 
-    /// `failure_timeout`: the silence after which a link gets a replacement
-    /// dialed (no heartbeats run unless the test sends them).
     #[test]
     fn only_a_tls_alert_is_called_a_certificate_problem() {
         use quinn_proto::{TransportError, TransportErrorCode};
@@ -1671,6 +1669,8 @@ mod tests {
         assert!(!is_certificate_error(&quinn::ConnectionError::TimedOut));
     }
 
+    /// `failure_timeout`: the silence after which a link gets a replacement
+    /// dialed (no heartbeats run unless the test sends them).
     async fn linked_pair(tag: &str, failure_timeout: Duration) -> Pair {
         let (sock1, _) = crate::netsim::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
         let (sock2, _) = crate::netsim::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
