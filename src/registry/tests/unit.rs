@@ -947,18 +947,7 @@ fn a_leaving_client_gives_back_its_identity_and_room_in_one_request() {
     let (Some(identity_stamp), Some(room_stamp)) = held(&sim) else {
         panic!("s1 holds Adel and jokes");
     };
-    use std::cell::RefCell;
-    use std::rc::Rc;
-    let requests = Rc::new(RefCell::new(Vec::new()));
-    let seen = requests.clone();
-    sim.lose = Some(Box::new(move |from, _, msg| {
-        if let RegistryMessage::Request { op, .. } = msg
-            && from == 0
-        {
-            seen.borrow_mut().push(op.clone());
-        }
-        false
-    }));
+    let requests = requests_from_s1(&mut sim);
     sim.local(
         0,
         LocalRequest::Release(vec![room("jokes", ""), ident("Adel")]),
@@ -2039,4 +2028,41 @@ fn retry_of_a_timed_out_claim_takes_over_the_late_grant() {
     let ops: Vec<Op> = sent.borrow().values().cloned().collect();
     assert_eq!(ops, vec![Op::Claim(ident("Adel"))], "one claim, no release");
     sim.assert_converged();
+}
+
+/// A client's quit on a connection it was routed away from frees nothing
+/// the server holds under the name unless the holding is still on that
+/// move: held anew (here by a fresh grant, no move), the name stays, and
+/// nothing goes to the leader.
+#[test]
+fn a_move_given_up_leaves_a_holding_not_on_that_move() {
+    let mut sim = Sim::new(3, 2, true);
+    sim.claim(0, ident("Adel"));
+    sim.run_for(ms(100));
+    let held = |sim: &Sim| sim.node(0).own.identities.get("Adel").cloned();
+    let before = held(&sim).expect("s1 holds Adel");
+    let requests = requests_from_s1(&mut sim);
+    let give_up = LocalRequest::GiveUpMove {
+        identity: "Adel".into(),
+        proof: proof(),
+    };
+    sim.local(0, give_up);
+    sim.run_for(ms(100));
+    assert_eq!(held(&sim), Some(before), "still held here");
+    assert!(requests.borrow().is_empty(), "{:?}", requests.borrow());
+}
+
+/// From now on, the requests s1 sends, in order (none is lost).
+fn requests_from_s1(sim: &mut Sim) -> std::rc::Rc<std::cell::RefCell<Vec<Op>>> {
+    let requests = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let seen = requests.clone();
+    sim.lose = Some(Box::new(move |from, _, msg| {
+        if let RegistryMessage::Request { op, .. } = msg
+            && from == 0
+        {
+            seen.borrow_mut().push(op.clone());
+        }
+        false
+    }));
+    requests
 }
