@@ -1014,6 +1014,37 @@ fn release_then_reclaim_on_the_same_server_stays_in_order() {
     }
 }
 
+/// A move given up gives its identity back like a release: a claim of the
+/// name right after it (a new client of the same server) waits for its
+/// answer, or the leader could see the claim first, while the name is still
+/// on the move, and refuse it.
+#[test]
+fn a_claim_behind_a_move_given_up_stays_in_order() {
+    for seed in 0..50 {
+        let mut sim = Sim::new(3, seed, true);
+        sim.delay_ms = (1, 40);
+        sim.claim(0, ident("Adel"));
+        sim.run_for(ms(200));
+        let start = LocalRequest::StartMove {
+            identity: "Adel".into(),
+            to: sid(1),
+            proof: proof(),
+        };
+        let moving = sim.local(0, start);
+        sim.run_for(ms(200));
+        assert_eq!(sim.result(moving), Some(&Ok(())), "seed {seed}: the move");
+        let give_up = LocalRequest::GiveUpMove {
+            identity: "Adel".into(),
+            proof: proof(),
+        };
+        sim.local(0, give_up);
+        let again = sim.claim(0, ident("Adel"));
+        sim.run_for(ms(500));
+        assert_eq!(sim.result(again), Some(&Ok(())), "seed {seed}");
+        sim.assert_converged();
+    }
+}
+
 #[test]
 fn claim_behind_a_release_goes_as_soon_as_the_release_is_answered() {
     // The claim waits for the release's answer, then goes at once rather
