@@ -67,7 +67,15 @@ impl Request {
                     None => strip_position(&msg),
                 }
             }
-            _ => format!("not a JSON object: {}", strip_position(&e.to_string())),
+            _ => {
+                let msg = e.to_string();
+                // serde_json's words for half a surrogate pair ("unexpected end
+                // of hex escape") name its parser's state, not the mistake.
+                if msg.contains("surrogate") || msg.contains("end of hex escape") {
+                    return LONE_SURROGATE.to_string();
+                }
+                format!("not a JSON object: {}", strip_position(&msg))
+            }
         })
     }
 
@@ -76,6 +84,10 @@ impl Request {
         encode_line(self)
     }
 }
+
+/// The reason given for a `\u` escape of half a UTF-16 surrogate pair.
+const LONE_SURROGATE: &str = "not a JSON object: a \\u escape of half a UTF-16 surrogate pair \
+     (a character beyond U+FFFF is written as two escapes, \\uD83D\\uDE00)";
 
 /// serde_json appends "at line 1 column N", which only repeats the line back.
 fn strip_position(msg: &str) -> String {
@@ -347,6 +359,17 @@ mod tests {
         assert_eq!(reason(r#"{"roomid":"x"}"#), "missing field `type`");
         assert!(reason(r#"{"type":"message","content":5}"#).starts_with("invalid type"));
         assert!(reason("[1,2]").starts_with("invalid type"));
+        for half in [r"\ud800", r"\ud800x", r"\udc00", r"\ud800\u0041"] {
+            let line = format!(r#"{{"type":"message","content":"{half}"}}"#);
+            assert_eq!(reason(&line), super::LONE_SURROGATE, "{line}");
+        }
+        let pair = r#"{"type":"message","content":"\ud83d\ude00"}"#;
+        assert_eq!(
+            Request::parse(pair.as_bytes()),
+            Ok(Request::Message {
+                content: "\u{1F600}".into()
+            })
+        );
     }
 
     #[test]
