@@ -214,6 +214,10 @@ async fn joinroom_refusals_answer_only_the_client(via: Via) {
     bob.send(&format!(r#"{{"type":"joinroom","roomid":"{HALL}"}}"#))
         .await;
     bob.expect(&room_change("Bob", HALL, HALL)).await;
+    // No room id: refused with the room the client is in, as
+    // roomchange(I, "", "") would tell it that it quit.
+    bob.send(r#"{"type":"joinroom","roomid":""}"#).await;
+    bob.expect(&room_change("Bob", HALL, HALL)).await;
     // An owner cannot leave its room by joining another.
     adel.send(r#"{"type":"createroom","roomid":"jokes"}"#).await;
     adel.expect(r#"{"type":"createroom","roomid":"jokes","approved":"true"}"#)

@@ -142,6 +142,27 @@ async fn route_from_a_websocket_names_the_web_port_and_the_move_completes() {
     cara.expect_route("jokes", s1.client_addr().port()).await;
     bob.expect(&room_change("Cara", "MainHall-s2", "jokes"))
         .await;
+    // A page always echoes its token, so a WebSocket movejoin without one
+    // is nobody's move, even from the routed client's address (behind a
+    // proxy, every browser has the proxy's).
+    let mut from_a_page = Raw::connect_ws(s1_web, "Impostor").await;
+    from_a_page
+        .send(r#"{"type":"movejoin","former":"MainHall-s2","roomid":"jokes","identity":"Cara"}"#)
+        .await;
+    from_a_page
+        .expect(r#"{"type":"serverchange","approved":"false","serverid":"s1"}"#)
+        .await;
+    from_a_page.expect_closed().await;
+    // The classic client itself arrives without a token, from its address.
+    let mut cara = Raw::connect(Via::Tcp, s1.client_addr(), "Cara@s1").await;
+    cara.send(r#"{"type":"movejoin","former":"MainHall-s2","roomid":"jokes","identity":"Cara"}"#)
+        .await;
+    cara.expect(r#"{"type":"serverchange","approved":"true","serverid":"s1"}"#)
+        .await;
+    cara.expect(&room_change("Cara", "MainHall-s2", "jokes"))
+        .await;
+    adel.expect(&room_change("Cara", "MainHall-s2", "jokes"))
+        .await;
     // The WebSocket client is routed to s1's web port.
     bob.send(r#"{"type":"joinroom","roomid":"jokes"}"#).await;
     let token = bob.expect_route("jokes", s1_web.port()).await;

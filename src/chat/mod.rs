@@ -453,7 +453,10 @@ impl ChatServer {
         let former = member.room.clone();
         let owns_current = member.owns.as_deref() == Some(former.as_str());
         let refuse = |state: &Rooms| {
-            let event = ServerMessage::room_change(identity, room, room).encode();
+            // roomchange(I, "", "") would tell the client it quit: a join
+            // of no room is refused with the room it is in.
+            let shown = if room.is_empty() { &former } else { room };
+            let event = ServerMessage::room_change(identity, shown, shown).encode();
             state.send(identity, &event);
             JoinOutcome::Done
         };

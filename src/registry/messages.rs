@@ -122,7 +122,9 @@ impl Arrival {
     pub fn proves(&self, proof: &MoveProof) -> bool {
         match &self.token {
             Some(token) => *token == proof.token,
-            None => self.ip.to_canonical() == proof.ip.to_canonical(),
+            // A web page's move is proved by its token only (its proof
+            // names no address).
+            None => !proof.ip.is_unspecified() && self.ip.to_canonical() == proof.ip.to_canonical(),
         }
     }
 }

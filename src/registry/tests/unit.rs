@@ -1825,6 +1825,16 @@ fn movejoin_without_token_from_the_same_address_is_accepted() {
         ip: "::ffff:10.0.0.1".parse().expect("an address"),
     };
     assert!(mapped.proves(&proof()));
+    // A web page's move names no address: only its token proves it.
+    let web_move = MoveProof {
+        ip: std::net::IpAddr::from([0, 0, 0, 0]),
+        ..proof()
+    };
+    let from_nowhere = Arrival {
+        token: None,
+        ip: web_move.ip,
+    };
+    assert!(!from_nowhere.proves(&web_move));
 }
 
 #[test]
