@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
@@ -26,6 +26,7 @@ use crate::chat::{BoxFuture, ChatServer, Directory, RemoteRoom};
 use crate::config::{ClusterConfig, MAIN_HALL_PREFIX, Quorum};
 use crate::detector::{DetectorConfig, FailureDetector, Transition};
 use crate::election::{Action, Election, ElectionTimings, Input};
+use crate::logging::LogBudget;
 use crate::mesh::wire::{self, Heartbeat, PeerMessage};
 use crate::mesh::{Mesh, MeshEvent};
 use crate::registry::{
@@ -103,7 +104,7 @@ pub struct ClusterDirectory {
     /// names this server holds); claims are bounded by `claim_slots`.
     requests: mpsc::UnboundedSender<Request>,
     /// One per claim not yet answered.
-    claim_slots: Arc<Semaphore>,
+    claim_slots: ClaimSlots,
     names: Arc<Mutex<Names>>,
     /// Client host, client port and web port of every server, for `route`.
     clients: HashMap<ServerId, (String, u16, Option<u16>)>,
@@ -136,7 +137,9 @@ impl Drop for ArrivalTurn {
 
 impl ClusterDirectory {
     fn ask(&self, request: LocalRequest) -> BoxFuture<Result<(), String>> {
-        ask_via(&self.requests, &self.claim_slots, request)
+        let requests = self.requests.clone();
+        let claim_slots = self.claim_slots.clone();
+        Box::pin(async move { ask_via(&requests, &claim_slots, request).await })
     }
 
     fn tell(&self, request: LocalRequest) {
@@ -149,31 +152,56 @@ impl ClusterDirectory {
     }
 }
 
-/// Sends a request to the cluster task and waits for its answer. The claim
-/// slot is taken now, so a busy server refuses at once.
-fn ask_via(
+/// Claims, moves and arrivals in flight from one server's sessions at once:
+/// a quarter of what its registry takes ([`registry::MAX_PENDING`]), the rest
+/// being for the releases of clients that leave meanwhile.
+pub const CLAIM_SLOTS: usize = registry::MAX_PENDING / 4;
+
+/// The turns of a server's sessions to ask the cluster for something. A
+/// session whose server has [`CLAIM_SLOTS`] requests in flight waits its
+/// turn (first come, first served), for at most the claim timeout: under a
+/// flood of claims a client's `newidentity` is answered late, but answered,
+/// where a refusal would read as "taken" (the protocol has no other no).
+/// Waiting sessions are bounded by the client connections.
+#[derive(Clone)]
+struct ClaimSlots {
+    slots: Arc<Semaphore>,
+    wait: std::time::Duration,
+}
+
+impl ClaimSlots {
+    fn new(slots: usize, wait: std::time::Duration) -> ClaimSlots {
+        ClaimSlots {
+            slots: Arc::new(Semaphore::new(slots)),
+            wait,
+        }
+    }
+
+    /// A turn, or `None` once the wait is over.
+    async fn take(&self) -> Option<OwnedSemaphorePermit> {
+        let turn = self.slots.clone().acquire_owned();
+        tokio::time::timeout(self.wait, turn).await.ok()?.ok()
+    }
+}
+
+/// Sends a request to the cluster task, once it is this session's turn, and
+/// waits for its answer.
+async fn ask_via(
     requests: &mpsc::UnboundedSender<Request>,
-    claim_slots: &Arc<Semaphore>,
+    claim_slots: &ClaimSlots,
     request: LocalRequest,
-) -> BoxFuture<Result<(), String>> {
-    {
-        let (tx, rx) = oneshot::channel();
-        let slot = claim_slots.clone().try_acquire_owned().ok();
-        let sent = slot.is_some() && requests.send((request, Some(tx))).is_ok();
-        Box::pin(async move {
-            if slot.is_none() {
-                return Err("this server is too busy to ask the leader; try again".to_owned());
-            }
-            // The slot is held until the answer comes.
-            let _slot = slot;
-            if !sent {
-                return Err("this server is shutting down".to_owned());
-            }
-            match rx.await {
-                Ok(result) => result.map_err(|refusal| refusal.to_string()),
-                Err(_) => Err("this server is shutting down".to_owned()),
-            }
-        })
+) -> Result<(), String> {
+    let Some(_slot) = claim_slots.take().await else {
+        return Err("this server is too busy to ask the leader; try again".to_owned());
+    };
+    // The slot is held until the answer comes.
+    let (tx, rx) = oneshot::channel();
+    if requests.send((request, Some(tx))).is_err() {
+        return Err("this server is shutting down".to_owned());
+    }
+    match rx.await {
+        Ok(result) => result.map_err(|refusal| refusal.to_string()),
+        Err(_) => Err("this server is shutting down".to_owned()),
     }
 }
 
@@ -299,7 +327,7 @@ impl Namespace {
         let directory = Arc::new(ClusterDirectory {
             me: me.to_owned(),
             requests: tx,
-            claim_slots: Arc::new(Semaphore::new(registry::MAX_PENDING * 4)),
+            claim_slots: ClaimSlots::new(CLAIM_SLOTS, config.limits.claim_timeout),
             names: names.clone(),
             clients,
             arrivals: Arc::default(),
@@ -383,6 +411,7 @@ pub async fn run(
         chat,
         heartbeat_seq: 0,
         batch: None,
+        refusals_log: LogBudget::new(crate::chat::REFUSALS_LOGGED_PER_SECOND),
     };
     driver.rebuild_names();
     let mut ticker = tokio::time::interval(timing.heartbeat_interval);
@@ -599,6 +628,8 @@ struct Driver {
     /// While some: registry messages wait here, by destination, until
     /// [`Driver::flush`] sends them (several inputs handled in one go).
     batch: Option<Vec<(To, registry::RegistryMessage)>>,
+    /// The leader's `claim_denied` lines.
+    refusals_log: LogBudget,
 }
 
 /// Where a registry message goes.
@@ -691,7 +722,7 @@ impl Driver {
                         chat.evict(&identities, &rooms);
                     }
                 }
-                registry::Action::Log(event) => log_registry_event(event),
+                registry::Action::Log(event) => log_registry_event(event, &self.refusals_log),
             }
         }
         // Many inputs change the rooms (a peer down drops its rooms).
@@ -835,7 +866,7 @@ fn coalesce_acks(
     out
 }
 
-fn log_registry_event(event: registry::LogEvent) {
+fn log_registry_event(event: registry::LogEvent, refusals_log: &LogBudget) {
     use registry::LogEvent;
     match event {
         LogEvent::ClaimGranted { asker, name } => debug!(%asker, %name, "claim_granted"),
@@ -843,9 +874,17 @@ fn log_registry_event(event: registry::LogEvent) {
             asker,
             name,
             reason,
-        } => {
-            info!(%asker, %name, %reason, "claim_denied")
-        }
+        } => match refusals_log.take(std::time::Instant::now()) {
+            Some(0) => info!(%asker, %name, %reason, "claim_denied"),
+            Some(left_out) => info!(
+                %asker,
+                %name,
+                %reason,
+                left_out,
+                "claim_denied (and {left_out} more since the last line)"
+            ),
+            None => {}
+        },
         LogEvent::ServerPurged {
             server,
             identities,
@@ -907,6 +946,52 @@ mod tests {
 
     fn ids(names: &[&str]) -> Vec<ServerId> {
         names.iter().map(|n| n.to_string()).collect()
+    }
+
+    /// A flood of claims on one server: beyond its slots, a client's claim
+    /// waits its turn and is answered (a refusal reads as "taken"); only a
+    /// wait past the claim timeout is refused.
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_beyond_the_slots_waits_its_turn_then_is_refused_in_time() {
+        let slots = ClaimSlots::new(1, Duration::from_secs(2));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let claim = |name: &str| LocalRequest::Claim(registry::Name::Identity(name.into()));
+        let first = tokio::spawn({
+            let (tx, slots, request) = (tx.clone(), slots.clone(), claim("Adel"));
+            async move { ask_via(&tx, &slots, request).await }
+        });
+        let (_, answer) = rx.recv().await.expect("the first is asked");
+        let second = tokio::spawn({
+            let (tx, slots, request) = (tx.clone(), slots.clone(), claim("Bob"));
+            async move { ask_via(&tx, &slots, request).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(rx.try_recv().is_err(), "the second waits for a slot");
+        answer
+            .expect("a reply channel")
+            .send(Ok(()))
+            .expect("asked");
+        assert_eq!(first.await.expect("runs"), Ok(()));
+        let (asked, answer) = tokio::time::timeout(Duration::from_secs(1), rx.recv())
+            .await
+            .expect("the second is asked once the first is answered")
+            .expect("open");
+        assert_eq!(asked, claim("Bob"));
+        // Its slot is held until its answer: a third waits out its time.
+        let third = tokio::spawn({
+            let (tx, slots, request) = (tx.clone(), slots.clone(), claim("Cara"));
+            async move { ask_via(&tx, &slots, request).await }
+        });
+        let began = tokio::time::Instant::now();
+        let refused = third.await.expect("runs").expect_err("no slot in 2 s");
+        assert!(refused.contains("too busy"), "{refused}");
+        assert_eq!(began.elapsed(), Duration::from_secs(2));
+        answer
+            .expect("a reply channel")
+            .send(Ok(()))
+            .expect("asked");
+        assert_eq!(second.await.expect("runs"), Ok(()));
+        assert!(rx.try_recv().is_err(), "the third was never asked");
     }
 
     #[test]

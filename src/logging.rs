@@ -228,9 +228,74 @@ impl Drop for Flush {
     }
 }
 
+/// A budget for one kind of line that clients cause, e.g. a refused
+/// `newidentity`: at most `per_second` of them a second; the rest are
+/// counted, and the next line logged says how many were left out. One
+/// connection's lines are bounded by the session; this bounds the lines of
+/// a flood of short connections (a log line each would grow the log by
+/// megabytes a minute).
+pub struct LogBudget {
+    per_second: u32,
+    state: Mutex<BudgetState>,
+}
+
+struct BudgetState {
+    second_began: Option<std::time::Instant>,
+    logged: u32,
+    left_out: u64,
+}
+
+impl LogBudget {
+    /// A budget of `per_second` lines a second.
+    pub const fn new(per_second: u32) -> LogBudget {
+        LogBudget {
+            per_second,
+            state: Mutex::new(BudgetState {
+                second_began: None,
+                logged: 0,
+                left_out: 0,
+            }),
+        }
+    }
+
+    /// `Some(n)` if this line is to be logged, `n` being the lines left out
+    /// since the last one logged; `None` if it is to be left out.
+    pub fn take(&self, now: std::time::Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state
+            .second_began
+            .is_none_or(|began| now.saturating_duration_since(began) >= Duration::from_secs(1))
+        {
+            state.second_began = Some(now);
+            state.logged = 0;
+        }
+        if state.logged >= self.per_second {
+            state.left_out += 1;
+            return None;
+        }
+        state.logged += 1;
+        Some(std::mem::take(&mut state.left_out))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_budget_leaves_out_lines_past_it_and_counts_them() {
+        let budget = LogBudget::new(2);
+        let t0 = std::time::Instant::now();
+        assert_eq!(budget.take(t0), Some(0));
+        assert_eq!(budget.take(t0), Some(0));
+        assert_eq!(budget.take(t0 + Duration::from_millis(500)), None);
+        assert_eq!(budget.take(t0 + Duration::from_millis(999)), None);
+        // The next second: logged again, telling of the two left out.
+        assert_eq!(budget.take(t0 + Duration::from_secs(1)), Some(2));
+        assert_eq!(budget.take(t0 + Duration::from_millis(1500)), Some(0));
+        assert_eq!(budget.take(t0 + Duration::from_millis(1600)), None);
+        assert_eq!(budget.take(t0 + Duration::from_secs(5)), Some(1));
+    }
     use std::time::Instant;
 
     /// A `Write` the test can read back.

@@ -45,6 +45,7 @@ use crate::ServerId;
 use crate::client_proto::{Approved, ServerMessage};
 use crate::config::Limits;
 use crate::journal::{NameJournal, NameKind};
+use crate::logging::LogBudget;
 
 /// One server's chat state and the operations of the client protocol on it.
 pub struct ChatServer {
@@ -65,6 +66,8 @@ pub struct ChatServer {
     paced_wakes: AtomicBool,
     /// Turns for big writes, shared by every session's writer.
     write_turns: WriteTurns,
+    /// The lines of refused `newidentity`s (one per connection).
+    pub(crate) identity_refusals: LogBudget,
 }
 
 /// Names this server lost to another holder, to be let go of.
@@ -110,6 +113,11 @@ struct Rooms {
 /// another room) then waits behind all of them. In batches, the queue stays
 /// short: each batch is served before the next is woken.
 const WAKE_AT_ONCE: usize = 32;
+
+/// Lines a second of one kind of refusal a flood of connections causes
+/// (refused `newidentity`s; the leader's `claim_denied`s); the rest are
+/// counted into the next line logged.
+pub const REFUSALS_LOGGED_PER_SECOND: u32 = 20;
 
 /// Queues `line` for each of `identities`; when `paced`, without waking their
 /// writers, which are left in `unwoken`.
@@ -268,6 +276,7 @@ impl ChatServer {
             wake_rx: Mutex::new(Some(wake_rx)),
             paced_wakes: AtomicBool::new(false),
             write_turns: WriteTurns::new(),
+            identity_refusals: LogBudget::new(REFUSALS_LOGGED_PER_SECOND),
         })
     }
 

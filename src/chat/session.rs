@@ -373,7 +373,22 @@ impl Session {
 
     async fn new_identity(&mut self, identity: String) -> Flow {
         let refuse = |session: &Self, why: &str| {
-            info!(identity = %Logged(&identity), reason = why, "claim_denied: identity refused");
+            match session
+                .chat
+                .identity_refusals
+                .take(std::time::Instant::now())
+            {
+                Some(0) => {
+                    info!(identity = %Logged(&identity), reason = why, "claim_denied: identity refused");
+                }
+                Some(left_out) => info!(
+                    identity = %Logged(&identity),
+                    reason = why,
+                    left_out,
+                    "claim_denied: identity refused (and {left_out} more since the last line)"
+                ),
+                None => {}
+            }
             session.reply(ServerMessage::NewIdentity {
                 approved: Approved(false),
             });

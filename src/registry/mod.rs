@@ -177,8 +177,10 @@ use std::time::{Duration, Instant};
 use crate::ServerId;
 
 /// Most requests (claims, moves, releases) one server keeps in flight; more
-/// claims are refused with [`Refusal::Busy`] so memory stays bounded.
-pub const MAX_PENDING: usize = 1024;
+/// claims are refused with [`Refusal::Busy`] so memory stays bounded. (A
+/// node's sessions keep at most a quarter of this in flight, and wait for
+/// a turn beyond: `cluster::CLAIM_SLOTS`.)
+pub const MAX_PENDING: usize = 4096;
 
 /// Most cached answers the leader keeps per asking server. Larger than
 /// [`MAX_PENDING`] so that a well-behaved asker never loses a cached answer.

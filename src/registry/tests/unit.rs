@@ -413,7 +413,7 @@ fn dedup_memory_is_bounded() {
     let lead = reg.leading.as_ref().expect("leads");
     assert!(lead.askers["s1"].answers.len() <= 1);
     // One that never does is capped.
-    for id in 1..=5000u64 {
+    for id in 1..=DEDUP_PER_ASKER as u64 + 1000 {
         reg.handle(
             now,
             msg("s2", request(1, 1, id, 0, release_of(&reg, "Nobody"))),
