@@ -370,7 +370,9 @@ pub enum Refusal {
     /// (a majority found it down): that server may still be serving the
     /// clients of those names, and no name is held twice on servers that
     /// talk. Answered until the two agree again.
-    #[error("this server still hears {server}, which the rest of the cluster found down")]
+    #[error(
+        "this server still hears {server}, which the leader counts as down with its names freed; new names wait until the two agree"
+    )]
     HearsDownServer {
         /// The server the leader freed and the asker still hears.
         server: ServerId,

@@ -1208,3 +1208,294 @@ fn heal_following_s5(sim: &mut Sim, term: u64) {
     }
     sim.run_for(ms(1500));
 }
+
+// A new leader counts every down server that holds nothing in its base as
+// freed, the leader before it too. Exempting that leader (it merged its own
+// holdings when it began to lead) would end a stall a fault tester found: a
+// leader with no clients, cut off from the next-highest server alone, keeps
+// every server that still hears it from new names for the whole cut. Each
+// test below is a way two reviews found for such an exemption to give one
+// name to two servers that talk, however it was narrowed (the base's
+// leader's own report, a restarted reporter, quorum "none", a reporter that
+// restarts after its report); each fails with it.
+
+/// s5 led term 1 and its client holds "Adel" (s5's own holding, so NOT in
+/// s5's own replica). s4 leads term 2; s5 flaps up at s4 long enough to
+/// answer the holdings request, then s4 loses it again (s5<->s4 cut), before
+/// s1's report completes the quorum. s5's report is the most advanced (a
+/// leader's position is never behind its followers', and the tie-break of
+/// `max_by_key` picks the last, "s5"), so the base is s5's *replica*: it
+/// lacks s5's own names, and s5's holdings are not merged (s5 is down).
+/// Were s5, the base's leader, not counted as freed, s2, which hears s5,
+/// would be granted "Adel" while s5's client holds it.
+#[test]
+fn a_base_from_the_old_leaders_own_report_keeps_it_counted_as_freed() {
+    let now = Instant::now();
+    let ids: Vec<ServerId> = (0..5).map(sid).collect();
+    let mut reg = Registry::new(sid(3), ids, test_config(true), 1);
+    for peer in ["s1", "s2", "s3", "s5"] {
+        reg.handle(now, Input::PeerUp(peer.into()));
+    }
+    reg.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some(sid(3)),
+            term: 2,
+        },
+    );
+    let of_s5 = Position {
+        term: 1,
+        rank: 4,
+        seq: 7,
+    };
+    let adel = entry("Adel", "s5", (1, 3, "s5"));
+    // s5's own report: its own holding, its replica (without its own names).
+    let s5_report = HoldingsReport {
+        position: of_s5,
+        identities: vec![adel.clone()],
+        ..empty_report(1)
+    };
+    reg.handle(
+        now,
+        msg(
+            "s5",
+            RegistryMessage::Holdings {
+                term: 2,
+                report: s5_report,
+            },
+        ),
+    );
+    // The cut: s4 no longer hears s5; s1..s3 still do.
+    reg.handle(now, Input::PeerDown("s5".into()));
+    // Followers of s5, fully caught up: their replicas show Adel on s5.
+    let follower = || HoldingsReport {
+        position: of_s5,
+        replica_identities: vec![adel.clone()],
+        ..empty_report(1)
+    };
+    for peer in ["s1", "s2", "s3"] {
+        reg.handle(
+            now,
+            msg(
+                peer,
+                RegistryMessage::Holdings {
+                    term: 2,
+                    report: follower(),
+                },
+            ),
+        );
+    }
+    ack_all(&mut reg, now);
+    let registered = reg
+        .leading
+        .as_ref()
+        .expect("leads")
+        .registry
+        .identities
+        .get("Adel")
+        .cloned();
+    eprintln!("Adel in s4's registry: {registered:?}");
+    let mut out = reg.handle(
+        now,
+        msg("s2", request(2, 1, 1, 1, Op::Claim(ident("Adel")))),
+    );
+    out.extend(ack_all(&mut reg, now));
+    assert!(
+        !matches!(answers(&out)[..], [(_, 1, Verdict::Granted { .. })]),
+        "s2 (hears s5) granted Adel, held by s5's client: {out:?}"
+    );
+}
+
+/// quorum = "none", 3 servers: s3 led term 1, s2 applied its announcements
+/// up to 4; s3 then granted its own client "Adel" at 5 (committed at once:
+/// quorum 1), which s2 never got. s3<->s2 cut; s2 leads term 2 and builds
+/// its base from its own report alone (quorum 1). s3 holds nothing in it:
+/// were it, the base's leader, not counted as freed, s1, which hears s3,
+/// would be granted "Adel".
+#[test]
+fn without_a_majority_quorum_the_old_leader_stays_counted_as_freed() {
+    let now = Instant::now();
+    let ids: Vec<ServerId> = (0..3).map(sid).collect();
+    let mut reg = Registry::new(sid(1), ids, test_config(false), 1);
+    for peer in ["s1", "s3"] {
+        reg.handle(now, Input::PeerUp(peer.into()));
+    }
+    reg.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some(sid(2)),
+            term: 1,
+        },
+    );
+    reg.handle(
+        now,
+        msg(
+            "s3",
+            RegistryMessage::Snapshot {
+                term: 1,
+                seq: 4,
+                identities: vec![],
+                rooms: vec![],
+            },
+        ),
+    );
+    assert_eq!(
+        reg.applied,
+        Position {
+            term: 1,
+            rank: 2,
+            seq: 4
+        }
+    );
+    // s3's announcement 5 (Adel to s3) is lost to s2; then the cut.
+    reg.handle(now, Input::PeerDown("s3".into()));
+    reg.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some(sid(1)),
+            term: 2,
+        },
+    );
+    reg.handle(
+        now,
+        msg(
+            "s1",
+            RegistryMessage::Holdings {
+                term: 2,
+                report: empty_report(1),
+            },
+        ),
+    );
+    let out = reg.handle(
+        now,
+        msg("s1", request(2, 1, 1, 1, Op::Claim(ident("Adel")))),
+    );
+    assert!(
+        !matches!(answers(&out)[..], [(_, 1, Verdict::Granted { .. })]),
+        "s1 (hears s3) granted Adel, held by s3's client: {out:?}"
+    );
+}
+
+/// Majority quorum, 3 servers, a restart: s3 led term 1 and granted its own
+/// client "Adel" at announcement 2, acknowledged by s2 (s3 + s2: committed);
+/// s1 only has 1. s2 restarts (kill -9: replica gone, position default) and
+/// is cut from s3; s2 leads term 2 with s1's report (s1 still hears s3). The
+/// base is s1's replica at (1, s3, 1): no Adel, s3 holds nothing in it;
+/// were s3, the base's leader, not counted as freed, s1 would get "Adel".
+#[test]
+fn a_restarted_reporter_keeps_the_old_leader_counted_as_freed() {
+    let now = Instant::now();
+    let ids: Vec<ServerId> = (0..3).map(sid).collect();
+    let mut reg = Registry::new(sid(1), ids, test_config(true), 2);
+    reg.handle(now, Input::PeerUp("s1".into()));
+    reg.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some(sid(1)),
+            term: 2,
+        },
+    );
+    let s1_report = HoldingsReport {
+        position: Position {
+            term: 1,
+            rank: 2,
+            seq: 1,
+        },
+        ..empty_report(1)
+    };
+    reg.handle(
+        now,
+        msg(
+            "s1",
+            RegistryMessage::Holdings {
+                term: 2,
+                report: s1_report,
+            },
+        ),
+    );
+    let mut out = reg.handle(
+        now,
+        msg("s1", request(2, 1, 1, 1, Op::Claim(ident("Adel")))),
+    );
+    out.extend(ack_all(&mut reg, now));
+    assert!(
+        !matches!(answers(&out)[..], [(_, 1, Verdict::Granted { .. })]),
+        "s1 (hears s3) granted Adel, held by s3's client: {out:?}"
+    );
+}
+
+/// A reporter that restarts after its report was kept (even with every
+/// report at the old leader's term and the base not its own replica).
+/// 5 servers, majority. s5 led term 1 (rank 4); s1..s4 applied its
+/// snapshot at 1. s4<->s5 cut; s4 leads term 2. s1 reports (1, s5, 1) to
+/// s4, then is killed and restarts (term forgotten), re-follows s5 (term 1),
+/// applies its snapshot 1 and acknowledges announcement 2 (Adel to s5's own
+/// client), as does s3: s5 + s1 + s3 is a majority, Adel is committed and
+/// s5's client holds it. s2 then reports (1, s5, 1). s4 builds its base from
+/// s4, s1 (the kept, pre-restart report), s2: all at epoch (1, s5), best is
+/// not s5's own. Were s5 exempt (it holds nothing in the base), s2, which
+/// hears s5, would be granted Adel while s5's client holds it.
+#[test]
+fn a_reporter_restarting_after_its_report_keeps_the_old_leader_counted_as_freed() {
+    let now = Instant::now();
+    let ids: Vec<ServerId> = (0..5).map(sid).collect();
+    let mut reg = Registry::new(sid(3), ids, test_config(true), 1);
+    for peer in ["s1", "s2", "s3", "s5"] {
+        reg.handle(now, Input::PeerUp(peer.into()));
+    }
+    reg.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some(sid(4)),
+            term: 1,
+        },
+    );
+    let snap = RegistryMessage::Snapshot {
+        term: 1,
+        seq: 1,
+        identities: vec![],
+        rooms: vec![],
+    };
+    reg.handle(now, msg("s5", snap));
+    reg.handle(now, Input::PeerDown("s5".into()));
+    reg.handle(
+        now,
+        Input::LeaderChanged {
+            leader: Some(sid(3)),
+            term: 2,
+        },
+    );
+    let of_s5 = Position {
+        term: 1,
+        rank: 4,
+        seq: 1,
+    };
+    let report = |incarnation| RegistryMessage::Holdings {
+        term: 2,
+        report: HoldingsReport {
+            position: of_s5,
+            ..empty_report(incarnation)
+        },
+    };
+    reg.handle(now, msg("s1", report(1)));
+    assert!(!reg.leading.as_ref().expect("leads").based);
+    // s1 restarts, re-follows s5, acknowledges Adel (committed at s5 with
+    // s1 and s3): s4 sees none of it (a fast restart its detector missed).
+    reg.handle(now, msg("s2", report(1)));
+    assert!(reg.leading.as_ref().expect("leads").based);
+    ack_all(&mut reg, now);
+    // s3 (cut from s4 after all, following s5) has not reported: past the
+    // sync deadline, claims no longer wait for it.
+    let now = now + ms(60_000);
+    reg.handle(now, Input::Timer(Timer::SyncDeadline));
+    eprintln!("purged: {:?}", reg.leading.as_ref().expect("leads").purged);
+    let mut out = reg.handle(
+        now,
+        msg("s2", request(2, 1, 1, 1, Op::Claim(ident("Adel")))),
+    );
+    out.extend(ack_all(&mut reg, now));
+    assert!(
+        !matches!(answers(&out)[..], [(_, 1, Verdict::Granted { .. })]),
+        "s2 (hears s5) granted Adel, held by s5's client: {out:?}"
+    );
+}
