@@ -1255,16 +1255,7 @@ fn a_base_from_the_old_leaders_own_report_keeps_it_counted_as_freed() {
         identities: vec![adel.clone()],
         ..empty_report(1)
     };
-    reg.handle(
-        now,
-        msg(
-            "s5",
-            RegistryMessage::Holdings {
-                term: 2,
-                report: s5_report,
-            },
-        ),
-    );
+    reg.handle(now, msg("s5", holdings(s5_report)));
     // The cut: s4 no longer hears s5; s1..s3 still do.
     reg.handle(now, Input::PeerDown("s5".into()));
     // Followers of s5, fully caught up: their replicas show Adel on s5.
@@ -1274,36 +1265,10 @@ fn a_base_from_the_old_leaders_own_report_keeps_it_counted_as_freed() {
         ..empty_report(1)
     };
     for peer in ["s1", "s2", "s3"] {
-        reg.handle(
-            now,
-            msg(
-                peer,
-                RegistryMessage::Holdings {
-                    term: 2,
-                    report: follower(),
-                },
-            ),
-        );
+        reg.handle(now, msg(peer, holdings(follower())));
     }
     ack_all(&mut reg, now);
-    let registered = reg
-        .leading
-        .as_ref()
-        .expect("leads")
-        .registry
-        .identities
-        .get("Adel")
-        .cloned();
-    eprintln!("Adel in s4's registry: {registered:?}");
-    let mut out = reg.handle(
-        now,
-        msg("s2", request(2, 1, 1, 1, Op::Claim(ident("Adel")))),
-    );
-    out.extend(ack_all(&mut reg, now));
-    assert!(
-        !matches!(answers(&out)[..], [(_, 1, Verdict::Granted { .. })]),
-        "s2 (hears s5) granted Adel, held by s5's client: {out:?}"
-    );
+    refused_as_hearing(&mut reg, now, "s2", "s5");
 }
 
 /// quorum = "none", 3 servers: s3 led term 1, s2 applied its announcements
@@ -1356,24 +1321,8 @@ fn without_a_majority_quorum_the_old_leader_stays_counted_as_freed() {
             term: 2,
         },
     );
-    reg.handle(
-        now,
-        msg(
-            "s1",
-            RegistryMessage::Holdings {
-                term: 2,
-                report: empty_report(1),
-            },
-        ),
-    );
-    let out = reg.handle(
-        now,
-        msg("s1", request(2, 1, 1, 1, Op::Claim(ident("Adel")))),
-    );
-    assert!(
-        !matches!(answers(&out)[..], [(_, 1, Verdict::Granted { .. })]),
-        "s1 (hears s3) granted Adel, held by s3's client: {out:?}"
-    );
+    reg.handle(now, msg("s1", holdings(empty_report(1))));
+    refused_as_hearing(&mut reg, now, "s1", "s3");
 }
 
 /// Majority quorum, 3 servers, a restart: s3 led term 1 and granted its own
@@ -1403,25 +1352,8 @@ fn a_restarted_reporter_keeps_the_old_leader_counted_as_freed() {
         },
         ..empty_report(1)
     };
-    reg.handle(
-        now,
-        msg(
-            "s1",
-            RegistryMessage::Holdings {
-                term: 2,
-                report: s1_report,
-            },
-        ),
-    );
-    let mut out = reg.handle(
-        now,
-        msg("s1", request(2, 1, 1, 1, Op::Claim(ident("Adel")))),
-    );
-    out.extend(ack_all(&mut reg, now));
-    assert!(
-        !matches!(answers(&out)[..], [(_, 1, Verdict::Granted { .. })]),
-        "s1 (hears s3) granted Adel, held by s3's client: {out:?}"
-    );
+    reg.handle(now, msg("s1", holdings(s1_report)));
+    refused_as_hearing(&mut reg, now, "s1", "s3");
 }
 
 /// A reporter that restarts after its report was kept (even with every
@@ -1470,32 +1402,43 @@ fn a_reporter_restarting_after_its_report_keeps_the_old_leader_counted_as_freed(
         rank: 4,
         seq: 1,
     };
-    let report = |incarnation| RegistryMessage::Holdings {
-        term: 2,
-        report: HoldingsReport {
+    let report = || {
+        holdings(HoldingsReport {
             position: of_s5,
-            ..empty_report(incarnation)
-        },
+            ..empty_report(1)
+        })
     };
-    reg.handle(now, msg("s1", report(1)));
+    reg.handle(now, msg("s1", report()));
     assert!(!reg.leading.as_ref().expect("leads").based);
     // s1 restarts, re-follows s5, acknowledges Adel (committed at s5 with
     // s1 and s3): s4 sees none of it (a fast restart its detector missed).
-    reg.handle(now, msg("s2", report(1)));
+    reg.handle(now, msg("s2", report()));
     assert!(reg.leading.as_ref().expect("leads").based);
     ack_all(&mut reg, now);
     // s3 (cut from s4 after all, following s5) has not reported: past the
     // sync deadline, claims no longer wait for it.
     let now = now + ms(60_000);
     reg.handle(now, Input::Timer(Timer::SyncDeadline));
-    eprintln!("purged: {:?}", reg.leading.as_ref().expect("leads").purged);
+    refused_as_hearing(&mut reg, now, "s2", "s5");
+}
+
+/// A report to the leader of term 2.
+fn holdings(report: HoldingsReport) -> RegistryMessage {
+    RegistryMessage::Holdings { term: 2, report }
+}
+
+/// `asker` claims "Adel" from the leader of term 2, which refuses it: the
+/// asker still hears `freed`, counted as freed.
+fn refused_as_hearing(reg: &mut Registry, now: Instant, asker: &str, freed: &str) {
     let mut out = reg.handle(
         now,
-        msg("s2", request(2, 1, 1, 1, Op::Claim(ident("Adel")))),
+        msg(asker, request(2, 1, 1, 1, Op::Claim(ident("Adel")))),
     );
-    out.extend(ack_all(&mut reg, now));
-    assert!(
-        !matches!(answers(&out)[..], [(_, 1, Verdict::Granted { .. })]),
-        "s2 (hears s5) granted Adel, held by s5's client: {out:?}"
-    );
+    out.extend(ack_all(reg, now));
+    let refused = Verdict::Refused {
+        reason: Refusal::HearsDownServer {
+            server: freed.into(),
+        },
+    };
+    assert_eq!(answers(&out), vec![(asker.into(), 1, refused)]);
 }
