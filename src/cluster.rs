@@ -136,10 +136,14 @@ impl Drop for ArrivalTurn {
 }
 
 impl ClusterDirectory {
-    fn ask(&self, request: LocalRequest) -> BoxFuture<Result<(), String>> {
+    fn ask(
+        &self,
+        request: LocalRequest,
+        client_gone: CancellationToken,
+    ) -> BoxFuture<Result<(), String>> {
         let requests = self.requests.clone();
         let claim_slots = self.claim_slots.clone();
-        Box::pin(async move { ask_via(&requests, &claim_slots, request).await })
+        Box::pin(async move { ask_via(&requests, &claim_slots, request, &client_gone).await })
     }
 
     fn tell(&self, request: LocalRequest) {
@@ -185,13 +189,23 @@ impl ClaimSlots {
 }
 
 /// Sends a request to the cluster task, once it is this session's turn, and
-/// waits for its answer.
+/// waits for its answer; a session whose client is gone before its turn
+/// gives the turn up (once asked, the answer is waited for: a grant is
+/// then given back by the session like any other).
 async fn ask_via(
     requests: &mpsc::UnboundedSender<Request>,
     claim_slots: &ClaimSlots,
     request: LocalRequest,
+    client_gone: &CancellationToken,
 ) -> Result<(), String> {
-    let Some(_slot) = claim_slots.take().await else {
+    let turn = tokio::select! {
+        biased;
+        turn = claim_slots.take() => turn,
+        () = client_gone.cancelled() => {
+            return Err("the client hung up before its turn to ask the leader".to_owned());
+        }
+    };
+    let Some(_slot) = turn else {
         return Err("this server is too busy to ask the leader; try again".to_owned());
     };
     // The slot is held until the answer comes.
@@ -206,8 +220,13 @@ async fn ask_via(
 }
 
 impl Directory for ClusterDirectory {
-    fn claim_identity(&self, identity: &str) -> BoxFuture<Result<(), String>> {
-        self.ask(LocalRequest::Claim(Name::Identity(identity.to_owned())))
+    fn claim_identity(
+        &self,
+        identity: &str,
+        client_gone: CancellationToken,
+    ) -> BoxFuture<Result<(), String>> {
+        let claim = LocalRequest::Claim(Name::Identity(identity.to_owned()));
+        self.ask(claim, client_gone)
     }
 
     fn release_identity(&self, identity: &str, owned_room: Option<&str>) {
@@ -221,11 +240,17 @@ impl Directory for ClusterDirectory {
         ));
     }
 
-    fn claim_room(&self, room: &str, owner: &str) -> BoxFuture<Result<(), String>> {
-        self.ask(LocalRequest::Claim(Name::Room {
+    fn claim_room(
+        &self,
+        room: &str,
+        owner: &str,
+        client_gone: CancellationToken,
+    ) -> BoxFuture<Result<(), String>> {
+        let claim = LocalRequest::Claim(Name::Room {
             room: room.to_owned(),
             owner: owner.to_owned(),
-        }))
+        });
+        self.ask(claim, client_gone)
     }
 
     fn release_room(&self, room: &str) {
@@ -259,15 +284,17 @@ impl Directory for ClusterDirectory {
         to: &RemoteRoom,
         token: &str,
         client_ip: IpAddr,
+        client_gone: CancellationToken,
     ) -> BoxFuture<Result<(), String>> {
-        self.ask(LocalRequest::StartMove {
+        let start = LocalRequest::StartMove {
             identity: identity.to_owned(),
             to: to.server.clone(),
             proof: MoveProof {
                 token: token.to_owned(),
                 ip: client_ip,
             },
-        })
+        };
+        self.ask(start, client_gone)
     }
 
     fn give_up_move(&self, identity: &str, token: &str, client_ip: IpAddr) {
@@ -280,7 +307,13 @@ impl Directory for ClusterDirectory {
         });
     }
 
-    fn accept_move(&self, identity: &str, token: Option<&str>, ip: IpAddr) -> BoxFuture<bool> {
+    fn accept_move(
+        &self,
+        identity: &str,
+        token: Option<&str>,
+        ip: IpAddr,
+        client_gone: CancellationToken,
+    ) -> BoxFuture<bool> {
         let request = LocalRequest::AcceptMove {
             identity: identity.to_owned(),
             arrival: Arrival {
@@ -299,8 +332,14 @@ impl Directory for ClusterDirectory {
         let requests = self.requests.clone();
         let claim_slots = self.claim_slots.clone();
         Box::pin(async move {
-            let _mine = turn.gate.lock().await;
-            ask_via(&requests, &claim_slots, request).await.is_ok()
+            let _mine = tokio::select! {
+                biased;
+                mine = turn.gate.lock() => mine,
+                () = client_gone.cancelled() => return false,
+            };
+            ask_via(&requests, &claim_slots, request, &client_gone)
+                .await
+                .is_ok()
         })
     }
 }
@@ -958,12 +997,12 @@ mod tests {
         let claim = |name: &str| LocalRequest::Claim(registry::Name::Identity(name.into()));
         let first = tokio::spawn({
             let (tx, slots, request) = (tx.clone(), slots.clone(), claim("Adel"));
-            async move { ask_via(&tx, &slots, request).await }
+            async move { ask_via(&tx, &slots, request, &CancellationToken::new()).await }
         });
         let (_, answer) = rx.recv().await.expect("the first is asked");
         let second = tokio::spawn({
             let (tx, slots, request) = (tx.clone(), slots.clone(), claim("Bob"));
-            async move { ask_via(&tx, &slots, request).await }
+            async move { ask_via(&tx, &slots, request, &CancellationToken::new()).await }
         });
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert!(rx.try_recv().is_err(), "the second waits for a slot");
@@ -980,7 +1019,7 @@ mod tests {
         // Its slot is held until its answer: a third waits out its time.
         let third = tokio::spawn({
             let (tx, slots, request) = (tx.clone(), slots.clone(), claim("Cara"));
-            async move { ask_via(&tx, &slots, request).await }
+            async move { ask_via(&tx, &slots, request, &CancellationToken::new()).await }
         });
         let began = tokio::time::Instant::now();
         let refused = third.await.expect("runs").expect_err("no slot in 2 s");
@@ -992,6 +1031,41 @@ mod tests {
             .expect("asked");
         assert_eq!(second.await.expect("runs"), Ok(()));
         assert!(rx.try_recv().is_err(), "the third was never asked");
+    }
+
+    /// A claim waiting for its turn whose client hangs up gives the turn up
+    /// at once and is never asked; the claims behind it move up.
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_waiting_for_its_turn_is_never_asked_once_its_client_is_gone() {
+        let slots = ClaimSlots::new(1, Duration::from_secs(2));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let claim = |name: &str| LocalRequest::Claim(registry::Name::Identity(name.into()));
+        let ask = |name: &str, gone: &CancellationToken| {
+            let (tx, slots, request, gone) = (tx.clone(), slots.clone(), claim(name), gone.clone());
+            tokio::spawn(async move { ask_via(&tx, &slots, request, &gone).await })
+        };
+        let _first = ask("Adel", &CancellationToken::new());
+        let (_, answer) = rx.recv().await.expect("the first is asked");
+        let gone = CancellationToken::new();
+        let second = ask("Bob", &gone);
+        let third = ask("Cara", &CancellationToken::new());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        gone.cancel();
+        let began = tokio::time::Instant::now();
+        let refused = second.await.expect("runs").expect_err("given up");
+        assert!(refused.contains("hung up"), "{refused}");
+        assert_eq!(began.elapsed(), Duration::ZERO, "at once");
+        answer
+            .expect("a reply channel")
+            .send(Ok(()))
+            .expect("asked");
+        let (asked, answer) = rx.recv().await.expect("the next turn is asked");
+        assert_eq!(asked, claim("Cara"), "Bob was never asked");
+        answer
+            .expect("a reply channel")
+            .send(Ok(()))
+            .expect("asked");
+        assert_eq!(third.await.expect("runs"), Ok(()));
     }
 
     #[test]

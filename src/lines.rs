@@ -108,6 +108,24 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         }
     }
 
+    /// Watches the transport while a request is being answered, and returns
+    /// only if it fails (a reset): the client can no longer be answered.
+    /// Whatever the client sends meanwhile is kept for [`Self::next_line`]
+    /// (reading stops once more than a line's worth is pending), and the
+    /// end of the stream is noted, not returned: a client may close its
+    /// sending side after its last request and still read the answer.
+    /// Cancel-safe, like `next_line`.
+    pub async fn hang_up(&mut self) -> std::io::Error {
+        loop {
+            if self.eof || self.buf.len() - self.pos > self.max {
+                return std::future::pending().await;
+            }
+            if let Err(error) = self.fill().await {
+                return error;
+            }
+        }
+    }
+
     /// Reads more bytes after the pending partial line, or notes the end.
     async fn fill(&mut self) -> std::io::Result<()> {
         // Keep only the partial line, at the front.

@@ -5,6 +5,8 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 
+use tokio_util::sync::CancellationToken;
+
 /// A boxed future, for the async methods of the object-safe [`Directory`].
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -28,16 +30,32 @@ pub struct RemoteRoom {
 /// claim and move is answered within the claim timeout (the cluster's
 /// registry gives up on a request at its deadline): sessions wait for the
 /// answer without a timer of their own, one fewer per claim.
+///
+/// A server busy with more claims than it keeps in flight makes the later
+/// ones wait their turn; a claim, move or arrival whose `client_gone` is
+/// cancelled meanwhile (its connection was reset) gives its turn up and is
+/// refused, never asked: a flood of claims from connections already reset
+/// would otherwise be granted and released by the leader one by one, ahead
+/// of the clients still waiting.
 /// Implementations must not call back into the chat server while holding a
 /// lock of their own (the chat server calls them while holding its own lock).
 pub trait Directory: Send + Sync + 'static {
     /// Claims an identity for a client of this server.
-    fn claim_identity(&self, identity: &str) -> BoxFuture<Result<(), String>>;
+    fn claim_identity(
+        &self,
+        identity: &str,
+        client_gone: CancellationToken,
+    ) -> BoxFuture<Result<(), String>>;
     /// Frees an identity of this server and, when its client owned one, the
     /// room it owned (the two go to the leader in one request).
     fn release_identity(&self, identity: &str, owned_room: Option<&str>);
     /// Claims a room id for a room of this server owned by `owner`.
-    fn claim_room(&self, room: &str, owner: &str) -> BoxFuture<Result<(), String>>;
+    fn claim_room(
+        &self,
+        room: &str,
+        owner: &str,
+        client_gone: CancellationToken,
+    ) -> BoxFuture<Result<(), String>>;
     /// Frees a room id of this server.
     fn release_room(&self, room: &str);
     /// Every room of the cluster: main halls of live servers first, then the rest.
@@ -55,6 +73,7 @@ pub trait Directory: Send + Sync + 'static {
         to: &RemoteRoom,
         token: &str,
         client_ip: IpAddr,
+        client_gone: CancellationToken,
     ) -> BoxFuture<Result<(), String>>;
     /// The client of a move started with `token` and `client_ip` quit on
     /// its old connection before arriving: its identity is freed if it is
@@ -65,5 +84,11 @@ pub trait Directory: Send + Sync + 'static {
     /// address the client had on its former server. On success the identity
     /// now belongs to this server. A refusal changes nothing, so the real
     /// client can still arrive after an impostor was turned away.
-    fn accept_move(&self, identity: &str, token: Option<&str>, ip: IpAddr) -> BoxFuture<bool>;
+    fn accept_move(
+        &self,
+        identity: &str,
+        token: Option<&str>,
+        ip: IpAddr,
+        client_gone: CancellationToken,
+    ) -> BoxFuture<bool>;
 }

@@ -715,17 +715,54 @@ impl ChatServer {
 mod tests {
     use std::time::{Duration, Instant};
 
+    use tokio_util::sync::CancellationToken;
+
     use super::*;
 
-    /// A directory that grants every claim and knows no other server.
-    struct Grants;
+    /// A directory that grants every claim and knows no other server; with
+    /// a gate, a claim of an identity is granted only once the gate opens.
+    #[derive(Default)]
+    struct Grants {
+        gate: Option<Arc<Gate>>,
+    }
+
+    /// What a test holds of a claim waiting in [`Grants`].
+    #[derive(Default)]
+    struct Gate {
+        /// Notified when a claim comes to the gate.
+        asked: tokio::sync::Notify,
+        /// Notify to grant it.
+        open: tokio::sync::Notify,
+        /// Set when the claim's client was gone first: it gave the claim up.
+        given_up: std::sync::atomic::AtomicBool,
+    }
 
     impl Directory for Grants {
-        fn claim_identity(&self, _: &str) -> BoxFuture<Result<(), String>> {
-            Box::pin(async { Ok(()) })
+        fn claim_identity(
+            &self,
+            _: &str,
+            client_gone: CancellationToken,
+        ) -> BoxFuture<Result<(), String>> {
+            let gate = self.gate.clone();
+            Box::pin(async move {
+                let Some(gate) = gate else { return Ok(()) };
+                gate.asked.notify_one();
+                tokio::select! {
+                    () = gate.open.notified() => Ok(()),
+                    () = client_gone.cancelled() => {
+                        gate.given_up.store(true, std::sync::atomic::Ordering::SeqCst);
+                        Err("the client hung up".to_owned())
+                    }
+                }
+            })
         }
         fn release_identity(&self, _: &str, _: Option<&str>) {}
-        fn claim_room(&self, _: &str, _: &str) -> BoxFuture<Result<(), String>> {
+        fn claim_room(
+            &self,
+            _: &str,
+            _: &str,
+            _: CancellationToken,
+        ) -> BoxFuture<Result<(), String>> {
             Box::pin(async { Ok(()) })
         }
         fn release_room(&self, _: &str) {}
@@ -741,11 +778,18 @@ mod tests {
             _: &RemoteRoom,
             _: &str,
             _: std::net::IpAddr,
+            _: CancellationToken,
         ) -> BoxFuture<Result<(), String>> {
             Box::pin(async { Err("no other server".to_owned()) })
         }
         fn give_up_move(&self, _: &str, _: &str, _: std::net::IpAddr) {}
-        fn accept_move(&self, _: &str, _: Option<&str>, _: std::net::IpAddr) -> BoxFuture<bool> {
+        fn accept_move(
+            &self,
+            _: &str,
+            _: Option<&str>,
+            _: std::net::IpAddr,
+            _: CancellationToken,
+        ) -> BoxFuture<bool> {
             Box::pin(async { false })
         }
     }
@@ -765,7 +809,12 @@ mod tests {
     }
 
     fn server() -> Arc<ChatServer> {
-        ChatServer::new("s1".to_owned(), Limits::default(), Arc::new(Grants), None)
+        ChatServer::new(
+            "s1".to_owned(),
+            Limits::default(),
+            Arc::new(Grants::default()),
+            None,
+        )
     }
 
     fn enter(chat: &ChatServer, name: &str) -> Client {
@@ -1007,7 +1056,7 @@ mod tests {
             event_pace: Duration::from_secs(600),
             ..Limits::default()
         };
-        let chat = ChatServer::new("s1".to_owned(), limits, Arc::new(Grants), None);
+        let chat = ChatServer::new("s1".to_owned(), limits, Arc::new(Grants::default()), None);
         let second = Duration::from_secs(1);
         let line = |b: Bytes| String::from_utf8_lossy(&b).trim_end().to_owned();
         let mut adel = Piped::connect(&chat);
@@ -1032,5 +1081,75 @@ mod tests {
         assert_eq!(adel.line(second).await, Some(bob_arrived));
         let contents = adel.line(second).await.expect("the answer to who, at once");
         assert!(contents.contains("roomcontents"), "{contents}");
+    }
+
+    /// A client that resets its connection while its claim waits gives the
+    /// claim up (under a flood of claims from connections reset at once,
+    /// those waiting for a turn are never asked of the leader); one that
+    /// only closes its sending side after the request is still answered.
+    #[tokio::test]
+    async fn a_claim_is_given_up_when_its_connection_resets_not_when_it_half_closes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let gate = Arc::new(Gate::default());
+        let grants = Grants {
+            gate: Some(gate.clone()),
+        };
+        let chat = ChatServer::new("s1".to_owned(), Limits::default(), Arc::new(grants), None);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let within = Duration::from_secs(20);
+        let connect = || async {
+            let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+            let (stream, peer) = listener.accept().await.unwrap();
+            let (reader, writer) = stream.into_split();
+            let session = tokio::spawn(run_session(
+                chat.clone(),
+                reader,
+                writer,
+                peer.ip(),
+                CancellationToken::new(),
+            ));
+            client
+                .write_all(b"{\"type\":\"newidentity\",\"identity\":\"Adel\"}\n")
+                .await
+                .unwrap();
+            tokio::time::timeout(within, gate.asked.notified())
+                .await
+                .expect("the claim comes to the directory");
+            (client, session)
+        };
+        let flag = || gate.given_up.load(std::sync::atomic::Ordering::SeqCst);
+
+        let (mut client, session) = connect().await;
+        client.shutdown().await.unwrap();
+        // The session sees the end of the stream while the claim waits.
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        gate.open.notify_one();
+        let mut answer = String::new();
+        tokio::time::timeout(within, client.read_to_string(&mut answer))
+            .await
+            .expect("answered, then closed")
+            .unwrap();
+        assert!(
+            answer.starts_with("{\"type\":\"newidentity\",\"approved\":\"true\"}\n"),
+            "{answer:?}"
+        );
+        assert!(!flag(), "a half-closed client is not gone");
+        tokio::time::timeout(within, session)
+            .await
+            .unwrap()
+            .unwrap();
+
+        let (client, session) = connect().await;
+        client.set_zero_linger().unwrap();
+        drop(client);
+        tokio::time::timeout(within, session)
+            .await
+            .expect("the session ends without its answer")
+            .unwrap();
+        assert!(flag(), "the reset client's claim was given up");
     }
 }

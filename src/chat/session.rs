@@ -68,6 +68,9 @@ struct Session {
     /// logged at info, the rest at debug, so one client repeating a refused
     /// request cannot fill the log (the session stays open after each).
     room_refusals: u32,
+    /// Cancelled when the connection is reset while a request is being
+    /// answered: a claim still waiting for its turn is then never asked.
+    client_gone: CancellationToken,
 }
 
 /// Refused `createroom`s of one session logged at info.
@@ -132,6 +135,7 @@ where
         peer_ip,
         transport,
         room_refusals: 0,
+        client_gone: CancellationToken::new(),
     };
     let handshake_deadline = Instant::now() + limits.handshake_timeout;
     let mut moved_at = None;
@@ -184,15 +188,37 @@ where
                 Flow::Close
             }
             None => Flow::Close,
-            Some(Ok(Some(line))) => {
-                let (flow, congested) = noting_congestion(session.handle_line(line)).await;
-                // The answer goes out now, not at the pace of events.
-                outbox.flush();
-                // No further request while this one's lines fill the
-                // outboxes of readers faster than they are written.
-                wait_for_readers(&congested).await;
-                flow
-            }
+            Some(Ok(Some(line))) => match session.parse_line(line) {
+                None => Flow::Continue,
+                Some(request) => {
+                    let client_gone = session.client_gone.clone();
+                    let handled = noting_congestion(session.handle(request));
+                    tokio::pin!(handled);
+                    // Answering may wait (for the leader, or for a turn to
+                    // ask it): meanwhile the connection is watched, so a
+                    // client that resets it gives its turn up.
+                    let (flow, congested) = loop {
+                        tokio::select! {
+                            biased;
+                            done = &mut handled => break done,
+                            error = lines.hang_up(), if !client_gone.is_cancelled() => {
+                                debug!(%error, "connection reset while its request was answered");
+                                client_gone.cancel();
+                            }
+                        }
+                    };
+                    // The answer goes out now, not at the pace of events.
+                    outbox.flush();
+                    // No further request while this one's lines fill the
+                    // outboxes of readers faster than they are written.
+                    wait_for_readers(&congested).await;
+                    if client_gone.is_cancelled() {
+                        Flow::Close
+                    } else {
+                        flow
+                    }
+                }
+            },
             Some(Ok(None)) => break,
             Some(Err(LineError::TooLong(max))) => {
                 warn!(max, "client line too long; closing");
@@ -244,16 +270,18 @@ impl Session {
         self.outbox.push(message.encode());
     }
 
-    async fn handle_line(&mut self, line: &[u8]) -> Flow {
+    /// The request a line makes; `None` for an empty line (ignored) or one
+    /// that is not a request (answered with an error here).
+    fn parse_line(&self, line: &[u8]) -> Option<Request> {
         if line.iter().all(u8::is_ascii_whitespace) {
-            return Flow::Continue;
+            return None;
         }
         match Request::parse(line) {
-            Ok(request) => self.handle(request).await,
+            Ok(request) => Some(request),
             Err(reason) => {
                 debug!(%reason, "bad client line");
                 self.reply(ServerMessage::error(reason));
-                Flow::Continue
+                None
             }
         }
     }
@@ -340,7 +368,10 @@ impl Session {
                     } else {
                         self.peer_ip
                     };
-                    let start = chat.directory().start_move(&identity, &remote, &token, ip);
+                    let gone = self.client_gone.clone();
+                    let start = chat
+                        .directory()
+                        .start_move(&identity, &remote, &token, ip, gone);
                     match start.await {
                         Ok(()) => {
                             chat.move_out(&identity, &roomid, &remote, &token);
@@ -397,7 +428,8 @@ impl Session {
         if !valid_name(&identity) {
             return refuse(self, "invalid identity");
         }
-        if let Err(why) = self.chat.directory().claim_identity(&identity).await {
+        let claim = (self.chat.directory()).claim_identity(&identity, self.client_gone.clone());
+        if let Err(why) = claim.await {
             return refuse(self, &why);
         }
         let reply = ServerMessage::NewIdentity {
@@ -447,7 +479,12 @@ impl Session {
             && self
                 .chat
                 .directory()
-                .accept_move(&identity, token.as_deref(), self.peer_ip)
+                .accept_move(
+                    &identity,
+                    token.as_deref(),
+                    self.peer_ip,
+                    self.client_gone.clone(),
+                )
                 .await;
         let reply = ServerMessage::ServerChange {
             approved: Approved(accepted),
@@ -524,7 +561,8 @@ impl Session {
         if chat.has_room(&room) {
             return refuse(self, "room id in use");
         }
-        match chat.directory().claim_room(&room, identity).await {
+        let claim = (chat.directory()).claim_room(&room, identity, self.client_gone.clone());
+        match claim.await {
             Ok(()) => {
                 debug!(%identity, %room, "room created");
                 chat.create_room(identity, &room);
