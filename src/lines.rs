@@ -91,7 +91,10 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 None if self.eof => return Ok(None),
                 None => (pending.len(), 0),
             };
-            if len > self.max {
+            // The limit is on the line without its terminator: a `\r` that
+            // may be (or is) the start of a CRLF does not count.
+            let terminator = usize::from(pending[..len].ends_with(b"\r"));
+            if len - terminator > self.max {
                 return Err(LineError::TooLong(self.max));
             }
             if consumed > 0 {
@@ -179,6 +182,14 @@ mod tests {
         let exact: &[u8] = b"0123456789\n";
         let mut reader = LineReader::new(exact, 10);
         assert_eq!(reader.next_line().await.unwrap(), Some(&b"0123456789"[..]));
+        // A CRLF line may be as long as an LF one; a `\r` inside is content.
+        let crlf: &[u8] = b"0123456789\r\n0123456789\r\r\n";
+        let mut reader = LineReader::new(crlf, 10);
+        assert_eq!(reader.next_line().await.unwrap(), Some(&b"0123456789"[..]));
+        assert!(matches!(
+            reader.next_line().await,
+            Err(LineError::TooLong(10))
+        ));
     }
 
     #[tokio::test]
