@@ -200,10 +200,10 @@ async fn ask_via(
 ) -> Result<(), String> {
     let turn = tokio::select! {
         biased;
-        turn = claim_slots.take() => turn,
         () = client_gone.cancelled() => {
             return Err("the client hung up before its turn to ask the leader".to_owned());
         }
+        turn = claim_slots.take() => turn,
     };
     let Some(_slot) = turn else {
         return Err("this server is too busy to ask the leader; try again".to_owned());
@@ -334,8 +334,8 @@ impl Directory for ClusterDirectory {
         Box::pin(async move {
             let _mine = tokio::select! {
                 biased;
-                mine = turn.gate.lock() => mine,
                 () = client_gone.cancelled() => return false,
+                mine = turn.gate.lock() => mine,
             };
             ask_via(&requests, &claim_slots, request, &client_gone)
                 .await
@@ -1034,7 +1034,8 @@ mod tests {
     }
 
     /// A claim waiting for its turn whose client hangs up gives the turn up
-    /// at once and is never asked; the claims behind it move up.
+    /// at once and is never asked; the claims behind it move up. One whose
+    /// client is gone already is not asked even with a turn free.
     #[tokio::test(start_paused = true)]
     async fn a_claim_waiting_for_its_turn_is_never_asked_once_its_client_is_gone() {
         let slots = ClaimSlots::new(1, Duration::from_secs(2));
@@ -1066,6 +1067,13 @@ mod tests {
             .send(Ok(()))
             .expect("asked");
         assert_eq!(third.await.expect("runs"), Ok(()));
+        // Gone before it asks (a request sent and reset at once): not asked,
+        // though a turn is free.
+        let gone = CancellationToken::new();
+        gone.cancel();
+        let refused = ask("Dana", &gone).await.expect("runs");
+        assert!(refused.is_err(), "{refused:?}");
+        assert!(rx.try_recv().is_err(), "Dana was never asked");
     }
 
     #[test]

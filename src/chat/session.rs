@@ -196,15 +196,20 @@ where
                     tokio::pin!(handled);
                     // Answering may wait (for the leader, or for a turn to
                     // ask it): meanwhile the connection is watched, so a
-                    // client that resets it gives its turn up.
+                    // client that resets it gives its turn up. It is looked
+                    // at first, so a reset already seen is not even asked
+                    // for (a flood of requests reset at once: in a test, the
+                    // claims reaching the leader halved). This costs no
+                    // read: the one that finds nothing more to read moves
+                    // here from the next request's.
                     let (flow, congested) = loop {
                         tokio::select! {
                             biased;
-                            done = &mut handled => break done,
                             error = lines.hang_up(), if !client_gone.is_cancelled() => {
                                 debug!(%error, "connection reset while its request was answered");
                                 client_gone.cancel();
                             }
+                            done = &mut handled => break done,
                         }
                     };
                     // The answer goes out now, not at the pace of events.
