@@ -113,14 +113,16 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
 
     /// Watches the transport while a request is being answered, and returns
     /// only if it fails (a reset): the client can no longer be answered.
-    /// Whatever the client sends meanwhile is kept for [`Self::next_line`]
-    /// (reading stops once more than a line's worth is pending), and the
-    /// end of the stream is noted, not returned: a client may close its
-    /// sending side after its last request and still read the answer.
-    /// Cancel-safe, like `next_line`.
+    /// It reads only while nothing is pending (what it reads is kept for
+    /// [`Self::next_line`]); with bytes pending, the next request is there
+    /// to be read anyway, and a client streaming requests is neither read
+    /// ahead of nor has its pending bytes moved once per request. The end
+    /// of the stream is noted, not returned: a client may close its sending
+    /// side after its last request and still read the answer. Cancel-safe,
+    /// like `next_line`.
     pub async fn hang_up(&mut self) -> std::io::Error {
         loop {
-            if self.eof || self.buf.len() - self.pos > self.max {
+            if self.eof || self.pos < self.buf.len() {
                 return std::future::pending().await;
             }
             if let Err(error) = self.fill().await {
@@ -217,6 +219,28 @@ mod tests {
             "idle readers give their buffer back"
         );
         drop(client);
+        assert!(reader.next_line().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn watching_for_a_hang_up_keeps_what_it_reads_and_reads_no_further() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut reader = LineReader::new(server, 100);
+        client.write_all(b"one\n").await.unwrap();
+        assert_eq!(reader.next_line().await.unwrap(), Some(&b"one"[..]));
+        client.write_all(b"two\nthr").await.unwrap();
+        let watch = tokio::time::timeout(std::time::Duration::from_millis(50), reader.hang_up());
+        assert!(watch.await.is_err(), "data is no hang-up");
+        client.write_all(b"ee\n").await.unwrap();
+        let watch = tokio::time::timeout(std::time::Duration::from_millis(50), reader.hang_up());
+        assert!(watch.await.is_err(), "nor is more data");
+        assert_eq!(reader.buf, b"two\nthr", "read once, nothing pending then");
+        assert_eq!(reader.next_line().await.unwrap(), Some(&b"two"[..]));
+        assert_eq!(reader.next_line().await.unwrap(), Some(&b"three"[..]));
+        drop(client);
+        let watch = tokio::time::timeout(std::time::Duration::from_millis(50), reader.hang_up());
+        assert!(watch.await.is_err(), "the end of the stream is no hang-up");
         assert!(reader.next_line().await.unwrap().is_none());
     }
 
