@@ -1,5 +1,6 @@
 //! Newline framing with a size limit, checked before the line is buffered, so a
-//! client can never make the server hold more than `max` bytes of one line.
+//! client can never make the server hold more than `max` bytes of one line
+//! (and the `\r` of its CRLF).
 
 use std::future::poll_fn;
 use std::pin::Pin;

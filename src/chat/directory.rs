@@ -37,6 +37,7 @@ pub struct RemoteRoom {
 /// refused, never asked: a flood of claims from connections already reset
 /// would otherwise be granted and released by the leader one by one, ahead
 /// of the clients still waiting.
+///
 /// Implementations must not call back into the chat server while holding a
 /// lock of their own (the chat server calls them while holding its own lock).
 pub trait Directory: Send + Sync + 'static {
