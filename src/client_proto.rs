@@ -3,10 +3,17 @@
 //! the wire because existing clients expect exactly that.
 
 use bytes::Bytes;
+use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
 
 /// A line from a client.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Parsed by hand ([`Request::parse`]): key order is free and unknown keys
+/// are ignored (PROTOCOL.md), so a key the request's type does not use is
+/// skipped without being parsed, whatever its value (a number out of any
+/// range, nesting past serde_json's depth limit).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Request {
     /// First line of a session: claim an identity.
@@ -58,25 +65,15 @@ pub enum Request {
 impl Request {
     /// Parses one line (without its newline). The error is the `reason` to send back.
     pub fn parse(line: &[u8]) -> Result<Request, String> {
-        serde_json::from_slice(line).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => {
-                let msg = e.to_string();
-                // serde's wording for an unknown tag lists every variant; keep it short.
-                match msg.split_once(", expected one of") {
-                    Some((head, _)) => format!("{head} (unknown type)"),
-                    None => strip_position(&msg),
-                }
+        let keys: Keys = serde_json::from_slice(line).map_err(|e| {
+            let msg = strip_position(&e.to_string());
+            match e.classify() {
+                serde_json::error::Category::Data => msg,
+                _ if is_lone_surrogate(&msg) => LONE_SURROGATE.to_string(),
+                _ => format!("not a JSON object: {msg}"),
             }
-            _ => {
-                let msg = e.to_string();
-                // serde_json's words for half a surrogate pair ("unexpected end
-                // of hex escape") name its parser's state, not the mistake.
-                if msg.contains("surrogate") || msg.contains("end of hex escape") {
-                    return LONE_SURROGATE.to_string();
-                }
-                format!("not a JSON object: {}", strip_position(&msg))
-            }
-        })
+        })?;
+        keys.request()
     }
 
     /// Encodes the request as one line, newline included.
@@ -88,6 +85,172 @@ impl Request {
 /// The reason given for a `\u` escape of half a UTF-16 surrogate pair.
 const LONE_SURROGATE: &str = "not a JSON object: a \\u escape of half a UTF-16 surrogate pair \
      (a character beyond U+FFFF is written as two escapes, \\uD83D\\uDE00)";
+
+/// serde_json's words for half a surrogate pair ("unexpected end of hex
+/// escape") name its parser's state, not the mistake.
+fn is_lone_surrogate(msg: &str) -> bool {
+    msg.contains("surrogate") || msg.contains("end of hex escape")
+}
+
+/// The keys of a request line, each value kept as its raw JSON until the
+/// request's type says which ones count.
+#[derive(Default)]
+struct Keys<'a> {
+    kind: Option<&'a RawValue>,
+    identity: Option<&'a RawValue>,
+    roomid: Option<&'a RawValue>,
+    content: Option<&'a RawValue>,
+    former: Option<&'a RawValue>,
+    token: Option<&'a RawValue>,
+}
+
+impl<'a> Keys<'a> {
+    /// The request these keys make, or the reason they make none.
+    fn request(&self) -> Result<Request, String> {
+        let kind = string_of("type", self.kind)?;
+        let need = |key, raw| string_of(key, raw);
+        Ok(match kind.as_str() {
+            "newidentity" => Request::NewIdentity {
+                identity: need("identity", self.identity)?,
+            },
+            "list" => Request::List,
+            "who" => Request::Who,
+            "createroom" => Request::CreateRoom {
+                roomid: need("roomid", self.roomid)?,
+            },
+            "joinroom" => Request::JoinRoom {
+                roomid: need("roomid", self.roomid)?,
+            },
+            "deleteroom" => Request::DeleteRoom {
+                roomid: need("roomid", self.roomid)?,
+            },
+            "message" => Request::Message {
+                content: need("content", self.content)?,
+            },
+            "quit" => Request::Quit,
+            "movejoin" => Request::MoveJoin {
+                former: need("former", self.former)?,
+                roomid: need("roomid", self.roomid)?,
+                identity: need("identity", self.identity)?,
+                token: match self.token {
+                    Some(raw) => Some(string_of("token", Some(raw))?),
+                    None => None,
+                },
+            },
+            other => return Err(format!("unknown type `{other}`")),
+        })
+    }
+}
+
+/// The string value of `key`, or why there is none.
+fn string_of(key: &str, raw: Option<&RawValue>) -> Result<String, String> {
+    let raw = raw.ok_or_else(|| format!("missing field `{key}`"))?;
+    serde_json::from_str(raw.get()).map_err(|e| {
+        let msg = strip_position(&e.to_string());
+        if is_lone_surrogate(&msg) {
+            LONE_SURROGATE.to_string()
+        } else {
+            format!("{msg} (`{key}`)")
+        }
+    })
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Keys<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeysVisitor;
+        impl<'de> Visitor<'de> for KeysVisitor {
+            type Value = Keys<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Keys<'de>, M::Error> {
+                let mut keys = Keys::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    let slot = match key {
+                        Key::Type => &mut keys.kind,
+                        Key::Identity => &mut keys.identity,
+                        Key::RoomId => &mut keys.roomid,
+                        Key::Content => &mut keys.content,
+                        Key::Former => &mut keys.former,
+                        Key::Token => &mut keys.token,
+                        Key::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    if slot.is_some() {
+                        let name = key.name();
+                        return Err(de::Error::custom(format_args!("duplicate field `{name}`")));
+                    }
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(keys)
+            }
+        }
+        d.deserialize_map(KeysVisitor)
+    }
+}
+
+/// A key of a request line (read without a copy).
+#[derive(Clone, Copy)]
+enum Key {
+    Type,
+    Identity,
+    RoomId,
+    Content,
+    Former,
+    Token,
+    /// Any other key: ignored.
+    Other,
+}
+
+impl Key {
+    fn name(self) -> &'static str {
+        match self {
+            Key::Type => "type",
+            Key::Identity => "identity",
+            Key::RoomId => "roomid",
+            Key::Content => "content",
+            Key::Former => "former",
+            Key::Token => "token",
+            Key::Other => "",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = Key;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<Key, E> {
+                Ok(match key {
+                    "type" => Key::Type,
+                    "identity" => Key::Identity,
+                    "roomid" => Key::RoomId,
+                    "content" => Key::Content,
+                    "former" => Key::Former,
+                    "token" => Key::Token,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(KeyVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Request {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Keys::deserialize(d)?.request().map_err(de::Error::custom)
+    }
+}
 
 /// serde_json appends "at line 1 column N", which only repeats the line back.
 fn strip_position(msg: &str) -> String {
@@ -351,14 +514,28 @@ mod tests {
             "{}",
             reason("hello")
         );
-        assert_eq!(
-            reason(r#"{"type":"dance"}"#),
-            "unknown variant `dance` (unknown type)"
-        );
+        assert_eq!(reason(r#"{"type":"dance"}"#), "unknown type `dance`");
         assert_eq!(reason(r#"{"type":"joinroom"}"#), "missing field `roomid`");
         assert_eq!(reason(r#"{"roomid":"x"}"#), "missing field `type`");
-        assert!(reason(r#"{"type":"message","content":5}"#).starts_with("invalid type"));
-        assert!(reason("[1,2]").starts_with("invalid type"));
+        assert_eq!(
+            reason(r#"{"type":"message","content":5}"#),
+            "invalid type: integer `5`, expected a string (`content`)"
+        );
+        assert_eq!(
+            reason(r#"{"type":"createroom","roomid":null}"#),
+            "invalid type: null, expected a string (`roomid`)"
+        );
+        assert_eq!(
+            reason(r#"{"type":"who","type":"list"}"#),
+            "duplicate field `type`"
+        );
+        assert_eq!(
+            reason("[1,2]"),
+            "invalid type: sequence, expected a JSON object"
+        );
+        // Not the fields of a request in order, as serde's derived structs
+        // would take them.
+        assert!(reason(r#"["list"]"#).starts_with("invalid type"));
         for half in [r"\ud800", r"\ud800x", r"\udc00", r"\ud800\u0041"] {
             let line = format!(r#"{{"type":"message","content":"{half}"}}"#);
             assert_eq!(reason(&line), super::LONE_SURROGATE, "{line}");
@@ -369,6 +546,59 @@ mod tests {
             Ok(Request::Message {
                 content: "\u{1F600}".into()
             })
+        );
+    }
+
+    #[test]
+    fn keys_a_request_does_not_use_are_ignored_whatever_their_value() {
+        let deep = format!("{}1{}", "[".repeat(1000), "]".repeat(1000));
+        let join = Request::JoinRoom {
+            roomid: "jokes".into(),
+        };
+        let cases = [
+            // Values serde_json would refuse to hold: out of range, too deep.
+            (
+                r#"{"type":"joinroom","x":1e999,"roomid":"jokes"}"#.to_owned(),
+                join.clone(),
+            ),
+            (
+                r#"{"x":-1e-999999,"type":"joinroom","roomid":"jokes"}"#.to_owned(),
+                join.clone(),
+            ),
+            (
+                format!(r#"{{"type":"joinroom","x":{deep},"roomid":"jokes"}}"#),
+                join.clone(),
+            ),
+            (
+                r#"{"type":"joinroom","roomid":"jokes","x":{"a":[true,null,{"b":"\ud800"}]}}"#
+                    .to_owned(),
+                join,
+            ),
+            // Keys other requests use, unused by this one.
+            (
+                r#"{"type":"list","content":1e999}"#.to_owned(),
+                Request::List,
+            ),
+            (
+                r#"{"type":"who","roomid":{"nested":[1,2]}}"#.to_owned(),
+                Request::Who,
+            ),
+            (r#"{"token":null,"type":"quit"}"#.to_owned(), Request::Quit),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(Request::parse(line.as_bytes()), Ok(expected), "{line}");
+        }
+        // Escapes in a key or in the type are read as what they stand for.
+        assert_eq!(
+            Request::parse(br#"{"ty\u0070e":"\u0071uit"}"#),
+            Ok(Request::Quit)
+        );
+        // A token that is there is read, and must be a string.
+        assert_eq!(
+            Request::parse(
+                br#"{"type":"movejoin","former":"","roomid":"a1b","identity":"Adel","token":7}"#
+            ),
+            Err("invalid type: integer `7`, expected a string (`token`)".into())
         );
     }
 
