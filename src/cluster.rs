@@ -1076,6 +1076,59 @@ mod tests {
         assert!(rx.try_recv().is_err(), "Dana was never asked");
     }
 
+    /// An arrival waiting for the earlier arrival of its identity to be
+    /// answered gives its turn up at once when its client hangs up, and is
+    /// never asked; the next arrival of that identity is asked instead.
+    #[tokio::test(start_paused = true)]
+    async fn an_arrival_waiting_for_its_turn_is_never_asked_once_its_client_is_gone() {
+        let config =
+            ClusterConfig::parse("s1 127.0.0.1 4444 5555\ns2 127.0.0.1 4445 5556\n", "t").unwrap();
+        let (directory, mut namespace) = Namespace::new(&config, "s1");
+        let ip = IpAddr::from([127, 0, 0, 1]);
+        let arrive = |token: &'static str, gone: &CancellationToken| {
+            let (directory, gone) = (directory.clone(), gone.clone());
+            tokio::spawn(async move { directory.accept_move("Adel", Some(token), ip, gone).await })
+        };
+        let asked_token = |request: &LocalRequest| match request {
+            LocalRequest::AcceptMove { arrival, .. } => arrival.token.clone(),
+            other => panic!("an arrival, not {other:?}"),
+        };
+        let first = arrive("first", &CancellationToken::new());
+        let (asked, answer) = namespace.requests.recv().await.expect("the first is asked");
+        assert_eq!(asked_token(&asked).as_deref(), Some("first"));
+        let gone = CancellationToken::new();
+        let second = arrive("second", &gone);
+        let third = arrive("third", &CancellationToken::new());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            namespace.requests.try_recv().is_err(),
+            "one arrival at a time"
+        );
+        gone.cancel();
+        let began = tokio::time::Instant::now();
+        let second = tokio::time::timeout(Duration::from_secs(1), second)
+            .await
+            .expect("given up without waiting for the first to be answered");
+        assert!(!second.expect("runs"), "given up");
+        assert_eq!(began.elapsed(), Duration::ZERO, "at once");
+        answer
+            .expect("a reply channel")
+            .send(Err(Refusal::Taken))
+            .expect("asked");
+        assert!(!first.await.expect("runs"));
+        let (asked, answer) = namespace.requests.recv().await.expect("the next is asked");
+        assert_eq!(
+            asked_token(&asked).as_deref(),
+            Some("third"),
+            "the second was never asked"
+        );
+        answer
+            .expect("a reply channel")
+            .send(Ok(()))
+            .expect("asked");
+        assert!(third.await.expect("runs"));
+    }
+
     #[test]
     fn a_server_in_a_minority_silences_the_peers_it_does_not_hear_from_its_second_tick() {
         let members = ids(&["s1", "s2", "s3", "s4", "s5"]);

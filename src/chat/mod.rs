@@ -1083,6 +1083,63 @@ mod tests {
         assert!(contents.contains("roomcontents"), "{contents}");
     }
 
+    /// A chat server on a TCP listener whose directory's claims wait at a
+    /// [`Gate`].
+    struct GatedServer {
+        chat: Arc<ChatServer>,
+        gate: Arc<Gate>,
+        listener: tokio::net::TcpListener,
+    }
+
+    impl GatedServer {
+        async fn new() -> GatedServer {
+            let gate = Arc::new(Gate::default());
+            let grants = Grants {
+                gate: Some(gate.clone()),
+            };
+            let chat = ChatServer::new("s1".to_owned(), Limits::default(), Arc::new(grants), None);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            GatedServer {
+                chat,
+                gate,
+                listener,
+            }
+        }
+
+        /// A client connected to a session of its own, which it has sent
+        /// `first`; the session's task.
+        async fn connect(
+            &self,
+            first: &[u8],
+        ) -> (tokio::net::TcpStream, tokio::task::JoinHandle<SessionEnd>) {
+            use tokio::io::AsyncWriteExt;
+            let address = self.listener.local_addr().unwrap();
+            let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+            let (stream, peer) = self.listener.accept().await.unwrap();
+            let (reader, writer) = stream.into_split();
+            let session = tokio::spawn(run_session(
+                self.chat.clone(),
+                reader,
+                writer,
+                peer.ip(),
+                CancellationToken::new(),
+            ));
+            client.write_all(first).await.unwrap();
+            (client, session)
+        }
+
+        /// Waits for a claim to come to the gate.
+        async fn asked(&self, what: &str) {
+            tokio::time::timeout(Duration::from_secs(20), self.gate.asked.notified())
+                .await
+                .unwrap_or_else(|_| panic!("{what} comes to the directory"));
+        }
+
+        fn given_up(&self) -> bool {
+            self.gate.given_up.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
     /// A client that resets its connection while its claim waits gives the
     /// claim up (under a flood of claims from connections reset at once,
     /// those waiting for a turn are never asked of the leader); one that
@@ -1090,42 +1147,22 @@ mod tests {
     #[tokio::test]
     async fn a_claim_is_given_up_when_its_connection_resets_not_when_it_half_closes() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let gate = Arc::new(Gate::default());
-        let grants = Grants {
-            gate: Some(gate.clone()),
-        };
-        let chat = ChatServer::new("s1".to_owned(), Limits::default(), Arc::new(grants), None);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
+        let server = GatedServer::new().await;
         let within = Duration::from_secs(20);
         let connect = || async {
-            let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
-            let (stream, peer) = listener.accept().await.unwrap();
-            let (reader, writer) = stream.into_split();
-            let session = tokio::spawn(run_session(
-                chat.clone(),
-                reader,
-                writer,
-                peer.ip(),
-                CancellationToken::new(),
-            ));
-            client
-                .write_all(b"{\"type\":\"newidentity\",\"identity\":\"Adel\"}\n")
-                .await
-                .unwrap();
-            tokio::time::timeout(within, gate.asked.notified())
-                .await
-                .expect("the claim comes to the directory");
-            (client, session)
+            let connected = server
+                .connect(b"{\"type\":\"newidentity\",\"identity\":\"Adel\"}\n")
+                .await;
+            server.asked("the claim").await;
+            connected
         };
-        let flag = || gate.given_up.load(std::sync::atomic::Ordering::SeqCst);
 
         let (mut client, session) = connect().await;
         client.shutdown().await.unwrap();
         // Time for the session to see the end of the stream while the claim
         // waits (nothing to wait for: seeing it must change nothing).
         tokio::time::sleep(Duration::from_millis(100)).await;
-        gate.open.notify_one();
+        server.gate.open.notify_one();
         let mut answer = String::new();
         tokio::time::timeout(within, client.read_to_string(&mut answer))
             .await
@@ -1135,7 +1172,7 @@ mod tests {
             answer.starts_with("{\"type\":\"newidentity\",\"approved\":\"true\"}\n"),
             "{answer:?}"
         );
-        assert!(!flag(), "a half-closed client is not gone");
+        assert!(!server.given_up(), "a half-closed client is not gone");
         tokio::time::timeout(within, session)
             .await
             .unwrap()
@@ -1148,6 +1185,66 @@ mod tests {
             .await
             .expect("the session ends without its answer")
             .unwrap();
-        assert!(flag(), "the reset client's claim was given up");
+        assert!(server.given_up(), "the reset client's claim was given up");
+    }
+
+    /// Requests a client sent before resetting its connection are all
+    /// answered, in order: looking at the connection (before a request, and
+    /// while one waits) reads nothing while requests are pending, so the
+    /// reset is seen only after them and drops none of them.
+    #[tokio::test]
+    async fn requests_sent_before_a_reset_are_all_handled() {
+        use tokio::io::AsyncBufReadExt;
+        let server = GatedServer::new().await;
+        let within = Duration::from_secs(20);
+        let (bob, _) = server
+            .connect(b"{\"type\":\"newidentity\",\"identity\":\"Bob\"}\n")
+            .await;
+        server.asked("Bob's claim").await;
+        server.gate.open.notify_one();
+        let mut bob = tokio::io::BufReader::new(bob).lines();
+        let mut next_line = async || {
+            tokio::time::timeout(within, bob.next_line())
+                .await
+                .expect("a line for Bob")
+                .unwrap()
+                .expect("Bob's connection stays open")
+        };
+        assert_eq!(
+            next_line().await,
+            r#"{"type":"newidentity","approved":"true"}"#
+        );
+        assert_eq!(
+            next_line().await,
+            r#"{"type":"roomchange","identity":"Bob","former":"","roomid":"MainHall-s1"}"#
+        );
+
+        // Alice's claim waits with her next two requests read behind it; her
+        // connection is reset before the claim is granted.
+        let (alice, _) = server
+            .connect(
+                b"{\"type\":\"newidentity\",\"identity\":\"Alice\"}\n\
+                  {\"type\":\"who\"}\n{\"type\":\"message\",\"content\":\"hi\"}\n",
+            )
+            .await;
+        server.asked("Alice's claim").await;
+        alice.set_zero_linger().unwrap();
+        drop(alice);
+        // Time for the session to see the reset if it looked (it must not).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        server.gate.open.notify_one();
+        assert_eq!(
+            next_line().await,
+            r#"{"type":"roomchange","identity":"Alice","former":"","roomid":"MainHall-s1"}"#
+        );
+        assert_eq!(
+            next_line().await,
+            r#"{"type":"message","identity":"Alice","content":"hi"}"#
+        );
+        assert_eq!(
+            next_line().await,
+            r#"{"type":"roomchange","identity":"Alice","former":"MainHall-s1","roomid":""}"#
+        );
+        assert!(!server.given_up());
     }
 }
