@@ -20,8 +20,8 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -66,8 +66,8 @@ fn inline_hash(page: &str, tag: &str) -> String {
     )
 }
 
-/// Bytes buffered between a WebSocket and its session, each way. The
-/// session's outbox is the real queue; this only decouples the two tasks.
+/// Bytes buffered between a session and its WebSocket. The session's
+/// outbox is the real queue; this only decouples the two tasks.
 const PIPE_BYTES: usize = 64 * 1024;
 
 /// The longest line the session writes that is sent as one frame (its
@@ -336,6 +336,69 @@ impl CloseWhy {
     }
 }
 
+/// The session's input from a WebSocket's frames, one line per text frame,
+/// and the pump that feeds it, which notes in `why` why to close before the
+/// session can see the end. A close frame is the end of input; a connection
+/// that failed without one (a reset) is a read error, as on the client
+/// port, so that a request waiting for the cluster is given up. One frame
+/// is buffered at a time.
+fn frames_to_lines<S>(
+    mut frames: S,
+    why: Arc<std::sync::Mutex<CloseWhy>>,
+) -> (
+    impl tokio::io::AsyncRead + Unpin + Send + use<S>,
+    impl Future<Output = ()> + Send + use<S>,
+)
+where
+    S: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin + Send,
+{
+    let (to_session, mut frames_in) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(1);
+    let session_in = tokio_util::io::StreamReader::new(futures_util::stream::poll_fn(move |cx| {
+        frames_in.poll_recv(cx)
+    }));
+    let pump = async move {
+        while let Some(frame) = frames.next().await {
+            let text = match frame {
+                Ok(Message::Text(text)) => text,
+                Ok(Message::Binary(_)) => {
+                    info!("binary frame; closing the session");
+                    *why.lock().unwrap_or_else(|e| e.into_inner()) = CloseWhy::Binary;
+                    break;
+                }
+                // Pings are answered by the WebSocket layer.
+                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+                Ok(Message::Close(_)) => break,
+                Err(e) => {
+                    // Oversize frames, protocol violations, resets.
+                    info!(error = %e, "WebSocket input failed; closing the session");
+                    *why.lock().unwrap_or_else(|e| e.into_inner()) = CloseWhy::for_error(&e);
+                    let _ = to_session.send(Err(std::io::Error::other(e))).await;
+                    break;
+                }
+            };
+            let line = text.as_str();
+            let line = line.strip_suffix('\n').unwrap_or(line);
+            let line = line.strip_suffix('\r').unwrap_or(line);
+            // One frame is one line: a newline inside a JSON object can
+            // only be whitespace between tokens (strings hold `\n`
+            // escaped), so it becomes a space rather than a line break.
+            let mut bytes = Vec::with_capacity(line.len() + 1);
+            bytes.extend_from_slice(line.as_bytes());
+            for byte in &mut bytes {
+                if matches!(byte, b'\n' | b'\r') {
+                    *byte = b' ';
+                }
+            }
+            bytes.push(b'\n');
+            if to_session.send(Ok(Bytes::from(bytes))).await.is_err() {
+                break;
+            }
+        }
+        // Dropping `to_session` here is the session's end of input.
+    };
+    (session_in, pump)
+}
+
 /// One WebSocket chat session: the session logic on two pipes, and two
 /// pumps between the pipes and the socket. A connection with output stuck
 /// in it is reset when the session ends (as on the client port), so that
@@ -348,55 +411,10 @@ async fn ws_session(
 ) {
     debug!("connected");
     let handshake = chat.limits().handshake_timeout;
-    let (mut sink, mut frames) = socket.split();
-    // Frames -> lines for the session; the session's end of each pipe is a
-    // whole DuplexStream, so dropping the other end is its end of input.
-    let (mut to_session, session_in) = tokio::io::duplex(PIPE_BYTES);
-    let (session_out, from_session) = tokio::io::duplex(PIPE_BYTES);
+    let (mut sink, frames) = socket.split();
     let why = Arc::new(std::sync::Mutex::new(CloseWhy::Done));
-    let inbound = {
-        let why = why.clone();
-        async move {
-            while let Some(frame) = frames.next().await {
-                let text = match frame {
-                    Ok(Message::Text(text)) => text,
-                    Ok(Message::Binary(_)) => {
-                        info!("binary frame; closing the session");
-                        *why.lock().unwrap_or_else(|e| e.into_inner()) = CloseWhy::Binary;
-                        break;
-                    }
-                    // Pings are answered by the WebSocket layer.
-                    Ok(Message::Ping(_) | Message::Pong(_)) => continue,
-                    Ok(Message::Close(_)) => break,
-                    Err(e) => {
-                        // Oversize frames, protocol violations, resets.
-                        info!(error = %e, "WebSocket input failed; closing the session");
-                        *why.lock().unwrap_or_else(|e| e.into_inner()) = CloseWhy::for_error(&e);
-                        break;
-                    }
-                };
-                let line = text.as_str();
-                let line = line.strip_suffix('\n').unwrap_or(line);
-                let line = line.strip_suffix('\r').unwrap_or(line);
-                // One frame is one line: a newline inside a JSON object can
-                // only be whitespace between tokens (strings hold `\n`
-                // escaped), so it becomes a space rather than a line break.
-                let line = if line.contains(['\n', '\r']) {
-                    std::borrow::Cow::Owned(line.replace(['\n', '\r'], " "))
-                } else {
-                    std::borrow::Cow::Borrowed(line)
-                };
-                let written = async {
-                    to_session.write_all(line.as_bytes()).await?;
-                    to_session.write_all(b"\n").await
-                };
-                if written.await.is_err() {
-                    break;
-                }
-            }
-            // Dropping `to_session` here is the session's end of input.
-        }
-    };
+    let (session_in, inbound) = frames_to_lines(frames, why.clone());
+    let (session_out, from_session) = tokio::io::duplex(PIPE_BYTES);
     let outbound = {
         let why = why.clone();
         async move {
@@ -461,6 +479,47 @@ async fn ws_session(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each text frame is one line for the session (line breaks in it become
+    /// spaces); a close frame is the end of its input, a connection that
+    /// fails without one a read error, so that the session gives a waiting
+    /// request up, as it does for a reset on the client port.
+    #[tokio::test]
+    async fn frames_become_lines_and_a_failed_connection_a_read_error() {
+        let read_all = |frames: Vec<Result<Message, axum::Error>>| async move {
+            let why = Arc::new(std::sync::Mutex::new(CloseWhy::Done));
+            let (input, pump) = frames_to_lines(futures_util::stream::iter(frames), why);
+            tokio::spawn(pump);
+            let mut lines = LineReader::new(input, 1024);
+            let mut got = Vec::new();
+            loop {
+                match lines.next_line().await {
+                    Ok(Some(line)) => got.push(String::from_utf8(line.to_vec()).unwrap()),
+                    Ok(None) => return (got, "end"),
+                    Err(_) => return (got, "error"),
+                }
+            }
+        };
+        let text = |t: &str| Ok(Message::Text(t.into()));
+        let (lines, end) = read_all(vec![
+            text("{\"type\":\"who\"}"),
+            Ok(Message::Ping(Bytes::new())),
+            text("{\"type\":\r\n\"list\"}\r\n"),
+            Ok(Message::Close(None)),
+            text("after the close"),
+        ])
+        .await;
+        assert_eq!(lines, ["{\"type\":\"who\"}", "{\"type\":  \"list\"}"]);
+        assert_eq!(end, "end");
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let (lines, end) = read_all(vec![
+            text("{\"type\":\"who\"}"),
+            Err(axum::Error::new(reset)),
+        ])
+        .await;
+        assert_eq!(lines, ["{\"type\":\"who\"}"]);
+        assert_eq!(end, "error");
+    }
 
     #[test]
     fn a_refused_origin_is_logged_short_and_once_a_second() {

@@ -720,7 +720,8 @@ mod tests {
     use super::*;
 
     /// A directory that grants every claim and knows no other server; with
-    /// a gate, a claim of an identity is granted only once the gate opens.
+    /// a gate, a claim (of an identity or a room id) is granted only once the
+    /// gate opens.
     #[derive(Default)]
     struct Grants {
         gate: Option<Arc<Gate>>,
@@ -737,12 +738,10 @@ mod tests {
         given_up: std::sync::atomic::AtomicBool,
     }
 
-    impl Directory for Grants {
-        fn claim_identity(
-            &self,
-            _: &str,
-            client_gone: CancellationToken,
-        ) -> BoxFuture<Result<(), String>> {
+    impl Grants {
+        /// A claim: granted at once without a gate, else when the gate
+        /// opens, or given up when its client is gone first.
+        fn wait_at_gate(&self, client_gone: CancellationToken) -> BoxFuture<Result<(), String>> {
             let gate = self.gate.clone();
             Box::pin(async move {
                 let Some(gate) = gate else { return Ok(()) };
@@ -756,14 +755,24 @@ mod tests {
                 }
             })
         }
+    }
+
+    impl Directory for Grants {
+        fn claim_identity(
+            &self,
+            _: &str,
+            client_gone: CancellationToken,
+        ) -> BoxFuture<Result<(), String>> {
+            self.wait_at_gate(client_gone)
+        }
         fn release_identity(&self, _: &str, _: Option<&str>) {}
         fn claim_room(
             &self,
             _: &str,
             _: &str,
-            _: CancellationToken,
+            client_gone: CancellationToken,
         ) -> BoxFuture<Result<(), String>> {
-            Box::pin(async { Ok(()) })
+            self.wait_at_gate(client_gone)
         }
         fn release_room(&self, _: &str) {}
         fn rooms(&self) -> Vec<String> {
@@ -1186,6 +1195,90 @@ mod tests {
             .expect("the session ends without its answer")
             .unwrap();
         assert!(server.given_up(), "the reset client's claim was given up");
+    }
+
+    /// A claim waits while its connection's writer fails (a reset the
+    /// writer saw first: reads then see only an end): the claim is given up.
+    #[tokio::test]
+    async fn a_claim_is_given_up_when_its_session_is_dropped_while_it_waits() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        /// Takes every write until told to fail.
+        struct Writer(Arc<AtomicBool>);
+        impl tokio::io::AsyncWrite for Writer {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::task::Poll::Ready(if self.0.load(Ordering::SeqCst) {
+                    Err(std::io::ErrorKind::ConnectionReset.into())
+                } else {
+                    Ok(buf.len())
+                })
+            }
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+        }
+        let server = GatedServer::new().await;
+        let (bob, _) = server
+            .connect(b"{\"type\":\"newidentity\",\"identity\":\"Bob\"}\n")
+            .await;
+        server.asked("Bob's claim").await;
+        server.gate.open.notify_one();
+        let failing = Arc::new(AtomicBool::new(false));
+        let (mut adel, input) = tokio::io::duplex(4096);
+        let session = tokio::spawn(run_session(
+            server.chat.clone(),
+            input,
+            Writer(failing.clone()),
+            std::net::IpAddr::from([127, 0, 0, 1]),
+            CancellationToken::new(),
+        ));
+        adel.write_all(b"{\"type\":\"newidentity\",\"identity\":\"Adel\"}\n")
+            .await
+            .unwrap();
+        server.asked("Adel's claim").await;
+        server.gate.open.notify_one();
+        let within = Duration::from_secs(20);
+        let (bob_in, mut bob) = bob.into_split();
+        let mut bob_in = tokio::io::BufReader::new(bob_in).lines();
+        let joined =
+            r#"{"type":"roomchange","identity":"Adel","former":"","roomid":"MainHall-s1"}"#;
+        loop {
+            let line = tokio::time::timeout(within, bob_in.next_line())
+                .await
+                .expect("Bob hears Adel join")
+                .unwrap()
+                .expect("Bob's connection stays open");
+            if line == joined {
+                break;
+            }
+        }
+        failing.store(true, Ordering::SeqCst);
+        adel.write_all(b"{\"type\":\"createroom\",\"roomid\":\"jokes\"}\n")
+            .await
+            .unwrap();
+        server.asked("Adel's room claim").await;
+        // Something to write to Adel while the claim waits: the write fails.
+        bob.write_all(b"{\"type\":\"message\",\"content\":\"hi\"}\n")
+            .await
+            .unwrap();
+        tokio::time::timeout(within, session)
+            .await
+            .expect("the session ends without its answer")
+            .unwrap();
+        assert!(server.given_up(), "the claim was given up");
     }
 
     /// Requests a client sent before resetting its connection are all

@@ -209,6 +209,13 @@ where
                                 debug!(%error, "connection reset while its request was answered");
                                 client_gone.cancel();
                             }
+                            // A reset the writer saw first (reads then see
+                            // only an end), a client too slow for its
+                            // outbox, or an eviction: the session is over.
+                            () = outbox.dropped().cancelled(), if !client_gone.is_cancelled() => {
+                                debug!("session dropped while its request was answered");
+                                client_gone.cancel();
+                            }
                             done = &mut handled => break done,
                         }
                     };
