@@ -2,6 +2,8 @@
 //! same lines over TCP and over a QUIC stream. Booleans and ports are strings on
 //! the wire because existing clients expect exactly that.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -65,7 +67,14 @@ pub enum Request {
 impl Request {
     /// Parses one line (without its newline). The error is the `reason` to send back.
     pub fn parse(line: &[u8]) -> Result<Request, String> {
-        let keys: Keys = serde_json::from_slice(line).map_err(|e| {
+        // JSON is UTF-8 throughout, in the values of ignored keys too.
+        let line = std::str::from_utf8(line).map_err(|e| {
+            format!(
+                "not a JSON object: invalid UTF-8 at byte {}",
+                e.valid_up_to()
+            )
+        })?;
+        let keys: Keys = serde_json::from_str(line).map_err(|e| {
             let msg = strip_position(&e.to_string());
             match e.classify() {
                 serde_json::error::Category::Data => msg,
@@ -96,63 +105,79 @@ fn is_lone_surrogate(msg: &str) -> bool {
 /// request's type says which ones count.
 #[derive(Default)]
 struct Keys<'a> {
-    kind: Option<&'a RawValue>,
-    identity: Option<&'a RawValue>,
-    roomid: Option<&'a RawValue>,
-    content: Option<&'a RawValue>,
-    former: Option<&'a RawValue>,
-    token: Option<&'a RawValue>,
+    /// The value of each known key, by [`Key::index`].
+    values: [Option<&'a RawValue>; Key::KNOWN],
+    /// Known keys given twice (bit [`Key::index`]): an error only if the
+    /// type uses the key.
+    twice: u8,
 }
 
 impl<'a> Keys<'a> {
     /// The request these keys make, or the reason they make none.
     fn request(&self) -> Result<Request, String> {
-        let kind = string_of("type", self.kind)?;
-        let need = |key, raw| string_of(key, raw);
-        Ok(match kind.as_str() {
+        let need = |key| self.string(key).map(Cow::into_owned);
+        Ok(match &*self.string(Key::Type)? {
             "newidentity" => Request::NewIdentity {
-                identity: need("identity", self.identity)?,
+                identity: need(Key::Identity)?,
             },
             "list" => Request::List,
             "who" => Request::Who,
             "createroom" => Request::CreateRoom {
-                roomid: need("roomid", self.roomid)?,
+                roomid: need(Key::RoomId)?,
             },
             "joinroom" => Request::JoinRoom {
-                roomid: need("roomid", self.roomid)?,
+                roomid: need(Key::RoomId)?,
             },
             "deleteroom" => Request::DeleteRoom {
-                roomid: need("roomid", self.roomid)?,
+                roomid: need(Key::RoomId)?,
             },
             "message" => Request::Message {
-                content: need("content", self.content)?,
+                content: need(Key::Content)?,
             },
             "quit" => Request::Quit,
             "movejoin" => Request::MoveJoin {
-                former: need("former", self.former)?,
-                roomid: need("roomid", self.roomid)?,
-                identity: need("identity", self.identity)?,
-                token: match self.token {
-                    Some(raw) => Some(string_of("token", Some(raw))?),
-                    None => None,
+                former: need(Key::Former)?,
+                roomid: need(Key::RoomId)?,
+                identity: need(Key::Identity)?,
+                // Absent or null: none (a classic client sends none).
+                token: match self.raw(Key::Token)? {
+                    Some(raw) if raw.get() != "null" => Some(need(Key::Token)?),
+                    _ => None,
                 },
             },
             other => return Err(format!("unknown type `{other}`")),
         })
     }
-}
 
-/// The string value of `key`, or why there is none.
-fn string_of(key: &str, raw: Option<&RawValue>) -> Result<String, String> {
-    let raw = raw.ok_or_else(|| format!("missing field `{key}`"))?;
-    serde_json::from_str(raw.get()).map_err(|e| {
-        let msg = strip_position(&e.to_string());
-        if is_lone_surrogate(&msg) {
-            LONE_SURROGATE.to_string()
-        } else {
-            format!("{msg} (`{key}`)")
+    /// The raw value of `key`, if given once.
+    fn raw(&self, key: Key) -> Result<Option<&'a RawValue>, String> {
+        if self.twice & (1 << key.index()) != 0 {
+            return Err(format!("duplicate field `{}`", key.name()));
         }
-    })
+        Ok(self.values[key.index()])
+    }
+
+    /// The string value of `key`, or why there is none. A string without
+    /// escapes is the raw value's own text (already checked by the parser).
+    fn string(&self, key: Key) -> Result<Cow<'a, str>, String> {
+        let raw = self
+            .raw(key)?
+            .ok_or_else(|| format!("missing field `{}`", key.name()))?
+            .get();
+        if let Some(text) = raw.strip_prefix('"').and_then(|r| r.strip_suffix('"'))
+            && !text.contains('\\')
+        {
+            return Ok(Cow::Borrowed(text));
+        }
+        serde_json::from_str(raw).map(Cow::Owned).map_err(|e| {
+            let msg = strip_position(&e.to_string());
+            if is_lone_surrogate(&msg) {
+                LONE_SURROGATE.to_string()
+            } else {
+                format!("{msg} (`{}`)", key.name())
+            }
+        })
+    }
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for Keys<'a> {
@@ -168,23 +193,16 @@ impl<'de: 'a, 'a> Deserialize<'de> for Keys<'a> {
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Keys<'de>, M::Error> {
                 let mut keys = Keys::default();
                 while let Some(key) = map.next_key::<Key>()? {
-                    let slot = match key {
-                        Key::Type => &mut keys.kind,
-                        Key::Identity => &mut keys.identity,
-                        Key::RoomId => &mut keys.roomid,
-                        Key::Content => &mut keys.content,
-                        Key::Former => &mut keys.former,
-                        Key::Token => &mut keys.token,
-                        Key::Other => {
-                            map.next_value::<IgnoredAny>()?;
-                            continue;
-                        }
-                    };
-                    if slot.is_some() {
-                        let name = key.name();
-                        return Err(de::Error::custom(format_args!("duplicate field `{name}`")));
+                    if key == Key::Other {
+                        map.next_value::<IgnoredAny>()?;
+                        continue;
                     }
-                    *slot = Some(map.next_value()?);
+                    let value = map.next_value()?;
+                    let slot = &mut keys.values[key.index()];
+                    if slot.is_some() {
+                        keys.twice |= 1 << key.index();
+                    }
+                    *slot = Some(value);
                 }
                 Ok(keys)
             }
@@ -194,7 +212,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Keys<'a> {
 }
 
 /// A key of a request line (read without a copy).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Key {
     Type,
     Identity,
@@ -207,6 +225,14 @@ enum Key {
 }
 
 impl Key {
+    /// How many keys are known (all but [`Key::Other`]).
+    const KNOWN: usize = 6;
+
+    /// Where a known key's value is kept in [`Keys`].
+    fn index(self) -> usize {
+        self as usize
+    }
+
     fn name(self) -> &'static str {
         match self {
             Key::Type => "type",
@@ -530,6 +556,15 @@ mod tests {
             "duplicate field `type`"
         );
         assert_eq!(
+            reason(r#"{"type":"joinroom","roomid":"a1b","roomid":"c1d"}"#),
+            "duplicate field `roomid`"
+        );
+        // Not UTF-8, wherever it is: not JSON.
+        assert_eq!(
+            Request::parse(b"{\"type\":\"who\",\"x\":\"\xff\"}"),
+            Err("not a JSON object: invalid UTF-8 at byte 19".into())
+        );
+        assert_eq!(
             reason("[1,2]"),
             "invalid type: sequence, expected a JSON object"
         );
@@ -584,6 +619,11 @@ mod tests {
                 Request::Who,
             ),
             (r#"{"token":null,"type":"quit"}"#.to_owned(), Request::Quit),
+            // Given twice: only an error when the type uses the key.
+            (
+                r#"{"type":"list","content":"a","content":"b"}"#.to_owned(),
+                Request::List,
+            ),
         ];
         for (line, expected) in cases {
             assert_eq!(Request::parse(line.as_bytes()), Ok(expected), "{line}");
@@ -592,6 +632,19 @@ mod tests {
         assert_eq!(
             Request::parse(br#"{"ty\u0070e":"\u0071uit"}"#),
             Ok(Request::Quit)
+        );
+        // A null token is none, as an absent one (JSON libraries write
+        // absent fields as null).
+        assert_eq!(
+            Request::parse(
+                br#"{"type":"movejoin","former":"","roomid":"a1b","identity":"Adel","token":null}"#
+            ),
+            Ok(Request::MoveJoin {
+                former: String::new(),
+                roomid: "a1b".into(),
+                identity: "Adel".into(),
+                token: None,
+            })
         );
         // A token that is there is read, and must be a string.
         assert_eq!(

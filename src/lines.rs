@@ -66,6 +66,13 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         }
     }
 
+    /// Whether a whole line is buffered: [`LineReader::next_line`] returns
+    /// it without reading.
+    pub fn has_line(&self) -> bool {
+        let pending = &self.buf[self.pos..];
+        pending[self.scanned..].contains(&b'\n')
+    }
+
     /// The transport.
     pub fn get_ref(&self) -> &R {
         &self.inner

@@ -290,7 +290,7 @@ async fn chat_upgrade(
 const WS_READ_BUFFER: usize = 4 * 1024;
 
 /// Why the server closes a WebSocket, sent in its close frame (RFC 6455 7.4.1).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum CloseWhy {
     /// The session ended (1000).
     Done,
@@ -340,8 +340,9 @@ impl CloseWhy {
 /// and the pump that feeds it, which notes in `why` why to close before the
 /// session can see the end. A close frame is the end of input; a connection
 /// that failed without one (a reset) is a read error, as on the client
-/// port, so that a request waiting for the cluster is given up. One frame
-/// is buffered at a time.
+/// port, so that a request waiting for the cluster is given up. At most
+/// three frames are held: one in the channel, one being read, one waiting
+/// to be sent.
 fn frames_to_lines<S>(
     mut frames: S,
     why: Arc<std::sync::Mutex<CloseWhy>>,
@@ -371,8 +372,15 @@ where
                 Err(e) => {
                     // Oversize frames, protocol violations, resets.
                     info!(error = %e, "WebSocket input failed; closing the session");
-                    *why.lock().unwrap_or_else(|e| e.into_inner()) = CloseWhy::for_error(&e);
-                    let _ = to_session.send(Err(std::io::Error::other(e))).await;
+                    let close = CloseWhy::for_error(&e);
+                    *why.lock().unwrap_or_else(|e| e.into_inner()) = close;
+                    // The connection failed: the client is gone. A bad frame
+                    // from a live client ends its input (as a line too long
+                    // does on the client port, read only after the request
+                    // before it is answered).
+                    if close == CloseWhy::Done {
+                        let _ = to_session.send(Err(std::io::Error::other(e))).await;
+                    }
                     break;
                 }
             };
@@ -519,6 +527,19 @@ mod tests {
         .await;
         assert_eq!(lines, ["{\"type\":\"who\"}"]);
         assert_eq!(end, "error");
+        // A bad frame from a live client ends its input, and says why.
+        let too_big =
+            tungstenite::Error::Capacity(tungstenite::error::CapacityError::MessageTooLong {
+                size: 70_000,
+                max_size: 65_536,
+            });
+        let why = Arc::new(std::sync::Mutex::new(CloseWhy::Done));
+        let frames = futures_util::stream::iter(vec![Err(axum::Error::new(too_big))]);
+        let (input, pump) = frames_to_lines(frames, why.clone());
+        tokio::spawn(pump);
+        let mut lines = LineReader::new(input, 1024);
+        assert!(matches!(lines.next_line().await, Ok(None)));
+        assert!(*why.lock().unwrap() == CloseWhy::TooBig);
     }
 
     #[test]

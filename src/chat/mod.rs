@@ -1285,7 +1285,9 @@ mod tests {
     /// answered, in order: looking at the connection (before a request, and
     /// while one waits) reads nothing while requests are pending, so the
     /// reset is seen only after them and drops none of them.
-    #[tokio::test]
+    /// On two threads, so that the writer can see the reset while the
+    /// session still has requests to handle.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn requests_sent_before_a_reset_are_all_handled() {
         use tokio::io::AsyncBufReadExt;
         let server = GatedServer::new().await;

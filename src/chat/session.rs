@@ -145,6 +145,9 @@ where
             Phase::Moved { .. } => moved_at.map(|t: Instant| t + MOVE_LINGER),
             Phase::Active(_) | Phase::Left => None,
         };
+        // Lines the client sent before its connection failed are handled
+        // before the failure (seen by the writer) ends the session.
+        let buffered = lines.has_line();
         let read = async {
             match deadline {
                 Some(at) => tokio::time::timeout_at(at, lines.next_line()).await.ok(),
@@ -152,6 +155,7 @@ where
             }
         };
         let line = tokio::select! {
+            biased;
             _ = shutdown.cancelled() => {
                 // The whole server stops: close without goodbyes to the others,
                 // who are being closed too.
@@ -159,7 +163,7 @@ where
                 session.phase = Phase::Left;
                 break;
             }
-            _ = outbox.dropped().cancelled() => {
+            _ = outbox.dropped().cancelled(), if !buffered => {
                 if outbox.overflowed() {
                     let identity = match &session.phase {
                         Phase::Active(identity) => identity.as_str(),
@@ -202,21 +206,26 @@ where
                     // claims reaching the leader halved). This costs no
                     // read: the one that finds nothing more to read moves
                     // here from the next request's.
+                    let mut watch_dropped = true;
                     let (flow, congested) = loop {
-                        tokio::select! {
+                        let dropped = tokio::select! {
                             biased;
                             error = lines.hang_up(), if !client_gone.is_cancelled() => {
                                 debug!(%error, "connection reset while its request was answered");
                                 client_gone.cancel();
+                                continue;
                             }
                             // A reset the writer saw first (reads then see
                             // only an end), a client too slow for its
-                            // outbox, or an eviction: the session is over.
-                            () = outbox.dropped().cancelled(), if !client_gone.is_cancelled() => {
-                                debug!("session dropped while its request was answered");
-                                client_gone.cancel();
-                            }
+                            // outbox, or an eviction: the session is over,
+                            // once the requests already read are handled.
+                            () = outbox.dropped().cancelled(), if watch_dropped && !client_gone.is_cancelled() => true,
                             done = &mut handled => break done,
+                        };
+                        watch_dropped = false;
+                        if dropped && !lines.has_line() {
+                            debug!("session dropped while its request was answered");
+                            client_gone.cancel();
                         }
                     };
                     // The answer goes out now, not at the pace of events.
@@ -291,7 +300,7 @@ impl Session {
         match Request::parse(line) {
             Ok(request) => Some(request),
             Err(reason) => {
-                debug!(%reason, "bad client line");
+                debug!(reason = %Logged(&reason), "bad client line");
                 self.reply(ServerMessage::error(reason));
                 None
             }
