@@ -272,6 +272,8 @@ impl<'de> Deserialize<'de> for Key {
     }
 }
 
+/// As [`Request::parse`], with serde's errors; only from borrowed input
+/// (`serde_json::from_slice` or `from_str`: values are kept as raw JSON).
 impl<'de> Deserialize<'de> for Request {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         Keys::deserialize(d)?.request().map_err(de::Error::custom)
