@@ -1092,6 +1092,46 @@ mod tests {
         assert!(contents.contains("roomcontents"), "{contents}");
     }
 
+    /// Takes every write until told to fail.
+    struct Writer(Arc<std::sync::atomic::AtomicBool>);
+    impl tokio::io::AsyncWrite for Writer {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Ready(if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+                Err(std::io::ErrorKind::ConnectionReset.into())
+            } else {
+                Ok(buf.len())
+            })
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The next line a test client gets, within 20 s.
+    async fn next_line_of<R>(lines: &mut tokio::io::Lines<R>) -> String
+    where
+        R: tokio::io::AsyncBufRead + Unpin,
+    {
+        tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("a line")
+            .unwrap()
+            .expect("the connection stays open")
+    }
+
     /// A chat server on a TCP listener whose directory's claims wait at a
     /// [`Gate`].
     struct GatedServer {
@@ -1142,6 +1182,39 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(20), self.gate.asked.notified())
                 .await
                 .unwrap_or_else(|_| panic!("{what} comes to the directory"));
+        }
+
+        /// Bob, identified over TCP, and Adel, identified on a session whose
+        /// writer fails once `failing` is set; Adel's session task.
+        async fn bob_and_adel_on_a_failing_writer(
+            &self,
+        ) -> (
+            tokio::net::TcpStream,
+            tokio::io::DuplexStream,
+            Arc<std::sync::atomic::AtomicBool>,
+            tokio::task::JoinHandle<SessionEnd>,
+        ) {
+            use tokio::io::AsyncWriteExt;
+            let (bob, _) = self
+                .connect(b"{\"type\":\"newidentity\",\"identity\":\"Bob\"}\n")
+                .await;
+            self.asked("Bob's claim").await;
+            self.gate.open.notify_one();
+            let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (mut adel, input) = tokio::io::duplex(4096);
+            let session = tokio::spawn(run_session(
+                self.chat.clone(),
+                input,
+                Writer(failing.clone()),
+                std::net::IpAddr::from([127, 0, 0, 1]),
+                CancellationToken::new(),
+            ));
+            adel.write_all(b"{\"type\":\"newidentity\",\"identity\":\"Adel\"}\n")
+                .await
+                .unwrap();
+            self.asked("Adel's claim").await;
+            self.gate.open.notify_one();
+            (bob, adel, failing, session)
         }
 
         fn given_up(&self) -> bool {
@@ -1201,55 +1274,10 @@ mod tests {
     /// writer saw first: reads then see only an end): the claim is given up.
     #[tokio::test]
     async fn a_claim_is_given_up_when_its_session_is_dropped_while_it_waits() {
-        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::atomic::Ordering;
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-        /// Takes every write until told to fail.
-        struct Writer(Arc<AtomicBool>);
-        impl tokio::io::AsyncWrite for Writer {
-            fn poll_write(
-                self: std::pin::Pin<&mut Self>,
-                _: &mut std::task::Context<'_>,
-                buf: &[u8],
-            ) -> std::task::Poll<std::io::Result<usize>> {
-                std::task::Poll::Ready(if self.0.load(Ordering::SeqCst) {
-                    Err(std::io::ErrorKind::ConnectionReset.into())
-                } else {
-                    Ok(buf.len())
-                })
-            }
-            fn poll_flush(
-                self: std::pin::Pin<&mut Self>,
-                _: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<std::io::Result<()>> {
-                std::task::Poll::Ready(Ok(()))
-            }
-            fn poll_shutdown(
-                self: std::pin::Pin<&mut Self>,
-                _: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<std::io::Result<()>> {
-                std::task::Poll::Ready(Ok(()))
-            }
-        }
         let server = GatedServer::new().await;
-        let (bob, _) = server
-            .connect(b"{\"type\":\"newidentity\",\"identity\":\"Bob\"}\n")
-            .await;
-        server.asked("Bob's claim").await;
-        server.gate.open.notify_one();
-        let failing = Arc::new(AtomicBool::new(false));
-        let (mut adel, input) = tokio::io::duplex(4096);
-        let session = tokio::spawn(run_session(
-            server.chat.clone(),
-            input,
-            Writer(failing.clone()),
-            std::net::IpAddr::from([127, 0, 0, 1]),
-            CancellationToken::new(),
-        ));
-        adel.write_all(b"{\"type\":\"newidentity\",\"identity\":\"Adel\"}\n")
-            .await
-            .unwrap();
-        server.asked("Adel's claim").await;
-        server.gate.open.notify_one();
+        let (bob, mut adel, failing, session) = server.bob_and_adel_on_a_failing_writer().await;
         let within = Duration::from_secs(20);
         let (bob_in, mut bob) = bob.into_split();
         let mut bob_in = tokio::io::BufReader::new(bob_in).lines();
@@ -1281,6 +1309,44 @@ mod tests {
         assert!(server.given_up(), "the claim was given up");
     }
 
+    /// A client whose connection a write finds gone first: what it sent
+    /// before and the session reads on is still handled, then the session
+    /// ends.
+    #[tokio::test]
+    async fn lines_read_after_a_write_failed_are_still_handled() {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let server = GatedServer::new().await;
+        let (bob, mut adel, failing, session) = server.bob_and_adel_on_a_failing_writer().await;
+        let within = Duration::from_secs(20);
+        let mut bob = tokio::io::BufReader::new(bob).lines();
+        let mut next_line = async || next_line_of(&mut bob).await;
+        let joined =
+            r#"{"type":"roomchange","identity":"Adel","former":"","roomid":"MainHall-s1"}"#;
+        while next_line().await != joined {}
+        failing.store(true, Ordering::SeqCst);
+        adel.write_all(b"{\"type\":\"who\"}\n").await.unwrap();
+        // The answer's write fails; the session (on this thread) sees that
+        // before the next line comes.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        adel.write_all(b"{\"type\":\"message\",\"content\":\"hi\"}\n")
+            .await
+            .unwrap();
+        drop(adel);
+        assert_eq!(
+            next_line().await,
+            r#"{"type":"message","identity":"Adel","content":"hi"}"#
+        );
+        assert_eq!(
+            next_line().await,
+            r#"{"type":"roomchange","identity":"Adel","former":"MainHall-s1","roomid":""}"#
+        );
+        tokio::time::timeout(within, session)
+            .await
+            .expect("the session ends")
+            .unwrap();
+    }
+
     /// Requests a client sent before resetting its connection are all
     /// answered, in order: looking at the connection (before a request, and
     /// while one waits) reads nothing while requests are pending, so the
@@ -1291,20 +1357,13 @@ mod tests {
     async fn requests_sent_before_a_reset_are_all_handled() {
         use tokio::io::AsyncBufReadExt;
         let server = GatedServer::new().await;
-        let within = Duration::from_secs(20);
         let (bob, _) = server
             .connect(b"{\"type\":\"newidentity\",\"identity\":\"Bob\"}\n")
             .await;
         server.asked("Bob's claim").await;
         server.gate.open.notify_one();
         let mut bob = tokio::io::BufReader::new(bob).lines();
-        let mut next_line = async || {
-            tokio::time::timeout(within, bob.next_line())
-                .await
-                .expect("a line for Bob")
-                .unwrap()
-                .expect("Bob's connection stays open")
-        };
+        let mut next_line = async || next_line_of(&mut bob).await;
         assert_eq!(
             next_line().await,
             r#"{"type":"newidentity","approved":"true"}"#

@@ -21,6 +21,10 @@ use crate::lines::{LineError, LineReader};
 /// server closes it (classic clients close it themselves right after `route`).
 const MOVE_LINGER: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Longest a session reads on after a write to its client failed: what the
+/// client sent before is handled, then the session ends.
+const DRAIN_AFTER_WRITE_FAILURE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// How a session's connection should be closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionEnd {
@@ -139,11 +143,18 @@ where
     };
     let handshake_deadline = Instant::now() + limits.handshake_timeout;
     let mut moved_at = None;
+    // Set once a write failed (the connection is gone): until then, what the
+    // client sent before is still read and handled.
+    let mut draining_until = None;
     loop {
         let deadline = match session.phase {
             Phase::Handshake => Some(handshake_deadline),
             Phase::Moved { .. } => moved_at.map(|t: Instant| t + MOVE_LINGER),
             Phase::Active(_) | Phase::Left => None,
+        };
+        let deadline = match (deadline, draining_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         // Lines the client sent before its connection failed are handled
         // before the failure (seen by the writer) ends the session.
@@ -163,26 +174,32 @@ where
                 session.phase = Phase::Left;
                 break;
             }
-            _ = outbox.dropped().cancelled(), if !buffered => {
-                if outbox.overflowed() {
-                    let identity = match &session.phase {
-                        Phase::Active(identity) => identity.as_str(),
-                        _ => "",
-                    };
-                    warn!(
-                        %identity,
-                        limit = limits.outbox_bytes,
-                        "session dropped: client too slow, outbox full"
-                    );
-                }
-                break;
-            }
             // Evicted: stop reading now, not once the writer is done (a
             // client that does not read would keep the session open).
             _ = outbox.finishing().cancelled() => break,
+            _ = outbox.dropped().cancelled(), if !buffered && draining_until.is_none() => {
+                if !outbox.overflowed() {
+                    // A write failed: the connection is gone, but the lines
+                    // the client sent before are read and handled (a read of
+                    // a reset connection does not wait), for a moment.
+                    draining_until = Some(Instant::now() + DRAIN_AFTER_WRITE_FAILURE);
+                    continue;
+                }
+                let identity = match &session.phase {
+                    Phase::Active(identity) => identity.as_str(),
+                    _ => "",
+                };
+                warn!(
+                    %identity,
+                    limit = limits.outbox_bytes,
+                    "session dropped: client too slow, outbox full"
+                );
+                break;
+            }
             line = read => line,
         };
         let flow = match line {
+            None if draining_until.is_some() => break,
             None if matches!(session.phase, Phase::Handshake) => {
                 info!("no newidentity within the handshake timeout; closing");
                 session.reply(ServerMessage::error(format!(
@@ -206,7 +223,9 @@ where
                     // claims reaching the leader halved). This costs no
                     // read: the one that finds nothing more to read moves
                     // here from the next request's.
-                    let mut watch_dropped = true;
+                    // Once draining, the drop is known and the requests
+                    // read on are handled until the reads end.
+                    let mut watch_dropped = draining_until.is_none();
                     let (flow, congested) = loop {
                         let dropped = tokio::select! {
                             biased;
