@@ -227,7 +227,7 @@ where
                     // read on are handled until the reads end.
                     let mut watch_dropped = draining_until.is_none();
                     let (flow, congested) = loop {
-                        let dropped = tokio::select! {
+                        tokio::select! {
                             biased;
                             error = lines.hang_up(), if !client_gone.is_cancelled() => {
                                 debug!(%error, "connection reset while its request was answered");
@@ -238,11 +238,11 @@ where
                             // only an end), a client too slow for its
                             // outbox, or an eviction: the session is over,
                             // once the requests already read are handled.
-                            () = outbox.dropped().cancelled(), if watch_dropped && !client_gone.is_cancelled() => true,
+                            () = outbox.dropped().cancelled(), if watch_dropped && !client_gone.is_cancelled() => {}
                             done = &mut handled => break done,
-                        };
+                        }
                         watch_dropped = false;
-                        if dropped && !lines.has_line() {
+                        if !lines.has_line() {
                             debug!("session dropped while its request was answered");
                             client_gone.cancel();
                         }
