@@ -166,7 +166,6 @@ where
             }
         };
         let line = tokio::select! {
-            biased;
             _ = shutdown.cancelled() => {
                 // The whole server stops: close without goodbyes to the others,
                 // who are being closed too.
