@@ -862,6 +862,12 @@ fn a_node_whose_log_nobody_reads_keeps_serving() {
             .read_line(&mut reply)
             .unwrap_or_else(|e| panic!("claim {i} of {claims} got no answer: {e}"));
         assert!(reply.contains(r#""approved":"true""#), "claim {i}: {reply}");
+        // Leave, and wait until the server closed its end: by then it has
+        // logged the session's end (before, a stop racing the last
+        // client's goodbye could end that session without the line).
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        std::io::copy(&mut stream, &mut std::io::sink())
+            .unwrap_or_else(|e| panic!("claim {i} of {claims} was not closed: {e}"));
     }
     // Read again: the lines held meanwhile come out, the last claim's too,
     // and the node stops cleanly.

@@ -1132,6 +1132,15 @@ mod tests {
             .expect("the connection stays open")
     }
 
+    /// See [`GatedServer::bob_and_adel_on_a_failing_writer`].
+    struct BobAndAdel {
+        bob_in: tokio::io::Lines<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>,
+        bob: tokio::net::tcp::OwnedWriteHalf,
+        adel: tokio::io::DuplexStream,
+        failing: Arc<std::sync::atomic::AtomicBool>,
+        session: tokio::task::JoinHandle<SessionEnd>,
+    }
+
     /// A chat server on a TCP listener whose directory's claims wait at a
     /// [`Gate`].
     struct GatedServer {
@@ -1185,15 +1194,9 @@ mod tests {
         }
 
         /// Bob, identified over TCP, and Adel, identified on a session whose
-        /// writer fails once `failing` is set; Adel's session task.
-        async fn bob_and_adel_on_a_failing_writer(
-            &self,
-        ) -> (
-            tokio::net::TcpStream,
-            tokio::io::DuplexStream,
-            Arc<std::sync::atomic::AtomicBool>,
-            tokio::task::JoinHandle<SessionEnd>,
-        ) {
+        /// writer fails once `failing` is set, both in the main hall (Bob
+        /// has heard Adel arrive).
+        async fn bob_and_adel_on_a_failing_writer(&self) -> BobAndAdel {
             use tokio::io::AsyncWriteExt;
             let (bob, _) = self
                 .connect(b"{\"type\":\"newidentity\",\"identity\":\"Bob\"}\n")
@@ -1214,7 +1217,18 @@ mod tests {
                 .unwrap();
             self.asked("Adel's claim").await;
             self.gate.open.notify_one();
-            (bob, adel, failing, session)
+            let (bob_in, bob) = bob.into_split();
+            let mut bob_in = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(bob_in));
+            let joined =
+                r#"{"type":"roomchange","identity":"Adel","former":"","roomid":"MainHall-s1"}"#;
+            while next_line_of(&mut bob_in).await != joined {}
+            BobAndAdel {
+                bob_in,
+                bob,
+                adel,
+                failing,
+                session,
+            }
         }
 
         fn given_up(&self) -> bool {
@@ -1275,24 +1289,16 @@ mod tests {
     #[tokio::test]
     async fn a_claim_is_given_up_when_its_session_is_dropped_while_it_waits() {
         use std::sync::atomic::Ordering;
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let server = GatedServer::new().await;
-        let (bob, mut adel, failing, session) = server.bob_and_adel_on_a_failing_writer().await;
+        let BobAndAdel {
+            mut bob,
+            mut adel,
+            failing,
+            session,
+            ..
+        } = server.bob_and_adel_on_a_failing_writer().await;
         let within = Duration::from_secs(20);
-        let (bob_in, mut bob) = bob.into_split();
-        let mut bob_in = tokio::io::BufReader::new(bob_in).lines();
-        let joined =
-            r#"{"type":"roomchange","identity":"Adel","former":"","roomid":"MainHall-s1"}"#;
-        loop {
-            let line = tokio::time::timeout(within, bob_in.next_line())
-                .await
-                .expect("Bob hears Adel join")
-                .unwrap()
-                .expect("Bob's connection stays open");
-            if line == joined {
-                break;
-            }
-        }
         failing.store(true, Ordering::SeqCst);
         adel.write_all(b"{\"type\":\"createroom\",\"roomid\":\"jokes\"}\n")
             .await
@@ -1315,15 +1321,18 @@ mod tests {
     #[tokio::test]
     async fn lines_read_after_a_write_failed_are_still_handled() {
         use std::sync::atomic::Ordering;
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let server = GatedServer::new().await;
-        let (bob, mut adel, failing, session) = server.bob_and_adel_on_a_failing_writer().await;
+        // Bob's sending half stays open (dropping it would end his session).
+        let BobAndAdel {
+            mut bob_in,
+            bob: _bob,
+            mut adel,
+            failing,
+            session,
+        } = server.bob_and_adel_on_a_failing_writer().await;
         let within = Duration::from_secs(20);
-        let mut bob = tokio::io::BufReader::new(bob).lines();
-        let mut next_line = async || next_line_of(&mut bob).await;
-        let joined =
-            r#"{"type":"roomchange","identity":"Adel","former":"","roomid":"MainHall-s1"}"#;
-        while next_line().await != joined {}
+        let mut next_line = async || next_line_of(&mut bob_in).await;
         failing.store(true, Ordering::SeqCst);
         adel.write_all(b"{\"type\":\"who\"}\n").await.unwrap();
         // The answer's write fails; the session (on this thread) sees that
