@@ -210,6 +210,19 @@ impl AdminState {
             "Rooms on this server.",
             counts.rooms as u64,
         );
+        let budget = self.chat.outbox_budget();
+        metric(
+            "outbox_bytes",
+            "gauge",
+            "Output queued for clients, all sessions together (limits.outbox_total_bytes bounds it).",
+            budget.used() as u64,
+        );
+        metric(
+            "outbox_budget_drops_total",
+            "counter",
+            "Sessions dropped as too slow because all outboxes together held limits.outbox_total_bytes.",
+            budget.drops() as u64,
+        );
         out
     }
 }

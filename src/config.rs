@@ -155,6 +155,11 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Output a session may have queued before it is dropped as too slow.
     pub outbox_bytes: usize,
+    /// Output all the sessions of a server may have queued together (each
+    /// line counted as its slot plus its share of a buffer several
+    /// sessions share); past it, a session given a line while it holds at
+    /// least the average share is dropped as too slow (see `chat::Outbox`).
+    pub outbox_total_bytes: usize,
     /// How long a client's name claim may wait for the leader before it is refused.
     pub claim_timeout: Duration,
     /// How long an identity routed to another server stays reserved for its
@@ -188,6 +193,7 @@ impl Default for Limits {
             max_line_bytes: 64 * 1024,
             handshake_timeout: Duration::from_secs(10),
             outbox_bytes: 1024 * 1024,
+            outbox_total_bytes: 256 * 1024 * 1024,
             claim_timeout: Duration::from_millis(2000),
             move_timeout: Duration::from_secs(10),
             max_clients: None,
@@ -344,6 +350,7 @@ struct RawLimits {
     max_line_bytes: Option<toml::Spanned<usize>>,
     handshake_timeout_ms: Option<u64>,
     outbox_bytes: Option<toml::Spanned<usize>>,
+    outbox_total_bytes: Option<toml::Spanned<usize>>,
     claim_timeout_ms: Option<u64>,
     move_timeout_ms: Option<u64>,
     max_clients: Option<toml::Spanned<usize>>,
@@ -479,6 +486,29 @@ fn parse_toml(text: &str, origin: &str) -> Result<ClusterConfig, ConfigError> {
                 "field limits.outbox_bytes ({}) must be at least twice limits.max_line_bytes ({}): \
                  a member's outbox must hold a message of the longest line allowed, and the next",
                 limits.outbox_bytes, limits.max_line_bytes
+            ),
+        ));
+    }
+    size(
+        "outbox_total_bytes",
+        &raw.limits.outbox_total_bytes,
+        4096,
+        &mut limits.outbox_total_bytes,
+    )?;
+    if limits.outbox_total_bytes < limits.outbox_bytes {
+        let at = raw
+            .limits
+            .outbox_total_bytes
+            .as_ref()
+            .or(raw.limits.outbox_bytes.as_ref())
+            .map(|value| line_of(text, value.span().start));
+        return Err(invalid(
+            origin,
+            at,
+            format!(
+                "field limits.outbox_total_bytes ({}) must be at least limits.outbox_bytes ({}): \
+                 the budget of all the outboxes must hold one full outbox",
+                limits.outbox_total_bytes, limits.outbox_bytes
             ),
         ));
     }
@@ -793,6 +823,18 @@ mod tests {
         // Equal is not enough either: the relayed line is longer than the sent one.
         let equal = format!("{servers}[limits]\nmax_line_bytes = 4096\noutbox_bytes = 4096\n");
         assert!(ClusterConfig::parse(&equal, "c.toml").is_err());
+        // The budget of all outboxes holds at least one full outbox.
+        let small_budget = format!("{servers}[limits]\noutbox_total_bytes = 524288\n");
+        let err = ClusterConfig::parse(&small_budget, "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("c.toml line 7: field limits.outbox_total_bytes (524288) must be at least limits.outbox_bytes (1048576)"),
+            "{err}"
+        );
+        let budget = format!("{servers}[limits]\noutbox_total_bytes = 1048576\n");
+        let config = ClusterConfig::parse(&budget, "c.toml").unwrap();
+        assert_eq!(config.limits.outbox_total_bytes, 1 << 20);
 
         for (field, value) in [
             ("max_clients", "0"),

@@ -10,7 +10,7 @@ use common::process::{single_node_config, spawn_node};
 use common::{
     DEADLINE, Raw, Via, expect_slow_readers_reset_and_freed, expect_the_room_goes_on,
     kernel_socket, room_change, start_node, start_node_with, talk_until_slow_readers_leave,
-    tcp_state, wait_for, wait_for_within,
+    talk_until_slow_readers_leave_watching, tcp_state, wait_for, wait_for_within,
 };
 
 const HALL: &str = "MainHall-s1";
@@ -288,6 +288,62 @@ async fn a_burst_from_one_sender_does_not_drop_readers_that_keep_up() {
     node.stop().await;
 }
 
+/// Many clients that never read are dropped once all the server's outboxes
+/// together hold `outbox_total_bytes`, long before each fills its own
+/// outbox; a reader that keeps up stays, and the budget gets back every byte.
+#[tokio::test]
+async fn many_clients_that_never_read_are_dropped_at_the_servers_outbox_budget() {
+    const SLOW: usize = 100;
+    // A message of 4 KB is one buffer the room's 102 members share: it
+    // costs a slow reader's outbox 4 KB of its own 512 KiB, but the
+    // budget only its slot and a 102nd of the buffer, about 100 bytes, so
+    // the 100 slow readers spend the budget in about 50 messages (once
+    // their kernel buffers are full), and fill their own outboxes in 128.
+    let limits = Limits {
+        outbox_bytes: 512 * 1024,
+        outbox_total_bytes: 512 * 1024,
+        send_buffer_bytes: 4096,
+        ..Limits::default()
+    };
+    let SlowRoom {
+        node,
+        mut talker,
+        mut listener,
+        slow,
+    } = slow_room(limits, SLOW).await;
+    let chat = node.chat().clone();
+    let budget = chat.outbox_budget();
+    // The talker talks until all are dropped; the listener keeps up.
+    // The message is in every outbox by the time the listener has it.
+    let mut peak = 0;
+    let sent = talk_until_slow_readers_leave_watching(&mut talker, &mut listener, SLOW, || {
+        peak = peak.max(budget.used());
+    })
+    .await;
+    println!(
+        "{SLOW} slow readers dropped after {sent} messages of 4 KB, {} of them for the budget; \
+         at most {peak} bytes queued",
+        budget.drops()
+    );
+    // Without the budget none would be dropped for it, and the slow
+    // readers' outboxes would hold twice the budget before each filled its
+    // own. With it, the queues pass the budget by at most about one
+    // message's share in each outbox.
+    assert!(
+        budget.drops() >= SLOW / 2,
+        "{} dropped for the budget",
+        budget.drops()
+    );
+    assert!(peak < 512 * 1024 + 64 * 1024, "{peak} bytes queued");
+    assert_eq!(chat.counts().sessions, 2);
+    let leavers: Vec<String> = (0..SLOW).map(|i| format!("Slow{i}")).collect();
+    expect_the_room_goes_on(&mut talker, &mut listener, HALL, &leavers).await;
+    // Everything queued was written or discarded: nothing is still charged.
+    wait_for("the outbox budget to be all free", || budget.used() == 0).await;
+    drop(slow);
+    node.stop().await;
+}
+
 #[tokio::test]
 async fn clients_that_never_read_are_reset_at_their_drop_and_the_room_goes_on() {
     const SLOW: usize = 10;
@@ -295,29 +351,20 @@ async fn clients_that_never_read_are_reset_at_their_drop_and_the_room_goes_on() 
         outbox_bytes: 64 * 1024,
         ..Limits::default()
     };
-    let node = start_node_with(limits.clone()).await;
+    let SlowRoom {
+        node,
+        mut talker,
+        mut listener,
+        slow,
+    } = slow_room(limits, SLOW).await;
     let addr = node.client_addr();
-    let mut talker = Raw::join(Via::Tcp, addr, "Talker", HALL).await;
-    let mut listener = Raw::join(Via::Tcp, addr, "Listener", HALL).await;
-    talker.expect(&room_change("Listener", "", HALL)).await;
-    // Ten that identify, take their approval, then never read again.
-    let mut slow = Vec::new();
-    for i in 0..SLOW {
-        let (stream, got) = identify_raw(addr, &format!("Slow{i}")).await;
-        assert!(
-            got.starts_with(br#"{"type":"newidentity","approved":"true"}"#),
-            "{}",
-            String::from_utf8_lossy(&got)
-        );
-        talker
-            .expect(&room_change(&format!("Slow{i}"), "", HALL))
-            .await;
-        listener
-            .expect(&room_change(&format!("Slow{i}"), "", HALL))
-            .await;
-        let client_end = stream.local_addr().unwrap();
-        slow.push((stream, client_end));
-    }
+    let slow: Vec<_> = slow
+        .into_iter()
+        .map(|stream| {
+            let client_end = stream.local_addr().unwrap();
+            (stream, client_end)
+        })
+        .collect();
 
     // The talker talks until all ten are dropped, while the listener keeps up.
     let chat = node.chat().clone();
@@ -337,6 +384,45 @@ async fn clients_that_never_read_are_reset_at_their_drop_and_the_room_goes_on() 
     expect_the_room_goes_on(&mut talker, &mut listener, HALL, &leavers).await;
     listener.expect_nothing_more().await;
     node.stop().await;
+}
+
+/// A node, a talker and a listener in its main hall, and clients that
+/// never read.
+struct SlowRoom {
+    node: chatmesh::Node,
+    talker: Raw,
+    listener: Raw,
+    slow: Vec<tokio::net::TcpStream>,
+}
+
+/// A node with `limits`, a talker and a listener in its main hall, and
+/// `count` clients (`Slow0`, `Slow1`, ...) that identify, take their
+/// approval, are seen arriving by both, then never read again.
+async fn slow_room(limits: Limits, count: usize) -> SlowRoom {
+    let node = start_node_with(limits).await;
+    let addr = node.client_addr();
+    let mut talker = Raw::join(Via::Tcp, addr, "Talker", HALL).await;
+    let mut listener = Raw::join(Via::Tcp, addr, "Listener", HALL).await;
+    talker.expect(&room_change("Listener", "", HALL)).await;
+    let mut slow = Vec::new();
+    for i in 0..count {
+        let name = format!("Slow{i}");
+        let (stream, got) = identify_raw(addr, &name).await;
+        assert!(
+            got.starts_with(br#"{"type":"newidentity","approved":"true"}"#),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        talker.expect(&room_change(&name, "", HALL)).await;
+        listener.expect(&room_change(&name, "", HALL)).await;
+        slow.push(stream);
+    }
+    SlowRoom {
+        node,
+        talker,
+        listener,
+        slow,
+    }
 }
 
 /// A plain TCP client that sends `newidentity` for `name` and reads the

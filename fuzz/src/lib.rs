@@ -341,6 +341,7 @@ fn config_invariants(config: &ClusterConfig) {
     }
     let l = &config.limits;
     assert!(l.max_line_bytes >= 256 && l.outbox_bytes >= 4096);
+    assert!(l.outbox_total_bytes >= l.outbox_bytes);
     for d in [l.handshake_timeout, l.claim_timeout, l.move_timeout] {
         assert!(!d.is_zero());
     }
@@ -404,6 +405,7 @@ pub fn to_toml(config: &ClusterConfig) -> String {
         max_line_bytes,
         handshake_timeout,
         outbox_bytes,
+        outbox_total_bytes,
         claim_timeout,
         move_timeout,
         max_clients,
@@ -414,6 +416,7 @@ pub fn to_toml(config: &ClusterConfig) -> String {
         ("max_line_bytes", int(*max_line_bytes)),
         ("handshake_timeout_ms", ms(*handshake_timeout)),
         ("outbox_bytes", int(*outbox_bytes)),
+        ("outbox_total_bytes", int(*outbox_total_bytes)),
         ("claim_timeout_ms", ms(*claim_timeout)),
         ("move_timeout_ms", ms(*move_timeout)),
         ("send_buffer_bytes", int(*send_buffer_bytes)),

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 pub use directory::{BoxFuture, Directory, RemoteRoom};
-pub use outbox::{Outbox, WriteTurns, WriterEnd};
+pub use outbox::{Outbox, OutboxBudget, Overflow, WriteTurns, WriterEnd};
 pub(crate) use session::Logged;
 pub use session::{SessionEnd, Transport, run_session, run_session_on};
 
@@ -66,6 +66,8 @@ pub struct ChatServer {
     paced_wakes: AtomicBool,
     /// Turns for big writes, shared by every session's writer.
     write_turns: WriteTurns,
+    /// The memory every session's outbox may hold together.
+    outbox_budget: Arc<OutboxBudget>,
     /// The lines of refused `newidentity`s (one per connection).
     pub(crate) identity_refusals: LogBudget,
 }
@@ -119,22 +121,24 @@ const WAKE_AT_ONCE: usize = 32;
 /// counted into the next line logged.
 pub const REFUSALS_LOGGED_PER_SECOND: u32 = 20;
 
-/// Queues `line` for each of `identities`; when `paced`, without waking their
-/// writers, which are left in `unwoken`.
+/// Queues `line` for each of `identities`, one buffer shared by `sharers`
+/// outboxes in all; when `paced`, without waking their writers, which are
+/// left in `unwoken`.
 fn queue_for_each<'a>(
     members: &HashMap<String, Member>,
     unwoken: &mut Vec<Arc<Outbox>>,
     identities: impl Iterator<Item = &'a String>,
     line: &Bytes,
     paced: bool,
+    sharers: usize,
 ) {
     for identity in identities {
         let Some(member) = members.get(identity) else {
             continue;
         };
         if !paced {
-            member.outbox.push(line.clone());
-        } else if member.outbox.push_unwoken(line.clone()) {
+            member.outbox.push_shared(line.clone(), sharers);
+        } else if member.outbox.push_unwoken(line.clone(), sharers) {
             unwoken.push(member.outbox.clone());
         }
         outbox::note_if_congested(&member.outbox);
@@ -211,16 +215,25 @@ impl Rooms {
         let Some(room) = rooms.get(room) else {
             return;
         };
-        let paced = room.members.len() > WAKE_AT_ONCE;
+        let sharers = room.members.len();
+        let paced = sharers > WAKE_AT_ONCE;
         let recipients = room.members.iter().filter(|m| Some(m.as_str()) != except);
-        queue_for_each(members, unwoken, recipients, line, paced);
+        queue_for_each(members, unwoken, recipients, line, paced, sharers);
     }
 
     /// Sends to every one of `identities` but `except`.
     fn send_to_all(&mut self, identities: &[String], line: &Bytes, except: Option<&str>) {
-        let paced = identities.len() > WAKE_AT_ONCE;
+        let sharers = identities.len();
+        let paced = sharers > WAKE_AT_ONCE;
         let recipients = identities.iter().filter(|m| Some(m.as_str()) != except);
-        queue_for_each(&self.members, &mut self.unwoken, recipients, line, paced);
+        queue_for_each(
+            &self.members,
+            &mut self.unwoken,
+            recipients,
+            line,
+            paced,
+            sharers,
+        );
     }
 
     fn remove_from_room(&mut self, room: &str, identity: &str) {
@@ -259,6 +272,7 @@ impl ChatServer {
         );
         let (evict_tx, evict_rx) = mpsc::unbounded_channel();
         let (wake_tx, wake_rx) = mpsc::unbounded_channel();
+        let outbox_budget = OutboxBudget::new(limits.outbox_total_bytes);
         Arc::new(ChatServer {
             id,
             main_hall,
@@ -276,6 +290,7 @@ impl ChatServer {
             wake_rx: Mutex::new(Some(wake_rx)),
             paced_wakes: AtomicBool::new(false),
             write_turns: WriteTurns::new(),
+            outbox_budget,
             identity_refusals: LogBudget::new(REFUSALS_LOGGED_PER_SECOND),
         })
     }
@@ -293,6 +308,11 @@ impl ChatServer {
     /// The per-client limits.
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// The budget every session's outbox is charged to.
+    pub fn outbox_budget(&self) -> &Arc<OutboxBudget> {
+        &self.outbox_budget
     }
 
     /// The cluster-wide name directory.

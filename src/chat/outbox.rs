@@ -22,6 +22,18 @@
 //! single 4 MB write of chat lines dropped every member of its room,
 //! however fast they read: the lines reached their outboxes at memory speed.
 //!
+//! All the outboxes of a server share an [`OutboxBudget`]: the memory their
+//! queues hold together, each queued line counted as its slot in the queue
+//! plus its share of the buffer (a line for a room of a thousand costs each
+//! outbox a thousandth of its bytes). Each outbox's own limit bounds one
+//! client; the budget bounds many. Without it, N clients in one room that
+//! never read held memory growing as N squared (each event of the room
+//! queued in every outbox) until each reached its own limit: 4,000 of them
+//! in a main hall held 300 MB. Once the budget is spent, an outbox given a
+//! line while it holds at least the average share of the budget is dropped
+//! as too slow: the clients that do not read go first, and a reader that
+//! keeps up, whose queue is taken every pace, holds almost nothing.
+//!
 //! Lines are [`Bytes`]: a line (or a block of lines) sent to a whole room is
 //! one buffer that every recipient's queue shares, and the writer hands the
 //! queued buffers to the transport as they are (vectored writes), never
@@ -32,7 +44,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::IoSlice;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -79,6 +91,71 @@ pub async fn wait_for_readers(outboxes: &[Arc<Outbox>]) {
     }
 }
 
+/// What a queued line costs its server's [`OutboxBudget`] besides its
+/// share of the bytes: its slot in the queue, twice over (a queue grows by
+/// doubling, so its capacity is up to twice its length).
+const SLOT_BYTES: usize = 2 * std::mem::size_of::<Bytes>();
+
+/// The memory all the outboxes of one server may hold together (see the
+/// module docs).
+#[derive(Debug)]
+pub struct OutboxBudget {
+    limit: usize,
+    /// Bytes charged to the outboxes now: queued, or taken by a writer and
+    /// not yet written.
+    used: AtomicUsize,
+    /// Outboxes sharing the budget.
+    outboxes: AtomicUsize,
+    /// Outboxes dropped for the budget, ever.
+    drops: AtomicUsize,
+}
+
+impl OutboxBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(OutboxBudget {
+            limit,
+            used: AtomicUsize::new(0),
+            outboxes: AtomicUsize::new(0),
+            drops: AtomicUsize::new(0),
+        })
+    }
+
+    /// Bytes the outboxes hold now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Outboxes dropped because the budget was spent, since the start.
+    pub fn drops(&self) -> usize {
+        self.drops.load(Ordering::Relaxed)
+    }
+
+    /// Whether an outbox holding `held` must be dropped rather than given
+    /// more: the budget is spent and it holds at least the average share.
+    fn refuses(&self, held: usize) -> bool {
+        let used = self.used.load(Ordering::Relaxed);
+        let outboxes = self.outboxes.load(Ordering::Relaxed).max(1);
+        used > self.limit && held > 0 && held >= used / outboxes
+    }
+
+    fn release(&self, bytes: usize) {
+        if bytes > 0 {
+            self.used.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Why an outbox was dropped for holding too much.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Its client let more than the outbox's own limit pile up.
+    Limit,
+    /// The server's outboxes spent their budget and this one held at least
+    /// its share.
+    Budget,
+}
+
 /// The queue of lines waiting to be written to one client.
 pub struct Outbox {
     state: Mutex<State>,
@@ -98,6 +175,8 @@ pub struct Outbox {
     dropped: CancellationToken,
     /// Fires when the session is told to finish.
     finishing: CancellationToken,
+    /// The server's budget for all its outboxes (none: unbounded, tests).
+    budget: Option<Arc<OutboxBudget>>,
 }
 
 #[derive(Default)]
@@ -108,8 +187,13 @@ struct State {
     finishing: bool,
     /// Close now, discarding the queue.
     dead: bool,
-    /// Dropped because the client let more than the limit pile up.
-    overflowed: bool,
+    /// Dropped because the client let more than the limit pile up, or
+    /// held its share of a spent budget.
+    overflowed: Option<Overflow>,
+    /// What the queued lines cost the budget.
+    charged: usize,
+    /// What the batch the writer took and has not written yet costs it.
+    in_flight: usize,
     /// Write what is queued now, without waiting out the pace.
     urgent: bool,
     /// Since when the queue has been over half the limit.
@@ -142,7 +226,16 @@ impl Outbox {
             pace: Duration::ZERO,
             dropped: CancellationToken::new(),
             finishing: CancellationToken::new(),
+            budget: None,
         }
+    }
+
+    /// This outbox with its lines charged to `budget`, shared with the
+    /// server's other outboxes.
+    pub fn budgeted(mut self, budget: &Arc<OutboxBudget>) -> Self {
+        budget.outboxes.fetch_add(1, Ordering::Relaxed);
+        self.budget = Some(budget.clone());
+        self
     }
 
     /// This outbox with events coalesced to at most one write per `pace`
@@ -156,7 +249,13 @@ impl Outbox {
     /// Drops the whole session when the client has let more than the limit
     /// pile up; returns false once the session is dropped.
     pub fn push(&self, line: Bytes) -> bool {
-        if self.queue(line) {
+        self.push_shared(line, 1)
+    }
+
+    /// [`Outbox::push`] of a line given to `sharers` outboxes in all: each
+    /// is charged its share of the bytes.
+    pub fn push_shared(&self, line: Bytes, sharers: usize) -> bool {
+        if self.queue(line, sharers) {
             self.wake();
         }
         !self.dropped.is_cancelled()
@@ -179,8 +278,9 @@ impl Outbox {
     /// earlier one is already waiting for its wake-up (so a session appears
     /// once in a backlog of wake-ups however many lines it gets meanwhile).
     /// Drops the whole session (waking the writer to stop) on overflow.
-    pub fn push_unwoken(&self, line: Bytes) -> bool {
-        self.queue(line) && !self.wake_pending.swap(true, Ordering::AcqRel)
+    /// `sharers` as in [`Outbox::push_shared`].
+    pub fn push_unwoken(&self, line: Bytes, sharers: usize) -> bool {
+        self.queue(line, sharers) && !self.wake_pending.swap(true, Ordering::AcqRel)
     }
 
     /// Wakes the writer to write what is queued (within the pace).
@@ -193,11 +293,15 @@ impl Outbox {
         }
     }
 
-    fn queue(&self, line: Bytes) -> bool {
+    fn queue(&self, line: Bytes, sharers: usize) -> bool {
         let mut state = self.lock();
         if state.dead || state.finishing {
             return false;
         }
+        let over_budget = self
+            .budget
+            .as_ref()
+            .is_some_and(|budget| budget.refuses(state.charged + state.in_flight));
         // A line is taken while the queue is under the limit, whatever its
         // size, so the queue may pass the limit by one line or block: a
         // block one server event makes (a room's deletion moving all its
@@ -206,11 +310,18 @@ impl Outbox {
         // a deleted room of 1,600 was, at a 128 KiB outbox). Such a block is
         // bounded by the server's own state and shared by its recipients; a
         // client that does not read is dropped at the next line.
-        if state.bytes >= self.limit {
-            state.dead = true;
-            state.overflowed = true;
-            state.queue.clear();
-            state.bytes = 0;
+        if state.bytes >= self.limit || over_budget {
+            state.overflowed = Some(if over_budget {
+                Overflow::Budget
+            } else {
+                Overflow::Limit
+            });
+            if let Some(budget) = &self.budget
+                && over_budget
+            {
+                budget.drops.fetch_add(1, Ordering::Relaxed);
+            }
+            self.discard(&mut state);
             drop(state);
             // Logged by the session itself, in its own span: this runs in
             // the span of whichever client's line overflowed it.
@@ -218,6 +329,11 @@ impl Outbox {
             self.wake.notify_one();
             self.taken.notify_waiters();
             return false;
+        }
+        if let Some(budget) = &self.budget {
+            let charge = SLOT_BYTES + line.len() / sharers.max(1);
+            state.charged += charge;
+            budget.used.fetch_add(charge, Ordering::Relaxed);
         }
         state.bytes += line.len();
         state.queue.push_back(line);
@@ -265,20 +381,28 @@ impl Outbox {
         &self.finishing
     }
 
-    /// Closes the connection now, discarding what is queued.
-    pub fn kill(&self) {
-        let mut state = self.lock();
+    /// Marks the outbox dead and frees its queue.
+    fn discard(&self, state: &mut State) {
         state.dead = true;
         state.queue.clear();
         state.bytes = 0;
+        if let Some(budget) = &self.budget {
+            budget.release(std::mem::take(&mut state.charged));
+        }
+    }
+
+    /// Closes the connection now, discarding what is queued.
+    pub fn kill(&self) {
+        let mut state = self.lock();
+        self.discard(&mut state);
         drop(state);
         self.dropped.cancel();
         self.wake.notify_one();
         self.taken.notify_waiters();
     }
 
-    /// Whether the session was dropped because its client was too slow.
-    pub fn overflowed(&self) -> bool {
+    /// Why the session was dropped as too slow, if it was.
+    pub fn overflowed(&self) -> Option<Overflow> {
         self.lock().overflowed
     }
 
@@ -294,6 +418,9 @@ impl Outbox {
         let mut state = self.lock();
         state.queue.clear();
         state.bytes = 0;
+        if let Some(budget) = &self.budget {
+            budget.release(std::mem::take(&mut state.charged));
+        }
         state.congested_since = None;
         self.congested.store(false, Ordering::Release);
         self.taken.notify_waiters();
@@ -323,7 +450,7 @@ impl Outbox {
     /// Lines are taken at once when they are urgent ([`Outbox::flush`]), the
     /// session is finishing, or the last write (`last_write`) was at least
     /// the pace ago; otherwise once the pace since the last write is over.
-    async fn next_batch(&self, last_write: Option<Instant>) -> Option<VecDeque<Bytes>> {
+    async fn next_batch(&self, last_write: Option<Instant>) -> Option<Batch<'_>> {
         loop {
             let due = {
                 let mut state = self.lock();
@@ -347,7 +474,13 @@ impl Outbox {
                             self.congested.store(false, Ordering::Release);
                             self.taken.notify_waiters();
                         }
-                        return Some(std::mem::take(&mut state.queue));
+                        let charged = std::mem::take(&mut state.charged);
+                        state.in_flight += charged;
+                        return Some(Batch {
+                            lines: std::mem::take(&mut state.queue),
+                            charged,
+                            outbox: self,
+                        });
                     }
                     self.pacing.store(true, Ordering::Release);
                     due
@@ -387,7 +520,7 @@ impl Outbox {
             let written = tokio::select! {
                 biased;
                 _ = self.dropped.cancelled() => return WriterEnd::Interrupted,
-                written = write_batch(&mut writer, &mut batch, turns) => written,
+                written = write_batch(&mut writer, &mut batch.lines, turns) => written,
             };
             if let Err(e) = written {
                 tracing::debug!(error = %e, "client write failed");
@@ -406,6 +539,33 @@ impl Outbox {
             WriterEnd::Dropped
         } else {
             WriterEnd::Finished
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.budget {
+            let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+            budget.release(state.charged);
+            budget.outboxes.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Lines a writer took from its outbox: their charge to the budget is
+/// released once they are written, or given up.
+struct Batch<'a> {
+    lines: VecDeque<Bytes>,
+    charged: usize,
+    outbox: &'a Outbox,
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.outbox.budget {
+            self.outbox.lock().in_flight -= self.charged;
+            budget.release(self.charged);
         }
     }
 }
@@ -597,7 +757,7 @@ mod tests {
             let outbox = outbox.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                outbox.next_batch(None).await.map(|batch| batch.len())
+                outbox.next_batch(None).await.map(|batch| batch.lines.len())
             })
         };
         let start = Instant::now();
@@ -613,6 +773,31 @@ mod tests {
         let start = Instant::now();
         wait_for_readers(&noted).await;
         assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    /// A client that never reads: every write waits for ever.
+    struct Stuck;
+
+    impl AsyncWrite for Stuck {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Pending
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
     }
 
     #[tokio::test]
@@ -633,10 +818,10 @@ mod tests {
         assert!(outbox.push(Bytes::from_static(b"12345\n")));
         // Under the limit before it: taken, and the queue is over the limit.
         assert!(outbox.push(Bytes::from_static(b"12345\n")));
-        assert!(!outbox.overflowed());
+        assert_eq!(outbox.overflowed(), None);
         assert!(!outbox.push(Bytes::from_static(b"1\n")));
         assert!(outbox.dropped().is_cancelled());
-        assert!(outbox.overflowed());
+        assert_eq!(outbox.overflowed(), Some(Overflow::Limit));
         let mut out = Vec::new();
         let end = outbox.write_to(&mut out, &WriteTurns::new()).await;
         assert!(out.is_empty(), "a dropped session's queue is discarded");
@@ -648,41 +833,19 @@ mod tests {
         let outbox = Outbox::new(10);
         assert!(outbox.push(Bytes::from_static(b"ok\n")));
         assert!(outbox.push(Bytes::from_static(b"a block of 26 bytes, one\n")));
-        assert!(!outbox.overflowed());
+        assert_eq!(outbox.overflowed(), None);
         // Taken by the writer: the queue is empty again.
         let batch = outbox.next_batch(None).await.expect("the lines");
-        assert_eq!(batch.len(), 2);
+        assert_eq!(batch.lines.len(), 2);
+        drop(batch);
         assert!(outbox.push(Bytes::from_static(b"another block, 26 bytes\n")));
         // Not read meanwhile: the next line drops it.
         assert!(!outbox.push(Bytes::from_static(b"1\n")));
-        assert!(outbox.overflowed());
+        assert_eq!(outbox.overflowed(), Some(Overflow::Limit));
     }
 
     #[tokio::test]
     async fn a_drop_stops_a_write_that_never_completes() {
-        // A client that never reads: every write waits for ever.
-        struct Stuck;
-        impl AsyncWrite for Stuck {
-            fn poll_write(
-                self: std::pin::Pin<&mut Self>,
-                _: &mut std::task::Context<'_>,
-                _: &[u8],
-            ) -> Poll<std::io::Result<usize>> {
-                Poll::Pending
-            }
-            fn poll_flush(
-                self: std::pin::Pin<&mut Self>,
-                _: &mut std::task::Context<'_>,
-            ) -> Poll<std::io::Result<()>> {
-                Poll::Pending
-            }
-            fn poll_shutdown(
-                self: std::pin::Pin<&mut Self>,
-                _: &mut std::task::Context<'_>,
-            ) -> Poll<std::io::Result<()>> {
-                Poll::Pending
-            }
-        }
         let outbox = Arc::new(Outbox::new(100));
         let writer = tokio::spawn({
             let outbox = outbox.clone();
@@ -827,13 +990,13 @@ mod tests {
     #[test]
     fn a_session_owes_one_wake_up_however_many_lines_it_gets() {
         let outbox = Outbox::new(100);
-        assert!(outbox.push_unwoken(Bytes::from_static(b"a\n")));
+        assert!(outbox.push_unwoken(Bytes::from_static(b"a\n"), 1));
         assert!(
-            !outbox.push_unwoken(Bytes::from_static(b"b\n")),
+            !outbox.push_unwoken(Bytes::from_static(b"b\n"), 1),
             "a wake-up is already owed"
         );
         outbox.wake();
-        assert!(outbox.push_unwoken(Bytes::from_static(b"c\n")));
+        assert!(outbox.push_unwoken(Bytes::from_static(b"c\n"), 1));
         assert_eq!(outbox.queued().len(), 3);
     }
 
@@ -1003,5 +1166,96 @@ mod tests {
             "1000 small lines in a few writes, not {}",
             transport.seen.len()
         );
+    }
+
+    fn line(bytes: usize) -> Bytes {
+        Bytes::from(vec![b'x'; bytes])
+    }
+
+    #[test]
+    fn a_spent_budget_drops_the_outboxes_that_hold_the_most_and_no_reader() {
+        let budget = OutboxBudget::new(2_000);
+        let outbox = || Outbox::new(1 << 20).budgeted(&budget);
+        let (reader, idle) = (outbox(), outbox());
+        let slow: Vec<Outbox> = (0..3).map(|_| outbox()).collect();
+        // Each round: a line of 100 bytes for everyone; the reader's queue
+        // is taken (written) after each.
+        for round in 0.. {
+            assert!(round < 100, "the budget never dropped anyone");
+            assert!(
+                reader.push(line(100)),
+                "the reader was dropped at round {round}"
+            );
+            reader.clear_for_test();
+            for outbox in &slow {
+                outbox.push(line(100));
+            }
+            if slow.iter().all(|o| o.overflowed().is_some()) {
+                break;
+            }
+        }
+        for outbox in &slow {
+            assert_eq!(outbox.overflowed(), Some(Overflow::Budget));
+        }
+        assert_eq!(budget.drops(), 3);
+        // Nothing is held once the slow ones are gone: their queues were
+        // released, the reader's taken.
+        assert_eq!(budget.used(), 0);
+        // An outbox holding nothing is never dropped for the budget, even
+        // when the average share rounds down to nothing.
+        let many: Vec<Outbox> = (0..5_000).map(|_| outbox()).collect();
+        many[0].push(line(2_500));
+        assert!(idle.push(line(10)));
+        assert_eq!(idle.overflowed(), None);
+        assert!(!many[0].push(line(10)), "over the budget, with the most");
+    }
+
+    #[test]
+    fn a_line_shared_by_many_outboxes_costs_each_its_share() {
+        let budget = OutboxBudget::new(1 << 20);
+        let outbox = Outbox::new(1 << 20).budgeted(&budget);
+        outbox.push_shared(line(10_000), 100);
+        assert_eq!(budget.used(), 100 + SLOT_BYTES);
+        outbox.push(line(1_000));
+        assert_eq!(budget.used(), 1_100 + 2 * SLOT_BYTES);
+    }
+
+    #[tokio::test]
+    async fn the_budget_gets_back_what_is_written_discarded_or_dropped() {
+        let budget = OutboxBudget::new(1 << 20);
+        // Written.
+        let outbox = Outbox::new(1 << 20).budgeted(&budget);
+        outbox.push(line(100));
+        outbox.finish();
+        outbox.write_to(&mut Vec::new(), &WriteTurns::new()).await;
+        assert_eq!(budget.used(), 0);
+        // Killed.
+        let outbox = Outbox::new(1 << 20).budgeted(&budget);
+        outbox.push(line(100));
+        outbox.kill();
+        assert_eq!(budget.used(), 0);
+        // Dropped with lines queued: the outbox no longer counts either.
+        let outbox = Outbox::new(1 << 20).budgeted(&budget);
+        assert_eq!(budget.outboxes.load(Ordering::Relaxed), 3);
+        outbox.push(line(100));
+        drop(outbox);
+        assert_eq!(budget.used(), 0);
+        // Taken by a writer stuck in its write: still held until the
+        // session is dropped.
+        let outbox = Arc::new(Outbox::new(1 << 20).budgeted(&budget));
+        outbox.push(line(100));
+        let writer = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.write_to(Stuck, &WriteTurns::new()).await }
+        });
+        while outbox.lock().in_flight == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(budget.used(), 100 + SLOT_BYTES);
+        outbox.kill();
+        assert_eq!(writer.await.unwrap(), WriterEnd::Interrupted);
+        assert_eq!(budget.used(), 0);
+        drop(outbox);
+        assert_eq!(budget.outboxes.load(Ordering::Relaxed), 2);
     }
 }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::outbox::{noting_congestion, wait_for_readers};
-use super::{ChatServer, JoinOutcome, Outbox, WriterEnd};
+use super::{ChatServer, JoinOutcome, Outbox, Overflow, WriterEnd};
 use crate::client_proto::{
     Approved, MAX_MOVE_TOKEN, Request, ServerMessage, new_move_token, valid_name, valid_room_ref,
 };
@@ -125,7 +125,11 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let limits = chat.limits().clone();
-    let outbox = Arc::new(Outbox::new(limits.outbox_bytes).paced(limits.event_pace));
+    let outbox = Arc::new(
+        Outbox::new(limits.outbox_bytes)
+            .paced(limits.event_pace)
+            .budgeted(chat.outbox_budget()),
+    );
     let mut writer_task = tokio::spawn({
         let outbox = outbox.clone();
         let chat = chat.clone();
@@ -177,22 +181,29 @@ where
             // client that does not read would keep the session open).
             _ = outbox.finishing().cancelled() => break,
             _ = outbox.dropped().cancelled(), if !buffered && draining_until.is_none() => {
-                if !outbox.overflowed() {
+                let Some(overflow) = outbox.overflowed() else {
                     // A write failed: the connection is gone, but the lines
                     // the client sent before are read and handled (a read of
                     // a reset connection does not wait), for a moment.
                     draining_until = Some(Instant::now() + DRAIN_AFTER_WRITE_FAILURE);
                     continue;
-                }
+                };
                 let identity = match &session.phase {
                     Phase::Active(identity) => identity.as_str(),
                     _ => "",
                 };
-                warn!(
-                    %identity,
-                    limit = limits.outbox_bytes,
-                    "session dropped: client too slow, outbox full"
-                );
+                match overflow {
+                    Overflow::Limit => warn!(
+                        %identity,
+                        limit = limits.outbox_bytes,
+                        "session dropped: client too slow, outbox full"
+                    ),
+                    Overflow::Budget => warn!(
+                        %identity,
+                        budget = limits.outbox_total_bytes,
+                        "session dropped: client too slow, the server's outboxes hold their whole budget"
+                    ),
+                }
                 break;
             }
             line = read => line,
@@ -297,7 +308,7 @@ where
             (&mut writer_task).await.unwrap_or(WriterEnd::Interrupted)
         }
     };
-    if outbox.overflowed() || writer_end == WriterEnd::Interrupted {
+    if outbox.overflowed().is_some() || writer_end == WriterEnd::Interrupted {
         SessionEnd::Abort
     } else {
         SessionEnd::Closed

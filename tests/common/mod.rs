@@ -426,6 +426,17 @@ pub async fn talk_until_slow_readers_leave(
     listener: &mut Raw,
     count: usize,
 ) -> usize {
+    talk_until_slow_readers_leave_watching(talker, listener, count, || {}).await
+}
+
+/// [`talk_until_slow_readers_leave`], calling `after_each` once the
+/// listener has each message.
+pub async fn talk_until_slow_readers_leave_watching(
+    talker: &mut Raw,
+    listener: &mut Raw,
+    count: usize,
+    mut after_each: impl FnMut(),
+) -> usize {
     let line = format!(r#"{{"type":"message","content":"{}"}}"#, "z".repeat(4000));
     let (mut sent, mut left) = (0, 0);
     while left < count {
@@ -441,6 +452,7 @@ pub async fn talk_until_slow_readers_leave(
                 other => panic!("unexpected {other:?}"),
             }
         }
+        after_each();
     }
     sent
 }
