@@ -212,15 +212,15 @@ impl AdminState {
         );
         let budget = self.chat.outbox_budget();
         metric(
-            "outbox_bytes",
+            "outbox_queued_bytes",
             "gauge",
-            "Output queued for clients, all sessions together (limits.outbox_total_bytes bounds it).",
+            "Output queued for clients, all sessions together, a line counted in every queue holding it (limits.outbox_total_bytes bounds it).",
             budget.used() as u64,
         );
         metric(
             "outbox_budget_drops_total",
             "counter",
-            "Sessions dropped as too slow because all outboxes together held limits.outbox_total_bytes.",
+            "Sessions dropped as too slow, their output stalled while all outboxes together held limits.outbox_total_bytes.",
             budget.drops() as u64,
         );
         out

@@ -156,9 +156,9 @@ pub struct Limits {
     /// Output a session may have queued before it is dropped as too slow.
     pub outbox_bytes: usize,
     /// Output all the sessions of a server may have queued together (each
-    /// line counted as its slot plus its share of a buffer several
-    /// sessions share); past it, a session given a line while it holds at
-    /// least the average share is dropped as too slow (see `chat::Outbox`).
+    /// line counted in full in every queue, plus its slot); past it, a
+    /// session given a line while its output has waited for a second with
+    /// no write finished is dropped as too slow (see `chat::Outbox`).
     pub outbox_total_bytes: usize,
     /// How long a client's name claim may wait for the leader before it is refused.
     pub claim_timeout: Duration,
@@ -507,7 +507,7 @@ fn parse_toml(text: &str, origin: &str) -> Result<ClusterConfig, ConfigError> {
             at,
             format!(
                 "field limits.outbox_total_bytes ({}) must be at least limits.outbox_bytes ({}): \
-                 the budget of all the outboxes must hold one full outbox",
+                 all the outboxes together may hold no less than one",
                 limits.outbox_total_bytes, limits.outbox_bytes
             ),
         ));

@@ -67,8 +67,11 @@ fn inline_hash(page: &str, tag: &str) -> String {
 }
 
 /// Bytes buffered between a session and its WebSocket. The session's
-/// outbox is the real queue; this only decouples the two tasks.
-const PIPE_BYTES: usize = 64 * 1024;
+/// outbox is the real queue (counted against its limit and the server's
+/// budget); this only decouples the two tasks, so it is small: a client
+/// that does not read holds it full, at 64 KiB a thousand of them held
+/// 64 MB outside their outboxes.
+const PIPE_BYTES: usize = 4 * 1024;
 
 /// The longest line the session writes that is sent as one frame (its
 /// output is its own JSON, bounded by the outbox; this only bounds the

@@ -121,24 +121,22 @@ const WAKE_AT_ONCE: usize = 32;
 /// counted into the next line logged.
 pub const REFUSALS_LOGGED_PER_SECOND: u32 = 20;
 
-/// Queues `line` for each of `identities`, one buffer shared by `sharers`
-/// outboxes in all; when `paced`, without waking their writers, which are
-/// left in `unwoken`.
+/// Queues `line` for each of `identities`; when `paced`, without waking their
+/// writers, which are left in `unwoken`.
 fn queue_for_each<'a>(
     members: &HashMap<String, Member>,
     unwoken: &mut Vec<Arc<Outbox>>,
     identities: impl Iterator<Item = &'a String>,
     line: &Bytes,
     paced: bool,
-    sharers: usize,
 ) {
     for identity in identities {
         let Some(member) = members.get(identity) else {
             continue;
         };
         if !paced {
-            member.outbox.push_shared(line.clone(), sharers);
-        } else if member.outbox.push_unwoken(line.clone(), sharers) {
+            member.outbox.push(line.clone());
+        } else if member.outbox.push_unwoken(line.clone()) {
             unwoken.push(member.outbox.clone());
         }
         outbox::note_if_congested(&member.outbox);
@@ -215,25 +213,16 @@ impl Rooms {
         let Some(room) = rooms.get(room) else {
             return;
         };
-        let sharers = room.members.len();
-        let paced = sharers > WAKE_AT_ONCE;
+        let paced = room.members.len() > WAKE_AT_ONCE;
         let recipients = room.members.iter().filter(|m| Some(m.as_str()) != except);
-        queue_for_each(members, unwoken, recipients, line, paced, sharers);
+        queue_for_each(members, unwoken, recipients, line, paced);
     }
 
     /// Sends to every one of `identities` but `except`.
     fn send_to_all(&mut self, identities: &[String], line: &Bytes, except: Option<&str>) {
-        let sharers = identities.len();
-        let paced = sharers > WAKE_AT_ONCE;
+        let paced = identities.len() > WAKE_AT_ONCE;
         let recipients = identities.iter().filter(|m| Some(m.as_str()) != except);
-        queue_for_each(
-            &self.members,
-            &mut self.unwoken,
-            recipients,
-            line,
-            paced,
-            sharers,
-        );
+        queue_for_each(&self.members, &mut self.unwoken, recipients, line, paced);
     }
 
     fn remove_from_room(&mut self, room: &str, identity: &str) {

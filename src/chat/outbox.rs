@@ -22,17 +22,18 @@
 //! single 4 MB write of chat lines dropped every member of its room,
 //! however fast they read: the lines reached their outboxes at memory speed.
 //!
-//! All the outboxes of a server share an [`OutboxBudget`]: the memory their
-//! queues hold together, each queued line counted as its slot in the queue
-//! plus its share of the buffer (a line for a room of a thousand costs each
-//! outbox a thousandth of its bytes). Each outbox's own limit bounds one
-//! client; the budget bounds many. Without it, N clients in one room that
-//! never read held memory growing as N squared (each event of the room
+//! All the outboxes of a server share an [`OutboxBudget`]: what their queues
+//! hold together, each queued line counted in full in every queue that holds
+//! it, plus its slot there (a line shared by many queues is one buffer, so
+//! this is at least the memory they hold). Each outbox's own limit bounds
+//! one client; the budget bounds many. Without it, N clients in one room
+//! that never read held memory growing as N squared (each event of the room
 //! queued in every outbox) until each reached its own limit: 4,000 of them
 //! in a main hall held 300 MB. Once the budget is spent, an outbox given a
-//! line while it holds at least the average share of the budget is dropped
-//! as too slow: the clients that do not read go first, and a reader that
-//! keeps up, whose queue is taken every pace, holds almost nothing.
+//! line while it is stalled, its output waiting for [`SLOW_READER_GRACE`]
+//! with no write finished meanwhile, is dropped as too slow. A reader that
+//! keeps up finishes a write every pace and is never stalled, however much
+//! a burst queues for it; what the budget drops is clients that do not read.
 //!
 //! Lines are [`Bytes`]: a line (or a block of lines) sent to a whole room is
 //! one buffer that every recipient's queue shares, and the writer hands the
@@ -92,8 +93,8 @@ pub async fn wait_for_readers(outboxes: &[Arc<Outbox>]) {
 }
 
 /// What a queued line costs its server's [`OutboxBudget`] besides its
-/// share of the bytes: its slot in the queue, twice over (a queue grows by
-/// doubling, so its capacity is up to twice its length).
+/// bytes: its slot in the queue, twice over (a queue grows by doubling, so
+/// its capacity is up to twice its length).
 const SLOT_BYTES: usize = 2 * std::mem::size_of::<Bytes>();
 
 /// The memory all the outboxes of one server may hold together (see the
@@ -104,8 +105,6 @@ pub struct OutboxBudget {
     /// Bytes charged to the outboxes now: queued, or taken by a writer and
     /// not yet written.
     used: AtomicUsize,
-    /// Outboxes sharing the budget.
-    outboxes: AtomicUsize,
     /// Outboxes dropped for the budget, ever.
     drops: AtomicUsize,
 }
@@ -116,12 +115,11 @@ impl OutboxBudget {
         Arc::new(OutboxBudget {
             limit,
             used: AtomicUsize::new(0),
-            outboxes: AtomicUsize::new(0),
             drops: AtomicUsize::new(0),
         })
     }
 
-    /// Bytes the outboxes hold now.
+    /// Bytes charged to the outboxes now.
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
@@ -131,12 +129,9 @@ impl OutboxBudget {
         self.drops.load(Ordering::Relaxed)
     }
 
-    /// Whether an outbox holding `held` must be dropped rather than given
-    /// more: the budget is spent and it holds at least the average share.
-    fn refuses(&self, held: usize) -> bool {
-        let used = self.used.load(Ordering::Relaxed);
-        let outboxes = self.outboxes.load(Ordering::Relaxed).max(1);
-        used > self.limit && held > 0 && held >= used / outboxes
+    /// Whether the outboxes hold more than the budget.
+    fn spent(&self) -> bool {
+        self.used.load(Ordering::Relaxed) > self.limit
     }
 
     fn release(&self, bytes: usize) {
@@ -151,8 +146,7 @@ impl OutboxBudget {
 pub enum Overflow {
     /// Its client let more than the outbox's own limit pile up.
     Limit,
-    /// The server's outboxes spent their budget and this one held at least
-    /// its share.
+    /// The server's outboxes spent their budget and this one was stalled.
     Budget,
 }
 
@@ -194,6 +188,10 @@ struct State {
     charged: usize,
     /// What the batch the writer took and has not written yet costs it.
     in_flight: usize,
+    /// Output is waiting (queued or being written), and no write finished
+    /// since this moment: when the first of it came, or the last write
+    /// finished.
+    waiting_since: Option<Instant>,
     /// Write what is queued now, without waiting out the pace.
     urgent: bool,
     /// Since when the queue has been over half the limit.
@@ -233,7 +231,6 @@ impl Outbox {
     /// This outbox with its lines charged to `budget`, shared with the
     /// server's other outboxes.
     pub fn budgeted(mut self, budget: &Arc<OutboxBudget>) -> Self {
-        budget.outboxes.fetch_add(1, Ordering::Relaxed);
         self.budget = Some(budget.clone());
         self
     }
@@ -249,13 +246,7 @@ impl Outbox {
     /// Drops the whole session when the client has let more than the limit
     /// pile up; returns false once the session is dropped.
     pub fn push(&self, line: Bytes) -> bool {
-        self.push_shared(line, 1)
-    }
-
-    /// [`Outbox::push`] of a line given to `sharers` outboxes in all: each
-    /// is charged its share of the bytes.
-    pub fn push_shared(&self, line: Bytes, sharers: usize) -> bool {
-        if self.queue(line, sharers) {
+        if self.queue(line) {
             self.wake();
         }
         !self.dropped.is_cancelled()
@@ -278,9 +269,8 @@ impl Outbox {
     /// earlier one is already waiting for its wake-up (so a session appears
     /// once in a backlog of wake-ups however many lines it gets meanwhile).
     /// Drops the whole session (waking the writer to stop) on overflow.
-    /// `sharers` as in [`Outbox::push_shared`].
-    pub fn push_unwoken(&self, line: Bytes, sharers: usize) -> bool {
-        self.queue(line, sharers) && !self.wake_pending.swap(true, Ordering::AcqRel)
+    pub fn push_unwoken(&self, line: Bytes) -> bool {
+        self.queue(line) && !self.wake_pending.swap(true, Ordering::AcqRel)
     }
 
     /// Wakes the writer to write what is queued (within the pace).
@@ -293,15 +283,17 @@ impl Outbox {
         }
     }
 
-    fn queue(&self, line: Bytes, sharers: usize) -> bool {
+    fn queue(&self, line: Bytes) -> bool {
         let mut state = self.lock();
         if state.dead || state.finishing {
             return false;
         }
-        let over_budget = self
-            .budget
-            .as_ref()
-            .is_some_and(|budget| budget.refuses(state.charged + state.in_flight));
+        let over_budget = self.budget.as_ref().is_some_and(|budget| {
+            budget.spent()
+                && state
+                    .waiting_since
+                    .is_some_and(|since| since.elapsed() >= SLOW_READER_GRACE)
+        });
         // A line is taken while the queue is under the limit, whatever its
         // size, so the queue may pass the limit by one line or block: a
         // block one server event makes (a room's deletion moving all its
@@ -331,9 +323,12 @@ impl Outbox {
             return false;
         }
         if let Some(budget) = &self.budget {
-            let charge = SLOT_BYTES + line.len() / sharers.max(1);
+            let charge = SLOT_BYTES + line.len();
             state.charged += charge;
             budget.used.fetch_add(charge, Ordering::Relaxed);
+        }
+        if state.waiting_since.is_none() {
+            state.waiting_since = Some(Instant::now());
         }
         state.bytes += line.len();
         state.queue.push_back(line);
@@ -386,6 +381,9 @@ impl Outbox {
         state.dead = true;
         state.queue.clear();
         state.bytes = 0;
+        if state.in_flight == 0 {
+            state.waiting_since = None;
+        }
         if let Some(budget) = &self.budget {
             budget.release(std::mem::take(&mut state.charged));
         }
@@ -418,6 +416,7 @@ impl Outbox {
         let mut state = self.lock();
         state.queue.clear();
         state.bytes = 0;
+        state.waiting_since = None;
         if let Some(budget) = &self.budget {
             budget.release(std::mem::take(&mut state.charged));
         }
@@ -548,13 +547,13 @@ impl Drop for Outbox {
         if let Some(budget) = &self.budget {
             let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
             budget.release(state.charged);
-            budget.outboxes.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
 
-/// Lines a writer took from its outbox: their charge to the budget is
-/// released once they are written, or given up.
+/// Lines a writer took from its outbox: once they are written (or given
+/// up), their charge to the budget is released, and the outbox is no longer
+/// stalled.
 struct Batch<'a> {
     lines: VecDeque<Bytes>,
     charged: usize,
@@ -563,8 +562,11 @@ struct Batch<'a> {
 
 impl Drop for Batch<'_> {
     fn drop(&mut self) {
+        let mut state = self.outbox.lock();
+        state.in_flight -= self.charged;
+        state.waiting_since = (!state.queue.is_empty()).then(Instant::now);
+        drop(state);
         if let Some(budget) = &self.outbox.budget {
-            self.outbox.lock().in_flight -= self.charged;
             budget.release(self.charged);
         }
     }
@@ -990,13 +992,13 @@ mod tests {
     #[test]
     fn a_session_owes_one_wake_up_however_many_lines_it_gets() {
         let outbox = Outbox::new(100);
-        assert!(outbox.push_unwoken(Bytes::from_static(b"a\n"), 1));
+        assert!(outbox.push_unwoken(Bytes::from_static(b"a\n")));
         assert!(
-            !outbox.push_unwoken(Bytes::from_static(b"b\n"), 1),
+            !outbox.push_unwoken(Bytes::from_static(b"b\n")),
             "a wake-up is already owed"
         );
         outbox.wake();
-        assert!(outbox.push_unwoken(Bytes::from_static(b"c\n"), 1));
+        assert!(outbox.push_unwoken(Bytes::from_static(b"c\n")));
         assert_eq!(outbox.queued().len(), 3);
     }
 
@@ -1172,52 +1174,58 @@ mod tests {
         Bytes::from(vec![b'x'; bytes])
     }
 
-    #[test]
-    fn a_spent_budget_drops_the_outboxes_that_hold_the_most_and_no_reader() {
+    #[tokio::test(start_paused = true)]
+    async fn a_spent_budget_drops_only_outboxes_stalled_for_the_grace() {
         let budget = OutboxBudget::new(2_000);
         let outbox = || Outbox::new(1 << 20).budgeted(&budget);
-        let (reader, idle) = (outbox(), outbox());
+        // A reader in a long burst: its writer finishes a write every 100
+        // ms, and there is always a line queued behind the one it writes.
+        let reader = outbox();
         let slow: Vec<Outbox> = (0..3).map(|_| outbox()).collect();
-        // Each round: a line of 100 bytes for everyone; the reader's queue
-        // is taken (written) after each.
-        for round in 0.. {
+        let step = Duration::from_millis(100);
+        assert!(reader.push(line(100)));
+        let mut writing = None;
+        let mut spent_at = None;
+        for round in 0u32.. {
             assert!(round < 100, "the budget never dropped anyone");
-            assert!(
-                reader.push(line(100)),
-                "the reader was dropped at round {round}"
-            );
-            reader.clear_for_test();
-            for outbox in &slow {
+            // The write under way finishes; the writer takes the queue.
+            drop(writing.take());
+            writing = reader.next_batch(None).await;
+            for outbox in std::iter::once(&reader).chain(&slow) {
                 outbox.push(line(100));
             }
-            if slow.iter().all(|o| o.overflowed().is_some()) {
+            assert_eq!(reader.overflowed(), None, "the reader, round {round}");
+            if budget.spent() && spent_at.is_none() {
+                spent_at = Some(step * round);
+            }
+            // None dropped before they were stalled for the grace, though
+            // the budget was spent long before.
+            let dropped = slow.iter().filter(|o| o.overflowed().is_some()).count();
+            assert!(
+                dropped == 0 || step * round >= SLOW_READER_GRACE,
+                "{dropped} dropped at {:?}",
+                step * round
+            );
+            if dropped == slow.len() {
                 break;
             }
+            tokio::time::advance(step).await;
         }
+        assert!(spent_at.unwrap() < SLOW_READER_GRACE / 2, "{spent_at:?}");
         for outbox in &slow {
             assert_eq!(outbox.overflowed(), Some(Overflow::Budget));
         }
         assert_eq!(budget.drops(), 3);
-        // Nothing is held once the slow ones are gone: their queues were
-        // released, the reader's taken.
-        assert_eq!(budget.used(), 0);
-        // An outbox holding nothing is never dropped for the budget, even
-        // when the average share rounds down to nothing.
-        let many: Vec<Outbox> = (0..5_000).map(|_| outbox()).collect();
-        many[0].push(line(2_500));
-        assert!(idle.push(line(10)));
-        assert_eq!(idle.overflowed(), None);
-        assert!(!many[0].push(line(10)), "over the budget, with the most");
-    }
-
-    #[test]
-    fn a_line_shared_by_many_outboxes_costs_each_its_share() {
-        let budget = OutboxBudget::new(1 << 20);
-        let outbox = Outbox::new(1 << 20).budgeted(&budget);
-        outbox.push_shared(line(10_000), 100);
-        assert_eq!(budget.used(), 100 + SLOT_BYTES);
-        outbox.push(line(1_000));
-        assert_eq!(budget.used(), 1_100 + 2 * SLOT_BYTES);
+        // Only the reader's two lines are charged now: the one it writes and
+        // the one queued behind it.
+        assert_eq!(budget.used(), 2 * (100 + SLOT_BYTES));
+        drop(writing);
+        // Stalled, but within budget: kept.
+        let big = OutboxBudget::new(1 << 20);
+        let stalled = Outbox::new(1 << 20).budgeted(&big);
+        assert!(stalled.push(line(100)));
+        tokio::time::advance(SLOW_READER_GRACE * 2).await;
+        assert!(stalled.push(line(100)));
     }
 
     #[tokio::test]
@@ -1236,7 +1244,6 @@ mod tests {
         assert_eq!(budget.used(), 0);
         // Dropped with lines queued: the outbox no longer counts either.
         let outbox = Outbox::new(1 << 20).budgeted(&budget);
-        assert_eq!(budget.outboxes.load(Ordering::Relaxed), 3);
         outbox.push(line(100));
         drop(outbox);
         assert_eq!(budget.used(), 0);
@@ -1255,7 +1262,5 @@ mod tests {
         outbox.kill();
         assert_eq!(writer.await.unwrap(), WriterEnd::Interrupted);
         assert_eq!(budget.used(), 0);
-        drop(outbox);
-        assert_eq!(budget.outboxes.load(Ordering::Relaxed), 2);
     }
 }

@@ -181,29 +181,14 @@ where
             // client that does not read would keep the session open).
             _ = outbox.finishing().cancelled() => break,
             _ = outbox.dropped().cancelled(), if !buffered && draining_until.is_none() => {
-                let Some(overflow) = outbox.overflowed() else {
+                if outbox.overflowed().is_none() {
                     // A write failed: the connection is gone, but the lines
                     // the client sent before are read and handled (a read of
                     // a reset connection does not wait), for a moment.
                     draining_until = Some(Instant::now() + DRAIN_AFTER_WRITE_FAILURE);
                     continue;
-                };
-                let identity = match &session.phase {
-                    Phase::Active(identity) => identity.as_str(),
-                    _ => "",
-                };
-                match overflow {
-                    Overflow::Limit => warn!(
-                        %identity,
-                        limit = limits.outbox_bytes,
-                        "session dropped: client too slow, outbox full"
-                    ),
-                    Overflow::Budget => warn!(
-                        %identity,
-                        budget = limits.outbox_total_bytes,
-                        "session dropped: client too slow, the server's outboxes hold their whole budget"
-                    ),
                 }
+                // Too slow: logged below, however the loop ends.
                 break;
             }
             line = read => line,
@@ -287,6 +272,26 @@ where
         }
         if let Flow::Close = flow {
             break;
+        }
+    }
+    // Logged here, not where the drop is seen: the session may see it first
+    // while answering a request, or not at all (a shutdown).
+    if let Some(overflow) = outbox.overflowed() {
+        let identity = match &session.phase {
+            Phase::Active(identity) => identity.as_str(),
+            _ => "",
+        };
+        match overflow {
+            Overflow::Limit => warn!(
+                %identity,
+                limit = limits.outbox_bytes,
+                "session dropped: client too slow, outbox full"
+            ),
+            Overflow::Budget => warn!(
+                %identity,
+                budget = limits.outbox_total_bytes,
+                "session dropped: client too slow, its output stalled while the server's outboxes hold their whole budget"
+            ),
         }
     }
     // However the connection ended, an identified client leaves its room.
