@@ -30,10 +30,11 @@
 //! that never read held memory growing as N squared (each event of the room
 //! queued in every outbox) until each reached its own limit: 4,000 of them
 //! in a main hall held 300 MB. Once the budget is spent, an outbox given a
-//! line while it is stalled, its output waiting for [`SLOW_READER_GRACE`]
-//! with no write finished meanwhile, is dropped as too slow. A reader that
-//! keeps up finishes a write every pace and is never stalled, however much
-//! a burst queues for it; what the budget drops is clients that do not read.
+//! line while its client's transport has taken nothing for
+//! [`SLOW_READER_GRACE`] (a write pending all that time) is dropped as too
+//! slow. A reader that keeps up takes what it is written, however much a
+//! burst queues for it, and however late the server gets to write it; what
+//! the budget drops is clients that do not read.
 //!
 //! Lines are [`Bytes`]: a line (or a block of lines) sent to a whole room is
 //! one buffer that every recipient's queue shares, and the writer hands the
@@ -146,7 +147,7 @@ impl OutboxBudget {
 pub enum Overflow {
     /// Its client let more than the outbox's own limit pile up.
     Limit,
-    /// The server's outboxes spent their budget and this one was stalled.
+    /// The server's outboxes spent their budget and this client had taken no output for the grace.
     Budget,
 }
 
@@ -188,10 +189,10 @@ struct State {
     charged: usize,
     /// What the batch the writer took and has not written yet costs it.
     in_flight: usize,
-    /// Output is waiting (queued or being written), and no write finished
-    /// since this moment: when the first of it came, or the last write
-    /// finished.
-    waiting_since: Option<Instant>,
+    /// Since when the client's transport has taken none of the output it
+    /// was given (a write pending: a full socket buffer, a closed QUIC flow
+    /// control window), if it is so now.
+    blocked_since: Option<Instant>,
     /// Write what is queued now, without waiting out the pace.
     urgent: bool,
     /// Since when the queue has been over half the limit.
@@ -291,7 +292,7 @@ impl Outbox {
         let over_budget = self.budget.as_ref().is_some_and(|budget| {
             budget.spent()
                 && state
-                    .waiting_since
+                    .blocked_since
                     .is_some_and(|since| since.elapsed() >= SLOW_READER_GRACE)
         });
         // A line is taken while the queue is under the limit, whatever its
@@ -326,9 +327,6 @@ impl Outbox {
             let charge = SLOT_BYTES + line.len();
             state.charged += charge;
             budget.used.fetch_add(charge, Ordering::Relaxed);
-        }
-        if state.waiting_since.is_none() {
-            state.waiting_since = Some(Instant::now());
         }
         state.bytes += line.len();
         state.queue.push_back(line);
@@ -381,9 +379,6 @@ impl Outbox {
         state.dead = true;
         state.queue.clear();
         state.bytes = 0;
-        if state.in_flight == 0 {
-            state.waiting_since = None;
-        }
         if let Some(budget) = &self.budget {
             budget.release(std::mem::take(&mut state.charged));
         }
@@ -416,7 +411,6 @@ impl Outbox {
         let mut state = self.lock();
         state.queue.clear();
         state.bytes = 0;
-        state.waiting_since = None;
         if let Some(budget) = &self.budget {
             budget.release(std::mem::take(&mut state.charged));
         }
@@ -508,11 +502,16 @@ impl Outbox {
     /// forever.
     pub async fn write_to<W: AsyncWrite + Unpin>(
         &self,
-        mut writer: W,
+        writer: W,
         turns: &WriteTurns,
     ) -> WriterEnd {
         // A batch is the queue itself, freed once written: an idle session
         // holds no write buffer, and a busy one no copy of its lines.
+        let mut writer = Watched {
+            inner: writer,
+            outbox: self,
+            blocked: false,
+        };
         let mut last_write = None;
         while let Some(mut batch) = self.next_batch(last_write).await {
             // Cancelling the write loses only what the drop discards anyway.
@@ -551,9 +550,67 @@ impl Drop for Outbox {
     }
 }
 
+/// A client's transport, noting in its outbox since when it has taken
+/// nothing (see [`State::blocked_since`]): the sign of a client that does
+/// not read, as opposed to a writer the server itself has not run yet.
+struct Watched<'a, W> {
+    inner: W,
+    outbox: &'a Outbox,
+    blocked: bool,
+}
+
+impl<W> Watched<'_, W> {
+    fn note<T>(&mut self, poll: Poll<T>) -> Poll<T> {
+        let blocked = poll.is_pending();
+        if blocked != self.blocked {
+            self.blocked = blocked;
+            self.outbox.lock().blocked_since = blocked.then(Instant::now);
+        }
+        poll
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Watched<'_, W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note(poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.note(poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.note(poll)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Lines a writer took from its outbox: once they are written (or given
-/// up), their charge to the budget is released, and the outbox is no longer
-/// stalled.
+/// up), their charge to the budget is released.
 struct Batch<'a> {
     lines: VecDeque<Bytes>,
     charged: usize,
@@ -562,11 +619,8 @@ struct Batch<'a> {
 
 impl Drop for Batch<'_> {
     fn drop(&mut self) {
-        let mut state = self.outbox.lock();
-        state.in_flight -= self.charged;
-        state.waiting_since = (!state.queue.is_empty()).then(Instant::now);
-        drop(state);
         if let Some(budget) = &self.outbox.budget {
+            self.outbox.lock().in_flight -= self.charged;
             budget.release(self.charged);
         }
     }
@@ -1175,31 +1229,34 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_spent_budget_drops_only_outboxes_stalled_for_the_grace() {
+    async fn a_spent_budget_drops_only_outboxes_whose_client_took_nothing_for_the_grace() {
         let budget = OutboxBudget::new(2_000);
-        let outbox = || Outbox::new(1 << 20).budgeted(&budget);
-        // A reader in a long burst: its writer finishes a write every 100
-        // ms, and there is always a line queued behind the one it writes.
+        let outbox = || Arc::new(Outbox::new(1 << 20).budgeted(&budget));
+        // A reader whose writer the server has not run for a while: lines
+        // queue up, but its transport never refused any.
         let reader = outbox();
-        let slow: Vec<Outbox> = (0..3).map(|_| outbox()).collect();
+        // Clients that do not read: their writes wait for ever.
+        let slow: Vec<Arc<Outbox>> = (0..3).map(|_| outbox()).collect();
+        for outbox in &slow {
+            let outbox = outbox.clone();
+            tokio::spawn(async move { outbox.write_to(Stuck, &WriteTurns::new()).await });
+        }
         let step = Duration::from_millis(100);
-        assert!(reader.push(line(100)));
-        let mut writing = None;
         let mut spent_at = None;
         for round in 0u32.. {
             assert!(round < 100, "the budget never dropped anyone");
-            // The write under way finishes; the writer takes the queue.
-            drop(writing.take());
-            writing = reader.next_batch(None).await;
             for outbox in std::iter::once(&reader).chain(&slow) {
                 outbox.push(line(100));
             }
+            // The writers run: the slow ones' writes are pending from the
+            // first round on.
+            tokio::task::yield_now().await;
             assert_eq!(reader.overflowed(), None, "the reader, round {round}");
             if budget.spent() && spent_at.is_none() {
                 spent_at = Some(step * round);
             }
-            // None dropped before they were stalled for the grace, though
-            // the budget was spent long before.
+            // None dropped before its write was pending for the grace,
+            // though the budget was spent long before.
             let dropped = slow.iter().filter(|o| o.overflowed().is_some()).count();
             assert!(
                 dropped == 0 || step * round >= SLOW_READER_GRACE,
@@ -1216,16 +1273,29 @@ mod tests {
             assert_eq!(outbox.overflowed(), Some(Overflow::Budget));
         }
         assert_eq!(budget.drops(), 3);
-        // Only the reader's two lines are charged now: the one it writes and
-        // the one queued behind it.
-        assert_eq!(budget.used(), 2 * (100 + SLOT_BYTES));
-        drop(writing);
-        // Stalled, but within budget: kept.
+        // The slow ones' writers are gone, and with them their charges: what
+        // is left is the reader's queue.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let queued = reader
+            .queued()
+            .iter()
+            .map(|l| l.len() + SLOT_BYTES)
+            .sum::<usize>();
+        assert_eq!(budget.used(), queued);
+        // A write pending, but within budget: kept.
         let big = OutboxBudget::new(1 << 20);
-        let stalled = Outbox::new(1 << 20).budgeted(&big);
-        assert!(stalled.push(line(100)));
+        let stuck = Arc::new(Outbox::new(1 << 20).budgeted(&big));
+        tokio::spawn({
+            let stuck = stuck.clone();
+            async move { stuck.write_to(Stuck, &WriteTurns::new()).await }
+        });
+        assert!(stuck.push(line(100)));
+        tokio::task::yield_now().await;
         tokio::time::advance(SLOW_READER_GRACE * 2).await;
-        assert!(stalled.push(line(100)));
+        assert!(stuck.push(line(100)));
+        assert_eq!(stuck.overflowed(), None);
     }
 
     #[tokio::test]

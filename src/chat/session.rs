@@ -290,7 +290,7 @@ where
             Overflow::Budget => warn!(
                 %identity,
                 budget = limits.outbox_total_bytes,
-                "session dropped: client too slow, its output stalled while the server's outboxes hold their whole budget"
+                "session dropped: client too slow, it took no output for a second while the server's outboxes hold their whole budget"
             ),
         }
     }
