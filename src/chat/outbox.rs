@@ -182,13 +182,12 @@ struct State {
     finishing: bool,
     /// Close now, discarding the queue.
     dead: bool,
-    /// Dropped because the client let more than the limit pile up, or
-    /// held its share of a spent budget.
+    /// Dropped because the client let more than the limit pile up, or took
+    /// nothing for the grace while the budget was spent.
     overflowed: Option<Overflow>,
-    /// What the queued lines cost the budget.
+    /// What the queued lines cost the budget (a batch the writer took
+    /// carries its own).
     charged: usize,
-    /// What the batch the writer took and has not written yet costs it.
-    in_flight: usize,
     /// Since when the client's transport has taken none of the output it
     /// was given (a write pending: a full socket buffer, a closed QUIC flow
     /// control window), if it is so now.
@@ -467,11 +466,9 @@ impl Outbox {
                             self.congested.store(false, Ordering::Release);
                             self.taken.notify_waiters();
                         }
-                        let charged = std::mem::take(&mut state.charged);
-                        state.in_flight += charged;
                         return Some(Batch {
                             lines: std::mem::take(&mut state.queue),
-                            charged,
+                            charged: std::mem::take(&mut state.charged),
                             outbox: self,
                         });
                     }
@@ -620,7 +617,6 @@ struct Batch<'a> {
 impl Drop for Batch<'_> {
     fn drop(&mut self) {
         if let Some(budget) = &self.outbox.budget {
-            self.outbox.lock().in_flight -= self.charged;
             budget.release(self.charged);
         }
     }
@@ -1325,7 +1321,7 @@ mod tests {
             let outbox = outbox.clone();
             async move { outbox.write_to(Stuck, &WriteTurns::new()).await }
         });
-        while outbox.lock().in_flight == 0 {
+        while !outbox.lock().queue.is_empty() {
             tokio::task::yield_now().await;
         }
         assert_eq!(budget.used(), 100 + SLOT_BYTES);
