@@ -29,10 +29,10 @@
 //! one client; the budget bounds many. Without it, N clients in one room
 //! that never read held memory growing as N squared (each event of the room
 //! queued in every outbox) until each reached its own limit: 4,000 of them
-//! in a main hall held 300 MB. Once the budget is spent, an outbox given a
-//! line while its client's transport has taken nothing for
-//! [`SLOW_READER_GRACE`] (a write pending all that time) is dropped as too
-//! slow. A reader that keeps up takes what it is written, however much a
+//! in a main hall held 300 MB. Once the budget is spent, an outbox whose
+//! client's transport has taken nothing for [`SLOW_READER_GRACE`] (a write
+//! pending all that time) is dropped as too slow: when it is given a line,
+//! or by its own writer within a grace if it is given none. A reader that keeps up takes what it is written, however much a
 //! burst queues for it, and however late the server gets to write it; what
 //! the budget drops is clients that do not read.
 //!
@@ -303,23 +303,12 @@ impl Outbox {
         // bounded by the server's own state and shared by its recipients; a
         // client that does not read is dropped at the next line.
         if state.bytes >= self.limit || over_budget {
-            state.overflowed = Some(if over_budget {
+            let reason = if over_budget {
                 Overflow::Budget
             } else {
                 Overflow::Limit
-            });
-            if let Some(budget) = &self.budget
-                && over_budget
-            {
-                budget.drops.fetch_add(1, Ordering::Relaxed);
-            }
-            self.discard(&mut state);
-            drop(state);
-            // Logged by the session itself, in its own span: this runs in
-            // the span of whichever client's line overflowed it.
-            self.dropped.cancel();
-            self.wake.notify_one();
-            self.taken.notify_waiters();
+            };
+            self.overflow(state, reason);
             return false;
         }
         if let Some(budget) = &self.budget {
@@ -374,6 +363,54 @@ impl Outbox {
     }
 
     /// Marks the outbox dead and frees its queue.
+    /// Drops the session as too slow, for `reason`.
+    fn overflow(&self, mut state: std::sync::MutexGuard<'_, State>, reason: Overflow) {
+        state.overflowed = Some(reason);
+        if let Some(budget) = &self.budget
+            && reason == Overflow::Budget
+        {
+            budget.drops.fetch_add(1, Ordering::Relaxed);
+        }
+        self.discard(&mut state);
+        drop(state);
+        // Logged by the session itself, in its own span: this may run in
+        // the span of whichever client's line overflowed it.
+        self.dropped.cancel();
+        self.wake.notify_one();
+        self.taken.notify_waiters();
+    }
+
+    /// While the writer waits on a write: returns once the session is
+    /// dropped for the budget, its client having taken nothing for the
+    /// grace while the budget is spent (checked at least once a grace).
+    /// The same rule as for a line queued ([`Outbox::queue`]), for a client
+    /// given nothing more: idle clients that never read would otherwise
+    /// keep what they hold over the budget until someone speaks to them.
+    async fn dropped_for_the_budget(&self) {
+        let Some(budget) = &self.budget else {
+            return std::future::pending().await;
+        };
+        loop {
+            let blocked_for = {
+                let state = self.lock();
+                let blocked_for = state.blocked_since.map(|since| since.elapsed());
+                if !state.dead
+                    && budget.spent()
+                    && blocked_for.is_some_and(|t| t >= SLOW_READER_GRACE)
+                {
+                    self.overflow(state, Overflow::Budget);
+                    return;
+                }
+                blocked_for
+            };
+            let wait = match blocked_for {
+                Some(t) if t < SLOW_READER_GRACE => SLOW_READER_GRACE - t,
+                _ => SLOW_READER_GRACE,
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
     fn discard(&self, state: &mut State) {
         state.dead = true;
         state.queue.clear();
@@ -512,10 +549,13 @@ impl Outbox {
         let mut last_write = None;
         while let Some(mut batch) = self.next_batch(last_write).await {
             // Cancelling the write loses only what the drop discards anyway.
+            // Polled only once the write is pending (biased), so a write
+            // that completes at once sets no timer.
             let written = tokio::select! {
                 biased;
                 _ = self.dropped.cancelled() => return WriterEnd::Interrupted,
                 written = write_batch(&mut writer, &mut batch.lines, turns) => written,
+                () = self.dropped_for_the_budget() => return WriterEnd::Interrupted,
             };
             if let Err(e) = written {
                 tracing::debug!(error = %e, "client write failed");
@@ -1292,6 +1332,40 @@ mod tests {
         tokio::time::advance(SLOW_READER_GRACE * 2).await;
         assert!(stuck.push(line(100)));
         assert_eq!(stuck.overflowed(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_took_nothing_is_dropped_once_the_budget_is_spent_though_given_nothing_more()
+     {
+        let budget = OutboxBudget::new(1_000);
+        let idle = Arc::new(Outbox::new(1 << 20).budgeted(&budget));
+        let writer = tokio::spawn({
+            let idle = idle.clone();
+            async move { idle.write_to(Stuck, &WriteTurns::new()).await }
+        });
+        // A line whose write stays pending: within budget, kept however long.
+        assert!(idle.push(line(100)));
+        tokio::task::yield_now().await;
+        tokio::time::advance(SLOW_READER_GRACE * 3).await;
+        assert_eq!(idle.overflowed(), None);
+        // Another session's lines spend the budget; the idle client is given
+        // nothing more, yet is dropped within a grace.
+        let other = Outbox::new(1 << 20).budgeted(&budget);
+        for _ in 0..10 {
+            assert!(other.push(line(100)));
+        }
+        assert!(budget.spent());
+        tokio::time::advance(SLOW_READER_GRACE).await;
+        let end = tokio::time::timeout(Duration::from_millis(1), writer)
+            .await
+            .expect("the idle client's writer ended")
+            .expect("the writer did not panic");
+        assert_eq!(end, WriterEnd::Interrupted);
+        assert_eq!(idle.overflowed(), Some(Overflow::Budget));
+        assert_eq!(budget.drops(), 1);
+        // What the idle client held is back; the other keeps its queue.
+        assert_eq!(other.overflowed(), None);
+        assert_eq!(budget.used(), 10 * (100 + SLOT_BYTES));
     }
 
     #[tokio::test]
