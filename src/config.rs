@@ -158,7 +158,8 @@ pub struct Limits {
     /// Output all the sessions of a server may have queued together (each
     /// line counted in full in every queue, plus its slot); past it, a
     /// session given a line while its client has taken none of its output
-    /// for a second is dropped as too slow (see `chat::Outbox`).
+    /// for a second, or given none while it has taken none for ten, is
+    /// dropped as too slow (see `chat::Outbox`).
     pub outbox_total_bytes: usize,
     /// How long a client's name claim may wait for the leader before it is refused.
     pub claim_timeout: Duration,

@@ -31,8 +31,9 @@
 //! queued in every outbox) until each reached its own limit: 4,000 of them
 //! in a main hall held 300 MB. Once the budget is spent, an outbox whose
 //! client's transport has taken nothing for [`SLOW_READER_GRACE`] (a write
-//! pending all that time) is dropped as too slow: when it is given a line,
-//! or by its own writer within a grace if it is given none. A reader that keeps up takes what it is written, however much a
+//! pending all that time) is dropped as too slow when it is given a line;
+//! given none, its own writer drops it once it has taken nothing for
+//! [`IDLE_READER_GRACE`]. A reader that keeps up takes what it is written, however much a
 //! burst queues for it, and however late the server gets to write it; what
 //! the budget drops is clients that do not read.
 //!
@@ -60,6 +61,16 @@ use tokio_util::sync::CancellationToken;
 /// Longest a sender is held back by one reader's outbox over half full
 /// (see the module docs), counted from when it went over.
 pub const SLOW_READER_GRACE: Duration = Duration::from_secs(1);
+
+/// How long a client given no new line may take none of its output, once
+/// the budget is spent, before its writer drops it (see
+/// [`Outbox::dropped_for_the_budget`]). Longer than [`SLOW_READER_GRACE`]:
+/// a client that reads slowly but steadily (10-40 KB/s through a 4 KiB
+/// receive buffer) can leave a TCP writer waiting over a second, since the
+/// kernel wakes a writer only once a good part of its send buffer is free;
+/// with a 1 s rule here, such readers were dropped about a second after a
+/// burst to their otherwise quiet room (found by an adversarial tester).
+pub const IDLE_READER_GRACE: Duration = Duration::from_secs(10);
 
 tokio::task_local! {
     /// Outboxes the current request's lines left more than half full.
@@ -362,7 +373,6 @@ impl Outbox {
         &self.finishing
     }
 
-    /// Marks the outbox dead and frees its queue.
     /// Drops the session as too slow, for `reason`.
     fn overflow(&self, mut state: std::sync::MutexGuard<'_, State>, reason: Overflow) {
         state.overflowed = Some(reason);
@@ -381,11 +391,12 @@ impl Outbox {
     }
 
     /// While the writer waits on a write: returns once the session is
-    /// dropped for the budget, its client having taken nothing for the
-    /// grace while the budget is spent (checked at least once a grace).
-    /// The same rule as for a line queued ([`Outbox::queue`]), for a client
-    /// given nothing more: idle clients that never read would otherwise
-    /// keep what they hold over the budget until someone speaks to them.
+    /// dropped for the budget, its client having taken nothing for
+    /// [`IDLE_READER_GRACE`] while the budget is spent (checked at least
+    /// once a grace). The rule for a line queued ([`Outbox::queue`]), for a
+    /// client given nothing more: idle clients that never read would
+    /// otherwise keep what they hold over the budget until someone speaks
+    /// to them.
     async fn dropped_for_the_budget(&self) {
         let Some(budget) = &self.budget else {
             return std::future::pending().await;
@@ -394,9 +405,12 @@ impl Outbox {
             let blocked_for = {
                 let state = self.lock();
                 let blocked_for = state.blocked_since.map(|since| since.elapsed());
+                // A closing session has its own bound (the handshake
+                // timeout for its last lines, then a reset).
                 if !state.dead
+                    && !state.finishing
                     && budget.spent()
-                    && blocked_for.is_some_and(|t| t >= SLOW_READER_GRACE)
+                    && blocked_for.is_some_and(|t| t >= IDLE_READER_GRACE)
                 {
                     self.overflow(state, Overflow::Budget);
                     return;
@@ -404,13 +418,14 @@ impl Outbox {
                 blocked_for
             };
             let wait = match blocked_for {
-                Some(t) if t < SLOW_READER_GRACE => SLOW_READER_GRACE - t,
-                _ => SLOW_READER_GRACE,
+                Some(t) if t < IDLE_READER_GRACE => IDLE_READER_GRACE - t,
+                _ => IDLE_READER_GRACE,
             };
             tokio::time::sleep(wait).await;
         }
     }
 
+    /// Marks the outbox dead and frees its queue.
     fn discard(&self, state: &mut State) {
         state.dead = true;
         state.queue.clear();
@@ -1346,24 +1361,42 @@ mod tests {
         // A line whose write stays pending: within budget, kept however long.
         assert!(idle.push(line(100)));
         tokio::task::yield_now().await;
-        tokio::time::advance(SLOW_READER_GRACE * 3).await;
+        tokio::time::advance(IDLE_READER_GRACE * 3).await;
         assert_eq!(idle.overflowed(), None);
         // Another session's lines spend the budget; the idle client is given
-        // nothing more, yet is dropped within a grace.
+        // nothing more, yet is dropped within a grace, not before the grace
+        // since its write went pending (the test's start).
         let other = Outbox::new(1 << 20).budgeted(&budget);
         for _ in 0..10 {
             assert!(other.push(line(100)));
         }
         assert!(budget.spent());
-        tokio::time::advance(SLOW_READER_GRACE).await;
+        // A client whose write went pending just now is kept well past the
+        // 1 s rule for a line queued: a slow reader may take that long.
+        let fresh = Arc::new(Outbox::new(1 << 20).budgeted(&budget));
+        let fresh_writer = tokio::spawn({
+            let fresh = fresh.clone();
+            async move { fresh.write_to(Stuck, &WriteTurns::new()).await }
+        });
+        assert!(fresh.push(line(100)));
+        tokio::time::sleep(SLOW_READER_GRACE * 2).await;
+        assert_eq!(fresh.overflowed(), None);
+        tokio::time::advance(IDLE_READER_GRACE).await;
         let end = tokio::time::timeout(Duration::from_millis(1), writer)
             .await
             .expect("the idle client's writer ended")
             .expect("the writer did not panic");
         assert_eq!(end, WriterEnd::Interrupted);
         assert_eq!(idle.overflowed(), Some(Overflow::Budget));
-        assert_eq!(budget.drops(), 1);
-        // What the idle client held is back; the other keeps its queue.
+        let end = tokio::time::timeout(SLOW_READER_GRACE, fresh_writer)
+            .await
+            .expect("the fresh client's writer ended")
+            .expect("the writer did not panic");
+        assert_eq!(end, WriterEnd::Interrupted);
+        assert_eq!(fresh.overflowed(), Some(Overflow::Budget));
+        assert_eq!(budget.drops(), 2);
+        // What the idle clients held is back; the other keeps its queue.
+        tokio::task::yield_now().await;
         assert_eq!(other.overflowed(), None);
         assert_eq!(budget.used(), 10 * (100 + SLOT_BYTES));
     }

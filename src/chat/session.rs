@@ -274,26 +274,11 @@ where
             break;
         }
     }
-    // Logged here, not where the drop is seen: the session may see it first
-    // while answering a request, or not at all (a shutdown).
-    if let Some(overflow) = outbox.overflowed() {
-        let identity = match &session.phase {
-            Phase::Active(identity) => identity.as_str(),
-            _ => "",
-        };
-        match overflow {
-            Overflow::Limit => warn!(
-                %identity,
-                limit = limits.outbox_bytes,
-                "session dropped: client too slow, outbox full"
-            ),
-            Overflow::Budget => warn!(
-                %identity,
-                budget = limits.outbox_total_bytes,
-                "session dropped: client too slow, it took no output for a second while the server's outboxes hold their whole budget"
-            ),
-        }
-    }
+    // Named in the drop's log line below.
+    let identity = match &session.phase {
+        Phase::Active(identity) | Phase::Moved { identity, .. } => identity.clone(),
+        _ => String::new(),
+    };
     // However the connection ended, an identified client leaves its room.
     if let Phase::Active(identity) = &session.phase {
         session.chat.leave(identity, false);
@@ -313,7 +298,25 @@ where
             (&mut writer_task).await.unwrap_or(WriterEnd::Interrupted)
         }
     };
-    if outbox.overflowed().is_some() || writer_end == WriterEnd::Interrupted {
+    // Logged here, not where the drop is seen: the session may see it first
+    // while answering a request, or not at all (a shutdown, or its writer
+    // dropping it for the budget while the last lines go out).
+    let overflow = outbox.overflowed();
+    if let Some(overflow) = overflow {
+        match overflow {
+            Overflow::Limit => warn!(
+                %identity,
+                limit = limits.outbox_bytes,
+                "session dropped: client too slow, outbox full"
+            ),
+            Overflow::Budget => warn!(
+                %identity,
+                budget = limits.outbox_total_bytes,
+                "session dropped: client too slow, it took no output for a second while the server's outboxes hold their whole budget"
+            ),
+        }
+    }
+    if overflow.is_some() || writer_end == WriterEnd::Interrupted {
         SessionEnd::Abort
     } else {
         SessionEnd::Closed
