@@ -33,9 +33,9 @@
 //! client's transport has taken nothing for [`SLOW_READER_GRACE`] (a write
 //! pending all that time) is dropped as too slow when it is given a line;
 //! given none, its own writer drops it once it has taken nothing for
-//! [`IDLE_READER_GRACE`]. A reader that keeps up takes what it is written, however much a
-//! burst queues for it, and however late the server gets to write it; what
-//! the budget drops is clients that do not read.
+//! [`IDLE_READER_GRACE`]. A reader that keeps up takes what it is written,
+//! however much a burst queues for it, and however late the server gets to
+//! write it; what the budget drops is clients that do not read.
 //!
 //! Lines are [`Bytes`]: a line (or a block of lines) sent to a whole room is
 //! one buffer that every recipient's queue shares, and the writer hands the
@@ -158,8 +158,10 @@ impl OutboxBudget {
 pub enum Overflow {
     /// Its client let more than the outbox's own limit pile up.
     Limit,
-    /// The server's outboxes spent their budget and this client had taken no output for the grace.
-    Budget,
+    /// The server's outboxes spent their budget and this client had taken
+    /// no output for `grace`: [`SLOW_READER_GRACE`] when it was given a
+    /// line, [`IDLE_READER_GRACE`] when its own writer judged it.
+    Budget { grace: Duration },
 }
 
 /// The queue of lines waiting to be written to one client.
@@ -315,7 +317,9 @@ impl Outbox {
         // client that does not read is dropped at the next line.
         if state.bytes >= self.limit || over_budget {
             let reason = if over_budget {
-                Overflow::Budget
+                Overflow::Budget {
+                    grace: SLOW_READER_GRACE,
+                }
             } else {
                 Overflow::Limit
             };
@@ -377,7 +381,7 @@ impl Outbox {
     fn overflow(&self, mut state: std::sync::MutexGuard<'_, State>, reason: Overflow) {
         state.overflowed = Some(reason);
         if let Some(budget) = &self.budget
-            && reason == Overflow::Budget
+            && matches!(reason, Overflow::Budget { .. })
         {
             budget.drops.fetch_add(1, Ordering::Relaxed);
         }
@@ -412,7 +416,12 @@ impl Outbox {
                     && budget.spent()
                     && blocked_for.is_some_and(|t| t >= IDLE_READER_GRACE)
                 {
-                    self.overflow(state, Overflow::Budget);
+                    self.overflow(
+                        state,
+                        Overflow::Budget {
+                            grace: IDLE_READER_GRACE,
+                        },
+                    );
                     return;
                 }
                 blocked_for
@@ -1321,7 +1330,12 @@ mod tests {
         }
         assert!(spent_at.unwrap() < SLOW_READER_GRACE / 2, "{spent_at:?}");
         for outbox in &slow {
-            assert_eq!(outbox.overflowed(), Some(Overflow::Budget));
+            assert_eq!(
+                outbox.overflowed(),
+                Some(Overflow::Budget {
+                    grace: SLOW_READER_GRACE
+                })
+            );
         }
         assert_eq!(budget.drops(), 3);
         // The slow ones' writers are gone, and with them their charges: what
@@ -1387,13 +1401,23 @@ mod tests {
             .expect("the idle client's writer ended")
             .expect("the writer did not panic");
         assert_eq!(end, WriterEnd::Interrupted);
-        assert_eq!(idle.overflowed(), Some(Overflow::Budget));
+        assert_eq!(
+            idle.overflowed(),
+            Some(Overflow::Budget {
+                grace: IDLE_READER_GRACE
+            })
+        );
         let end = tokio::time::timeout(SLOW_READER_GRACE, fresh_writer)
             .await
             .expect("the fresh client's writer ended")
             .expect("the writer did not panic");
         assert_eq!(end, WriterEnd::Interrupted);
-        assert_eq!(fresh.overflowed(), Some(Overflow::Budget));
+        assert_eq!(
+            fresh.overflowed(),
+            Some(Overflow::Budget {
+                grace: IDLE_READER_GRACE
+            })
+        );
         assert_eq!(budget.drops(), 2);
         // What the idle clients held is back; the other keeps its queue.
         tokio::task::yield_now().await;

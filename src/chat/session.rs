@@ -309,10 +309,11 @@ where
                 limit = limits.outbox_bytes,
                 "session dropped: client too slow, outbox full"
             ),
-            Overflow::Budget => warn!(
+            Overflow::Budget { grace } => warn!(
                 %identity,
                 budget = limits.outbox_total_bytes,
-                "session dropped: client too slow, it took no output for a second while the server's outboxes hold their whole budget"
+                waited_s = grace.as_secs(),
+                "session dropped: client too slow, it took no output for waited_s seconds while the server's outboxes held their whole budget"
             ),
         }
     }
