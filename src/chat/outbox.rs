@@ -401,37 +401,62 @@ impl Outbox {
     /// client given nothing more: idle clients that never read would
     /// otherwise keep what they hold over the budget until someone speaks
     /// to them.
+    ///
+    /// Polled beside the write, in the writer's task: it is polled again
+    /// whenever the write is, so while the write waits for anything but the
+    /// client (its turn, a yield), it sets no timer; one is set only once
+    /// the client's transport stops taking bytes ([`State::blocked_since`]).
     async fn dropped_for_the_budget(&self) {
         let Some(budget) = &self.budget else {
             return std::future::pending().await;
         };
-        loop {
-            let blocked_for = {
-                let state = self.lock();
-                let blocked_for = state.blocked_since.map(|since| since.elapsed());
-                // A closing session has its own bound (the handshake
-                // timeout for its last lines, then a reset).
-                if !state.dead
-                    && !state.finishing
-                    && budget.spent()
-                    && blocked_for.is_some_and(|t| t >= IDLE_READER_GRACE)
-                {
-                    self.overflow(
-                        state,
-                        Overflow::Budget {
-                            grace: IDLE_READER_GRACE,
-                        },
-                    );
-                    return;
+        // The timer of the current blocked spell (since when), once set.
+        let mut timer: Option<(Instant, std::pin::Pin<Box<tokio::time::Sleep>>)> = None;
+        std::future::poll_fn(|cx| {
+            let state = self.lock();
+            let Some(since) = state.blocked_since else {
+                timer = None;
+                return Poll::Pending;
+            };
+            let blocked_for = since.elapsed();
+            // A closing session has its own bound (the handshake timeout
+            // for its last lines, then a reset).
+            if !state.dead && !state.finishing && budget.spent() && blocked_for >= IDLE_READER_GRACE
+            {
+                self.overflow(
+                    state,
+                    Overflow::Budget {
+                        grace: IDLE_READER_GRACE,
+                    },
+                );
+                return Poll::Ready(());
+            }
+            drop(state);
+            // Checked once blocked for the grace, then every grace.
+            let due = if blocked_for < IDLE_READER_GRACE {
+                since + IDLE_READER_GRACE
+            } else {
+                Instant::now() + IDLE_READER_GRACE
+            };
+            let sleep = match &mut timer {
+                Some((spell, sleep)) if *spell == since && !sleep.is_elapsed() => sleep,
+                Some((spell, sleep)) => {
+                    *spell = since;
+                    sleep.as_mut().reset(due);
+                    sleep
                 }
-                blocked_for
+                None => {
+                    &mut timer
+                        .insert((since, Box::pin(tokio::time::sleep_until(due))))
+                        .1
+                }
             };
-            let wait = match blocked_for {
-                Some(t) if t < IDLE_READER_GRACE => IDLE_READER_GRACE - t,
-                _ => IDLE_READER_GRACE,
-            };
-            tokio::time::sleep(wait).await;
-        }
+            if sleep.as_mut().poll(cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Marks the outbox dead and frees its queue.
@@ -1423,6 +1448,32 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(other.overflowed(), None);
         assert_eq!(budget.used(), 10 * (100 + SLOT_BYTES));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closing_client_is_left_to_its_own_bound_by_the_budget() {
+        let budget = OutboxBudget::new(1_000);
+        let closing = Arc::new(Outbox::new(1 << 20).budgeted(&budget));
+        let writer = tokio::spawn({
+            let closing = closing.clone();
+            async move { closing.write_to(Stuck, &WriteTurns::new()).await }
+        });
+        assert!(closing.push(line(100)));
+        tokio::task::yield_now().await;
+        // Its last lines are pending when it is told to finish; then the
+        // budget is spent and its client takes nothing for many graces.
+        closing.finish();
+        let other = Outbox::new(1 << 20).budgeted(&budget);
+        for _ in 0..10 {
+            assert!(other.push(line(100)));
+        }
+        assert!(budget.spent());
+        tokio::time::sleep(IDLE_READER_GRACE * 3).await;
+        // The session's own handshake timeout ends it, not the budget.
+        assert_eq!(closing.overflowed(), None);
+        assert_eq!(budget.drops(), 0);
+        assert!(!writer.is_finished());
+        writer.abort();
     }
 
     #[tokio::test]
