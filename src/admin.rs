@@ -220,7 +220,7 @@ impl AdminState {
         metric(
             "outbox_budget_drops_total",
             "counter",
-            "Sessions dropped as too slow, their client taking no output for a second while all outboxes together held limits.outbox_total_bytes.",
+            "Sessions dropped as too slow, their client taking no output for 1 s (given a line) or 10 s (given none) while all outboxes together held limits.outbox_total_bytes.",
             budget.drops() as u64,
         );
         out
