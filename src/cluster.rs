@@ -146,9 +146,16 @@ impl ClusterDirectory {
         Box::pin(async move { ask_via(&requests, &claim_slots, request, &client_gone).await })
     }
 
-    fn tell(&self, request: LocalRequest) {
-        // Fails only once the cluster task is gone (the server is stopping).
-        let _ = self.requests.send((request, None));
+    /// Sends a request that needs no turn (it only frees names); the
+    /// future resolves when the registry answers it.
+    fn tell(&self, request: LocalRequest) -> BoxFuture<()> {
+        let (tx, rx) = oneshot::channel();
+        // Fails only once the cluster task is gone (the server is stopping);
+        // the answer then never comes, and the wait ends at once.
+        let _ = self.requests.send((request, Some(tx)));
+        Box::pin(async move {
+            let _ = rx.await;
+        })
     }
 
     fn names(&self) -> std::sync::MutexGuard<'_, Names> {
@@ -229,7 +236,7 @@ impl Directory for ClusterDirectory {
         self.ask(claim, client_gone)
     }
 
-    fn release_identity(&self, identity: &str, owned_room: Option<&str>) {
+    fn release_identity(&self, identity: &str, owned_room: Option<&str>) -> BoxFuture<()> {
         let room = owned_room.map(|room| Name::Room {
             room: room.to_owned(),
             owner: String::new(),
@@ -237,7 +244,7 @@ impl Directory for ClusterDirectory {
         let identity = Name::Identity(identity.to_owned());
         self.tell(LocalRequest::Release(
             room.into_iter().chain([identity]).collect(),
-        ));
+        ))
     }
 
     fn claim_room(
@@ -253,11 +260,11 @@ impl Directory for ClusterDirectory {
         self.ask(claim, client_gone)
     }
 
-    fn release_room(&self, room: &str) {
+    fn release_room(&self, room: &str) -> BoxFuture<()> {
         self.tell(LocalRequest::Release(vec![Name::Room {
             room: room.to_owned(),
             owner: String::new(),
-        }]));
+        }]))
     }
 
     fn rooms(&self) -> Vec<String> {
@@ -297,14 +304,14 @@ impl Directory for ClusterDirectory {
         self.ask(start, client_gone)
     }
 
-    fn give_up_move(&self, identity: &str, token: &str, client_ip: IpAddr) {
+    fn give_up_move(&self, identity: &str, token: &str, client_ip: IpAddr) -> BoxFuture<()> {
         self.tell(LocalRequest::GiveUpMove {
             identity: identity.to_owned(),
             proof: MoveProof {
                 token: token.to_owned(),
                 ip: client_ip,
             },
-        });
+        })
     }
 
     fn accept_move(

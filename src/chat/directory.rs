@@ -48,8 +48,12 @@ pub trait Directory: Send + Sync + 'static {
         client_gone: CancellationToken,
     ) -> BoxFuture<Result<(), String>>;
     /// Frees an identity of this server and, when its client owned one, the
-    /// room it owned (the two go to the leader in one request).
-    fn release_identity(&self, identity: &str, owned_room: Option<&str>);
+    /// room it owned (the two go to the leader in one request). The release
+    /// is under way once this returns; the future resolves once the leader
+    /// has freed the names (a claim of them anywhere is then granted), or
+    /// at the claim timeout, or at once with no leader to ask. Dropping it
+    /// changes nothing but the wait.
+    fn release_identity(&self, identity: &str, owned_room: Option<&str>) -> BoxFuture<()>;
     /// Claims a room id for a room of this server owned by `owner`.
     fn claim_room(
         &self,
@@ -57,8 +61,9 @@ pub trait Directory: Send + Sync + 'static {
         owner: &str,
         client_gone: CancellationToken,
     ) -> BoxFuture<Result<(), String>>;
-    /// Frees a room id of this server.
-    fn release_room(&self, room: &str);
+    /// Frees a room id of this server; the future as for
+    /// [`Directory::release_identity`].
+    fn release_room(&self, room: &str) -> BoxFuture<()>;
     /// Every room of the cluster: main halls of live servers first, then the rest.
     fn rooms(&self) -> Vec<String>;
     /// Where a room that is not on this server lives, if anywhere.
@@ -79,7 +84,8 @@ pub trait Directory: Send + Sync + 'static {
     /// The client of a move started with `token` and `client_ip` quit on
     /// its old connection before arriving: its identity is freed if it is
     /// still on that move (not if it arrived, or holds the name here again).
-    fn give_up_move(&self, identity: &str, token: &str, client_ip: IpAddr);
+    /// The future as for [`Directory::release_identity`].
+    fn give_up_move(&self, identity: &str, token: &str, client_ip: IpAddr) -> BoxFuture<()>;
     /// Whether `identity` may arrive here by `movejoin`: it is moving to this
     /// server, and `token` is the move's token, or is `None` and `ip` is the
     /// address the client had on its former server. On success the identity

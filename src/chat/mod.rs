@@ -437,7 +437,8 @@ impl ChatServer {
         let mut state = self.lock();
         let Some(member) = state.members.get_mut(identity) else {
             drop(state);
-            self.directory.release_room(room);
+            // Nobody to answer: the release goes on unwatched.
+            drop(self.directory.release_room(room));
             return;
         };
         member.owns = Some(room.to_owned());
@@ -622,26 +623,33 @@ impl ChatServer {
         }
         drop(state);
         for room in orphaned {
-            self.directory.release_room(&room);
+            drop(self.directory.release_room(&room));
         }
     }
 
-    /// Answers `deleteroom`.
-    pub fn delete_room(&self, identity: &str, room: &str) {
+    /// Answers `deleteroom`. An approved deletion is answered, and the
+    /// room's members moved, once the cluster has freed the id: a client
+    /// told the room is gone may create it again anywhere at once.
+    pub async fn delete_room(&self, identity: &str, room: &str) {
+        let owns = |state: &Rooms| {
+            state
+                .rooms
+                .get(room)
+                .is_some_and(|r| r.owner == identity && !identity.is_empty())
+        };
+        let owned = owns(&self.lock());
+        if owned {
+            self.directory.release_room(room).await;
+        }
         let mut state = self.lock();
-        let owned = state
-            .rooms
-            .get(room)
-            .is_some_and(|r| r.owner == identity && !identity.is_empty());
         let reply = ServerMessage::DeleteRoom {
             roomid: room.to_owned(),
             approved: Approved(owned),
         };
         state.send(identity, &reply.encode());
-        if owned {
+        // Unless evicted meanwhile (its members were moved then).
+        if owned && owns(&state) {
             self.remove_room(&mut state, room, None);
-            drop(state);
-            self.directory.release_room(room);
         }
     }
 
@@ -690,12 +698,21 @@ impl ChatServer {
         state.broadcast(&room, &line, Some(identity));
     }
 
-    /// A client leaves for good (`quit` or a dropped connection): its room is
-    /// deleted if it owns one, then `roomchange(identity, former, "")` goes to the
-    /// former room and, when `tell_client`, to the client itself. Releases the
-    /// identity and any room in the directory.
-    pub fn leave(&self, identity: &str, tell_client: bool) {
+    /// A client leaves for good (`quit` or a dropped connection): releases
+    /// the identity and any room it owns in the directory, and once the
+    /// cluster has freed them (so that whoever hears of the leaving may
+    /// take the names at once), deletes its room, then sends
+    /// `roomchange(identity, former, "")` to the former room and, when
+    /// `tell_client`, to the client itself.
+    pub async fn leave(&self, identity: &str, tell_client: bool) {
+        let Some(owns) = self.lock().members.get(identity).map(|m| m.owns.clone()) else {
+            return;
+        };
+        self.directory
+            .release_identity(identity, owns.as_deref())
+            .await;
         let mut state = self.lock();
+        // Its session is here, waiting: only an eviction changed it meanwhile.
         let Some(owns) = state.members.get(identity).map(|m| m.owns.clone()) else {
             return;
         };
@@ -715,8 +732,6 @@ impl ChatServer {
         }
         state.members.remove(identity);
         self.record(NameKind::Identity, identity, false);
-        drop(state);
-        self.directory.release_identity(identity, owns.as_deref());
     }
 }
 
@@ -774,7 +789,9 @@ mod tests {
         ) -> BoxFuture<Result<(), String>> {
             self.wait_at_gate(client_gone)
         }
-        fn release_identity(&self, _: &str, _: Option<&str>) {}
+        fn release_identity(&self, _: &str, _: Option<&str>) -> BoxFuture<()> {
+            Box::pin(async {})
+        }
         fn claim_room(
             &self,
             _: &str,
@@ -783,7 +800,9 @@ mod tests {
         ) -> BoxFuture<Result<(), String>> {
             self.wait_at_gate(client_gone)
         }
-        fn release_room(&self, _: &str) {}
+        fn release_room(&self, _: &str) -> BoxFuture<()> {
+            Box::pin(async {})
+        }
         fn rooms(&self) -> Vec<String> {
             vec!["MainHall-s1".to_owned()]
         }
@@ -800,7 +819,9 @@ mod tests {
         ) -> BoxFuture<Result<(), String>> {
             Box::pin(async { Err("no other server".to_owned()) })
         }
-        fn give_up_move(&self, _: &str, _: &str, _: std::net::IpAddr) {}
+        fn give_up_move(&self, _: &str, _: &str, _: std::net::IpAddr) -> BoxFuture<()> {
+            Box::pin(async {})
+        }
         fn accept_move(
             &self,
             _: &str,
@@ -870,12 +891,12 @@ mod tests {
         (members, hall)
     }
 
-    #[test]
-    fn deleting_a_crowded_room_queues_one_shared_block_per_recipient() {
+    #[tokio::test]
+    async fn deleting_a_crowded_room_queues_one_shared_block_per_recipient() {
         let chat = server();
         let (members, hall) = crowd(&chat, 2000, 2000);
         let started = Instant::now();
-        chat.delete_room("Owner", "Crowded");
+        chat.delete_room("Owner", "Crowded").await;
         let took = started.elapsed();
         println!("delete of a room of 2000 with 2000 in the hall held the lock {took:?}");
 
@@ -919,11 +940,11 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_quit_of_an_owner_shares_the_block_too() {
+    #[tokio::test]
+    async fn the_quit_of_an_owner_shares_the_block_too() {
         let chat = server();
         let (members, hall) = crowd(&chat, 50, 50);
-        chat.leave("Owner", false);
+        chat.leave("Owner", false).await;
         let moves: Vec<u8> = members
             .iter()
             .flat_map(|m| room_change(&m.name, "Crowded", "MainHall-s1").to_vec())
@@ -942,8 +963,8 @@ mod tests {
     /// An owner that quits hears its room go and its own leaving, as the
     /// others do (PROTOCOL.md, quit); one that dropped its connection
     /// hears nothing: writing to it would only draw a reset.
-    #[test]
-    fn an_owner_that_quits_is_told_and_one_that_dropped_is_not() {
+    #[tokio::test]
+    async fn an_owner_that_quits_is_told_and_one_that_dropped_is_not() {
         for quits in [true, false] {
             let chat = server();
             let owner = enter(&chat, "Owner");
@@ -955,7 +976,7 @@ mod tests {
             ));
             owner.take();
             member.take();
-            chat.leave("Owner", quits);
+            chat.leave("Owner", quits).await;
             let moves = [
                 room_change("Owner", "jokes", "MainHall-s1"),
                 room_change("Member", "jokes", "MainHall-s1"),
@@ -969,8 +990,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn list_shows_this_servers_rooms_at_once() {
+    #[tokio::test]
+    async fn list_shows_this_servers_rooms_at_once() {
         let chat = server();
         let adel = enter(&chat, "Adel");
         chat.create_room("Adel", "jokes");
@@ -980,7 +1001,7 @@ mod tests {
             rooms: vec!["MainHall-s1".to_owned(), "jokes".to_owned()],
         };
         assert_eq!(adel.take(), vec![list.encode()]);
-        chat.delete_room("Adel", "jokes");
+        chat.delete_room("Adel", "jokes").await;
         adel.take();
         chat.list(&adel.outbox);
         let list = ServerMessage::RoomList {

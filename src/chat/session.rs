@@ -281,7 +281,7 @@ where
     };
     // However the connection ended, an identified client leaves its room.
     if let Phase::Active(identity) = &session.phase {
-        session.chat.leave(identity, false);
+        session.chat.leave(identity, false).await;
         debug!(%identity, "client disconnected");
     }
     outbox.finish();
@@ -378,7 +378,10 @@ impl Session {
                 // timeout. Only that move: if the client arrived meanwhile,
                 // or the name is held here again (granted anew, or back by
                 // another move), nothing is freed.
-                self.chat.directory().give_up_move(identity, token, *ip);
+                self.chat
+                    .directory()
+                    .give_up_move(identity, token, *ip)
+                    .await;
                 self.reply(ServerMessage::room_change(identity, room, ""));
                 info!(%identity, room = %room, "client quit after its route");
                 self.phase = Phase::Left;
@@ -449,9 +452,9 @@ impl Session {
                     }
                 }
             }
-            Request::DeleteRoom { roomid } => chat.delete_room(&identity, &roomid),
+            Request::DeleteRoom { roomid } => chat.delete_room(&identity, &roomid).await,
             Request::Quit => {
-                chat.leave(&identity, true);
+                chat.leave(&identity, true).await;
                 debug!(%identity, "client quit");
                 self.phase = Phase::Left;
                 return Flow::Close;
@@ -583,7 +586,7 @@ impl Session {
         if entered {
             self.phase = Phase::Active(identity.to_owned());
         } else {
-            self.chat.directory().release_identity(identity, None);
+            drop(self.chat.directory().release_identity(identity, None));
         }
         entered
     }

@@ -194,9 +194,12 @@ impl Registry {
         let id = self.next_id;
         self.next_id += 1;
         // Releases and cancels must reach the leader eventually, so they never
-        // give up; everything a client waits for does.
+        // give up; everything a client waits for does (a client waiting for
+        // a release is told at the deadline, the release going on).
         let deadline = match op {
-            Op::Release(_) | Op::MoveCancel { .. } | Op::MoveGiveUp { .. } => None,
+            Op::Release(_) | Op::MoveCancel { .. } | Op::MoveGiveUp { .. } if token.is_none() => {
+                None
+            }
             _ => {
                 out.push(Action::SetTimer {
                     timer: Timer::RequestDeadline { id },
@@ -309,6 +312,15 @@ impl Registry {
         // under the name, queued at a leader nobody hears, could free a
         // later grant of it to this server. Another arrival of the identity
         // waits meanwhile (see `accept_move`).
+        if let Some(p) = self.pending.get_mut(&id).filter(|p| p.op.gives_back()) {
+            // Its client has waited long enough (no leader, or a slow one);
+            // the release itself goes on until the leader has it.
+            p.deadline = None;
+            if let Some(token) = p.token.take() {
+                Self::reply(out, token, Ok(()));
+            }
+            return;
+        }
         if let Some(p) = self
             .pending
             .get_mut(&id)
@@ -424,7 +436,11 @@ impl Registry {
                     Self::reply(out, token, result);
                 }
             }
-            (Op::Release(_), _) => {}
+            (Op::Release(_), _) => {
+                if let Some(token) = p.token {
+                    Self::reply(out, token, Ok(()));
+                }
+            }
             (Op::MoveCancel { identity, proof }, Verdict::Granted { .. }) => {
                 if let Some(entry) = self
                     .own
@@ -438,7 +454,11 @@ impl Registry {
             }
             // The own entry went when the client quit; the leader freed
             // the identity, or it was no longer on that move.
-            (Op::MoveGiveUp { .. }, _) => {}
+            (Op::MoveGiveUp { .. }, _) => {
+                if let Some(token) = p.token {
+                    Self::reply(out, token, Ok(()));
+                }
+            }
             (Op::MoveCancel { identity, .. }, Verdict::Refused { reason }) => {
                 self.move_refused(now, &identity, None, &reason, out);
             }

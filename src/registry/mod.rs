@@ -36,7 +36,10 @@
 //!   waits for any more is released.
 //! - **Release** (`quit`, disconnect, `deleteroom`): the asker drops the name
 //!   from its holdings at once (it is the source of truth) and tells the
-//!   leader, retrying until acknowledged. A later claim of the same name from
+//!   leader, retrying until acknowledged. Its client is answered on that
+//!   acknowledgement (given after the commit, like a grant), so whoever it
+//!   tells may claim the names at once on any server; or at the claim
+//!   timeout, or at once while no leader can be asked. A later claim of the same name from
 //!   the same server waits until that release is acknowledged, so the two can
 //!   never be reordered. A client that leaves gives back its identity and
 //!   the room it owns in one request ([`Op::Release`] names both, each with
@@ -988,8 +991,12 @@ impl Registry {
                 let until = later(now, self.config.claim_timeout);
                 self.accept_move(now, token, identity, arrival, until, out)
             }
+            // Answered once the leader has freed the names (or there was
+            // nothing to free here), or at the claim timeout, or at once
+            // while there is no leader to ask: the client is told it left
+            // only once another may take its names.
             LocalRequest::GiveUpMove { identity, proof } => {
-                Self::reply(out, token, Ok(()));
+                let token = self.release_waiter(token, out);
                 // Only the move that client's `route` started: the name may
                 // be held here again by then (granted anew, or back by
                 // another move), and then it is not this client's to free.
@@ -998,11 +1005,13 @@ impl Registry {
                 });
                 if on_that_move {
                     self.drop_own_identity(&identity);
-                    self.submit(now, Op::MoveGiveUp { identity, proof }, None, out);
+                    self.submit(now, Op::MoveGiveUp { identity, proof }, token, out);
+                } else if let Some(token) = token {
+                    Self::reply(out, token, Ok(()));
                 }
             }
             LocalRequest::Release(names) => {
-                Self::reply(out, token, Ok(()));
+                let token = self.release_waiter(token, out);
                 let mut given = Vec::new();
                 for name in names {
                     if let Some(stamp) = self.let_go(name.key(), out) {
@@ -1010,9 +1019,22 @@ impl Registry {
                     }
                 }
                 if !given.is_empty() {
-                    self.submit(now, Op::Release(given), None, out);
+                    self.submit(now, Op::Release(given), token, out);
+                } else if let Some(token) = token {
+                    Self::reply(out, token, Ok(()));
                 }
             }
+        }
+    }
+
+    /// The token a release's client waits on, or `None` (told now) while
+    /// no leader can be asked: it would wait out the claim timeout.
+    fn release_waiter(&self, token: u64, out: &mut Vec<Action>) -> Option<u64> {
+        if self.reachable_leader().is_some() {
+            Some(token)
+        } else {
+            Self::reply(out, token, Ok(()));
+            None
         }
     }
 

@@ -912,6 +912,73 @@ fn release_frees_the_name_everywhere() {
     adel_and_jokes_are_free_for_s2(&mut sim);
 }
 
+/// A release is answered only once the leader has freed its names: a
+/// client told it left (its `quit` answered, its room's deletion approved)
+/// may see another take the names at once, even on the leader's own server,
+/// which the release reaches last.
+#[test]
+fn a_release_is_answered_once_the_leader_has_freed_its_names() {
+    for seed in 0..40 {
+        let mut sim = Sim::new(3, seed, true);
+        sim.delay_ms = (1, 40);
+        sim.claim(0, ident("Adel"));
+        sim.claim(1, ident("Bob"));
+        sim.run_for(ms(300));
+        let leader = sim.leader_index();
+        assert!(
+            leader != 0 && leader != 1,
+            "seed {seed}: the leader asks none"
+        );
+        sim.claim(1, room("jokes", "Bob"));
+        sim.claim(leader, ident("Cleo"));
+        sim.run_for(ms(300));
+        let quit = sim.local(0, LocalRequest::Release(vec![ident("Adel")]));
+        let deleted = sim.local(1, LocalRequest::Release(vec![room("jokes", "")]));
+        assert_eq!(
+            sim.result(quit),
+            None,
+            "seed {seed}: answered before the leader had it"
+        );
+        // The moment each answer comes, the leader's server takes the name.
+        let (mut again, mut room_again) = (None, None);
+        while again.is_none() || room_again.is_none() {
+            assert!(sim.step(), "seed {seed}: a release was never answered");
+            if again.is_none() && sim.result(quit).is_some() {
+                again = Some(sim.claim(leader, ident("Adel")));
+            }
+            if room_again.is_none() && sim.result(deleted).is_some() {
+                room_again = Some(sim.claim(leader, room("jokes", "Cleo")));
+            }
+        }
+        sim.run_for(ms(300));
+        assert_eq!(sim.result(quit), Some(&Ok(())), "seed {seed}");
+        assert_eq!(
+            sim.result(again.unwrap()),
+            Some(&Ok(())),
+            "seed {seed}: identity"
+        );
+        assert_eq!(
+            sim.result(room_again.unwrap()),
+            Some(&Ok(())),
+            "seed {seed}: room"
+        );
+        sim.assert_converged();
+    }
+}
+
+/// With no leader to ask, a release is answered at once: its client is not
+/// kept waiting out the claim timeout for an answer that cannot come.
+#[test]
+fn a_release_with_no_leader_is_answered_at_once() {
+    let mut sim = Sim::new(3, 1, true);
+    sim.claim(0, ident("Adel"));
+    sim.run_for(ms(300));
+    sim.partition(&[vec![0], vec![1, 2]]);
+    sim.run_for(ms(2_000));
+    let quit = sim.local(0, LocalRequest::Release(vec![ident("Adel")]));
+    assert_eq!(sim.result(quit), Some(&Ok(())));
+}
+
 /// Adel and its room jokes are free on every server, and s2 can have them.
 fn adel_and_jokes_are_free_for_s2(sim: &mut Sim) {
     for i in 0..3 {
