@@ -62,6 +62,15 @@ use tokio_util::sync::CancellationToken;
 /// (see the module docs), counted from when it went over.
 pub const SLOW_READER_GRACE: Duration = Duration::from_secs(1);
 
+/// A sender waits for a reader ([`wait_for_readers`]) only while that
+/// reader's transport takes bytes: one that has taken nothing for this long
+/// is not reading (a reader that keeps up, even over a slow link, lets its
+/// writer on at least every round trip). Without it, a client that joins a
+/// busy room and never reads held the room's sender back for the whole
+/// [`SLOW_READER_GRACE`]; one such client a second cut the room's
+/// throughput 50-fold (an adversarial tester's finding).
+pub const STALLED_READER: Duration = Duration::from_millis(250);
+
 /// How long a client given no new line may take none of its output, once
 /// the budget is spent, before its writer drops it (see
 /// [`Outbox::dropped_for_the_budget`]). Longer than [`SLOW_READER_GRACE`]:
@@ -342,7 +351,8 @@ impl Outbox {
 
     /// Waits until the writer has taken the queue (or the session ended),
     /// if it is over half the limit: for at most `grace` from when it went
-    /// over.
+    /// over, and no longer once its client's transport has taken nothing
+    /// for [`STALLED_READER`].
     async fn room_for_more(&self, grace: Duration) {
         loop {
             let taken = self.taken.notified();
@@ -352,13 +362,22 @@ impl Outbox {
             let until = {
                 let state = self.lock();
                 match state.congested_since {
-                    Some(since) if !state.dead && !state.finishing => since + grace,
+                    Some(since) if !state.dead && !state.finishing => match state.blocked_since {
+                        // Its client takes nothing: no reason to wait.
+                        Some(blocked) => (since + grace).min(blocked + STALLED_READER),
+                        None => since + grace,
+                    },
                     _ => return,
                 }
             };
+            if Instant::now() >= until {
+                return;
+            }
+            // Woken by a take, by its writer blocking, or at `until`: each
+            // is checked again (the writer may have taken bytes since).
             tokio::select! {
                 _ = taken => {}
-                _ = tokio::time::sleep_until(until) => return,
+                _ = tokio::time::sleep_until(until) => {}
             }
         }
     }
@@ -651,6 +670,10 @@ impl<W> Watched<'_, W> {
         if blocked != self.blocked {
             self.blocked = blocked;
             self.outbox.lock().blocked_since = blocked.then(Instant::now);
+            if blocked {
+                // Senders waiting for this reader now wait less.
+                self.outbox.taken.notify_waiters();
+            }
         }
         poll
     }
@@ -864,6 +887,76 @@ mod tests {
         })
         .await;
         noted
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sender_waits_no_longer_for_a_reader_whose_transport_takes_nothing() {
+        let outbox = Arc::new(Outbox::new(100));
+        let writer = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.write_to(Stuck, &WriteTurns::new()).await }
+        });
+        // The writer takes a first line and its client takes none of it.
+        outbox.push(Bytes::from(vec![b'x'; 10]));
+        tokio::task::yield_now().await;
+        let blocked = Instant::now();
+        tokio::time::sleep(STALLED_READER / 2).await;
+        let noted = push_noting(&outbox, 60).await;
+        assert_eq!(noted.len(), 1);
+        wait_for_readers(&noted).await;
+        assert_eq!(blocked.elapsed(), STALLED_READER, "not the whole grace");
+        // Once stalled, it holds no sender at all.
+        let noted = push_noting(&outbox, 1).await;
+        let start = Instant::now();
+        wait_for_readers(&noted).await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+
+        // A reader that takes a little now and then is waited for (up to
+        // the grace), until it stops taking.
+        let (mut client, server) = tokio::io::duplex(16);
+        let outbox = Arc::new(Outbox::new(100));
+        let trickled = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.write_to(server, &WriteTurns::new()).await }
+        });
+        outbox.push(Bytes::from(vec![b'x'; 400]));
+        tokio::task::yield_now().await;
+        let start = Instant::now();
+        let noted = push_noting(&outbox, 60).await;
+        assert_eq!(noted.len(), 1);
+        let reader = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = [0; 16];
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let _ = client.read(&mut buf).await;
+            }
+            client
+        });
+        wait_for_readers(&noted).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(100) + STALLED_READER);
+        trickled.abort();
+        drop(reader.await);
+
+        // A writer that blocks while a sender waits cuts the wait short too.
+        let outbox = Arc::new(Outbox::new(100));
+        assert_eq!(push_noting(&outbox, 60).await.len(), 1);
+        let noted = push_noting(&outbox, 1).await;
+        let start = Instant::now();
+        let _second = tokio::spawn({
+            let outbox = outbox.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                outbox.write_to(Stuck, &WriteTurns::new()).await
+            }
+        });
+        // The writer takes the queue at 100 ms (a new spell) and blocks;
+        // the new lines then wait for it for the stall, not the grace.
+        wait_for_readers(&noted).await;
+        let noted = push_noting(&outbox, 60).await;
+        wait_for_readers(&noted).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(100) + STALLED_READER);
+        writer.abort();
     }
 
     #[tokio::test(start_paused = true)]
