@@ -660,7 +660,12 @@ impl Registry {
             incarnation: self.incarnation,
             version: self.reports,
             issued_below: self.next_id,
-            identities: self.own.identities.values().cloned().collect(),
+            identities: self
+                .own
+                .identities
+                .values()
+                .map(|entry| self.as_reported(entry))
+                .collect(),
             rooms: self.own.rooms.values().cloned().collect(),
             pending: self
                 .pending
@@ -675,6 +680,30 @@ impl Registry {
             replica_identities: self.replica.identities.values().cloned().collect(),
             replica_rooms: self.replica.rooms.values().cloned().collect(),
             down: self.down_list(),
+        }
+    }
+
+    /// An own identity as a holdings report shows it: one whose move is
+    /// still being asked for is reported as not moving. Its client has not
+    /// been routed away (it gets `route` only once the leader's grant is
+    /// here), so the name is this server's; a leader that granted the move
+    /// knows it, and one that did not must not take it for a move (a new
+    /// leader freed such an identity, reported moving to a server that died
+    /// as the move was asked, and a live client lost its name: an
+    /// adversarial tester's finding).
+    fn as_reported(&self, entry: &IdentityEntry) -> IdentityEntry {
+        let asked = entry.moving_to.is_some()
+            && self.pending.values().any(
+                |p| matches!(&p.op, Op::MoveStart { identity, .. } if *identity == entry.identity),
+            );
+        if asked {
+            IdentityEntry {
+                moving_to: None,
+                move_proof: None,
+                ..entry.clone()
+            }
+        } else {
+            entry.clone()
         }
     }
 

@@ -1155,6 +1155,40 @@ fn server_down_purges_its_names_everywhere() {
     sim.assert_converged();
 }
 
+/// A client asks to join a room on the leader just as the leader dies: its
+/// move is never granted, and its identity stays with it (the new leader
+/// neither frees it with the dead server's names nor lets another take it).
+#[test]
+fn a_move_asked_of_a_leader_that_dies_leaves_the_identity_with_its_client() {
+    for seed in 0..20 {
+        let mut sim = Sim::new(3, seed, true);
+        sim.claim(0, ident("Vic"));
+        sim.run_for(ms(300));
+        assert_eq!(sim.leader_index(), 2, "seed {seed}");
+        sim.crash(2);
+        let start = sim.local(
+            0,
+            LocalRequest::StartMove {
+                identity: "Vic".into(),
+                to: sid(2),
+                proof: proof(),
+            },
+        );
+        sim.run_for(DETECT + ms(30));
+        sim.reelect();
+        sim.run_for(ms(1_000));
+        let thief = sim.claim(1, ident("Vic"));
+        sim.run_for(ms(1_000));
+        assert!(
+            matches!(sim.result(start), Some(Err(_))),
+            "seed {seed}: the move to a dead server ended {:?}",
+            sim.result(start)
+        );
+        assert!(sim.node(0).holds(&ident("Vic")), "seed {seed}: Vic lost");
+        assert_eq!(sim.result(thief), Some(&Err(Refusal::Taken)), "seed {seed}");
+    }
+}
+
 #[test]
 fn leader_dies_with_100_claims_in_flight() {
     for seed in 0..30 {
