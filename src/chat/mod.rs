@@ -435,10 +435,28 @@ impl ChatServer {
     /// members left in the former room.
     pub fn create_room(&self, identity: &str, room: &str) {
         let mut state = self.lock();
-        let Some(member) = state.members.get_mut(identity) else {
+        if !state.members.contains_key(identity) {
             drop(state);
             // Nobody to answer: the release goes on unwatched.
             drop(self.directory.release_room(room));
+            return;
+        }
+        // Still here while its owner's leaving or deletion waits for the
+        // cluster (which has let the id go already): this grant lost.
+        if state.rooms.contains_key(room) {
+            state.send(
+                identity,
+                &ServerMessage::CreateRoom {
+                    roomid: room.to_owned(),
+                    approved: Approved(false),
+                }
+                .encode(),
+            );
+            drop(state);
+            drop(self.directory.release_room(room));
+            return;
+        }
+        let Some(member) = state.members.get_mut(identity) else {
             return;
         };
         member.owns = Some(room.to_owned());
@@ -642,6 +660,14 @@ impl ChatServer {
             self.directory.release_room(room).await;
         }
         let mut state = self.lock();
+        if owned
+            && !owns(&state)
+            && let Some(member) = state.members.get_mut(identity)
+            && member.owns.as_deref() == Some(room)
+        {
+            // Evicted meanwhile: whatever holds the id now is not its.
+            member.owns = None;
+        }
         let reply = ServerMessage::DeleteRoom {
             roomid: room.to_owned(),
             approved: Approved(owned),
@@ -716,7 +742,9 @@ impl ChatServer {
         let Some(owns) = state.members.get(identity).map(|m| m.owns.clone()) else {
             return;
         };
-        if let Some(room) = &owns {
+        if let Some(room) = &owns
+            && state.rooms.get(room).is_some_and(|r| r.owner == identity)
+        {
             let gone = (!tell_client).then_some(identity);
             self.remove_room(&mut state, room, gone);
         }
@@ -1439,5 +1467,119 @@ mod tests {
             r#"{"type":"roomchange","identity":"Alice","former":"MainHall-s1","roomid":""}"#
         );
         assert!(!server.given_up());
+    }
+
+    /// Grants every claim at once; releases are answered when `gate` opens.
+    struct GatedReleases(Arc<tokio::sync::Notify>);
+
+    impl Directory for GatedReleases {
+        fn claim_identity(&self, _: &str, _: CancellationToken) -> BoxFuture<Result<(), String>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn release_identity(&self, _: &str, _: Option<&str>) -> BoxFuture<()> {
+            let gate = self.0.clone();
+            Box::pin(async move { gate.notified().await })
+        }
+        fn claim_room(
+            &self,
+            _: &str,
+            _: &str,
+            _: CancellationToken,
+        ) -> BoxFuture<Result<(), String>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn release_room(&self, _: &str) -> BoxFuture<()> {
+            let gate = self.0.clone();
+            Box::pin(async move { gate.notified().await })
+        }
+        fn rooms(&self) -> Vec<String> {
+            vec!["MainHall-s1".to_owned()]
+        }
+        fn remote_room(&self, _: &str) -> Option<RemoteRoom> {
+            None
+        }
+        fn start_move(
+            &self,
+            _: &str,
+            _: &RemoteRoom,
+            _: &str,
+            _: std::net::IpAddr,
+            _: CancellationToken,
+        ) -> BoxFuture<Result<(), String>> {
+            Box::pin(async { Err("no other server".to_owned()) })
+        }
+        fn give_up_move(&self, _: &str, _: &str, _: std::net::IpAddr) -> BoxFuture<()> {
+            Box::pin(async {})
+        }
+        fn accept_move(
+            &self,
+            _: &str,
+            _: Option<&str>,
+            _: std::net::IpAddr,
+            _: CancellationToken,
+        ) -> BoxFuture<bool> {
+            Box::pin(async { false })
+        }
+    }
+
+    /// While an owner's leaving or deletion waits for the cluster to free
+    /// its room id, a grant of that id to another client here (the cluster
+    /// freed it already) loses: the room is the leaving owner's until it is
+    /// gone. Before, the new room replaced the old one and the leaving owner
+    /// then deleted it, or kept owning it and later released its grant (a
+    /// reviewer's finding).
+    #[tokio::test]
+    async fn a_room_id_granted_again_while_its_owner_leaves_is_refused_here() {
+        for quits in [true, false] {
+            let gate = Arc::new(tokio::sync::Notify::new());
+            let chat = ChatServer::new(
+                "s1".to_owned(),
+                Limits::default(),
+                Arc::new(GatedReleases(gate.clone())),
+                None,
+            );
+            enter(&chat, "Owner");
+            let member = enter(&chat, "Member");
+            let cleo = enter(&chat, "Cleo");
+            chat.create_room("Owner", "jokes");
+            assert!(matches!(
+                chat.join_room("Member", "jokes"),
+                JoinOutcome::Done
+            ));
+            let leaving = tokio::spawn({
+                let chat = chat.clone();
+                async move {
+                    if quits {
+                        chat.leave("Owner", true).await;
+                    } else {
+                        chat.delete_room("Owner", "jokes").await;
+                    }
+                }
+            });
+            tokio::task::yield_now().await;
+            gate.notify_one();
+            chat.create_room("Cleo", "jokes");
+            leaving.await.unwrap();
+            let state = chat.lock();
+            assert!(!state.rooms.contains_key("jokes"), "quits: {quits}");
+            assert_eq!(state.members["Cleo"].owns, None, "quits: {quits}");
+            assert_eq!(state.members["Cleo"].room, "MainHall-s1");
+            assert_eq!(state.members["Member"].room, "MainHall-s1");
+            if !quits {
+                assert_eq!(state.members["Owner"].owns, None);
+            }
+            drop(state);
+            let refused = ServerMessage::CreateRoom {
+                roomid: "jokes".to_owned(),
+                approved: Approved(false),
+            }
+            .encode();
+            let told = cleo.take();
+            assert!(
+                told.contains(&refused),
+                "quits: {quits}: Cleo told {told:?}"
+            );
+            drop(member);
+        }
     }
 }

@@ -684,18 +684,20 @@ impl Registry {
     }
 
     /// An own identity as a holdings report shows it: one whose move is
-    /// still being asked for is reported as not moving. Its client has not
-    /// been routed away (it gets `route` only once the leader's grant is
-    /// here), so the name is this server's; a leader that granted the move
-    /// knows it, and one that did not must not take it for a move (a new
+    /// still being asked for, or was given up on and is being cancelled, is
+    /// reported as not moving. Its client has not been routed away (it gets
+    /// `route` only once the leader's grant is here), so the name is this
+    /// server's; a leader that granted the move knows it, and one that did
+    /// not must not take it for a move (a new
     /// leader freed such an identity, reported moving to a server that died
     /// as the move was asked, and a live client lost its name: an
     /// adversarial tester's finding).
     fn as_reported(&self, entry: &IdentityEntry) -> IdentityEntry {
         let asked = entry.moving_to.is_some()
-            && self.pending.values().any(
-                |p| matches!(&p.op, Op::MoveStart { identity, .. } if *identity == entry.identity),
-            );
+            && self.pending.values().any(|p| {
+                matches!(&p.op, Op::MoveStart { identity, .. } | Op::MoveCancel { identity, .. }
+                    if *identity == entry.identity)
+            });
         if asked {
             IdentityEntry {
                 moving_to: None,
