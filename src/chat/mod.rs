@@ -777,6 +777,8 @@ mod tests {
     #[derive(Default)]
     struct Grants {
         gate: Option<Arc<Gate>>,
+        /// With one, a release is answered only once it is notified.
+        release_gate: Option<Arc<tokio::sync::Notify>>,
     }
 
     /// What a test holds of a claim waiting in [`Grants`].
@@ -791,6 +793,16 @@ mod tests {
     }
 
     impl Grants {
+        /// A release's answer: at once, or when the release gate is notified.
+        fn released(&self) -> BoxFuture<()> {
+            let gate = self.release_gate.clone();
+            Box::pin(async move {
+                if let Some(gate) = gate {
+                    gate.notified().await;
+                }
+            })
+        }
+
         /// A claim: granted at once without a gate, else when the gate
         /// opens, or given up when its client is gone first.
         fn wait_at_gate(&self, client_gone: CancellationToken) -> BoxFuture<Result<(), String>> {
@@ -818,7 +830,7 @@ mod tests {
             self.wait_at_gate(client_gone)
         }
         fn release_identity(&self, _: &str, _: Option<&str>) -> BoxFuture<()> {
-            Box::pin(async {})
+            self.released()
         }
         fn claim_room(
             &self,
@@ -829,7 +841,7 @@ mod tests {
             self.wait_at_gate(client_gone)
         }
         fn release_room(&self, _: &str) -> BoxFuture<()> {
-            Box::pin(async {})
+            self.released()
         }
         fn rooms(&self) -> Vec<String> {
             vec!["MainHall-s1".to_owned()]
@@ -1212,6 +1224,7 @@ mod tests {
             let gate = Arc::new(Gate::default());
             let grants = Grants {
                 gate: Some(gate.clone()),
+                ..Grants::default()
             };
             let chat = ChatServer::new("s1".to_owned(), Limits::default(), Arc::new(grants), None);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1469,59 +1482,6 @@ mod tests {
         assert!(!server.given_up());
     }
 
-    /// Grants every claim at once; releases are answered when `gate` opens.
-    struct GatedReleases(Arc<tokio::sync::Notify>);
-
-    impl Directory for GatedReleases {
-        fn claim_identity(&self, _: &str, _: CancellationToken) -> BoxFuture<Result<(), String>> {
-            Box::pin(async { Ok(()) })
-        }
-        fn release_identity(&self, _: &str, _: Option<&str>) -> BoxFuture<()> {
-            let gate = self.0.clone();
-            Box::pin(async move { gate.notified().await })
-        }
-        fn claim_room(
-            &self,
-            _: &str,
-            _: &str,
-            _: CancellationToken,
-        ) -> BoxFuture<Result<(), String>> {
-            Box::pin(async { Ok(()) })
-        }
-        fn release_room(&self, _: &str) -> BoxFuture<()> {
-            let gate = self.0.clone();
-            Box::pin(async move { gate.notified().await })
-        }
-        fn rooms(&self) -> Vec<String> {
-            vec!["MainHall-s1".to_owned()]
-        }
-        fn remote_room(&self, _: &str) -> Option<RemoteRoom> {
-            None
-        }
-        fn start_move(
-            &self,
-            _: &str,
-            _: &RemoteRoom,
-            _: &str,
-            _: std::net::IpAddr,
-            _: CancellationToken,
-        ) -> BoxFuture<Result<(), String>> {
-            Box::pin(async { Err("no other server".to_owned()) })
-        }
-        fn give_up_move(&self, _: &str, _: &str, _: std::net::IpAddr) -> BoxFuture<()> {
-            Box::pin(async {})
-        }
-        fn accept_move(
-            &self,
-            _: &str,
-            _: Option<&str>,
-            _: std::net::IpAddr,
-            _: CancellationToken,
-        ) -> BoxFuture<bool> {
-            Box::pin(async { false })
-        }
-    }
-
     /// While an owner's leaving or deletion waits for the cluster to free
     /// its room id, a grant of that id to another client here (the cluster
     /// freed it already) loses: the room is the leaving owner's until it is
@@ -1535,7 +1495,10 @@ mod tests {
             let chat = ChatServer::new(
                 "s1".to_owned(),
                 Limits::default(),
-                Arc::new(GatedReleases(gate.clone())),
+                Arc::new(Grants {
+                    release_gate: Some(gate.clone()),
+                    ..Grants::default()
+                }),
                 None,
             );
             enter(&chat, "Owner");
