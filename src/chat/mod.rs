@@ -660,20 +660,13 @@ impl ChatServer {
             self.directory.release_room(room).await;
         }
         let mut state = self.lock();
-        if owned
-            && !owns(&state)
-            && let Some(member) = state.members.get_mut(identity)
-            && member.owns.as_deref() == Some(room)
-        {
-            // Evicted meanwhile: whatever holds the id now is not its.
-            member.owns = None;
-        }
         let reply = ServerMessage::DeleteRoom {
             roomid: room.to_owned(),
             approved: Approved(owned),
         };
         state.send(identity, &reply.encode());
-        // Unless evicted meanwhile (its members were moved then).
+        // Unless evicted meanwhile (its members were moved then, and the id
+        // may be another's room now).
         if owned && owns(&state) {
             self.remove_room(&mut state, room, None);
         }
@@ -742,9 +735,9 @@ impl ChatServer {
         let Some(owns) = state.members.get(identity).map(|m| m.owns.clone()) else {
             return;
         };
-        if let Some(room) = &owns
-            && state.rooms.get(room).is_some_and(|r| r.owner == identity)
-        {
+        // A member's `owns` and its room's owner change together (see
+        // `create_room` and `remove_room`).
+        if let Some(room) = &owns {
             let gone = (!tell_client).then_some(identity);
             self.remove_room(&mut state, room, gone);
         }

@@ -39,9 +39,9 @@
 //!   leader, retrying until acknowledged. Its client is answered on that
 //!   acknowledgement (given after the commit, like a grant), so whoever it
 //!   tells may claim the names at once on any server; or at the claim
-//!   timeout, or at once while no leader can be asked. A later claim of the same name from
-//!   the same server waits until that release is acknowledged, so the two can
-//!   never be reordered. A client that leaves gives back its identity and
+//!   timeout, or as soon as no leader can be asked. A later claim of the
+//!   same name from the same server waits until that release is
+//!   acknowledged, so the two can never be reordered. A client that leaves gives back its identity and
 //!   the room it owns in one request ([`Op::Release`] names both, each with
 //!   the [`Stamp`] of its grant: the leader frees only those grants).
 //! - **Move** (`joinroom` to a room on another server): the origin A asks
@@ -688,10 +688,10 @@ impl Registry {
     /// reported as not moving. Its client has not been routed away (it gets
     /// `route` only once the leader's grant is here), so the name is this
     /// server's; a leader that granted the move knows it, and one that did
-    /// not must not take it for a move (a new
-    /// leader freed such an identity, reported moving to a server that died
-    /// as the move was asked, and a live client lost its name: an
-    /// adversarial tester's finding).
+    /// not must not take it for a move (a new leader freed such an
+    /// identity, reported moving to a server that died as the move was
+    /// asked, and a live client lost its name: an adversarial tester's
+    /// finding).
     fn as_reported(&self, entry: &IdentityEntry) -> IdentityEntry {
         let asked = entry.moving_to.is_some()
             && self.pending.values().any(|p| {
@@ -1069,6 +1069,22 @@ impl Registry {
         }
     }
 
+    /// Once no leader can be asked, the clients of releases in flight are
+    /// told they left, as a release asked then is (see
+    /// [`Registry::release_waiter`]): the answer they wait for cannot come
+    /// before the claim timeout. The releases go on until a leader has them.
+    fn answer_releases_without_leader(&mut self, out: &mut Vec<Action>) {
+        if self.reachable_leader().is_some() {
+            return;
+        }
+        for p in self.pending.values_mut().filter(|p| p.op.gives_back()) {
+            if let Some(token) = p.token.take() {
+                p.deadline = None;
+                Self::reply(out, token, Ok(()));
+            }
+        }
+    }
+
     /// The chat layer let go of `key`: an arrival of it still parked and a
     /// claim of it still in flight have nobody waiting any more, and the
     /// holding is dropped. Returns the stamp of the holding, if there was
@@ -1139,6 +1155,7 @@ impl Registry {
             self.with_leader(|reg, lead| reg.lead_check_purges(lead, now, out));
         }
         self.send_liveness(out);
+        self.answer_releases_without_leader(out);
     }
 
     /// Whatever is unacknowledged between this server and `peer` goes again:
@@ -1196,6 +1213,7 @@ impl Registry {
             None => {}
         }
         self.send_pending(now, true, out);
+        self.answer_releases_without_leader(out);
     }
 
     fn on_timer(&mut self, now: Instant, timer: Timer, out: &mut Vec<Action>) {

@@ -2217,3 +2217,29 @@ fn requests_from_s1(sim: &mut Sim) -> std::rc::Rc<std::cell::RefCell<Vec<Op>>> {
     }));
     requests
 }
+
+/// A release in flight when its server loses the leader is answered then,
+/// not at the claim timeout: its client is told it left as soon as no
+/// leader can be asked, as one asked from then on is.
+#[test]
+fn a_release_in_flight_is_answered_once_the_leader_is_lost() {
+    let mut sim = Sim::new(3, 1, true);
+    sim.claim(0, ident("Adel"));
+    sim.run_for(ms(300));
+    assert_eq!(sim.leader_index(), 2, "s3 leads");
+    sim.partition(&[vec![0], vec![1, 2]]);
+    let asked = sim.now;
+    let quit = sim.local(0, LocalRequest::Release(vec![ident("Adel")]));
+    sim.run_for(ms(50));
+    assert_eq!(
+        sim.result(quit),
+        None,
+        "not answered while s3 may still be heard"
+    );
+    sim.run_for(ms(400));
+    let Some((at, Ok(()))) = sim.replies.get(&quit) else {
+        panic!("the quit was not answered once s3 was lost");
+    };
+    let waited = *at - asked;
+    assert!(waited < DETECT * 3, "answered after {waited:?}");
+}
