@@ -85,8 +85,11 @@ pub(super) struct LeaderState {
     /// Highest announcement a quorum (this leader included) acknowledged;
     /// `Some(0)`: a quorum applied this leader's snapshot, nothing more.
     pub(super) committed: Option<u64>,
-    /// Answers decided at an announcement not committed yet, in order.
+    /// Answers decided at an announcement not committed yet, or not
+    /// applied by every live follower yet (see [`SPREAD_WAIT`]), in order.
     pub(super) held: VecDeque<HeldAnswer>,
+    /// When the [`Timer::HeldAnswers`] set last goes off, if one is set.
+    pub(super) held_timer: Option<Instant>,
     /// Recent announcements, sent again to a follower that does not
     /// acknowledge them.
     pub(super) recent: VecDeque<Sent>,
@@ -111,6 +114,8 @@ pub(super) struct LeaderState {
 #[derive(Debug, Clone)]
 pub(super) struct HeldAnswer {
     pub(super) seq: u64,
+    /// When it was decided.
+    pub(super) at: Option<Instant>,
     pub(super) to: ServerId,
     pub(super) ticket: Ticket,
     pub(super) verdict: Verdict,
@@ -127,6 +132,13 @@ pub(super) struct Sent {
 /// Announcements kept for sending again; a follower further behind gets a
 /// snapshot instead.
 const RECENT: usize = 1024;
+
+/// How long a committed grant's answer waits for the live followers that
+/// have not applied it yet. A quorum having applied it keeps it safe; every
+/// live server having applied it means that whoever its client tells (a
+/// room's id, a name given back) finds it so on any server at once. A
+/// follower slower than this (lossy, cut one way) delays answers no more.
+pub(super) const SPREAD_WAIT: Duration = Duration::from_millis(50);
 
 /// Most announcements sent again to one follower at once; further behind,
 /// it is asked for its holdings and gets a snapshot back.
@@ -294,14 +306,41 @@ impl Registry {
         matches!(verdict, Verdict::Refused { .. }) || Self::is_committed(lead, seq)
     }
 
-    /// Moves the commit point and sends the answers it releases.
-    fn advance_commit(&mut self, lead: &mut LeaderState, out: &mut Vec<Action>) {
+    /// Whether every live follower has acknowledged announcement `seq`.
+    fn applied_by_all_live(&self, lead: &LeaderState, seq: u64) -> bool {
+        self.live
+            .iter()
+            .all(|p| lead.acked.get(p).is_some_and(|a| *a >= seq))
+    }
+
+    /// Moves the commit point and sends the answers it releases: those
+    /// committed and applied by every live follower, or committed and
+    /// held for [`SPREAD_WAIT`]. Sets a timer for the first one left
+    /// waiting on a follower.
+    pub(super) fn advance_commit(&mut self, lead: &mut LeaderState, out: &mut Vec<Action>) {
         lead.committed = lead.committed.max(self.quorum_seq(lead));
-        while lead
-            .held
-            .front()
-            .is_some_and(|h| Self::is_committed(lead, h.seq))
-        {
+        let now = self.clock;
+        while let Some(held) = lead.held.front() {
+            if !Self::is_committed(lead, held.seq) {
+                break;
+            }
+            let due = held.at.map(|at| at + SPREAD_WAIT);
+            let waited = match (now, due) {
+                (Some(now), Some(due)) => now >= due,
+                _ => true,
+            };
+            if !waited && !self.applied_by_all_live(lead, held.seq) {
+                if let (Some(now), Some(due)) = (now, due)
+                    && lead.held_timer.is_none_or(|set| set < due)
+                {
+                    lead.held_timer = Some(due);
+                    out.push(Action::SetTimer {
+                        timer: Timer::HeldAnswers,
+                        after: due.saturating_duration_since(now),
+                    });
+                }
+                break;
+            }
             let Some(held) = lead.held.pop_front() else {
                 break;
             };
@@ -689,6 +728,7 @@ impl Registry {
         } else {
             lead.held.push_back(HeldAnswer {
                 seq: lead.seq,
+                at: self.clock,
                 to: to.clone(),
                 ticket: ticket.clone(),
                 verdict,

@@ -628,6 +628,9 @@ pub enum Timer {
     },
     /// Leader: stop waiting for holdings of silent servers.
     SyncDeadline,
+    /// Leader: stop waiting for slow followers to apply committed grants
+    /// before answering them.
+    HeldAnswers,
     /// An arrival parked behind a claim of its identity is out of time
     /// (handled after every input: nothing to do but wake up).
     ParkedDeadline,

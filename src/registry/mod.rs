@@ -1152,7 +1152,11 @@ impl Registry {
         }
         self.live_touched = true;
         if self.is_leader() {
-            self.with_leader(|reg, lead| reg.lead_check_purges(lead, now, out));
+            self.with_leader(|reg, lead| {
+                reg.lead_check_purges(lead, now, out);
+                // Answers held for it go now.
+                reg.advance_commit(lead, out);
+            });
         }
         self.send_liveness(out);
         self.answer_releases_without_leader(out);
@@ -1259,6 +1263,14 @@ impl Registry {
                 if self.is_leader() {
                     self.with_leader(|reg, lead| reg.flush_queue(lead, now, out));
                 }
+            }
+            Timer::HeldAnswers => {
+                self.with_leader(|reg, lead| {
+                    if lead.held_timer.is_some_and(|at| at <= now) {
+                        lead.held_timer = None;
+                    }
+                    reg.advance_commit(lead, out);
+                });
             }
             // `handle` unparks (or refuses) after every input.
             Timer::ParkedDeadline => {}

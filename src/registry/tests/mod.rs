@@ -545,6 +545,17 @@ impl Sim {
         true
     }
 
+    /// Runs until `token` is answered (at most the claim timeout) and
+    /// returns the answer.
+    fn answer(&mut self, token: u64) -> Result<(), Refusal> {
+        let until = self.now + self.cfg.claim_timeout;
+        while self.result(token).is_none() && self.now <= until && self.step() {}
+        let seed = self.seed;
+        self.result(token)
+            .cloned()
+            .unwrap_or_else(|| panic!("seed {seed}: token {token} never answered"))
+    }
+
     fn run_for(&mut self, d: Duration) {
         let end = self.now + d;
         while let Some(Reverse((at, _))) = self.heap.peek() {

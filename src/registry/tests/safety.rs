@@ -79,10 +79,14 @@ fn a_grant_waits_for_a_majority_of_acknowledgements_even_at_four_servers() {
     assert!(answers(&out).is_empty(), "not before anyone acknowledged");
     let out = reg.handle(now, ack("s1", 1, seq));
     assert!(answers(&out).is_empty(), "two of four is no majority");
+    let waited = now + leader::SPREAD_WAIT;
+    let out = reg.handle(waited, Input::Timer(Timer::HeldAnswers));
+    assert!(answers(&out).is_empty(), "nor once the spread wait is over");
     // An acknowledgement of another term counts for nothing.
-    let out = reg.handle(now, ack("s2", 0, seq));
+    let out = reg.handle(waited, ack("s2", 0, seq));
     assert!(answers(&out).is_empty());
-    let out = reg.handle(now, ack("s2", 1, seq));
+    // Three of four: committed, and s3 is waited for no longer.
+    let out = reg.handle(waited, ack("s2", 1, seq));
     assert!(matches!(
         answers(&out).as_slice(),
         [(to, 1, Verdict::Granted { .. })] if to == "s1"
@@ -575,7 +579,7 @@ fn a_replaced_link_gets_the_unacknowledged_announcements_again() {
         msg("s1", request(1, 1, 1, 1, Op::Claim(ident("Adel")))),
     );
     let seq = announced_seq(&out).expect("announced");
-    let out = reg.handle(now, ack("s2", 1, seq));
+    let out = reg.handle(now + leader::SPREAD_WAIT, ack("s2", 1, seq));
     assert_eq!(answers(&out).len(), 1, "committed by s2 and the leader");
     // s1 never acknowledged: it gets the announcement again at once when
     // its link is replaced, and on the retry timer otherwise.

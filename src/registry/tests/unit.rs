@@ -564,6 +564,11 @@ fn new_leader_waits_for_holdings_before_granting() {
     assert!(replies(&out).is_empty(), "granted once s1 acknowledges");
     let seq = reg.leading.as_ref().expect("leads").seq;
     let out = reg.handle(later, msg("s1", RegistryMessage::Ack { term: 1, seq }));
+    assert!(replies(&out).is_empty(), "s2, live, may apply it yet");
+    let out = reg.handle(
+        later + leader::SPREAD_WAIT,
+        Input::Timer(Timer::HeldAnswers),
+    );
     assert_eq!(replies(&out), vec![(1, Ok(()))]);
     assert!(matches!(answers(&out)[0].2, Verdict::Granted { .. }));
     assert_eq!(reg.identity_server("Carl").as_deref(), Some("s1"));
@@ -1411,8 +1416,8 @@ fn partition_then_heal_majority_holder_keeps_the_name() {
 
 /// Claims `Adel` on s1 and starts a move to s2; returns the StartMove token.
 fn start_move(sim: &mut Sim) -> u64 {
-    sim.claim(0, ident("Adel"));
-    sim.run_for(ms(100));
+    let claim = sim.claim(0, ident("Adel"));
+    assert_eq!(sim.answer(claim), Ok(()));
     let token = sim.local(
         0,
         LocalRequest::StartMove {
@@ -1421,8 +1426,7 @@ fn start_move(sim: &mut Sim) -> u64 {
             proof: proof(),
         },
     );
-    sim.run_for(ms(100));
-    assert_eq!(sim.result(token), Some(&Ok(())));
+    assert_eq!(sim.answer(token), Ok(()));
     token
 }
 
@@ -1794,7 +1798,7 @@ fn move_there_and_back_quickly() {
                 arrival: arrival(),
             },
         );
-        sim.run_for(ms(100));
+        assert_eq!(sim.answer(there), Ok(()), "seed {seed}");
         let leave = sim.local(
             1,
             LocalRequest::StartMove {
@@ -1803,7 +1807,7 @@ fn move_there_and_back_quickly() {
                 proof: proof(),
             },
         );
-        sim.run_for(ms(100));
+        assert_eq!(sim.answer(leave), Ok(()), "seed {seed}");
         // Back at s1 maybe before s1 heard that the first move completed.
         let back = sim.local(
             0,
@@ -2242,4 +2246,75 @@ fn a_release_in_flight_is_answered_once_the_leader_is_lost() {
     };
     let waited = *at - asked;
     assert!(waited < DETECT * 3, "answered after {waited:?}");
+}
+
+/// A grant is answered once every live server has applied it (or it has
+/// waited `SPREAD_WAIT` for one that has not): a client told its room
+/// exists may send its id to anyone, and the room is known on every
+/// server by then; a client told it left, its names free on every server.
+#[test]
+fn a_grant_is_known_on_every_live_server_once_its_client_is_told() {
+    for seed in 0..40 {
+        let mut sim = Sim::new(3, seed, true);
+        sim.delay_ms = (1, 30);
+        sim.claim(0, ident("Adel"));
+        sim.run_for(ms(300));
+        let created = sim.claim(0, room("jokes", "Adel"));
+        while sim.result(created).is_none() {
+            assert!(sim.step(), "seed {seed}: the claim was never answered");
+        }
+        assert_eq!(sim.result(created), Some(&Ok(())), "seed {seed}");
+        for i in 0..3 {
+            assert_eq!(
+                sim.node(i).room_server("jokes").as_deref(),
+                Some("s1"),
+                "seed {seed}: s{} does not know the room yet",
+                i + 1
+            );
+        }
+        let quit = sim.local(
+            0,
+            LocalRequest::Release(vec![ident("Adel"), room("jokes", "")]),
+        );
+        while sim.result(quit).is_none() {
+            assert!(sim.step(), "seed {seed}: the quit was never answered");
+        }
+        for i in 0..3 {
+            assert_eq!(
+                sim.node(i).room_server("jokes"),
+                None,
+                "seed {seed}: s{}",
+                i + 1
+            );
+            assert_eq!(
+                sim.node(i).identity_server("Adel"),
+                None,
+                "seed {seed}: s{}",
+                i + 1
+            );
+        }
+    }
+}
+
+/// A live follower that hears nothing from the leader delays answers by
+/// `SPREAD_WAIT` at most: a quorum applied them, which is what keeps them.
+#[test]
+fn a_follower_that_does_not_apply_delays_answers_only_briefly() {
+    let mut sim = Sim::new(3, 7, true);
+    sim.claim(0, ident("Adel"));
+    sim.run_for(ms(300));
+    // s2 hears nobody, but is heard: every server still counts it live.
+    sim.cut_oneway(&[0, 2], &[1]);
+    let asked = sim.now;
+    let claim = sim.claim(0, ident("Bob"));
+    sim.run_for(ms(80));
+    assert!(sim.node(0).is_live("s2") && sim.node(2).is_live("s2"));
+    let Some((at, Ok(()))) = sim.replies.get(&claim) else {
+        panic!("Bob was not granted while s2 cannot apply it");
+    };
+    let waited = *at - asked;
+    assert!(
+        waited >= leader::SPREAD_WAIT && waited < leader::SPREAD_WAIT + ms(25),
+        "answered after {waited:?}"
+    );
 }
