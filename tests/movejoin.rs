@@ -610,6 +610,45 @@ async fn a_move_to_a_server_that_dies_frees_the_name_with_its_names() {
     cluster.stop().await;
 }
 
+/// A client routed away from a server that dies before it arrives still
+/// moves in: the cluster frees the dead server's names (about 0.4 s after)
+/// but keeps the identities on their way elsewhere, until they arrive or
+/// their move times out. Found by a fault tester: a `movejoin` sent after
+/// the former server's names were freed was refused and the name lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_routed_away_from_a_server_that_dies_still_arrives() {
+    let mut cluster = start_cluster(3, |_| None).await;
+    let (s1, s2, mut adel) = jokes_on_s1(&cluster).await;
+    let _bob = Raw::join(Via::Tcp, s2, "Bob", "MainHall-s2").await;
+    let (_vera, token) = routed_to_jokes(s2, s1, "Vera").await;
+    let crashed = Instant::now();
+    cluster.crash(1).await;
+    // Bob, who stayed on s2, is free once s2's names are.
+    loop {
+        let mut c = Raw::connect(Via::Tcp, s1, "Bob again").await;
+        c.send(r#"{"type":"newidentity","identity":"Bob"}"#).await;
+        if c.next().await.expect("an answer")["approved"] == "true" {
+            break;
+        }
+        assert!(
+            crashed.elapsed() < Duration::from_secs(6),
+            "s2's names still held 6 s after it crashed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("s2's names freed {:?} after it crashed", crashed.elapsed());
+    let mut vera = Raw::connect(Via::Tcp, s1, "Vera").await;
+    vera.send(&movejoin_line("Vera", "MainHall-s2", Some(&token)))
+        .await;
+    vera.expect(r#"{"type":"serverchange","approved":"true","serverid":"s1"}"#)
+        .await;
+    // s2's main hall went with s2: an arrival from nowhere.
+    vera.expect(&room_change("Vera", "", "jokes")).await;
+    adel.expect(&room_change("Vera", "", "jokes")).await;
+    stays_taken(s1, "Vera", Duration::from_millis(300)).await;
+    cluster.stop().await;
+}
+
 /// `movejoin` for `identity` into `room` on `server` (at `addr`) with
 /// `token`, from the room `former`, approved: the client's new connection.
 async fn moved_in(

@@ -875,6 +875,13 @@ impl Registry {
                     NameKey::Identity(identity.clone()),
                     &stamp,
                 );
+                // Back on a server it moved away from (a move keeps its
+                // stamp): the asker's reports listing it are news now, not
+                // stale (before, its next report had it evicted there, and
+                // granted to another).
+                if let Some(gone) = lead.gone.get_mut(asker) {
+                    gone.remove(&NameKey::Identity(identity.clone()));
+                }
                 let arrived = IdentityEntry {
                     server: asker.clone(),
                     moving_to: None,
@@ -1106,13 +1113,22 @@ impl Registry {
         lead.unsynced.remove(server);
         lead.purged.insert(server.clone());
         lead.queue.retain(|q| q.asker != *server);
-        let identities: Vec<String> = lead
+        // Under the majority rule its identities on their way elsewhere
+        // stay until they arrive or their move expires: their clients were
+        // routed away and may still arrive (before, a client that had not
+        // sent its `movejoin` within the failure timeout lost its name).
+        // Without it, the cut-off server's side may have a leader of its
+        // own that gives the move up, and the name would be held on both
+        // sides under one grant: freed, as everything else.
+        let keep = |e: &IdentityEntry| self.config.require_majority && e.moving_to.is_some();
+        let (kept, identities): (Vec<&IdentityEntry>, Vec<&IdentityEntry>) = lead
             .registry
             .identities
             .values()
             .filter(|e| e.server == *server)
-            .map(|e| e.identity.clone())
-            .collect();
+            .partition(|e| keep(e));
+        let kept: Vec<Change> = kept.into_iter().cloned().map(Change::SetIdentity).collect();
+        let identities: Vec<String> = identities.iter().map(|e| e.identity.clone()).collect();
         let rooms = lead
             .registry
             .rooms
@@ -1123,10 +1139,11 @@ impl Registry {
             lead.moves.remove(identity);
         }
         if !identities.is_empty() || rooms > 0 {
-            let change = Change::PurgeServer {
+            let mut changes = vec![Change::PurgeServer {
                 server: server.clone(),
-            };
-            self.commit(lead, vec![change], out);
+            }];
+            changes.extend(kept);
+            self.commit(lead, changes, out);
         }
         self.end_moves_to(lead, server, out);
         out.push(Action::Log(LogEvent::ServerPurged {

@@ -1446,3 +1446,58 @@ fn refused_as_hearing(reg: &mut Registry, now: Instant, asker: &str, freed: &str
     };
     assert_eq!(answers(&out), vec![(asker.into(), 1, refused)]);
 }
+
+/// An identity that moves away and back keeps its grant's stamp: its
+/// server's next report lists it under that stamp, and it is that server's
+/// again, not a holding the leader took from it (a chaos seed had it evicted
+/// there and granted to another).
+#[test]
+fn an_identity_moved_away_and_back_is_not_stale_in_its_servers_report() {
+    let (mut reg, now) = hand_leader(3, true);
+    decide(&mut reg, now, "s1", 1, Op::Claim(ident("Adel")));
+    let start = |to: &str| Op::MoveStart {
+        identity: "Adel".into(),
+        to: to.into(),
+        proof: proof(),
+    };
+    let done = Op::MoveDone {
+        identity: "Adel".into(),
+        arrival: arrival(),
+        stamp: None,
+    };
+    decide(&mut reg, now, "s1", 2, start("s2"));
+    decide(&mut reg, now, "s2", 1, done.clone());
+    decide(&mut reg, now, "s2", 2, start("s1"));
+    let back = decide(&mut reg, now, "s1", 3, done);
+    assert!(
+        matches!(back.as_slice(), [(_, 3, Verdict::Granted { .. })]),
+        "{back:?}"
+    );
+    let entry = registered(&reg, "Adel").expect("registered");
+    assert_eq!(entry.server, "s1");
+    let report = HoldingsReport {
+        incarnation: 1,
+        version: 2,
+        issued_below: 4,
+        identities: vec![entry],
+        ..Default::default()
+    };
+    let out = reg.handle(
+        now,
+        msg("s1", RegistryMessage::Holdings { term: 1, report }),
+    );
+    assert!(
+        !out.iter().any(|a| matches!(
+            a,
+            Action::Send {
+                msg: RegistryMessage::Evict { .. },
+                ..
+            }
+        )),
+        "{out:?}"
+    );
+    assert_eq!(
+        registered(&reg, "Adel").map(|e| e.server).as_deref(),
+        Some("s1")
+    );
+}

@@ -1822,6 +1822,16 @@ fn move_there_and_back_quickly() {
         }
         assert_eq!(sim.holders(&ident("Adel")), vec![0], "seed {seed}");
         sim.assert_converged();
+        // s1 reports its holdings to a new term of the same leader: back
+        // under the stamp it left with, Adel is s1's, not a stale holding
+        // (a chaos seed had it evicted and granted to another).
+        let leader = sim.leader_index();
+        sim.elect(leader, &[0, 1, 2]);
+        sim.run_for(ms(300));
+        let other = sim.claim(2, ident("Adel"));
+        assert_eq!(sim.answer(other), Err(Refusal::Taken), "seed {seed}");
+        assert_eq!(sim.holders(&ident("Adel")), vec![0], "seed {seed}");
+        sim.assert_converged();
     }
 }
 
@@ -2317,4 +2327,54 @@ fn a_follower_that_does_not_apply_delays_answers_only_briefly() {
         waited >= leader::SPREAD_WAIT && waited < leader::SPREAD_WAIT + ms(25),
         "answered after {waited:?}"
     );
+}
+
+/// A client routed away from a server that then dies keeps its identity:
+/// freeing the dead server's names leaves the identities moving away from
+/// it, so the client's `movejoin` is granted even after the purge (an
+/// adversarial tester lost such moves ~0.4 s after the origin died). One
+/// that never arrives is freed at the move's timeout.
+#[test]
+fn a_move_outlives_the_purge_of_the_server_it_left() {
+    for seed in 0..10 {
+        let mut sim = Sim::new(3, seed, true);
+        start_move(&mut sim);
+        let other = sim.claim(0, ident("Bob"));
+        assert_eq!(sim.answer(other), Ok(()), "seed {seed}");
+        sim.crash(0);
+        // Well past the detector and the purge, within the move timeout.
+        sim.run_for(ms(500));
+        for i in [1, 2] {
+            assert_eq!(
+                sim.node(i).identity_server("Bob"),
+                None,
+                "seed {seed}: s1's other names are freed"
+            );
+        }
+        let arrived = sim.local(
+            1,
+            LocalRequest::AcceptMove {
+                identity: "Adel".into(),
+                arrival: arrival(),
+            },
+        );
+        assert_eq!(sim.answer(arrived), Ok(()), "seed {seed}");
+        assert_eq!(sim.holders(&ident("Adel")), vec![1], "seed {seed}");
+        sim.assert_converged();
+    }
+    // Nobody arrives: the identity is free once the move times out.
+    let mut sim = Sim::new(3, 11, true);
+    start_move(&mut sim);
+    sim.crash(0);
+    sim.run_for(ms(500));
+    let early = sim.claim(2, ident("Adel"));
+    assert_eq!(
+        sim.answer(early),
+        Err(Refusal::Taken),
+        "reserved for the move"
+    );
+    sim.run_for(ms(600));
+    let late = sim.claim(2, ident("Adel"));
+    assert_eq!(sim.answer(late), Ok(()), "free after the move timeout");
+    sim.assert_converged();
 }
