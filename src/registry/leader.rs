@@ -90,6 +90,12 @@ pub(super) struct LeaderState {
     pub(super) held: VecDeque<HeldAnswer>,
     /// When the [`Timer::HeldAnswers`] set last goes off, if one is set.
     pub(super) held_timer: Option<Instant>,
+    /// Live followers an answer waited [`SPREAD_WAIT`] for in vain: not
+    /// waited for again until one of their acknowledgements comes within
+    /// that time of its announcement (so a lossy or cut-off follower costs
+    /// one wait, not one per grant; the first grant after it recovers is
+    /// not waited for either).
+    pub(super) laggards: HashSet<ServerId>,
     /// Recent announcements, sent again to a follower that does not
     /// acknowledge them.
     pub(super) recent: VecDeque<Sent>,
@@ -298,19 +304,25 @@ impl Registry {
         lead.committed.is_some_and(|c| seq <= c)
     }
 
-    /// Whether a decision made at announcement `seq` may be answered now. A
-    /// grant waits until a quorum has applied everything it was decided
-    /// on, so any later leader's base holds it; a refusal hands out
-    /// nothing and goes at once.
+    /// Whether the answer to a decision made at announcement `seq` has
+    /// been let go: a refusal hands out nothing and goes at once; a grant
+    /// waits in `held` until a quorum has applied everything it was decided
+    /// on, so any later leader's base holds it, and the live followers too
+    /// (see [`Registry::advance_commit`]). Answers leave `held` in order.
     fn answerable(lead: &LeaderState, verdict: &Verdict, seq: u64) -> bool {
-        matches!(verdict, Verdict::Refused { .. }) || Self::is_committed(lead, seq)
+        matches!(verdict, Verdict::Refused { .. })
+            || (Self::is_committed(lead, seq) && lead.held.front().is_none_or(|h| h.seq > seq))
     }
 
-    /// Whether every live follower has acknowledged announcement `seq`.
-    fn applied_by_all_live(&self, lead: &LeaderState, seq: u64) -> bool {
+    /// The live followers, laggards aside, that have not acknowledged
+    /// announcement `seq`.
+    fn not_applied(&self, lead: &LeaderState, seq: u64) -> Vec<ServerId> {
         self.live
             .iter()
-            .all(|p| lead.acked.get(p).is_some_and(|a| *a >= seq))
+            .filter(|p| !lead.laggards.contains(*p))
+            .filter(|p| lead.acked.get(*p).is_none_or(|a| *a < seq))
+            .cloned()
+            .collect()
     }
 
     /// Moves the commit point and sends the answers it releases: those
@@ -329,7 +341,10 @@ impl Registry {
                 (Some(now), Some(due)) => now >= due,
                 _ => true,
             };
-            if !waited && !self.applied_by_all_live(lead, held.seq) {
+            let behind = self.not_applied(lead, held.seq);
+            if waited {
+                lead.laggards.extend(behind);
+            } else if !behind.is_empty() {
                 if let (Some(now), Some(due)) = (now, due)
                     && lead.held_timer.is_none_or(|set| set < due)
                 {
@@ -360,6 +375,20 @@ impl Registry {
         let acked = lead.acked.get(from).copied();
         if acked.is_none_or(|a| seq > a) {
             lead.acked.insert(from.clone(), seq);
+            if lead.laggards.contains(from) {
+                // Announcements in `recent` are numbered one after another.
+                let sent = lead.recent.front().and_then(|first| {
+                    let index = usize::try_from(seq.checked_sub(first.seq)?).ok()?;
+                    lead.recent.get(index)
+                });
+                let timely = sent
+                    .and_then(|s| s.at)
+                    .zip(self.clock)
+                    .is_some_and(|(at, now)| now.saturating_duration_since(at) <= SPREAD_WAIT);
+                if timely {
+                    lead.laggards.remove(from);
+                }
+            }
             self.advance_commit(lead, out);
         }
     }
@@ -723,7 +752,7 @@ impl Registry {
         if let Some(log) = lead.askers.get_mut(to) {
             log.record(ticket.id, verdict.clone(), lead.seq);
         }
-        if Self::answerable(lead, &verdict, lead.seq) {
+        if matches!(verdict, Verdict::Refused { .. }) {
             self.send_answer(to, ticket, verdict, lead.seq, out);
         } else {
             lead.held.push_back(HeldAnswer {
@@ -733,6 +762,7 @@ impl Registry {
                 ticket: ticket.clone(),
                 verdict,
             });
+            self.advance_commit(lead, out);
         }
     }
 

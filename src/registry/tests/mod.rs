@@ -145,6 +145,8 @@ struct Sim {
     replies: BTreeMap<u64, (Duration, Result<(), Refusal>)>,
     evictions: Vec<(usize, Vec<String>, Vec<String>)>,
     logs: Vec<(usize, LogEvent)>,
+    /// Extra delay of every message to each server (a slow link).
+    slow_to: Vec<Duration>,
     /// When two grants of one name were first seen held by servers that
     /// can talk.
     conflicts: HashMap<(NameKey, Stamp, Stamp), Duration>,
@@ -190,6 +192,7 @@ impl Sim {
             replies: BTreeMap::new(),
             evictions: Vec::new(),
             logs: Vec::new(),
+            slow_to: vec![Duration::ZERO; n],
             conflicts: HashMap::new(),
             chat: false,
             lose: None,
@@ -336,7 +339,7 @@ impl Sim {
             return;
         }
         let bytes = postcard::to_stdvec(msg).expect("messages encode");
-        let delay = ms(self.rng.random_range(self.delay_ms.0..=self.delay_ms.1));
+        let delay = ms(self.rng.random_range(self.delay_ms.0..=self.delay_ms.1)) + self.slow_to[to];
         let to_inc = self.incs[to];
         self.schedule(
             delay,

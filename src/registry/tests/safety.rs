@@ -1501,3 +1501,19 @@ fn an_identity_moved_away_and_back_is_not_stale_in_its_servers_report() {
         Some("s1")
     );
 }
+
+/// A request sent again while its committed grant waits for a live
+/// follower gets no answer of its own: the held one goes, once.
+#[test]
+fn a_request_sent_again_during_the_spread_wait_is_answered_once() {
+    let (mut reg, now) = hand_leader(3, true);
+    let claim = request(1, 1, 1, 1, Op::Claim(ident("Adel")));
+    let out = reg.handle(now, msg("s1", claim.clone()));
+    let seq = announced_seq(&out).expect("announced");
+    let out = reg.handle(now, ack("s1", 1, seq));
+    assert!(answers(&out).is_empty(), "committed, s2 not there yet");
+    let out = reg.handle(now + ms(1), msg("s1", claim));
+    assert!(answers(&out).is_empty(), "no early copy: {out:?}");
+    let out = reg.handle(now + ms(2), ack("s2", 1, seq));
+    assert_eq!(answers(&out).len(), 1);
+}
