@@ -41,9 +41,10 @@
 //!   tells may claim the names at once on any server; or at the claim
 //!   timeout, or as soon as no leader can be asked. A later claim of the
 //!   same name from the same server waits until that release is
-//!   acknowledged, so the two can never be reordered. A client that leaves gives back its identity and
-//!   the room it owns in one request ([`Op::Release`] names both, each with
-//!   the [`Stamp`] of its grant: the leader frees only those grants).
+//!   acknowledged, so the two can never be reordered. A client that leaves
+//!   gives back its identity and the room it owns in one request
+//!   ([`Op::Release`] names both, each with the [`Stamp`] of its grant: the
+//!   leader frees only those grants).
 //! - **Move** (`joinroom` to a room on another server): the origin A asks
 //!   [`Op::MoveStart`] and from then on counts the identity as reserved, not
 //!   held; the chat layer sends `route` once that is granted. When the client
