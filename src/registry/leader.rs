@@ -619,8 +619,10 @@ impl Registry {
         }
         // This server's view follows the registry from now on.
         self.replica.clear();
-        for entry in base.identities.values().filter(|e| e.server != self.id) {
-            self.replica.set_identity(entry.clone());
+        for entry in base.identities.values() {
+            if self.replicates(entry) {
+                self.replica.set_identity(entry.clone());
+            }
         }
         for entry in base.rooms.values().filter(|r| r.server != self.id) {
             self.replica.set_room(entry.clone());
@@ -1143,20 +1145,12 @@ impl Registry {
         lead.unsynced.remove(server);
         lead.purged.insert(server.clone());
         lead.queue.retain(|q| q.asker != *server);
-        // Under the majority rule its identities on their way elsewhere
-        // stay until they arrive or their move expires: their clients were
-        // routed away and may still arrive (before, a client that had not
-        // sent its `movejoin` within the failure timeout lost its name).
-        // Without it, the cut-off server's side may have a leader of its
-        // own that gives the move up, and the name would be held on both
-        // sides under one grant: freed, as everything else.
-        let keep = |e: &IdentityEntry| self.config.require_majority && e.moving_to.is_some();
         let (kept, identities): (Vec<&IdentityEntry>, Vec<&IdentityEntry>) = lead
             .registry
             .identities
             .values()
             .filter(|e| e.server == *server)
-            .partition(|e| keep(e));
+            .partition(|e| self.outlives_its_server(e));
         let kept: Vec<Change> = kept.into_iter().cloned().map(Change::SetIdentity).collect();
         let identities: Vec<String> = identities.iter().map(|e| e.identity.clone()).collect();
         let rooms = lead
@@ -1182,6 +1176,18 @@ impl Registry {
             rooms,
         }));
         self.flush_queue(lead, now, out);
+    }
+
+    /// Under the majority rule an identity on its way elsewhere stays
+    /// registered when its server dies or restarts (its new life reports
+    /// nothing of the old), until the client arrives or the move expires:
+    /// the client was routed away and may still arrive (before, one that
+    /// had not sent its `movejoin` by then lost its name). Without the
+    /// rule, the cut-off server's side may have a leader of its own that
+    /// gives the move up, and the name would be held on both sides under
+    /// one grant: freed, as everything else.
+    fn outlives_its_server(&self, entry: &IdentityEntry) -> bool {
+        self.config.require_majority && entry.moving_to.is_some()
     }
 
     /// Merges a server's holdings into the registry: free names are
@@ -1380,6 +1386,7 @@ impl Registry {
             if current.server == from
                 && !identities.contains_key(name)
                 && !pending.contains(&NameKey::Identity(name.clone()))
+                && !self.outlives_its_server(current)
             {
                 changes.push(Change::RemoveIdentity {
                     identity: name.clone(),

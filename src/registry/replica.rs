@@ -138,6 +138,18 @@ impl Registry {
         self.own.remove_room(room)
     }
 
+    /// Whether the registry's `entry` belongs in the replica: every entry
+    /// but this server's own names, which are in `own`. An identity
+    /// registered here that this server does not hold, on its way
+    /// elsewhere, is kept too: a client an earlier life of this server
+    /// routed away, which the registry keeps until it arrives. Without it
+    /// the replica would lack it, and a later leader building its registry
+    /// from this replica would free the name.
+    pub(super) fn replicates(&self, entry: &IdentityEntry) -> bool {
+        entry.server != self.id
+            || (entry.moving_to.is_some() && !self.own.identities.contains_key(&entry.identity))
+    }
+
     /// Applies one announced change (as of `at`: term, announcement number)
     /// to the replica and, where it concerns this server's own names, to its
     /// holdings. Returns whether this server must re-register (the leader
@@ -150,7 +162,7 @@ impl Registry {
     ) -> bool {
         match change {
             Change::SetIdentity(entry) => {
-                if entry.server == self.id {
+                if !self.replicates(entry) {
                     self.replica.remove_identity(&entry.identity);
                 } else {
                     self.check_identity(entry, at, out);
@@ -274,7 +286,7 @@ impl Registry {
                 continue;
             }
             present.insert(entry.identity.clone());
-            if entry.server == self.id {
+            if !self.replicates(&entry) {
                 continue;
             }
             self.check_identity(&entry, (self.term, seq), out);

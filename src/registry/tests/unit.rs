@@ -1416,10 +1416,15 @@ fn partition_then_heal_majority_holder_keeps_the_name() {
 
 /// Claims `Adel` on s1 and starts a move to s2; returns the StartMove token.
 fn start_move(sim: &mut Sim) -> u64 {
-    let claim = sim.claim(0, ident("Adel"));
+    start_move_from(sim, 0)
+}
+
+/// Claims `Adel` on `node` and starts a move to s2.
+fn start_move_from(sim: &mut Sim, node: usize) -> u64 {
+    let claim = sim.claim(node, ident("Adel"));
     assert_eq!(sim.answer(claim), Ok(()));
     let token = sim.local(
-        0,
+        node,
         LocalRequest::StartMove {
             identity: "Adel".into(),
             to: "s2".into(),
@@ -2387,16 +2392,7 @@ fn a_move_outlives_the_purge_of_the_server_it_left() {
                 "seed {seed}: s1's other names are freed"
             );
         }
-        let arrived = sim.local(
-            1,
-            LocalRequest::AcceptMove {
-                identity: "Adel".into(),
-                arrival: arrival(),
-            },
-        );
-        assert_eq!(sim.answer(arrived), Ok(()), "seed {seed}");
-        assert_eq!(sim.holders(&ident("Adel")), vec![1], "seed {seed}");
-        sim.assert_converged();
+        adel_arrives_on_s2(&mut sim, seed);
     }
     // Nobody arrives: the identity is free once the move times out.
     let mut sim = Sim::new(3, 11, true);
@@ -2413,4 +2409,52 @@ fn a_move_outlives_the_purge_of_the_server_it_left() {
     let late = sim.claim(2, ident("Adel"));
     assert_eq!(sim.answer(late), Ok(()), "free after the move timeout");
     sim.assert_converged();
+}
+
+/// Adel, moving to s2, arrives there: the move is approved, s2 alone holds
+/// the identity and every view agrees.
+fn adel_arrives_on_s2(sim: &mut Sim, seed: u64) {
+    let arrived = sim.local(
+        1,
+        LocalRequest::AcceptMove {
+            identity: "Adel".into(),
+            arrival: arrival(),
+        },
+    );
+    assert_eq!(sim.answer(arrived), Ok(()), "seed {seed}");
+    assert_eq!(sim.holders(&ident("Adel")), vec![1], "seed {seed}");
+    sim.assert_converged();
+}
+
+/// The server a client was routed away from restarts before the client
+/// arrives: its new life reports none of its old names, and the identity
+/// on its way stays reserved for the client until it arrives or the move
+/// expires (a fault tester: freed at the merge, then granted to a rival).
+/// The origin is a follower restarting before it is noticed, or after
+/// its names were freed; or the leader, which builds the new registry
+/// itself.
+#[test]
+fn a_move_outlives_a_restart_of_the_server_it_left() {
+    for seed in 0..30 {
+        let (origin, down_for) = match seed % 3 {
+            0 => (0, ms(0)),
+            1 => (0, ms(400)),
+            _ => (2, ms(0)),
+        };
+        let mut sim = Sim::new(3, seed, true);
+        start_move_from(&mut sim, origin);
+        sim.crash(origin);
+        sim.run_for(down_for);
+        sim.restart(origin);
+        sim.run_for(UP_DELAY + ms(30));
+        sim.reelect();
+        sim.run_for(ms(300));
+        let rival = sim.claim(2 - origin, ident("Adel"));
+        assert_eq!(
+            sim.answer(rival),
+            Err(Refusal::Taken),
+            "seed {seed}: reserved for the move"
+        );
+        adel_arrives_on_s2(&mut sim, seed);
+    }
 }
