@@ -320,7 +320,7 @@ impl Directory for ClusterDirectory {
         token: Option<&str>,
         ip: IpAddr,
         client_gone: CancellationToken,
-    ) -> BoxFuture<bool> {
+    ) -> BoxFuture<Result<(), String>> {
         let request = LocalRequest::AcceptMove {
             identity: identity.to_owned(),
             arrival: Arrival {
@@ -341,12 +341,10 @@ impl Directory for ClusterDirectory {
         Box::pin(async move {
             let _mine = tokio::select! {
                 biased;
-                () = client_gone.cancelled() => return false,
+                () = client_gone.cancelled() => return Err("the client hung up".to_owned()),
                 mine = turn.gate.lock() => mine,
             };
-            ask_via(&requests, &claim_slots, request, &client_gone)
-                .await
-                .is_ok()
+            ask_via(&requests, &claim_slots, request, &client_gone).await
         })
     }
 }
@@ -1116,13 +1114,17 @@ mod tests {
         let second = tokio::time::timeout(Duration::from_secs(1), second)
             .await
             .expect("given up without waiting for the first to be answered");
-        assert!(!second.expect("runs"), "given up");
+        assert_eq!(
+            second.expect("runs"),
+            Err("the client hung up".to_owned()),
+            "given up"
+        );
         assert_eq!(began.elapsed(), Duration::ZERO, "at once");
         answer
             .expect("a reply channel")
             .send(Err(Refusal::Taken))
             .expect("asked");
-        assert!(!first.await.expect("runs"));
+        assert_eq!(first.await.expect("runs"), Err(Refusal::Taken.to_string()));
         let (asked, answer) = namespace.requests.recv().await.expect("the next is asked");
         assert_eq!(
             asked_token(&asked).as_deref(),
@@ -1133,7 +1135,7 @@ mod tests {
             .expect("a reply channel")
             .send(Ok(()))
             .expect("asked");
-        assert!(third.await.expect("runs"));
+        assert_eq!(third.await.expect("runs"), Ok(()));
     }
 
     #[test]

@@ -89,13 +89,14 @@ pub trait Directory: Send + Sync + 'static {
     /// Whether `identity` may arrive here by `movejoin`: it is moving to this
     /// server, and `token` is the move's token, or is `None` and `ip` is the
     /// address the client had on its former server. On success the identity
-    /// now belongs to this server. A refusal changes nothing, so the real
-    /// client can still arrive after an impostor was turned away.
+    /// now belongs to this server. A refusal (with its reason, for the log)
+    /// changes nothing, so the real client can still arrive after an
+    /// impostor was turned away.
     fn accept_move(
         &self,
         identity: &str,
         token: Option<&str>,
         ip: IpAddr,
         client_gone: CancellationToken,
-    ) -> BoxFuture<bool>;
+    ) -> BoxFuture<Result<(), String>>;
 }

@@ -861,8 +861,8 @@ mod tests {
             _: Option<&str>,
             _: std::net::IpAddr,
             _: CancellationToken,
-        ) -> BoxFuture<bool> {
-            Box::pin(async { false })
+        ) -> BoxFuture<Result<(), String>> {
+            Box::pin(async { Err("no other server".to_owned()) })
         }
     }
 

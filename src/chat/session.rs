@@ -536,10 +536,12 @@ impl Session {
             Some(token) => token.len() <= MAX_MOVE_TOKEN,
             None => self.transport != Transport::Web,
         };
-        let accepted = valid_name(&identity)
-            && token_fits
-            && self
-                .chat
+        let accepted = if !valid_name(&identity) {
+            Err("invalid identity".to_owned())
+        } else if !token_fits {
+            Err("token too long, or none from a web page".to_owned())
+        } else {
+            self.chat
                 .directory()
                 .accept_move(
                     &identity,
@@ -547,18 +549,25 @@ impl Session {
                     self.peer_ip,
                     self.client_gone.clone(),
                 )
-                .await;
+                .await
+        };
         let reply = ServerMessage::ServerChange {
-            approved: Approved(accepted),
+            approved: Approved(accepted.is_ok()),
             serverid: serverid.clone(),
         };
-        if !accepted || !self.enter(&identity, reply.encode(), &former, Some(&room)) {
+        let entered = accepted.and_then(|()| {
+            self.enter(&identity, reply.encode(), &former, Some(&room))
+                .then_some(())
+                .ok_or_else(|| "a client here already has that identity".to_owned())
+        });
+        if let Err(reason) = entered {
             // The token itself is never logged.
             info!(
                 identity = %Logged(&identity),
                 peer = %self.peer_ip,
                 with_token = token.is_some(),
-                "movejoin refused: not moving here, or wrong token or address"
+                %reason,
+                "movejoin refused"
             );
             self.reply(ServerMessage::ServerChange {
                 approved: Approved(false),
