@@ -136,36 +136,39 @@ impl Registry {
         }
     }
 
-    /// A claim of `name` that a client asks for while an abandoned claim
-    /// of exactly that name (a timed-out one, or one whose client left) is
-    /// still in flight: that request becomes this client's, with a fresh
-    /// deadline, instead of a second request that would race with the
-    /// release of the first. Only the newest request about the name is
-    /// adopted, so a release asked after it keeps its place. Returns
+    /// A request a client asks for while an abandoned request exactly
+    /// like it (`same`: a timed-out claim of the name, or an arrival of
+    /// the identity with the same token and address) is still in flight:
+    /// that request becomes this client's, answered by `until`, instead of
+    /// a second request that would race with the release of the first
+    /// (an arrival: the first, granted with nobody waiting, would be given
+    /// back, and the move with it). Only the newest request about the name
+    /// is adopted, so a release asked after it keeps its place. Returns
     /// whether it adopted one.
-    pub(super) fn adopt_claim(
+    pub(super) fn adopt(
         &mut self,
         now: Instant,
-        name: &Name,
-        token: u64,
+        key: &NameKey,
+        same: impl Fn(&Op) -> bool,
+        (token, until): (u64, Instant),
         out: &mut Vec<Action>,
     ) -> bool {
-        let Some(id) = self.pending_ids(&name.key()).last() else {
+        let Some(id) = self.pending_ids(key).last() else {
             return false;
         };
         let Some(p) = self
             .pending
             .get_mut(&id)
-            .filter(|p| p.abandoned && p.op == Op::Claim(name.clone()))
+            .filter(|p| p.abandoned && same(&p.op))
         else {
             return false;
         };
         p.abandoned = false;
         p.token = Some(token);
-        p.deadline = Some(later(now, self.config.claim_timeout));
+        p.deadline = Some(until);
         out.push(Action::SetTimer {
             timer: Timer::RequestDeadline { id },
-            after: self.config.claim_timeout,
+            after: until.saturating_duration_since(now),
         });
         true
     }
@@ -301,7 +304,7 @@ impl Registry {
         // the leader's answer is still awaited. Under heavy loss the leader
         // has usually granted it already and only the commit or the answer
         // is late; a retry of the same claim adopts this request (see
-        // `adopt_claim`) and gets that answer. Giving up here instead would
+        // `adopt`) and gets that answer. Giving up here instead would
         // cost a release the retry has to wait for, and with it two more
         // commits under the same deadline: the retry timed out too, and the
         // next one, over and over (the names-free regression of issue #11).

@@ -887,6 +887,19 @@ impl Registry {
             Some(Refusal::WrongMoveProof)
         } else if self.arrival_pending_for(&key) {
             Some(Refusal::NotMoving)
+        } else if self.adopt(
+            now,
+            &key,
+            |op| matches!(op, Op::MoveDone { identity: i, arrival: a, .. } if *i == identity && *a == arrival),
+            (token, until),
+            out,
+        ) {
+            return;
+        } else if self.config.require_majority && !self.has_majority() {
+            // Refused at once, as a claim is, and not asked: an arrival
+            // left in flight here would be granted once the cluster is
+            // back, with nobody waiting, and given back, move and all.
+            Some(self.no_majority())
         } else if self.pending.len() + self.parked.len() >= MAX_PENDING {
             Some(Refusal::Busy)
         } else {
@@ -982,7 +995,13 @@ impl Registry {
                 };
                 match refusal {
                     Some(reason) => Self::reply(out, token, Err(reason)),
-                    None if self.adopt_claim(now, &name, token, out) => {}
+                    None if self.adopt(
+                        now,
+                        &key,
+                        |op| *op == Op::Claim(name.clone()),
+                        (token, later(now, self.config.claim_timeout)),
+                        out,
+                    ) => {}
                     None => self.submit(now, Op::Claim(name), Some(token), out),
                 }
             }

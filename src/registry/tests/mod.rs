@@ -163,8 +163,11 @@ struct Sim {
 
 impl Sim {
     fn new(n: usize, seed: u64, require_majority: bool) -> Sim {
+        Sim::with_config(n, seed, test_config(require_majority))
+    }
+
+    fn with_config(n: usize, seed: u64, cfg: RegistryConfig) -> Sim {
         eprintln!("seed {seed}");
-        let cfg = test_config(require_majority);
         let ids: Vec<ServerId> = (0..n).map(sid).collect();
         let mut sim = Sim {
             seed,

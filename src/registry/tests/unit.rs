@@ -2411,6 +2411,91 @@ fn a_move_outlives_the_purge_of_the_server_it_left() {
     sim.assert_converged();
 }
 
+/// An arrival at a server in a minority is refused at once, as a claim
+/// is, and not left in flight: granted once the cluster is back, with
+/// nobody waiting, it would be given back and the move with it (a fault
+/// tester: the former server and the leader killed together, the client's
+/// `movejoin` refused, then a rival granted its name). The move stays
+/// open, and the client arrives once a majority is back.
+#[test]
+fn an_arrival_in_a_minority_is_refused_at_once_and_the_move_stays_open() {
+    let mut sim = Sim::with_config(
+        3,
+        23,
+        RegistryConfig {
+            move_timeout: ms(3000),
+            ..test_config(true)
+        },
+    );
+    start_move(&mut sim);
+    sim.crash(0);
+    sim.crash(2);
+    sim.run_for(DETECT + ms(30));
+    let early = sim.local(
+        1,
+        LocalRequest::AcceptMove {
+            identity: "Adel".into(),
+            arrival: arrival(),
+        },
+    );
+    sim.run_for(ms(1));
+    assert_eq!(
+        sim.result(early),
+        Some(&Err(Refusal::NoMajority {
+            reachable: 1,
+            configured: 3
+        })),
+        "refused at once"
+    );
+    assert_eq!(sim.node(1).counts().pending, 0, "nothing left in flight");
+    // The leader comes back (a majority that restarted together would
+    // have lost the registry: it lives in memory).
+    sim.restart(2);
+    sim.run_for(UP_DELAY + ms(30));
+    sim.reelect();
+    sim.run_for(ms(300));
+    let rival = sim.claim(2, ident("Adel"));
+    assert_eq!(sim.answer(rival), Err(Refusal::Taken), "still moving");
+    adel_arrives_on_s2(&mut sim, 23);
+}
+
+/// An arrival whose client was told no (the leader's answer did not come
+/// in time: here the destination stops hearing the leader, which goes on
+/// hearing it) stays in flight; the same client's `movejoin` again takes
+/// it over and gets its answer. Before, the retry waited behind it, and
+/// the first, granted with nobody waiting, was given back: the move done,
+/// the name freed, the retry refused.
+#[test]
+fn an_arrival_asked_again_takes_over_the_one_its_client_was_refused() {
+    for seed in 0..10 {
+        let mut sim = Sim::with_config(
+            3,
+            seed,
+            RegistryConfig {
+                claim_timeout: ms(600),
+                move_timeout: ms(5000),
+                ..test_config(true)
+            },
+        );
+        start_move(&mut sim);
+        sim.cut_oneway(&[2], &[1]);
+        let accept = || LocalRequest::AcceptMove {
+            identity: "Adel".into(),
+            arrival: arrival(),
+        };
+        let first = sim.local(1, accept());
+        assert!(sim.answer(first).is_err(), "seed {seed}: no leader heard");
+        let again = sim.local(1, accept());
+        sim.run_for(ms(50));
+        sim.heal();
+        assert_eq!(sim.answer(again), Ok(()), "seed {seed}");
+        assert_eq!(sim.holders(&ident("Adel")), vec![1], "seed {seed}");
+        sim.run_for(ms(500));
+        assert_eq!(sim.holders(&ident("Adel")), vec![1], "seed {seed}: kept");
+        sim.assert_converged();
+    }
+}
+
 /// Adel, moving to s2, arrives there: the move is approved, s2 alone holds
 /// the identity and every view agrees.
 fn adel_arrives_on_s2(sim: &mut Sim, seed: u64) {
