@@ -316,13 +316,15 @@ impl Registry {
 
     /// The live followers, laggards aside, that have not acknowledged
     /// announcement `seq`.
-    fn not_applied(&self, lead: &LeaderState, seq: u64) -> Vec<ServerId> {
+    fn not_applied<'a>(
+        &'a self,
+        lead: &'a LeaderState,
+        seq: u64,
+    ) -> impl Iterator<Item = &'a ServerId> + 'a {
         self.live
             .iter()
             .filter(|p| !lead.laggards.contains(*p))
-            .filter(|p| lead.acked.get(*p).is_none_or(|a| *a < seq))
-            .cloned()
-            .collect()
+            .filter(move |p| lead.acked.get(*p).is_none_or(|a| *a < seq))
     }
 
     /// Moves the commit point and sends the answers it releases: those
@@ -341,10 +343,10 @@ impl Registry {
                 (Some(now), Some(due)) => now >= due,
                 _ => true,
             };
-            let behind = self.not_applied(lead, held.seq);
             if waited {
+                let behind: Vec<ServerId> = self.not_applied(lead, held.seq).cloned().collect();
                 lead.laggards.extend(behind);
-            } else if !behind.is_empty() {
+            } else if self.not_applied(lead, held.seq).next().is_some() {
                 if let (Some(now), Some(due)) = (now, due)
                     && lead.held_timer.is_none_or(|set| set < due)
                 {
