@@ -937,6 +937,9 @@ fn log_registry_event(event: registry::LogEvent, refusals_log: &LogBudget) {
         LogEvent::MoveExpired { identity, from, to } => {
             info!(%identity, %from, %to, "move_expired")
         }
+        LogEvent::MoveReverted { identity, from, to } => {
+            info!(%identity, %from, %to, "move_reverted")
+        }
         LogEvent::Evicted { identities, rooms } => warn!(?identities, ?rooms, "names_evicted"),
     }
 }

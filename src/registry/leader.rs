@@ -69,6 +69,17 @@ pub(super) struct LeaderState {
     pub(super) unsynced: BTreeMap<ServerId, Instant>,
     /// Moving identities and when their move expires.
     pub(super) moves: HashMap<String, Instant>,
+    /// Moves granted by an earlier leader that their origin, reporting,
+    /// had not heard of (its client still there, not routed), by identity,
+    /// with the grant's stamp: if such a move ends unfinished (its target
+    /// freed, or timed out), the identity stays with its origin instead of
+    /// being freed under its client. Forgotten once anything else changes
+    /// the identity.
+    pub(super) unheard: HashMap<String, Stamp>,
+    /// Moving identities whose move this leader granted to their origin:
+    /// its answer may have reached the origin, so a report made before it
+    /// did (not moving) does not make the move unheard.
+    pub(super) told: HashSet<String>,
     /// Holdings taken from a server (evicted, moved away, expired) that it
     /// may not have heard of yet: a report still listing one (same stamp)
     /// is older than that news and must not re-register it. Forgotten when
@@ -241,6 +252,34 @@ impl Registry {
             });
         }
         for change in &changes {
+            match change {
+                Change::SetIdentity(IdentityEntry {
+                    identity,
+                    moving_to,
+                    ..
+                }) => {
+                    lead.unheard.remove(identity);
+                    if moving_to.is_none() {
+                        lead.told.remove(identity);
+                    }
+                }
+                Change::RemoveIdentity { identity, .. } => {
+                    lead.unheard.remove(identity);
+                    lead.told.remove(identity);
+                }
+                Change::PurgeServer { server } => {
+                    let registry = &lead.registry;
+                    let elsewhere = |identity: &String| {
+                        registry
+                            .identities
+                            .get(identity)
+                            .is_none_or(|e| e.server != *server)
+                    };
+                    lead.unheard.retain(|identity, _| elsewhere(identity));
+                    lead.told.retain(elsewhere);
+                }
+                Change::SetRoom(_) | Change::RemoveRoom { .. } => {}
+            }
             lead.registry.apply(change);
             // The leader re-registers by merging, never by resync requests.
             let _ = self.apply_change(change, (self.term, lead.seq), out);
@@ -836,6 +875,9 @@ impl Registry {
                 };
                 if let Some(target) = &entry.moving_to {
                     return if target == to {
+                        // The origin hears of the move now.
+                        lead.unheard.remove(identity);
+                        lead.told.insert(identity.clone());
                         granted(entry.stamp)
                     } else {
                         refused(Refusal::AlreadyMoving)
@@ -854,6 +896,7 @@ impl Registry {
                     ..entry
                 };
                 self.commit(lead, vec![Change::SetIdentity(moving)], out);
+                lead.told.insert(identity.clone());
                 self.expire_move_at(lead, now, identity, out);
                 granted(stamp)
             }
@@ -1110,7 +1153,9 @@ impl Registry {
         }
     }
 
-    /// Frees `identity`, reserved for a move that will not arrive.
+    /// Frees `identity`, reserved for a move that will not arrive; or, if
+    /// its origin had not heard of the move (see `unheard`), leaves it
+    /// there, not moving.
     fn end_move(&mut self, lead: &mut LeaderState, identity: &str, out: &mut Vec<Action>) {
         lead.moves.remove(identity);
         let Some(entry) = lead.registry.identities.get(identity).cloned() else {
@@ -1119,6 +1164,21 @@ impl Registry {
         let Some(to) = entry.moving_to.clone() else {
             return;
         };
+        let unheard = lead.unheard.get(identity) == Some(&entry.stamp);
+        if unheard && self.is_live(&entry.server) {
+            let change = Change::SetIdentity(IdentityEntry {
+                moving_to: None,
+                move_proof: None,
+                ..entry.clone()
+            });
+            self.commit(lead, vec![change], out);
+            out.push(Action::Log(LogEvent::MoveReverted {
+                identity: identity.to_string(),
+                from: entry.server,
+                to,
+            }));
+            return;
+        }
         took(
             &mut lead.gone,
             &entry.server,
@@ -1302,6 +1362,7 @@ impl Registry {
             }
         }
         let mut started_moving = Vec::new();
+        let (mut unheard, mut heard) = (Vec::new(), Vec::new());
         for (name, entry) in &identities {
             match lead.registry.identities.get(name) {
                 None => {
@@ -1318,6 +1379,13 @@ impl Registry {
                         Some(to) => (Some(to.clone()), current.move_proof.clone()),
                         None => (entry.moving_to.clone(), entry.move_proof.clone()),
                     };
+                    if current.moving_to.is_some() {
+                        if entry.moving_to.is_some() {
+                            heard.push(name.clone());
+                        } else if !lead.told.contains(name) {
+                            unheard.push((name.clone(), current.stamp.clone()));
+                        }
+                    }
                     let merged = IdentityEntry {
                         moving_to,
                         move_proof,
@@ -1448,6 +1516,10 @@ impl Registry {
         }
 
         self.commit(lead, changes, out);
+        for name in heard {
+            lead.unheard.remove(&name);
+        }
+        lead.unheard.extend(unheard);
         self.announce(lead, out);
         for identity in started_moving {
             self.expire_move_at(lead, now, &identity, out);

@@ -711,6 +711,16 @@ pub enum LogEvent {
         /// Where it was going.
         to: ServerId,
     },
+    /// `move_reverted`: a move granted by an earlier leader ended unfinished
+    /// before its origin heard of it; the identity stays there.
+    MoveReverted {
+        /// The identity.
+        identity: String,
+        /// Where it stays.
+        from: ServerId,
+        /// Where it was going.
+        to: ServerId,
+    },
     /// `names_evicted`: this server lost names to another holder after a heal.
     Evicted {
         /// Identities lost.

@@ -1165,6 +1165,30 @@ fn server_down_purges_its_names_everywhere() {
 /// neither frees it with the dead server's names nor lets another take it),
 /// whether the new leader comes while the move is asked for or once it was
 /// given up (a reviewer found the second still lost it).
+/// After s3 (the leader, and Vic's move's target) died: once the others
+/// elect a leader, Vic's move (`start`) was refused, s1 still holds Vic,
+/// and a thief's claim of it on s2 is refused.
+fn vic_stays_on_s1(sim: &mut Sim, start: u64, (seed, wait): (u64, Duration)) {
+    sim.reelect();
+    sim.run_for(ms(1_000));
+    let thief = sim.claim(1, ident("Vic"));
+    sim.run_for(ms(1_000));
+    assert!(
+        matches!(sim.result(start), Some(Err(_))),
+        "seed {seed}: the move to a dead server ended {:?}",
+        sim.result(start)
+    );
+    assert!(
+        sim.node(0).holds(&ident("Vic")),
+        "seed {seed}, {wait:?}: Vic lost"
+    );
+    assert_eq!(
+        sim.result(thief),
+        Some(&Err(Refusal::Taken)),
+        "seed {seed}, {wait:?}"
+    );
+}
+
 #[test]
 fn a_move_asked_of_a_leader_that_dies_leaves_the_identity_with_its_client() {
     for (seed, wait) in (0..20).flat_map(|seed| [(seed, DETECT + ms(30)), (seed, ms(2_300))]) {
@@ -1182,24 +1206,43 @@ fn a_move_asked_of_a_leader_that_dies_leaves_the_identity_with_its_client() {
             },
         );
         sim.run_for(wait);
-        sim.reelect();
-        sim.run_for(ms(1_000));
-        let thief = sim.claim(1, ident("Vic"));
-        sim.run_for(ms(1_000));
+        vic_stays_on_s1(&mut sim, start, (seed, wait));
+    }
+}
+
+/// The same when the dying leader (the move's target) had granted the
+/// move and announced it, but its answer never reached the origin: the
+/// client was never routed, and the next leader, which kept the move from
+/// its replica, must not free the identity when it frees the dead
+/// target's names (it evicted the client from its own server).
+#[test]
+fn a_move_granted_by_a_leader_that_dies_before_answering_leaves_the_identity_with_its_client() {
+    for (seed, wait) in (0..20).flat_map(|seed| [(seed, DETECT + ms(30)), (seed, ms(2_300))]) {
+        let mut sim = Sim::new(3, seed, true);
+        sim.claim(0, ident("Vic"));
+        sim.run_for(ms(300));
+        assert_eq!(sim.leader_index(), 2, "seed {seed}");
+        // s1 hears nothing more from s3: neither the move's announcement
+        // nor its answer.
+        sim.cut_oneway(&[2], &[0]);
+        let start = sim.local(
+            0,
+            LocalRequest::StartMove {
+                identity: "Vic".into(),
+                to: sid(2),
+                proof: proof(),
+            },
+        );
+        sim.run_for(ms(30));
         assert!(
-            matches!(sim.result(start), Some(Err(_))),
-            "seed {seed}: the move to a dead server ended {:?}",
-            sim.result(start)
+            sim.node(1).is_moving_to("Vic", "s3"),
+            "seed {seed}: granted and announced"
         );
-        assert!(
-            sim.node(0).holds(&ident("Vic")),
-            "seed {seed}, {wait:?}: Vic lost"
-        );
-        assert_eq!(
-            sim.result(thief),
-            Some(&Err(Refusal::Taken)),
-            "seed {seed}, {wait:?}"
-        );
+        sim.crash(2);
+        sim.heal();
+        sim.run_for(wait);
+        vic_stays_on_s1(&mut sim, start, (seed, wait));
+        sim.assert_converged();
     }
 }
 
