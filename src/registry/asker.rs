@@ -20,6 +20,9 @@ pub(super) struct Pending {
     /// the chat layer released the name meanwhile): release the name if
     /// granted, unless a new claim of it adopts the request first.
     pub(super) abandoned: bool,
+    /// An arrival whose client was told it timed out (not one that left):
+    /// if granted, kept for that client's `movejoin` again.
+    pub(super) told_no: bool,
 }
 
 impl Registry {
@@ -219,6 +222,7 @@ impl Registry {
                 deadline,
                 last_sent: None,
                 abandoned: false,
+                told_no: false,
             },
         );
         self.send_new(now, &[id], out);
@@ -331,6 +335,7 @@ impl Registry {
         {
             p.deadline = None;
             p.abandoned = true;
+            p.told_no = matches!(p.op, Op::MoveDone { .. });
             if let Some(token) = p.token.take() {
                 Self::reply(out, token, Err(reason));
             }
@@ -397,12 +402,23 @@ impl Registry {
                     }
                 }
             }
-            (Op::MoveDone { identity, .. }, Verdict::Granted { stamp }) => {
+            (
+                Op::MoveDone {
+                    identity, arrival, ..
+                },
+                Verdict::Granted { stamp },
+            ) => {
                 if p.abandoned {
-                    // As for a claim: never free what a client here holds.
-                    let name = Name::Identity(identity);
+                    // Kept for its client's `movejoin` again if it was told
+                    // no, else given back; never over what a client here
+                    // holds.
+                    let name = Name::Identity(identity.clone());
                     if !self.holds(&name) {
-                        self.submit(now, Op::Release(vec![Given { name, stamp }]), None, out);
+                        if p.told_no {
+                            self.keep_unclaimed(now, identity, arrival, stamp, out);
+                        } else {
+                            self.submit(now, Op::Release(vec![Given { name, stamp }]), None, out);
+                        }
                     }
                 } else {
                     self.replica.remove_identity(&identity);

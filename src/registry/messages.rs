@@ -626,6 +626,11 @@ pub enum Timer {
         /// The moving identity.
         identity: String,
     },
+    /// An arrival granted with nobody waiting was not taken in time.
+    Unclaimed {
+        /// The identity.
+        identity: String,
+    },
     /// Leader: stop waiting for holdings of silent servers.
     SyncDeadline,
     /// Leader: stop waiting for slow followers to apply committed grants

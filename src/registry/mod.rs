@@ -297,6 +297,22 @@ pub struct Registry {
     /// Meanwhile new claims of the name are refused here. Tried again after
     /// every input; at most `MAX_PENDING`.
     parked: Vec<ParkedArrival>,
+    /// Arrivals granted with nobody waiting (their client was told no, the
+    /// leader's answer late): the identity is this server's, kept for that
+    /// client's `movejoin` again until the move timeout, then given back.
+    /// Given back at once, the move was done and the name free for anyone
+    /// (a fault tester: a one-way cut from the leader, healed).
+    unclaimed: BTreeMap<String, Unclaimed>,
+}
+
+/// An arrival granted after its client was told no.
+#[derive(Debug)]
+struct Unclaimed {
+    /// What the client showed: only the same token and address take it.
+    arrival: Arrival,
+    stamp: Stamp,
+    /// Given back then.
+    until: Instant,
 }
 
 /// An arrival waiting for claims of its identity to be answered.
@@ -361,6 +377,7 @@ impl Registry {
             clock: None,
             batching: false,
             parked: Vec::new(),
+            unclaimed: BTreeMap::new(),
         }
     }
 
@@ -854,6 +871,50 @@ impl Registry {
         }
     }
 
+    /// Keeps `identity`, whose arrival was granted after its client was
+    /// told no, for that client's `movejoin` again (see `unclaimed`).
+    pub(super) fn keep_unclaimed(
+        &mut self,
+        now: Instant,
+        identity: String,
+        arrival: Arrival,
+        stamp: Stamp,
+        out: &mut Vec<Action>,
+    ) {
+        self.replica.remove_identity(&identity);
+        self.own.set_identity(IdentityEntry {
+            identity: identity.clone(),
+            server: self.id.clone(),
+            moving_to: None,
+            stamp: stamp.clone(),
+            move_proof: None,
+        });
+        let until = later(now, self.config.move_timeout);
+        self.unclaimed.insert(
+            identity.clone(),
+            Unclaimed {
+                arrival,
+                stamp,
+                until,
+            },
+        );
+        out.push(Action::SetTimer {
+            timer: Timer::Unclaimed { identity },
+            after: self.config.move_timeout,
+        });
+    }
+
+    /// The unclaimed arrival of `identity`, taken out, if this server still
+    /// has that grant (it may have lost it to a heal meanwhile).
+    fn take_unclaimed(&mut self, identity: &str) -> Option<Unclaimed> {
+        let kept = self.unclaimed.remove(identity)?;
+        self.own
+            .identities
+            .get(identity)
+            .is_some_and(|e| e.stamp == kept.stamp && e.moving_to.is_none())
+            .then_some(kept)
+    }
+
     /// An arrival of `identity` here (a `movejoin`), to be answered by
     /// `until` (the claim timeout after it was asked).
     fn accept_move(
@@ -866,6 +927,16 @@ impl Registry {
         out: &mut Vec<Action>,
     ) {
         let key = NameKey::Identity(identity.clone());
+        if let Some(kept) = self.take_unclaimed(&identity) {
+            let result = if kept.arrival == arrival {
+                Ok(())
+            } else {
+                self.unclaimed.insert(identity, kept);
+                Err(Refusal::WrongMoveProof)
+            };
+            Self::reply(out, token, result);
+            return;
+        }
         // A client connected here refuses it (one holding the identity, or
         // moving away but not routed yet: the leader may still have the
         // identity here, not moving, and would take the arrival for the
@@ -1125,6 +1196,8 @@ impl Registry {
                 continue;
             };
             // Releases are indexed under their names too: only claims count.
+            // Its client left: a grant is given back.
+            p.told_no = false;
             if matches!(p.op, Op::Claim(_) | Op::MoveDone { .. }) && !p.abandoned {
                 p.abandoned = true;
                 if let Some(t) = p.token.take() {
@@ -1274,6 +1347,21 @@ impl Registry {
                 }
             }
             Timer::RequestDeadline { id } => self.give_up(now, id, out),
+            Timer::Unclaimed { identity } => {
+                if self
+                    .unclaimed
+                    .get(&identity)
+                    .is_some_and(|u| now >= u.until)
+                    && self.take_unclaimed(&identity).is_some()
+                    && let Some(stamp) = self.let_go(NameKey::Identity(identity.clone()), out)
+                {
+                    let given = Given {
+                        name: Name::Identity(identity),
+                        stamp,
+                    };
+                    self.submit(now, Op::Release(vec![given]), None, out);
+                }
+            }
             Timer::MoveExpiry { identity } => {
                 if self.is_leader() {
                     self.with_leader(|reg, lead| reg.lead_move_expiry(lead, now, &identity, out));

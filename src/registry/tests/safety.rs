@@ -1040,8 +1040,9 @@ fn a_leader_nobody_heard_does_not_grant_a_room_released_to_it_and_regranted_mean
 }
 
 /// The same history for an arrival whose answer never came: s3 gives up
-/// on its `movejoin` as the cut starts, and the release that undoes it
-/// names the move's grant, as s3's replica showed the move.
+/// on its `movejoin` as the cut starts; the grant, when it comes, is kept
+/// for the client's retry until the move timeout, and the release that
+/// then undoes it names the move's grant, as s3's replica showed the move.
 #[test]
 fn a_leader_nobody_heard_does_not_grant_an_arrival_given_up_and_regranted_meanwhile() {
     regranted_while_a_cut_off_leader_kept_the_release(
@@ -1077,8 +1078,8 @@ fn a_leader_nobody_heard_does_not_grant_an_unannounced_arrival_given_up_and_regr
 }
 
 /// A client of s1 moves to s3; s5 grants the arrival, but its answer to s3
-/// is lost, and s3 gives up on it (and releases the name) just as the
-/// one-way cut of s5 starts: s5 hears the release.
+/// is lost, and s3 tells its client no just as the one-way cut of s5
+/// starts (the arrival stays in flight: see `Registry::unclaimed`).
 fn give_up_an_arrival_as_the_cut_starts(sim: &mut Sim, seed: u64, name: &dyn Fn(usize) -> Name) {
     give_up_an_arrival(sim, seed, name, false);
 }
@@ -1163,7 +1164,9 @@ fn regranted_while_a_cut_off_leader_kept_the_release(
         let_go(&mut sim, seed, &name);
         sim.run_for(ms(5));
         let term = split_term_under_s5(&mut sim, ms(100));
-        sim.run_for(ms(900));
+        // An arrival whose client was told no is kept for its retry until
+        // the move timeout, then given back.
+        sim.run_for(ms(900) + sim.cfg.move_timeout);
         let on_s2 = sim.claim(1, name(1));
         sim.run_for(ms(300));
         assert_eq!(

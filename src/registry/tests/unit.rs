@@ -2539,6 +2539,63 @@ fn an_arrival_asked_again_takes_over_the_one_its_client_was_refused() {
     }
 }
 
+/// An arrival the leader granted while its answer could not reach the
+/// destination (which had stopped hearing it), so its client was told no:
+/// the identity, the destination's when the answer finally comes, is kept
+/// there for that client's `movejoin` again, not given back (a fault
+/// tester: given back after the heal, a rival took the name, 3 of 3).
+/// An impostor's `movejoin` meanwhile is refused; nobody's, and it is given
+/// back after the move timeout.
+#[test]
+fn an_arrival_granted_after_its_client_was_refused_waits_for_the_client() {
+    for (seed, retry) in (0..10).flat_map(|seed| [(seed, true), (seed, false)]) {
+        let mut sim = Sim::with_config(
+            3,
+            seed,
+            RegistryConfig {
+                claim_timeout: ms(400),
+                ..test_config(true)
+            },
+        );
+        start_move(&mut sim);
+        sim.cut_oneway(&[2], &[1]);
+        let accept = |arrival: Arrival| LocalRequest::AcceptMove {
+            identity: "Adel".into(),
+            arrival,
+        };
+        let first = sim.local(1, accept(arrival()));
+        assert!(sim.answer(first).is_err(), "seed {seed}: no answer heard");
+        sim.heal();
+        sim.run_for(ms(300));
+        assert_eq!(sim.holders(&ident("Adel")), vec![1], "seed {seed}: arrived");
+        let rival = sim.claim(0, ident("Adel"));
+        assert_eq!(sim.answer(rival), Err(Refusal::Taken), "seed {seed}");
+        let impostor = sim.local(
+            1,
+            accept(Arrival {
+                token: Some("f".repeat(32)),
+                ip: std::net::IpAddr::from([10, 0, 0, 66]),
+            }),
+        );
+        assert_eq!(
+            sim.answer(impostor),
+            Err(Refusal::WrongMoveProof),
+            "seed {seed}"
+        );
+        if retry {
+            let again = sim.local(1, accept(arrival()));
+            assert_eq!(sim.answer(again), Ok(()), "seed {seed}");
+            sim.run_for(ms(1_200));
+            assert_eq!(sim.holders(&ident("Adel")), vec![1], "seed {seed}: kept");
+        } else {
+            sim.run_for(ms(1_200));
+            let late = sim.claim(0, ident("Adel"));
+            assert_eq!(sim.answer(late), Ok(()), "seed {seed}: given back");
+        }
+        sim.assert_converged();
+    }
+}
+
 /// Adel, moving to s2, arrives there: the move is approved, s2 alone holds
 /// the identity and every view agrees.
 fn adel_arrives_on_s2(sim: &mut Sim, seed: u64) {
