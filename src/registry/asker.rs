@@ -18,7 +18,8 @@ pub(super) struct Pending {
     pub(super) last_sent: Option<Instant>,
     /// Nobody waits for it any more (its client was told it timed out, or
     /// the chat layer released the name meanwhile): release the name if
-    /// granted, unless a new claim of it adopts the request first.
+    /// granted (an arrival whose client was told no: keep it for the
+    /// client's retry, see `told_no`), unless a new request adopts it first.
     pub(super) abandoned: bool,
     /// An arrival whose client was told it timed out (not one that left):
     /// if granted, kept for that client's `movejoin` again.
@@ -415,7 +416,7 @@ impl Registry {
                     let name = Name::Identity(identity.clone());
                     if !self.holds(&name) {
                         if p.told_no {
-                            self.keep_unclaimed(now, identity, arrival, stamp, out);
+                            self.keep_unclaimed(now, (identity, arrival), stamp, seq, out);
                         } else {
                             self.submit(now, Op::Release(vec![Given { name, stamp }]), None, out);
                         }

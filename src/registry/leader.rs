@@ -874,7 +874,9 @@ impl Registry {
                     None => return refused(Refusal::NotOwner),
                 };
                 if let Some(target) = &entry.moving_to {
-                    return if target == to {
+                    return if target == to && !self.is_live(to) {
+                        refused(Refusal::TargetDown)
+                    } else if target == to {
                         // The origin hears of the move now.
                         lead.unheard.remove(identity);
                         lead.told.insert(identity.clone());
@@ -1164,7 +1166,11 @@ impl Registry {
         let Some(to) = entry.moving_to.clone() else {
             return;
         };
-        let unheard = lead.unheard.get(identity) == Some(&entry.stamp);
+        // An origin whose report this leader has not merged yet may not
+        // have heard either: left there too, and if it did route its
+        // client, its report says so and the merge starts the move again.
+        let unheard = lead.unheard.get(identity) == Some(&entry.stamp)
+            || lead.unsynced.contains_key(&entry.server);
         if unheard && self.is_live(&entry.server) {
             let change = Change::SetIdentity(IdentityEntry {
                 moving_to: None,

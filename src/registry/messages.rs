@@ -114,6 +114,17 @@ impl fmt::Debug for Arrival {
 }
 
 impl Arrival {
+    /// Whether `other` is the same client asking again: the same token if
+    /// this one showed one (from any address, as a move's proof is
+    /// checked), otherwise no token and the same address.
+    pub fn same_client(&self, other: &Arrival) -> bool {
+        match (&self.token, &other.token) {
+            (Some(mine), Some(theirs)) => mine == theirs,
+            (None, None) => self.ip == other.ip,
+            _ => false,
+        }
+    }
+
     /// Whether this arrival is the client the move was started for: the
     /// token if it shows one (a client may arrive from another address,
     /// e.g. another interface), otherwise the same source address.

@@ -61,11 +61,14 @@
 //!   for the real client. The identity is re-homed to B with its original
 //!   stamp. B's `MoveDone` names that stamp when B's replica shows the move,
 //!   and the leader then completes only that move. An arrival B gives up on
-//!   stays in flight like a claim until its answer comes, and a grant then
-//!   is released by the stamp the answer names (a release of whatever B
-//!   holds, reaching a leader late, could free a later grant of the
-//!   identity to B); another arrival of the identity at B waits for that
-//!   answer. A move that does not arrive within
+//!   stays in flight like a claim until its answer comes; the same client's
+//!   `movejoin` again (same token, or no token and the same address) takes
+//!   it over. A grant that comes after B told its client no is kept for
+//!   that client's `movejoin` until the move timeout (`unclaimed`), then
+//!   released by the stamp the answer names (a release of whatever B holds,
+//!   reaching a leader late, could free a later grant of the identity to
+//!   B); one whose client left is released at once; another arrival of the
+//!   identity at B waits for that answer. A move that does not arrive within
 //!   [`RegistryConfig::move_timeout`] is released by the **leader**: it is
 //!   the one place that sees both the start and the
 //!   arrival, so it decides atomically which came first. A move the origin
@@ -153,8 +156,9 @@
 //!   it: the two travel separately and may overtake each other.
 //! - An asker whose claim times out tells its client at once but keeps the
 //!   request in flight; a grant that arrives with nobody waiting is
-//!   released, so it does not leak, and a new claim of the same name on
-//!   that server adopts the request instead of racing with that release.
+//!   released (an arrival's after the move timeout: see above), so it does
+//!   not leak, and a new claim of the same name on that server adopts the
+//!   request instead of racing with that release.
 //!
 //! # What the runtime must provide
 //! - Registry messages between two live servers are delivered (QUIC streams),
@@ -873,14 +877,18 @@ impl Registry {
 
     /// Keeps `identity`, whose arrival was granted after its client was
     /// told no, for that client's `movejoin` again (see `unclaimed`).
+    /// `seq`: the announcement the grant was decided at (news older than
+    /// it, such as the move's own announcement, must not take it away).
     pub(super) fn keep_unclaimed(
         &mut self,
         now: Instant,
-        identity: String,
-        arrival: Arrival,
+        (identity, arrival): (String, Arrival),
         stamp: Stamp,
+        seq: u64,
         out: &mut Vec<Action>,
     ) {
+        self.marks
+            .insert(NameKey::Identity(identity.clone()), (self.term, seq));
         self.replica.remove_identity(&identity);
         self.own.set_identity(IdentityEntry {
             identity: identity.clone(),
@@ -928,7 +936,7 @@ impl Registry {
     ) {
         let key = NameKey::Identity(identity.clone());
         if let Some(kept) = self.take_unclaimed(&identity) {
-            let result = if kept.arrival == arrival {
+            let result = if kept.arrival.same_client(&arrival) {
                 Ok(())
             } else {
                 self.unclaimed.insert(identity, kept);
@@ -961,7 +969,7 @@ impl Registry {
         } else if self.adopt(
             now,
             &key,
-            |op| matches!(op, Op::MoveDone { identity: i, arrival: a, .. } if *i == identity && *a == arrival),
+            |op| matches!(op, Op::MoveDone { identity: i, arrival: a, .. } if *i == identity && a.same_client(&arrival)),
             (token, until),
             out,
         ) {

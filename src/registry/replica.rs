@@ -95,13 +95,15 @@ impl Registry {
     }
 
     /// Whether this server's chat layer still has a client for `identity`:
-    /// it holds it, or the client has not been routed away yet (its move
-    /// is still being asked for, or was given up and is being cancelled).
+    /// it holds it (not as a kept arrival nobody took yet), or the client
+    /// has not been routed away yet (its move is still being asked for, or
+    /// was given up and is being cancelled).
     pub(super) fn client_here(&self, identity: &str) -> bool {
         self.own
             .identities
             .get(identity)
             .is_some_and(|e| e.moving_to.is_none())
+            && !self.unclaimed.contains_key(identity)
             || self.pending.values().any(|p| match &p.op {
                 Op::MoveStart { identity: i, .. } | Op::MoveCancel { identity: i, .. } => {
                     i == identity
@@ -130,6 +132,7 @@ impl Registry {
 
     pub(super) fn drop_own_identity(&mut self, identity: &str) -> Option<IdentityEntry> {
         self.marks.remove(&NameKey::Identity(identity.to_string()));
+        self.unclaimed.remove(identity);
         self.own.remove_identity(identity)
     }
 
