@@ -935,6 +935,16 @@ impl Registry {
         out: &mut Vec<Action>,
     ) {
         let key = NameKey::Identity(identity.clone());
+        if self.config.require_majority && !self.has_majority() {
+            // Refused at once, as a claim is, and not asked: an arrival
+            // left in flight here would be granted once the cluster is
+            // back, with nobody waiting. Not even a kept arrival is handed
+            // out: cut off, this server's names may have been freed and
+            // granted again on the other side (a fault tester: two clients
+            // served under one name until the heal).
+            Self::reply(out, token, Err(self.no_majority()));
+            return;
+        }
         if let Some(kept) = self.take_unclaimed(&identity) {
             let result = if kept.arrival.same_client(&arrival) {
                 Ok(())
@@ -974,11 +984,6 @@ impl Registry {
             out,
         ) {
             return;
-        } else if self.config.require_majority && !self.has_majority() {
-            // Refused at once, as a claim is, and not asked: an arrival
-            // left in flight here would be granted once the cluster is
-            // back, with nobody waiting, and given back, move and all.
-            Some(self.no_majority())
         } else if self.pending.len() + self.parked.len() >= MAX_PENDING {
             Some(Refusal::Busy)
         } else {
