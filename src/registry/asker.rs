@@ -142,7 +142,7 @@ impl Registry {
 
     /// A request a client asks for while an abandoned request exactly
     /// like it (`same`: a timed-out claim of the name, or an arrival of
-    /// the identity with the same token and address) is still in flight:
+    /// the identity by the same client, [`Arrival::same_client`]) is still in flight:
     /// that request becomes this client's, answered by `until`, instead of
     /// a second request that would race with the release of the first
     /// (an arrival: the first, granted with nobody waiting, would be given
@@ -384,13 +384,7 @@ impl Registry {
                     }
                 } else {
                     match name {
-                        Name::Identity(identity) => self.own.set_identity(IdentityEntry {
-                            identity,
-                            server: self.id.clone(),
-                            moving_to: None,
-                            stamp,
-                            move_proof: None,
-                        }),
+                        Name::Identity(identity) => self.hold_identity(identity, stamp),
                         Name::Room { room, owner } => self.own.set_room(RoomEntry {
                             room,
                             server: self.id.clone(),
@@ -423,13 +417,7 @@ impl Registry {
                     }
                 } else {
                     self.replica.remove_identity(&identity);
-                    self.own.set_identity(IdentityEntry {
-                        identity,
-                        server: self.id.clone(),
-                        moving_to: None,
-                        stamp,
-                        move_proof: None,
-                    });
+                    self.hold_identity(identity, stamp);
                     if let Some(token) = p.token {
                         Self::reply(out, token, Ok(()));
                     }

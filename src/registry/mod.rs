@@ -312,7 +312,8 @@ pub struct Registry {
 /// An arrival granted after its client was told no.
 #[derive(Debug)]
 struct Unclaimed {
-    /// What the client showed: only the same token and address take it.
+    /// What the client showed: only the same client takes it
+    /// ([`Arrival::same_client`]: its token, or its address if it showed none).
     arrival: Arrival,
     stamp: Stamp,
     /// Given back then.
@@ -890,13 +891,7 @@ impl Registry {
         self.marks
             .insert(NameKey::Identity(identity.clone()), (self.term, seq));
         self.replica.remove_identity(&identity);
-        self.own.set_identity(IdentityEntry {
-            identity: identity.clone(),
-            server: self.id.clone(),
-            moving_to: None,
-            stamp: stamp.clone(),
-            move_proof: None,
-        });
+        self.hold_identity(identity.clone(), stamp.clone());
         let until = later(now, self.config.move_timeout);
         self.unclaimed.insert(
             identity.clone(),
@@ -909,6 +904,17 @@ impl Registry {
         out.push(Action::SetTimer {
             timer: Timer::Unclaimed { identity },
             after: self.config.move_timeout,
+        });
+    }
+
+    /// `identity` granted to this server under `stamp`: held here, not moving.
+    pub(super) fn hold_identity(&mut self, identity: String, stamp: Stamp) {
+        self.own.set_identity(IdentityEntry {
+            identity,
+            server: self.id.clone(),
+            moving_to: None,
+            stamp,
+            move_proof: None,
         });
     }
 

@@ -1252,6 +1252,61 @@ fn a_move_granted_by_a_leader_that_dies_before_answering_leaves_the_identity_wit
     }
 }
 
+/// A move asked again of a new leader (its first answer never reached
+/// the origin) whose target that leader cannot reach is refused, as a new
+/// move there would be: the origin must not send its client to a server
+/// the leader will not hear its arrival from.
+#[test]
+fn a_move_asked_again_while_its_target_is_down_is_refused() {
+    for seed in 0..10 {
+        let mut sim = Sim::new(5, seed, true);
+        sim.claim(0, ident("Vic"));
+        sim.run_for(ms(300));
+        assert_eq!(sim.leader_index(), 4, "seed {seed}");
+        // s1 hears nothing from the leader: the move's answer is lost.
+        sim.cut_oneway(&[4], &[0]);
+        let start = sim.local(
+            0,
+            LocalRequest::StartMove {
+                identity: "Vic".into(),
+                to: sid(1),
+                proof: proof(),
+            },
+        );
+        sim.run_for(ms(30));
+        assert!(
+            sim.node(3).is_moving_to("Vic", "s2"),
+            "seed {seed}: granted and announced"
+        );
+        // The leader dies; s4 takes over the move from the others' reports
+        // (s1 does not hear of the election yet), then loses the target s2,
+        // which s1 and s3 still hear (so its names are not freed).
+        sim.crash(4);
+        sim.run_for(DETECT + ms(30));
+        sim.term += 1;
+        let term = sim.term;
+        for m in 1..4 {
+            sim.tell_leader(m, 3, term, ms(0));
+        }
+        sim.run_for(ms(100));
+        assert!(
+            sim.node(3).is_moving_to("Vic", "s2"),
+            "seed {seed}: the move kept"
+        );
+        sim.cut_oneway(&[3], &[1]);
+        sim.cut_oneway(&[1], &[3]);
+        sim.run_for(DETECT + ms(30));
+        sim.tell_leader(0, 3, term, ms(0));
+        assert_eq!(
+            sim.answer(start),
+            Err(Refusal::TargetDown),
+            "seed {seed}: s1 asks s4 again"
+        );
+        assert_eq!(sim.holders(&ident("Vic")), vec![0], "seed {seed}");
+        assert!(!sim.node(0).is_moving_to("Vic", "s2"), "seed {seed}");
+    }
+}
+
 #[test]
 fn leader_dies_with_100_claims_in_flight() {
     for seed in 0..30 {
@@ -2551,10 +2606,13 @@ fn an_arrival_asked_again_takes_over_the_one_its_client_was_refused() {
 /// there for that client's `movejoin` again, not given back (a fault
 /// tester: given back after the heal, a rival took the name, 3 of 3).
 /// An impostor's `movejoin` meanwhile is refused; nobody's, and it is given
-/// back after the move timeout.
+/// back after the move timeout. The client may come back from another
+/// address: its token is what proves it (as for the move itself).
 #[test]
 fn an_arrival_granted_after_its_client_was_refused_waits_for_the_client() {
-    let runs = (0..10).flat_map(|seed| [(seed, "retry"), (seed, "none"), (seed, "cut off")]);
+    let runs = (0..10).flat_map(|seed| {
+        ["retry", "retry elsewhere", "none", "cut off"].map(|retry| (seed, retry))
+    });
     for (seed, retry) in runs {
         let mut sim = Sim::with_config(
             3,
@@ -2590,8 +2648,12 @@ fn an_arrival_granted_after_its_client_was_refused_waits_for_the_client() {
             "seed {seed}"
         );
         match retry {
-            "retry" => {
-                let again = sim.local(1, accept(arrival()));
+            "retry" | "retry elsewhere" => {
+                let mut again = arrival();
+                if retry == "retry elsewhere" {
+                    again.ip = std::net::IpAddr::from([10, 0, 0, 77]);
+                }
+                let again = sim.local(1, accept(again));
                 assert_eq!(sim.answer(again), Ok(()), "seed {seed}");
                 sim.run_for(ms(1_200));
                 assert_eq!(sim.holders(&ident("Adel")), vec![1], "seed {seed}: kept");
@@ -2626,6 +2688,94 @@ fn an_arrival_granted_after_its_client_was_refused_waits_for_the_client() {
 /// was stuck taken (a reviewer). Nor is it evicted as if a client had it.
 #[test]
 fn a_kept_arrival_outlives_the_announcements_that_come_after_its_answer() {
+    let (mut reg, later, on_s1) = s2_keeping_adel();
+    let out = the_moves_own_news(&mut reg, later, &on_s1);
+    assert!(reg.holds(&ident("Adel")), "still kept");
+    assert_no_eviction(&out);
+    let again = adel_asks_again(&mut reg, later);
+    assert_eq!(replies(&again), vec![(8, Ok(()))], "its client gets it");
+}
+
+/// A kept arrival the leader then gives to another server (a heal, say)
+/// is dropped without an eviction: no client here has it, and the chat
+/// layer must not be told to disconnect one (a reviewer).
+#[test]
+fn a_kept_arrival_taken_away_evicts_nobody() {
+    let (mut reg, later, on_s1) = s2_keeping_adel();
+    let mut out = the_moves_own_news(&mut reg, later, &on_s1);
+    let elsewhere = IdentityEntry {
+        server: sid(0),
+        stamp: Stamp {
+            seq: 4,
+            ..on_s1.stamp.clone()
+        },
+        ..on_s1
+    };
+    out.extend(announce(&mut reg, later, 4, elsewhere));
+    assert!(!reg.holds(&ident("Adel")), "taken away");
+    assert_no_eviction(&out);
+    let again = adel_asks_again(&mut reg, later);
+    // No longer kept: the leader is asked (and will refuse).
+    assert!(replies(&again).is_empty(), "no longer kept: {again:?}");
+}
+
+/// The move's own announcements, older than the grant's answer: its start
+/// (2) and its arrival here (3).
+fn the_moves_own_news(reg: &mut Registry, now: Instant, on_s1: &IdentityEntry) -> Vec<Action> {
+    let moving = IdentityEntry {
+        moving_to: Some(sid(1)),
+        move_proof: Some(proof()),
+        ..on_s1.clone()
+    };
+    let arrived = IdentityEntry {
+        server: sid(1),
+        ..on_s1.clone()
+    };
+    let mut out = announce(reg, now, 2, moving);
+    out.extend(announce(reg, now, 3, arrived));
+    out
+}
+
+fn assert_no_eviction(out: &[Action]) {
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::EvictLocal { .. })),
+        "nobody to evict: {out:?}"
+    );
+}
+
+/// Adel's client `movejoin`s s2 again (token 8).
+fn adel_asks_again(reg: &mut Registry, now: Instant) -> Vec<Action> {
+    let request = adel_arrives();
+    reg.handle(now, Input::Local { token: 8, request })
+}
+
+fn adel_arrives() -> LocalRequest {
+    LocalRequest::AcceptMove {
+        identity: "Adel".into(),
+        arrival: arrival(),
+    }
+}
+
+/// Announcement `seq` of term 1 from the leader s3, setting `entry`.
+fn announce(reg: &mut Registry, now: Instant, seq: u64, entry: IdentityEntry) -> Vec<Action> {
+    let changes = vec![Change::SetIdentity(entry)];
+    reg.handle(
+        now,
+        msg(
+            "s3",
+            RegistryMessage::Announce {
+                term: 1,
+                seq,
+                changes,
+            },
+        ),
+    )
+}
+
+/// s2 (led by s3) keeping Adel, on its way from s1, for its client: the
+/// `movejoin` timed out, then the leader's grant (announcement 3) came.
+/// Returns the registry, the time then, and Adel's entry on s1.
+fn s2_keeping_adel() -> (Registry, Instant, IdentityEntry) {
     let now = Instant::now();
     let ids: Vec<ServerId> = (0..3).map(sid).collect();
     let mut reg = Registry::new(sid(1), ids, test_config(true), 1);
@@ -2656,15 +2806,11 @@ fn a_kept_arrival_outlives_the_announcements_that_come_after_its_answer() {
         rooms: vec![],
     };
     reg.handle(now, msg("s3", snapshot));
-    let accept = LocalRequest::AcceptMove {
-        identity: "Adel".into(),
-        arrival: arrival(),
-    };
     let out = reg.handle(
         now,
         Input::Local {
             token: 7,
-            request: accept.clone(),
+            request: adel_arrives(),
         },
     );
     let id = out
@@ -2692,43 +2838,7 @@ fn a_kept_arrival_outlives_the_announcements_that_come_after_its_answer() {
     };
     reg.handle(later, msg("s3", answer));
     assert!(reg.holds(&ident("Adel")), "kept");
-    let moving = IdentityEntry {
-        moving_to: Some(sid(1)),
-        move_proof: Some(proof()),
-        ..on_s1.clone()
-    };
-    let arrived = IdentityEntry {
-        server: sid(1),
-        ..on_s1
-    };
-    let mut out = Vec::new();
-    for (seq, entry) in [(2, moving), (3, arrived)] {
-        let change = vec![Change::SetIdentity(entry)];
-        out.extend(reg.handle(
-            later,
-            msg(
-                "s3",
-                RegistryMessage::Announce {
-                    term: 1,
-                    seq,
-                    changes: change,
-                },
-            ),
-        ));
-    }
-    assert!(reg.holds(&ident("Adel")), "still kept");
-    assert!(
-        !out.iter().any(|a| matches!(a, Action::EvictLocal { .. })),
-        "nobody to evict: {out:?}"
-    );
-    let again = reg.handle(
-        later,
-        Input::Local {
-            token: 8,
-            request: accept,
-        },
-    );
-    assert_eq!(replies(&again), vec![(8, Ok(()))], "its client gets it");
+    (reg, later, on_s1)
 }
 
 /// Adel, moving to s2, arrives there: the move is approved, s2 alone holds
