@@ -668,17 +668,20 @@ impl Registry {
         for entry in base.rooms.values().filter(|r| r.server != self.id) {
             self.replica.set_room(entry.clone());
         }
-        let moving: Vec<String> = base
+        let moving: Vec<IdentityEntry> = base
             .identities
             .values()
             .filter(|e| e.moving_to.is_some())
-            .map(|e| e.identity.clone())
+            .cloned()
             .collect();
+        self.moves_seen
+            .retain(|identity, _| base.identities.contains_key(identity));
         lead.registry = base;
         lead.based = true;
         self.applied = self.leader_position(lead.seq);
-        for identity in moving {
-            self.expire_move_at(lead, now, &identity, out);
+        for entry in moving {
+            self.note_move(&entry);
+            self.expire_move_at(lead, now, &entry.identity, out);
         }
         // Own holdings first: they are this server's own truth. Every
         // report is merged before anything queued is decided: the base is
@@ -1115,13 +1118,16 @@ impl Registry {
         identity: &str,
         out: &mut Vec<Action>,
     ) {
-        lead.moves
-            .insert(identity.to_string(), later(now, self.config.move_timeout));
+        // From when this server first saw the move: a leader taking a move
+        // over does not give it a new lease.
+        let since = self.moves_seen.get(identity).map_or(now, |(_, seen)| *seen);
+        let due = later(since.min(now), self.config.move_timeout);
+        lead.moves.insert(identity.to_string(), due);
         out.push(Action::SetTimer {
             timer: Timer::MoveExpiry {
                 identity: identity.to_string(),
             },
-            after: self.config.move_timeout,
+            after: due.saturating_duration_since(now),
         });
     }
 

@@ -307,6 +307,12 @@ pub struct Registry {
     /// Given back at once, the move was done and the name free for anyone
     /// (a fault tester: a one-way cut from the leader, healed).
     unclaimed: BTreeMap<String, Unclaimed>,
+    /// When this server first saw each open move (announced, in a snapshot,
+    /// or granted by itself as leader), by identity, with the move's proof:
+    /// a leader times a move it takes over from then, not from its own
+    /// election (a leader changing every few seconds kept a move nobody
+    /// finished open for ever, a fault tester).
+    moves_seen: HashMap<String, (MoveProof, Instant)>,
 }
 
 /// An arrival granted after its client was told no.
@@ -383,6 +389,7 @@ impl Registry {
             batching: false,
             parked: Vec::new(),
             unclaimed: BTreeMap::new(),
+            moves_seen: HashMap::new(),
         }
     }
 

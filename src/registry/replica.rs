@@ -165,6 +165,7 @@ impl Registry {
     ) -> bool {
         match change {
             Change::SetIdentity(entry) => {
+                self.note_move(entry);
                 if !self.replicates(entry) {
                     self.replica.remove_identity(&entry.identity);
                 } else {
@@ -174,6 +175,7 @@ impl Registry {
                 false
             }
             Change::RemoveIdentity { identity, stamp } => {
+                self.moves_seen.remove(identity);
                 self.replica.remove_identity(identity);
                 let key = NameKey::Identity(identity.clone());
                 let moving = match self.own.identities.get(identity) {
@@ -208,9 +210,35 @@ impl Registry {
             }
             Change::PurgeServer { server } => {
                 self.replica.purge(server);
+                self.forget_moves_not_known();
                 *server == self.id
             }
         }
+    }
+
+    /// Notes when this server first saw `entry`'s move, if it is moving;
+    /// forgets it if not.
+    pub(super) fn note_move(&mut self, entry: &IdentityEntry) {
+        match (&entry.moving_to, &entry.move_proof, self.clock) {
+            (Some(_), Some(proof), Some(now)) => {
+                let seen = self.moves_seen.get(&entry.identity);
+                if seen.is_none_or(|(p, _)| p != proof) {
+                    let first = (proof.clone(), now);
+                    self.moves_seen.insert(entry.identity.clone(), first);
+                }
+            }
+            _ => {
+                self.moves_seen.remove(&entry.identity);
+            }
+        }
+    }
+
+    /// Drops what `moves_seen` has of identities this server no longer
+    /// knows of (their server's names were freed).
+    fn forget_moves_not_known(&mut self) {
+        let (own, replica) = (&self.own.identities, &self.replica.identities);
+        self.moves_seen
+            .retain(|identity, _| own.contains_key(identity) || replica.contains_key(identity));
     }
 
     /// The position of the followed leader's announcement `seq`.
@@ -289,12 +317,15 @@ impl Registry {
                 continue;
             }
             present.insert(entry.identity.clone());
+            self.note_move(&entry);
             if !self.replicates(&entry) {
                 continue;
             }
             self.check_identity(&entry, (self.term, seq), out);
             self.replica.set_identity(entry);
         }
+        self.moves_seen
+            .retain(|identity, _| present.contains(identity));
         // A snapshot answers this server's own report: what the leader did
         // not register from it was refused (lost to another holder, or a
         // move that expired or completed). Names granted after the snapshot

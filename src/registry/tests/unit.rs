@@ -1252,6 +1252,31 @@ fn a_move_granted_by_a_leader_that_dies_before_answering_leaves_the_identity_wit
     }
 }
 
+/// A move nobody finishes ends `move_timeout` after it started, however
+/// often the leader changes meanwhile: each leader times it from when it
+/// first saw the move (a fault tester: with the leader restarted every 8 s
+/// a name nobody arrived with was free after 31.5 s with a 10 s timeout,
+/// and never while the leader kept changing).
+#[test]
+fn a_move_nobody_finishes_ends_on_time_however_often_the_leader_changes() {
+    for seed in 0..10 {
+        let mut sim = Sim::new(3, seed, true);
+        start_move(&mut sim);
+        let ends = sim.now + test_config(true).move_timeout;
+        // A new leader, s2 or s3 in turn, every 300 ms, past the timeout.
+        for leader in [1, 2].into_iter().cycle() {
+            sim.elect(leader, &[0, 1, 2]);
+            sim.run_for(ms(300));
+            if sim.now > ends + ms(300) {
+                break;
+            }
+        }
+        let rival = sim.claim(2, ident("Adel"));
+        assert_eq!(sim.answer(rival), Ok(()), "seed {seed}: the move ended");
+        sim.assert_converged();
+    }
+}
+
 /// A move asked again of a new leader (its first answer never reached
 /// the origin) whose target that leader cannot reach is refused, as a new
 /// move there would be: the origin must not send its client to a server
