@@ -682,6 +682,50 @@ async fn routed_away_then_former_server_crashes(restart: bool) {
     cluster.stop().await;
 }
 
+/// A move nobody finishes ends `move_timeout` after the route however
+/// often the leader restarts meanwhile: a new leader times it from the
+/// ages the others report, not from its own election. Before, each leader
+/// change gave it a new lease: with the leader restarted every second and
+/// a 2 s timeout, Vera's name stayed taken for as long as that went on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_nobody_finishes_ends_on_time_while_the_leader_restarts() {
+    use common::inproc::start_cluster_with;
+    let mut cluster = start_cluster_with(
+        3,
+        |_| None,
+        |config| config.limits.move_timeout = Duration::from_secs(2),
+    )
+    .await;
+    let (s1, s2, _adel) = jokes_on_s1(&cluster).await;
+    let (_vera, _token) = routed_to_jokes(s2, s1, "Vera").await;
+    let routed = Instant::now();
+    let mut restarts = 0;
+    loop {
+        cluster.crash(2).await;
+        cluster.restart(2).await;
+        restarts += 1;
+        let until = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < until {
+            let mut c = Raw::connect(Via::Tcp, s1, "claimant").await;
+            c.send(r#"{"type":"newidentity","identity":"Vera"}"#).await;
+            if c.next().await.expect("an answer")["approved"] == "true" {
+                println!(
+                    "Vera's name free {:?} after her route, {restarts} leader restarts",
+                    routed.elapsed()
+                );
+                cluster.stop().await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            routed.elapsed() < Duration::from_secs(12),
+            "Vera's name still taken 12 s after her route (2 s move timeout), \
+             the leader restarted {restarts} times"
+        );
+    }
+}
+
 /// `movejoin` for `identity` into `room` on `server` (at `addr`) with
 /// `token`, from the room `former`, approved: the client's new connection.
 async fn moved_in(

@@ -23,8 +23,9 @@ use crate::registry::RegistryMessage;
 /// (the stamp is no longer optional), a move cancel names the move, a
 /// request carries the asker's view of who is down, and a refusal may say
 /// the asker still hears a server whose names were freed. 5: a move can be
-/// given up by its client (`MoveGiveUp`), freeing its identity.
-pub const WIRE_VERSION: u8 = 5;
+/// given up by its client (`MoveGiveUp`), freeing its identity. 6: a
+/// holdings report says how old each open move is (`move_ages`).
+pub const WIRE_VERSION: u8 = 6;
 
 /// Largest stream frame accepted; checked before anything is allocated, and
 /// the body's buffer grows only as its bytes arrive. A registry snapshot or

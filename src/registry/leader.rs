@@ -681,6 +681,8 @@ impl Registry {
         self.applied = self.leader_position(lead.seq);
         for entry in moving {
             self.note_move(&entry);
+            let ages = reports.values().flat_map(|r| &r.move_ages);
+            self.date_move(now, &entry.identity, ages);
             self.expire_move_at(lead, now, &entry.identity, out);
         }
         // Own holdings first: they are this server's own truth. Every
@@ -1131,6 +1133,30 @@ impl Registry {
         });
     }
 
+    /// Dates `identity`'s move back to the oldest of `ages` reported for
+    /// it (for this move: the same proof), if that is before this server
+    /// first saw it: a move taken over is timed from its start, as far as
+    /// the servers that report here know it.
+    fn date_move<'a>(
+        &mut self,
+        now: Instant,
+        identity: &str,
+        ages: impl IntoIterator<Item = &'a MoveAge>,
+    ) {
+        let Some((proof, seen)) = self.moves_seen.get_mut(identity) else {
+            return;
+        };
+        let oldest = ages
+            .into_iter()
+            .filter(|a| a.identity == identity && a.proof == *proof)
+            .map(|a| a.age_ms)
+            .max();
+        let age = Duration::from_millis(oldest.unwrap_or(0)).min(self.config.move_timeout);
+        if let Some(started) = now.checked_sub(age) {
+            *seen = started.min(*seen);
+        }
+    }
+
     pub(super) fn lead_move_expiry(
         &mut self,
         lead: &mut LeaderState,
@@ -1534,6 +1560,9 @@ impl Registry {
         lead.unheard.extend(unheard);
         self.announce(lead, out);
         for identity in started_moving {
+            // Started again by this report (reverted while its origin was
+            // not merged yet, say): as old as the origin says it is.
+            self.date_move(now, &identity, &report.move_ages);
             self.expire_move_at(lead, now, &identity, out);
         }
         for (server, (identities, rooms)) in evict {

@@ -452,6 +452,23 @@ pub struct HoldingsReport {
     /// Servers the sender's failure detector sees down: a leader frees a
     /// server's names only when a majority, and every live server, sees it down.
     pub down: Vec<ServerId>,
+    /// How long ago the sender first saw each open move it knows of. A new
+    /// leader times a move it takes over from the earliest of these, so no
+    /// leader change (not even to a server that just restarted and never
+    /// saw the move) gives a move a new lease.
+    pub move_ages: Vec<MoveAge>,
+}
+
+/// How long ago a server first saw a move (announced, or in a snapshot).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveAge {
+    /// The identity moving.
+    pub identity: String,
+    /// The move's proof: an age is about this move, not an earlier one of
+    /// the same identity.
+    pub proof: MoveProof,
+    /// Milliseconds since the sender first saw it.
+    pub age_ms: u64,
 }
 
 /// How far a replica has come: the epoch (term, rank) of the leader whose

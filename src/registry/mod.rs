@@ -710,7 +710,24 @@ impl Registry {
             replica_identities: self.replica.identities.values().cloned().collect(),
             replica_rooms: self.replica.rooms.values().cloned().collect(),
             down: self.down_list(),
+            move_ages: self.move_ages(),
         }
+    }
+
+    /// How long ago this server first saw each open move it knows of.
+    fn move_ages(&self) -> Vec<MoveAge> {
+        let Some(now) = self.clock else {
+            return Vec::new();
+        };
+        self.moves_seen
+            .iter()
+            .map(|(identity, (proof, seen))| MoveAge {
+                identity: identity.clone(),
+                proof: proof.clone(),
+                age_ms: u64::try_from(now.saturating_duration_since(*seen).as_millis())
+                    .unwrap_or(u64::MAX),
+            })
+            .collect()
     }
 
     /// An own identity as a holdings report shows it: one whose move is

@@ -601,7 +601,9 @@ impl Sim {
     /// Invariants after every event, between servers that can talk:
     /// one grant is never held twice, and two grants of one name (the
     /// two sides of a healed partition) are resolved within the grace
-    /// period of first meeting. (That no new name is granted while a
+    /// period of first meeting in a group that can decide (under the
+    /// majority quorum, one with a majority: a minority commits nothing,
+    /// evictions included). (That no new name is granted while a
     /// connected server holds it is checked on every grant.)
     fn check(&mut self) {
         for (key, hs) in self.holdings() {
@@ -622,7 +624,12 @@ impl Sim {
                         sa.clone().max(sb.clone()),
                     );
                     // The clock restarts when the two reconnect after a
-                    // cut: convergence needs them in one group.
+                    // cut: convergence needs them in one group, and under
+                    // the majority quorum that group must be a majority.
+                    if self.cfg.require_majority && !self.in_majority(*a) {
+                        self.conflicts.insert(pair, now);
+                        continue;
+                    }
                     let first = *self.conflicts.entry(pair).or_insert(now);
                     let since = first.max(self.since[*a][*b]);
                     assert!(
@@ -632,6 +639,12 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// Whether `node` is in a group of more than half the servers.
+    fn in_majority(&self, node: usize) -> bool {
+        let group = self.components().into_iter().find(|c| c.contains(&node));
+        group.is_some_and(|g| g.len() > self.n() / 2)
     }
 
     fn crash(&mut self, node: usize) {
