@@ -68,12 +68,13 @@ fn chaos(seed: u64, require_majority: bool, asymmetric: bool) {
                 let who = pick(&mut sim, &own);
                 let to = alive[sim.rng.random_range(0..alive.len())];
                 if to != node {
+                    let proof = client_proof(&mut sim);
                     sim.local(
                         node,
                         LocalRequest::StartMove {
                             identity: who,
                             to: sid(to),
-                            proof: proof(),
+                            proof,
                         },
                     );
                 }
@@ -82,7 +83,7 @@ fn chaos(seed: u64, require_majority: bool, asymmetric: bool) {
                 // The client of a move out of `node` quits on its old
                 // connection (whether or not one is under way).
                 let name = pick(&mut sim, &names);
-                let proof = proof();
+                let proof = client_proof(&mut sim);
                 sim.local(
                     node,
                     LocalRequest::GiveUpMove {
@@ -93,7 +94,8 @@ fn chaos(seed: u64, require_majority: bool, asymmetric: bool) {
             }
             78..80 => {
                 let name = pick(&mut sim, &names);
-                let arrival = arrival();
+                let token = Some(client_proof(&mut sim).token);
+                let arrival = Arrival { token, ..arrival() };
                 sim.local(
                     node,
                     LocalRequest::AcceptMove {
@@ -189,6 +191,17 @@ fn chaos(seed: u64, require_majority: bool, asymmetric: bool) {
                 asked.request
             );
         }
+    }
+}
+
+/// The proof of one of three clients: moves of one identity get different
+/// proofs (as routes give new tokens), and a `movejoin` or a quit on the
+/// old connection is sometimes the real client's, sometimes another's.
+fn client_proof(sim: &mut Sim) -> MoveProof {
+    let client: u8 = sim.rng.random_range(0..3);
+    MoveProof {
+        token: format!("{client:032x}"),
+        ..proof()
     }
 }
 
