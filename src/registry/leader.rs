@@ -284,6 +284,7 @@ impl Registry {
             // The leader re-registers by merging, never by resync requests.
             let _ = self.apply_change(change, (self.term, lead.seq), out);
         }
+        self.forget_moves_purged(&changes);
         self.last_seq = Some(lead.seq);
         self.applied = self.leader_position(lead.seq);
         if let Some(open) = lead.open.as_mut() {

@@ -210,7 +210,6 @@ impl Registry {
             }
             Change::PurgeServer { server } => {
                 self.replica.purge(server);
-                self.forget_moves_not_known();
                 *server == self.id
             }
         }
@@ -233,9 +232,18 @@ impl Registry {
         }
     }
 
-    /// Drops what `moves_seen` has of identities this server no longer
-    /// knows of (their server's names were freed).
-    fn forget_moves_not_known(&mut self) {
+    /// After `changes` are applied: if they freed a server's names, drops
+    /// what `moves_seen` has of identities this server no longer knows of.
+    /// Not at the purge itself: the moves of the server's clients on their
+    /// way elsewhere are registered again in the same changes, and keep
+    /// their age.
+    pub(super) fn forget_moves_purged(&mut self, changes: &[Change]) {
+        if !changes
+            .iter()
+            .any(|c| matches!(c, Change::PurgeServer { .. }))
+        {
+            return;
+        }
         let (own, replica) = (&self.own.identities, &self.replica.identities);
         self.moves_seen
             .retain(|identity, _| own.contains_key(identity) || replica.contains_key(identity));
@@ -284,6 +292,7 @@ impl Registry {
                 for change in changes {
                     resync |= self.apply_change(change, (self.term, seq), out);
                 }
+                self.forget_moves_purged(changes);
                 if resync {
                     self.last_seq = None;
                     self.request_sync(now, true, out);

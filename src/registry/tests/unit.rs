@@ -1286,6 +1286,36 @@ fn a_move_nobody_finishes_ends_on_time_however_often_the_leader_changes() {
     }
 }
 
+/// A move keeps its age when the server it left is freed (its identity is
+/// registered again, still moving, in the announcement that frees Bob,
+/// who stayed there): a later leader times it from the route, not from
+/// the purge.
+#[test]
+fn a_move_keeps_its_age_when_the_server_it_left_is_freed() {
+    for seed in 0..10 {
+        let mut sim = Sim::new(3, seed, true);
+        let bob = sim.claim(0, ident("Bob"));
+        assert_eq!(sim.answer(bob), Ok(()), "seed {seed}");
+        start_move(&mut sim);
+        let ends = sim.now + test_config(true).move_timeout;
+        sim.run_for(ms(400));
+        sim.crash(0);
+        sim.run_for(DETECT + ms(200));
+        sim.elect(1, &[1, 2]);
+        sim.run_for(ends.saturating_sub(sim.now) + ms(100));
+        let rival = sim.claim(2, ident("Adel"));
+        assert_eq!(sim.answer(rival), Ok(()), "seed {seed}: the move ended");
+        for i in [1, 2] {
+            let seen = &sim.node(i).moves_seen;
+            assert!(
+                seen.is_empty(),
+                "seed {seed}: s{} still notes {seen:?}",
+                i + 1
+            );
+        }
+    }
+}
+
 /// A move asked again of a new leader (its first answer never reached
 /// the origin) whose target that leader cannot reach is refused, as a new
 /// move there would be: the origin must not send its client to a server
