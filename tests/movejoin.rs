@@ -713,6 +713,13 @@ async fn a_move_nobody_finishes_ends_on_time_while_the_leader_restarts() {
                     "Vera's name free {:?} after her route, {restarts} leader restarts",
                     routed.elapsed()
                 );
+                // Not before the timeout either (the grant came before the
+                // route, by a round trip).
+                assert!(
+                    routed.elapsed() > Duration::from_millis(1_500),
+                    "Vera's name free {:?} after her route (2 s move timeout)",
+                    routed.elapsed()
+                );
                 cluster.stop().await;
                 return;
             }

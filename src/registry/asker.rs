@@ -434,7 +434,13 @@ impl Registry {
                 let result = match self.own.identities.get_mut(&identity) {
                     Some(entry) => {
                         entry.moving_to = Some(to);
-                        entry.move_proof = Some(proof);
+                        entry.move_proof = Some(proof.clone());
+                        // Its client is routed now: the move's time starts
+                        // here, whatever the others saw (the answer may
+                        // come long after the grant, asked again of a new
+                        // leader).
+                        let seen = MoveSeen::new(proof, now, true);
+                        self.moves_seen.insert(identity, seen);
                         Ok(())
                     }
                     // Released or evicted meanwhile; the leader's move expires.

@@ -675,15 +675,19 @@ impl Registry {
             .filter(|e| e.moving_to.is_some())
             .cloned()
             .collect();
+        let moving_in_base = |identity: &String| {
+            let entry = base.identities.get(identity);
+            entry.is_some_and(|e| e.moving_to.is_some())
+        };
         self.moves_seen
-            .retain(|identity, _| base.identities.contains_key(identity));
+            .retain(|identity, _| moving_in_base(identity));
         lead.registry = base;
         lead.based = true;
         self.applied = self.leader_position(lead.seq);
         for entry in moving {
             self.note_move(&entry);
-            let ages = reports.values().flat_map(|r| &r.move_ages);
-            self.date_move(now, &entry.identity, ages);
+            let ages = reports.iter().map(|(from, r)| (from, &r.move_ages[..]));
+            self.date_move(now, &entry, ages);
             self.expire_move_at(lead, now, &entry.identity, out);
         }
         // Own holdings first: they are this server's own truth. Every
@@ -747,6 +751,17 @@ impl Registry {
         if let Some((verdict, seq)) = log.answers.get(&ticket.id).cloned() {
             // A grant not committed yet goes out when it is.
             if Self::answerable(lead, &verdict, seq) {
+                if let (
+                    Op::MoveStart {
+                        identity, proof, ..
+                    },
+                    Verdict::Granted { .. },
+                ) = (&op, &verdict)
+                {
+                    // The origin did not get it: it routes its client when
+                    // this one arrives.
+                    self.lease_from_route(lead, now, (identity, proof), out);
+                }
                 self.send_answer(&from, &ticket, verdict, seq, out);
             }
             return;
@@ -883,9 +898,11 @@ impl Registry {
                     return if target == to && !self.is_live(to) {
                         refused(Refusal::TargetDown)
                     } else if target == to {
-                        // The origin hears of the move now.
+                        // The origin hears of the move now, and routes its
+                        // client now: a full move timeout from here.
                         lead.unheard.remove(identity);
                         lead.told.insert(identity.clone());
+                        self.lease_from_route(lead, now, (identity, proof), out);
                         granted(entry.stamp)
                     } else {
                         refused(Refusal::AlreadyMoving)
@@ -1123,7 +1140,7 @@ impl Registry {
     ) {
         // From when this server first saw the move: a leader taking a move
         // over does not give it a new lease.
-        let since = self.moves_seen.get(identity).map_or(now, |(_, seen)| *seen);
+        let since = self.moves_seen.get(identity).map_or(now, |seen| seen.at);
         let due = later(since.min(now), self.config.move_timeout);
         lead.moves.insert(identity.to_string(), due);
         out.push(Action::SetTimer {
@@ -1134,28 +1151,65 @@ impl Registry {
         });
     }
 
-    /// Dates `identity`'s move back to the oldest of `ages` reported for
-    /// it (for this move: the same proof), if that is before this server
-    /// first saw it: a move taken over is timed from its start, as far as
-    /// the servers that report here know it.
+    /// A grant of `identity`'s open move (`proof`'s) goes (again) to its
+    /// origin, which routes the client when it gets it: a full move timeout
+    /// from now.
+    fn lease_from_route(
+        &mut self,
+        lead: &mut LeaderState,
+        now: Instant,
+        (identity, proof): (&str, &MoveProof),
+        out: &mut Vec<Action>,
+    ) {
+        let entry = lead.registry.identities.get(identity);
+        let open = entry.is_some_and(|e| e.move_proof.as_ref() == Some(proof));
+        if !open || !lead.moves.contains_key(identity) {
+            return;
+        }
+        let seen = MoveSeen::new(proof.clone(), now, true);
+        self.moves_seen.insert(identity.to_string(), seen);
+        self.expire_move_at(lead, now, identity, out);
+    }
+
+    /// Dates `entry`'s move from the ages reported for it (for this move:
+    /// the same proof), by server: from its origin's, which routed the
+    /// client then, if the origin reported one; else back to the oldest
+    /// reported, if that is before this server first saw it. A move taken
+    /// over is timed from its route, as far as the servers that report
+    /// here know it. Returns whether the move's start moved.
     fn date_move<'a>(
         &mut self,
         now: Instant,
-        identity: &str,
-        ages: impl IntoIterator<Item = &'a MoveAge>,
-    ) {
-        let Some((proof, seen)) = self.moves_seen.get_mut(identity) else {
-            return;
+        entry: &IdentityEntry,
+        reports: impl IntoIterator<Item = (&'a ServerId, &'a [MoveAge])>,
+    ) -> bool {
+        let Some(seen) = self.moves_seen.get_mut(&entry.identity) else {
+            return false;
         };
-        let oldest = ages
-            .into_iter()
-            .filter(|a| a.identity == identity && a.proof == *proof)
-            .map(|a| a.age_ms)
-            .max();
-        let age = Duration::from_millis(oldest.unwrap_or(0)).min(self.config.move_timeout);
-        if let Some(started) = now.checked_sub(age) {
-            *seen = started.min(*seen);
+        let (mut origins, mut oldest) = (None, None);
+        for (from, ages) in reports {
+            let about = |a: &&MoveAge| a.identity == entry.identity && a.proof == seen.proof;
+            for age in ages.iter().filter(about) {
+                if *from == entry.server {
+                    origins = Some(age.age_ms);
+                }
+                oldest = oldest.max(Some(age.age_ms));
+            }
         }
+        let timeout = self.config.move_timeout;
+        let started = |age: u64| now.checked_sub(Duration::from_millis(age).min(timeout));
+        let before = seen.at;
+        match (origins, oldest) {
+            (Some(age), _) => {
+                seen.at = started(age).unwrap_or(seen.at);
+                seen.routed = true;
+            }
+            (None, Some(age)) if !seen.routed => {
+                seen.at = started(age).map_or(seen.at, |s| s.min(seen.at));
+            }
+            _ => {}
+        }
+        seen.at != before
     }
 
     pub(super) fn lead_move_expiry(
@@ -1560,11 +1614,27 @@ impl Registry {
         }
         lead.unheard.extend(unheard);
         self.announce(lead, out);
+        // Moves this report starts again (reverted while their origin was
+        // not merged yet, say) are as old as it says; moves open here are
+        // timed again if it knows better when they started (it is their
+        // origin, or saw them before anyone in the base did).
+        let ages = [(&from, &report.move_ages[..])];
         for identity in started_moving {
-            // Started again by this report (reverted while its origin was
-            // not merged yet, say): as old as the origin says it is.
-            self.date_move(now, &identity, &report.move_ages);
+            if let Some(entry) = lead.registry.identities.get(&identity).cloned() {
+                self.date_move(now, &entry, ages);
+            }
             self.expire_move_at(lead, now, &identity, out);
+        }
+        for age in &report.move_ages {
+            let entry = lead.registry.identities.get(&age.identity);
+            let open = entry.filter(|e| e.move_proof.as_ref() == Some(&age.proof));
+            if let Some(entry) = open
+                .filter(|_| lead.moves.contains_key(&age.identity))
+                .cloned()
+                && self.date_move(now, &entry, ages)
+            {
+                self.expire_move_at(lead, now, &entry.identity, out);
+            }
         }
         for (server, (identities, rooms)) in evict {
             let msg = RegistryMessage::Evict {

@@ -312,7 +312,24 @@ pub struct Registry {
     /// a leader times a move it takes over from then, not from its own
     /// election (a leader changing every few seconds kept a move nobody
     /// finished open for ever, a fault tester).
-    moves_seen: HashMap<String, (MoveProof, Instant)>,
+    moves_seen: HashMap<String, MoveSeen>,
+}
+
+/// When a server first saw an open move.
+#[derive(Debug)]
+struct MoveSeen {
+    proof: MoveProof,
+    at: Instant,
+    /// `at` is when the move's client was routed: this server is the
+    /// origin, or granted the move's answer at `at`, or took `at` from the
+    /// origin's report. Nobody else's older sighting moves it back then.
+    routed: bool,
+}
+
+impl MoveSeen {
+    fn new(proof: MoveProof, at: Instant, routed: bool) -> MoveSeen {
+        MoveSeen { proof, at, routed }
+    }
 }
 
 /// An arrival granted after its client was told no.
@@ -714,17 +731,25 @@ impl Registry {
         }
     }
 
-    /// How long ago this server first saw each open move it knows of.
+    /// How long ago this server first saw each open move it knows of. Not
+    /// for a move of its own whose client it has not routed yet (its grant
+    /// is still being asked for): the leader takes an origin's age as the
+    /// time of the route.
     fn move_ages(&self) -> Vec<MoveAge> {
         let Some(now) = self.clock else {
             return Vec::new();
         };
+        let routed_or_not_mine = |identity: &String| {
+            let own = self.own.identities.get(identity);
+            own.is_none_or(|e| self.as_reported(e).moving_to.is_some())
+        };
         self.moves_seen
             .iter()
-            .map(|(identity, (proof, seen))| MoveAge {
+            .filter(|(identity, _)| routed_or_not_mine(identity))
+            .map(|(identity, seen)| MoveAge {
                 identity: identity.clone(),
-                proof: proof.clone(),
-                age_ms: u64::try_from(now.saturating_duration_since(*seen).as_millis())
+                proof: seen.proof.clone(),
+                age_ms: u64::try_from(now.saturating_duration_since(seen.at).as_millis())
                     .unwrap_or(u64::MAX),
             })
             .collect()

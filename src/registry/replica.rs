@@ -221,8 +221,8 @@ impl Registry {
         match (&entry.moving_to, &entry.move_proof, self.clock) {
             (Some(_), Some(proof), Some(now)) => {
                 let seen = self.moves_seen.get(&entry.identity);
-                if seen.is_none_or(|(p, _)| p != proof) {
-                    let first = (proof.clone(), now);
+                if seen.is_none_or(|s| s.proof != *proof) {
+                    let first = MoveSeen::new(proof.clone(), now, false);
                     self.moves_seen.insert(entry.identity.clone(), first);
                 }
             }

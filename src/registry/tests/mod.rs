@@ -601,9 +601,11 @@ impl Sim {
     /// Invariants after every event, between servers that can talk:
     /// one grant is never held twice, and two grants of one name (the
     /// two sides of a healed partition) are resolved within the grace
-    /// period of first meeting in a group that can decide (under the
-    /// majority quorum, one with a majority: a minority commits nothing,
-    /// evictions included). (That no new name is granted while a
+    /// period of first meeting in a group that can decide: under the
+    /// majority quorum, one with a majority (a leader elected in a minority
+    /// cannot build its registry, so nothing resolves conflicts there; a
+    /// leader that lost its majority after its base may still evict, which
+    /// this does not count on). (That no new name is granted while a
     /// connected server holds it is checked on every grant.)
     fn check(&mut self) {
         for (key, hs) in self.holdings() {
@@ -626,6 +628,7 @@ impl Sim {
                     // The clock restarts when the two reconnect after a
                     // cut: convergence needs them in one group, and under
                     // the majority quorum that group must be a majority.
+                    // (The duplicate grant assertion above holds anywhere.)
                     if self.cfg.require_majority && !self.in_majority(*a) {
                         self.conflicts.insert(pair, now);
                         continue;

@@ -1276,6 +1276,10 @@ fn a_move_nobody_finishes_ends_on_time_however_often_the_leader_changes() {
                 sim.elect(leader, &[0, 1, 2]);
             }
             sim.run_for(ms(300));
+            if sim.now + ms(50) < ends {
+                let open = sim.node(1).is_moving_to("Adel", "s2");
+                assert!(open, "seed {seed}: ended before its timeout");
+            }
             if sim.now > ends + ms(300) {
                 break;
             }
@@ -1283,6 +1287,116 @@ fn a_move_nobody_finishes_ends_on_time_however_often_the_leader_changes() {
         let rival = sim.claim(2, ident("Adel"));
         assert_eq!(sim.answer(rival), Ok(()), "seed {seed}: the move ended");
         sim.assert_converged();
+    }
+}
+
+/// A move whose answer reached its origin late (the leader that granted it
+/// died first; the origin asked again, of the next leader, most of a
+/// timeout later) gets a full timeout from the route: its client is
+/// routed only then (a reviewer: the move was dated from the first grant,
+/// and the client arriving 200 ms after its route was refused). Either s1
+/// hears neither the move's announcement nor the next leader until then,
+/// or it hears everything but the answers to its requests (asked again
+/// every 200 ms): meanwhile it reports no age for a move it has not
+/// routed.
+#[test]
+fn a_move_answered_late_gets_a_full_timeout_from_its_route() {
+    for (seed, answers_only) in (0..10).flat_map(|seed| [(seed, false), (seed, true)]) {
+        let mut sim = Sim::new(5, seed, true);
+        let claim = sim.claim(0, ident("Adel"));
+        assert_eq!(sim.answer(claim), Ok(()), "seed {seed}");
+        sim.run_for(ms(100));
+        let lost = std::rc::Rc::new(std::cell::Cell::new(true));
+        let losing = lost.clone();
+        sim.lose = Some(Box::new(move |_, to, m| {
+            let answer = matches!(m, RegistryMessage::Answer { .. });
+            losing.get() && to == 0 && (answer || !answers_only)
+        }));
+        let start = sim.local(
+            0,
+            LocalRequest::StartMove {
+                identity: "Adel".into(),
+                to: sid(1),
+                proof: proof(),
+            },
+        );
+        sim.run_for(ms(30));
+        assert!(
+            sim.node(1).is_moving_to("Adel", "s2"),
+            "seed {seed}: granted"
+        );
+        let granted_at = sim.now;
+        sim.crash(4);
+        sim.run_for(DETECT + ms(30));
+        if answers_only {
+            // s1 asks s4 again, and again, until an answer gets through.
+            sim.elect(3, &[0, 1, 2, 3]);
+            sim.run_for(granted_at + ms(850) - sim.now);
+            assert!(
+                sim.node(0).move_ages().is_empty(),
+                "seed {seed}: not routed"
+            );
+            lost.set(false);
+        } else {
+            // s1 asks s4 once, when it hears of it at last.
+            sim.elect(3, &[1, 2, 3]);
+            sim.run_for(granted_at + ms(850) - sim.now);
+            lost.set(false);
+            let term = sim.term;
+            sim.tell_leader(0, 3, term, ms(0));
+        }
+        assert_eq!(sim.answer(start), Ok(()), "seed {seed}: granted at last");
+        // The client reaches s2 600 ms (of a 1 s timeout) after its route,
+        // after one more leader change.
+        sim.run_for(ms(300));
+        sim.elect(2, &[0, 1, 2, 3]);
+        sim.run_for(ms(300));
+        let arrive = sim.local(
+            1,
+            LocalRequest::AcceptMove {
+                identity: "Adel".into(),
+                arrival: arrival(),
+            },
+        );
+        assert_eq!(sim.answer(arrive), Ok(()), "seed {seed}: arrived in time");
+    }
+}
+
+/// The leader crashes and comes back every 250 ms, a different one of
+/// s3-s5 each time, and the first reports of the origin and the target
+/// (which saw the move start) reach each new leader after its base: the
+/// move still ends on time, timed again when their reports are merged (a
+/// reviewer: every base dated it from a restarted server's snapshot, and
+/// the move stayed open).
+#[test]
+fn a_move_ends_on_time_when_those_who_saw_it_start_report_late() {
+    for seed in 0..10 {
+        let mut sim = Sim::new(5, seed, true);
+        start_move(&mut sim);
+        let ends = sim.now + test_config(true).move_timeout;
+        let late = std::rc::Rc::new(std::cell::Cell::new(false));
+        let losing = late.clone();
+        sim.lose = Some(Box::new(move |from, _, m| {
+            losing.get() && from < 2 && matches!(m, RegistryMessage::Holdings { .. })
+        }));
+        let mut leader = 4;
+        while sim.now < ends + ms(1_000) {
+            sim.run_for(ms(200));
+            sim.crash(leader);
+            sim.restart(leader);
+            sim.run_for(UP_DELAY + ms(30));
+            leader = if leader == 4 { 2 } else { leader + 1 };
+            sim.term += 1;
+            let term = sim.term;
+            for m in 0..5 {
+                sim.tell_leader(m, leader, term, ms(0));
+            }
+            late.set(true);
+            sim.run_for(ms(30));
+            late.set(false);
+        }
+        let rival = sim.claim(2, ident("Adel"));
+        assert_eq!(sim.answer(rival), Ok(()), "seed {seed}: the move ended");
     }
 }
 
