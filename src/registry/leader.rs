@@ -489,18 +489,21 @@ impl Registry {
             .servers
             .iter()
             .filter(|s| !self.is_live(s) && !lead.purged.contains(*s))
-            .filter(|s| {
-                let sees_down =
-                    |v: &ServerId| lead.down_votes.get(v).is_some_and(|d| d.contains(*s));
-                let live = self.live.iter().filter(|v| **v != self.id);
-                let votes = 1 + live.clone().filter(|v| sees_down(v)).count();
-                live.clone().all(sees_down) && votes >= self.quorum()
-            })
+            .filter(|s| self.all_see_down(lead, s))
             .cloned()
             .collect();
         for server in down {
             self.lead_purge(lead, now, &server, out);
         }
+    }
+
+    /// Whether every live follower sees `server` down, as this leader does
+    /// (it is not live here), and they make a quorum.
+    fn all_see_down(&self, lead: &LeaderState, server: &ServerId) -> bool {
+        let sees_down = |v: &ServerId| lead.down_votes.get(v).is_some_and(|d| d.contains(server));
+        let live = self.live.iter().filter(|v| **v != self.id);
+        let votes = 1 + live.clone().filter(|v| sees_down(v)).count();
+        !self.is_live(server) && live.clone().all(sees_down) && votes >= self.quorum()
     }
 
     /// A server whose names were freed (by this leader, or, when it is down
@@ -705,7 +708,12 @@ impl Registry {
         // A down server with no name in the registry may be one an earlier
         // leader freed: counted as freed until its holdings are merged, so
         // a server that still hears it is not given its names (see
-        // `heard_purged`).
+        // `heard_purged`). Moves to it end if every live server sees it
+        // down too (its clients get their names back at once); else it may
+        // be up, only not heard yet by this leader, which just restarted,
+        // with the client on its way (a fault tester: ending them then
+        // refused the client of a move to a server that had restarted just
+        // before the leader).
         let freed: Vec<ServerId> = self
             .servers
             .iter()
@@ -716,7 +724,12 @@ impl Registry {
             })
             .cloned()
             .collect();
-        for server in &freed {
+        let dead: Vec<ServerId> = freed
+            .iter()
+            .filter(|s| self.all_see_down(lead, s))
+            .cloned()
+            .collect();
+        for server in &dead {
             self.end_moves_to(lead, server, out);
         }
         lead.purged.extend(freed);

@@ -522,7 +522,9 @@ fn the_base_is_the_most_advanced_replica_of_the_quorum() {
 }
 
 /// A new leader counts a down server that holds nothing as freed (an
-/// earlier leader may have freed it): a move to it ends then too.
+/// earlier leader may have freed it): a move to it ends then too, if every
+/// live server sees it down (see
+/// `unit::a_leader_that_does_not_hear_the_destination_yet_keeps_the_move`).
 #[test]
 fn a_new_leader_ends_the_moves_to_a_down_server_that_holds_nothing() {
     let now = Instant::now();
@@ -551,6 +553,7 @@ fn a_new_leader_ends_the_moves_to_a_down_server_that_holds_nothing() {
         },
         identities: vec![moving("Adel", "s3"), moving("Cara", "s2")],
         replica_identities: vec![moving("Adel", "s3"), moving("Cara", "s2")],
+        down: vec!["s3".into()],
         ..Default::default()
     };
     let holdings = RegistryMessage::Holdings { term: 5, report };

@@ -1400,6 +1400,30 @@ fn a_move_ends_on_time_when_those_who_saw_it_start_report_late() {
     }
 }
 
+/// A leader that restarts and is elected before it hears the move's
+/// destination (which holds no names: it just restarted, say) does not
+/// end the move as if the destination's names had been freed: it is up,
+/// and its client arrives (a fault tester: the restarted leader ended it
+/// 1.2 s after the route, 10 of 10; the real client was refused).
+#[test]
+fn a_leader_that_does_not_hear_the_destination_yet_keeps_the_move() {
+    for seed in 0..10 {
+        let mut sim = Sim::new(3, seed, true);
+        start_move(&mut sim);
+        sim.run_for(ms(100));
+        sim.crash(2);
+        sim.restart(2);
+        sim.cut_oneway(&[1], &[2]);
+        sim.cut_oneway(&[2], &[1]);
+        sim.run_for(UP_DELAY + ms(30));
+        sim.elect(2, &[0, 1, 2]);
+        sim.run_for(ms(100));
+        sim.heal();
+        sim.run_for(UP_DELAY + ms(100));
+        adel_arrives_on_s2(&mut sim, seed);
+    }
+}
+
 /// A move keeps its age when the server it left is freed (its identity is
 /// registered again, still moving, in the announcement that frees Bob,
 /// who stayed there): a later leader times it from the route, not from
