@@ -43,7 +43,8 @@ pub fn client_lines(data: &[u8]) {
 
 /// What [`LineReader`] must return: every `\n`-terminated line and a last
 /// unterminated one, each without one trailing `\r`, until the first line
-/// longer than `max` (counted before the `\r` is dropped), which is an error.
+/// longer than `max` (counted after that `\r` is dropped: a CRLF client's
+/// longest line is as long as an LF client's), which is an error.
 fn expected_lines(data: &[u8], max: usize) -> Vec<Result<Vec<u8>, usize>> {
     let mut out = Vec::new();
     let mut rest = data;
@@ -52,11 +53,12 @@ fn expected_lines(data: &[u8], max: usize) -> Vec<Result<Vec<u8>, usize>> {
             Some(at) => (&rest[..at], &rest[at + 1..]),
             None => (rest, &rest[rest.len()..]),
         };
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.len() > max {
             out.push(Err(max));
             return out;
         }
-        out.push(Ok(line.strip_suffix(b"\r").unwrap_or(line).to_vec()));
+        out.push(Ok(line.to_vec()));
         rest = next;
     }
     out
