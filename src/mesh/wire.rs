@@ -25,7 +25,7 @@ use crate::registry::RegistryMessage;
 /// the asker still hears a server whose names were freed. 5: a move can be
 /// given up by its client (`MoveGiveUp`), freeing its identity. 6: a
 /// holdings report says how old each open move is (`move_ages`).
-pub const WIRE_VERSION: u8 = 6;
+pub const WIRE_VERSION: u8 = 7;
 
 /// Largest stream frame accepted; checked before anything is allocated, and
 /// the body's buffer grows only as its bytes arrive. A registry snapshot or
@@ -171,6 +171,7 @@ mod tests {
             seq: 1 << 40,
             identities,
             rooms,
+            move_ages: Vec::new(),
         });
         let frame = encode_frame(&snapshot);
         let len = frame_len(frame[..4].try_into().unwrap()).expect("under the limit");

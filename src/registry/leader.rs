@@ -1670,13 +1670,14 @@ impl Registry {
                 seq: lead.seq,
                 identities,
                 rooms,
+                move_ages: self.move_ages(),
             };
             self.send(&from, msg, out);
         } else {
             // The leader answers its own report as it answers anyone's: what
             // the registry does not give it (a client that moved on under an
             // earlier leader, a name lost to a later grant) is not its own.
-            self.on_snapshot(now, lead.seq, identities, rooms, out);
+            self.on_snapshot(now, lead.seq, (identities, rooms), &[], out);
         }
     }
 

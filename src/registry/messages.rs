@@ -459,7 +459,8 @@ pub struct HoldingsReport {
     pub move_ages: Vec<MoveAge>,
 }
 
-/// How long ago a server first saw a move (announced, or in a snapshot).
+/// How long ago a server first saw a move (announced, or in a snapshot), or
+/// how long ago it dates it from (its route, as far as it knows).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MoveAge {
     /// The identity moving.
@@ -538,6 +539,11 @@ pub enum RegistryMessage {
         identities: Vec<IdentityEntry>,
         /// Every registered room.
         rooms: Vec<RoomEntry>,
+        /// How long ago the leader dates each open move from: a server
+        /// that just restarted times a move as the leader does, not from
+        /// when it first heard of it (a restart of every server in turn
+        /// kept a move nobody finished open for as long as it went on).
+        move_ages: Vec<MoveAge>,
     },
     /// Leader -> server: send me your holdings.
     HoldingsRequest {

@@ -894,9 +894,10 @@ impl Registry {
                 seq,
                 identities,
                 rooms,
+                move_ages,
             } => {
                 if self.sent_by_leader(&from, term) && from != self.id {
-                    self.on_snapshot(now, seq, identities, rooms, out);
+                    self.on_snapshot(now, seq, (identities, rooms), &move_ages, out);
                 }
             }
             RegistryMessage::Evict {

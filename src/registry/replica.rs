@@ -3,7 +3,7 @@
 //! this server's own names.
 
 use std::collections::BTreeSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::*;
 
@@ -232,6 +232,24 @@ impl Registry {
         }
     }
 
+    /// Dates the open moves a snapshot has as its leader does (`ages`): a
+    /// server that just restarted, or missed the moves' announcements, would
+    /// otherwise date them from now, and report that to the next leader.
+    /// The leader sends a server its snapshot after merging that server's
+    /// report, so an origin's own date of its route is the leader's too.
+    fn date_moves_as_leader(&mut self, now: Instant, ages: &[MoveAge]) {
+        let timeout = self.config.move_timeout;
+        for age in ages {
+            let Some(seen) = self.moves_seen.get_mut(&age.identity) else {
+                continue;
+            };
+            if seen.proof == age.proof {
+                let age = Duration::from_millis(age.age_ms).min(timeout);
+                seen.at = now.checked_sub(age).unwrap_or(seen.at);
+            }
+        }
+    }
+
     /// After `changes` are applied: if they freed a server's names, drops
     /// what `moves_seen` has of identities this server no longer knows of.
     /// Not at the purge itself: the moves of the server's clients on their
@@ -312,8 +330,8 @@ impl Registry {
         &mut self,
         now: Instant,
         seq: u64,
-        identities: Vec<IdentityEntry>,
-        rooms: Vec<RoomEntry>,
+        (identities, rooms): (Vec<IdentityEntry>, Vec<RoomEntry>),
+        move_ages: &[MoveAge],
         out: &mut Vec<Action>,
     ) {
         if self.last_seq.is_some_and(|last| seq < last) {
@@ -335,6 +353,7 @@ impl Registry {
         }
         self.moves_seen
             .retain(|identity, _| present.contains(identity));
+        self.date_moves_as_leader(now, move_ages);
         // A snapshot answers this server's own report: what the leader did
         // not register from it was refused (lost to another holder, or a
         // move that expired or completed). Names granted after the snapshot

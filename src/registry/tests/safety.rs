@@ -134,6 +134,7 @@ fn a_server_that_reported_to_a_newer_leader_never_acknowledges_the_older_one() {
         seq: 0,
         identities: vec![],
         rooms: vec![],
+        move_ages: vec![],
     };
     let out = reg.handle(now, msg("s3", snapshot));
     assert!(sent(&out, "s3").contains(&&RegistryMessage::Ack { term: 1, seq: 0 }));
@@ -932,6 +933,7 @@ fn an_eviction_is_obeyed_only_from_the_leader_followed_at_its_term() {
                 seq: 0,
                 identities: vec![],
                 rooms: vec![],
+                move_ages: vec![],
             },
         ),
     );
@@ -1311,6 +1313,7 @@ fn without_a_majority_quorum_the_old_leader_stays_counted_as_freed() {
                 seq: 4,
                 identities: vec![],
                 rooms: vec![],
+                move_ages: vec![],
             },
         ),
     );
@@ -1397,6 +1400,7 @@ fn a_reporter_restarting_after_its_report_keeps_the_old_leader_counted_as_freed(
         seq: 1,
         identities: vec![],
         rooms: vec![],
+        move_ages: vec![],
     };
     reg.handle(now, msg("s5", snap));
     reg.handle(now, Input::PeerDown("s5".into()));
