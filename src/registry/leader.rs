@@ -498,12 +498,12 @@ impl Registry {
     }
 
     /// Whether every live follower sees `server` down, as this leader does
-    /// (it is not live here), and they make a quorum.
+    /// (callers ask only of a server not live here), and they make a quorum.
     fn all_see_down(&self, lead: &LeaderState, server: &ServerId) -> bool {
         let sees_down = |v: &ServerId| lead.down_votes.get(v).is_some_and(|d| d.contains(server));
         let live = self.live.iter().filter(|v| **v != self.id);
         let votes = 1 + live.clone().filter(|v| sees_down(v)).count();
-        !self.is_live(server) && live.clone().all(sees_down) && votes >= self.quorum()
+        live.clone().all(sees_down) && votes >= self.quorum()
     }
 
     /// A server whose names were freed (by this leader, or, when it is down
@@ -1199,12 +1199,12 @@ impl Registry {
         let Some(seen) = self.moves_seen.get_mut(&entry.identity) else {
             return false;
         };
-        let (mut origins, mut oldest) = (None, None);
+        let (mut origin_age, mut oldest) = (None, None);
         for (from, ages) in reports {
             let about = |a: &&MoveAge| a.identity == entry.identity && a.proof == seen.proof;
             for age in ages.iter().filter(about) {
                 if *from == entry.server {
-                    origins = Some(age.age_ms);
+                    origin_age = Some(age.age_ms);
                 }
                 oldest = oldest.max(Some(age.age_ms));
             }
@@ -1212,10 +1212,12 @@ impl Registry {
         let timeout = self.config.move_timeout;
         let started = |age: u64| now.checked_sub(Duration::from_millis(age).min(timeout));
         let before = seen.at;
-        match (origins, oldest) {
+        match (origin_age, oldest) {
             (Some(age), _) => {
-                seen.at = started(age).unwrap_or(seen.at);
-                seen.routed = true;
+                if let Some(at) = started(age) {
+                    seen.at = at;
+                    seen.routed = true;
+                }
             }
             (None, Some(age)) if !seen.routed => {
                 seen.at = started(age).map_or(seen.at, |s| s.min(seen.at));

@@ -1486,6 +1486,29 @@ fn a_move_keeps_its_age_when_the_server_it_left_is_freed() {
     }
 }
 
+/// Without the majority rule a moving identity is freed with its server
+/// (nothing outlives it): no server keeps a note of the move's age, which
+/// nothing else would ever drop (a memory bound).
+#[test]
+fn a_move_freed_with_the_server_it_left_leaves_no_note() {
+    for seed in 0..10 {
+        let mut sim = Sim::new(3, seed, false);
+        start_move(&mut sim);
+        sim.run_for(ms(100));
+        sim.crash(0);
+        sim.run_for(DETECT + ms(200));
+        for i in [1, 2] {
+            assert_eq!(sim.node(i).identity_server("Adel"), None, "seed {seed}");
+            let seen = &sim.node(i).moves_seen;
+            assert!(
+                seen.is_empty(),
+                "seed {seed}: s{} still notes {seen:?}",
+                i + 1
+            );
+        }
+    }
+}
+
 /// A move asked again of a new leader (its first answer never reached
 /// the origin) whose target that leader cannot reach is refused, as a new
 /// move there would be: the origin must not send its client to a server
@@ -1538,6 +1561,20 @@ fn a_move_asked_again_while_its_target_is_down_is_refused() {
         );
         assert_eq!(sim.holders(&ident("Vic")), vec![0], "seed {seed}");
         assert!(!sim.node(0).is_moving_to("Vic", "s2"), "seed {seed}");
+        // The move the leader still has open ends; Vic stays on s1, and
+        // nobody else gets the name meanwhile or after.
+        let rival = sim.claim(2, ident("Vic"));
+        assert_eq!(sim.answer(rival), Err(Refusal::Taken), "seed {seed}");
+        sim.heal();
+        sim.run_for(test_config(true).move_timeout + ms(500));
+        for i in 0..4 {
+            let on_s1 = sim.node(i).identity_server("Vic");
+            assert_eq!(on_s1.as_deref(), Some("s1"), "seed {seed}: s{}", i + 1);
+            assert!(!sim.node(i).is_moving_to("Vic", "s2"), "seed {seed}");
+        }
+        let rival = sim.claim(2, ident("Vic"));
+        assert_eq!(sim.answer(rival), Err(Refusal::Taken), "seed {seed}");
+        sim.assert_converged();
     }
 }
 
@@ -2842,11 +2879,19 @@ fn an_arrival_asked_again_takes_over_the_one_its_client_was_refused() {
 /// tester: given back after the heal, a rival took the name, 3 of 3).
 /// An impostor's `movejoin` meanwhile is refused; nobody's, and it is given
 /// back after the move timeout. The client may come back from another
-/// address: its token is what proves it (as for the move itself).
+/// address: its token is what proves it (as for the move itself). A
+/// classic client (no token) must come back from the same address.
 #[test]
 fn an_arrival_granted_after_its_client_was_refused_waits_for_the_client() {
     let runs = (0..10).flat_map(|seed| {
-        ["retry", "retry elsewhere", "none", "cut off"].map(|retry| (seed, retry))
+        [
+            "retry",
+            "retry elsewhere",
+            "classic retry",
+            "none",
+            "cut off",
+        ]
+        .map(|retry| (seed, retry))
     });
     for (seed, retry) in runs {
         let mut sim = Sim::with_config(
@@ -2863,28 +2908,38 @@ fn an_arrival_granted_after_its_client_was_refused_waits_for_the_client() {
             identity: "Adel".into(),
             arrival,
         };
-        let first = sim.local(1, accept(arrival()));
+        let client = match retry {
+            "classic retry" => Arrival {
+                token: None,
+                ip: proof().ip,
+            },
+            _ => arrival(),
+        };
+        let first = sim.local(1, accept(client.clone()));
         assert!(sim.answer(first).is_err(), "seed {seed}: no answer heard");
         sim.heal();
         sim.run_for(ms(300));
         assert_eq!(sim.holders(&ident("Adel")), vec![1], "seed {seed}: arrived");
         let rival = sim.claim(0, ident("Adel"));
         assert_eq!(sim.answer(rival), Err(Refusal::Taken), "seed {seed}");
-        let impostor = sim.local(
-            1,
-            accept(Arrival {
-                token: Some("f".repeat(32)),
-                ip: std::net::IpAddr::from([10, 0, 0, 66]),
-            }),
-        );
-        assert_eq!(
-            sim.answer(impostor),
-            Err(Refusal::WrongMoveProof),
-            "seed {seed}"
-        );
+        // A wrong token, or none from another address.
+        for token in [Some("f".repeat(32)), None] {
+            let impostor = sim.local(
+                1,
+                accept(Arrival {
+                    token,
+                    ip: std::net::IpAddr::from([10, 0, 0, 66]),
+                }),
+            );
+            assert_eq!(
+                sim.answer(impostor),
+                Err(Refusal::WrongMoveProof),
+                "seed {seed}"
+            );
+        }
         match retry {
-            "retry" | "retry elsewhere" => {
-                let mut again = arrival();
+            "retry" | "retry elsewhere" | "classic retry" => {
+                let mut again = client.clone();
                 if retry == "retry elsewhere" {
                     again.ip = std::net::IpAddr::from([10, 0, 0, 77]);
                 }
