@@ -24,6 +24,10 @@ pub(super) struct Pending {
     /// An arrival whose client was told it timed out (not one that left):
     /// if granted, kept for that client's `movejoin` again.
     pub(super) told_no: bool,
+    /// Why the leader refused this request when it was asked before (see
+    /// [`Registry::unless_asked_again`]): what its client is told at the
+    /// deadline.
+    pub(super) refused: Option<Refusal>,
 }
 
 impl Registry {
@@ -224,6 +228,7 @@ impl Registry {
                 last_sent: None,
                 abandoned: false,
                 told_no: false,
+                refused: None,
             },
         );
         self.send_new(now, &[id], out);
@@ -300,10 +305,10 @@ impl Registry {
         if !due {
             return;
         }
-        let reason = if self.reachable_leader().is_some() {
-            Refusal::LeaderTimeout
-        } else {
-            Refusal::NoLeader
+        let reason = match self.pending.get(&id).and_then(|p| p.refused.clone()) {
+            Some(refused) => refused,
+            None if self.reachable_leader().is_some() => Refusal::LeaderTimeout,
+            None => Refusal::NoLeader,
         };
         // A claim stays in flight, abandoned: the client is told now, and
         // the leader's answer is still awaited. Under heavy loss the leader
@@ -359,6 +364,48 @@ impl Registry {
         }
     }
 
+    /// A claim or an arrival refused because this server still hears a
+    /// server the leader counts as freed is asked again, as a new request,
+    /// with the next retry, until its client's deadline: the two usually
+    /// agree within a few hundred milliseconds (a leader that just
+    /// restarted counts the servers it has not linked to yet as freed, and
+    /// refused a client arriving at a destination that heard them; near the
+    /// move's timeout, its name was lost, a fault tester). Returns the
+    /// request and its answer if it is not asked again.
+    fn unless_asked_again(
+        &mut self,
+        now: Instant,
+        p: Pending,
+        verdict: Verdict,
+        out: &mut Vec<Action>,
+    ) -> Option<(Pending, Verdict)> {
+        let reason = match &verdict {
+            Verdict::Refused {
+                reason: reason @ Refusal::HearsDownServer { .. },
+            } => reason.clone(),
+            _ => return Some((p, verdict)),
+        };
+        let waited_for = matches!(p.op, Op::Claim(_) | Op::MoveDone { .. }) && !p.abandoned;
+        let Some(deadline) = p.deadline.filter(|d| now < *d && waited_for) else {
+            return Some((p, verdict));
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        out.push(Action::SetTimer {
+            timer: Timer::RequestDeadline { id },
+            after: deadline.saturating_duration_since(now),
+        });
+        // Sent with the next retry, not at once: the leader would refuse it
+        // again until the two agree.
+        let again = Pending {
+            last_sent: Some(now),
+            refused: Some(reason),
+            ..p
+        };
+        self.add_pending(id, again);
+        None
+    }
+
     pub(super) fn on_answer(
         &mut self,
         now: Instant,
@@ -368,6 +415,9 @@ impl Registry {
         out: &mut Vec<Action>,
     ) {
         let Some(p) = self.remove_pending(id) else {
+            return;
+        };
+        let Some((p, verdict)) = self.unless_asked_again(now, p, verdict, out) else {
             return;
         };
         let keys: Vec<NameKey> = p.op.keys().collect();

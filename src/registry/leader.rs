@@ -125,6 +125,13 @@ pub(super) struct LeaderState {
     /// `open` first, so that an announcement never holds two holdings of one
     /// name (they would have the same stamp).
     pub(super) open_names: HashSet<NameKey>,
+    /// Moves granted to another server whose origin has not yet applied
+    /// the announcement that granted them, by identity: the announcement
+    /// of the move number `.1`, and the move's proof. The origin routes
+    /// its client only when the answer, which follows that announcement
+    /// on the same link, arrives: its acknowledgement dates the move (see
+    /// [`Registry::lead_ack`]).
+    pub(super) unrouted: HashMap<String, (u64, MoveProof)>,
 }
 
 /// An answer waiting for the announcement it was decided at to commit.
@@ -417,6 +424,9 @@ impl Registry {
         let acked = lead.acked.get(from).copied();
         if acked.is_none_or(|a| seq > a) {
             lead.acked.insert(from.clone(), seq);
+            if !lead.unrouted.is_empty() {
+                self.date_routes(lead, from, seq, out);
+            }
             if lead.laggards.contains(from) {
                 // Announcements in `recent` are numbered one after another.
                 let sent = lead.recent.front().and_then(|first| {
@@ -432,6 +442,48 @@ impl Registry {
                 }
             }
             self.advance_commit(lead, out);
+        }
+    }
+
+    /// `from` applied announcements up to `seq`: the moves granted to it in
+    /// them are timed from now. Its client is routed when the grant's
+    /// answer, sent after that announcement on the same link, arrives; a
+    /// grant dated from its decision lost the time the link held both back
+    /// (a fault tester: the leader's datagrams to the origin dropped for
+    /// 300 ms, the move ended 2.7 s after the route with a 3 s timeout,
+    /// and the client arriving at 2.76 s was refused). The answer may
+    /// leave up to [`SPREAD_WAIT`] after this acknowledgement, when another
+    /// follower is slow to apply the announcement too.
+    fn date_routes(
+        &mut self,
+        lead: &mut LeaderState,
+        from: &ServerId,
+        seq: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(now) = self.clock else {
+            return;
+        };
+        // Moves that ended meanwhile are forgotten.
+        let registry = &lead.registry;
+        let open = |identity: &String, proof: &MoveProof| {
+            let entry = registry.identities.get(identity);
+            entry.is_some_and(|e| e.move_proof.as_ref() == Some(proof))
+        };
+        lead.unrouted
+            .retain(|identity, (_, proof)| open(identity, proof));
+        let routed: Vec<(String, MoveProof)> = lead
+            .unrouted
+            .iter()
+            .filter(|(identity, (at, _))| {
+                let origin = registry.identities.get(*identity).map(|e| &e.server);
+                *at <= seq && origin == Some(from)
+            })
+            .map(|(identity, (_, proof))| (identity.clone(), proof.clone()))
+            .collect();
+        for (identity, proof) in routed {
+            lead.unrouted.remove(&identity);
+            self.lease_from_route(lead, now, (&identity, &proof), out);
         }
     }
 
@@ -936,6 +988,10 @@ impl Registry {
                 self.commit(lead, vec![Change::SetIdentity(moving)], out);
                 lead.told.insert(identity.clone());
                 self.expire_move_at(lead, now, identity, out);
+                if *asker != self.id {
+                    lead.unrouted
+                        .insert(identity.clone(), (lead.seq, proof.clone()));
+                }
                 granted(stamp)
             }
             Op::MoveDone {
