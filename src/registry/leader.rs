@@ -1035,8 +1035,11 @@ impl Registry {
                     return refused(Refusal::AskerDown);
                 }
                 // An identity freed from a server the asker still hears may
-                // be held there: not re-homed to the asker either.
+                // be held there: not re-homed to the asker either. The asker
+                // asks again until the two agree, and its client came in
+                // time: the move waits for it.
                 if let Some(server) = self.heard_purged(lead, asker) {
+                    self.hold_move(lead, now, identity, out);
                     return refused(Refusal::HearsDownServer { server });
                 }
                 let stamp = entry.stamp.clone();
@@ -1217,6 +1220,29 @@ impl Registry {
                 identity: identity.to_string(),
             },
             after: due.saturating_duration_since(now),
+        });
+    }
+
+    /// Keeps `identity`'s open move from ending for a claim timeout: its
+    /// client has arrived, and its arrival is asked again until its
+    /// deadline (see [`Registry::unless_asked_again`]).
+    fn hold_move(
+        &mut self,
+        lead: &mut LeaderState,
+        now: Instant,
+        identity: &str,
+        out: &mut Vec<Action>,
+    ) {
+        let held = later(now, self.config.claim_timeout);
+        let Some(due) = lead.moves.get_mut(identity).filter(|due| **due < held) else {
+            return;
+        };
+        *due = held;
+        out.push(Action::SetTimer {
+            timer: Timer::MoveExpiry {
+                identity: identity.to_string(),
+            },
+            after: held.saturating_duration_since(now),
         });
     }
 
