@@ -1224,8 +1224,8 @@ impl Registry {
     }
 
     /// Keeps `identity`'s open move from ending for a claim timeout: its
-    /// client has arrived, and its arrival is asked again until its
-    /// deadline (see [`Registry::unless_asked_again`]).
+    /// client has arrived, and its arrival waits here or is asked again
+    /// until its deadline (see [`Registry::unless_asked_again`]).
     fn hold_move(
         &mut self,
         lead: &mut LeaderState,
@@ -1317,6 +1317,18 @@ impl Registry {
         out: &mut Vec<Action>,
     ) {
         if lead.moves.get(identity).is_none_or(|due| now < *due) {
+            return;
+        }
+        // An arrival queued here (this leader waits for a server's
+        // holdings) came in time: the move waits for its decision.
+        let target = lead.registry.identities.get(identity);
+        let target = target.and_then(|e| e.moving_to.as_ref());
+        let arriving = lead.queue.iter().any(|q| {
+            matches!(&q.op, Op::MoveDone { identity: i, .. } if i == identity)
+                && Some(&q.asker) == target
+        });
+        if arriving {
+            self.hold_move(lead, now, identity, out);
             return;
         }
         self.end_move(lead, identity, out);

@@ -1572,6 +1572,41 @@ fn a_claim_refused_while_the_leader_links_to_restarted_servers_is_asked_again() 
     }
 }
 
+/// An arrival that reaches the leader before its move's timeout, while the
+/// leader holds new requests back until a server that came back reports
+/// its holdings, is decided when they come (or the wait ends), not refused
+/// because the move ended meanwhile (a fault tester: restarted servers
+/// kept the leader waiting as the timeout passed, and the client, arrived
+/// at 0.9 of it, lost its name).
+#[test]
+fn an_arrival_waiting_at_the_leader_keeps_its_move_open() {
+    for seed in 0..10 {
+        let mut sim = Sim::new(3, seed, true);
+        start_move(&mut sim);
+        let ends = sim.now + test_config(true).move_timeout;
+        // s1, the origin, restarts; its report to the leader is lost, so
+        // the leader waits for it (the sync timeout, 500 ms) from 300 ms
+        // before the move's timeout.
+        sim.run_for(ends - ms(450) - sim.now);
+        sim.crash(0);
+        sim.run_for(DETECT + ms(30));
+        sim.lose = Some(Box::new(|from, _, m| {
+            from == 0 && matches!(m, RegistryMessage::Holdings { .. })
+        }));
+        sim.restart(0);
+        let term = sim.term;
+        sim.tell_leader(0, 2, term, UP_DELAY);
+        sim.run_for(ends - ms(200) - sim.now);
+        let adel = sim.local(1, adel_arrives());
+        sim.run_for(ms(300));
+        assert_eq!(sim.result(adel), None, "seed {seed}: waits at the leader");
+        assert_eq!(sim.answer(adel), Ok(()), "seed {seed}: Adel arrived");
+        sim.lose = None;
+        sim.run_for(ms(500));
+        sim.assert_converged();
+    }
+}
+
 /// Without the majority rule a moving identity is freed with its server
 /// (nothing outlives it): no server keeps a note of the move's age, which
 /// nothing else would ever drop (a memory bound).
