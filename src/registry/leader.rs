@@ -68,7 +68,7 @@ pub(super) struct LeaderState {
     /// new grants wait for them.
     pub(super) unsynced: BTreeMap<ServerId, Instant>,
     /// Moving identities and when their move expires.
-    pub(super) moves: HashMap<String, Instant>,
+    pub(super) moves: HashMap<String, MoveDue>,
     /// Moves granted by an earlier leader that their origin, reporting,
     /// had not heard of (its client still there, not routed), by identity,
     /// with the grant's stamp: if such a move ends unfinished (its target
@@ -132,6 +132,23 @@ pub(super) struct LeaderState {
     /// on the same link, arrives: its acknowledgement dates the move (see
     /// [`Registry::lead_ack`]).
     pub(super) unrouted: HashMap<String, (u64, MoveProof)>,
+}
+
+/// When an open move ends.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct MoveDue {
+    /// Its timeout, counted from its route.
+    pub(super) timeout: Instant,
+    /// Later than that, while its client's arrival waits (see
+    /// [`Registry::hold_move`]); kept when the move is dated again.
+    pub(super) held: Option<Instant>,
+}
+
+impl MoveDue {
+    fn at(&self) -> Instant {
+        self.held
+            .map_or(self.timeout, |held| held.max(self.timeout))
+    }
 }
 
 /// An answer waiting for the announcement it was decided at to commit.
@@ -1214,7 +1231,9 @@ impl Registry {
         // over does not give it a new lease.
         let since = self.moves_seen.get(identity).map_or(now, |seen| seen.at);
         let due = later(since.min(now), self.config.move_timeout);
-        lead.moves.insert(identity.to_string(), due);
+        let held = lead.moves.get(identity).and_then(|d| d.held);
+        let times = MoveDue { timeout: due, held };
+        lead.moves.insert(identity.to_string(), times);
         out.push(Action::SetTimer {
             timer: Timer::MoveExpiry {
                 identity: identity.to_string(),
@@ -1234,10 +1253,10 @@ impl Registry {
         out: &mut Vec<Action>,
     ) {
         let held = later(now, self.config.claim_timeout);
-        let Some(due) = lead.moves.get_mut(identity).filter(|due| **due < held) else {
+        let Some(due) = lead.moves.get_mut(identity).filter(|due| due.at() < held) else {
             return;
         };
-        *due = held;
+        due.held = Some(held);
         out.push(Action::SetTimer {
             timer: Timer::MoveExpiry {
                 identity: identity.to_string(),
@@ -1316,7 +1335,7 @@ impl Registry {
         identity: &str,
         out: &mut Vec<Action>,
     ) {
-        if lead.moves.get(identity).is_none_or(|due| now < *due) {
+        if lead.moves.get(identity).is_none_or(|due| now < due.at()) {
             return;
         }
         // An arrival queued here (this leader waits for a server's

@@ -872,6 +872,12 @@ impl Registry {
                     };
                     self.send(&from, msg, out);
                 }
+                // A leader asks as it starts: requests sent to it before it
+                // knew it led were dropped, and would wait for the next
+                // retry (an arrival lost its move to that wait, in the sim).
+                if self.leader.as_ref() == Some(&from) && term == self.term {
+                    self.send_pending(now, true, out);
+                }
             }
             RegistryMessage::Answer {
                 term,

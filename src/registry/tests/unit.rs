@@ -1534,15 +1534,7 @@ fn a_move_keeps_its_age_when_the_server_it_left_is_freed() {
 fn a_claim_refused_while_the_leader_links_to_restarted_servers_is_asked_again() {
     for (seed, heals) in (0..10).flat_map(|seed| [(seed, true), (seed, false)]) {
         let mut sim = Sim::new(5, seed, true);
-        start_move(&mut sim);
-        let ends = sim.now + test_config(true).move_timeout;
-        for server in [2, 3, 4] {
-            sim.crash(server);
-            sim.restart(server);
-        }
-        sim.cut_oneway(&[4], &[2, 3]);
-        sim.cut_oneway(&[2, 3], &[4]);
-        sim.run_for(UP_DELAY + ms(30));
+        let ends = restart_during_a_move(&mut sim);
         sim.elect(4, &[0, 1, 2, 3, 4]);
         // Adel arrives 150 ms before her move's timeout.
         sim.run_for(ends - ms(150) - sim.now);
@@ -1911,6 +1903,22 @@ fn partition_then_heal_majority_holder_keeps_the_name() {
 }
 
 /// Claims `Adel` on s1 and starts a move to s2; returns the StartMove token.
+/// Starts Adel's move from s1 to s2 on 5 servers, then restarts s3, s4 and
+/// the leader s5, which does not hear s3 and s4 (they hear everyone else).
+/// Returns when the move times out.
+fn restart_during_a_move(sim: &mut Sim) -> Duration {
+    start_move(sim);
+    let ends = sim.now + test_config(true).move_timeout;
+    for server in [2, 3, 4] {
+        sim.crash(server);
+        sim.restart(server);
+    }
+    sim.cut_oneway(&[4], &[2, 3]);
+    sim.cut_oneway(&[2, 3], &[4]);
+    sim.run_for(UP_DELAY + ms(30));
+    ends
+}
+
 fn start_move(sim: &mut Sim) -> u64 {
     start_move_from(sim, 0)
 }
@@ -3280,5 +3288,33 @@ fn a_move_outlives_a_restart_of_the_server_it_left() {
             "seed {seed}: reserved for the move"
         );
         adel_arrives_on_s2(&mut sim, seed);
+    }
+}
+
+/// The restart sequence of the test above, with two more elections while
+/// the arrival is asked again: a leader that holds the move for it keeps
+/// holding it when a report dates the move again (the re-dating put the
+/// move's end back before the hold's), and an arrival sent to a leader
+/// before it knew it led goes again when that leader asks for holdings,
+/// not at the next retry, after the timeout (a fault tester's runs on real
+/// nodes, then the sim: the arriving client lost its name, seeds 1 and 5).
+#[test]
+fn an_arrival_asked_again_across_leader_changes_keeps_its_move() {
+    for seed in 0..20 {
+        let mut sim = Sim::new(5, seed, true);
+        let ends = restart_during_a_move(&mut sim);
+        sim.elect(4, &[0, 1, 4]);
+        sim.run_for(ends - ms(300) - sim.now);
+        let adel = sim.local(1, adel_arrives());
+        sim.run_for(ms(60));
+        sim.elect(3, &[0, 1, 2, 3]);
+        sim.run_for(ms(80));
+        sim.elect(4, &[0, 1, 2, 4]);
+        sim.run_for(ms(400));
+        assert_eq!(sim.result(adel), None, "seed {seed}: still asking");
+        sim.heal();
+        assert_eq!(sim.answer(adel), Ok(()), "seed {seed}: Adel arrived");
+        let rival = sim.claim(0, ident("Adel"));
+        assert_eq!(sim.answer(rival), Err(Refusal::Taken), "seed {seed}");
     }
 }
