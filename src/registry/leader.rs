@@ -126,11 +126,11 @@ pub(super) struct LeaderState {
     /// name (they would have the same stamp).
     pub(super) open_names: HashSet<NameKey>,
     /// Moves granted to another server whose origin has not yet applied
-    /// the announcement that granted them, by identity: the announcement
-    /// of the move number `.1`, and the move's proof. The origin routes
-    /// its client only when the answer, which follows that announcement
-    /// on the same link, arrives: its acknowledgement dates the move (see
-    /// [`Registry::lead_ack`]).
+    /// the announcement that granted them, by identity: that
+    /// announcement's number, and the move's proof. The origin routes its
+    /// client only when the answer, which follows that announcement on the
+    /// same link, arrives: its acknowledgement dates the move (see
+    /// [`Registry::date_routes`]).
     pub(super) unrouted: HashMap<String, (u64, MoveProof)>,
 }
 
