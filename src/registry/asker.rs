@@ -174,6 +174,7 @@ impl Registry {
         p.abandoned = false;
         p.token = Some(token);
         p.deadline = Some(until);
+        p.refused = None;
         out.push(Action::SetTimer {
             timer: Timer::RequestDeadline { id },
             after: until.saturating_duration_since(now),
@@ -395,10 +396,10 @@ impl Registry {
             timer: Timer::RequestDeadline { id },
             after: deadline.saturating_duration_since(now),
         });
-        // Sent with the next retry, not at once: the leader would refuse it
-        // again until the two agree.
+        // Sent with the next retry (as due from when the refused one was
+        // sent), not at once: the leader would refuse it again until the
+        // two agree.
         let again = Pending {
-            last_sent: Some(now),
             refused: Some(reason),
             ..p
         };

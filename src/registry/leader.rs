@@ -1158,7 +1158,25 @@ impl Registry {
             return refused(Refusal::AskerDown);
         }
         if let Some(server) = self.heard_purged(lead, asker) {
-            return refused(Refusal::HearsDownServer { server });
+            // A name held elsewhere is refused at once; for the others the
+            // asker asks again until the two agree.
+            let held_elsewhere = match name {
+                Name::Identity(identity) => lead
+                    .registry
+                    .identities
+                    .get(identity)
+                    .is_some_and(|e| e.server != *asker || e.moving_to.is_some()),
+                Name::Room { room, owner } => lead
+                    .registry
+                    .rooms
+                    .get(room)
+                    .is_some_and(|r| r.server != *asker || r.owner != *owner),
+            };
+            return refused(if held_elsewhere {
+                Refusal::Taken
+            } else {
+                Refusal::HearsDownServer { server }
+            });
         }
         if self.config.require_majority && !self.has_majority() {
             return refused(self.no_majority());
@@ -1339,11 +1357,14 @@ impl Registry {
             return;
         }
         // An arrival queued here (this leader waits for a server's
-        // holdings) came in time: the move waits for its decision.
-        let target = lead.registry.identities.get(identity);
-        let target = target.and_then(|e| e.moving_to.as_ref());
+        // holdings) came in time: the move waits for its decision. Only the
+        // move's own client's: an impostor's must not hold it.
+        let entry = lead.registry.identities.get(identity);
+        let target = entry.and_then(|e| e.moving_to.as_ref());
+        let proof = entry.and_then(|e| e.move_proof.as_ref());
         let arriving = lead.queue.iter().any(|q| {
-            matches!(&q.op, Op::MoveDone { identity: i, .. } if i == identity)
+            matches!(&q.op, Op::MoveDone { identity: i, arrival, .. }
+                if i == identity && proof.is_some_and(|p| arrival.proves(p)))
                 && Some(&q.asker) == target
         });
         if arriving {
@@ -1499,6 +1520,14 @@ impl Registry {
         if report.incarnation > log.incarnation {
             *log = AskerLog::new(report.incarnation);
             lead.gone.remove(&from);
+            // A move it granted before it restarted was never routed by
+            // this life: its acknowledgements no longer date it.
+            let registry = &lead.registry;
+            let elsewhere = |identity: &String| {
+                let entry = registry.identities.get(identity);
+                entry.is_none_or(|e| e.server != from)
+            };
+            lead.unrouted.retain(|identity, _| elsewhere(identity));
         }
         if report.version <= log.report_version {
             // A newer report was merged already.

@@ -71,7 +71,9 @@
 //!   identity at B waits for that answer. A move that does not arrive within
 //!   [`RegistryConfig::move_timeout`] is released by the **leader**: it is
 //!   the one place that sees both the start and the
-//!   arrival, so it decides atomically which came first. A move the origin
+//!   arrival, so it decides atomically which came first. (An arrival that
+//!   reached it in time but waits, queued or asked again, holds the move
+//!   open for a claim timeout at a time.) A move the origin
 //!   gives up on is cancelled ([`Op::MoveCancel`], naming the move's proof:
 //!   a late cancel must not cancel a later move of the identity).
 //! - **Commit**: every change is announced with a number
@@ -107,7 +109,8 @@
 //!   freed server's side) may come back still hearing it: its claims and
 //!   arrivals are refused ([`Refusal::HearsDownServer`]) until it sees that
 //!   server down too or the server's holdings are merged again (a new
-//!   leader counts every down server holding nothing in its base as freed).
+//!   leader counts every down server holding nothing in its base as freed);
+//!   it asks again until its client's deadline.
 //!   Every request carries the asker's view, so the leader judges it by the
 //!   view it was sent with.
 //! - **Heal / restart**: when a server comes back, the leader merges its

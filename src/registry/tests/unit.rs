@@ -1398,26 +1398,7 @@ fn a_move_answered_late_gets_a_full_timeout_from_its_route() {
 #[test]
 fn a_move_whose_answer_is_slow_to_reach_its_origin_is_timed_from_the_route() {
     for seed in 0..10 {
-        let mut sim = Sim::with_config(
-            3,
-            seed,
-            RegistryConfig {
-                retry_interval: ms(1_000),
-                ..test_config(true)
-            },
-        );
-        let claim = sim.claim(0, ident("Adel"));
-        assert_eq!(sim.answer(claim), Ok(()), "seed {seed}");
-        sim.run_for(ms(100));
-        sim.slow_to[0] = ms(300);
-        let start = sim.local(
-            0,
-            LocalRequest::StartMove {
-                identity: "Adel".into(),
-                to: sid(1),
-                proof: proof(),
-            },
-        );
+        let (mut sim, start) = move_asked_slowly(seed, ms(300));
         assert_eq!(sim.answer(start), Ok(()), "seed {seed}: granted");
         sim.slow_to[0] = Duration::ZERO;
         // The client arrives 850 ms (of a 1 s timeout) after its route.
@@ -1425,6 +1406,31 @@ fn a_move_whose_answer_is_slow_to_reach_its_origin_is_timed_from_the_route() {
         let arrive = sim.local(1, adel_arrives());
         assert_eq!(sim.answer(arrive), Ok(()), "seed {seed}: arrived in time");
         sim.assert_converged();
+    }
+}
+
+/// A move whose origin restarted before it applied the grant is not timed
+/// again from the new life's acknowledgement: that life never routed the
+/// client (a reviewer: the move got a full timeout from the restart). The
+/// origin does not ask again before it dies (its retry interval is
+/// longer), which would restart the lease by itself.
+#[test]
+fn a_move_whose_origin_restarted_unrouted_is_not_timed_again() {
+    for seed in 0..10 {
+        let (mut sim, _) = move_asked_slowly(seed, ms(5_000));
+        sim.run_for(ms(20));
+        let ends = sim.now + test_config(true).move_timeout;
+        assert!(sim.node(2).is_moving_to("Adel", "s2"), "seed {seed}");
+        sim.run_for(ms(600));
+        sim.crash(0);
+        sim.slow_to[0] = Duration::ZERO;
+        sim.run_for(DETECT + ms(30));
+        sim.restart(0);
+        let term = sim.term;
+        sim.tell_leader(0, 2, term, UP_DELAY);
+        sim.run_for(ends + ms(300) - sim.now);
+        let rival = sim.claim(2, ident("Adel"));
+        assert_eq!(sim.answer(rival), Ok(()), "seed {seed}: the move ended");
     }
 }
 
@@ -1529,19 +1535,25 @@ fn a_move_keeps_its_age_when_the_server_it_left_is_freed() {
 /// again (a fault tester: s3, s4 and then the leader restarted, and the
 /// client arriving at s2 was refused; near the move's timeout, it lost its
 /// name). If they never agree, the clients are told why at their deadline,
-/// and the move ends.
+/// and the move ends. A claim of a name held elsewhere is refused at once.
 #[test]
 fn a_claim_refused_while_the_leader_links_to_restarted_servers_is_asked_again() {
     for (seed, heals) in (0..10).flat_map(|seed| [(seed, true), (seed, false)]) {
         let mut sim = Sim::new(5, seed, true);
+        let zed = sim.claim(0, ident("Zed"));
+        assert_eq!(sim.answer(zed), Ok(()), "seed {seed}");
         let ends = restart_during_a_move(&mut sim);
         sim.elect(4, &[0, 1, 2, 3, 4]);
         // Adel arrives 150 ms before her move's timeout.
         sim.run_for(ends - ms(150) - sim.now);
         let bob = sim.claim(1, ident("Bob"));
         let adel = sim.local(1, adel_arrives());
+        let zed = sim.claim(1, ident("Zed"));
         let asked = sim.now;
         sim.run_for(ms(300));
+        // A name held elsewhere is refused at once.
+        let taken = sim.result(zed);
+        assert_eq!(taken, Some(&Err(Refusal::Taken)), "seed {seed}: Zed");
         for token in [bob, adel] {
             assert_eq!(sim.result(token), None, "seed {seed}: still asking");
         }
@@ -1902,7 +1914,33 @@ fn partition_then_heal_majority_holder_keeps_the_name() {
     }
 }
 
-/// Claims `Adel` on s1 and starts a move to s2; returns the StartMove token.
+/// Three servers whose origin s1 asks again only every second: s1 claims
+/// `Adel`, then, with every message to it `slow`, asks to move her to s2.
+/// Returns the StartMove token.
+fn move_asked_slowly(seed: u64, slow: Duration) -> (Sim, u64) {
+    let mut sim = Sim::with_config(
+        3,
+        seed,
+        RegistryConfig {
+            retry_interval: ms(1_000),
+            ..test_config(true)
+        },
+    );
+    let claim = sim.claim(0, ident("Adel"));
+    assert_eq!(sim.answer(claim), Ok(()), "seed {seed}");
+    sim.run_for(ms(100));
+    sim.slow_to[0] = slow;
+    let start = sim.local(
+        0,
+        LocalRequest::StartMove {
+            identity: "Adel".into(),
+            to: sid(1),
+            proof: proof(),
+        },
+    );
+    (sim, start)
+}
+
 /// Starts Adel's move from s1 to s2 on 5 servers, then restarts s3, s4 and
 /// the leader s5, which does not hear s3 and s4 (they hear everyone else).
 /// Returns when the move times out.
@@ -1919,6 +1957,7 @@ fn restart_during_a_move(sim: &mut Sim) -> Duration {
     ends
 }
 
+/// Claims `Adel` on s1 and starts a move to s2; returns the StartMove token.
 fn start_move(sim: &mut Sim) -> u64 {
     start_move_from(sim, 0)
 }
