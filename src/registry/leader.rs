@@ -1157,64 +1157,52 @@ impl Registry {
         if !self.is_live(asker) {
             return refused(Refusal::AskerDown);
         }
+        // Already registered: to the asker by a grant it never heard of (an
+        // earlier leader's, or this claim's own before a leader change),
+        // which it does not hold and asks for, so it is its to have; or
+        // taken.
+        let registered = match name {
+            Name::Identity(identity) => lead
+                .registry
+                .identities
+                .get(identity)
+                .map(|e| (e.server == *asker && e.moving_to.is_none(), &e.stamp)),
+            Name::Room { room, owner } => lead
+                .registry
+                .rooms
+                .get(room)
+                .map(|r| (r.server == *asker && r.owner == *owner, &r.stamp)),
+        };
         if let Some(server) = self.heard_purged(lead, asker) {
             // A name held elsewhere is refused at once; for the others the
             // asker asks again until the two agree.
-            let held_elsewhere = match name {
-                Name::Identity(identity) => lead
-                    .registry
-                    .identities
-                    .get(identity)
-                    .is_some_and(|e| e.server != *asker || e.moving_to.is_some()),
-                Name::Room { room, owner } => lead
-                    .registry
-                    .rooms
-                    .get(room)
-                    .is_some_and(|r| r.server != *asker || r.owner != *owner),
-            };
-            return refused(if held_elsewhere {
-                Refusal::Taken
-            } else {
-                Refusal::HearsDownServer { server }
+            return refused(match registered {
+                Some((false, _)) => Refusal::Taken,
+                _ => Refusal::HearsDownServer { server },
             });
         }
         if self.config.require_majority && !self.has_majority() {
             return refused(self.no_majority());
         }
+        match registered {
+            Some((true, stamp)) => {
+                return Verdict::Granted {
+                    stamp: stamp.clone(),
+                };
+            }
+            Some((false, _)) => return refused(Refusal::Taken),
+            None => {}
+        }
         let stamp = self.next_stamp(lead);
         let change = match name {
-            Name::Identity(identity) => {
-                match lead.registry.identities.get(identity) {
-                    // Registered to the asker by a grant it never heard of
-                    // (an earlier leader's, or this claim's own before a
-                    // leader change): the asker does not hold it, and
-                    // asks for it, so it is its to have.
-                    Some(e) if e.server == *asker && e.moving_to.is_none() => {
-                        return Verdict::Granted {
-                            stamp: e.stamp.clone(),
-                        };
-                    }
-                    Some(_) => return refused(Refusal::Taken),
-                    None => {}
-                }
-                Change::SetIdentity(IdentityEntry {
-                    identity: identity.clone(),
-                    server: asker.clone(),
-                    moving_to: None,
-                    stamp: stamp.clone(),
-                    move_proof: None,
-                })
-            }
+            Name::Identity(identity) => Change::SetIdentity(IdentityEntry {
+                identity: identity.clone(),
+                server: asker.clone(),
+                moving_to: None,
+                stamp: stamp.clone(),
+                move_proof: None,
+            }),
             Name::Room { room, owner } => {
-                match lead.registry.rooms.get(room) {
-                    Some(r) if r.server == *asker && r.owner == *owner => {
-                        return Verdict::Granted {
-                            stamp: r.stamp.clone(),
-                        };
-                    }
-                    Some(_) => return refused(Refusal::Taken),
-                    None => {}
-                }
                 let owner_here = lead
                     .registry
                     .identities
