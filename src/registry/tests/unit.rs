@@ -1581,33 +1581,73 @@ fn a_claim_refused_while_the_leader_links_to_restarted_servers_is_asked_again() 
 /// its holdings, is decided when they come (or the wait ends), not refused
 /// because the move ended meanwhile (a fault tester: restarted servers
 /// kept the leader waiting as the timeout passed, and the client, arrived
-/// at 0.9 of it, lost its name).
+/// at 0.9 of it, lost its name). Only the move's own client's arrival
+/// holds it: an impostor's (another token, another address), queued the
+/// same way, does not keep the name reserved past the timeout. (The
+/// target refuses an impostor itself if it has heard of the move; here
+/// it has not, so the leader is the one to check.)
 #[test]
 fn an_arrival_waiting_at_the_leader_keeps_its_move_open() {
-    for seed in 0..10 {
-        let mut sim = Sim::new(3, seed, true);
-        start_move(&mut sim);
-        let ends = sim.now + test_config(true).move_timeout;
-        // s1, the origin, restarts; its report to the leader is lost, so
-        // the leader waits for it (the sync timeout, 500 ms) from 300 ms
-        // before the move's timeout.
-        sim.run_for(ends - ms(450) - sim.now);
-        sim.crash(0);
-        sim.run_for(DETECT + ms(30));
-        sim.lose = Some(Box::new(|from, _, m| {
-            from == 0 && matches!(m, RegistryMessage::Holdings { .. })
-        }));
-        sim.restart(0);
-        let term = sim.term;
-        sim.tell_leader(0, 2, term, UP_DELAY);
-        sim.run_for(ends - ms(200) - sim.now);
-        let adel = sim.local(1, adel_arrives());
-        sim.run_for(ms(300));
-        assert_eq!(sim.result(adel), None, "seed {seed}: waits at the leader");
-        assert_eq!(sim.answer(adel), Ok(()), "seed {seed}: Adel arrived");
-        sim.lose = None;
-        sim.run_for(ms(500));
-        sim.assert_converged();
+    let unheard_at_s2 = |from: usize, to: usize, m: &RegistryMessage| {
+        from == 2
+            && to == 1
+            && matches!(
+                m,
+                RegistryMessage::Announce { .. } | RegistryMessage::Snapshot { .. }
+            )
+    };
+    for impostor in [false, true] {
+        for seed in 0..10 {
+            let mut sim = Sim::new(3, seed, true);
+            sim.run_for(ms(300));
+            if impostor {
+                sim.lose = Some(Box::new(unheard_at_s2));
+            }
+            start_move(&mut sim);
+            assert_eq!(sim.node(1).is_moving_to("Adel", "s2"), !impostor);
+            let ends = sim.now + test_config(true).move_timeout;
+            // s1, the origin, restarts; its report to the leader is lost, so
+            // the leader waits for it (the sync timeout, 500 ms) from 300 ms
+            // before the move's timeout.
+            sim.run_for(ends - ms(450) - sim.now);
+            sim.crash(0);
+            sim.run_for(DETECT + ms(30));
+            sim.lose = Some(Box::new(move |from, to, m| {
+                from == 0 && matches!(m, RegistryMessage::Holdings { .. })
+                    || impostor && unheard_at_s2(from, to, m)
+            }));
+            sim.restart(0);
+            let term = sim.term;
+            sim.tell_leader(0, 2, term, UP_DELAY);
+            sim.run_for(ends - ms(200) - sim.now);
+            let arrival = if impostor {
+                Arrival {
+                    token: Some("fedcba9876543210fedcba9876543210".into()),
+                    ip: std::net::IpAddr::from([10, 0, 0, 66]),
+                }
+            } else {
+                arrival()
+            };
+            let identity = "Adel".to_string();
+            let adel = sim.local(1, LocalRequest::AcceptMove { identity, arrival });
+            sim.run_for(ms(300));
+            let case = format!("seed {seed}, impostor {impostor}");
+            assert_eq!(sim.result(adel), None, "{case}: waits at the leader");
+            assert_eq!(
+                sim.node(2).is_moving_to("Adel", "s2"),
+                !impostor,
+                "{case}: the move held past its timeout"
+            );
+            if impostor {
+                assert!(sim.answer(adel).is_err(), "{case}");
+                assert!(!sim.node(2).is_moving_to("Adel", "s2"), "{case}");
+            } else {
+                assert_eq!(sim.answer(adel), Ok(()), "{case}: Adel arrived");
+            }
+            sim.lose = None;
+            sim.run_for(ms(500));
+            sim.assert_converged();
+        }
     }
 }
 
