@@ -129,8 +129,8 @@ pub(super) struct LeaderState {
     /// the announcement that granted them, by identity: that
     /// announcement's number, and the move's proof. The origin routes its
     /// client only when the answer, which follows that announcement on the
-    /// same link, arrives: its acknowledgement dates the move (see
-    /// [`Registry::date_routes`]).
+    /// same link, arrives: the later of its acknowledgement and the
+    /// answer's sending dates the move (see [`Registry::date_routes`]).
     pub(super) unrouted: HashMap<String, (u64, MoveProof)>,
 }
 
@@ -427,6 +427,9 @@ impl Registry {
             };
             self.send_answer(&held.to, &held.ticket, held.verdict, held.seq, out);
         }
+        if !lead.unrouted.is_empty() {
+            self.date_routes(lead, out);
+        }
     }
 
     /// A follower applied announcements up to `seq`.
@@ -441,9 +444,6 @@ impl Registry {
         let acked = lead.acked.get(from).copied();
         if acked.is_none_or(|a| seq > a) {
             lead.acked.insert(from.clone(), seq);
-            if !lead.unrouted.is_empty() {
-                self.date_routes(lead, from, seq, out);
-            }
             if lead.laggards.contains(from) {
                 // Announcements in `recent` are numbered one after another.
                 let sent = lead.recent.front().and_then(|first| {
@@ -462,22 +462,19 @@ impl Registry {
         }
     }
 
-    /// `from` applied announcements up to `seq`: the moves granted to it in
-    /// them are timed from now. Its client is routed when the grant's
-    /// answer, sent after that announcement on the same link, arrives; a
-    /// grant dated from its decision lost the time the link held both back
-    /// (a fault tester: the leader's datagrams to the origin dropped for
-    /// 300 ms, the move ended 2.7 s after the route with a 3 s timeout,
-    /// and the client arriving at 2.76 s was refused). The answer may
-    /// leave up to [`SPREAD_WAIT`] after this acknowledgement, when another
-    /// follower is slow to apply the announcement too.
-    fn date_routes(
-        &mut self,
-        lead: &mut LeaderState,
-        from: &ServerId,
-        seq: u64,
-        out: &mut Vec<Action>,
-    ) {
+    /// Dates the moves granted to another server whose origin has both
+    /// applied the announcement that granted them and been sent the
+    /// answer: from now, the later of the two. The origin routes its
+    /// client when the answer, sent after that announcement on the same
+    /// link, arrives. A grant dated from its decision lost the time the
+    /// link held both back (a fault tester: the leader's datagrams to the
+    /// origin dropped for 300 ms, the move ended 2.7 s after the route with
+    /// a 3 s timeout, and the client arriving at 2.76 s was refused); one
+    /// dated from the origin's acknowledgement lost the time the answer
+    /// waited for the other followers of a larger cluster (a reviewer).
+    /// Called when the commit point may have moved (on each
+    /// acknowledgement too).
+    fn date_routes(&mut self, lead: &mut LeaderState, out: &mut Vec<Action>) {
         let Some(now) = self.clock else {
             return;
         };
@@ -489,12 +486,16 @@ impl Registry {
         };
         lead.unrouted
             .retain(|identity, (_, proof)| open(identity, proof));
+        let answered = |seq: u64| {
+            Self::is_committed(lead, seq) && lead.held.front().is_none_or(|h| h.seq > seq)
+        };
         let routed: Vec<(String, MoveProof)> = lead
             .unrouted
             .iter()
-            .filter(|(identity, (at, _))| {
+            .filter(|(identity, (seq, _))| {
                 let origin = registry.identities.get(*identity).map(|e| &e.server);
-                *at <= seq && origin == Some(from)
+                let applied = origin.and_then(|o| lead.acked.get(o));
+                applied.is_some_and(|a| a >= seq) && answered(*seq)
             })
             .map(|(identity, (_, proof))| (identity.clone(), proof.clone()))
             .collect();

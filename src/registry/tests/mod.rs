@@ -147,6 +147,8 @@ struct Sim {
     logs: Vec<(usize, LogEvent)>,
     /// Extra delay of every message to each server (a slow link).
     slow_to: Vec<Duration>,
+    /// Extra delay of every message from each server.
+    slow_from: Vec<Duration>,
     /// When two grants of one name were first seen held by servers that
     /// can talk.
     conflicts: HashMap<(NameKey, Stamp, Stamp), Duration>,
@@ -196,6 +198,7 @@ impl Sim {
             evictions: Vec::new(),
             logs: Vec::new(),
             slow_to: vec![Duration::ZERO; n],
+            slow_from: vec![Duration::ZERO; n],
             conflicts: HashMap::new(),
             chat: false,
             lose: None,
@@ -342,7 +345,9 @@ impl Sim {
             return;
         }
         let bytes = postcard::to_stdvec(msg).expect("messages encode");
-        let delay = ms(self.rng.random_range(self.delay_ms.0..=self.delay_ms.1)) + self.slow_to[to];
+        let delay = ms(self.rng.random_range(self.delay_ms.0..=self.delay_ms.1))
+            + self.slow_to[to]
+            + self.slow_from[from];
         let to_inc = self.incs[to];
         self.schedule(
             delay,

@@ -1409,6 +1409,52 @@ fn a_move_whose_answer_is_slow_to_reach_its_origin_is_timed_from_the_route() {
     }
 }
 
+/// With 5 servers the grant of a move is answered once a majority applied
+/// it: an origin quick to apply it while the other followers are slow gets
+/// the answer, and routes its client, well after its acknowledgement. The
+/// move is timed from the later of the two (a reviewer: timed from the
+/// acknowledgement, it lost the time the answer waited). The origin does
+/// not ask again meanwhile (its retry interval is longer).
+#[test]
+fn a_move_answered_after_its_origin_applied_it_is_timed_from_the_answer() {
+    for seed in 0..10 {
+        let config = RegistryConfig {
+            retry_interval: ms(1_000),
+            ..test_config(true)
+        };
+        let mut sim = Sim::with_config(5, seed, config);
+        let claim = sim.claim(0, ident("Adel"));
+        assert_eq!(sim.answer(claim), Ok(()), "seed {seed}");
+        sim.run_for(ms(100));
+        // s2, s3 and s4 acknowledge 300 ms late; s1 and the leader s5 at once.
+        for slow in 1..4 {
+            sim.slow_from[slow] = ms(300);
+        }
+        let start = sim.local(
+            0,
+            LocalRequest::StartMove {
+                identity: "Adel".into(),
+                to: sid(1),
+                proof: proof(),
+            },
+        );
+        let asked = sim.now;
+        assert_eq!(sim.answer(start), Ok(()), "seed {seed}: granted");
+        assert!(
+            sim.now >= asked + ms(300),
+            "seed {seed}: answered on commit"
+        );
+        for slow in 1..4 {
+            sim.slow_from[slow] = Duration::ZERO;
+        }
+        // The client arrives 850 ms (of a 1 s timeout) after its route.
+        sim.run_for(ms(850));
+        let arrive = sim.local(1, adel_arrives());
+        assert_eq!(sim.answer(arrive), Ok(()), "seed {seed}: arrived in time");
+        sim.assert_converged();
+    }
+}
+
 /// A move whose origin restarted before it applied the grant is not timed
 /// again from the new life's acknowledgement: that life never routed the
 /// client (a reviewer: the move got a full timeout from the restart). The
