@@ -374,8 +374,13 @@ impl Registry {
     /// on, so any later leader's base holds it, and the live followers too
     /// (see [`Registry::advance_commit`]). Answers leave `held` in order.
     fn answerable(lead: &LeaderState, verdict: &Verdict, seq: u64) -> bool {
-        matches!(verdict, Verdict::Refused { .. })
-            || (Self::is_committed(lead, seq) && lead.held.front().is_none_or(|h| h.seq > seq))
+        matches!(verdict, Verdict::Refused { .. }) || Self::grants_answered(lead, seq)
+    }
+
+    /// Whether the answers to the grants decided at announcement `seq`
+    /// have been let go (see [`Registry::answerable`]).
+    fn grants_answered(lead: &LeaderState, seq: u64) -> bool {
+        Self::is_committed(lead, seq) && lead.held.front().is_none_or(|h| h.seq > seq)
     }
 
     /// The live followers, laggards aside, that have not acknowledged
@@ -486,16 +491,13 @@ impl Registry {
         };
         lead.unrouted
             .retain(|identity, (_, proof)| open(identity, proof));
-        let answered = |seq: u64| {
-            Self::is_committed(lead, seq) && lead.held.front().is_none_or(|h| h.seq > seq)
-        };
         let routed: Vec<(String, MoveProof)> = lead
             .unrouted
             .iter()
             .filter(|(identity, (seq, _))| {
                 let origin = registry.identities.get(*identity).map(|e| &e.server);
                 let applied = origin.and_then(|o| lead.acked.get(o));
-                applied.is_some_and(|a| a >= seq) && answered(*seq)
+                applied.is_some_and(|a| a >= seq) && Self::grants_answered(lead, *seq)
             })
             .map(|(identity, (_, proof))| (identity.clone(), proof.clone()))
             .collect();
