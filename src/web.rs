@@ -73,10 +73,19 @@ fn inline_hash(page: &str, tag: &str) -> String {
 /// 64 MB outside their outboxes.
 const PIPE_BYTES: usize = 4 * 1024;
 
-/// The longest line the session writes that is sent as one frame (its
-/// output is its own JSON, bounded by the outbox; this only bounds the
-/// adapter's buffer).
-const MAX_OUTPUT_LINE: usize = 16 * 1024 * 1024;
+/// The longest line a WebSocket session is written, as one frame: twice
+/// the outbox limit, at least 1 MiB. Its output is its own JSON, bounded by
+/// the outbox but for one block a server event makes (a `list` of a very
+/// large cluster); a longer line ends the session. It also bounds what the
+/// WebSocket layer holds for a client that does not read: the line being
+/// sent, or the pongs it owes (see `chat_upgrade`).
+fn max_output_line(outbox_bytes: usize) -> usize {
+    outbox_bytes.saturating_mul(2).max(1024 * 1024)
+}
+
+/// Room for a frame's header and a close frame beyond the longest line in
+/// the WebSocket layer's write buffer.
+const WS_FRAME_ROOM: usize = 4 * 1024;
 
 /// Everything a web request needs.
 struct WebState {
@@ -269,6 +278,7 @@ async fn chat_upgrade(
     // reply, then close); far longer ones are refused by the WebSocket layer
     // before they are buffered, which ends the session too.
     let frame_max = max.saturating_add(1);
+    let line_max = max_output_line(web.chat.limits().outbox_bytes);
     let chat = web.chat.clone();
     let shutdown = web.shutdown.clone();
     let tasks = web.tasks.clone();
@@ -281,6 +291,17 @@ async fn chat_upgrade(
         // open sessions without logging in: small reads, grown only for a
         // frame that needs it.
         .read_buffer_size(WS_READ_BUFFER)
+        // Frames go to the socket as they are made, and what it has not
+        // taken is bounded: the library answers every ping with a pong
+        // queued in its write buffer, and by default that buffer is
+        // unbounded, so a client sending pings and never reading grew the
+        // server by a byte per byte of pings (a hostile-client tester: 45 MB
+        // for 45 MB of pings, held while connected). Past the bound a pong
+        // owed waits as the one pending pong, replaced by the next (RFC 6455
+        // allows answering only the latest ping); a line of ours that does
+        // not fit ends the session, as for a client that does not read.
+        .write_buffer_size(0)
+        .max_write_buffer_size(line_max + WS_FRAME_ROOM)
         .on_upgrade(move |socket| {
             tasks.track_future(
                 ws_session(socket, connection, chat, shutdown)
@@ -426,10 +447,11 @@ async fn ws_session(
     let why = Arc::new(std::sync::Mutex::new(CloseWhy::Done));
     let (session_in, inbound) = frames_to_lines(frames, why.clone());
     let (session_out, from_session) = tokio::io::duplex(PIPE_BYTES);
+    let line_max = max_output_line(chat.limits().outbox_bytes);
     let outbound = {
         let why = why.clone();
         async move {
-            let mut lines = LineReader::new(from_session, MAX_OUTPUT_LINE);
+            let mut lines = LineReader::new(from_session, line_max);
             while let Ok(Some(line)) = lines.next_line().await {
                 // The session writes its own JSON: always UTF-8.
                 let text = String::from_utf8_lossy(line).into_owned();

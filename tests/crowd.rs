@@ -27,6 +27,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use common::cluster::{ProcCluster, SETTLE};
+use common::process::rss_kb;
 use common::{Raw, Via, room_change};
 
 /// Members of the crowded room, its owner included.
@@ -519,16 +520,6 @@ impl RssSampler {
         let peak = self.thread.join().expect("the sampler thread");
         (peak.max(now), now)
     }
-}
-
-/// VmRSS of a process in KiB (0 if it cannot be read).
-fn rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// What the cluster's own state machines did, per node: peer up/down

@@ -17,7 +17,7 @@ use chatmesh::config::Limits;
 use chatmesh::listener::{
     FD_RESERVE, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_PROBES, USER_TIMEOUT,
 };
-use common::process::{BIN, Proc};
+use common::process::{BIN, Proc, rss_kb};
 use common::{
     DEADLINE, Raw, Via, certs, expect_slow_readers_reset_and_freed, expect_the_room_goes_on,
     room_change, start_node_with, talk_until_slow_readers_leave, temp_dir, wait_for,
@@ -235,12 +235,15 @@ fn start_node_limited(config: &str, soft: u64, hard: u64) -> Proc {
 fn serving(node: &mut Proc) -> (SocketAddr, SocketAddr) {
     let serving = node.wait_line("serving clients");
     let addr: SocketAddr = field(&serving, "client_addr").parse().unwrap();
-    let admin: SocketAddr = field(&serving, "admin_addr")
-        .trim_start_matches("Some(")
-        .trim_end_matches(')')
-        .parse()
-        .unwrap();
-    (addr, admin)
+    (addr, optional_addr(&serving, "admin_addr"))
+}
+
+/// The address logged as `key=Some(ADDR)` in `line`.
+fn optional_addr(line: &str, key: &str) -> SocketAddr {
+    let value = field(line, key);
+    let addr = value.trim_start_matches("Some(").trim_end_matches(')');
+    addr.parse()
+        .unwrap_or_else(|_| panic!("no address in {key}={value}"))
 }
 
 /// The value after `key=` in a log line.
@@ -357,14 +360,7 @@ async fn a_thousand_idle_clients_under_a_1024_file_limit() {
         println!("skipped: this process may open only {own_soft} files");
         return;
     }
-    let dir = temp_dir("limits");
-    let config = dir.join("cluster.toml");
-    std::fs::write(
-        &config,
-        "[[server]]\nid = \"s1\"\nhost = \"127.0.0.1\"\nclient_port = 0\nmesh_port = 0\nadmin_port = 0\n",
-    )
-    .unwrap();
-    let config = config.display().to_string();
+    let config = one_server_config("limits", "");
 
     // 1. `ulimit -Sn 1024 -Hn 1024`: no raising helps, so the node takes
     // what the limit leaves room for, refuses the rest clearly, and keeps
@@ -636,4 +632,109 @@ async fn who_in_a_big_hall_is_answered_not_dropped() {
             break;
         }
     }
+}
+
+/// A masked WebSocket frame (mask 0, so the payload goes as it is).
+fn ws_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126, "short frames only");
+    let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// A client that sends pings and never reads owes a pong for each; the
+/// WebSocket library queued them all, so the server grew by about a byte
+/// per byte of pings for as long as the client stayed (a hostile-client
+/// tester: 45 MB for 45 MB of pings). Now what it holds for the client is
+/// bounded by the longest line (2 MiB at the default outbox limit), and the
+/// server goes on serving. A real process, so that its memory is its own.
+#[tokio::test]
+async fn a_websocket_client_pinging_and_never_reading_holds_bounded_memory() {
+    const PINGS_MB: usize = 32;
+    const GROWTH_LIMIT_KB: u64 = 12 * 1024;
+    let config = one_server_config("ws-pings", "web_port = 0\n");
+    let certs = certs().display().to_string();
+    let mut node = Proc::spawn(
+        "node",
+        &["node", "--config", &config, "--id", "s1", "--certs", &certs],
+    );
+    let serving = node.wait_line("serving clients");
+    let addr: SocketAddr = field(&serving, "client_addr").parse().unwrap();
+    let web = optional_addr(&serving, "web_addr");
+    let pid = node.child.id();
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut ws = socket.connect(web).await.unwrap();
+    let upgrade = format!(
+        "GET /chat HTTP/1.1\r\nHost: {web}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    ws.write_all(upgrade.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8];
+        tokio::time::timeout(DEADLINE, ws.read_exact(&mut byte))
+            .await
+            .expect("the upgrade answered in time")
+            .expect("the upgrade answered");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let login = br#"{"type":"newidentity","identity":"Pinger"}"#;
+    ws.write_all(&ws_frame(0x1, login)).await.unwrap();
+    // The server is idle again once the login is through.
+    let mut watcher = Raw::join(Via::Tcp, addr, "Watcher", HALL).await;
+    let before = rss_kb(pid);
+    assert!(before > 0, "the node's memory is readable");
+
+    let ping = ws_frame(0x9, &[b'x'; 125]);
+    let block: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 1000)
+        .collect();
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < PINGS_MB << 20 {
+        tokio::time::timeout(DEADLINE, ws.write_all(&block))
+            .await
+            .expect("the server takes the pings")
+            .unwrap();
+        sent += block.len();
+    }
+    // Whatever is still in flight is in the kernel's buffers: give the
+    // server a moment to take it, then read its memory.
+    watcher.send(r#"{"type":"who"}"#).await;
+    watcher.next().await.expect("the server still answers");
+    let after = rss_kb(pid);
+    let growth = after.saturating_sub(before);
+    println!(
+        "{PINGS_MB} MB of pings in {:?}: resident {} -> {} KiB (+{growth} KiB)",
+        started.elapsed(),
+        before,
+        after
+    );
+    assert!(
+        growth < GROWTH_LIMIT_KB,
+        "the server grew by {growth} KiB for a client that pings and never reads"
+    );
+    drop(ws);
+    node.signal(libc::SIGTERM);
+    assert!(node.wait_exit(), "the node stops");
+}
+
+/// A config of one server, s1, on ports the system picks, with `extra`
+/// settings; its path, in a fresh temp dir tagged `tag`.
+fn one_server_config(tag: &str, extra: &str) -> String {
+    let config = temp_dir(tag).join("cluster.toml");
+    let server = "[[server]]\nid = \"s1\"\nhost = \"127.0.0.1\"\n\
+                  client_port = 0\nmesh_port = 0\nadmin_port = 0\n";
+    std::fs::write(&config, format!("{server}{extra}")).unwrap();
+    config.display().to_string()
 }

@@ -166,3 +166,13 @@ impl Drop for Proc {
         let _ = self.child.wait();
     }
 }
+
+/// VmRSS of a process in KiB (0 if it cannot be read).
+pub fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
