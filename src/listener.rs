@@ -392,7 +392,9 @@ async fn tcp_session(
         if let Err(e) = reader.as_ref().set_zero_linger() {
             debug!(error = %e, "cannot set a zero linger");
         }
-        info!("connection reset: output stuck in it");
+        // Said at warn by the session if the client was too slow; else a
+        // write failed (the client went away): nothing to log per client.
+        debug!("connection reset: output not taken");
     }
     drop(reader);
     drop(slot);
@@ -491,7 +493,12 @@ async fn quic_session(
         Err(_) => {
             // Nothing to answer on: a QUIC stream exists for the server only once
             // the client writes to it. The connection closes as it drops.
-            info!("QUIC client opened no stream within the handshake timeout; closing");
+            chat.connection_lines.log(|left_out| {
+                info!(
+                    left_out,
+                    "QUIC client opened no stream within the handshake timeout; closing"
+                );
+            });
             return;
         }
     };
@@ -501,7 +508,7 @@ async fn quic_session(
         // Output is stuck (the client does not read): close now, which
         // frees what the connection still buffers.
         connection.close(QUIC_DROPPED, b"dropped: output not read");
-        info!("connection closed: output stuck in it");
+        debug!("connection closed: output not taken");
         return;
     }
     // Closing at once would discard stream data not yet acknowledged (the last

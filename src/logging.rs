@@ -276,6 +276,14 @@ impl LogBudget {
         state.logged += 1;
         Some(std::mem::take(&mut state.left_out))
     }
+
+    /// Runs `log`, given the lines left out since the last one logged, if
+    /// this line is within the budget.
+    pub fn log(&self, log: impl FnOnce(u64)) {
+        if let Some(left_out) = self.take(std::time::Instant::now()) {
+            log(left_out);
+        }
+    }
 }
 
 #[cfg(test)]

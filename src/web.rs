@@ -32,6 +32,7 @@ use crate::config::ClusterConfig;
 use crate::http;
 use crate::lines::LineReader;
 use crate::listener::ClientSlots;
+use crate::logging::LogBudget;
 
 /// The web client: HTML, CSS and JavaScript in one file, nothing loaded from
 /// elsewhere.
@@ -367,6 +368,11 @@ impl CloseWhy {
 /// port, so that a request waiting for the cluster is given up. At most
 /// three frames are held: one in the channel, one being read, one waiting
 /// to be sent.
+/// The lines of WebSocket input that ends a session (a bad frame, a
+/// reset): one a connection at most, and a flood of connections logs at
+/// most these a second (see [`crate::logging::LogBudget`]).
+static FRAME_LINES: LogBudget = LogBudget::new(crate::chat::REFUSALS_LOGGED_PER_SECOND);
+
 fn frames_to_lines<S>(
     mut frames: S,
     why: Arc<std::sync::Mutex<CloseWhy>>,
@@ -386,7 +392,8 @@ where
             let text = match frame {
                 Ok(Message::Text(text)) => text,
                 Ok(Message::Binary(_)) => {
-                    info!("binary frame; closing the session");
+                    FRAME_LINES
+                        .log(|left_out| info!(left_out, "binary frame; closing the session"));
                     *why.lock().unwrap_or_else(|e| e.into_inner()) = CloseWhy::Binary;
                     break;
                 }
@@ -395,7 +402,9 @@ where
                 Ok(Message::Close(_)) => break,
                 Err(e) => {
                     // Oversize frames, protocol violations, resets.
-                    info!(error = %e, "WebSocket input failed; closing the session");
+                    FRAME_LINES.log(|left_out| {
+                        info!(error = %e, left_out, "WebSocket input failed; closing the session");
+                    });
                     let close = CloseWhy::for_error(&e);
                     *why.lock().unwrap_or_else(|e| e.into_inner()) = close;
                     // The connection failed: the client is gone. A bad frame
@@ -499,11 +508,16 @@ async fn ws_session(
             .is_err()
         {
             connection.reset_on_close();
-            info!("client did not take its last frames; resetting the connection");
+            FRAME_LINES.log(|left_out| {
+                info!(
+                    left_out,
+                    "client did not take its last frames; resetting the connection"
+                );
+            });
         }
     } else if end == SessionEnd::Abort {
         connection.reset_on_close();
-        info!("connection reset: output stuck in it");
+        debug!("connection reset: output not taken");
     }
     // The WebSocket, and with it the connection, is dropped on return.
     debug!("closed");

@@ -618,3 +618,60 @@ fn a_refused_room_id_is_logged_bounded() {
     assert_eq!(node.count_seen("claim_denied: room refused"), 16);
     assert_eq!(node.count_seen("further refusals are logged at debug"), 1);
 }
+
+/// A flood of short connections that each send a `movejoin` nobody is
+/// moving for (with a former room this server does not know) logs at most
+/// 20 lines a second, and the next line logged says how many were left
+/// out: each logged two lines at info, and a hostile-client tester's script
+/// grew the log by 1.8 MB a second.
+#[test]
+fn a_flood_of_refused_movejoins_logs_at_most_20_lines_a_second() {
+    use std::io::{BufRead, BufReader};
+    const FLOOD: usize = 300;
+    let config = single_node_config("movejoin-log-flood");
+    let (mut node, addr) = spawn_node(&config);
+    let movejoin = |i: usize| {
+        let request = format!(
+            r#"{{"type":"movejoin","former":"x","roomid":"MainHall-s1","identity":"Nobody{i}"}}"#
+        );
+        let s = send_line(&addr, &request);
+        s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        let mut reply = String::new();
+        BufReader::new(&s).read_line(&mut reply).expect("a reply");
+        assert!(reply.contains(r#""approved":"false""#), "{reply}");
+    };
+    let started = std::time::Instant::now();
+    for i in 0..FLOOD {
+        movejoin(i);
+    }
+    let took = started.elapsed();
+    // Once the budget's second is over, one more: logged, with the count
+    // of the lines left out.
+    std::thread::sleep(Duration::from_millis(1100));
+    movejoin(FLOOD);
+    node.signal(libc::SIGTERM);
+    node.wait_line("stopped");
+    let mut lines = node.seen_with("movejoin refused");
+    lines.extend(node.seen_with("movejoin with an invalid former room"));
+    let left_out: usize = lines
+        .iter()
+        .filter_map(|line| line.split("left_out=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse::<usize>().ok())
+        .sum();
+    println!(
+        "{} movejoins in {took:?}: {} lines logged, {left_out} left out",
+        FLOOD + 1,
+        lines.len()
+    );
+    let seconds = took.as_secs() as usize + 2;
+    assert!(
+        lines.len() <= 20 * seconds,
+        "{} lines for {FLOOD} refusals in {took:?}",
+        lines.len()
+    );
+    assert_eq!(
+        lines.len() + left_out,
+        2 * (FLOOD + 1),
+        "every line counted"
+    );
+}

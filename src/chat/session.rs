@@ -196,7 +196,12 @@ where
         let flow = match line {
             None if draining_until.is_some() => break,
             None if matches!(session.phase, Phase::Handshake) => {
-                info!("no newidentity within the handshake timeout; closing");
+                session.chat.connection_lines.log(|left_out| {
+                    info!(
+                        left_out,
+                        "no newidentity within the handshake timeout; closing"
+                    );
+                });
                 session.reply(ServerMessage::error(format!(
                     "no newidentity or movejoin within {} ms",
                     limits.handshake_timeout.as_millis()
@@ -525,7 +530,9 @@ impl Session {
         {
             former
         } else {
-            info!(identity = %Logged(&identity), "movejoin with an invalid former room; relayed as an arrival");
+            self.chat.connection_lines.log(|left_out| {
+                info!(identity = %Logged(&identity), left_out, "movejoin with an invalid former room; relayed as an arrival");
+            });
             String::new()
         };
         // A token longer than any we make is wrong without asking anybody;
@@ -562,13 +569,16 @@ impl Session {
         });
         if let Err(reason) = entered {
             // The token itself is never logged.
-            info!(
-                identity = %Logged(&identity),
-                peer = %self.peer_ip,
-                with_token = token.is_some(),
-                %reason,
-                "movejoin refused"
-            );
+            self.chat.connection_lines.log(|left_out| {
+                info!(
+                    identity = %Logged(&identity),
+                    peer = %self.peer_ip,
+                    with_token = token.is_some(),
+                    %reason,
+                    left_out,
+                    "movejoin refused"
+                );
+            });
             self.reply(ServerMessage::ServerChange {
                 approved: Approved(false),
                 serverid,

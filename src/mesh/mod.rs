@@ -135,6 +135,12 @@ const MIN_DIAL_BACKOFF: Duration = Duration::from_millis(50);
 /// (an Initial packet every few hundred ms costs nothing on a LAN).
 const MAX_DIAL_BACKOFF: Duration = Duration::from_millis(250);
 
+/// The lines of mesh handshakes refused for their certificate: anyone who
+/// can reach the mesh port can make one a connection, so at most these a
+/// second are logged, the rest counted into the next (`left_out`; every
+/// refusal is counted in `/metrics` too).
+static CERTIFICATE_REFUSALS: crate::logging::LogBudget = crate::logging::LogBudget::new(5);
+
 /// Outbound frames queued per link; beyond this the link is too slow and
 /// further messages are dropped (election and registry retry on their own).
 const LINK_QUEUE: usize = 4096;
@@ -642,7 +648,9 @@ impl Mesh {
                         Err(e) => {
                             mesh.inner.counters.links_refused.fetch_add(1, Ordering::Relaxed);
                             if is_certificate_error(&e) {
-                                warn!(%remote, error = %e, "mesh connection refused: its certificate is not one of this cluster's");
+                                CERTIFICATE_REFUSALS.log(|left_out| {
+                                    warn!(%remote, error = %e, left_out, "mesh connection refused: its certificate is not one of this cluster's");
+                                });
                             } else {
                                 // A dialer that gave up, loss or a pause
                                 // mid-handshake: it dials again.

@@ -99,7 +99,13 @@ impl Proc {
 
     /// How many output lines read so far contain `needle`.
     pub fn count_seen(&self, needle: &str) -> usize {
-        self.seen.iter().filter(|l| l.contains(needle)).count()
+        self.seen_with(needle).len()
+    }
+
+    /// The output lines read so far that contain `needle`.
+    pub fn seen_with(&self, needle: &str) -> Vec<&str> {
+        let lines = self.seen.iter().filter(|l| l.contains(needle));
+        lines.map(String::as_str).collect()
     }
 
     /// Waits for an output line containing `needle` that no earlier call
