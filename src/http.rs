@@ -203,6 +203,9 @@ pub async fn serve(mut listener: Listener, app: Router, shutdown: CancellationTo
         });
         let connection = hyper::server::conn::http1::Builder::new()
             .half_close(true)
+            // A request's head (hyper's default takes about 400 KB of it)
+            // is held to what a client may hold on the client port.
+            .max_buf_size(MAX_REQUEST_HEAD)
             .serve_connection(hyper_util::rt::TokioIo::new(conn), service)
             .with_upgrades();
         let (shutdown, open) = (shutdown.clone(), open_rx.clone());
@@ -318,6 +321,10 @@ impl Drop for Conn {
 fn timed_out(why: &str) -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, why)
 }
+
+/// The most of a request's head (request line and headers) read before it
+/// is refused with `431`: 64 KiB, the default `max_line_bytes`.
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
 const EXPIRED: &str = "the connection outlived its time limit";
 

@@ -274,11 +274,12 @@ async fn chat_upgrade(
             .into_response();
     }
     let max = web.chat.limits().max_line_bytes;
-    // One byte more than a line may hold: a frame of max_line_bytes and its
-    // newline passes, a longer one reaches the session's own check (error
-    // reply, then close); far longer ones are refused by the WebSocket layer
-    // before they are buffered, which ends the session too.
-    let frame_max = max.saturating_add(1);
+    // Two bytes more than a line may hold: a frame of max_line_bytes and its
+    // line ending (LF or CRLF, as on the client port) passes, a longer one
+    // reaches the session's own check (error reply, then close); far longer
+    // ones are refused by the WebSocket layer before they are buffered,
+    // which ends the session too.
+    let frame_max = max.saturating_add(2);
     let line_max = max_output_line(web.chat.limits().outbox_bytes);
     let chat = web.chat.clone();
     let shutdown = web.shutdown.clone();

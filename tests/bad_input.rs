@@ -675,3 +675,23 @@ fn a_flood_of_refused_movejoins_logs_at_most_20_lines_a_second() {
         "every line counted"
     );
 }
+
+/// A first line that starts with a UTF-8 byte order mark (what a .NET
+/// client writing through `Encoding.UTF8` sends) logs in: it was refused
+/// as not JSON, and the client waited for the handshake timeout.
+#[test]
+fn a_byte_order_mark_before_the_first_line_is_skipped() {
+    use std::io::{BufRead, BufReader};
+    let config = single_node_config("bom");
+    let (mut node, addr) = spawn_node(&config);
+    let s = send_line(
+        &addr,
+        "\u{feff}{\"type\":\"newidentity\",\"identity\":\"Bomm\"}",
+    );
+    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut reply = String::new();
+    BufReader::new(&s).read_line(&mut reply).expect("a reply");
+    assert_eq!(reply, "{\"type\":\"newidentity\",\"approved\":\"true\"}\n");
+    node.signal(libc::SIGTERM);
+    node.wait_line("stopped");
+}

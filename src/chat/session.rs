@@ -337,6 +337,13 @@ impl Session {
     /// The request a line makes; `None` for an empty line (ignored) or one
     /// that is not a request (answered with an error here).
     fn parse_line(&self, line: &[u8]) -> Option<Request> {
+        // A client that writes through a UTF-8 text writer with a byte
+        // order mark (.NET's `Encoding.UTF8`, say) starts its first line
+        // with one: not JSON, and refused it would never log in.
+        let line = match self.phase {
+            Phase::Handshake => line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line),
+            _ => line,
+        };
         if line.iter().all(u8::is_ascii_whitespace) {
             return None;
         }
