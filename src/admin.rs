@@ -214,7 +214,7 @@ impl AdminState {
         metric(
             "outbox_queued_bytes",
             "gauge",
-            "Output queued for clients, all sessions together, a line counted in every queue holding it (limits.outbox_total_bytes bounds it).",
+            "Output queued for clients, all sessions together, a line sent to many counted once, plus a slot in each queue (limits.outbox_total_bytes bounds it).",
             budget.used() as u64,
         );
         metric(

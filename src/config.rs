@@ -155,8 +155,8 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Output a session may have queued before it is dropped as too slow.
     pub outbox_bytes: usize,
-    /// Output all the sessions of a server may have queued together (each
-    /// line counted in full in every queue, plus its slot); past it, a
+    /// Output all the sessions of a server may have queued together (a line
+    /// sent to many counted once, plus its slot in each queue); past it, a
     /// session given a line while its client has taken none of its output
     /// for a second, or given none while it has taken none for ten, is
     /// dropped as too slow (see `chat::Outbox`).

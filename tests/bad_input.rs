@@ -295,12 +295,14 @@ async fn a_burst_from_one_sender_does_not_drop_readers_that_keep_up() {
 async fn many_clients_that_never_read_are_dropped_at_the_servers_outbox_budget() {
     const SLOW: usize = 100;
     // Once their kernel buffers are full, the 100 slow readers spend the
-    // 2 MiB budget in about 5 messages of 4 KB each, and would fill their
-    // own 2 MiB outboxes in about 500: each is dropped at its first message
-    // after its output has waited a second with no write finished.
+    // 512 KiB budget in about 50 messages of 4 KB each (a message is one
+    // buffer their queues share, counted once, plus a slot in each queue),
+    // and would fill their own 2 MiB outboxes in about 500: each is dropped
+    // at its first message after its output has waited a second with no
+    // write finished.
     let limits = Limits {
         outbox_bytes: 2 << 20,
-        outbox_total_bytes: 2 << 20,
+        outbox_total_bytes: 512 << 10,
         send_buffer_bytes: 4096,
         ..Limits::default()
     };

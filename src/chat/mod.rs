@@ -107,6 +107,8 @@ struct Member {
 struct Rooms {
     rooms: HashMap<String, Room>,
     members: HashMap<String, Member>,
+    /// The budget of the members' outboxes (the server's).
+    budget: Arc<OutboxBudget>,
     /// Outboxes given lines by a crowd-sized fan-out but not yet told: they
     /// are woken in paced batches once the lock is released (see [`Locked`]).
     unwoken: Vec<Arc<Outbox>>,
@@ -126,22 +128,24 @@ const WAKE_AT_ONCE: usize = 32;
 /// counted into the next line logged.
 pub const REFUSALS_LOGGED_PER_SECOND: u32 = 20;
 
-/// Queues `line` for each of `identities`; when `paced`, without waking their
+/// Queues `line` for each of `identities`, its bytes charged to the budget
+/// once ([`OutboxBudget::share`]); when `paced`, without waking their
 /// writers, which are left in `unwoken`.
 fn queue_for_each<'a>(
-    members: &HashMap<String, Member>,
+    (members, budget): (&HashMap<String, Member>, &Arc<OutboxBudget>),
     unwoken: &mut Vec<Arc<Outbox>>,
     identities: impl Iterator<Item = &'a String>,
     line: &Bytes,
     paced: bool,
 ) {
+    let line = budget.share(line.clone());
     for identity in identities {
         let Some(member) = members.get(identity) else {
             continue;
         };
         if !paced {
-            member.outbox.push(line.clone());
-        } else if member.outbox.push_unwoken(line.clone()) {
+            member.outbox.push_shared(&line);
+        } else if member.outbox.push_unwoken(&line) {
             unwoken.push(member.outbox.clone());
         }
         outbox::note_if_congested(&member.outbox);
@@ -213,6 +217,7 @@ impl Rooms {
         let Rooms {
             rooms,
             members,
+            budget,
             unwoken,
         } = self;
         let Some(room) = rooms.get(room) else {
@@ -220,14 +225,15 @@ impl Rooms {
         };
         let paced = room.members.len() > WAKE_AT_ONCE;
         let recipients = room.members.iter().filter(|m| Some(m.as_str()) != except);
-        queue_for_each(members, unwoken, recipients, line, paced);
+        queue_for_each((members, budget), unwoken, recipients, line, paced);
     }
 
     /// Sends to every one of `identities` but `except`.
     fn send_to_all(&mut self, identities: &[String], line: &Bytes, except: Option<&str>) {
         let paced = identities.len() > WAKE_AT_ONCE;
         let recipients = identities.iter().filter(|m| Some(m.as_str()) != except);
-        queue_for_each(&self.members, &mut self.unwoken, recipients, line, paced);
+        let members = (&self.members, &self.budget);
+        queue_for_each(members, &mut self.unwoken, recipients, line, paced);
     }
 
     fn remove_from_room(&mut self, room: &str, identity: &str) {
@@ -276,6 +282,7 @@ impl ChatServer {
             state: Mutex::new(Rooms {
                 rooms,
                 members: HashMap::new(),
+                budget: outbox_budget.clone(),
                 unwoken: Vec::new(),
             }),
             evict_tx,
