@@ -215,6 +215,9 @@ pub struct Mesh {
 
 struct Inner {
     me: ServerId,
+    /// This process among the lives of this server (see
+    /// [`PeerMessage::Hello`]).
+    incarnation: u64,
     /// Position of every server in ascending priority.
     rank: HashMap<ServerId, usize>,
     /// Mesh address of every peer.
@@ -263,6 +266,8 @@ struct Link {
     connection: quinn::Connection,
     outbox: Outbox,
     dialed_by_me: bool,
+    /// The peer's process at the other end (its `Hello`'s).
+    peer_incarnation: u64,
     generation: u64,
     since: Instant,
     /// [`Mesh::clock_ms`] when the link last carried a heartbeat or a frame.
@@ -334,6 +339,7 @@ impl Mesh {
             .collect();
         let inner = Arc::new(Inner {
             me: me.to_owned(),
+            incarnation: rand::random(),
             rank: config
                 .servers
                 .iter()
@@ -685,7 +691,7 @@ impl Mesh {
             hello = tokio::time::timeout(HELLO_TIMEOUT, receive_hello(&self.inner.me, &peer, &connection)) => hello,
         };
         match hello {
-            Ok(Ok(stream)) => self.install(peer, connection, false, None, Some(stream)),
+            Ok(Ok(received)) => self.install(peer, connection, false, None, received),
             Ok(Err(why)) => self.refuse_hello(&peer, &connection, &why),
             Err(_) => self.refuse_hello(&peer, &connection, "no Hello in time"),
         }
@@ -825,7 +831,7 @@ impl Mesh {
             };
             match result {
                 Ok(Ok((connection, (sent, received)))) => {
-                    self.install(peer.clone(), connection, true, Some(sent), Some(received));
+                    self.install(peer.clone(), connection, true, Some(sent), received);
                     fresh = true;
                     silence_noticed = false;
                     backoff = MIN_DIAL_BACKOFF;
@@ -844,17 +850,17 @@ impl Mesh {
         }
     }
 
-    /// Makes `connection`, whose `Hello` arrived on `received` and checked,
-    /// the link to `peer`, or refuses it as a duplicate. `sent` is our stream
-    /// with our `Hello` on it already, if sent (the dialer's); else the
-    /// writer opens it and sends `Hello` first.
+    /// Makes `connection`, whose `Hello` arrived on `received` and checked
+    /// (with the peer's incarnation), the link to `peer`, or refuses it as a
+    /// duplicate. `sent` is our stream with our `Hello` on it already, if
+    /// sent (the dialer's); else the writer opens it and sends `Hello` first.
     fn install(
         &self,
         peer: ServerId,
         connection: quinn::Connection,
         dialed_by_me: bool,
         sent: Option<quinn::SendStream>,
-        received: Option<quinn::RecvStream>,
+        (received, incarnation): (quinn::RecvStream, u64),
     ) {
         let me_lower = self.inner.rank.get(&self.inner.me) < self.inner.rank.get(&peer);
         let dialer_is_lower = |dialed_by_me: bool| dialed_by_me == me_lower;
@@ -875,7 +881,14 @@ impl Mesh {
             if let Some(existing) = links.get_mut(&peer)
                 && existing.connection.close_reason().is_none()
             {
-                let simultaneous = existing.since.elapsed() < SIMULTANEOUS_DIAL;
+                // Only the same process dials twice at once: a connection
+                // from a peer that restarted replaces the link, however
+                // young (a fault tester: a young link refused a restarted
+                // leader's dials for up to a second as "simultaneous", and
+                // it built its registry without this server's names and
+                // granted them again).
+                let simultaneous = existing.since.elapsed() < SIMULTANEOUS_DIAL
+                    && existing.peer_incarnation == incarnation;
                 if simultaneous
                     && dialer_is_lower(existing.dialed_by_me)
                     && !dialer_is_lower(dialed_by_me)
@@ -945,6 +958,7 @@ impl Mesh {
                     connection: connection.clone(),
                     outbox: outbox.clone(),
                     dialed_by_me,
+                    peer_incarnation: incarnation,
                     generation,
                     since: Instant::now(),
                     heard_ms: heard_ms.clone(),
@@ -1074,13 +1088,11 @@ impl Mesh {
         generation: u64,
         heard_ms: Arc<AtomicU64>,
         up: MeshEvent,
-        greeted: Option<quinn::RecvStream>,
+        greeted: quinn::RecvStream,
     ) {
         let _ = self.inner.events.send(up).await;
         // The stream whose Hello was checked before the link was installed.
-        if let Some(stream) = greeted {
-            self.spawn_frame_reader(&peer, &connection, stream, true, &heard_ms);
-        }
+        self.spawn_frame_reader(&peer, &connection, greeted, true, &heard_ms);
         let reason = loop {
             tokio::select! {
                 reason = connection.closed() => break reason,
@@ -1281,6 +1293,7 @@ impl Mesh {
         let hello = PeerMessage::Hello {
             version: WIRE_VERSION,
             id: self.inner.me.clone(),
+            incarnation: self.inner.incarnation,
         };
         stream
             .write_all(&wire::encode_frame(&hello))
@@ -1330,7 +1343,7 @@ impl Mesh {
             heard_ms.fetch_max(self.clock_ms(), Ordering::Relaxed);
             let message = wire::decode_frame(&body).map_err(|e| e.to_string())?;
             match (greeted, message) {
-                (false, PeerMessage::Hello { version, id }) => {
+                (false, PeerMessage::Hello { version, id, .. }) => {
                     check_hello(&self.inner.me, peer, version, &id)?;
                     greeted = true;
                 }
@@ -1394,11 +1407,13 @@ fn check_hello(me: &str, peer: &str, version: u8, id: &str) -> Result<(), String
 /// Waits for the peer's stream on `connection` and reads its first frame,
 /// which must be a `Hello` from `peer`; returns the stream, ready for the
 /// frames after it. Not bounded in time here: callers time it out.
+/// Waits for `peer`'s `Hello` on `connection` and checks it; the stream
+/// it came on, and the peer's incarnation.
 async fn receive_hello(
     me: &str,
     peer: &str,
     connection: &quinn::Connection,
-) -> Result<quinn::RecvStream, String> {
+) -> Result<(quinn::RecvStream, u64), String> {
     let mut stream = connection
         .accept_uni()
         .await
@@ -1418,10 +1433,16 @@ async fn receive_hello(
         .await
         .map_err(|e| format!("stream ended inside its Hello: {e}"))?;
     match wire::decode_frame(&body).map_err(|e| e.to_string())? {
-        PeerMessage::Hello { version, id } => check_hello(me, peer, version, &id)?,
-        _ => return Err("first frame is not Hello".into()),
+        PeerMessage::Hello {
+            version,
+            id,
+            incarnation,
+        } => {
+            check_hello(me, peer, version, &id)?;
+            Ok((stream, incarnation))
+        }
+        _ => Err("first frame is not Hello".into()),
     }
-    Ok(stream)
 }
 
 /// Reads a frame body of `len` bytes; `None` if the stream ends first. The
@@ -1790,6 +1811,7 @@ mod tests {
             wire::encode_frame(&PeerMessage::Hello {
                 version,
                 id: id.to_owned(),
+                incarnation: 0,
             })
         };
         let refused = |pair: &Pair| pair.s1.counters().links_refused.load(Ordering::Relaxed);
@@ -1849,6 +1871,38 @@ mod tests {
         .await
         .expect("a good Hello replaces the link");
         assert_eq!(replaced, "s2");
+        pair.stop();
+    }
+
+    /// A second connection of a pair within a second of its link is a
+    /// simultaneous dial, and the one the higher server dialed loses the
+    /// tie-break; but only from the same process. One from a peer that
+    /// restarted (another incarnation in its `Hello`) replaces the young link
+    /// at once (a fault tester: s1 refused a restarted leader's dials for up
+    /// to a second, and the leader, elected with another restarted server,
+    /// built its registry without s1's names and granted them again).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restarted_peer_replaces_a_young_link_at_once() {
+        let mut pair = linked_pair("restarted-young", Duration::from_millis(350)).await;
+        let linked = Instant::now();
+        // s2's own process dialing again: the tie-break, dialed by s2 (the
+        // higher), refused.
+        let (endpoint, connection) = intruder(&pair).await;
+        let mut stream = connection.open_uni().await.unwrap();
+        let hello = wire::encode_frame(&PeerMessage::Hello {
+            version: WIRE_VERSION,
+            id: "s2".to_owned(),
+            incarnation: pair.s2.inner.incarnation,
+        });
+        stream.write_all(&hello).await.unwrap();
+        let code = closed_by_s1(&connection).await;
+        assert_eq!(code, Some(close_code::DUPLICATE.into()));
+        endpoint.close(0u8.into(), b"");
+        assert_link_kept(&mut pair);
+        // Another process with s2's key: it replaces the link, young as it is.
+        let (_endpoint, _connection) = replaced_by_intruder(&mut pair).await;
+        let age = linked.elapsed();
+        assert!(age < SIMULTANEOUS_DIAL, "replaced only after {age:?}");
         pair.stop();
     }
 
@@ -2019,6 +2073,7 @@ mod tests {
         let hello = wire::encode_frame(&PeerMessage::Hello {
             version: WIRE_VERSION,
             id: "s2".to_owned(),
+            incarnation: 0,
         });
         stream.write_all(&hello).await.unwrap();
         tokio::time::timeout(Duration::from_secs(20), async {

@@ -25,7 +25,7 @@ use crate::registry::RegistryMessage;
 /// the asker still hears a server whose names were freed. 5: a move can be
 /// given up by its client (`MoveGiveUp`), freeing its identity. 6: a
 /// holdings report says how old each open move is (`move_ages`).
-pub const WIRE_VERSION: u8 = 7;
+pub const WIRE_VERSION: u8 = 8;
 
 /// Largest stream frame accepted; checked before anything is allocated, and
 /// the body's buffer grows only as its bytes arrive. A registry snapshot or
@@ -42,6 +42,11 @@ pub enum PeerMessage {
         version: u8,
         /// The sender's id (checked against its certificate).
         id: ServerId,
+        /// The sender's process: random, new at each start. A connection
+        /// from a peer that restarted replaces a young link at once; one
+        /// from the same process is a simultaneous dial (see
+        /// `Mesh::install`).
+        incarnation: u64,
     },
     /// Fast Bully.
     Election(ElectionMessage),
@@ -184,6 +189,7 @@ mod tests {
         let frame = encode_frame(&PeerMessage::Hello {
             version: WIRE_VERSION,
             id: "s1".into(),
+            incarnation: 7,
         });
         let mut body = frame[4..].to_vec();
         assert!(decode_frame(&body).is_ok());
@@ -211,6 +217,7 @@ mod tests {
             PeerMessage::Hello {
                 version: WIRE_VERSION,
                 id: "s1".into(),
+                incarnation: u64::MAX,
             },
             PeerMessage::Election(ElectionMessage::Coordinator { term: 7 }),
             PeerMessage::Election(ElectionMessage::View {
