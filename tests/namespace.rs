@@ -574,3 +574,47 @@ async fn overlapping_views_never_grant_a_held_name_again() {
     keeper.expect_nothing_more().await;
     cluster.stop().await;
 }
+
+/// The leader restarts, then another server 0.45 s later, while the links
+/// of the survivor s1 are young: the two restarted servers are a majority,
+/// and the leader they elect must hear s1 (and so its names) before it
+/// grants anything. Before, s1 refused the restarted leader's dials as
+/// simultaneous for up to a second after its link to the old one came up,
+/// and the new leader granted s1's names to its own clients (a fault
+/// tester: 3 of 3 runs on real nodes; when they linked, s1's client was
+/// the one evicted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_quick_restarts_grant_no_name_a_survivor_holds() {
+    let mut cluster = formed(3).await;
+    let s1 = cluster.node(0).client_addr();
+    let mut holder = Raw::join(Via::Tcp, s1, "Hold", "MainHall-s1").await;
+    cluster.crash(2).await;
+    cluster.restart(2).await;
+    // A gap the fault tester found grants in (0.1-0.6 s): long enough here
+    // for s1 to link to the new s3 (about 0.35 s), shorter than the second
+    // s1's young link refused it for (without the fix: granted, 4 of 4).
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    cluster.crash(1).await;
+    cluster.restart(1).await;
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut asked = 0;
+    while Instant::now() < until {
+        for i in [1, 2] {
+            let mut c = Raw::connect(Via::Tcp, cluster.node(i).client_addr(), "rival").await;
+            c.send(r#"{"type":"newidentity","identity":"Hold"}"#).await;
+            let answer = c.next().await.expect("an answer");
+            assert_ne!(
+                answer["approved"],
+                "true",
+                "s{} granted Hold while s1's client held it ({asked} asked before)",
+                i + 1
+            );
+            asked += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    holder.send(r#"{"type":"who"}"#).await;
+    let who = holder.next().await.expect("s1's client still connected");
+    assert_eq!(who["type"], "roomcontents", "{who}");
+    cluster.stop().await;
+}
