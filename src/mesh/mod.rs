@@ -339,7 +339,7 @@ impl Mesh {
             .collect();
         let inner = Arc::new(Inner {
             me: me.to_owned(),
-            incarnation: rand::random(),
+            incarnation: incarnation_now(),
             rank: config
                 .servers
                 .iter()
@@ -881,6 +881,14 @@ impl Mesh {
             if let Some(existing) = links.get_mut(&peer)
                 && existing.connection.close_reason().is_none()
             {
+                // A late connection of an earlier life of the peer (its
+                // Hello held up while it restarted): the link to the
+                // present one stays.
+                if incarnation < existing.peer_incarnation {
+                    debug!(peer = %peer, dialed_by_me, "mesh connection from an earlier life of the peer closed");
+                    connection.close(close_code::DUPLICATE.into(), b"earlier life");
+                    return;
+                }
                 // Only the same process dials twice at once: a connection
                 // from a peer that restarted replaces the link, however
                 // young (a fault tester: a young link refused a restarted
@@ -1407,6 +1415,13 @@ fn check_hello(me: &str, peer: &str, version: u8, id: &str) -> Result<(), String
 /// Waits for the peer's stream on `connection` and reads its first frame,
 /// which must be a `Hello` from `peer`; returns the stream, ready for the
 /// frames after it. Not bounded in time here: callers time it out.
+/// This process's incarnation: the time it started, in nanoseconds since
+/// the epoch, so that a later life of a server has a higher one.
+fn incarnation_now() -> u64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since_epoch.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 /// Waits for `peer`'s `Hello` on `connection` and checks it; the stream
 /// it came on, and the peer's incarnation.
 async fn receive_hello(
@@ -1811,7 +1826,7 @@ mod tests {
             wire::encode_frame(&PeerMessage::Hello {
                 version,
                 id: id.to_owned(),
-                incarnation: 0,
+                incarnation: u64::MAX,
             })
         };
         let refused = |pair: &Pair| pair.s1.counters().links_refused.load(Ordering::Relaxed);
@@ -1877,8 +1892,8 @@ mod tests {
     /// A second connection of a pair within a second of its link is a
     /// simultaneous dial, and the one the higher server dialed loses the
     /// tie-break; but only from the same process. One from a peer that
-    /// restarted (another incarnation in its `Hello`) replaces the young link
-    /// at once (a fault tester: s1 refused a restarted leader's dials for up
+    /// restarted (a later incarnation in its `Hello`) replaces the young link
+    /// at once, and one from an earlier life is refused (a fault tester: s1 refused a restarted leader's dials for up
     /// to a second, and the leader, elected with another restarted server,
     /// built its registry without s1's names and granted them again).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1899,7 +1914,22 @@ mod tests {
         assert_eq!(code, Some(close_code::DUPLICATE.into()));
         endpoint.close(0u8.into(), b"");
         assert_link_kept(&mut pair);
-        // Another process with s2's key: it replaces the link, young as it is.
+        // A late connection of an earlier life of s2: refused, at any age
+        // of the link (a reviewer: it replaced the live link, and the link
+        // was lost once the dead connection timed out).
+        let (endpoint, connection) = intruder(&pair).await;
+        let mut stream = connection.open_uni().await.unwrap();
+        let hello = wire::encode_frame(&PeerMessage::Hello {
+            version: WIRE_VERSION,
+            id: "s2".to_owned(),
+            incarnation: pair.s2.inner.incarnation - 1,
+        });
+        stream.write_all(&hello).await.unwrap();
+        let code = closed_by_s1(&connection).await;
+        assert_eq!(code, Some(close_code::DUPLICATE.into()));
+        endpoint.close(0u8.into(), b"");
+        assert_link_kept(&mut pair);
+        // A later process with s2's key: it replaces the link, young as it is.
         let (_endpoint, _connection) = replaced_by_intruder(&mut pair).await;
         let age = linked.elapsed();
         assert!(age < SIMULTANEOUS_DIAL, "replaced only after {age:?}");
@@ -2073,7 +2103,7 @@ mod tests {
         let hello = wire::encode_frame(&PeerMessage::Hello {
             version: WIRE_VERSION,
             id: "s2".to_owned(),
-            incarnation: 0,
+            incarnation: u64::MAX,
         });
         stream.write_all(&hello).await.unwrap();
         tokio::time::timeout(Duration::from_secs(20), async {

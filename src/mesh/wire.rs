@@ -42,8 +42,9 @@ pub enum PeerMessage {
         version: u8,
         /// The sender's id (checked against its certificate).
         id: ServerId,
-        /// The sender's process: random, new at each start. A connection
-        /// from a peer that restarted replaces a young link at once; one
+        /// The sender's process: when it started (nanoseconds since the
+        /// epoch). A connection from a later life of the peer replaces a
+        /// young link at once, one from an earlier life is refused, and one
         /// from the same process is a simultaneous dial (see
         /// `Mesh::install`).
         incarnation: u64,

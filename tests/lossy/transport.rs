@@ -686,7 +686,7 @@ async fn a_connection_with_a_valid_cert_but_no_good_hello_never_replaces_a_live_
         encode_frame(&PeerMessage::Hello {
             version,
             id: id.to_owned(),
-            incarnation: 0,
+            incarnation: u64::MAX,
         })
     };
     // (certificate of, what goes on the intruder's stream; None: no stream at all)
