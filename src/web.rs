@@ -25,12 +25,12 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::chat::{ChatServer, Logged, SessionEnd, Transport, run_session_on};
 use crate::config::ClusterConfig;
 use crate::http;
-use crate::lines::LineReader;
+use crate::lines::{LineError, LineReader};
 use crate::listener::ClientSlots;
 use crate::logging::LogBudget;
 
@@ -329,6 +329,8 @@ enum CloseWhy {
     /// A framing violation: unmasked or fragmented control frames, reserved
     /// bits or opcodes, a stray continuation (1002).
     Protocol,
+    /// A line for the client over what a web session is sent (1011).
+    OutputTooLong,
 }
 
 impl CloseWhy {
@@ -354,6 +356,7 @@ impl CloseWhy {
             CloseWhy::NotUtf8 => (1007, "text frames must be UTF-8"),
             CloseWhy::TooBig => (1009, "frame over the line size limit"),
             CloseWhy::Protocol => (1002, "WebSocket protocol violation"),
+            CloseWhy::OutputTooLong => (1011, "an answer over the server's line limit"),
         };
         CloseFrame {
             code,
@@ -462,7 +465,22 @@ async fn ws_session(
         let why = why.clone();
         async move {
             let mut lines = LineReader::new(from_session, line_max);
-            while let Ok(Some(line)) = lines.next_line().await {
+            loop {
+                let line = match lines.next_line().await {
+                    Ok(Some(line)) => line,
+                    Ok(None) | Err(LineError::Io(_)) => break,
+                    Err(LineError::TooLong(_)) => {
+                        // A line of ours over the bound (a `list` of a very
+                        // large cluster): the session cannot go on, and says
+                        // why rather than closing as if all were well.
+                        warn!(
+                            line_max,
+                            "a line for this WebSocket session is over the limit; closing it"
+                        );
+                        *why.lock().unwrap_or_else(|e| e.into_inner()) = CloseWhy::OutputTooLong;
+                        break;
+                    }
+                };
                 // The session writes its own JSON: always UTF-8.
                 let text = String::from_utf8_lossy(line).into_owned();
                 if sink

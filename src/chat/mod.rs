@@ -70,9 +70,12 @@ pub struct ChatServer {
     outbox_budget: Arc<OutboxBudget>,
     /// The lines of refused `newidentity`s (one per connection).
     pub(crate) identity_refusals: LogBudget,
+    /// The lines of refused `movejoin`s (one per connection): apart from
+    /// the next, so that a flood of idle connections does not hide them.
+    pub(crate) movejoin_refusals: LogBudget,
     /// The other lines a connection may cause whatever its client does (a
-    /// handshake timeout, a refused or odd `movejoin`, a reset, a bad
-    /// WebSocket frame): a flood of short connections logs at most these
+    /// handshake timeout, an odd `movejoin`, a line too long, a reset, a
+    /// bad WebSocket frame): a flood of short connections logs at most these
     /// a second, the rest counted into the next line (`left_out`).
     pub(crate) connection_lines: LogBudget,
 }
@@ -293,6 +296,7 @@ impl ChatServer {
             write_turns: WriteTurns::new(),
             outbox_budget,
             identity_refusals: LogBudget::new(REFUSALS_LOGGED_PER_SECOND),
+            movejoin_refusals: LogBudget::new(REFUSALS_LOGGED_PER_SECOND),
             connection_lines: LogBudget::new(REFUSALS_LOGGED_PER_SECOND),
         })
     }

@@ -261,7 +261,9 @@ where
             },
             Some(Ok(None)) => break,
             Some(Err(LineError::TooLong(max))) => {
-                warn!(max, "client line too long; closing");
+                session.chat.connection_lines.log(|left_out| {
+                    warn!(max, left_out, "client line too long; closing");
+                });
                 session.reply(ServerMessage::error(format!(
                     "line longer than {max} bytes; closing"
                 )));
@@ -297,7 +299,12 @@ where
     let writer_end = match tokio::time::timeout(limits.handshake_timeout, &mut writer_task).await {
         Ok(end) => end.unwrap_or(WriterEnd::Interrupted),
         Err(_) => {
-            info!("client did not take its last lines; resetting the connection");
+            session.chat.connection_lines.log(|left_out| {
+                info!(
+                    left_out,
+                    "client did not take its last lines; resetting the connection"
+                );
+            });
             // Stops the write under way.
             outbox.kill();
             (&mut writer_task).await.unwrap_or(WriterEnd::Interrupted)
@@ -576,7 +583,7 @@ impl Session {
         });
         if let Err(reason) = entered {
             // The token itself is never logged.
-            self.chat.connection_lines.log(|left_out| {
+            self.chat.movejoin_refusals.log(|left_out| {
                 info!(
                     identity = %Logged(&identity),
                     peer = %self.peer_ip,
