@@ -306,7 +306,7 @@ async fn chat_upgrade(
         .max_write_buffer_size(line_max + WS_FRAME_ROOM)
         .on_upgrade(move |socket| {
             tasks.track_future(
-                ws_session(socket, connection, chat, shutdown)
+                ws_session(socket, connection, chat, shutdown, line_max)
                     .instrument(info_span!("client", transport = "ws", %peer)),
             )
         })
@@ -372,14 +372,13 @@ impl CloseWhy {
 /// port, so that a request waiting for the cluster is given up. At most
 /// three frames are held: one in the channel, one being read, one waiting
 /// to be sent.
-/// The lines of WebSocket input that ends a session (a bad frame, a
-/// reset): one a connection at most, and a flood of connections logs at
-/// most these a second (see [`crate::logging::LogBudget`]).
-static FRAME_LINES: LogBudget = LogBudget::new(crate::chat::REFUSALS_LOGGED_PER_SECOND);
-
+///
+/// Input that ends the session (a bad frame, a reset) is logged within
+/// `log`, the server's budget of per-connection lines.
 fn frames_to_lines<S>(
     mut frames: S,
     why: Arc<std::sync::Mutex<CloseWhy>>,
+    log: Arc<LogBudget>,
 ) -> (
     impl tokio::io::AsyncRead + Unpin + Send + use<S>,
     impl Future<Output = ()> + Send + use<S>,
@@ -396,8 +395,7 @@ where
             let text = match frame {
                 Ok(Message::Text(text)) => text,
                 Ok(Message::Binary(_)) => {
-                    FRAME_LINES
-                        .log(|left_out| info!(left_out, "binary frame; closing the session"));
+                    log.log(|left_out| info!(left_out, "binary frame; closing the session"));
                     *why.lock().unwrap_or_else(|e| e.into_inner()) = CloseWhy::Binary;
                     break;
                 }
@@ -406,7 +404,7 @@ where
                 Ok(Message::Close(_)) => break,
                 Err(e) => {
                     // Oversize frames, protocol violations, resets.
-                    FRAME_LINES.log(|left_out| {
+                    log.log(|left_out| {
                         info!(error = %e, left_out, "WebSocket input failed; closing the session");
                     });
                     let close = CloseWhy::for_error(&e);
@@ -453,14 +451,15 @@ async fn ws_session(
     connection: http::Peer,
     chat: Arc<ChatServer>,
     shutdown: CancellationToken,
+    line_max: usize,
 ) {
     debug!("connected");
     let handshake = chat.limits().handshake_timeout;
     let (mut sink, frames) = socket.split();
     let why = Arc::new(std::sync::Mutex::new(CloseWhy::Done));
-    let (session_in, inbound) = frames_to_lines(frames, why.clone());
+    let lines_budget = chat.connection_lines.clone();
+    let (session_in, inbound) = frames_to_lines(frames, why.clone(), lines_budget.clone());
     let (session_out, from_session) = tokio::io::duplex(PIPE_BYTES);
-    let line_max = max_output_line(chat.limits().outbox_bytes);
     let outbound = {
         let why = why.clone();
         async move {
@@ -527,7 +526,7 @@ async fn ws_session(
             .is_err()
         {
             connection.reset_on_close();
-            FRAME_LINES.log(|left_out| {
+            lines_budget.log(|left_out| {
                 info!(
                     left_out,
                     "client did not take its last frames; resetting the connection"
@@ -554,7 +553,8 @@ mod tests {
     async fn frames_become_lines_and_a_failed_connection_a_read_error() {
         let read_all = |frames: Vec<Result<Message, axum::Error>>| async move {
             let why = Arc::new(std::sync::Mutex::new(CloseWhy::Done));
-            let (input, pump) = frames_to_lines(futures_util::stream::iter(frames), why);
+            let frames = futures_util::stream::iter(frames);
+            let (input, pump) = frames_to_lines(frames, why, Arc::new(LogBudget::new(20)));
             tokio::spawn(pump);
             let mut lines = LineReader::new(input, 1024);
             let mut got = Vec::new();
@@ -593,7 +593,7 @@ mod tests {
             });
         let why = Arc::new(std::sync::Mutex::new(CloseWhy::Done));
         let frames = futures_util::stream::iter(vec![Err(axum::Error::new(too_big))]);
-        let (input, pump) = frames_to_lines(frames, why.clone());
+        let (input, pump) = frames_to_lines(frames, why.clone(), Arc::new(LogBudget::new(20)));
         tokio::spawn(pump);
         let mut lines = LineReader::new(input, 1024);
         assert!(matches!(lines.next_line().await, Ok(None)));

@@ -77,7 +77,7 @@ pub struct ChatServer {
     /// handshake timeout, an odd `movejoin`, a line too long, a reset, a
     /// bad WebSocket frame): a flood of short connections logs at most these
     /// a second, the rest counted into the next line (`left_out`).
-    pub(crate) connection_lines: LogBudget,
+    pub(crate) connection_lines: Arc<LogBudget>,
 }
 
 /// Names this server lost to another holder, to be let go of.
@@ -297,7 +297,7 @@ impl ChatServer {
             outbox_budget,
             identity_refusals: LogBudget::new(REFUSALS_LOGGED_PER_SECOND),
             movejoin_refusals: LogBudget::new(REFUSALS_LOGGED_PER_SECOND),
-            connection_lines: LogBudget::new(REFUSALS_LOGGED_PER_SECOND),
+            connection_lines: Arc::new(LogBudget::new(REFUSALS_LOGGED_PER_SECOND)),
         })
     }
 

@@ -1889,46 +1889,47 @@ mod tests {
         pair.stop();
     }
 
+    /// A connection to s1 with s2's key and a good `Hello` of `incarnation`
+    /// is closed as a duplicate, and the live link to s2 kept.
+    async fn refused_as_duplicate(pair: &mut Pair, incarnation: u64) {
+        let (endpoint, connection) = intruder(pair).await;
+        let mut stream = connection.open_uni().await.unwrap();
+        stream.write_all(&s2_hello(incarnation)).await.unwrap();
+        let code = closed_by_s1(&connection).await;
+        assert_eq!(code, Some(close_code::DUPLICATE.into()));
+        endpoint.close(0u8.into(), b"");
+        assert_link_kept(pair);
+    }
+
+    /// s2's `Hello` frame, from its process `incarnation`.
+    fn s2_hello(incarnation: u64) -> Bytes {
+        wire::encode_frame(&PeerMessage::Hello {
+            version: WIRE_VERSION,
+            id: "s2".to_owned(),
+            incarnation,
+        })
+    }
+
     /// A second connection of a pair within a second of its link is a
     /// simultaneous dial, and the one the higher server dialed loses the
     /// tie-break; but only from the same process. One from a peer that
     /// restarted (a later incarnation in its `Hello`) replaces the young link
-    /// at once, and one from an earlier life is refused (a fault tester: s1 refused a restarted leader's dials for up
-    /// to a second, and the leader, elected with another restarted server,
-    /// built its registry without s1's names and granted them again).
+    /// at once, and one from an earlier life is refused (a fault tester: s1
+    /// refused a restarted leader's dials for up to a second, and the
+    /// leader, elected with another restarted server, built its registry
+    /// without s1's names and granted them again).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_restarted_peer_replaces_a_young_link_at_once() {
         let mut pair = linked_pair("restarted-young", Duration::from_millis(350)).await;
         let linked = Instant::now();
+        let s2 = pair.s2.inner.incarnation;
         // s2's own process dialing again: the tie-break, dialed by s2 (the
         // higher), refused.
-        let (endpoint, connection) = intruder(&pair).await;
-        let mut stream = connection.open_uni().await.unwrap();
-        let hello = wire::encode_frame(&PeerMessage::Hello {
-            version: WIRE_VERSION,
-            id: "s2".to_owned(),
-            incarnation: pair.s2.inner.incarnation,
-        });
-        stream.write_all(&hello).await.unwrap();
-        let code = closed_by_s1(&connection).await;
-        assert_eq!(code, Some(close_code::DUPLICATE.into()));
-        endpoint.close(0u8.into(), b"");
-        assert_link_kept(&mut pair);
+        refused_as_duplicate(&mut pair, s2).await;
         // A late connection of an earlier life of s2: refused, at any age
         // of the link (a reviewer: it replaced the live link, and the link
         // was lost once the dead connection timed out).
-        let (endpoint, connection) = intruder(&pair).await;
-        let mut stream = connection.open_uni().await.unwrap();
-        let hello = wire::encode_frame(&PeerMessage::Hello {
-            version: WIRE_VERSION,
-            id: "s2".to_owned(),
-            incarnation: pair.s2.inner.incarnation - 1,
-        });
-        stream.write_all(&hello).await.unwrap();
-        let code = closed_by_s1(&connection).await;
-        assert_eq!(code, Some(close_code::DUPLICATE.into()));
-        endpoint.close(0u8.into(), b"");
-        assert_link_kept(&mut pair);
+        refused_as_duplicate(&mut pair, s2 - 1).await;
         // A later process with s2's key: it replaces the link, young as it is.
         let (_endpoint, _connection) = replaced_by_intruder(&mut pair).await;
         let age = linked.elapsed();
@@ -2100,12 +2101,7 @@ mod tests {
     async fn replaced_by_intruder(pair: &mut Pair) -> (quinn::Endpoint, quinn::Connection) {
         let (endpoint, connection) = intruder(pair).await;
         let mut stream = connection.open_uni().await.unwrap();
-        let hello = wire::encode_frame(&PeerMessage::Hello {
-            version: WIRE_VERSION,
-            id: "s2".to_owned(),
-            incarnation: u64::MAX,
-        });
-        stream.write_all(&hello).await.unwrap();
+        stream.write_all(&s2_hello(u64::MAX)).await.unwrap();
         tokio::time::timeout(Duration::from_secs(20), async {
             loop {
                 match pair.events.recv().await {

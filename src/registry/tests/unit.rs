@@ -1401,12 +1401,17 @@ fn a_move_whose_answer_is_slow_to_reach_its_origin_is_timed_from_the_route() {
         let (mut sim, start) = move_asked_slowly(seed, ms(300));
         assert_eq!(sim.answer(start), Ok(()), "seed {seed}: granted");
         sim.slow_to[0] = Duration::ZERO;
-        // The client arrives 850 ms (of a 1 s timeout) after its route.
-        sim.run_for(ms(850));
-        let arrive = sim.local(1, adel_arrives());
-        assert_eq!(sim.answer(arrive), Ok(()), "seed {seed}: arrived in time");
-        sim.assert_converged();
+        arrives_850_ms_after_the_route(&mut sim, seed);
     }
+}
+
+/// Adel's client, routed just now, arrives at s2 850 ms (of a 1 s move
+/// timeout) later: approved.
+fn arrives_850_ms_after_the_route(sim: &mut Sim, seed: u64) {
+    sim.run_for(ms(850));
+    let arrive = sim.local(1, adel_arrives());
+    assert_eq!(sim.answer(arrive), Ok(()), "seed {seed}: arrived in time");
+    sim.assert_converged();
 }
 
 /// With 5 servers the grant of a move is answered once a majority applied
@@ -1418,26 +1423,12 @@ fn a_move_whose_answer_is_slow_to_reach_its_origin_is_timed_from_the_route() {
 #[test]
 fn a_move_answered_after_its_origin_applied_it_is_timed_from_the_answer() {
     for seed in 0..10 {
-        let config = RegistryConfig {
-            retry_interval: ms(1_000),
-            ..test_config(true)
-        };
-        let mut sim = Sim::with_config(5, seed, config);
-        let claim = sim.claim(0, ident("Adel"));
-        assert_eq!(sim.answer(claim), Ok(()), "seed {seed}");
-        sim.run_for(ms(100));
         // s2, s3 and s4 acknowledge 300 ms late; s1 and the leader s5 at once.
-        for slow in 1..4 {
-            sim.slow_from[slow] = ms(300);
-        }
-        let start = sim.local(
-            0,
-            LocalRequest::StartMove {
-                identity: "Adel".into(),
-                to: sid(1),
-                proof: proof(),
-            },
-        );
+        let (mut sim, start) = move_asked_with(5, seed, |sim| {
+            for slow in 1..4 {
+                sim.slow_from[slow] = ms(300);
+            }
+        });
         let asked = sim.now;
         assert_eq!(sim.answer(start), Ok(()), "seed {seed}: granted");
         assert!(
@@ -1447,11 +1438,7 @@ fn a_move_answered_after_its_origin_applied_it_is_timed_from_the_answer() {
         for slow in 1..4 {
             sim.slow_from[slow] = Duration::ZERO;
         }
-        // The client arrives 850 ms (of a 1 s timeout) after its route.
-        sim.run_for(ms(850));
-        let arrive = sim.local(1, adel_arrives());
-        assert_eq!(sim.answer(arrive), Ok(()), "seed {seed}: arrived in time");
-        sim.assert_converged();
+        arrives_850_ms_after_the_route(&mut sim, seed);
     }
 }
 
@@ -2004,8 +1991,15 @@ fn partition_then_heal_majority_holder_keeps_the_name() {
 /// `Adel`, then, with every message to it `slow`, asks to move her to s2.
 /// Returns the StartMove token.
 fn move_asked_slowly(seed: u64, slow: Duration) -> (Sim, u64) {
+    move_asked_with(3, seed, |sim| sim.slow_to[0] = slow)
+}
+
+/// `n` servers whose origin s1 asks again only every second: s1 claims
+/// `Adel`, then, once `slow` has slowed some links, asks to move her to
+/// s2. Returns the StartMove token.
+fn move_asked_with(n: usize, seed: u64, slow: impl FnOnce(&mut Sim)) -> (Sim, u64) {
     let mut sim = Sim::with_config(
-        3,
+        n,
         seed,
         RegistryConfig {
             retry_interval: ms(1_000),
@@ -2015,7 +2009,7 @@ fn move_asked_slowly(seed: u64, slow: Duration) -> (Sim, u64) {
     let claim = sim.claim(0, ident("Adel"));
     assert_eq!(sim.answer(claim), Ok(()), "seed {seed}");
     sim.run_for(ms(100));
-    sim.slow_to[0] = slow;
+    slow(&mut sim);
     let start = sim.local(
         0,
         LocalRequest::StartMove {
